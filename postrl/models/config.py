@@ -1,0 +1,203 @@
+"""ModelConfig: the hyper-parameters of a Llama / Qwen2 / SmolLM2 decoder.
+
+One frozen dataclass covers both families; the differences are flags:
+
+* Llama 2 / 3 / SmolLM2: ``qkv_bias=False``; Llama 3.1+ adds ``rope_scaling`` of type ``"llama3"``.
+* Qwen2 / Qwen2.5: ``qkv_bias=True`` (bias on q, k and v projections, none on o).
+
+``ModelConfig.from_hf`` reads a transformers ``config.json`` and ``to_hf`` writes one back, so a
+checkpoint round-trips through ``save_pretrained`` / ``AutoModelForCausalLM.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class ConfigError(ValueError):
+  """A model config that postrl cannot build (names the file and the field)."""
+
+
+def dtype_from_name(name: str | Any):
+  """'bfloat16' -> jnp.bfloat16; dtypes pass through."""
+  if isinstance(name, str):
+    if name not in _DTYPES:
+      raise ConfigError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+  return name
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder-only transformer hyper-parameters (names follow transformers' config.json)."""
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int
+  head_dim: int | None = None
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: dict | None = None
+  max_position_embeddings: int = 2048
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  model_type: str = "llama"
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+  pad_token_id: int | None = None
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # compute dtype of activations and matmuls
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_attention_heads and self.head_dim is None:
+      raise ConfigError(
+          f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+          f"{self.num_attention_heads}; set head_dim explicitly")
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ConfigError(
+          f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+          f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)")
+    if self.rope_scaling is not None:
+      kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+      if kind not in ("llama3", "linear", "default"):
+        raise ConfigError(f"unsupported rope_scaling type {kind!r}; postrl supports "
+                          "'llama3', 'linear' and 'default'")
+    dtype_from_name(self.param_dtype)
+    dtype_from_name(self.dtype)
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_attention_heads
+
+  @property
+  def eos_token_ids(self) -> tuple[int, ...]:
+    if self.eos_token_id is None:
+      return ()
+    if isinstance(self.eos_token_id, int):
+      return (self.eos_token_id,)
+    return tuple(self.eos_token_id)
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self) -> int:
+    """Parameter count (embeddings counted once when tied)."""
+    d, f, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+    hq, hk, hd = self.num_attention_heads, self.num_key_value_heads, self.dim_per_head
+    attn = d * hd * (hq + 2 * hk) + hq * hd * d
+    if self.qkv_bias:
+      attn += hd * (hq + 2 * hk)
+    mlp = 3 * d * f
+    per_layer = attn + mlp + 2 * d
+    emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+    return L * per_layer + emb + d
+
+  # ---------------------------------------------------------------- transformers interop
+
+  @classmethod
+  def from_hf(cls, config: str | os.PathLike | dict, **overrides) -> "ModelConfig":
+    """Builds a config from a transformers ``config.json`` (a path, a directory or a dict)."""
+    source = "<dict>"
+    if not isinstance(config, dict):
+      path = os.fspath(config)
+      if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+      source = path
+      if not os.path.exists(path):
+        raise ConfigError(f"{path}: config.json not found")
+      try:
+        with open(path) as f:
+          config = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    archs = config.get("architectures") or []
+    model_type = config.get("model_type")
+    if archs and archs[0] not in SUPPORTED_ARCHITECTURES:
+      raise ConfigError(f"{source}: unsupported architecture {archs[0]!r}; postrl supports "
+                        f"{sorted(SUPPORTED_ARCHITECTURES)}")
+    if model_type not in ("llama", "qwen2"):
+      raise ConfigError(f"{source}: unsupported model_type {model_type!r}; expected 'llama' or 'qwen2'")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in config]
+    if missing:
+      raise ConfigError(f"{source}: missing field(s) {missing}")
+    is_qwen = model_type == "qwen2"
+    rope_scaling = config.get("rope_scaling")
+    rope_theta = config.get("rope_theta")
+    # transformers >= 5 folds rope_theta and scaling into rope_parameters.
+    rope_params = config.get("rope_parameters")
+    if rope_params:
+      rope_theta = rope_params.get("rope_theta", rope_theta)
+      if rope_params.get("rope_type", "default") != "default":
+        rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
+      rope_scaling = None
+    eos = config.get("eos_token_id")
+    kwargs = dict(
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=config["num_attention_heads"],
+        num_key_value_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+        head_dim=config.get("head_dim"),
+        rms_norm_eps=config.get("rms_norm_eps", 1e-6 if is_qwen else 1e-5),
+        rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=config.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qkv_bias=True if is_qwen else bool(config.get("attention_bias", False)),
+        o_bias=False if is_qwen else bool(config.get("attention_bias", False)),
+        mlp_bias=bool(config.get("mlp_bias", False)),
+        model_type=model_type,
+        bos_token_id=config.get("bos_token_id"),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        pad_token_id=config.get("pad_token_id"),
+    )
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+  def to_hf(self) -> dict:
+    """The transformers ``config.json`` dict for this config."""
+    arch = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}[self.model_type]
+    out = dict(
+        architectures=[arch],
+        model_type=self.model_type,
+        vocab_size=self.vocab_size,
+        hidden_size=self.hidden_size,
+        intermediate_size=self.intermediate_size,
+        num_hidden_layers=self.num_hidden_layers,
+        num_attention_heads=self.num_attention_heads,
+        num_key_value_heads=self.num_key_value_heads,
+        head_dim=self.dim_per_head,
+        rms_norm_eps=self.rms_norm_eps,
+        rope_theta=self.rope_theta,
+        rope_scaling=self.rope_scaling,
+        max_position_embeddings=self.max_position_embeddings,
+        tie_word_embeddings=self.tie_word_embeddings,
+        hidden_act="silu",
+        bos_token_id=self.bos_token_id,
+        eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+        pad_token_id=self.pad_token_id,
+        torch_dtype=self.param_dtype,
+    )
+    if self.model_type == "llama":
+      out.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+    return out

@@ -1,0 +1,271 @@
+"""Tokenizers: HF ``tokenizer.json``, the byte-level BPE embedded in GGUF files, SentencePiece.
+
+All three are wrapped by one ``Tokenizer`` with the same small interface, and chat templates are
+rendered by one function (``apply_chat_template``) for training and generation alike: the
+template a model ships with (Jinja, as transformers renders it) or ChatML when it has none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+# GGUF `tokenizer.ggml.pre` -> pre-tokenizer regex (llama.cpp's names; patterns as published with
+# each model's tokenizer.json).
+_GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_LLAMA3_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"""
+                 r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+_QWEN2_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+                r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+class TokenizerError(ValueError):
+  """A tokenizer file that cannot be loaded (names the file and the problem)."""
+
+
+@dataclasses.dataclass
+class Tokenizer:
+  """A tokenizer with special-token ids and a chat template.
+
+  ``backend`` is a ``tokenizers.Tokenizer`` or a ``sentencepiece.SentencePieceProcessor``.
+  """
+
+  backend: object
+  bos_id: int | None = None
+  eos_id: int | None = None
+  pad_id: int | None = None
+  chat_template: str | None = None
+  add_bos: bool = False
+  source: str = ""
+
+  @property
+  def is_sentencepiece(self) -> bool:
+    return type(self.backend).__name__ == "SentencePieceProcessor"
+
+  @property
+  def vocab_size(self) -> int:
+    if self.is_sentencepiece:
+      return self.backend.get_piece_size()
+    return self.backend.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def bos_token(self) -> str | None:
+    return None if self.bos_id is None else self.id_to_token(self.bos_id)
+
+  @property
+  def eos_token(self) -> str | None:
+    return None if self.eos_id is None else self.id_to_token(self.eos_id)
+
+  def id_to_token(self, i: int) -> str:
+    if self.is_sentencepiece:
+      return self.backend.id_to_piece(i)
+    return self.backend.id_to_token(i)
+
+  def token_to_id(self, token: str) -> int | None:
+    if self.is_sentencepiece:
+      i = self.backend.piece_to_id(token)
+      return None if i == self.backend.unk_id() and token != self.backend.id_to_piece(i) else i
+    return self.backend.token_to_id(token)
+
+  def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+    """Text -> ids. Special tokens written in the text (e.g. ``<|im_start|>``) map to their ids."""
+    add_bos = self.add_bos if add_bos is None else add_bos
+    if self.is_sentencepiece:
+      ids = list(self.backend.encode(text))
+    else:
+      ids = list(self.backend.encode(text, add_special_tokens=False).ids)
+    if add_bos and self.bos_id is not None:
+      ids = [self.bos_id] + ids
+    return ids
+
+  def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+    ids = [int(i) for i in ids]
+    if self.is_sentencepiece:
+      if skip_special_tokens:
+        ids = [i for i in ids if not self.backend.is_control(i)]
+      return self.backend.decode(ids)
+    return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+  def apply_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
+    """Renders ``[{"role": ..., "content": ...}, ...]`` with the model's template (ChatML if none)."""
+    return render_chat_template(self.chat_template or CHATML_TEMPLATE, messages,
+                                add_generation_prompt=add_generation_prompt,
+                                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+  def encode_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
+    return self.encode(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt),
+                       add_bos=False)
+
+
+def render_chat_template(template: str, messages, *, add_generation_prompt: bool, bos_token: str = "",
+                         eos_token: str = "") -> str:
+  """Renders a Jinja chat template the way transformers does (sandboxed, trimmed blocks)."""
+  import jinja2  # pylint: disable=import-outside-toplevel
+  from jinja2 import sandbox  # pylint: disable=import-outside-toplevel
+
+  for i, m in enumerate(messages):
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+      raise ValueError(f"chat message {i} must be a dict with 'role' and 'content', got {m!r}")
+
+  def raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+  env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+  env.globals["raise_exception"] = raise_exception
+  return env.from_string(template).render(
+      messages=list(messages), add_generation_prompt=add_generation_prompt,
+      bos_token=bos_token, eos_token=eos_token)
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def _from_gguf(path: str) -> Tokenizer:
+  import gguf  # pylint: disable=import-outside-toplevel
+  from tokenizers import AddedToken, decoders, models, pre_tokenizers, Regex  # pylint: disable=import-outside-toplevel
+  from tokenizers import Tokenizer as HFTokenizer  # pylint: disable=import-outside-toplevel
+
+  reader = gguf.GGUFReader(path)
+
+  def field(key, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+  kind = field("tokenizer.ggml.model")
+  if kind != "gpt2":
+    raise TokenizerError(f"{path}: GGUF tokenizer model {kind!r} is not supported (postrl reads "
+                         "byte-level BPE, 'gpt2'); load the model's tokenizer.json or "
+                         "tokenizer.model instead")
+  tokens = field("tokenizer.ggml.tokens")
+  merges = field("tokenizer.ggml.merges")
+  types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
+  if not tokens or merges is None:
+    raise TokenizerError(f"{path}: GGUF metadata has no tokenizer.ggml.tokens / merges")
+  vocab = {t: i for i, t in enumerate(tokens)}
+  bpe = models.BPE(vocab, [tuple(m.split(" ", 1)) for m in merges], fuse_unk=False,
+                   ignore_merges=False)
+  tok = HFTokenizer(bpe)
+  pre = field("tokenizer.ggml.pre", "default")
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  if pre == "smollm":
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), byte_level])
+  elif pre in ("llama-bpe", "llama3"):
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_LLAMA3_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  elif pre == "qwen2":
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_QWEN2_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  elif pre in ("default", "gpt2", None):
+    tok.pre_tokenizer = byte_level
+  else:
+    raise TokenizerError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported; postrl knows "
+                         "'smollm', 'gpt2', 'llama-bpe', 'qwen2' (load tokenizer.json instead)")
+  tok.decoder = decoders.ByteLevel()
+  # Control (3) and user-defined (4) tokens are matched whole, never split by BPE.
+  special = [AddedToken(t, special=True, normalized=False)
+             for t, ty in zip(tokens, types) if int(ty) in (3, 4)]
+  tok.add_special_tokens(special)
+  return Tokenizer(
+      backend=tok,
+      bos_id=field("tokenizer.ggml.bos_token_id"),
+      eos_id=field("tokenizer.ggml.eos_token_id"),
+      pad_id=field("tokenizer.ggml.padding_token_id"),
+      chat_template=field("tokenizer.chat_template"),
+      add_bos=bool(field("tokenizer.ggml.add_bos_token", False)),
+      source=path)
+
+
+def _special_id(tok, config: dict, key: str):
+  value = config.get(key)
+  if isinstance(value, dict):
+    value = value.get("content")
+  return None if value is None else tok.token_to_id(value)
+
+
+def _from_tokenizer_json(path: str, config_path: str | None) -> Tokenizer:
+  from tokenizers import Tokenizer as HFTokenizer  # pylint: disable=import-outside-toplevel
+  try:
+    tok = HFTokenizer.from_file(path)
+  except Exception as e:
+    raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from None
+  config = {}
+  if config_path and os.path.exists(config_path):
+    with open(config_path) as f:
+      config = json.load(f)
+  template = config.get("chat_template")
+  if isinstance(template, list):  # named templates: take the default one
+    template = next((t["template"] for t in template if t.get("name") == "default"), None)
+  return Tokenizer(backend=tok, bos_id=_special_id(tok, config, "bos_token"),
+                   eos_id=_special_id(tok, config, "eos_token"),
+                   pad_id=_special_id(tok, config, "pad_token"), chat_template=template,
+                   add_bos=bool(config.get("add_bos_token", False)), source=path)
+
+
+def _from_sentencepiece(path: str) -> Tokenizer:
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+  sp = spm.SentencePieceProcessor()
+  try:
+    sp.load(path)
+  except Exception as e:
+    raise TokenizerError(f"{path}: not a valid SentencePiece model ({e})") from None
+
+  def valid(i):
+    return None if i < 0 else i
+
+  return Tokenizer(backend=sp, bos_id=valid(sp.bos_id()), eos_id=valid(sp.eos_id()),
+                   pad_id=valid(sp.pad_id()), add_bos=True, source=path)
+
+
+def load_tokenizer(name_or_path: str) -> Tokenizer:
+  """Loads a tokenizer from a shipped model name, a .gguf, a tokenizer.json, a SentencePiece
+  ``.model`` file, or an HF directory holding one of them (with tokenizer_config.json)."""
+  from postrl.models.weights import resolve_model_path  # pylint: disable=import-outside-toplevel
+  path = resolve_model_path(name_or_path)
+  if os.path.isdir(path):
+    for candidate in ("tokenizer.json", "tokenizer.model"):
+      if os.path.exists(os.path.join(path, candidate)):
+        if candidate == "tokenizer.json":
+          return _from_tokenizer_json(os.path.join(path, candidate),
+                                      os.path.join(path, "tokenizer_config.json"))
+        tok = _from_sentencepiece(os.path.join(path, candidate))
+        config_path = os.path.join(path, "tokenizer_config.json")
+        if os.path.exists(config_path):
+          with open(config_path) as f:
+            tok.chat_template = json.load(f).get("chat_template")
+        return tok
+    ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+    if ggufs:
+      return _from_gguf(os.path.join(path, ggufs[0]))
+    raise TokenizerError(f"{path}: no tokenizer.json, tokenizer.model or .gguf file")
+  if path.endswith(".gguf"):
+    return _from_gguf(path)
+  if path.endswith(".json"):
+    return _from_tokenizer_json(path, os.path.join(os.path.dirname(path), "tokenizer_config.json"))
+  if path.endswith(".model"):
+    return _from_sentencepiece(path)
+  raise TokenizerError(f"{path}: unknown tokenizer file type (expected .gguf, .json or .model)")
+
+
+def save_tokenizer(tok: Tokenizer, directory: str) -> None:
+  """Writes tokenizer.json + tokenizer_config.json (HF-style) for a ``tokenizers`` backend."""
+  if tok.is_sentencepiece:
+    raise TokenizerError("save_tokenizer writes tokenizer.json; copy the SentencePiece .model file")
+  os.makedirs(directory, exist_ok=True)
+  tok.backend.save(os.path.join(directory, "tokenizer.json"))
+  config = {"chat_template": tok.chat_template, "add_bos_token": tok.add_bos,
+            "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+            "pad_token": None if tok.pad_id is None else tok.id_to_token(tok.pad_id),
+            "tokenizer_class": "PreTrainedTokenizerFast"}
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump(config, f, indent=2)

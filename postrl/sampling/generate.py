@@ -1,0 +1,199 @@
+"""Jit-compiled generation: one prefill over the padded prompts, then a ``lax.while_loop`` decode
+with a KV cache, static shapes, no host round-trip per token.
+
+Prompts of different lengths are right-padded to P; row b's prompt fills cache slots
+[0, len_b) and its i-th new token is written at slot len_b + i (slot == RoPE position), so every
+row sees a contiguous history and padding never enters attention. The loop stops when all rows
+have emitted an EOS token or ``max_new_tokens`` are reached.
+
+Sampling transforms the next-token logits in this order (as transformers and vLLM do):
+
+    z = logits / temperature
+    top-k: keep the k largest z;  top-p (Holtzman et al. 2020): keep the smallest set of tokens,
+    by descending probability, whose mass reaches p;  min-p (Nguyen et al. 2024): keep tokens with
+    p_i >= min_p * max_j p_j
+    token ~ softmax(z over kept tokens);  temperature == 0 is greedy (argmax).
+
+Each sampled token comes with two log-probs:
+
+* ``logps``: under the sampling distribution (after temperature and truncation; 0 for greedy),
+  the behaviour policy's log-prob that importance ratios need;
+* ``model_logps``: under the plain model, log softmax(logits)[token], which equals
+  ``postrl.logprobs.token_logps`` recomputed by the training path on the same tokens (tested).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from postrl.models.transformer import KVCache
+
+
+class GenerateOutput(NamedTuple):
+  """Outputs of ``generate``; entries at or beyond ``lengths_B[b]`` are padding (tokens = pad_id)."""
+  tokens_BxN: jax.Array
+  lengths_B: jax.Array  # number of new tokens, including the EOS token when one was produced
+  logps_BxN: jax.Array  # log-prob under the sampling distribution
+  model_logps_BxN: jax.Array  # log-prob under the plain model (temperature 1, no truncation)
+  finished_B: jax.Array  # True where an EOS token was produced
+
+
+def process_logits(logits_BxV, *, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None, min_p: float | None = None):
+  """Applies temperature, top-k, top-p and min-p; removed tokens get -inf. Returns float32."""
+  z = logits_BxV.astype(jnp.float32)
+  if temperature != 1.0:
+    z = z / temperature
+  if top_k is not None and 0 < top_k < z.shape[-1]:
+    kth = jax.lax.top_k(z, top_k)[0][..., -1:]
+    z = jnp.where(z < kth, -jnp.inf, z)
+  if top_p is not None and top_p < 1.0:
+    sorted_z = jnp.sort(z, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_z, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # Number of tokens kept: those whose preceding mass is still below p (always >= 1).
+    n_keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
+    threshold = jnp.take_along_axis(sorted_z, n_keep - 1, axis=-1)
+    z = jnp.where(z < threshold, -jnp.inf, z)
+  if min_p is not None and min_p > 0.0:
+    logp = jax.nn.log_softmax(z, axis=-1)
+    z = jnp.where(logp < jnp.log(min_p) + jnp.max(logp, axis=-1, keepdims=True), -jnp.inf, z)
+  return z
+
+
+def sample_token(key, logits_BxV, *, temperature, top_k, top_p, min_p):
+  """Samples one token per row -> (token_B, sampling logp_B, plain-model logp_B)."""
+  model_logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
+  if temperature == 0.0:
+    token = jnp.argmax(logits_BxV, axis=-1)
+    logp = jnp.zeros(token.shape, jnp.float32)
+  else:
+    z = process_logits(logits_BxV, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    token = jax.random.categorical(key, z, axis=-1)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), token[:, None], axis=-1)[:, 0]
+  model_logp = jnp.take_along_axis(model_logp_BxV, token[:, None], axis=-1)[:, 0]
+  return token.astype(jnp.int32), logp, model_logp
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "eos_ids", "pad_id"))
+def _generate(graphdef, params, prompt_BxP, lengths_B, key, *, max_new_tokens, temperature, top_k,
+              top_p, min_p, eos_ids, pad_id):
+  model = nnx.merge(graphdef, params)
+  B, P = prompt_BxP.shape
+  N = max_new_tokens
+  cache = KVCache.zeros(model.config, B, P + N)
+  positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+  logits, cache = model.decode(prompt_BxP, positions, cache)
+  last_logits = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+  sample = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p,
+                             min_p=min_p)
+
+  def cond(state):
+    step, _, _, _, done, _ = state
+    return (step < N) & ~jnp.all(done)
+
+  def body(state):
+    step, cache, logits, out, done, gen_len = state
+    token, logp, model_logp = sample(jax.random.fold_in(key, step), logits)
+    token = jnp.where(done, pad_id, token)
+    live = ~done
+    out = (out[0].at[:, step].set(token),
+           out[1].at[:, step].set(jnp.where(live, logp, 0.0)),
+           out[2].at[:, step].set(jnp.where(live, model_logp, 0.0)))
+    gen_len = gen_len + live.astype(jnp.int32)
+    done = done | jnp.isin(token, eos)
+    logits, cache = model.decode(token[:, None], (lengths_B + step)[:, None], cache)
+    return step + 1, cache, logits[:, 0], out, done, gen_len
+
+  out = (jnp.full((B, N), pad_id, jnp.int32), jnp.zeros((B, N), jnp.float32),
+         jnp.zeros((B, N), jnp.float32))
+  state = (jnp.int32(0), cache, last_logits, out, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
+  _, _, _, out, done, gen_len = jax.lax.while_loop(cond, body, state)
+  return GenerateOutput(out[0], gen_len, out[1], out[2], done)
+
+
+def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             min_p: float | None = None, eos_ids: Sequence[int] | None = None,
+             pad_id: int = 0) -> GenerateOutput:
+  """Samples continuations of a batch of right-padded prompts (see the module docstring).
+
+  Args:
+    model: a ``postrl.models.Transformer`` (or a ``(graphdef, params)`` pair from ``nnx.split``).
+    prompt_BxP: int32 prompt tokens, right-padded.
+    lengths_B: prompt lengths (>= 1).
+    key: PRNG key (required unless temperature == 0).
+    max_new_tokens: N, the number of decode steps at most.
+    temperature, top_k, top_p, min_p: sampling settings; temperature 0 = greedy.
+    eos_ids: tokens that end a row (default: the model config's EOS ids).
+    pad_id: written after a row ends.
+  Returns:
+    ``GenerateOutput`` with [B, N] tokens and log-probs and [B] lengths.
+  """
+  if isinstance(model, tuple):
+    graphdef, params = model
+    config = nnx.merge(graphdef, params).config
+  else:
+    graphdef, params = nnx.split(model)
+    config = model.config
+  prompt_BxP = jnp.asarray(prompt_BxP, jnp.int32)
+  lengths_B = jnp.asarray(lengths_B, jnp.int32)
+  if prompt_BxP.ndim != 2 or lengths_B.shape != prompt_BxP.shape[:1]:
+    raise ValueError(f"prompt_BxP must be [B, P] and lengths_B [B]; got {prompt_BxP.shape} and "
+                     f"{lengths_B.shape}")
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if top_p is not None and not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  if min_p is not None and not 0.0 <= min_p < 1.0:
+    raise ValueError(f"min_p must be in [0, 1), got {min_p}")
+  if temperature > 0 and key is None:
+    raise ValueError("sampling with temperature > 0 needs a PRNG key (key=jax.random.key(0))")
+  if key is None:
+    key = jax.random.key(0)
+  lengths_np = np.asarray(lengths_B)
+  if lengths_np.min() < 1 or lengths_np.max() > prompt_BxP.shape[1]:
+    raise ValueError(f"prompt lengths must be in [1, {prompt_BxP.shape[1]}], got {lengths_np}")
+  eos = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
+  return _generate(graphdef, params, prompt_BxP, lengths_B, key, max_new_tokens=int(max_new_tokens),
+                   temperature=float(temperature), top_k=top_k, top_p=top_p, min_p=min_p,
+                   eos_ids=eos, pad_id=int(pad_id))
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int = 0, multiple: int = 1):
+  """Right-pads token lists -> (tokens_BxP int32, lengths_B int32); P rounded up to ``multiple``
+  so that prompts of nearby lengths share one compiled program."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token")
+  P = max(len(p) for p in prompts)
+  P = -(-P // multiple) * multiple
+  tokens = np.full((len(prompts), P), pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  return tokens, np.array([len(p) for p in prompts], np.int32)
+
+
+def generate_text(model, tokenizer, prompts: Sequence[str], *, chat: bool = True, key=None,
+                  max_new_tokens: int = 64, **sampling) -> list[str]:
+  """Strings in, completions out: applies the chat template (when ``chat``), generates, decodes."""
+  if chat:
+    ids = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+  else:
+    ids = [tokenizer.encode(p) for p in prompts]
+  pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+  tokens, lengths = pad_prompts(ids, pad_id=pad, multiple=16)
+  eos = sampling.pop("eos_ids", None)
+  if eos is None:
+    eos = sorted({e for e in (*model.config.eos_token_ids, tokenizer.eos_id) if e is not None})
+  out = generate(model, tokens, lengths, key=key, max_new_tokens=max_new_tokens, eos_ids=eos,
+                 pad_id=pad, **sampling)
+  toks, lens = np.asarray(out.tokens_BxN), np.asarray(out.lengths_B)
+  return [tokenizer.decode(toks[i, :lens[i]]) for i in range(len(prompts))]

@@ -1,0 +1,37 @@
+"""Test set-up: 8 fake CPU devices, no hub access, a persistent compilation cache."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # pylint: disable=wrong-import-position
+import pytest  # pylint: disable=wrong-import-position
+
+jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/postrl-jax-tests"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+from postrl.models import ModelConfig  # pylint: disable=wrong-import-position
+
+
+def tiny_config(**overrides) -> ModelConfig:
+  """2 layers, hidden 64, 4 query / 2 key-value heads: small enough for many compilations."""
+  kwargs = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+                max_position_embeddings=256, eos_token_id=2, bos_token_id=1, pad_token_id=0)
+  kwargs.update(overrides)
+  return ModelConfig(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+  return tiny_config()
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: loads the real 135M model (still runs in CI)")
+  assert jax.device_count() == 8, "tests expect 8 fake CPU devices (XLA_FLAGS set too late?)"

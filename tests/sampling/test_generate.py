@@ -1,0 +1,122 @@
+"""generate: the log-prob contract with the training path, greedy == uncached argmax, EOS, filters."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from postrl.logprobs import model_apply_fn, token_logps
+from postrl.models import Transformer
+from postrl.sampling import generate, pad_prompts, process_logits, sample_token
+from tests.conftest import tiny_config
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19]]
+
+
+@pytest.fixture(scope="module")
+def model():
+  return Transformer(tiny_config(), rngs=nnx.Rngs(0))
+
+
+def _full_sequences(prompts, out):
+  rows = []
+  for b, p in enumerate(prompts):
+    n = int(out.lengths_B[b])
+    rows.append(list(p) + np.asarray(out.tokens_BxN[b, :n]).tolist())
+  return rows
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9),
+                                      dict(temperature=1.3, top_k=5, min_p=0.05)])
+def test_model_logps_equal_training_path(model, settings):
+  tokens, lengths = pad_prompts(PROMPTS)
+  out = generate(model, tokens, lengths, key=jax.random.key(0), max_new_tokens=12, eos_ids=(),
+                 **settings)
+  full = _full_sequences(PROMPTS, out)
+  ft, _ = pad_prompts(full)
+  graphdef, params = nnx.split(model)
+  recomputed = token_logps(model_apply_fn(graphdef), params, jnp.asarray(ft))
+  for b, p in enumerate(PROMPTS):
+    n = int(out.lengths_B[b])
+    np.testing.assert_allclose(out.model_logps_BxN[b, :n], recomputed[b, len(p):len(p) + n],
+                               rtol=1e-5, atol=1e-5)
+  # The sampling log-probs are those of the processed distribution, so they differ from the
+  # plain ones whenever truncation or temperature is on, and never exceed 0.
+  assert np.all(np.asarray(out.logps_BxN) <= 1e-6)
+
+
+def test_sampling_logps_are_processed_distribution(model):
+  tokens, lengths = pad_prompts(PROMPTS)
+  settings = dict(temperature=0.7, top_k=7)
+  out = generate(model, tokens, lengths, key=jax.random.key(3), max_new_tokens=6, eos_ids=(),
+                 **settings)
+  full = _full_sequences(PROMPTS, out)
+  for b, seq in enumerate(full):
+    logits = model(jnp.asarray([seq]))[0]
+    p = len(PROMPTS[b])
+    z = process_logits(logits[p - 1:len(seq) - 1], **settings)
+    expected = jnp.take_along_axis(jax.nn.log_softmax(z), jnp.asarray(seq[p:])[:, None], -1)[:, 0]
+    np.testing.assert_allclose(out.logps_BxN[b], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_equals_uncached_argmax(model):
+  tokens, lengths = pad_prompts(PROMPTS, multiple=16)  # extra padding must not matter
+  out = generate(model, tokens, lengths, max_new_tokens=10, temperature=0.0, eos_ids=())
+  forward = jax.jit(model.__call__)
+  for b, prompt in enumerate(PROMPTS):
+    seq = list(prompt)
+    for _ in range(10):
+      seq.append(int(jnp.argmax(forward(jnp.asarray([seq]))[0, -1])))
+    np.testing.assert_array_equal(out.tokens_BxN[b], seq[len(prompt):])
+  np.testing.assert_array_equal(out.logps_BxN, 0.0)  # a point mass
+
+
+def test_eos_stops_each_row(model):
+  tokens, lengths = pad_prompts(PROMPTS)
+  free = generate(model, tokens, lengths, max_new_tokens=10, temperature=0.0, eos_ids=())
+  eos = int(free.tokens_BxN[0, 3])  # row 0 emits this token at step 3 (or earlier)
+  out = generate(model, tokens, lengths, max_new_tokens=10, temperature=0.0, eos_ids=(eos,),
+                 pad_id=0)
+  for b in range(3):
+    row = np.asarray(free.tokens_BxN[b]).tolist()
+    n = row.index(eos) + 1 if eos in row else 10
+    assert int(out.lengths_B[b]) == n
+    assert bool(out.finished_B[b]) == (eos in row)
+    np.testing.assert_array_equal(out.tokens_BxN[b, :n], row[:n])
+    np.testing.assert_array_equal(out.tokens_BxN[b, n:], 0)
+    np.testing.assert_array_equal(out.model_logps_BxN[b, n:], 0.0)
+
+
+def test_process_logits_golden():
+  logits = jnp.log(jnp.asarray([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+  kept = lambda z: np.isfinite(np.asarray(z))[0].tolist()  # noqa: E731
+  assert kept(process_logits(logits, top_k=2)) == [True, True, False, False, False]
+  # top-p 0.8: 0.5 + 0.2 = 0.7 < 0.8, so the third token (0.15) is needed too.
+  assert kept(process_logits(logits, top_p=0.8)) == [True, True, True, False, False]
+  assert kept(process_logits(logits, top_p=0.7)) == [True, True, False, False, False]
+  assert kept(process_logits(logits, top_p=0.01)) == [True, False, False, False, False]
+  # min-p 0.3: keep p >= 0.3 * 0.5 = 0.15.
+  assert kept(process_logits(logits, min_p=0.3)) == [True, True, True, False, False]
+  np.testing.assert_allclose(process_logits(logits, temperature=0.5), logits / 0.5, rtol=1e-6)
+
+
+def test_sample_token_frequencies_follow_processed_distribution():
+  logits = jnp.log(jnp.asarray([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+  keys = jax.random.split(jax.random.key(0), 20000)
+  sample = jax.vmap(lambda k: sample_token(k, logits, temperature=1.0, top_k=None, top_p=0.8,
+                                           min_p=None)[0][0])
+  freq = np.bincount(np.asarray(sample(keys)), minlength=5) / 20000
+  np.testing.assert_allclose(freq, [0.5 / 0.85, 0.2 / 0.85, 0.15 / 0.85, 0, 0], atol=0.015)
+
+
+def test_bad_arguments(model):
+  tokens, lengths = pad_prompts(PROMPTS)
+  with pytest.raises(ValueError, match="needs a PRNG key"):
+    generate(model, tokens, lengths, temperature=1.0)
+  with pytest.raises(ValueError, match="top_p"):
+    generate(model, tokens, lengths, key=jax.random.key(0), top_p=1.5)
+  with pytest.raises(ValueError, match="prompt lengths"):
+    generate(model, tokens, np.array([0, 2, 3]), temperature=0.0)
+  with pytest.raises(ValueError, match="at least one token"):
+    pad_prompts([[1], []])

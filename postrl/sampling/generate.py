@@ -44,23 +44,53 @@ class GenerateOutput(NamedTuple):
   finished_B: jax.Array  # True where an EOS token was produced
 
 
+def _orderable_uint32(x_f32):
+  """Maps float32 to uint32 with the same order (sign bit flipped for x >= 0, all bits for x < 0)."""
+  bits = jax.lax.bitcast_convert_type(x_f32, jnp.uint32)
+  return jnp.where(bits >> 31 == 0, bits | jnp.uint32(1 << 31), ~bits)
+
+
+def _smallest_key_below(keys_BxV, count_above_fn, limit):
+  """Smallest uint32 b per row with count_above_fn(keys > b) < limit, by bisection (32 steps).
+
+  Tokens with key >= b are then exactly those with less than ``limit`` (count or mass) strictly
+  above them, the rule top-k and top-p use; 32 passes over V replace a full sort, which XLA
+  runs slowly on CPU.
+  """
+  B = keys_BxV.shape[0]
+
+  def step(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    ok = count_above_fn(keys_BxV > mid[:, None]) < limit
+    return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+  lo = jnp.zeros((B,), jnp.uint32)
+  hi = jnp.full((B,), 0xFFFFFFFF, jnp.uint32)
+  lo, _ = jax.lax.fori_loop(0, 32, step, (lo, hi))
+  return lo
+
+
 def process_logits(logits_BxV, *, temperature: float = 1.0, top_k: int | None = None,
                    top_p: float | None = None, min_p: float | None = None):
-  """Applies temperature, top-k, top-p and min-p; removed tokens get -inf. Returns float32."""
+  """Applies temperature, top-k, top-p and min-p; removed tokens get -inf. Returns float32.
+
+  top-k keeps tokens with fewer than k tokens strictly above them, top-p those whose strictly
+  more probable tokens hold less than p of the mass (ties at the boundary are all kept).
+  """
   z = logits_BxV.astype(jnp.float32)
   if temperature != 1.0:
     z = z / temperature
   if top_k is not None and 0 < top_k < z.shape[-1]:
-    kth = jax.lax.top_k(z, top_k)[0][..., -1:]
-    z = jnp.where(z < kth, -jnp.inf, z)
+    keys = _orderable_uint32(z)
+    threshold = _smallest_key_below(keys, lambda above: jnp.sum(above, axis=-1), top_k)
+    z = jnp.where(keys >= threshold[:, None], z, -jnp.inf)
   if top_p is not None and top_p < 1.0:
-    sorted_z = jnp.sort(z, axis=-1)[..., ::-1]
-    probs = jax.nn.softmax(sorted_z, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    # Number of tokens kept: those whose preceding mass is still below p (always >= 1).
-    n_keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
-    threshold = jnp.take_along_axis(sorted_z, n_keep - 1, axis=-1)
-    z = jnp.where(z < threshold, -jnp.inf, z)
+    probs = jax.nn.softmax(z, axis=-1)
+    keys = _orderable_uint32(probs)
+    threshold = _smallest_key_below(
+        keys, lambda above: jnp.sum(jnp.where(above, probs, 0.0), axis=-1), top_p)
+    z = jnp.where(keys >= threshold[:, None], z, -jnp.inf)
   if min_p is not None and min_p > 0.0:
     logp = jax.nn.log_softmax(z, axis=-1)
     z = jnp.where(logp < jnp.log(min_p) + jnp.max(logp, axis=-1, keepdims=True), -jnp.inf, z)

@@ -120,3 +120,31 @@ def test_bad_arguments(model):
     generate(model, tokens, np.array([0, 2, 3]), temperature=0.0)
   with pytest.raises(ValueError, match="at least one token"):
     pad_prompts([[1], []])
+
+
+def _sorted_reference(z, top_k=None, top_p=None):
+  """The textbook definitions by full sort, to check the bisection thresholds against."""
+  z = np.asarray(z, np.float64)
+  keep = np.ones_like(z, bool)
+  for b in range(z.shape[0]):
+    order = np.argsort(-z[b], kind="stable")
+    if top_k is not None:
+      keep[b] &= z[b] >= z[b, order[top_k - 1]]
+    if top_p is not None:
+      p = np.exp(z[b] - z[b].max())
+      p /= p.sum()
+      before = np.cumsum(p[order]) - p[order]
+      n_keep = max(int(np.sum(before < top_p)), 1)
+      keep[b] &= p >= p[order[n_keep - 1]]
+  return keep
+
+
+@pytest.mark.parametrize("top_k, top_p", [(1, None), (7, None), (50, None), (None, 0.5),
+                                          (None, 0.9), (None, 0.999)])
+def test_thresholds_equal_sort_based_definition(top_k, top_p):
+  rng = np.random.RandomState(0)
+  z = rng.randn(6, 300).astype(np.float32) * 3
+  z[0, :40] = 1.5  # ties, also at the boundary
+  z[1] = np.round(z[1])
+  kept = np.isfinite(np.asarray(process_logits(jnp.asarray(z), top_k=top_k, top_p=top_p)))
+  np.testing.assert_array_equal(kept, _sorted_reference(z, top_k, top_p))

@@ -20,6 +20,25 @@ import jax
 import numpy as np
 
 
+def copy_bandwidth(n_bytes=512 * 2**20, repeats=5):
+  """Bytes moved per second (read + write) by a large jitted copy: the memory-bandwidth limit."""
+  x = jax.numpy.ones((n_bytes // 4,), jax.numpy.float32)
+  f = jax.jit(lambda a: a + 1.0)
+  f(x).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(x).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n_bytes / min(times)
+
+
+def bytes_per_decode_step(cfg, batch, cache_len, param_bytes):
+  """Weights read once per step plus the whole KV cache read (upper bound for the bound)."""
+  kv = 2 * cfg.num_hidden_layers * batch * cache_len * cfg.num_key_value_heads * cfg.dim_per_head
+  return cfg.num_params() * param_bytes + kv * param_bytes
+
+
 def time_postrl(model, batch, prompt_len, new_tokens, repeats):
   from postrl.sampling import generate  # pylint: disable=import-outside-toplevel
   rng = np.random.RandomState(0)
@@ -85,20 +104,30 @@ def main():
   from postrl.models import load_pretrained  # pylint: disable=import-outside-toplevel
   from postrl.models.weights import resolve_model_path  # pylint: disable=import-outside-toplevel
   model = load_pretrained(args.model, param_dtype=args.dtype)
+  bandwidth = copy_bandwidth()
+  param_bytes = 2 if args.dtype == "bfloat16" else 4
   rows = []
   for batch in args.batch:
     ours = time_postrl(model, batch, args.prompt_len, args.new_tokens, args.repeats)
     ref = None if args.no_baseline else time_transformers(
         resolve_model_path(args.model), args.dtype, batch, args.prompt_len, args.new_tokens,
         args.repeats)
+    step_bytes = bytes_per_decode_step(model.config, batch, args.prompt_len + args.new_tokens,
+                                       param_bytes)
+    bound = bandwidth / step_bytes * batch  # tokens/s if each step only streamed its bytes once
     rows.append(dict(batch=batch, postrl_tokens_per_s=round(ours, 1),
+                     bandwidth_bound_tokens_per_s=round(bound, 1),
+                     fraction_of_bound=round(ours / bound, 3),
                      transformers_tokens_per_s=None if ref is None else round(ref, 1),
                      ratio=None if ref is None else round(ours / ref, 2)))
-  print(f"{'batch':>6} {'postrl tok/s':>14} {'transformers tok/s':>19} {'ratio':>7}")
+  print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write) on {jax.devices()[0].device_kind}")
+  print(f"{'batch':>6} {'postrl tok/s':>14} {'transformers tok/s':>19} {'ratio':>7} "
+        f"{'bound tok/s':>12} {'of bound':>9}")
   for r in rows:
     ref = "-" if r["transformers_tokens_per_s"] is None else f"{r['transformers_tokens_per_s']:.1f}"
     ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-    print(f"{r['batch']:>6} {r['postrl_tokens_per_s']:>14.1f} {ref:>19} {ratio:>7}")
+    print(f"{r['batch']:>6} {r['postrl_tokens_per_s']:>14.1f} {ref:>19} {ratio:>7} "
+          f"{r['bandwidth_bound_tokens_per_s']:>12.1f} {r['fraction_of_bound']:>9.1%}")
   versions = dict(jax=jax.__version__, python=platform.python_version())
   try:
     import torch, transformers  # pylint: disable=import-outside-toplevel,multiple-imports
@@ -106,6 +135,7 @@ def main():
   except ImportError:
     pass
   result = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
+                copy_bandwidth_bytes_per_s=bandwidth,
                 cpu_count=os.cpu_count(), versions=versions, settings=vars(args), rows=rows)
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:

@@ -113,7 +113,7 @@ def test_transformers_reads_our_gguf_layout_the_same_way(tiny_model, tmp_path):
   assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-4
 
 
-@pytest.mark.parametrize("qtype, bound", [("F16", 1e-3), ("Q8_0", 1e-2), ("Q4_0", 0.15),
+@pytest.mark.parametrize("qtype, bound", [("F16", 1e-3), ("BF16", 1e-2), ("Q8_0", 1e-2), ("Q4_0", 0.15),
                                           ("Q4_1", 0.15)])
 def test_gguf_quantized_types_dequantise_within_bound(tiny_model, tmp_path, qtype, bound):
   path = str(tmp_path / f"tiny-{qtype}.gguf")

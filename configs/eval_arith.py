@@ -2,9 +2,9 @@ r"""Baseline: exact-match accuracy of SmolLM2-135M-Instruct on 2-digit addition/
 
     python launch.py --config configs/eval_arith.py --workdir runs/eval_arith
 
-Runs on one CPU in about two minutes (model load, one compilation, 64 greedy answers) and prints
-the accuracy; the model answers "What is 12 + 30?" with "12 + 30 = 32" often enough that this is
-a real target for the SFT and RL configs. Override anything on the command line, e.g.
+Runs on one CPU in under a minute (model load, one compilation, 64 greedy answers of up to 96
+tokens) and prints the accuracy: 7.8% (5 of 64) on 2026-11-25. The model answers "What is 12 + 30?"
+with "12 + 30 = 32" often enough that this is a real target for the SFT and RL configs. Override anything on the command line, e.g.
 ``--config.task.num_problems=256 --config.task.digits=3``.
 """
 

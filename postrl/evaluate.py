@@ -16,7 +16,7 @@ from tqdm import tqdm
 from postrl.data.tasks import arithmetic_problems
 from postrl.models import load_pretrained, load_tokenizer
 from postrl.rewards.math import exact_match, extract_last_number
-from postrl.sampling.generate import generate, pad_prompts
+from postrl.sampling.generate import generate, pad_prompts, stop_and_pad_ids
 
 TASKS = {"arithmetic": arithmetic_problems}
 
@@ -26,8 +26,7 @@ def evaluate_task(model, tokenizer, problems, *, batch_size: int, max_new_tokens
                   progress: bool = True):
   """Generates an answer to every problem -> (accuracy, per-problem records, generated tokens)."""
   records, n_tokens = [], 0
-  eos = sorted({e for e in (*model.config.eos_token_ids, tokenizer.eos_id) if e is not None})
-  pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+  eos, pad = stop_and_pad_ids(model, tokenizer)
   key = jax.random.key(seed)
   batches = range(0, len(problems), batch_size)
   for i in tqdm(batches, desc="evaluate", disable=not progress):

@@ -211,6 +211,12 @@ def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int = 0, multiple: 
   return tokens, np.array([len(p) for p in prompts], np.int32)
 
 
+def stop_and_pad_ids(model, tokenizer) -> tuple[tuple[int, ...], int]:
+  """EOS ids (the model config's and the tokenizer's, merged) and the pad id (tokenizer's, else 0)."""
+  eos = tuple(sorted({e for e in (*model.config.eos_token_ids, tokenizer.eos_id) if e is not None}))
+  return eos, tokenizer.pad_id if tokenizer.pad_id is not None else 0
+
+
 def generate_text(model, tokenizer, prompts: Sequence[str], *, chat: bool = True, key=None,
                   max_new_tokens: int = 64, **sampling) -> list[str]:
   """Strings in, completions out: applies the chat template (when ``chat``), generates, decodes."""
@@ -218,11 +224,11 @@ def generate_text(model, tokenizer, prompts: Sequence[str], *, chat: bool = True
     ids = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
   else:
     ids = [tokenizer.encode(p) for p in prompts]
-  pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+  default_eos, pad = stop_and_pad_ids(model, tokenizer)
   tokens, lengths = pad_prompts(ids, pad_id=pad, multiple=16)
   eos = sampling.pop("eos_ids", None)
   if eos is None:
-    eos = sorted({e for e in (*model.config.eos_token_ids, tokenizer.eos_id) if e is not None})
+    eos = default_eos
   out = generate(model, tokens, lengths, key=key, max_new_tokens=max_new_tokens, eos_ids=eos,
                  pad_id=pad, **sampling)
   toks, lens = np.asarray(out.tokens_BxN), np.asarray(out.lengths_B)

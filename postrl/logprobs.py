@@ -6,8 +6,10 @@ The next-token shift happens here and nowhere else: the result is aligned with `
 response mask over tokens applies to it directly (``logps_BxT * mask_BxT``). Every trainer, the
 sampler's contract test and the evaluation code go through ``token_logps``.
 
-With ``chunk=C`` the output projection and the log-softmax run over C positions at a time under
-``jax.checkpoint``, so the full [B, T, V] logits never exist, in the forward or the backward pass.
+With ``chunk=C`` the output projection and the log-softmax run over C positions at a time, and
+with ``vocab_chunk=K`` over K vocabulary columns at a time (an online log-sum-exp), each under
+``jax.checkpoint``, so the full [B, T, V] logits never exist, in the forward or the backward pass:
+the largest logits block alive is [B, C, K].
 """
 
 from __future__ import annotations
@@ -42,7 +44,44 @@ def _target_logps(h_BxTxD, w_DxV, targets_BxT):
   return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-def logps_from_hidden(h_BxTxD, w_DxV, targets_BxT, *, chunk: int | None = None):
+def _target_logps_vocab_chunked(h_BxTxD, w_DxV, targets_BxT, vocab_chunk: int):
+  """``_target_logps`` with the vocabulary scanned ``vocab_chunk`` columns at a time.
+
+  An online log-sum-exp (running max m and sum s, rescaled when m grows) over vocab chunks:
+      m' = max(m, max_v z_v),  s' = s exp(m - m') + sum_v exp(z_v - m'),  lse = m + log s
+  Each chunk's body is rematerialised, so only [B, T] carries are kept for the backward pass.
+  """
+  D, V = w_DxV.shape
+  n = -(-V // vocab_chunk)
+  pad = n * vocab_chunk - V
+  w = jnp.pad(w_DxV, ((0, 0), (0, pad))).reshape(D, n, vocab_chunk).swapaxes(0, 1)
+  B, T = targets_BxT.shape
+
+  @jax.checkpoint
+  def body(carry, xs):
+    m, s, picked = carry
+    w_DxC, start = xs
+    z = jnp.einsum("btd,dc->btc", h_BxTxD, w_DxC.astype(h_BxTxD.dtype),
+                   preferred_element_type=jnp.float32)
+    col = start + jnp.arange(vocab_chunk)
+    z = jnp.where(col < V, z, -jnp.inf)  # padded columns take no probability
+    m_new = jnp.maximum(m, z.max(axis=-1))
+    s = s * jnp.exp(m - m_new) + jnp.exp(z - m_new[..., None]).sum(axis=-1)
+    local = targets_BxT - start
+    inside = (local >= 0) & (local < vocab_chunk)
+    z_t = jnp.take_along_axis(z, jnp.clip(local, 0, vocab_chunk - 1)[..., None], axis=-1)[..., 0]
+    picked = jnp.where(inside, z_t, picked)
+    return (m_new, s, picked), None
+
+  init = (jnp.full((B, T), -jnp.inf, jnp.float32), jnp.zeros((B, T), jnp.float32),
+          jnp.zeros((B, T), jnp.float32))
+  starts = jnp.arange(n, dtype=targets_BxT.dtype) * vocab_chunk
+  (m, s, picked), _ = jax.lax.scan(body, init, (w, starts))
+  return picked - (m + jnp.log(s))
+
+
+def logps_from_hidden(h_BxTxD, w_DxV, targets_BxT, *, chunk: int | None = None,
+                      vocab_chunk: int | None = None):
   """Per-position log p(targets[b, t] | h[b, t]) = log softmax(h[b, t] W)[targets[b, t]].
 
   Args:
@@ -50,23 +89,30 @@ def logps_from_hidden(h_BxTxD, w_DxV, targets_BxT, *, chunk: int | None = None):
     w_DxV: output projection.
     targets_BxT: the token each position predicts.
     chunk: positions per chunk (None: all at once). T need not be a multiple of it.
+    vocab_chunk: vocabulary columns per chunk (None: all at once); V need not be a multiple.
   Returns:
-    [B, T] float32 log-probs.
+    [B, T] float32 log-probs. With both chunks set, the largest logits block alive at once is
+    [B, chunk, vocab_chunk], forward and backward.
   """
+  V = w_DxV.shape[1]
+  if vocab_chunk is None or vocab_chunk >= V:
+    logps_fn = _target_logps
+  else:
+    logps_fn = lambda h, w, t: _target_logps_vocab_chunked(h, w, t, vocab_chunk)
   B, T, D = h_BxTxD.shape
   if chunk is None or chunk >= T:
-    return _target_logps(h_BxTxD, w_DxV, targets_BxT)
+    return logps_fn(h_BxTxD, w_DxV, targets_BxT)
   n = -(-T // chunk)
   pad = n * chunk - T
   h = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
   tg = jnp.pad(targets_BxT, ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
-  body = jax.checkpoint(lambda args: _target_logps(args[0], w_DxV, args[1]))
+  body = jax.checkpoint(lambda args: logps_fn(args[0], w_DxV, args[1]))
   out = jax.lax.map(body, (h, tg))  # [n, B, chunk]
   return out.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
 
 
 def token_logps(apply_fn: ApplyFn, params, tokens_BxT, mask_BxT=None, *, chunk: int | None = None,
-                segment_ids_BxT=None):
+                vocab_chunk: int | None = None, segment_ids_BxT=None):
   """Per-token log-probs of ``tokens_BxT`` under the model, aligned with the tokens.
 
       logp[b, t] = log π(tokens[b, t] | tokens[b, <t]) * mask[b, t],   logp[b, 0] = 0
@@ -79,12 +125,14 @@ def token_logps(apply_fn: ApplyFn, params, tokens_BxT, mask_BxT=None, *, chunk: 
     mask_BxT: 1 where a token's log-prob counts (usually the response tokens); None keeps all
       positions t >= 1.
     chunk: sequence chunk for the output projection (see module docstring).
+    vocab_chunk: vocabulary chunk for the output projection (online log-sum-exp over chunks).
     segment_ids_BxT: passed to the model (0 = padding, distinct ids = packed sequences).
   Returns:
     logps_BxT float32, zero where the mask is zero and at t = 0.
   """
   h, w = apply_fn(params, tokens_BxT, segment_ids_BxT)
-  logps = logps_from_hidden(h[:, :-1], w, tokens_BxT[:, 1:], chunk=chunk)
+  logps = logps_from_hidden(h[:, :-1], w, tokens_BxT[:, 1:], chunk=chunk,
+                            vocab_chunk=vocab_chunk)
   logps = jnp.pad(logps, ((0, 0), (1, 0)))
   if segment_ids_BxT is not None:  # the first token of a packed segment has no prediction
     first = jnp.pad(segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1], ((0, 0), (1, 0)),

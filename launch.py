@@ -16,8 +16,10 @@ FLAGS = flags.FLAGS
 
 
 def _jobs():
-  from postrl import evaluate  # pylint: disable=import-outside-toplevel
-  return {"evaluate": evaluate.run}
+  # pylint: disable=import-outside-toplevel
+  from postrl import evaluate
+  from postrl.trainers import sft
+  return {"evaluate": evaluate.run, "sft": sft.run}
 
 
 def main(argv):

@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint==0.12.8",
     "chex==0.1.92",
     "grain==0.2.18",
+    "array-record==0.8.6",
     "tensorflow-datasets==4.9.10",
     "sentencepiece==0.2.3",
     "ml-collections==1.1.0",
@@ -22,6 +23,7 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     "jinja2==3.1.6",
     "matplotlib==3.11.2",
+    "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
     "champ-dataset==1.0.0",
 ]
 

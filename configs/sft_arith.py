@@ -1,0 +1,45 @@
+r"""SFT of SmolLM2-135M-Instruct on 2-digit addition/subtraction, on one CPU in about 10 minutes.
+
+    python launch.py --config configs/sft_arith.py --workdir runs/sft_arith
+
+Trains on worked answers ("What is 12 + 30?" -> "12 + 30 = 42") generated from a seed, never on an
+evaluation prompt, and reports exact-match accuracy on the same 64 held-out problems as
+``configs/eval_arith.py`` before and after training (see results.json, metrics.jsonl, loss.png and
+TensorBoard events in the workdir). Stop it (SIGTERM / Ctrl-C once) and run the same command again:
+it resumes from the last checkpoint and finishes with the same losses.
+
+Override anything on the command line, e.g. ``--config.optim.lr=3e-5 --config.steps=300`` or
+``--config.mesh='(("data", -1), ("fsdp", 2), ("tensor", 1))'`` on 8 devices.
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.job = "sft"
+  config.model = "smollm2-135m-instruct"
+  config.param_dtype = "float32"
+  config.dtype = "float32"            # compute dtype ("bfloat16" on GPU/TPU)
+  config.seed = 0
+  config.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
+  config.steps = 120
+  config.batch_size = 16              # global rows per step (packed sequences)
+  config.accum_steps = 1              # micro-batches per step (exact accumulation)
+  config.seq_len = 128
+  config.logprob_chunk = None         # positions per log-prob chunk (None: all)
+  config.vocab_chunk = 8192           # the [B, T, 49152] logits are never materialised
+  config.log_every = 5
+  config.save_model = False
+  config.optim = ml_collections.ConfigDict(dict(
+      lr=5e-5, warmup_steps=10, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
+      clip_norm=1.0))
+  config.data = ml_collections.ConfigDict(dict(
+      task=dict(name="arithmetic", digits=2, ops="+-"),  # built-in task: train and eval problems
+      num_train=4000, train_seed=0, eval_seed=1234,      # eval_seed 1234 = configs/eval_arith.py
+      path="",                 # a JSONL file of SFT records instead of the built-in task
+      skip_malformed=False, pack=True))
+  config.eval = ml_collections.ConfigDict(dict(
+      num_problems=64, batch_size=16, max_new_tokens=32, every=0, before=True))
+  config.checkpoint = ml_collections.ConfigDict(dict(every=40, keep=2))
+  return config

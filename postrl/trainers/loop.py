@@ -1,0 +1,204 @@
+"""The training loop every trainer runs: sharded state, resume, checkpoints, metrics, NaN guard.
+
+    state, history = fit(loss_fn, params, tx, batches, mesh=mesh, total_steps=..., workdir=...)
+
+What it does, in order:
+
+1. Places the parameters on the mesh by their logical axes and creates the optimizer state
+   directly in its shardings (``postrl.sharding``).
+2. If ``workdir/checkpoints`` holds a checkpoint, restores params, optimizer state, step, RNG and
+   the data iterator's position from it, so the resumed run continues bit for bit (an incompatible
+   checkpoint is an error, never a silent fresh start).
+3. Runs the jitted, donated step (``postrl.trainers.step``); metrics of step s are fetched after
+   step s+1 has been dispatched, so the host never stalls the device.
+4. Stops with ``NonFiniteError`` naming the step if a loss or gradient is NaN/Inf (that update is
+   not applied, and no checkpoint is written after it).
+5. Saves every ``save_every`` steps, at the end, and when SIGTERM arrives (pod pre-emption): the
+   run then exits cleanly and ``fit`` returns with ``preempted=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from postrl import sharding as shd
+from postrl.checkpoint import Checkpointer, PreemptionGuard, should_stop
+from postrl.metrics import MetricsLogger
+from postrl.trainers.step import LossFn, TrainState, init_train_state, make_train_step
+
+
+class NonFiniteError(FloatingPointError):
+  """A NaN or Inf loss or gradient; names the step. The update was not applied."""
+
+
+@dataclasses.dataclass
+class FitResult:
+  state: TrainState
+  history: list[dict]
+  preempted: bool = False
+  resumed_from: int | None = None
+
+
+def _state_shardings(tx, abstract_state: TrainState, mesh, rules) -> TrainState:
+  params = shd.state_shardings(abstract_state.params, mesh, rules)
+  replicated = NamedSharding(mesh, P())
+  return TrainState(step=replicated, params=params,
+                    opt_state=shd.optimizer_shardings(tx, params, abstract_state.opt_state, mesh),
+                    rng=replicated)
+
+
+def create_state(params, tx, *, seed: int, mesh, rules=shd.RULES) -> tuple[TrainState, TrainState]:
+  """(state, shardings): params placed by their logical axes, optimizer state created sharded."""
+  key = jax.random.key(seed)
+  abstract = jax.eval_shape(lambda p: init_train_state(p, tx, key), params)
+  shardings = _state_shardings(tx, abstract, mesh, rules)
+  params = shd.put_global(params, shardings.params)
+  state = jax.jit(lambda p: init_train_state(p, tx, key), out_shardings=shardings)(params)
+  return state, shardings
+
+
+def _to_host(metrics: dict) -> dict:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iterator[dict], *,
+        mesh, total_steps: int, workdir: str | None, seed: int = 0, accum_steps: int = 1,
+        save_every: int = 0, keep_checkpoints: int = 2, fingerprint: dict | None = None,
+        log_every: int = 1, lr_schedule: Callable | None = None,
+        flops_per_token: float | None = None, eval_fn: Callable[[Any, int], dict] | None = None,
+        eval_every: int = 0, rules=shd.RULES, progress: bool = True) -> FitResult:
+  """Trains ``params`` with ``loss_fn`` for ``total_steps`` optimizer steps; see the module doc.
+
+  Args:
+    loss_fn: ``(params, batch) -> (loss, metrics)`` (batch arrays are global, rows sharded).
+    params: initial parameters (host or device arrays, an NNX state with logical axis names).
+    tx: the optimizer (``make_optimizer``).
+    batches: iterator of per-process numpy batch dicts; if it has ``get_state``/``set_state`` its
+      position is checkpointed and restored.
+    mesh: the device mesh (``postrl.sharding.make_mesh``).
+    total_steps: optimizer steps to run in all (a resumed run does the remaining ones).
+    workdir: metrics, TensorBoard events, loss curve and checkpoints go here (None: nothing saved).
+    save_every: checkpoint period in steps (0: only at the end and on SIGTERM).
+    fingerprint: JSON-able description a checkpoint must match to be resumed (model, optimizer).
+    log_every: metrics written every this many steps.
+    lr_schedule: step -> learning rate, logged as ``optim/lr``.
+    flops_per_token: model FLOPs per trained token (for ``perf/mfu``).
+    eval_fn: ``(params, step) -> metrics`` run every ``eval_every`` steps and at the end.
+  """
+  import os  # pylint: disable=import-outside-toplevel
+  state, shardings = create_state(params, tx, seed=seed, mesh=mesh, rules=rules)
+  del params
+  is_main = jax.process_index() == 0
+  ckpt = None
+  start_step, resumed_from = 0, None
+  if workdir:
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=save_every or total_steps,
+                        keep=keep_checkpoints, fingerprint=fingerprint)
+    latest = ckpt.latest_step()
+    if latest is not None:
+      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              state, shardings)
+      state, extra = ckpt.restore(latest, abstract)
+      if extra.get("data") is not None and hasattr(batches, "set_state"):
+        batches.set_state(extra["data"])
+      start_step = resumed_from = int(jax.device_get(state.step))
+      if is_main:
+        print(f"resumed from {ckpt.directory} step {start_step}")
+
+  step_fn = make_train_step(loss_fn, tx, state_shardings=shardings,
+                            batch_sharding=shd.batch_sharding(mesh, rules), accum_steps=accum_steps,
+                            mesh=mesh)
+  peak = None
+  try:
+    from postrl.metrics import mfu, peak_flops  # pylint: disable=import-outside-toplevel
+    peak = peak_flops(jax.devices()[0])
+  except ImportError:  # pragma: no cover
+    mfu = None
+  logger = MetricsLogger(workdir, total_steps=total_steps, enabled=is_main, start_step=start_step,
+                         progress=progress and is_main)
+  history: list[dict] = []
+  pending = None  # (step, device metrics, host extras) of the previous step
+  last_saved = start_step if resumed_from is not None else None
+  preempted = False
+
+  def data_state():
+    return batches.get_state() if hasattr(batches, "get_state") else None
+
+  def finish(pending_item):
+    """Fetches one step's metrics, checks them, logs them."""
+    step, dev_metrics, extras = pending_item
+    m = _to_host(dev_metrics)
+    if m.get("step/finite", 1.0) != 1.0:
+      where = f"; last checkpoint: step {last_saved}" if last_saved is not None else ""
+      raise NonFiniteError(
+          f"step {step}: non-finite loss or gradient (loss={m.get('loss')}, grad_norm="
+          f"{m.get('optim/grad_norm')}). The update was not applied and no checkpoint was written "
+          f"after it{where}. Lower the learning rate, check the data of this step, or use "
+          f"float32 params.")
+    seconds = time.perf_counter() - extras.pop("t0")
+    m.update(extras)
+    m["perf/step_seconds"] = seconds
+    m["perf/tokens_per_second"] = extras["perf/tokens"] / max(seconds, 1e-9)
+    if lr_schedule is not None:
+      m["optim/lr"] = float(lr_schedule(step - 1))
+    if flops_per_token and peak and mfu is not None:
+      m["perf/mfu"] = mfu(m["perf/tokens_per_second"], flops_per_token, peak * jax.device_count())
+    history.append(dict(m, step=step))
+    if step % log_every == 0 or step == total_steps:
+      logger.write(step, m)
+    return m
+
+  t_prev = time.perf_counter()
+  step = start_step
+  try:
+    with PreemptionGuard() as guard:
+      while step < total_steps:
+        host_batch = next(batches)
+        tokens = (int(np.sum(np.asarray(host_batch["segment_ids"]) > 0))
+                  if "segment_ids" in host_batch else int(np.size(next(iter(host_batch.values())))))
+        batch = shd.put_batch(host_batch, mesh, rules)
+        state, dev_metrics = step_fn(state, batch)
+        step += 1
+        if pending is not None:
+          finish(pending)
+        now = time.perf_counter()
+        pending = (step, dev_metrics, {"t0": t_prev, "perf/tokens": tokens * jax.process_count()})
+        t_prev = now
+        save_now = ckpt is not None and (ckpt.should_save(step) or step == total_steps)
+        stop = should_stop(guard)
+        eval_now = bool(eval_fn is not None and eval_every and step % eval_every == 0
+                        and step != total_steps)
+        if save_now or stop or eval_now:
+          finish(pending)  # a checkpoint or eval only ever sees a step whose metrics passed
+          pending = None
+        if save_now or (stop and ckpt is not None):
+          ckpt.save(step, state, {"data": data_state()}, force=True)
+          last_saved = step
+        if eval_now:
+          logger.write(step, {f"eval/{k}": v for k, v in eval_fn(state.params, step).items()})
+        if save_now or stop or eval_now:
+          t_prev = time.perf_counter()  # saving / evaluating is not training time
+        if stop:
+          preempted = True
+          if is_main:
+            print(f"stop signal: saved step {step}; run the same command again to resume")
+          break
+      if pending is not None:
+        finish(pending)
+    if eval_fn is not None and not preempted:
+      final = {f"eval/{k}": v for k, v in eval_fn(state.params, step).items()}
+      logger.write(step, final)
+      history.append(dict(final, step=step))
+  finally:  # checkpoints already started are completed even when a step failed
+    if ckpt is not None:
+      ckpt.wait()
+      ckpt.close()
+    logger.close()
+  return FitResult(state=state, history=history, preempted=preempted, resumed_from=resumed_from)

@@ -1,9 +1,21 @@
 r"""Runs an experiment: ``python launch.py --config configs/<exp>.py [--workdir DIR] [--config.x=y]``.
 
-The config file's ``get_config()`` returns a locked ``ml_collections.ConfigDict`` (a mistyped
-override fails at start, naming the key); ``config.job`` picks the function that runs it.
+The config file's ``get_config()`` returns an ``ml_collections.ConfigDict``; it is locked, so a
+mistyped override fails at start naming the key, and a value of the wrong type fails naming the key
+and both types. ``config.job`` picks the function that runs it (``JOBS`` below).
+
+One process per host. On a TPU pod, a SLURM or Open MPI allocation, JAX's multi-controller runtime
+is initialised automatically (``jax.distributed.initialize()`` finds the coordinator). Elsewhere pass
+it explicitly, the same command on every host with its own ``--process_id``::
+
+    python launch.py --config configs/sft_arith.py --workdir /shared/run \
+        --coordinator_address=10.0.0.1:12345 --num_processes=2 --process_id=0
+
+``--cpu_devices=N`` fakes N CPU devices per process (multi-device tests on one machine; with
+several processes their collectives go over gloo on loopback).
 """
 
+import os
 import sys
 
 from absl import app, flags
@@ -11,26 +23,70 @@ from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where results, metrics and checkpoints go.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.DEFINE_integer("cpu_devices", None, "Fake this many CPU devices per process.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
+_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
 
-def _jobs():
+
+JOBS = ("evaluate", "sft")
+
+
+def _job(name: str):
+  """The run function of a job; imported after JAX's devices are set up."""
   # pylint: disable=import-outside-toplevel
-  from postrl import evaluate
+  if name == "evaluate":
+    from postrl import evaluate
+    return evaluate.run
   from postrl.trainers import sft
-  return {"evaluate": evaluate.run, "sft": sft.run}
+  return sft.run
+
+
+def _multi_host_cluster() -> bool:
+  """Whether the environment is a multi-host allocation that JAX can auto-detect."""
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if "," in hosts:
+    return True
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  return int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+
+
+def initialize_jax():
+  """Sets up devices and, when asked or detected, the multi-process runtime. Returns jax."""
+  if FLAGS.cpu_devices:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={FLAGS.cpu_devices}")
+  import jax  # pylint: disable=import-outside-toplevel
+  explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
+    if FLAGS.cpu_devices or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  elif _multi_host_cluster():
+    jax.distributed.initialize()
+  return jax
 
 
 def main(argv):
   del argv
   config = FLAGS.config
-  jobs = _jobs()
-  if "job" not in config or config.job not in jobs:
-    print(f"error: config.job must be one of {sorted(jobs)}, got {config.get('job')!r}",
+  if "job" not in config or config.job not in JOBS:
+    print(f"error: config.job must be one of {list(JOBS)}, got {config.get('job')!r}",
           file=sys.stderr)
     return 2
-  jobs[config.job](config, FLAGS.workdir)
+  jax = initialize_jax()
+  if jax.process_count() > 1:
+    print(f"process {jax.process_index()} of {jax.process_count()}: "
+          f"{jax.local_device_count()} local / {jax.device_count()} global devices")
+  _job(config.job)(config, FLAGS.workdir)
   return 0
 
 

@@ -118,7 +118,8 @@ def run(config, workdir: str | None) -> dict:
     eval_fn.records = recs
     return {"accuracy": accuracy, "generated_tokens": n_tokens}
 
-  before = eval_fn(params, 0) if config.eval.before else None
+  evaluating = config.eval.num_problems > 0
+  before = eval_fn(params, 0) if evaluating and config.eval.before else None
   before_records = getattr(eval_fn, "records", None)
   fingerprint = {"model": json.loads(json.dumps(dataclasses.asdict(model_cfg))),
                  "param_dtype": config.param_dtype}
@@ -131,7 +132,7 @@ def run(config, workdir: str | None) -> dict:
       fingerprint=fingerprint, log_every=config.log_every,
       lr_schedule=learning_rate_schedule(optim),
       flops_per_token=model_flops(model_cfg, config.seq_len),
-      eval_fn=eval_fn, eval_every=config.eval.every)
+      eval_fn=eval_fn if evaluating else None, eval_every=config.eval.every)
   after = next((h for h in reversed(result.history) if "eval/accuracy" in h), None)
   train_losses = [h["loss"] for h in result.history if "loss" in h]
   summary = dict(

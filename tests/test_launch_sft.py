@@ -1,0 +1,107 @@
+"""launch.py runs SFT: single process x 8 devices == 2 processes x 4 devices (gloo on loopback),
+and a run killed with SIGTERM resumes to the same losses. A tiny random model with the real
+SmolLM2 tokenizer keeps each run to seconds of compute."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from postrl.metrics import read_metrics
+from postrl.models import Transformer, load_tokenizer, save_pretrained, save_tokenizer
+from tests.conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("tiny_smol")
+  tok = load_tokenizer("smollm2-135m-instruct")
+  cfg = tiny_config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                    eos_token_id=tok.eos_id, bos_token_id=tok.bos_id, pad_token_id=tok.pad_id)
+  save_pretrained(Transformer(cfg, rngs=nnx.Rngs(0)), str(path))
+  save_tokenizer(tok, str(path))
+  return str(path)
+
+
+def _args(model_dir, workdir, *extra):
+  return [sys.executable, os.path.join(ROOT, "launch.py"), "--config", "configs/sft_arith.py",
+          "--workdir", str(workdir), f"--config.model={model_dir}", "--config.steps=4",
+          "--config.batch_size=8", "--config.seq_len=64", "--config.data.num_train=200",
+          "--config.eval.num_problems=0", "--config.optim.warmup_steps=1",
+          "--config.optim.lr=1e-3", "--config.log_every=1", "--config.vocab_chunk=8192",
+          "--config.mesh=(('data', -1), ('fsdp', 2), ('tensor', 2))", *extra]
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _losses(workdir):
+  return {r["step"]: r["loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+          if "loss" in r}
+
+
+def test_two_processes_match_one(tiny_model_dir, tmp_path):
+  one = subprocess.run(_args(tiny_model_dir, tmp_path / "one", "--cpu_devices=8"), cwd=ROOT,
+                       env=_env(), capture_output=True, text=True, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _args(tiny_model_dir, tmp_path / "two", "--cpu_devices=4",
+            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
+      cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "process 1 of 2: 4 local / 8 global devices" in outs[1][0]
+  want, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+  assert sorted(want) == [1, 2, 3, 4] and sorted(got) == [1, 2, 3, 4]
+  np.testing.assert_allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)],
+                             rtol=1e-5)
+  assert want[4] < want[1]
+  summary = json.loads((tmp_path / "two" / "results.json").read_text())
+  assert summary["num_devices"] == 8 and summary["steps"] == 4
+
+
+def test_sigterm_mid_run_then_rerun_resumes(tiny_model_dir, tmp_path):
+  full = subprocess.run(_args(tiny_model_dir, tmp_path / "full", "--cpu_devices=8",
+                              "--config.steps=8"),
+                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert full.returncode == 0, full.stderr[-3000:]
+  workdir = tmp_path / "cut"
+  proc = subprocess.Popen(_args(tiny_model_dir, workdir, "--cpu_devices=8", "--config.steps=8"),
+                          cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and len(_losses(workdir) if (workdir / "metrics.jsonl").exists()
+                                       else {}) < 2:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert "run the same command again to resume" in out
+  assert len(_losses(workdir)) < 8
+  again = subprocess.run(_args(tiny_model_dir, workdir, "--cpu_devices=8", "--config.steps=8"),
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resumed from" in again.stdout
+  assert _losses(workdir) == _losses(tmp_path / "full")

@@ -86,8 +86,25 @@ def main(argv):
   if jax.process_count() > 1:
     print(f"process {jax.process_index()} of {jax.process_count()}: "
           f"{jax.local_device_count()} local / {jax.device_count()} global devices")
-  _job(config.job)(config, FLAGS.workdir)
+  run = _job(config.job)
+  try:
+    run(config, FLAGS.workdir)
+  except _user_errors() as e:  # bad input: one clear line, not a stack trace from inside JAX
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    return 1
   return 0
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+  """Errors that describe a problem with the config, the data, the weights or the workdir."""
+  # pylint: disable=import-outside-toplevel
+  from postrl.checkpoint import CheckpointError
+  from postrl.data.records import DataError
+  from postrl.models import ConfigError, TokenizerError, WeightsError
+  from postrl.sharding import ShardingError
+  from postrl.trainers.loop import NonFiniteError
+  return (CheckpointError, DataError, ConfigError, TokenizerError, WeightsError, ShardingError,
+          NonFiniteError, FileNotFoundError)
 
 
 if __name__ == "__main__":

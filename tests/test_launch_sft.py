@@ -105,3 +105,51 @@ def test_sigterm_mid_run_then_rerun_resumes(tiny_model_dir, tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert "resumed from" in again.stdout
   assert _losses(workdir) == _losses(tmp_path / "full")
+
+
+def _run(*args):
+  return subprocess.run(list(args), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                        timeout=600)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.stepz=3", "stepz"),
+    ("--config.steps=many", "steps"),
+    ("--config.optim.lr=fast", "lr"),
+])
+def test_bad_config_override_names_the_key(override, message):
+  proc = _run(sys.executable, "launch.py", "--config", "configs/sft_arith.py", override)
+  assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_missing_and_empty_dataset_files_are_named(tiny_model_dir, tmp_path):
+  missing = tmp_path / "nope.jsonl"
+  proc = _run(*_args(tiny_model_dir, tmp_path / "w1", f"--config.data.path={missing}"))
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: DataError")
+  assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  proc = _run(*_args(tiny_model_dir, tmp_path / "w2", f"--config.data.path={empty}"))
+  assert proc.returncode == 1 and str(empty) in proc.stderr and "Traceback" not in proc.stderr
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": 3}\n')
+  proc = _run(*_args(tiny_model_dir, tmp_path / "w3", f"--config.data.path={bad}"))
+  assert proc.returncode == 1 and f"{bad}:2" in proc.stderr and "completion" in proc.stderr
+
+
+def test_incompatible_workdir_is_an_error(tiny_model_dir, tmp_path):
+  workdir = tmp_path / "w"
+  first = _run(*_args(tiny_model_dir, workdir, "--cpu_devices=8", "--config.steps=2"))
+  assert first.returncode == 0, first.stderr[-2000:]
+  other = tmp_path / "other_model"
+  tok = load_tokenizer(tiny_model_dir)
+  cfg = tiny_config(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=64,
+                    tie_word_embeddings=True, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id,
+                    pad_token_id=tok.pad_id)
+  save_pretrained(Transformer(cfg, rngs=nnx.Rngs(0)), str(other))
+  save_tokenizer(tok, str(other))
+  args = _args(other, workdir, "--cpu_devices=8", "--config.steps=4")
+  proc = _run(*args)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert "error: CheckpointError" in proc.stderr and "hidden_size" in proc.stderr

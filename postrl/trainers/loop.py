@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from postrl import sharding as shd
 from postrl.checkpoint import Checkpointer, PreemptionGuard, should_stop
-from postrl.metrics import MetricsLogger
+from postrl.metrics import MetricsLogger, mfu, peak_flops
 from postrl.trainers.step import LossFn, TrainState, init_train_state, make_train_step
 
 
@@ -115,12 +115,7 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
   step_fn = make_train_step(loss_fn, tx, state_shardings=shardings,
                             batch_sharding=shd.batch_sharding(mesh, rules), accum_steps=accum_steps,
                             mesh=mesh)
-  peak = None
-  try:
-    from postrl.metrics import mfu, peak_flops  # pylint: disable=import-outside-toplevel
-    peak = peak_flops(jax.devices()[0])
-  except ImportError:  # pragma: no cover
-    mfu = None
+  peak = peak_flops(jax.devices()[0])
   logger = MetricsLogger(workdir, total_steps=total_steps, enabled=is_main, start_step=start_step,
                          progress=progress and is_main)
   history: list[dict] = []
@@ -148,8 +143,11 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
     m["perf/tokens_per_second"] = extras["perf/tokens"] / max(seconds, 1e-9)
     if lr_schedule is not None:
       m["optim/lr"] = float(lr_schedule(step - 1))
-    if flops_per_token and peak and mfu is not None:
-      m["perf/mfu"] = mfu(m["perf/tokens_per_second"], flops_per_token, peak * jax.device_count())
+    if flops_per_token:  # achieved model FLOP/s; MFU where the device's peak is known
+      m["perf/model_tflops"] = m["perf/tokens_per_second"] * flops_per_token / 1e12
+      if peak:
+        m["perf/mfu"] = mfu(m["perf/tokens_per_second"], flops_per_token, peak,
+                            num_devices=jax.device_count())
     history.append(dict(m, step=step))
     if step % log_every == 0 or step == total_steps:
       logger.write(step, m)

@@ -94,15 +94,16 @@ def run(config, workdir: str | None) -> dict:
   """Fine-tunes ``config.model`` on ``config.data``; evaluates before and after."""
   from postrl.evaluate import evaluate_task  # pylint: disable=import-outside-toplevel
   t_start = time.perf_counter()
+  # cheap checks first: data, then the mesh, then the (slow) model load
+  eval_problems = task_problems(config.data.task, config.eval.num_problems,
+                                config.data.eval_seed)
+  records = training_records(config.data, eval_problems)
   mesh = shd.make_mesh([tuple(a) for a in config.mesh])
   model = load_pretrained(config.model, param_dtype=config.param_dtype, dtype=config.dtype)
   tokenizer = load_tokenizer(config.model)
   model_cfg = model.config
   graphdef, params = nnx.split(model)
   del model
-  eval_problems = task_problems(config.data.task, config.eval.num_problems,
-                                config.data.eval_seed)
-  records = training_records(config.data, eval_problems)
   batches = sft_batches(records, tokenizer, batch_size=config.batch_size, seq_len=config.seq_len,
                         pack=config.data.pack, seed=config.seed)
   optim = OptimizerConfig(total_steps=config.steps, **config.optim.to_dict())

@@ -1,3 +1,13 @@
-"""Record formats, pipelines and built-in synthetic tasks."""
+"""Record formats, array_record files, grain pipelines and built-in synthetic tasks.
 
-from postrl.data.tasks import Problem, arithmetic_problems
+``tfds_jsonl`` (TFDS builders for local JSONL) is imported on its own, so that importing
+``postrl.data`` never imports tensorflow_datasets.
+"""
+
+from postrl.data.pipeline import (batch_examples, sft_batches, sft_dataset, sft_length_stats,
+                                  tokenize_sft)
+from postrl.data.records import (SCHEMAS, ArrayRecordRecords, DataError, Message,
+                                 PreferenceRecord, Problem, RankingRecord, SFTRecord,
+                                 parse_record, read_jsonl, write_array_record, write_jsonl)
+from postrl.data.tasks import (CountdownProblem, arithmetic_problems, countdown_problems,
+                               sft_record, sft_records)

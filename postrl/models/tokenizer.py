@@ -8,6 +8,7 @@ template a model ships with (Jinja, as transformers renders it) or ChatML when i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Sequence
@@ -108,21 +109,26 @@ class Tokenizer:
 def render_chat_template(template: str, messages, *, add_generation_prompt: bool, bos_token: str = "",
                          eos_token: str = "") -> str:
   """Renders a Jinja chat template the way transformers does (sandboxed, trimmed blocks)."""
-  import jinja2  # pylint: disable=import-outside-toplevel
-  from jinja2 import sandbox  # pylint: disable=import-outside-toplevel
-
   for i, m in enumerate(messages):
     if not isinstance(m, dict) or "role" not in m or "content" not in m:
       raise ValueError(f"chat message {i} must be a dict with 'role' and 'content', got {m!r}")
+  return _compiled_template(template).render(
+      messages=list(messages), add_generation_prompt=add_generation_prompt,
+      bos_token=bos_token, eos_token=eos_token)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_template(template: str):
+  """Compiling a template costs ~2 ms, 30x a render: data pipelines render one per example."""
+  import jinja2  # pylint: disable=import-outside-toplevel
+  from jinja2 import sandbox  # pylint: disable=import-outside-toplevel
 
   def raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)
 
   env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
   env.globals["raise_exception"] = raise_exception
-  return env.from_string(template).render(
-      messages=list(messages), add_generation_prompt=add_generation_prompt,
-      bos_token=bos_token, eos_token=eos_token)
+  return env.from_string(template)
 
 
 # --------------------------------------------------------------------------- loaders

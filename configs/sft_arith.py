@@ -23,16 +23,16 @@ def get_config():
   config.dtype = "float32"            # compute dtype ("bfloat16" on GPU/TPU)
   config.seed = 0
   config.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
-  config.steps = 120
+  config.steps = 40
   config.batch_size = 16              # global rows per step (packed sequences)
   config.accum_steps = 1              # micro-batches per step (exact accumulation)
   config.seq_len = 128
   config.logprob_chunk = None         # positions per log-prob chunk (None: all)
   config.vocab_chunk = 8192           # the [B, T, 49152] logits are never materialised
-  config.log_every = 5
+  config.log_every = 1
   config.save_model = False
   config.optim = ml_collections.ConfigDict(dict(
-      lr=5e-5, warmup_steps=10, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
+      lr=5e-5, warmup_steps=5, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
       clip_norm=1.0))
   config.data = ml_collections.ConfigDict(dict(
       task=dict(name="arithmetic", digits=2, ops="+-"),  # built-in task: train and eval problems
@@ -40,6 +40,6 @@ def get_config():
       path="",                 # a JSONL file of SFT records instead of the built-in task
       skip_malformed=False, pack=True))
   config.eval = ml_collections.ConfigDict(dict(
-      num_problems=64, batch_size=16, max_new_tokens=32, every=0, before=True))
-  config.checkpoint = ml_collections.ConfigDict(dict(every=40, keep=2))
+      num_problems=64, batch_size=16, max_new_tokens=96, every=0, before=True))
+  config.checkpoint = ml_collections.ConfigDict(dict(every=20, keep=1))
   return config

@@ -153,3 +153,16 @@ def test_incompatible_workdir_is_an_error(tiny_model_dir, tmp_path):
   proc = _run(*args)
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert "error: CheckpointError" in proc.stderr and "hidden_size" in proc.stderr
+
+
+def test_sft_job_evaluates_before_and_after(tiny_model_dir, tmp_path):
+  proc = _run(*_args(tiny_model_dir, tmp_path, "--cpu_devices=8", "--config.steps=2",
+                     "--config.eval.num_problems=4", "--config.eval.batch_size=4",
+                     "--config.eval.max_new_tokens=4"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert 0.0 <= results["accuracy_before"] <= 1.0 and 0.0 <= results["accuracy_after"] <= 1.0
+  assert len(results["eval_before"]) == len(results["eval_after"]) == 4
+  evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/accuracy" in r]
+  assert [r["step"] for r in evals] == [0, 2]
+  assert (tmp_path / "loss.png").exists()

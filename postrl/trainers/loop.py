@@ -73,7 +73,8 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
         save_every: int = 0, keep_checkpoints: int = 2, fingerprint: dict | None = None,
         log_every: int = 1, lr_schedule: Callable | None = None,
         flops_per_token: float | None = None, eval_fn: Callable[[Any, int], dict] | None = None,
-        eval_every: int = 0, rules=shd.RULES, progress: bool = True) -> FitResult:
+        eval_every: int = 0, eval_before: bool = False, rules=shd.RULES,
+        progress: bool = True) -> FitResult:
   """Trains ``params`` with ``loss_fn`` for ``total_steps`` optimizer steps; see the module doc.
 
   Args:
@@ -91,6 +92,7 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
     lr_schedule: step -> learning rate, logged as ``optim/lr``.
     flops_per_token: model FLOPs per trained token (for ``perf/mfu``).
     eval_fn: ``(params, step) -> metrics`` run every ``eval_every`` steps and at the end.
+    eval_before: also evaluate the initial parameters, logged as step 0 (not when resuming).
   """
   import os  # pylint: disable=import-outside-toplevel
   state, shardings = create_state(params, tx, seed=seed, mesh=mesh, rules=rules)
@@ -137,7 +139,11 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
           f"{m.get('optim/grad_norm')}). The update was not applied and no checkpoint was written "
           f"after it{where}. Lower the learning rate, check the data of this step, or use "
           f"float32 params.")
-    seconds = time.perf_counter() - extras.pop("t0")
+    # Steps run back to back on the device and step s's metrics are ready when it ends, so the
+    # time between two fetches is one step (the first one includes compilation).
+    now = time.perf_counter()
+    seconds = now - clock["last"]
+    clock["last"] = now
     m.update(extras)
     m["perf/step_seconds"] = seconds
     m["perf/tokens_per_second"] = extras["perf/tokens"] / max(seconds, 1e-9)
@@ -153,7 +159,11 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
       logger.write(step, m)
     return m
 
-  t_prev = time.perf_counter()
+  if eval_fn is not None and eval_before and resumed_from is None:
+    initial = {f"eval/{k}": v for k, v in eval_fn(state.params, 0).items()}
+    logger.write(0, initial)
+    history.append(dict(initial, step=0))
+  clock = {"last": time.perf_counter()}
   step = start_step
   try:
     with PreemptionGuard() as guard:
@@ -166,9 +176,7 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
         step += 1
         if pending is not None:
           finish(pending)
-        now = time.perf_counter()
-        pending = (step, dev_metrics, {"t0": t_prev, "perf/tokens": tokens * jax.process_count()})
-        t_prev = now
+        pending = (step, dev_metrics, {"perf/tokens": tokens * jax.process_count()})
         save_now = ckpt is not None and (ckpt.should_save(step) or step == total_steps)
         stop = should_stop(guard)
         eval_now = bool(eval_fn is not None and eval_every and step % eval_every == 0
@@ -182,7 +190,7 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
         if eval_now:
           logger.write(step, {f"eval/{k}": v for k, v in eval_fn(state.params, step).items()})
         if save_now or stop or eval_now:
-          t_prev = time.perf_counter()  # saving / evaluating is not training time
+          clock["last"] = time.perf_counter()  # saving / evaluating is not training time
         if stop:
           preempted = True
           if is_main:

@@ -25,7 +25,7 @@ from flax import nnx
 
 from postrl import sharding as shd
 from postrl.data.pipeline import sft_batches
-from postrl.data.records import read_jsonl
+from postrl.data.records import ArrayRecordRecords, read_jsonl
 from postrl.data.tasks import arithmetic_problems, countdown_problems, sft_records
 from postrl.logprobs import model_apply_fn, token_logps
 from postrl.metrics import model_flops_per_token
@@ -77,7 +77,10 @@ def task_problems(task_cfg, n: int, seed: int):
 
 
 def training_records(data_cfg, eval_problems):
-  """SFT records from a JSONL file (``data.path``) or a built-in task, minus eval prompts."""
+  """SFT records from ``data.path`` (JSONL, or array_record written by ``write_array_record``)
+  or from a built-in task, minus the evaluation prompts."""
+  if data_cfg.get("path", "").endswith(".array_record"):
+    return ArrayRecordRecords(data_cfg.path, "sft")
   if data_cfg.get("path"):
     records, skipped = read_jsonl(data_cfg.path, "sft",
                                   skip_malformed=data_cfg.get("skip_malformed", False))
@@ -108,6 +111,8 @@ def run(config, workdir: str | None) -> dict:
                         pack=config.data.pack, seed=config.seed)
   optim = OptimizerConfig(total_steps=config.steps, **config.optim.to_dict())
 
+  eval_records: dict[int, list] = {}  # step -> per-problem completions
+
   def eval_fn(params, step):
     model = nnx.merge(graphdef, params)
     accuracy, recs, n_tokens = evaluate_task(
@@ -116,12 +121,10 @@ def run(config, workdir: str | None) -> dict:
         progress=False)
     print(f"step {step}: exact-match accuracy {accuracy:.1%} on {len(recs)} held-out problems "
           f"({n_tokens} tokens generated)")
-    eval_fn.records = recs
+    eval_records[step] = recs
     return {"accuracy": accuracy, "generated_tokens": n_tokens}
 
   evaluating = config.eval.num_problems > 0
-  before = eval_fn(params, 0) if evaluating and config.eval.before else None
-  before_records = getattr(eval_fn, "records", None)
   fingerprint = {"model": json.loads(json.dumps(dataclasses.asdict(model_cfg))),
                  "param_dtype": config.param_dtype}
   result = fit(
@@ -133,13 +136,16 @@ def run(config, workdir: str | None) -> dict:
       fingerprint=fingerprint, log_every=config.log_every,
       lr_schedule=learning_rate_schedule(optim),
       flops_per_token=model_flops(model_cfg, config.seq_len),
-      eval_fn=eval_fn if evaluating else None, eval_every=config.eval.every)
-  after = next((h for h in reversed(result.history) if "eval/accuracy" in h), None)
+      eval_fn=eval_fn if evaluating else None, eval_every=config.eval.every,
+      eval_before=config.eval.before)
+  evals = [h for h in result.history if "eval/accuracy" in h]
+  before = next((h for h in evals if h["step"] == 0), None)
+  after = evals[-1] if evals and evals[-1]["step"] > 0 else None
   train_losses = [h["loss"] for h in result.history if "loss" in h]
   summary = dict(
       model=config.model, steps=int(jax.device_get(result.state.step)),
       preempted=result.preempted, resumed_from=result.resumed_from,
-      accuracy_before=None if before is None else before["accuracy"],
+      accuracy_before=None if before is None else before["eval/accuracy"],
       accuracy_after=None if after is None else after["eval/accuracy"],
       first_loss=train_losses[0] if train_losses else None,
       last_loss=train_losses[-1] if train_losses else None,
@@ -150,8 +156,10 @@ def run(config, workdir: str | None) -> dict:
   if workdir and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(dict(summary, config=config.to_dict(), eval_before=before_records,
-                     eval_after=getattr(eval_fn, "records", None)), f, indent=1, default=str)
+      last = max(eval_records, default=0)
+      json.dump(dict(summary, config=config.to_dict(), eval_before=eval_records.get(0),
+                     eval_after=eval_records.get(last) if last else None), f, indent=1,
+                default=str)
     if config.get("save_model"):
       from postrl.models import save_pretrained  # pylint: disable=import-outside-toplevel
       save_pretrained(nnx.merge(graphdef, jax.device_get(result.state.params)),

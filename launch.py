@@ -61,6 +61,7 @@ def initialize_jax():
   if FLAGS.cpu_devices:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={FLAGS.cpu_devices}")
+    os.environ["JAX_PLATFORMS"] = "cpu"  # fake CPU devices, even where a GPU is present
   import jax  # pylint: disable=import-outside-toplevel
   explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
   if any(v is not None for v in explicit):

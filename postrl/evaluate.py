@@ -16,7 +16,7 @@ from tqdm import tqdm
 from postrl.data.tasks import arithmetic_problems
 from postrl.models import load_pretrained, load_tokenizer
 from postrl.rewards.math import exact_match, extract_last_number
-from postrl.sampling.generate import generate, pad_prompts, stop_and_pad_ids
+from postrl.sampling.generate import generate, pad_prompts, stop_and_pad_ids, to_host
 
 TASKS = {"arithmetic": arithmetic_problems}
 
@@ -38,7 +38,7 @@ def evaluate_task(model, tokenizer, problems, *, batch_size: int, max_new_tokens
     tokens, lengths = pad_prompts(ids, pad_id=pad, multiple=16)
     out = generate(model, tokens, lengths, key=jax.random.fold_in(key, i),
                    max_new_tokens=max_new_tokens, temperature=temperature, eos_ids=eos, pad_id=pad)
-    toks, lens = np.asarray(out.tokens_BxN), np.asarray(out.lengths_B)
+    toks, lens = to_host(out.tokens_BxN), to_host(out.lengths_B)
     for b, problem in enumerate(batch):
       completion = tokenizer.decode(toks[b, :lens[b]])
       n_tokens += int(lens[b])

@@ -44,17 +44,23 @@ def _target_logps(h_BxTxD, w_DxV, targets_BxT):
   return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-def _target_logps_vocab_chunked(h_BxTxD, w_DxV, targets_BxT, vocab_chunk: int):
-  """``_target_logps`` with the vocabulary scanned ``vocab_chunk`` columns at a time.
+def _vocab_chunks(w_DxV, vocab_chunk: int):
+  """[D, V] -> [n, D, C] zero-padded column blocks (done once, outside any sequence loop)."""
+  D, V = w_DxV.shape
+  n = -(-V // vocab_chunk)
+  return jnp.pad(w_DxV, ((0, 0), (0, n * vocab_chunk - V))).reshape(
+      D, n, vocab_chunk).swapaxes(0, 1)
+
+
+def _target_logps_vocab_chunked(h_BxTxD, w_NxDxC, vocab_size: int, targets_BxT):
+  """``_target_logps`` with the vocabulary scanned C columns (one block of w_NxDxC) at a time.
 
   An online log-sum-exp (running max m and sum s, rescaled when m grows) over vocab chunks:
       m' = max(m, max_v z_v),  s' = s exp(m - m') + sum_v exp(z_v - m'),  lse = m + log s
   Each chunk's body is rematerialised, so only [B, T] carries are kept for the backward pass.
   """
-  D, V = w_DxV.shape
-  n = -(-V // vocab_chunk)
-  pad = n * vocab_chunk - V
-  w = jnp.pad(w_DxV, ((0, 0), (0, pad))).reshape(D, n, vocab_chunk).swapaxes(0, 1)
+  n, _, vocab_chunk = w_NxDxC.shape
+  V = vocab_size
   B, T = targets_BxT.shape
 
   @jax.checkpoint
@@ -76,7 +82,7 @@ def _target_logps_vocab_chunked(h_BxTxD, w_DxV, targets_BxT, vocab_chunk: int):
   init = (jnp.full((B, T), -jnp.inf, jnp.float32), jnp.zeros((B, T), jnp.float32),
           jnp.zeros((B, T), jnp.float32))
   starts = jnp.arange(n, dtype=targets_BxT.dtype) * vocab_chunk
-  (m, s, picked), _ = jax.lax.scan(body, init, (w, starts))
+  (m, s, picked), _ = jax.lax.scan(body, init, (w_NxDxC, starts))
   return picked - (m + jnp.log(s))
 
 
@@ -96,17 +102,19 @@ def logps_from_hidden(h_BxTxD, w_DxV, targets_BxT, *, chunk: int | None = None,
   """
   V = w_DxV.shape[1]
   if vocab_chunk is None or vocab_chunk >= V:
+    w = w_DxV
     logps_fn = _target_logps
   else:
-    logps_fn = lambda h, w, t: _target_logps_vocab_chunked(h, w, t, vocab_chunk)
+    w = _vocab_chunks(w_DxV, vocab_chunk)
+    logps_fn = lambda h, w_chunks, t: _target_logps_vocab_chunked(h, w_chunks, V, t)
   B, T, D = h_BxTxD.shape
   if chunk is None or chunk >= T:
-    return logps_fn(h_BxTxD, w_DxV, targets_BxT)
+    return logps_fn(h_BxTxD, w, targets_BxT)
   n = -(-T // chunk)
   pad = n * chunk - T
   h = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
   tg = jnp.pad(targets_BxT, ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
-  body = jax.checkpoint(lambda args: logps_fn(args[0], w_DxV, args[1]))
+  body = jax.checkpoint(lambda args: logps_fn(args[0], w, args[1]))
   out = jax.lax.map(body, (h, tg))  # [n, B, chunk]
   return out.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
 

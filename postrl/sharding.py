@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -151,25 +152,16 @@ def batch_shards(mesh: Mesh, rules=RULES) -> int:
 
 def optimizer_shardings(tx, params_shardings, abstract_opt_state, mesh: Mesh):
   """Shardings for an optax state: parameter-shaped leaves (Adam moments) follow their parameter;
-  everything else (counts, scalars) is replicated."""
+  everything else (step counts, scalars) is replicated.
+
+  Uses ``optax.tree_map_params``, which knows which parts of each transform's state mirror the
+  parameters (also under ``optax.masked`` / ``multi_transform``, as PEFT uses).
+  """
   replicated = NamedSharding(mesh, P())
-  param_leaves = jax.tree.leaves(params_shardings)
-  param_struct = jax.tree.structure(params_shardings)
-
-  def match(node):
-    try:
-      if jax.tree.structure(node) == param_struct:
-        return True
-    except Exception:  # pylint: disable=broad-except
-      return False
-    return False
-
-  def one(node):
-    if match(node):
-      return jax.tree.unflatten(param_struct, param_leaves)
-    return jax.tree.map(lambda _: replicated, node)
-
-  return jax.tree.map(one, abstract_opt_state, is_leaf=match)
+  return optax.tree_map_params(
+      tx, lambda _, sharding: sharding, abstract_opt_state, params_shardings,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
 def sharded_init(init_fn: Callable[[], Any], shardings_fn: Callable[[Any], Any]):
@@ -194,10 +186,10 @@ def put_global(tree, shardings):
   """
 
   def one(x, sharding):
-    x = np.asarray(x) if not isinstance(x, jax.Array) else x
-    if isinstance(x, jax.Array) and x.is_fully_addressable:
+    if isinstance(x, jax.Array):  # device arrays (global ones too) are resharded by XLA
       return jax.device_put(x, sharding)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: np.asarray(x[idx]))
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
   return jax.tree.map(one, tree, shardings)
 

@@ -60,12 +60,15 @@ def _losses(workdir):
 
 
 def test_two_processes_match_one(tiny_model_dir, tmp_path):
-  one = subprocess.run(_args(tiny_model_dir, tmp_path / "one", "--cpu_devices=8"), cwd=ROOT,
-                       env=_env(), capture_output=True, text=True, timeout=600)
+  # seq 128 packs several examples per row; a 2-step eval runs generate on 2 processes
+  extra = ("--config.seq_len=128", "--config.eval.num_problems=4", "--config.eval.batch_size=4",
+           "--config.eval.max_new_tokens=4")
+  one = subprocess.run(_args(tiny_model_dir, tmp_path / "one", "--cpu_devices=8", *extra),
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
   port = _free_port()
   procs = [subprocess.Popen(
-      _args(tiny_model_dir, tmp_path / "two", "--cpu_devices=4",
+      _args(tiny_model_dir, tmp_path / "two", "--cpu_devices=4", *extra,
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
       cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
@@ -80,15 +83,20 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
   assert want[4] < want[1]
   summary = json.loads((tmp_path / "two" / "results.json").read_text())
   assert summary["num_devices"] == 8 and summary["steps"] == 4
+  reference = json.loads((tmp_path / "one" / "results.json").read_text())
+  assert [r["completion"] for r in summary["eval_after"]] == [
+      r["completion"] for r in reference["eval_after"]]
 
 
 def test_sigterm_mid_run_then_rerun_resumes(tiny_model_dir, tmp_path):
   full = subprocess.run(_args(tiny_model_dir, tmp_path / "full", "--cpu_devices=8",
-                              "--config.steps=8"),
+                              "--config.steps=40", "--config.checkpoint.every=100"),
                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert full.returncode == 0, full.stderr[-3000:]
   workdir = tmp_path / "cut"
-  proc = subprocess.Popen(_args(tiny_model_dir, workdir, "--cpu_devices=8", "--config.steps=8"),
+  # 40 steps so the signal lands mid-run; no periodic checkpoint: the stop itself saves
+  proc = subprocess.Popen(_args(tiny_model_dir, workdir, "--cpu_devices=8", "--config.steps=40",
+                                "--config.checkpoint.every=100"),
                           cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
   deadline = time.time() + 300
@@ -99,8 +107,9 @@ def test_sigterm_mid_run_then_rerun_resumes(tiny_model_dir, tmp_path):
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
   assert "run the same command again to resume" in out
-  assert len(_losses(workdir)) < 8
-  again = subprocess.run(_args(tiny_model_dir, workdir, "--cpu_devices=8", "--config.steps=8"),
+  assert len(_losses(workdir)) < 40
+  again = subprocess.run(_args(tiny_model_dir, workdir, "--cpu_devices=8", "--config.steps=40",
+                               "--config.checkpoint.every=100"),
                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "resumed from" in again.stdout

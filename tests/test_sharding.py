@@ -95,7 +95,8 @@ def test_sharded_init_places_params_by_rules():
   assert state.params["embed_tokens"].sharding.spec == P("tensor", "fsdp")
 
 
-def test_sharded_step_equals_one_device():
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_sharded_step_equals_one_device(accum_steps):
   mesh1 = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
   mesh8 = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
   batch = _batch()
@@ -106,7 +107,7 @@ def test_sharded_step_equals_one_device():
     glob = sharding.put_batch(batch, mesh)
     loss, _, grads, _ = jax.jit(lambda p, b: loss_and_grads(loss_fn, p, b, jax.random.key(0)))(
         state.params, glob)
-    step = make_train_step(loss_fn, tx, state_shardings=shardings,
+    step = make_train_step(loss_fn, tx, state_shardings=shardings, accum_steps=accum_steps,
                            batch_sharding=sharding.batch_sharding(mesh), mesh=mesh)
     new_state, metrics = step(state, glob)
     out[name] = (float(loss), jax.device_get(grads), jax.device_get(new_state.params),

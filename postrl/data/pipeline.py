@@ -10,12 +10,15 @@ A batch is a dict of int32 numpy arrays, all [B, T] (B = rows on this process):
 The pipeline (``sft_dataset``), all deterministic and single-process (grain threads only prefetch):
 
   records -> global shuffle (seed; a new permutation every epoch) -> repeat(num_epochs)
-          -> this process's shard (every shard_count-th element of the global stream)
           -> tokenize (``tokenize_sft``) -> pack first-fit into rows (or right-pad one per row)
-          -> batch (the last, short batch is filled with empty rows: tokens=pad, masks 0)
+          -> global batch (the last, short batch is filled with empty rows: tokens=pad, masks 0)
+          -> this process's rows (process i of n keeps rows [i B/n, (i+1) B/n))
 
-Sharding the global stream rather than the source keeps the global batch (the union over
-processes) the same whatever the number of processes, and the shards disjoint and covering.
+Every process builds the same global batch and keeps its own rows, so the global batch (packing
+included) is the same whatever the number of processes, a run can resume on another number of
+hosts, and all processes have the same iterator state (one state in the checkpoint). The cost:
+each process tokenises and packs the whole stream, which is cheap next to a training step at the
+sizes SFT data comes in; a sharded source for web-scale data is future work.
 The returned iterator is grain's ``DatasetIterator``: ``get_state()`` is a small JSON-able dict
 and ``set_state(state)`` resumes so that the following batches are exactly those of an
 uninterrupted run (save it with the checkpoint).
@@ -191,11 +194,14 @@ def sft_dataset(records: Sequence, tokenizer, *, batch_size: int, seq_len: int, 
     raise ValueError("sft_dataset needs at least one record")
   pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
   ds = grain.MapDataset.source(records).shuffle(seed=seed).repeat(num_epochs)
-  ds = ds[index::count]
   ds = ds.map(functools.partial(tokenize_sft, tokenizer=tokenizer, max_len=seq_len, chat=chat))
-  return batch_examples(ds.to_iter_dataset(read_options), batch_size=batch_size // count,
-                        seq_len=seq_len, pack=pack, pad_id=pad_id, seed=seed,
-                        num_packing_bins=num_packing_bins, drop_remainder=drop_remainder)
+  batches = batch_examples(ds.to_iter_dataset(read_options), batch_size=batch_size,
+                           seq_len=seq_len, pack=pack, pad_id=pad_id, seed=seed,
+                           num_packing_bins=num_packing_bins, drop_remainder=drop_remainder)
+  if count == 1:
+    return batches
+  rows = batch_size // count
+  return batches.map(lambda b: {k: v[index * rows:(index + 1) * rows] for k, v in b.items()})
 
 
 def sft_batches(records: Sequence, tokenizer, *, batch_size: int, seq_len: int, pack: bool = True,
@@ -225,9 +231,7 @@ def sft_batches(records: Sequence, tokenizer, *, batch_size: int, seq_len: int, 
 
   Returns:
     grain's ``DatasetIterator``: ``next()`` gives a batch; ``get_state()`` -> JSON-able dict,
-    ``set_state(state)`` resumes exactly. With finite epochs, processes can yield different
-    numbers of batches (packing, uneven shards): multi-process training should repeat forever
-    and stop after a fixed number of steps.
+    ``set_state(state)`` resumes exactly; the state is the same on every process.
   """
   return iter(sft_dataset(records, tokenizer, batch_size=batch_size, seq_len=seq_len, pack=pack,
                           seed=seed, num_epochs=num_epochs, shard_index=shard_index,

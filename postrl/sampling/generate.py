@@ -193,9 +193,31 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
   if lengths_np.min() < 1 or lengths_np.max() > prompt_BxP.shape[1]:
     raise ValueError(f"prompt lengths must be in [1, {prompt_BxP.shape[1]}], got {lengths_np}")
   eos = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
+  mesh = _multi_process_mesh(params)
+  if mesh is not None:  # params span several processes: inputs become global, replicated arrays
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    put = lambda x: jax.make_array_from_callback(x.shape, replicated, lambda idx: x[idx])
+    prompt_BxP, lengths_B = put(np.asarray(prompt_BxP)), put(lengths_np.astype(np.int32))
+    key = jax.random.wrap_key_data(put(np.asarray(jax.random.key_data(key))))
   return _generate(graphdef, params, prompt_BxP, lengths_B, key, max_new_tokens=int(max_new_tokens),
                    temperature=float(temperature), top_k=top_k, top_p=top_p, min_p=min_p,
                    eos_ids=eos, pad_id=int(pad_id))
+
+
+def _multi_process_mesh(params):
+  """The mesh of parameters that live on several processes' devices, else None."""
+  for leaf in jax.tree.leaves(params):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      return leaf.sharding.mesh
+  return None
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-process, global) array as a numpy array on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int = 0, multiple: int = 1):

@@ -13,8 +13,8 @@ What it does, in order:
    step s+1 has been dispatched, so the host never stalls the device.
 4. Stops with ``NonFiniteError`` naming the step if a loss or gradient is NaN/Inf (that update is
    not applied, and no checkpoint is written after it).
-5. Saves every ``save_every`` steps, at the end, and when SIGTERM arrives (pod pre-emption): the
-   run then exits cleanly and ``fit`` returns with ``preempted=True``.
+5. Saves every ``save_every`` steps, at the end, and when SIGTERM or Ctrl-C arrives (pod
+   pre-emption): the run then exits cleanly and ``fit`` returns with ``preempted=True``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from postrl import sharding as shd
-from postrl.checkpoint import Checkpointer, PreemptionGuard, should_stop
+from postrl.checkpoint import CheckpointError, Checkpointer, PreemptionGuard, should_stop
 from postrl.metrics import MetricsLogger, mfu, peak_flops
 from postrl.trainers.step import LossFn, TrainState, init_train_state, make_train_step
 
@@ -54,14 +54,27 @@ def _state_shardings(tx, abstract_state: TrainState, mesh, rules) -> TrainState:
                     rng=replicated)
 
 
-def create_state(params, tx, *, seed: int, mesh, rules=shd.RULES) -> tuple[TrainState, TrainState]:
-  """(state, shardings): params placed by their logical axes, optimizer state created sharded."""
+def abstract_state(params, tx, *, seed: int, mesh, rules=shd.RULES):
+  """(ShapeDtypeStructs with shardings, shardings) of the TrainState ``create_state`` makes."""
   key = jax.random.key(seed)
   abstract = jax.eval_shape(lambda p: init_train_state(p, tx, key), params)
   shardings = _state_shardings(tx, abstract, mesh, rules)
+  structs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         abstract, shardings)
+  return structs, shardings
+
+
+def create_state(params, tx, *, seed: int, mesh, rules=shd.RULES) -> tuple[TrainState, TrainState]:
+  """(state, shardings): params placed by their logical axes, optimizer state created sharded.
+
+  The placed parameters are donated to the initialiser, so no second copy stays alive.
+  """
+  key = jax.random.key(seed)
+  _, shardings = abstract_state(params, tx, seed=seed, mesh=mesh, rules=rules)
   params = shd.put_global(params, shardings.params)
-  state = jax.jit(lambda p: init_train_state(p, tx, key), out_shardings=shardings)(params)
-  return state, shardings
+  init = jax.jit(lambda p: init_train_state(p, tx, key), out_shardings=shardings,
+                 donate_argnums=0)
+  return init(params), shardings
 
 
 def _to_host(metrics: dict) -> dict:
@@ -73,8 +86,8 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
         save_every: int = 0, keep_checkpoints: int = 2, fingerprint: dict | None = None,
         log_every: int = 1, lr_schedule: Callable | None = None,
         flops_per_token: float | None = None, eval_fn: Callable[[Any, int], dict] | None = None,
-        eval_every: int = 0, eval_before: bool = False, rules=shd.RULES,
-        progress: bool = True) -> FitResult:
+        eval_every: int = 0, eval_before: bool = False, stop_check_every: int = 10,
+        rules=shd.RULES, progress: bool = True) -> FitResult:
   """Trains ``params`` with ``loss_fn`` for ``total_steps`` optimizer steps; see the module doc.
 
   Args:
@@ -93,26 +106,31 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
     flops_per_token: model FLOPs per trained token (for ``perf/mfu``).
     eval_fn: ``(params, step) -> metrics`` run every ``eval_every`` steps and at the end.
     eval_before: also evaluate the initial parameters, logged as step 0 (not when resuming).
+    stop_check_every: on several processes, how often (steps) they agree on a SIGTERM/Ctrl-C.
   """
   import os  # pylint: disable=import-outside-toplevel
-  state, shardings = create_state(params, tx, seed=seed, mesh=mesh, rules=rules)
-  del params
   is_main = jax.process_index() == 0
+  structs, shardings = abstract_state(params, tx, seed=seed, mesh=mesh, rules=rules)
   ckpt = None
   start_step, resumed_from = 0, None
+  latest = None
   if workdir:
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=save_every or total_steps,
                         keep=keep_checkpoints, fingerprint=fingerprint)
     latest = ckpt.latest_step()
-    if latest is not None:
-      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              state, shardings)
-      state, extra = ckpt.restore(latest, abstract)
-      if extra.get("data") is not None and hasattr(batches, "set_state"):
-        batches.set_state(extra["data"])
-      start_step = resumed_from = int(jax.device_get(state.step))
-      if is_main:
-        print(f"resumed from {ckpt.directory} step {start_step}")
+  if latest is not None:  # restored straight into its shardings; no fresh state is built first
+    state, extra = ckpt.restore(latest, structs)
+    start_step = resumed_from = int(jax.device_get(state.step))
+    if start_step != latest:
+      raise CheckpointError(f"{ckpt.directory} step {latest} holds a state at step {start_step}")
+    if extra.get("data") is not None and hasattr(batches, "set_state"):
+      batches.set_state(extra["data"])
+    if is_main:
+      print(f"resumed from {ckpt.directory} step {start_step}")
+  else:
+    state, shardings = create_state(params, tx, seed=seed, mesh=mesh, rules=rules)
+  del params
+  divisor = shd.batch_shards(mesh, rules) * accum_steps
 
   step_fn = make_train_step(loss_fn, tx, state_shardings=shardings,
                             batch_sharding=shd.batch_sharding(mesh, rules), accum_steps=accum_steps,
@@ -159,16 +177,24 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
       logger.write(step, m)
     return m
 
+  def evaluate(step):
+    result = {f"eval/{k}": v for k, v in eval_fn(state.params, step).items()}
+    logger.write(step, result)
+    history.append(dict(result, step=step))
+
   if eval_fn is not None and eval_before and resumed_from is None:
-    initial = {f"eval/{k}": v for k, v in eval_fn(state.params, 0).items()}
-    logger.write(0, initial)
-    history.append(dict(initial, step=0))
+    evaluate(0)
   clock = {"last": time.perf_counter()}
   step = start_step
   try:
-    with PreemptionGuard() as guard:
+    with PreemptionGuard(sigint=True) as guard:
       while step < total_steps:
         host_batch = next(batches)
+        rows = len(next(iter(host_batch.values()))) * jax.process_count()
+        if rows % divisor:
+          raise shd.ShardingError(
+              f"the global batch has {rows} rows, which the {shd.batch_shards(mesh, rules)} "
+              f"batch shards of mesh {dict(mesh.shape)} x accum_steps={accum_steps} do not divide")
         tokens = (int(np.sum(np.asarray(host_batch["segment_ids"]) > 0))
                   if "segment_ids" in host_batch else int(np.size(next(iter(host_batch.values())))))
         batch = shd.put_batch(host_batch, mesh, rules)
@@ -178,7 +204,8 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
           finish(pending)
         pending = (step, dev_metrics, {"perf/tokens": tokens * jax.process_count()})
         save_now = ckpt is not None and (ckpt.should_save(step) or step == total_steps)
-        stop = should_stop(guard)
+        # agreeing on a stop is a collective on several processes: not every step there
+        stop = (jax.process_count() == 1 or step % stop_check_every == 0) and should_stop(guard)
         eval_now = bool(eval_fn is not None and eval_every and step % eval_every == 0
                         and step != total_steps)
         if save_now or stop or eval_now:
@@ -188,7 +215,7 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
           ckpt.save(step, state, {"data": data_state()}, force=True)
           last_saved = step
         if eval_now:
-          logger.write(step, {f"eval/{k}": v for k, v in eval_fn(state.params, step).items()})
+          evaluate(step)
         if save_now or stop or eval_now:
           clock["last"] = time.perf_counter()  # saving / evaluating is not training time
         if stop:
@@ -198,10 +225,10 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
           break
       if pending is not None:
         finish(pending)
-    if eval_fn is not None and not preempted:
-      final = {f"eval/{k}": v for k, v in eval_fn(state.params, step).items()}
-      logger.write(step, final)
-      history.append(dict(final, step=step))
+      if ckpt is not None:
+        ckpt.wait()  # the final checkpoint is complete before the (long) final evaluation
+      if eval_fn is not None and not preempted:
+        evaluate(step)
   finally:  # checkpoints already started are completed even when a step failed
     if ckpt is not None:
       ckpt.wait()

@@ -21,6 +21,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from postrl import sharding as shd
@@ -29,15 +30,15 @@ from postrl.data.records import ArrayRecordRecords, read_jsonl
 from postrl.data.tasks import arithmetic_problems, countdown_problems, sft_records
 from postrl.logprobs import model_apply_fn, token_logps
 from postrl.metrics import model_flops_per_token
-from postrl.models import load_pretrained, load_tokenizer
+from postrl.models import ConfigError, load_pretrained, load_tokenizer
 from postrl.trainers.loop import fit
 from postrl.trainers.step import OptimizerConfig, learning_rate_schedule, make_optimizer
 
 
 def sft_loss_fn(apply_fn, *, chunk: int | None = None, vocab_chunk: int | None = None):
   """``loss_fn(params, batch)`` for SFT; batch: int32 ``tokens``, ``segment_ids``, ``loss_mask``
-  [B, T] (``postrl.data.pipeline.sft_batches``). Metrics: ``sft/tokens``, ``sft/perplexity``
-  (exp of the micro-batch NLL) and ``loss_weight`` = number of loss tokens."""
+  [B, T] (``postrl.data.pipeline.sft_batches``). ``loss_weight`` = number of loss tokens (the
+  step reports their total over the batch)."""
 
   def loss_fn(params, batch):
     mask = batch["loss_mask"].astype(jnp.float32)
@@ -45,7 +46,7 @@ def sft_loss_fn(apply_fn, *, chunk: int | None = None, vocab_chunk: int | None =
                         vocab_chunk=vocab_chunk, segment_ids_BxT=batch["segment_ids"])
     n = mask.sum()
     nll = -logps.sum() / jnp.maximum(n, 1.0)
-    return nll, {"loss_weight": n, "sft/tokens": n, "sft/perplexity": jnp.exp(nll)}
+    return nll, {"loss_weight": n}
 
   return loss_fn
 
@@ -68,12 +69,12 @@ def task_problems(task_cfg, n: int, seed: int):
   """``n`` problems of the built-in task ``task_cfg.name`` with its other fields as arguments."""
   kwargs = {k: v for k, v in task_cfg.items() if k != "name"}
   if task_cfg.name not in TASKS:
-    raise ValueError(f"config.data.task.name: unknown task {task_cfg.name!r}; "
-                     f"known: {sorted(TASKS)}")
+    raise ConfigError(f"config.data.task.name: unknown task {task_cfg.name!r}; "
+                      f"known: {sorted(TASKS)}")
   try:
     return TASKS[task_cfg.name](n, seed=seed, **kwargs)
-  except TypeError as e:
-    raise ValueError(f"config.data.task: {e} (fields: {sorted(kwargs)})") from e
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.data.task: {e} (fields: {sorted(kwargs)})") from e
 
 
 def training_records(data_cfg, eval_problems):
@@ -106,6 +107,8 @@ def run(config, workdir: str | None) -> dict:
   tokenizer = load_tokenizer(config.model)
   model_cfg = model.config
   graphdef, params = nnx.split(model)
+  # a host copy: the device copy is freed here, and fit places each shard where it belongs
+  params = jax.tree.map(np.asarray, params)
   del model
   batches = sft_batches(records, tokenizer, batch_size=config.batch_size, seq_len=config.seq_len,
                         pack=config.data.pack, seed=config.seed)
@@ -119,14 +122,14 @@ def run(config, workdir: str | None) -> dict:
         model, tokenizer, eval_problems, batch_size=config.eval.batch_size,
         max_new_tokens=config.eval.max_new_tokens, temperature=0.0, seed=config.seed,
         progress=False)
-    print(f"step {step}: exact-match accuracy {accuracy:.1%} on {len(recs)} held-out problems "
-          f"({n_tokens} tokens generated)")
+    if jax.process_index() == 0:
+      print(f"step {step}: exact-match accuracy {accuracy:.1%} on {len(recs)} held-out problems "
+            f"({n_tokens} tokens generated)")
     eval_records[step] = recs
     return {"accuracy": accuracy, "generated_tokens": n_tokens}
 
   evaluating = config.eval.num_problems > 0
-  fingerprint = {"model": json.loads(json.dumps(dataclasses.asdict(model_cfg))),
-                 "param_dtype": config.param_dtype}
+  fingerprint = run_fingerprint(config, model_cfg)
   result = fit(
       sft_loss_fn(model_apply_fn(graphdef), chunk=config.get("logprob_chunk"),
                   vocab_chunk=config.get("vocab_chunk")),
@@ -160,9 +163,23 @@ def run(config, workdir: str | None) -> dict:
       json.dump(dict(summary, config=config.to_dict(), eval_before=eval_records.get(0),
                      eval_after=eval_records.get(last) if last else None), f, indent=1,
                 default=str)
-    if config.get("save_model"):
-      from postrl.models import save_pretrained  # pylint: disable=import-outside-toplevel
-      save_pretrained(nnx.merge(graphdef, jax.device_get(result.state.params)),
-                      os.path.join(workdir, "model"))
+  if workdir and config.get("save_model"):
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    from postrl.models import save_pretrained  # pylint: disable=import-outside-toplevel
+    # every process takes part in gathering the shards; process 0 writes
+    host_params = multihost_utils.process_allgather(result.state.params, tiled=True)
+    if jax.process_index() == 0:
+      save_pretrained(nnx.merge(graphdef, host_params), os.path.join(workdir, "model"))
+      print(f"wrote {os.path.join(workdir, 'model')} (loads with load_pretrained or transformers)")
   return summary
+
+
+def run_fingerprint(config, model_cfg) -> dict:
+  """What a checkpoint must match to be resumed: the model and everything that shapes the data
+  stream or the optimizer. ``steps`` may change (a run can be extended), as may logging and
+  evaluation settings."""
+  keys = ("param_dtype", "seed", "batch_size", "accum_steps", "seq_len")
+  return json.loads(json.dumps(dict(
+      model=dataclasses.asdict(model_cfg), data=config.data.to_dict(),
+      optim=config.optim.to_dict(), **{k: config.get(k) for k in keys})))
 

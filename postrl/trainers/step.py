@@ -16,8 +16,9 @@ token-mean loss; default: the number of rows). The step combines micro-batches a
     loss = sum_i w_i loss_i / sum_i w_i,    grad = sum_i w_i grad_i / sum_i w_i
 
 which is exactly the loss and gradient of the whole batch for any weighted-mean loss (token mean,
-sequence mean, ...), so k micro-batches of B/k rows equal one batch of B rows. Metrics are
-combined with the same weights.
+sequence mean, ...), so k micro-batches of B/k rows equal one batch of B rows. Every other metric
+is combined with the same weights, so a loss_fn reports metrics as means over the same units as
+its loss (a token-mean KL, a sequence-mean reward); ``loss_weight`` itself comes out summed.
 """
 
 from __future__ import annotations

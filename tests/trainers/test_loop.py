@@ -107,10 +107,15 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, uninterrupted, mesh)
     np.testing.assert_array_equal(a, b)
 
 
-def test_nonfinite_loss_stops_naming_the_step(tmp_path, mesh):
-  with pytest.raises(NonFiniteError, match=r"step 5: non-finite loss.*last checkpoint: step 4"):
-    _fit(tmp_path, Batches(poison_at=5), mesh)
-  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [2, 4]
+@pytest.mark.parametrize("poison_at,saved", [(5, [2, 4]), (4, [2]), (6, [2, 4])])
+def test_nonfinite_loss_stops_naming_the_step(tmp_path, mesh, poison_at, saved):
+  """Checkpoints come every 2 steps: a bad step on a save step (4) or the last (6) is not saved."""
+  with pytest.raises(NonFiniteError, match=rf"step {poison_at}: non-finite loss.*last checkpoint: "
+                                           rf"step {saved[-1]}"):
+    _fit(tmp_path, Batches(poison_at=poison_at), mesh)
+  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == saved
+  rows = read_metrics(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in rows] == list(range(1, poison_at))
 
 
 def test_incompatible_checkpoint_is_an_error(tmp_path, mesh):

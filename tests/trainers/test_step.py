@@ -20,7 +20,7 @@ def _token_mean_loss(params, batch):
   pred = jnp.einsum("btd,dk->btk", batch["x"], params["w"]) + params["b"]
   err = ((pred - batch["y"]) ** 2).sum(-1) * batch["mask"]
   n = batch["mask"].sum()
-  return err.sum() / n, {"loss_weight": n, "err/max": err.max()}
+  return err.sum() / n, {"loss_weight": n, "err/first_dim": (err * batch["x"][..., 0]).sum() / n}
 
 
 def _batch(B=8, T=6, seed=1):
@@ -34,10 +34,11 @@ def _batch(B=8, T=6, seed=1):
 def test_accumulation_equals_one_batch(k):
   params, batch = _params(), _batch()
   key = jax.random.key(0)
-  loss1, _, g1, w1 = loss_and_grads(_token_mean_loss, params, batch, key)
-  lossk, _, gk, wk = jax.jit(lambda p, b: loss_and_grads(_token_mean_loss, p, b, key,
-                                                         accum_steps=k))(params, batch)
+  loss1, m1, g1, w1 = loss_and_grads(_token_mean_loss, params, batch, key)
+  lossk, mk, gk, wk = jax.jit(lambda p, b: loss_and_grads(_token_mean_loss, p, b, key,
+                                                          accum_steps=k))(params, batch)
   np.testing.assert_allclose(lossk, loss1, rtol=1e-6)
+  np.testing.assert_allclose(mk["err/first_dim"], m1["err/first_dim"], rtol=1e-5)
   assert float(wk) == float(w1) == float(batch["mask"].sum())
   for a, b in zip(jax.tree.leaves(gk), jax.tree.leaves(g1)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -1,15 +1,23 @@
-r"""SFT of SmolLM2-135M-Instruct on 2-digit addition/subtraction, on one CPU in about 10 minutes.
+r"""SFT of SmolLM2-135M-Instruct on 2-digit addition/subtraction, on one CPU in about 11 minutes.
 
     python launch.py --config configs/sft_arith.py --workdir runs/sft_arith
 
-Trains on worked answers ("What is 12 + 30?" -> "12 + 30 = 42") generated from a seed, never on an
+Trains 40 steps (16 packed rows of 128 tokens each, ~1,600 tokens, ~360 of them completion tokens)
+on worked answers ("What is 12 + 30?" -> "12 + 30 = 42") generated from a seed, never on an
 evaluation prompt, and reports exact-match accuracy on the same 64 held-out problems as
-``configs/eval_arith.py`` before and after training (see results.json, metrics.jsonl, loss.png and
-TensorBoard events in the workdir). Stop it (SIGTERM / Ctrl-C once) and run the same command again:
-it resumes from the last checkpoint and finishes with the same losses.
+``configs/eval_arith.py`` before and after training.
 
-Override anything on the command line, e.g. ``--config.optim.lr=3e-5 --config.steps=300`` or
-``--config.mesh='(("data", -1), ("fsdp", 2), ("tensor", 1))'`` on 8 devices.
+Measured on 2026-11-25 (2-core CPU, float32, 10 min 51 s in all, ~115 tokens/s while training):
+accuracy 7.8% (5/64) before -> 50.0% (32/64) after; loss 1.047 -> 0.139. Addition is now right
+26 times in 33, subtraction 6 in 31 (the 135M model learns the format at once; borrowing and
+negative results stay hard). Two runs gave identical losses and accuracies.
+
+The workdir gets results.json (both accuracies and every completion), metrics.jsonl, TensorBoard
+events, loss.png and a checkpoint. Stop it (SIGTERM, or Ctrl-C once) and run the same command
+again: it resumes from the last checkpoint and finishes with the same losses.
+
+Override anything on the command line, e.g. ``--config.optim.lr=3e-5 --config.steps=80`` or, on
+8 devices, ``--config.mesh='(("data", -1), ("fsdp", 2), ("tensor", 1))'``.
 """
 
 import ml_collections

@@ -241,13 +241,18 @@ def test_preemption_guard_sets_flag_and_restores_handler():
 
 
 def test_preemption_guard_sigint_second_signal_interrupts():
-  before = signal.getsignal(signal.SIGINT)
-  with pytest.raises(KeyboardInterrupt):
-    with PreemptionGuard(sigint=True) as guard:
-      os.kill(os.getpid(), signal.SIGINT)
-      assert guard.requested and guard.signal == signal.SIGINT
-      os.kill(os.getpid(), signal.SIGINT)  # the previous handler: KeyboardInterrupt
-  assert signal.getsignal(signal.SIGINT) is before
+  # Python's own Ctrl-C handler, whatever the test runner inherited (a background job under a
+  # non-interactive shell starts with SIGINT ignored, and the guard then rightly ignores it too)
+  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      with PreemptionGuard(sigint=True) as guard:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert guard.requested and guard.signal == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGINT)  # the previous handler: KeyboardInterrupt
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, inherited)
 
 
 _TWO_PROCESS_SCRIPT = textwrap.dedent("""

@@ -56,6 +56,8 @@ def _setup():
 
   def loss_fn(params, batch):
     loss, metrics = base(params, batch)
+    # a random term (like dropout) so that resume must also restore the RNG stream exactly
+    loss = loss + 1e-2 * jax.random.uniform(batch["rng"])
     return loss * jnp.where(batch["poison"].max() > 0, jnp.nan, 1.0), metrics
 
   tx = make_optimizer(OptimizerConfig(lr=1e-3, warmup_steps=2, total_steps=6))

@@ -123,3 +123,28 @@ def test_clipping_scales_the_gradient_adam_sees():
   mu = state.opt_state[1][0].mu
   norm = float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(mu))))
   np.testing.assert_allclose(norm, (1 - cfg.b1) * cfg.clip_norm, rtol=1e-5)
+
+
+def test_rng_differs_per_step_and_microbatch():
+  """batch["rng"] is a fresh key per step and per micro-batch, derived from the state."""
+  def loss_fn(params, batch):
+    noise = jax.random.uniform(batch["rng"])
+    return (params["w"] ** 2).sum() * 0 + noise, {"noise": noise}
+
+  tx = make_optimizer(OptimizerConfig(lr=1e-2, total_steps=10))
+  step = make_train_step(loss_fn, tx, accum_steps=2)
+  state = init_train_state(_params(), tx, jax.random.key(0))
+  seen = []
+  for _ in range(3):
+    state, m = step(state, {"x": jnp.zeros((4, 1))})
+    seen.append(float(m["noise"]))
+  assert len(set(seen)) == 3
+  # the same state gives the same key: a resumed run replays the same noise
+  again = init_train_state(_params(), tx, jax.random.key(0))
+  _, m = step(again, {"x": jnp.zeros((4, 1))})
+  assert float(m["noise"]) == seen[0]
+  # the two micro-batches of a step see different keys: their mean differs from either one's noise
+  keys = jax.random.split(jax.random.fold_in(jax.random.key(0), 0), 2)
+  per_micro = [float(jax.random.uniform(k)) for k in keys]
+  assert per_micro[0] != per_micro[1]
+  np.testing.assert_allclose(seen[0], np.mean(per_micro), rtol=1e-6)

@@ -1,5 +1,8 @@
-"""Verifiable rewards: answer extraction and checking."""
+"""Verifiable rewards: answer extraction and checking, format rewards, and their composition."""
 
+from postrl.rewards.compose import REWARDS, combine_rewards, overlong_reward
 from postrl.rewards.countdown import (countdown_reward, evaluate_countdown_expression,
                                       extract_countdown_answer)
-from postrl.rewards.math import exact_match, extract_last_number
+from postrl.rewards.format import boxed_format_reward, length_penalty, tag_format_reward
+from postrl.rewards.math import (answers_equal, exact_match, extract_answer, extract_answer_tag,
+                                 extract_boxed, extract_last_number, extract_regex, math_reward)

@@ -11,3 +11,6 @@ from postrl.data.records import (SCHEMAS, ArrayRecordRecords, DataError, Message
                                  parse_record, read_jsonl, write_array_record, write_jsonl)
 from postrl.data.tasks import (CountdownProblem, arithmetic_problems, countdown_problems,
                                sft_record, sft_records)
+
+# ``postrl.data.verifier`` (sampling the model to build preference data) imports JAX and the
+# sampler, so it is imported on its own: ``from postrl.data.verifier import sample_and_score``.

@@ -1,8 +1,13 @@
-"""Shared pieces of token-level losses: masked aggregation and per-token KL estimators."""
+"""Shared pieces of the losses: masks, masked aggregation, per-token KL estimators."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+
+def valid_mask(mask):
+  """A 0/1 (or bool) mask as bool: True where the entry counts."""
+  return jnp.asarray(mask) > 0
+
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
                 "seq_mean_token_sum_norm")

@@ -13,8 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from postrl.losses._common import aggregate
-from postrl.losses._supervised import _at_least_f32, _valid
+from postrl.losses._common import aggregate, valid_mask
+from postrl.losses._supervised import _at_least_f32
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 TOPK_DIVERGENCES = ("forward_kl",)
@@ -146,7 +146,7 @@ def distill(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT, *,
     argmax of teacher) and ``loss_weight`` (number of valid tokens).
   """
   _check(divergence, beta, skew, temperature)
-  valid = _valid(mask_BxT)[..., None]
+  valid = valid_mask(mask_BxT)[..., None]
   student = jnp.where(valid, student_logits_BxTxV, 0)
   teacher = jnp.where(valid, teacher_logits_BxTxV, 0)
   div_BxT = distill_per_token(student, teacher, divergence=divergence, beta=beta, skew=skew,
@@ -219,7 +219,7 @@ def distill_topk(student_logits_BxTxV, teacher_topk_ids_BxTxK, teacher_topk_logp
   if divergence not in TOPK_DIVERGENCES:
     raise ValueError(f"distill_topk: divergence {divergence!r} is not defined on a top-k teacher "
                      f"support; expected one of {TOPK_DIVERGENCES}")
-  valid = _valid(mask_BxT)[..., None]
+  valid = valid_mask(mask_BxT)[..., None]
   student = jnp.where(valid, student_logits_BxTxV, 0)
   ids = jnp.where(valid, teacher_topk_ids_BxTxK, 0)
   logps = jnp.where(valid, teacher_topk_logps_BxTxK, 0)

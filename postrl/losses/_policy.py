@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from postrl.losses._common import aggregate, kl_penalty
+from postrl.losses._common import aggregate, kl_penalty, valid_mask
 
 LOG_RATIO_CLAMP = 20.0
 
@@ -42,10 +42,6 @@ GROUP_SCALES = ("group", "none", "batch")
 
 def _f32(x):
   return jnp.asarray(x).astype(jnp.float32)
-
-
-def _valid(mask_BxT):
-  return jnp.asarray(mask_BxT) > 0
 
 
 def _clean(x, valid):
@@ -113,7 +109,7 @@ def ppo_clip_per_token(logps_BxT, old_logps_BxT, advantages_BxT, mask_BxT, *,
     values_BxT, float32, 0 where the mask is 0.
   """
   _check_dual_clip(dual_clip)
-  valid = _valid(mask_BxT)
+  valid = valid_mask(mask_BxT)
   logps, old = _clean(logps_BxT, valid), _clean(old_logps_BxT, valid)
   adv = _clean(jax.lax.stop_gradient(advantages_BxT), valid)
   ratio = jnp.exp(_log_ratio(logps, old))
@@ -150,7 +146,7 @@ def ppo_clip(logps_BxT, old_logps_BxT, advantages_BxT, mask_BxT, *,
       pg/dualclip_frac  (with dual_clip) fraction of valid tokens capped by the dual clip.
   """
   _check_dual_clip(dual_clip)
-  valid = _valid(mask_BxT)
+  valid = valid_mask(mask_BxT)
   logps, old = _clean(logps_BxT, valid), _clean(old_logps_BxT, valid)
   adv = _clean(jax.lax.stop_gradient(advantages_BxT), valid)
   log_ratio = _log_ratio(logps, old)
@@ -188,7 +184,7 @@ def value_loss_per_token(values_BxT, old_values_BxT, returns_BxT, mask_BxT, *,
 
 
 def _value_terms(values_BxT, old_values_BxT, returns_BxT, mask_BxT, clip_eps):
-  valid = _valid(mask_BxT)
+  valid = valid_mask(mask_BxT)
   v = _clean(values_BxT, valid)
   ret = _clean(jax.lax.stop_gradient(returns_BxT), valid)
   unclipped = (v - ret) ** 2
@@ -266,7 +262,7 @@ def gae(rewards_BxT, values_BxT, mask_BxT, *, gamma: float = 1.0, lam: float = 0
   Returns:
     (advantages_BxT, returns_BxT), float32, stop-gradient, 0 where the mask is 0.
   """
-  valid = _valid(mask_BxT)
+  valid = valid_mask(mask_BxT)
   r = _clean(rewards_BxT, valid)
   v = _clean(values_BxT, valid)
 
@@ -362,7 +358,7 @@ def group_step_advantages(step_rewards_BxS, step_mask_BxS, *, group_size: int,
   Returns:
     advantages_BxS, float32, stop-gradient, 0 on masked steps.
   """
-  valid = _valid(step_mask_BxS)
+  valid = valid_mask(step_mask_BxS)
   r = _clean(step_rewards_BxS, valid)
   B, S = r.shape
   if group_size < 1 or B % group_size:
@@ -436,7 +432,7 @@ def _grpo_terms(logps_BxT, old_logps_BxT, ref_logps_BxT, advantages_B, mask_BxT,
     raise ValueError(f"grpo: unknown variant {variant!r}; expected one of {GRPO_VARIANTS}")
   if ref_logps_BxT is None and kl_coef != 0:
     raise ValueError("grpo: ref_logps_BxT is None but kl_coef != 0")
-  valid = _valid(mask_BxT)
+  valid = valid_mask(mask_BxT)
   logps = _clean(logps_BxT, valid)
   old = (jax.lax.stop_gradient(logps) if old_logps_BxT is None
          else _clean(jax.lax.stop_gradient(old_logps_BxT), valid))

@@ -21,6 +21,9 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from postrl.losses._common import valid_mask
+from postrl.losses._reward import ranking_nll
+
 _f32 = lambda x: jnp.asarray(x).astype(jnp.float32)  # noqa: E731
 _sg = jax.lax.stop_gradient
 _log_sigmoid = jax.nn.log_sigmoid
@@ -289,16 +292,9 @@ def listwise_dpo(logps_BxK, ref_logps_BxK, *, beta: float = 0.1, mask_BxK=None):
   """
   logps, ref = _f32(logps_BxK), _f32(ref_logps_BxK)
   k = logps.shape[-1]
-  mask = (jnp.ones(logps.shape, bool) if mask_BxK is None else jnp.asarray(mask_BxK) > 0)
+  mask = jnp.ones(logps.shape, bool) if mask_BxK is None else valid_mask(mask_BxK)
   r = jnp.where(mask, beta * (logps - ref), 0.0)                       # [B, K]
-  upper = jnp.triu(jnp.ones((k, k), bool))                            # [k, j]: j >= k
-  # Each row k of the suffix sums also keeps its own diagonal term, so that no logsumexp runs over
-  # an empty set (no -inf/nan intermediates where k is padding; those terms are dropped below).
-  keep = (upper & mask[..., None, :]) | jnp.eye(k, dtype=bool)        # [B, k, j]
-  scores = jnp.where(keep, r[..., None, :], -jnp.inf)
-  log_denom = jax.nn.logsumexp(scores, axis=-1)                       # [B, K]
-  per_pos = jnp.where(mask, r - log_denom, 0.0)
-  loss = -jnp.mean(per_pos.sum(-1))
+  loss = jnp.mean(ranking_nll(r, mask))  # mean over all B rows (see above)
 
   rs = _sg(r)
   n_valid = mask.sum(-1)
@@ -346,7 +342,7 @@ def kto(logps_B, ref_logps_B, desirable_B, ref_kl, *, beta: float = 0.1,
     ``kto/ref_kl`` (z after clamping), ``kto/desirable_frac``.
   """
   logps, ref = _f32(logps_B), _f32(ref_logps_B)
-  desirable = jnp.asarray(desirable_B) > 0
+  desirable = valid_mask(desirable_B)
   z = _sg(jnp.maximum(_f32(ref_kl), 0.0))
   r = logps - ref
   per_ex = jnp.where(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from postrl.losses._common import aggregate
-from postrl.losses._supervised import _at_least_f32, _valid
+from postrl.losses._common import aggregate, valid_mask
+from postrl.losses._supervised import _at_least_f32
 
 
 def bradley_terry(chosen_rewards_B, rejected_rewards_B, *, margin_B=None):
@@ -45,6 +45,24 @@ def bradley_terry(chosen_rewards_B, rejected_rewards_B, *, margin_B=None):
   return loss, metrics
 
 
+def ranking_nll(scores_BxK, valid_BxK):
+  """Per-row Plackett-Luce NLL -sum_{k valid} [s_k - logsumexp_{j >= k, j valid} s_j] [B].
+
+  Shared by ``plackett_luce`` (scores from a reward model) and ``listwise_dpo`` (implicit
+  rewards). Masked entries may sit anywhere and are dropped from every term and log-sum-exp;
+  their values must already be finite (callers zero them). Rows with < 2 valid entries give 0.
+  """
+  K = scores_BxK.shape[-1]
+  idx = jnp.arange(K)
+  # include[b, k, j]: j is still unplaced at step k. The diagonal is always included so every
+  # log-sum-exp has a finite term (terms of masked k are dropped below).
+  suffix_KxK = idx[None, :] >= idx[:, None]
+  include_BxKxK = (valid_BxK[..., None, :] & suffix_KxK) | jnp.eye(K, dtype=bool)
+  lse_BxK = jax.nn.logsumexp(jnp.where(include_BxKxK, scores_BxK[..., None, :], -jnp.inf),
+                             axis=-1)
+  return -jnp.sum(jnp.where(valid_BxK, scores_BxK - lse_BxK, 0.0), axis=-1)
+
+
 def plackett_luce(scores_BxK, *, mask_BxK=None):
   """Listwise reward-model loss: negative log-likelihood of the observed ranking (Plackett-Luce).
 
@@ -73,16 +91,9 @@ def plackett_luce(scores_BxK, *, mask_BxK=None):
     ``loss_weight`` (the number of ranked rows).
   """
   scores = _at_least_f32(scores_BxK)
-  K = scores.shape[-1]
-  valid_BxK = jnp.ones(scores.shape, bool) if mask_BxK is None else _valid(mask_BxK)
+  valid_BxK = jnp.ones(scores.shape, bool) if mask_BxK is None else valid_mask(mask_BxK)
   s_BxK = jnp.where(valid_BxK, scores, 0.0)
-  idx = jnp.arange(K)
-  # include[b, k, j]: j is still unplaced at step k. The diagonal is always included so every
-  # log-sum-exp has a finite term (terms of masked k are dropped below).
-  suffix_KxK = idx[None, :] >= idx[:, None]
-  include_BxKxK = (valid_BxK[..., None, :] & suffix_KxK) | jnp.eye(K, dtype=bool)
-  lse_BxK = jax.nn.logsumexp(jnp.where(include_BxKxK, s_BxK[..., None, :], -jnp.inf), axis=-1)
-  nll_B = -jnp.sum(jnp.where(valid_BxK, s_BxK - lse_BxK, 0.0), axis=-1)
+  nll_B = ranking_nll(s_BxK, valid_BxK)
   ranked_B = jnp.sum(valid_BxK, axis=-1) >= 2
   n_ranked = jnp.sum(ranked_B.astype(jnp.float32))
   loss = jnp.sum(jnp.where(ranked_B, nll_B, 0.0)) / jnp.maximum(n_ranked, 1.0)
@@ -132,7 +143,7 @@ def process_reward(step_logits_BxS, step_labels_BxS, step_mask_BxS):
     (sigma(z) > 0.5 against the rounded label y > 0.5), ``prm/pred_mean`` (mean sigma(z)),
     ``prm/label_mean`` and ``loss_weight`` (number of valid steps).
   """
-  valid_BxS = _valid(step_mask_BxS)
+  valid_BxS = valid_mask(step_mask_BxS)
   z = jnp.where(valid_BxS, _at_least_f32(step_logits_BxS), 0.0)
   y = jnp.where(valid_BxS, _at_least_f32(step_labels_BxS), 0.0)
   loss = aggregate(process_reward_per_step(z, y), step_mask_BxS)

@@ -5,17 +5,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from postrl.losses._common import aggregate
+from postrl.losses._common import aggregate, valid_mask
 
 
 def _at_least_f32(x):
   """Upcasts bf16/f16 (and ints) to float32; float64 stays float64 (for x64 gradient checks)."""
   x = jnp.asarray(x)
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _valid(mask):
-  return jnp.asarray(mask) > 0
 
 
 def _ce_terms(logits_BxTxV, targets_BxT):
@@ -97,7 +93,7 @@ def cross_entropy(logits_BxTxV, targets_BxT, mask_BxT, *, label_smoothing: float
     when z_loss > 0) and ``loss_weight`` (sum of the mask: the number of valid tokens, which
     ``postrl.trainers.step`` uses for exact gradient accumulation).
   """
-  valid_BxT = _valid(mask_BxT)
+  valid_BxT = valid_mask(mask_BxT)
   logits_BxTxV = jnp.where(valid_BxT[..., None], logits_BxTxV, 0)
   targets_BxT = jnp.where(valid_BxT, targets_BxT, 0)
   logits, lse_BxT, nll_BxT, uniform_nll_BxT = _ce_terms(logits_BxTxV, targets_BxT)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from postrl.models.config import dtype_from_name
-from postrl.models.transformer import Transformer
+from postrl.models.transformer import Transformer, _param
 
 
 class ScalarHead(nnx.Module):
@@ -30,9 +30,9 @@ class ScalarHead(nnx.Module):
   def __init__(self, hidden_size: int, *, param_dtype="float32", rngs: nnx.Rngs):
     dt = dtype_from_name(param_dtype)
     std = 1.0 / math.sqrt(hidden_size + 1)
-    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (hidden_size, 1), dt) * std,
-                            sharding_names=("embed", None), eager_sharding=False)
-    self.bias = nnx.Param(jnp.zeros((1,), dt), sharding_names=(None,), eager_sharding=False)
+    self.kernel = _param(jax.random.normal(rngs.params(), (hidden_size, 1), dt) * std,
+                         ("embed", None))
+    self.bias = _param(jnp.zeros((1,), dt), (None,))
 
   def __call__(self, h_BxTxD):
     h = h_BxTxD.astype(jnp.float32)

@@ -54,6 +54,7 @@ from __future__ import annotations
 import ast
 import functools
 import math
+import operator
 import random
 import re
 from fractions import Fraction
@@ -615,6 +616,11 @@ def _exact_root(x: Fraction, n: int) -> Fraction | None:
   return Fraction(num, den)
 
 
+# the four operations both evaluators share (power is handled apart: exactly, or by math.pow)
+_ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+               ast.Div: operator.truediv}
+
+
 def _exact(node) -> Fraction:
   """Exact rational value of a whitelisted tree; raises _Inexact or _Invalid."""
   if isinstance(node, ast.Expression):
@@ -635,16 +641,10 @@ def _exact(node) -> Fraction:
       raise _Inexact
     return root
   left, right = _exact(node.left), _exact(node.right)
-  if isinstance(node.op, ast.Add):
-    return left + right
-  if isinstance(node.op, ast.Sub):
-    return left - right
-  if isinstance(node.op, ast.Mult):
-    return left * right
-  if isinstance(node.op, ast.Div):
-    if right == 0:
-      raise _Invalid
-    return left / right
+  if isinstance(node.op, ast.Div) and right == 0:
+    raise _Invalid
+  if type(node.op) in _ARITHMETIC:
+    return _ARITHMETIC[type(node.op)](left, right)
   # power: integer exponents exactly (bounded size), p/q exponents through exact q-th roots
   if left == 0 and right < 0:
     raise _Invalid
@@ -675,15 +675,7 @@ def _approx(node, env: dict[str, float]) -> float:
   if isinstance(node, ast.Call):
     return math.sqrt(_approx(node.args[0], env))
   left, right = _approx(node.left, env), _approx(node.right, env)
-  if isinstance(node.op, ast.Add):
-    return left + right
-  if isinstance(node.op, ast.Sub):
-    return left - right
-  if isinstance(node.op, ast.Mult):
-    return left * right
-  if isinstance(node.op, ast.Div):
-    return left / right
-  return math.pow(left, right)
+  return _ARITHMETIC.get(type(node.op), math.pow)(left, right)
 
 
 def _variables(tree) -> set[str]:

@@ -253,5 +253,5 @@ def generate_text(model, tokenizer, prompts: Sequence[str], *, chat: bool = True
     eos = default_eos
   out = generate(model, tokens, lengths, key=key, max_new_tokens=max_new_tokens, eos_ids=eos,
                  pad_id=pad, **sampling)
-  toks, lens = np.asarray(out.tokens_BxN), np.asarray(out.lengths_B)
+  toks, lens = to_host(out.tokens_BxN), to_host(out.lengths_B)
   return [tokenizer.decode(toks[i, :lens[i]]) for i in range(len(prompts))]

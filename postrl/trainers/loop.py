@@ -20,6 +20,7 @@ What it does, in order:
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -108,7 +109,6 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
     eval_before: also evaluate the initial parameters, logged as step 0 (not when resuming).
     stop_check_every: on several processes, how often (steps) they agree on a SIGTERM/Ctrl-C.
   """
-  import os  # pylint: disable=import-outside-toplevel
   is_main = jax.process_index() == 0
   structs, shardings = abstract_state(params, tx, seed=seed, mesh=mesh, rules=rules)
   ckpt = None

@@ -29,6 +29,7 @@ from postrl.data.pipeline import sft_batches
 from postrl.data.records import ArrayRecordRecords, read_jsonl
 from postrl.data.tasks import arithmetic_problems, countdown_problems, sft_records
 from postrl.logprobs import model_apply_fn, token_logps
+from postrl.losses import aggregate
 from postrl.metrics import model_flops_per_token
 from postrl.models import ConfigError, load_pretrained, load_tokenizer
 from postrl.trainers.loop import fit
@@ -44,9 +45,7 @@ def sft_loss_fn(apply_fn, *, chunk: int | None = None, vocab_chunk: int | None =
     mask = batch["loss_mask"].astype(jnp.float32)
     logps = token_logps(apply_fn, params, batch["tokens"], mask, chunk=chunk,
                         vocab_chunk=vocab_chunk, segment_ids_BxT=batch["segment_ids"])
-    n = mask.sum()
-    nll = -logps.sum() / jnp.maximum(n, 1.0)
-    return nll, {"loss_weight": n}
+    return aggregate(-logps, mask, mode="token_mean"), {"loss_weight": mask.sum()}
 
   return loss_fn
 

@@ -1,5 +1,9 @@
 r"""Runs an experiment: ``python launch.py --config configs/<exp>.py [--workdir DIR] [--config.x=y]``.
 
+With no arguments it runs the main job, ``configs/grpo_arith.py`` (GRPO on SmolLM2-135M-Instruct,
+arithmetic, a few minutes on a CPU), in ``runs/grpo_arith``. Without ``--workdir`` a run goes to
+``runs/<config name>``; running the same command again resumes it (delete the folder to restart).
+
 The config file's ``get_config()`` returns an ``ml_collections.ConfigDict``; it is locked, so a
 mistyped override fails at start naming the key, and a value of the wrong type fails naming the key
 and both types. ``config.job`` picks the function that runs it (``JOBS`` below).
@@ -21,29 +25,33 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Where results, metrics and checkpoints go.")
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "grpo_arith.py")  # the main job
+
+config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Experiment config file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where results, metrics and checkpoints go "
+                    "(default: runs/<config file name>; an existing run there is resumed).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 flags.DEFINE_integer("cpu_devices", None, "Fake this many CPU devices per process.")
-flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 _CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
 
 
-JOBS = ("evaluate", "sft")
+# config.job -> the module whose ``run(config, workdir)`` runs it
+JOBS = {"evaluate": "postrl.evaluate", "sft": "postrl.trainers.sft",
+        "grpo": "postrl.trainers.grpo", "ppo": "postrl.trainers.ppo",
+        "dpo": "postrl.trainers.dpo", "reward_model": "postrl.trainers.reward_model",
+        "distill": "postrl.trainers.distill"}
 
 
 def _job(name: str):
   """The run function of a job; imported after JAX's devices are set up."""
-  # pylint: disable=import-outside-toplevel
-  if name == "evaluate":
-    from postrl import evaluate
-    return evaluate.run
-  from postrl.trainers import sft
-  return sft.run
+  import importlib  # pylint: disable=import-outside-toplevel
+  return importlib.import_module(JOBS[name]).run
 
 
 def _multi_host_cluster() -> bool:
@@ -76,6 +84,12 @@ def initialize_jax():
   return jax
 
 
+def default_workdir(config_path: str) -> str:
+  """runs/<config file name without .py> (under the current directory)."""
+  stem = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+  return os.path.join("runs", stem)
+
+
 def main(argv):
   del argv
   config = FLAGS.config
@@ -88,8 +102,11 @@ def main(argv):
     print(f"process {jax.process_index()} of {jax.process_count()}: "
           f"{jax.local_device_count()} local / {jax.device_count()} global devices")
   run = _job(config.job)
+  workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
+  if jax.process_index() == 0:
+    print(f"workdir: {workdir}")
   try:
-    run(config, FLAGS.workdir)
+    run(config, workdir)
   except _user_errors() as e:  # bad input: one clear line, not a stack trace from inside JAX
     print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
     return 1

@@ -28,6 +28,23 @@ def tiny_config(**overrides) -> ModelConfig:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+  """A tiny random model (hidden 32, 2 layers) saved as a HF folder with the real SmolLM2
+  tokenizer: runs every job end to end through ``launch.py`` in seconds."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from postrl.models import (Transformer, load_tokenizer, save_pretrained,  # pylint: disable=import-outside-toplevel
+                             save_tokenizer)
+  path = tmp_path_factory.mktemp("tiny_smol")
+  tok = load_tokenizer("smollm2-135m-instruct")
+  cfg = tiny_config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                    eos_token_id=tok.eos_id, bos_token_id=tok.bos_id, pad_token_id=tok.pad_id)
+  save_pretrained(Transformer(cfg, rngs=nnx.Rngs(0)), str(path))
+  save_tokenizer(tok, str(path))
+  return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny_cfg():
   return tiny_config()
 

@@ -16,21 +16,9 @@ from flax import nnx
 
 from postrl.metrics import read_metrics
 from postrl.models import Transformer, load_tokenizer, save_pretrained, save_tokenizer
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config  # noqa: F401  (tiny_model_dir fixture: conftest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("tiny_smol")
-  tok = load_tokenizer("smollm2-135m-instruct")
-  cfg = tiny_config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                    eos_token_id=tok.eos_id, bos_token_id=tok.bos_id, pad_token_id=tok.pad_id)
-  save_pretrained(Transformer(cfg, rngs=nnx.Rngs(0)), str(path))
-  save_tokenizer(tok, str(path))
-  return str(path)
 
 
 def _args(model_dir, workdir, *extra):

@@ -96,7 +96,9 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
     params: initial parameters (host or device arrays, an NNX state with logical axis names).
     tx: the optimizer (``make_optimizer``).
     batches: iterator of per-process numpy batch dicts; if it has ``get_state``/``set_state`` its
-      position is checkpointed and restored.
+      position is checkpointed and restored. An on-policy source instead has
+      ``next_batch(params, step)`` (called with the current, sharded params: rollouts, on-policy
+      distillation) and may have ``pop_metrics()`` -> host scalars logged with that step.
     mesh: the device mesh (``postrl.sharding.make_mesh``).
     total_steps: optimizer steps to run in all (a resumed run does the remaining ones).
     workdir: metrics, TensorBoard events, loss curve and checkpoints go here (None: nothing saved).
@@ -189,7 +191,10 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
   try:
     with PreemptionGuard(sigint=True) as guard:
       while step < total_steps:
-        host_batch = next(batches)
+        # an on-policy source (RL rollouts, on-policy distillation) samples with the current params
+        host_batch = (batches.next_batch(state.params, step) if hasattr(batches, "next_batch")
+                      else next(batches))
+        source_metrics = batches.pop_metrics() if hasattr(batches, "pop_metrics") else {}
         rows = len(next(iter(host_batch.values()))) * jax.process_count()
         if rows % divisor:
           raise shd.ShardingError(
@@ -202,7 +207,8 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
         step += 1
         if pending is not None:
           finish(pending)
-        pending = (step, dev_metrics, {"perf/tokens": tokens * jax.process_count()})
+        pending = (step, dev_metrics, {"perf/tokens": tokens * jax.process_count(),
+                                       **source_metrics})
         save_now = ckpt is not None and (ckpt.should_save(step) or step == total_steps)
         # agreeing on a stop is a collective on several processes: not every step there
         stop = (jax.process_count() == 1 or step % stop_check_every == 0) and should_stop(guard)

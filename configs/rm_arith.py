@@ -1,0 +1,61 @@
+r"""A Bradley-Terry reward model from SmolLM2-135M-Instruct on its own 1-digit arithmetic answers.
+
+    python launch.py --config configs/rm_arith.py --workdir runs/rm_arith
+
+The policy answers 64 problems 8 times each (temperature 1, up to 48 new tokens); the task's
+verifier (``postrl.rewards.math_reward``) scores the answers and up to 2 (correct, wrong) pairs
+per problem become training pairs; 16 held-out problems give the evaluation pairs (all cached in
+``workdir/data/``). A scalar head on the decoder (``ScoredTransformer``) is trained for 30 steps of
+8 pairs with the Bradley-Terry loss; the held-out pair accuracy (the right answer scores higher)
+is reported before and after, and the model is saved to ``workdir/model`` (backbone + head
+``score.weight``: ``postrl.rewards.RewardModelScorer`` and transformers'
+``AutoModelForSequenceClassification`` load it).
+
+Rankings: ``--config.loss.name=plackett_luce --config.data.kind=rankings
+--config.data.reward=graded`` (K = ``data.k`` responses ordered by a graded verifier reward:
+right answers first, then wrong ones by closeness to the answer, shorter first among equals);
+the evaluation adds top-1 and full-order accuracy.
+Step labels: ``--config.loss.name=process_reward --config.data.kind=steps
+--config.data.path=steps.jsonl [--config.data.eval_path=...]`` with
+``{"prompt", "steps": [...], "labels": [...]}`` lines.
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.job = "reward_model"
+  config.model = "smollm2-135m-instruct"
+  config.param_dtype = "float32"
+  config.dtype = "float32"
+  config.seed = 0
+  config.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
+  config.steps = 30
+  config.batch_size = 8               # records per step (a pair is 2 sequences, a ranking K)
+  config.accum_steps = 1
+  config.seq_len = 96                 # 38 prompt tokens + at most 49 response tokens
+  config.log_every = 1
+  config.save_model = True            # workdir/model: backbone + score head, HF layout
+  config.system_prompt = ""
+  config.optim = ml_collections.ConfigDict(dict(
+      lr=1e-5, warmup_steps=3, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
+      clip_norm=1.0))
+  config.loss = ml_collections.ConfigDict(dict(
+      name="bradley_terry",           # bradley_terry | plackett_luce | process_reward
+      margin=0.0))                    # bradley_terry's m
+  config.data = ml_collections.ConfigDict(dict(
+      task=dict(name="arithmetic", digits=1, ops="+-"),
+      kind="pairs",                   # pairs | rankings | steps (steps: JSONL only)
+      reward="exact",                 # exact | graded (rankings of K > 2)
+      num_prompts=64, num_eval_prompts=16, num_samples=8, max_new_tokens=48, temperature=1.0,
+      pairs_per_prompt=2, k=4, sample_batch_size=64,
+      train_seed=0, eval_seed=1234,
+      path="", eval_path="", skip_malformed=False,
+      overflow="truncate",            # truncate (cut the response, counted) | error
+      max_steps=16))                  # steps per record (process_reward)
+  config.eval = ml_collections.ConfigDict(dict(
+      num_problems=0,                 # a reward model does not generate: no task accuracy
+      every=0, before=True))
+  config.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=1))
+  return config

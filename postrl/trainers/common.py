@@ -1,0 +1,182 @@
+"""What every trainer's ``run(config, workdir)`` shares around ``fit``: load the model on the mesh,
+evaluate on held-out task problems, and write the summary, ``results.json`` and the model.
+
+A trainer module then holds only what is its own: the loss function, the batches, the metrics it
+adds. The shape of a trainer (see ``sft.py``, ``dpo.py``, ``grpo.py``)::
+
+    def run(config, workdir):
+      run = common.start(config)                     # eval problems, mesh, model, tokenizer
+      batches = ...                                  # iterator (or on-policy source) of batches
+      result = fit(loss_fn, run.params, make_optimizer(optim), batches, mesh=run.mesh, ...,
+                   eval_fn=common.task_eval_fn(run, config), ...)
+      return common.finish(run, config, workdir, result)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from postrl import sharding as shd
+from postrl.data.tasks import arithmetic_problems, countdown_problems
+from postrl.metrics import model_flops_per_token
+from postrl.models import ConfigError, load_pretrained, load_tokenizer
+
+TASKS = {"arithmetic": arithmetic_problems, "countdown": countdown_problems}
+
+
+def task_problems(task_cfg, n: int, seed: int):
+  """``n`` problems of the built-in task ``task_cfg.name`` with its other fields as arguments."""
+  kwargs = {k: v for k, v in task_cfg.items() if k != "name"}
+  if task_cfg.name not in TASKS:
+    raise ConfigError(f"config.data.task.name: unknown task {task_cfg.name!r}; "
+                      f"known: {sorted(TASKS)}")
+  try:
+    return TASKS[task_cfg.name](n, seed=seed, **kwargs)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.data.task: {e} (fields: {sorted(kwargs)})") from e
+
+
+def held_out_train_problems(task_cfg, n: int, seed: int, eval_problems) -> list:
+  """``n`` task problems drawn with ``seed``, minus any whose prompt is an evaluation prompt."""
+  held_out = {p.prompt for p in eval_problems}
+  return [p for p in task_problems(task_cfg, n, seed) if p.prompt not in held_out]
+
+
+def model_flops(model_cfg, seq_len: int) -> float:
+  """Training FLOPs per token of ``model_cfg`` at ``seq_len`` (6N + attention, see metrics)."""
+  n = model_cfg.num_params()
+  embed = model_cfg.vocab_size * model_cfg.hidden_size
+  # the tied/untied output projection is a matmul per token and counts; the embedding lookup does not
+  non_embedding = n - embed + (embed if model_cfg.tie_word_embeddings else 0)
+  return model_flops_per_token(num_params_non_embedding=non_embedding,
+                               num_layers=model_cfg.num_hidden_layers,
+                               hidden_size=model_cfg.hidden_size, seq_len=seq_len)
+
+
+@dataclasses.dataclass
+class Run:
+  """A trainer's loaded pieces. ``params`` is a host copy (``fit`` places each shard itself)."""
+  mesh: Any
+  graphdef: Any
+  params: Any
+  model_cfg: Any
+  tokenizer: Any
+  eval_problems: list
+  t_start: float
+  eval_records: dict = dataclasses.field(default_factory=dict)  # step -> per-problem records
+
+
+def start(config, *, model: str | None = None) -> Run:
+  """Eval problems, mesh, then the (slow) model load: cheap checks fail first."""
+  t_start = time.perf_counter()
+  eval_problems = (task_problems(config.data.task, config.eval.num_problems, config.data.eval_seed)
+                   if config.eval.num_problems > 0 else [])
+  mesh = shd.make_mesh([tuple(a) for a in config.mesh])
+  name = model or config.model
+  module = load_pretrained(name, param_dtype=config.param_dtype, dtype=config.dtype)
+  tokenizer = load_tokenizer(name)
+  graphdef, params = nnx.split(module)
+  params = jax.tree.map(np.asarray, params)  # the device copy is freed with the module
+  return Run(mesh=mesh, graphdef=graphdef, params=params, model_cfg=module.config,
+             tokenizer=tokenizer, eval_problems=eval_problems, t_start=t_start)
+
+
+def task_eval_fn(run: Run, config, *, extra: Callable[[Any, int], dict] | None = None,
+                 to_model: Callable[[Any], Any] | None = None):
+  """``eval_fn(params, step)`` for ``fit``: greedy exact-match accuracy on ``run.eval_problems``
+  (``config.eval``: batch_size, max_new_tokens; ``config.system_prompt`` if set), plus whatever
+  ``extra(params, step)`` returns. Completions are kept in ``run.eval_records[step]``.
+  ``to_model(params)`` builds the model to evaluate (default ``nnx.merge(run.graphdef, params)``;
+  e.g. the policy of an actor-critic)."""
+  from postrl.evaluate import evaluate_task  # pylint: disable=import-outside-toplevel
+
+  def eval_fn(params, step):
+    out = {}
+    if run.eval_problems:
+      model = to_model(params) if to_model else nnx.merge(run.graphdef, params)
+      accuracy, recs, n_tokens = evaluate_task(
+          model, run.tokenizer, run.eval_problems, batch_size=config.eval.batch_size,
+          max_new_tokens=config.eval.max_new_tokens, temperature=0.0, seed=config.seed,
+          system_prompt=config.get("system_prompt") or None, progress=False)
+      if jax.process_index() == 0:
+        print(f"step {step}: exact-match accuracy {accuracy:.1%} on {len(recs)} held-out "
+              f"problems ({n_tokens} tokens generated)")
+      run.eval_records[step] = recs
+      out.update(accuracy=accuracy, generated_tokens=n_tokens)
+    if extra is not None:
+      out.update(extra(params, step))
+    return out
+
+  return eval_fn
+
+
+def fingerprint(config, model_cfg, *keys: str, sections=("data", "optim")) -> dict:
+  """What a checkpoint must match to be resumed: the model, the config ``sections`` and ``keys``.
+  ``steps`` may change (a run can be extended), as may logging and evaluation settings."""
+  out = dict(model=dataclasses.asdict(model_cfg), param_dtype=config.get("param_dtype"),
+             seed=config.get("seed"))
+  for s in sections:
+    if s in config:
+      out[s] = config[s].to_dict() if hasattr(config[s], "to_dict") else config[s]
+  for k in keys:
+    out[k] = config.get(k)
+  return json.loads(json.dumps(out, default=str))
+
+
+def eval_history(history: list[dict], key: str = "eval/accuracy") -> tuple[dict | None, dict | None]:
+  """(the step-0 evaluation, the last evaluation after step 0) of ``fit``'s history."""
+  evals = [h for h in history if key in h]
+  before = next((h for h in evals if h["step"] == 0), None)
+  after = evals[-1] if evals and evals[-1]["step"] > 0 else None
+  return before, after
+
+
+def finish(run: Run, config, workdir: str | None, result, *,
+           export: Callable[[Any], tuple[Any, Any]] | None = None, **extra) -> dict:
+  """Prints and returns the summary; writes ``results.json`` (summary, config, completions before
+  and after) and, with ``config.save_model``, the trained model as a HF folder ``workdir/model``
+  (``export(params) -> (graphdef, params)`` picks what is saved, e.g. an actor-critic's policy)."""
+  before, after = eval_history(result.history)
+  losses = [h["loss"] for h in result.history if "loss" in h]
+  summary = dict(
+      model=config.model, steps=int(jax.device_get(result.state.step)),
+      preempted=result.preempted, resumed_from=result.resumed_from,
+      accuracy_before=None if before is None else before["eval/accuracy"],
+      accuracy_after=None if after is None else after["eval/accuracy"],
+      first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
+      num_eval_problems=len(run.eval_problems), **extra,
+      seconds=round(time.perf_counter() - run.t_start, 1), device=jax.devices()[0].device_kind,
+      num_devices=jax.device_count())
+  print(json.dumps(summary, indent=1))
+  if workdir and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    last = max(run.eval_records, default=0)
+    tmp = os.path.join(workdir, "results.json.tmp")
+    with open(tmp, "w") as f:
+      json.dump(dict(summary, config=config.to_dict(), eval_before=run.eval_records.get(0),
+                     eval_after=run.eval_records.get(last) if last else None), f, indent=1,
+                default=str)
+    os.replace(tmp, os.path.join(workdir, "results.json"))
+  if workdir and config.get("save_model"):
+    graphdef, params = (export(result.state.params) if export
+                        else (run.graphdef, result.state.params))
+    save_model(graphdef, params, os.path.join(workdir, "model"))
+  return summary
+
+
+def save_model(graphdef, params, path: str) -> None:
+  """Gathers sharded ``params`` (every process takes part) and writes a HF folder from process 0."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  from postrl.models import save_pretrained  # pylint: disable=import-outside-toplevel
+  host_params = multihost_utils.process_allgather(params, tiled=True)
+  if jax.process_index() == 0:
+    save_pretrained(nnx.merge(graphdef, host_params), path)
+    print(f"wrote {path} (loads with load_pretrained or transformers)")

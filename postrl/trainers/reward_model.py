@@ -1,0 +1,273 @@
+"""Reward-model training: a scalar head on the policy's decoder (``ScoredTransformer``), trained
+on pairs (Bradley-Terry), rankings (Plackett-Luce) or step labels (process reward).
+
+The model starts as the pretrained decoder plus a fresh head s = w · h + b (w ~ N(0, 1/(D+1)),
+b = 0). A reply's score r(x, y) is read at its last token (the end-of-turn token); a step's score
+at the last token of that step. ``config.loss.name`` picks the loss (``postrl.losses``):
+
+  bradley_terry   -log σ(r(x, y_w) - r(x, y_l) - m)               pairs (Ouyang et al. 2022;
+                  the optional margin m as in Touvron et al. 2023)
+  plackett_luce   -Σ_k [r_k - log Σ_{j>=k} exp r_j]                rankings, best first
+                  (Plackett 1975; Luce 1959); with K = 2 it is Bradley-Terry
+  process_reward  BCE(σ(z_s), y_s) over the steps of a solution    step labels (Lightman et al.
+                  2023, hard labels; Wang et al. 2024, Math-Shepherd, soft labels)
+
+Data (``config.data``): pairs or rankings from a JSONL file or made by the policy itself on a
+built-in task (sampled and scored by the task's verifier, ``postrl.data.preference``; rankings of
+K > 2 need ``reward="graded"``), with held-out records from held-out problems. Step labels only
+come from a JSONL file of ``{"prompt", "steps", "labels"}`` records (``data.kind="steps"``,
+``data.path``, ``data.eval_path``): labelling the steps of the model's own arithmetic answers
+honestly would need Math-Shepherd-style roll-outs from every step prefix, which this job does
+not do.
+
+Evaluation, before and after training, on the held-out records: ``pair_accuracy`` (the fraction
+of ordered response pairs scored in the right order: the pairwise accuracy of a BT model), for
+rankings also ``top1_accuracy`` (the best response scores highest) and ``order_accuracy`` (the
+whole ranking is reproduced), and for step labels ``step_accuracy`` (σ(z) > 0.5 agrees with
+y > 0.5) and ``step_loss``.
+
+With ``config.save_model`` the model is written to ``workdir/model`` as an HF folder: backbone
+tensors under transformers' names and the head as ``score.weight`` / ``score.bias``, loadable by
+``postrl.rewards.reward_model.RewardModelScorer`` and by transformers'
+``AutoModelForSequenceClassification`` (details there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from postrl.data.preference import (KINDS, OVERFLOW_MODES, REWARD_KINDS, listwise_accuracy,
+                                    pairwise_accuracy, read_step_jsonl, record_batches,
+                                    tokenize_steps)
+from postrl.losses import bradley_terry, plackett_luce, process_reward
+from postrl.models import ConfigError, ScoredTransformer
+from postrl.trainers import common
+from postrl.trainers.dpo import (apply_over_dataset, before_after, preference_records,
+                                 read_preference_files, response_masks, seconds_per_step,
+                                 tokenized)
+from postrl.trainers.loop import fit
+from postrl.trainers.step import OptimizerConfig, learning_rate_schedule, make_optimizer
+
+LOSS_NAMES = ("bradley_terry", "plackett_luce", "process_reward")
+_KINDS = {"bradley_terry": ("pairs",), "plackett_luce": ("rankings", "pairs"),
+          "process_reward": ("steps",)}
+
+
+def sequence_scores(graphdef, params, batch):
+  """r(x, y_k) [b, K] of a batch of ``tokens`` / ``segment_ids`` [b, K, T]."""
+  tokens = batch["tokens"]
+  b, K, T = tokens.shape
+  model = nnx.merge(graphdef, params)
+  return model(tokens.reshape(b * K, T), batch["segment_ids"].reshape(b * K, T)).reshape(b, K)
+
+
+def step_logits(graphdef, params, batch):
+  """z_s [b, S]: the per-token scores at each step's last token (``batch["step_pos"]``)."""
+  model = nnx.merge(graphdef, params)
+  scores_BxT = model.token_scores(batch["tokens"], batch["segment_ids"])
+  return jnp.take_along_axis(scores_BxT, batch["step_pos"], axis=1)
+
+
+def reward_loss(name: str, scores_BxK, mask_BxK, *, margin: float = 0.0):
+  """Bradley-Terry (columns 0 and 1 of a pair) or Plackett-Luce of sequence scores."""
+  if name == "bradley_terry":
+    m = None if not margin else jnp.full(scores_BxK.shape[:1], margin, jnp.float32)
+    return bradley_terry(scores_BxK[:, 0], scores_BxK[:, 1], margin_B=m)
+  if name == "plackett_luce":
+    return plackett_luce(scores_BxK, mask_BxK=mask_BxK)
+  raise ValueError(f"unknown sequence reward loss {name!r}")
+
+
+def reward_loss_fn(graphdef, loss_cfg):
+  """``loss_fn(params, batch)`` for ``fit``. The losses report their own ``loss_weight`` (pairs,
+  ranked records, labelled steps), so gradient accumulation is exact."""
+  if loss_cfg.name == "process_reward":
+    def loss_fn(params, batch):
+      return process_reward(step_logits(graphdef, params, batch), batch["step_labels"],
+                            batch["step_mask"])
+  else:
+    def loss_fn(params, batch):
+      return reward_loss(loss_cfg.name, sequence_scores(graphdef, params, batch),
+                         batch["response_mask"], margin=loss_cfg.get("margin", 0.0))
+  return loss_fn
+
+
+def check_config(config) -> None:
+  """``ConfigError`` naming the key for a bad loss / data setting (before anything slow)."""
+  name, data = config.loss.name, config.data
+  if name not in LOSS_NAMES:
+    raise ConfigError(f"config.loss.name: unknown loss {name!r}; expected one of {LOSS_NAMES}")
+  if data.kind not in KINDS + ("steps",):
+    raise ConfigError(f"config.data.kind: expected one of {KINDS + ('steps',)}, got {data.kind!r}")
+  if data.kind not in _KINDS[name]:
+    raise ConfigError(f"config.data.kind={data.kind!r} does not suit config.loss.name={name!r} "
+                      f"(it needs kind {' or '.join(_KINDS[name])})")
+  if data.kind == "steps" and not data.path:
+    raise ConfigError("config.data.path: step labels (kind='steps') come from a JSONL file of "
+                      "{\"prompt\", \"steps\", \"labels\"} records; set config.data.path")
+  if data.overflow not in OVERFLOW_MODES:
+    raise ConfigError(f"config.data.overflow: expected one of {OVERFLOW_MODES}, got "
+                      f"{data.overflow!r}")
+  if data.reward not in REWARD_KINDS:
+    raise ConfigError(f"config.data.reward: expected one of {REWARD_KINDS}, got {data.reward!r}")
+
+
+# ----------------------------------------------------------------------------------- eval
+
+
+def sequence_eval(score_fn, data, *, batch_size: int, mesh):
+  """``extra(params, step)``: held-out pair accuracy (and top-1 / full-order accuracy for
+  rankings) of the model's scores on ``data``."""
+  mask = response_masks(data)
+
+  def extra(params, step):
+    del step
+    scores = apply_over_dataset(score_fn, params, data, batch_size=batch_size,
+                                mesh=mesh)["scores"]
+    out = {"pair_accuracy": pairwise_accuracy(scores, mask)}
+    if data.kind == "rankings":
+      listwise = listwise_accuracy(scores, mask)
+      out.update(top1_accuracy=listwise["top1"], order_accuracy=listwise["full_order"])
+    return out
+
+  return extra
+
+
+def step_eval(logit_fn, data, *, batch_size: int, mesh):
+  """``extra(params, step)``: held-out step accuracy and BCE of a process reward model."""
+  rows = [data.row(i) for i in range(len(data))]
+  labels = np.stack([r["step_labels"] for r in rows])
+  mask = np.stack([r["step_mask"] for r in rows]) > 0
+
+  def extra(params, step):
+    del step
+    z = apply_over_dataset(logit_fn, params, data, batch_size=batch_size,
+                           mesh=mesh)["logits"].astype(np.float64)
+    bce = np.logaddexp(0.0, -z) * labels + np.logaddexp(0.0, z) * (1.0 - labels)
+    return {"step_accuracy": float(((z > 0) == (labels > 0.5))[mask].mean()),
+            "step_loss": float(bce[mask].mean())}
+
+  return extra
+
+
+# -------------------------------------------------------------------------------------- data
+
+
+def _step_data(config, run):
+  data_cfg = config.data
+  out = []
+  for key in ("path", "eval_path"):
+    if not data_cfg.get(key):
+      out.append(None)
+      continue
+    records, skipped = read_step_jsonl(data_cfg[key],
+                                       skip_malformed=data_cfg.get("skip_malformed", False))
+    if skipped:
+      print(f"skipped {skipped} malformed records in {data_cfg[key]}")
+    data = tokenize_steps(records, run.tokenizer, seq_len=config.seq_len,
+                          max_steps=data_cfg.max_steps,
+                          system_prompt=config.get("system_prompt") or None,
+                          overflow=data_cfg.overflow, source=data_cfg[key])
+    if (data.num_truncated or data.num_dropped_steps) and jax.process_index() == 0:
+      print(f"{data_cfg[key]}: {data.num_truncated} records truncated to seq_len="
+            f"{config.seq_len}, {data.num_dropped_steps} steps dropped")
+    out.append(data)
+  return out[0], out[1], {"source": data_cfg.path}
+
+
+def _read_step_files_early(data_cfg) -> None:
+  """Reads the step files once before the model loads, so a bad file fails at once."""
+  for key in ("path", "eval_path"):
+    if data_cfg.get(key):
+      read_step_jsonl(data_cfg[key], skip_malformed=data_cfg.get("skip_malformed", False))
+
+
+# ------------------------------------------------------------------------------------- job
+
+
+def run(config, workdir: str | None) -> dict:
+  """Trains a reward model on ``config.data`` with ``config.loss``; evaluates on held-out data
+  before and after; saves it with ``config.save_model``."""
+  check_config(config)                    # cheap checks first: config, data files, then the model
+  steps = config.data.kind == "steps"
+  if steps:
+    _read_step_files_early(config.data)
+    files = None
+  else:
+    files = read_preference_files(config.data)
+  run_ = common.start(config)
+  if steps:
+    train, held, info = _step_data(config, run_)
+  else:
+    train_records, held_records, info = preference_records(config, run_, workdir, files)
+    train = tokenized(train_records, run_, config, "train")
+    held = tokenized(held_records, run_, config, "eval") if held_records else None
+
+  rm = ScoredTransformer(nnx.merge(run_.graphdef, run_.params), rngs=nnx.Rngs(config.seed))
+  backbone_graphdef = nnx.split(rm.backbone)[0]
+  graphdef, params = nnx.split(rm)
+  params = jax.tree.map(np.asarray, params)
+  del rm
+  rm_run = dataclasses.replace(run_, graphdef=graphdef, params=params, eval_problems=[])
+
+  extra = None
+  if held is not None and steps:
+    extra = step_eval(jax.jit(lambda p, b: {"logits": step_logits(graphdef, p, b)}), held,
+                      batch_size=config.batch_size, mesh=run_.mesh)
+  elif held is not None:
+    extra = sequence_eval(jax.jit(lambda p, b: {"scores": sequence_scores(graphdef, p, b)}),
+                          held, batch_size=config.batch_size, mesh=run_.mesh)
+  optim = OptimizerConfig(total_steps=config.steps, **config.optim.to_dict())
+  result = fit(
+      reward_loss_fn(graphdef, config.loss), params, make_optimizer(optim),
+      record_batches(train, batch_size=config.batch_size, seed=config.seed), mesh=run_.mesh,
+      total_steps=config.steps, workdir=workdir, seed=config.seed,
+      accum_steps=config.accum_steps, save_every=config.checkpoint.every,
+      keep_checkpoints=config.checkpoint.keep,
+      fingerprint=run_fingerprint(config, run_.model_cfg), log_every=config.log_every,
+      lr_schedule=learning_rate_schedule(optim),
+      flops_per_token=common.model_flops(run_.model_cfg, config.seq_len),
+      eval_fn=common.task_eval_fn(rm_run, config, extra=extra) if extra else None,
+      eval_every=config.eval.every, eval_before=config.eval.before)
+
+  summary_extra = dict(loss=config.loss.name, num_train_records=len(train),
+                       num_eval_records=len(held or ()), num_truncated=train.num_truncated,
+                       seconds_per_step=seconds_per_step(result.history), data=info)
+  keys = (("eval/step_accuracy", "eval/step_loss") if steps else
+          ("eval/pair_accuracy", "eval/top1_accuracy", "eval/order_accuracy"))
+  for key in keys:
+    if any(key in h for h in result.history):
+      summary_extra.update(before_after(result.history, key))
+  # common.finish saves ``run.graphdef`` + params as a causal LM: hand it the backbone, then add
+  # the head to the folder it wrote
+  backbone_result = dataclasses.replace(result, state=dataclasses.replace(
+      result.state, params=result.state.params["backbone"]))
+  summary = common.finish(dataclasses.replace(rm_run, graphdef=backbone_graphdef), config,
+                          workdir, backbone_result, **summary_extra)
+  if workdir and config.get("save_model"):
+    save_head(result.state.params["head"], f"{workdir}/model", run_.tokenizer, config)
+  return summary
+
+
+def save_head(head_params, path: str, tokenizer, config) -> None:
+  """Gathers the (sharded) head and writes it into the HF folder ``common.finish`` saved."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  from postrl.rewards.reward_model import write_score_head  # pylint: disable=import-outside-toplevel
+  head = multihost_utils.process_allgather(head_params, tiled=True)
+  if jax.process_index() == 0:
+    write_score_head(path, np.asarray(head["kernel"][...]), np.asarray(head["bias"][...]),
+                     tokenizer, system_prompt=config.get("system_prompt") or None,
+                     max_len=config.seq_len)
+    print(f"wrote the reward head to {path} (loads with postrl.rewards.RewardModelScorer or "
+          f"transformers' AutoModelForSequenceClassification)")
+
+
+def run_fingerprint(config, model_cfg) -> dict:
+  """What a checkpoint must match to be resumed (the model, data, loss, optimizer, batch)."""
+  return common.fingerprint(config, model_cfg, "batch_size", "accum_steps", "seq_len",
+                            "system_prompt", sections=("data", "optim", "loss"))

@@ -11,6 +11,16 @@ steps of DPO (β = 0.1, 8 pairs = 16 sequences of 96 tokens per step) and an eva
 after: greedy exact-match accuracy on 32 held-out problems and, on the held-out pairs, the
 implicit-reward accuracy and margin and the policy's own preference (log-prob accuracy).
 
+Measured on 2026-11-25 (float32 on the 2-core CPU while other jobs ran, load average 5-15;
+26.5 min in all: ~6 min sampling, two evaluations, 30 steps at a median 19.3 s/step, ~63
+tokens/s): 56 training pairs from 52 prompts (reward mean 0.12, 54% of prompts with a right and a
+wrong answer), 22 held-out pairs. Greedy exact-match accuracy 34.4% (11/32) before -> 59.4%
+(19/32) after (the model learns to answer "7 + 1 = 8." instead of talking around it); held-out
+implicit-reward accuracy 0 -> 59.1% (13/22), margin 0 -> 0.10; the policy's own log-prob
+preference on those pairs 81.8% before and after; loss 0.693 -> 0.248 (the 56 pairs are seen
+about 4 times; training reward accuracy is 1.0 from step 9). The 32 evaluation problems held
+repeats then; ``common.eval_problems`` now drops them, so a rerun evaluates fewer.
+
 1-digit problems because the 135M model gets 2-digit ones right too rarely to make pairs (a probe:
 reward mean 0.16 and 75% of prompts with both a right and a wrong answer among 8 samples at 1
 digit, 0.0 at 2 digits). seq_len 96 holds every row: the prompt with SmolLM2's default system

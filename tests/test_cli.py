@@ -48,3 +48,16 @@ def test_launch_rejects_unknown_config_key(tmp_path):
   proc = _launch("--config", "configs/eval_arith.py", "--config.no_such_key=1", timeout=120)
   assert proc.returncode != 0
   assert "no_such_key" in proc.stderr
+
+
+def test_launch_without_arguments_runs_the_main_job_config(tmp_path):
+  # no --config: configs/grpo_arith.py; no --workdir: runs/grpo_arith under the current directory
+  # (a bad override stops it before any work, so this only checks what was picked)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"),
+                         "--config.loss.algorithm=nope"], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert "workdir: runs/grpo_arith" in proc.stdout
+  assert "config.loss.algorithm: unknown 'nope'" in proc.stderr

@@ -445,7 +445,8 @@ def graded_arithmetic_reward(completion: str, answer: str) -> float:
       r = 0                                   if there is no number
       minus 1e-4 per character: among equally scored replies the shorter one ranks higher.
   """
-  from postrl.rewards.math import extract_last_number, math_reward  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from postrl.rewards.math import extract_last_number, math_reward
   r = math_reward(completion, answer)
   if r < 1.0:
     x = extract_last_number(completion.replace("\u2212", "-"))
@@ -538,8 +539,8 @@ def verifier_preference_data(model, tokenizer, problems: Sequence, reward_fn, *,
       other settings.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  from postrl.data.verifier import (preference_pairs, rankings, reward_stats,  # pylint: disable=import-outside-toplevel
-                                    sample_and_score)
+  # pylint: disable-next=import-outside-toplevel
+  from postrl.data.verifier import preference_pairs, rankings, reward_stats, sample_and_score
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
   prompts_hash = hashlib.sha256("\n".join(p.prompt for p in problems).encode()).hexdigest()

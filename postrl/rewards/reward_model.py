@@ -33,14 +33,11 @@ import json
 import os
 from typing import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from postrl.models import ScoredTransformer, load_pretrained, load_tokenizer, save_pretrained
-from postrl.models.config import ConfigError
-from postrl.models.weights import WeightsError, read_safetensors, write_safetensors
+# JAX, Flax and postrl.models are imported inside the functions: ``import postrl.rewards`` (the
+# verifiable rewards, pure Python) stays free of them.
+# pylint: disable=import-outside-toplevel
 
 CONFIG_KEY = "postrl_reward_model"
 
@@ -58,6 +55,8 @@ def write_score_head(path: str, kernel_Dx1, bias_1, tokenizer, *, system_prompt:
   """Adds the head to an HF folder holding the backbone (``save_pretrained``): ``score.weight``
   [1, D] and ``score.bias`` [1] in ``model.safetensors``, the reward-model fields in
   ``config.json`` (module doc), and the tokenizer. Each file is replaced atomically."""
+  from postrl.models import save_tokenizer
+  from postrl.models.weights import read_safetensors, write_safetensors
   weights = os.path.join(path, "model.safetensors")
   tensors = read_safetensors(weights)
   dtype = tensors["model.embed_tokens.weight"].dtype
@@ -79,13 +78,13 @@ def write_score_head(path: str, kernel_Dx1, bias_1, tokenizer, *, system_prompt:
   with open(tmp, "w") as f:
     json.dump(config, f, indent=2)
   os.replace(tmp, os.path.join(path, "config.json"))
-  from postrl.models import save_tokenizer  # pylint: disable=import-outside-toplevel
   save_tokenizer(tokenizer, path)
 
 
-def save_reward_model(model: ScoredTransformer, path: str, tokenizer, *,
-                      system_prompt: str | None = None, max_len: int | None = None) -> None:
+def save_reward_model(model, path: str, tokenizer, *, system_prompt: str | None = None,
+                      max_len: int | None = None) -> None:
   """Writes a ``ScoredTransformer`` as the folder described in the module doc."""
+  from postrl.models import save_pretrained
   save_pretrained(model.backbone, path)
   write_score_head(path, np.asarray(model.head.kernel[...]), np.asarray(model.head.bias[...]),
                    tokenizer, system_prompt=system_prompt, max_len=max_len)
@@ -94,6 +93,10 @@ def save_reward_model(model: ScoredTransformer, path: str, tokenizer, *,
 def load_reward_model(path: str, *, param_dtype: str = "float32", dtype: str | None = None):
   """(``ScoredTransformer``, tokenizer, the ``postrl_reward_model`` config fields) of a folder
   written by ``save_reward_model``."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from postrl.models import ScoredTransformer, load_pretrained, load_tokenizer
+  from postrl.models.weights import WeightsError, read_safetensors
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
     raise WeightsError(f"{path}: no config.json (not a saved reward model folder)")
@@ -131,7 +134,9 @@ class RewardModelScorer:
   def __init__(self, path: str, *, batch_size: int = 16, max_len: int | None = None,
                system_prompt: str | None = None, param_dtype: str = "float32",
                dtype: str | None = None):
-    from postrl.data.preference import prompt_and_response_ids  # pylint: disable=import-outside-toplevel
+    import jax
+    from flax import nnx
+    from postrl.data.preference import prompt_and_response_ids
     self._ids = prompt_and_response_ids
     self.model, self.tokenizer, meta = load_reward_model(path, param_dtype=param_dtype,
                                                          dtype=dtype)
@@ -177,10 +182,7 @@ def make_reward_model_reward(path: str, **scorer_kwargs):
   ``postrl.rewards.combine_rewards`` registries (``prompt`` is filled from ``problems[i].prompt``).
   ``reward.batch(completions, prompts) -> list[float]`` scores many at once (one compiled call
   per ``batch_size`` rows), and ``reward.scorer`` is the ``RewardModelScorer``."""
-  try:
-    scorer = RewardModelScorer(path, **scorer_kwargs)
-  except ConfigError as e:
-    raise WeightsError(f"{path}: {e}") from None
+  scorer = RewardModelScorer(path, **scorer_kwargs)
 
   def reward_model_reward(completion: str, prompt: str) -> float:
     return scorer(completion, prompt)

@@ -44,6 +44,19 @@ def task_problems(task_cfg, n: int, seed: int):
     raise ConfigError(f"config.data.task: {e} (fields: {sorted(kwargs)})") from e
 
 
+def eval_problems(config) -> list:
+  """The held-out problems of ``config.eval`` (``num_problems`` draws of ``config.data.task`` with
+  ``data.eval_seed``), duplicates removed (a small task such as 1-digit arithmetic repeats)."""
+  if config.eval.num_problems <= 0:
+    return []
+  seen, out = set(), []
+  for p in task_problems(config.data.task, config.eval.num_problems, config.data.eval_seed):
+    if p.prompt not in seen:
+      seen.add(p.prompt)
+      out.append(p)
+  return out
+
+
 def held_out_train_problems(task_cfg, n: int, seed: int, eval_problems) -> list:
   """``n`` task problems drawn with ``seed``, minus any whose prompt is an evaluation prompt."""
   held_out = {p.prompt for p in eval_problems}
@@ -77,8 +90,7 @@ class Run:
 def start(config, *, model: str | None = None) -> Run:
   """Eval problems, mesh, then the (slow) model load: cheap checks fail first."""
   t_start = time.perf_counter()
-  eval_problems = (task_problems(config.data.task, config.eval.num_problems, config.data.eval_seed)
-                   if config.eval.num_problems > 0 else [])
+  held_out = eval_problems(config)
   mesh = shd.make_mesh([tuple(a) for a in config.mesh])
   name = model or config.model
   module = load_pretrained(name, param_dtype=config.param_dtype, dtype=config.dtype)
@@ -86,7 +98,7 @@ def start(config, *, model: str | None = None) -> Run:
   graphdef, params = nnx.split(module)
   params = jax.tree.map(np.asarray, params)  # the device copy is freed with the module
   return Run(mesh=mesh, graphdef=graphdef, params=params, model_cfg=module.config,
-             tokenizer=tokenizer, eval_problems=eval_problems, t_start=t_start)
+             tokenizer=tokenizer, eval_problems=held_out, t_start=t_start)
 
 
 def task_eval_fn(run: Run, config, *, extra: Callable[[Any, int], dict] | None = None,

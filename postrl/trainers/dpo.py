@@ -263,8 +263,10 @@ def preference_records(config, run, workdir: str | None, files=(None, None)):
                 pairs_per_prompt=data_cfg.pairs_per_prompt, k=data_cfg.k,
                 batch_size=data_cfg.sample_batch_size,
                 system_prompt=config.get("system_prompt") or None, settings=settings)
-  cache = lambda split: (os.path.join(workdir, "data", f"{split}_{data_cfg.kind}.jsonl")  # noqa: E731
-                         if workdir else None)
+
+  def cache(split):
+    return os.path.join(workdir, "data", f"{split}_{data_cfg.kind}.jsonl") if workdir else None
+
   train, train_info = verifier_preference_data(model, run.tokenizer, problems, reward_fn,
                                                seed=config.seed, cache_path=cache("train"),
                                                **kwargs)
@@ -417,9 +419,10 @@ def before_after(history, key: str) -> dict:
 
 
 def seconds_per_step(history) -> float | None:
-  """Mean training step time after the first step (which includes compilation)."""
+  """Median training step time after the first step (which includes compilation); the median
+  also ignores steps slowed by a checkpoint or another process."""
   times = [h["perf/step_seconds"] for h in history if "perf/step_seconds" in h][1:]
-  return round(float(np.mean(times)), 3) if times else None
+  return round(float(np.median(times)), 3) if times else None
 
 
 # ------------------------------------------------------------------------------------- job

@@ -316,10 +316,7 @@ def run(config, workdir: str | None) -> dict:
   if rows % r.minibatches:
     raise ConfigError(f"config.rollout: prompts x group_size = {rows} rows do not split into "
                       f"minibatches={r.minibatches}")
-  eval_problems = (common.task_problems(config.data.task, config.eval.num_problems,
-                                        config.data.eval_seed)
-                   if config.eval.num_problems > 0 else [])
-  problems = _training_problems(config, eval_problems)
+  problems = _training_problems(config, common.eval_problems(config))
   run_ = common.start(config)
   make_rollout = GRPORollouts(config, run_, problems, s, ref_params_host=run_.params)
   source = RolloutSource(make_rollout, rows_per_rollout=rows, minibatches=r.minibatches,

@@ -257,7 +257,7 @@ def run(config, workdir: str | None) -> dict:
 def save_head(head_params, path: str, tokenizer, config) -> None:
   """Gathers the (sharded) head and writes it into the HF folder ``common.finish`` saved."""
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  from postrl.rewards.reward_model import write_score_head  # pylint: disable=import-outside-toplevel
+  from postrl.rewards.reward_model import write_score_head
   head = multihost_utils.process_allgather(head_params, tiled=True)
   if jax.process_index() == 0:
     write_score_head(path, np.asarray(head["kernel"][...]), np.asarray(head["bias"][...]),

@@ -59,9 +59,7 @@ def training_records(data_cfg, eval_problems):
 def run(config, workdir: str | None) -> dict:
   """Fine-tunes ``config.model`` on ``config.data``; evaluates before and after."""
   # cheap checks first: data, then the mesh, then the (slow) model load
-  eval_problems = common.task_problems(config.data.task, config.eval.num_problems,
-                                       config.data.eval_seed)
-  records = training_records(config.data, eval_problems)
+  records = training_records(config.data, common.eval_problems(config))
   run_ = common.start(config)
   batches = sft_batches(records, run_.tokenizer, batch_size=config.batch_size,
                         seq_len=config.seq_len, pack=config.data.pack, seed=config.seed)

@@ -209,7 +209,7 @@ def _launch(model_dir, workdir, *extra):
           "--config.data.sample_batch_size=16", "--config.data.reward=graded",
           "--config.eval.num_problems=4", "--config.eval.batch_size=4",
           "--config.eval.max_new_tokens=4", "--config.optim.lr=1e-3",
-          "--config.optim.warmup_steps=0",
+          "--config.optim.warmup_steps=0", "--config.optim.min_lr_ratio=1.0",  # lr(t) = lr
           "--config.mesh=(('data', -1), ('fsdp', 2), ('tensor', 2))", *extra]
   return subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
 
@@ -220,6 +220,8 @@ def _losses(workdir):
 
 
 def test_launch_two_steps_on_8_devices_then_resume_to_four(tiny_model_dir, tmp_path):
+  """The resumed run's losses equal an uninterrupted 4-step run's (a constant learning rate, so
+  the schedule does not depend on config.steps)."""
   first = _launch(tiny_model_dir, tmp_path / "run")
   assert first.returncode == 0, first.stderr[-3000:]
   results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -243,7 +245,8 @@ def test_launch_two_steps_on_8_devices_then_resume_to_four(tiny_model_dir, tmp_p
 
 def test_bad_inputs_are_one_line_errors(tiny_model_dir, tmp_path):
   bad = tmp_path / "bad.jsonl"
-  bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 1}\n')
+  bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+                 '{"prompt": "a", "chosen": 1, "rejected": "c"}\n')
   proc = _launch(tiny_model_dir, tmp_path / "w1", f"--config.data.path={bad}")
   assert proc.returncode == 1 and "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("error: DataError")

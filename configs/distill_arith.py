@@ -20,7 +20,11 @@ Variants (command-line overrides):
     --config.student.layers='(0, 1, 28, 29)'
     --config.student.model=path/to/hf_folder                 a pretrained student instead
 
-Measured: see the "Distillation" section of docs/training.md.
+Measured on 2026-11-25 (2-core CPU shared with other jobs, float32, 20.6 min in all, ~17 s a
+step): held-out KL(teacher‖student) 8.69 -> 0.39, top-1 agreement 0.6% -> 80.5%, student NLL of
+the reference completions 10.26 -> 1.24 (teacher 0.97); exact match: teacher 7.8%, student 0.0%
+before and after (it imitates the teacher's "To add ..." opening and then rambles: exposure bias,
+which ``loss.lmbda > 0`` targets). Details: the "Distillation" section of docs/training.md.
 """
 
 import ml_collections
@@ -51,11 +55,12 @@ def get_config():
   config.save_model = False
   config.loss = ml_collections.ConfigDict(dict(
       name="distill",                 # distill (teacher on the fly) | distill_topk
-      divergence="forward_kl",        # forward_kl reverse_kl jsd tvd skew_forward_kl skew_reverse_kl
+      divergence="forward_kl",        # forward_kl reverse_kl jsd tvd skew_{forward,reverse}_kl
       beta=0.5,                       # jsd's beta
       skew=0.1,                       # skew KLs' alpha
       temperature=1.0,
       scale_by_temperature_sq=True,
+      hard_label_weight=0.0,          # + w * NLL of the dataset's tokens (0: pure distillation)
       topk=64,                        # distill_topk: teacher entries kept per token
       topk_cache=True,                # distill_topk: precompute once, stored in the workdir
       lmbda=0.0,                      # GKD: probability that a step's completions are sampled

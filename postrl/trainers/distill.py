@@ -21,10 +21,11 @@ for its layer-to-layer losses.)
 Where the teacher's distribution comes from (``config.loss``):
 
 * ``name="distill"``: on the fly. The teacher is held frozen next to the student in the trained
-  pytree, ``{"student": S, "teacher": P}``, sharded by the same logical-axis rules; the optimizer
-  is ``optax.multi_transform`` with ``set_to_zero`` on the teacher (no Adam moments for it), and
-  the teacher's forward pass runs under ``stop_gradient`` inside the loss. Held in the state rather
-  than closed over, because ``jit`` embeds closed-over arrays as unsharded constants.
+  pytree, ``{"student": S, "teacher": P}``, sharded by the same logical-axis rules; its forward
+  pass runs under ``stop_gradient`` inside the loss and ``frozen_teacher_optimizer`` gives it zero
+  updates and (almost) no optimizer state. It is in the state rather than closed over because
+  ``jit`` embeds closed-over arrays as unsharded constants; the price is that checkpoints hold
+  the teacher too (which also makes a resumed run check it) and ``optim/param_norm`` counts it.
 * ``name="distill_topk"``: the teacher's top-k (ids, log-probs) of every completion token are
   computed once over the training records and stored as numpy in ``workdir/teacher_topk/``,
   keyed by a hash of the teacher's weights, the records, ``seq_len`` and k (a resumed or repeated
@@ -39,12 +40,19 @@ completions of the batch's prompts are sampled from the current student
 token; otherwise the dataset's completions are used. λ = 0 is supervised KD, λ = 1 fully
 on-policy. ``DistillBatches.next_batch(params, step)`` is what ``fit`` calls.
 
-Memory. The divergences need both full distributions, so the vocabulary cannot be chunked with an
-online log-sum-exp as in ``postrl.logprobs``; instead the output projections, the divergence and
-the metrics run over ``config.logprob_chunk`` positions at a time (``lax.map`` over sequence
-blocks, each under ``jax.checkpoint``), so the largest logits blocks alive are
-[B, chunk, V] (student and teacher), in the forward and the backward pass: 16 x 16 x 49152
-float32 = 50 MB each instead of 400 MB for the whole [16, 128, V].
+Memory and compute. The divergences need both full distributions, so the vocabulary cannot be
+chunked with an online log-sum-exp as in ``postrl.logprobs``. Two things keep the [B, T, V]
+logits (16 x 128 x 49152 float32 = 400 MB, for each model) from ever existing:
+
+* ``config.loss_positions = P``: both models run over all T positions, but the output
+  projections and the divergence only over each row's first P loss positions (gathered in
+  order; ``gather_positions``). Completion tokens are ~19% of the arithmetic rows (<= 24 of 128),
+  so P = 32 cuts the projection FLOPs (2 D V a position and model, forward, recomputation and
+  backward) four-fold. Every dataset batch is checked on the host (a row with more loss tokens is
+  an error naming the key, never a silent truncation); sampled batches are packed within P.
+* ``config.logprob_chunk = C``: those P positions go C at a time (``lax.map`` over blocks, each
+  under ``jax.checkpoint``), so the largest blocks alive are [B, C, V] per model, forward and
+  backward: 16 x 16 x 49152 float32 = 50 MB.
 
 Metrics: ``loss``, ``distill/<divergence>`` (at T, without T²), ``distill/kl_forward`` (KL(p‖q)
 at T = 1 for every divergence, so runs compare; against the renormalised top-k for
@@ -158,6 +166,7 @@ class DistillSettings:
   temperature: float = 1.0
   scale_by_temperature_sq: bool = True
   topk: int = 64
+  hard_label_weight: float = 0.0
 
   @property
   def sparse(self) -> bool:
@@ -169,7 +178,7 @@ def settings(loss_cfg) -> DistillSettings:
   s = DistillSettings(name=loss_cfg.name, divergence=loss_cfg.divergence, beta=loss_cfg.beta,
                       skew=loss_cfg.skew, temperature=loss_cfg.temperature,
                       scale_by_temperature_sq=loss_cfg.scale_by_temperature_sq,
-                      topk=loss_cfg.topk)
+                      topk=loss_cfg.topk, hard_label_weight=loss_cfg.hard_label_weight)
   if s.name not in LOSSES:
     raise ConfigError(f"config.loss.name: unknown {s.name!r}; expected one of {LOSSES}")
   allowed = TOPK_DIVERGENCES if s.sparse else DIVERGENCES
@@ -182,6 +191,8 @@ def settings(loss_cfg) -> DistillSettings:
     raise ConfigError(f"config.loss.skew: need 0 <= skew < 1, got {s.skew}")
   if not s.temperature > 0:
     raise ConfigError(f"config.loss.temperature: must be > 0, got {s.temperature}")
+  if s.hard_label_weight < 0:
+    raise ConfigError(f"config.loss.hard_label_weight: must be >= 0, got {s.hard_label_weight}")
   if s.sparse and s.topk < 1:
     raise ConfigError(f"config.loss.topk: must be >= 1, got {s.topk}")
   if not 0.0 <= loss_cfg.lmbda <= 1.0:
@@ -233,8 +244,9 @@ def _student_nll(zs_BxCxV, targets_BxC):
 
 def dense_token_stats(zs_BxCxV, zt_BxCxV, targets_BxC, valid_BxC, s: DistillSettings) -> dict:
   """Per-token ``div`` (the loss's divergence at T), ``kl`` (KL(p‖q) at T = 1), ``agree``
-  (argmax agreement) and ``nll`` (-log q(target)); only ``div`` carries gradients. Positions
-  with valid 0 are zeroed before any arithmetic (as ``postrl.losses.distill`` does)."""
+  (argmax agreement) and ``nll`` (-log q(target) at T = 1); ``div`` and ``nll`` carry
+  gradients. Positions with valid 0 are zeroed before any arithmetic (as
+  ``postrl.losses.distill`` does)."""
   v = valid_BxC[..., None]
   zs = jnp.where(v, zs_BxCxV, 0.0)
   zt = jnp.where(v, zt_BxCxV, 0.0)
@@ -246,7 +258,7 @@ def dense_token_stats(zs_BxCxV, zt_BxCxV, targets_BxC, valid_BxC, s: DistillSett
     kl = distill_per_token(zs, zt, divergence="forward_kl", temperature=1.0)
   agree = (jnp.argmax(zs, -1) == jnp.argmax(zt, -1)).astype(jnp.float32)
   sg = jax.lax.stop_gradient
-  return dict(div=div, kl=sg(kl), agree=sg(agree), nll=sg(_student_nll(zs, targets_BxC)))
+  return dict(div=div, kl=sg(kl), agree=sg(agree), nll=_student_nll(zs, targets_BxC))
 
 
 def topk_token_stats(zs_BxCxV, ids_BxCxK, logps_BxCxK, targets_BxC, valid_BxC,
@@ -261,12 +273,12 @@ def topk_token_stats(zs_BxCxV, ids_BxCxK, logps_BxCxK, targets_BxC, valid_BxC,
   kl = div if s.temperature == 1.0 else distill_topk_per_token(zs, ids, logps, temperature=1.0)
   mass = jnp.sum(jnp.exp(logps.astype(jnp.float32)), axis=-1)
   sg = jax.lax.stop_gradient
-  return dict(div=div, kl=sg(kl), mass=sg(mass), nll=sg(_student_nll(zs, targets_BxC)))
+  return dict(div=div, kl=sg(kl), mass=sg(mass), nll=_student_nll(zs, targets_BxC))
 
 
 def map_positions(fn: Callable[[Any], dict], xs, chunk: int | None) -> dict:
   """``fn`` over blocks of ``chunk`` positions of every [B, T, ...] array in ``xs`` -> dict of
-  [B, T] arrays; each block under ``jax.checkpoint`` (recomputed in the backward pass), so only
+  [B, T, ...] arrays; each block under ``jax.checkpoint`` (recomputed in the backward pass), so only
   one block's [B, chunk, V] logits are alive at a time. ``chunk=None``: one block."""
   T = jax.tree.leaves(xs)[0].shape[1]
   if chunk is None or chunk >= T:
@@ -278,7 +290,8 @@ def map_positions(fn: Callable[[Any], dict], xs, chunk: int | None) -> dict:
     return x.reshape(x.shape[0], n, chunk, *x.shape[2:]).swapaxes(0, 1)
 
   out = jax.lax.map(jax.checkpoint(fn), jax.tree.map(split, xs))
-  return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(y.shape[1], n * chunk)[:, :T], out)
+  return jax.tree.map(
+      lambda y: y.swapaxes(0, 1).reshape(y.shape[1], n * chunk, *y.shape[3:])[:, :T], out)
 
 
 def loss_positions_per_row(batch: dict) -> np.ndarray:
@@ -313,6 +326,11 @@ def distill_loss_fn(student_apply, teacher_apply, s: DistillSettings, *,
   Both models run over all T positions; the output projections and the divergence only over
   the first ``positions`` loss positions of each row (``gather_positions``; None: all T), in
   blocks of ``chunk`` positions (``map_positions``).
+
+  With ``s.hard_label_weight = w > 0`` the loss adds w times the student's NLL of the batch's
+  own tokens on the rows marked in ``batch["dataset_rows"]`` (1 = dataset completion, 0 = the
+  student's sample; default all 1), divided by all loss tokens so that it stays a mean over the
+  same units (Hinton et al. 2015's weighted sum of soft and hard targets; 0 = pure KD).
   """
 
   def loss_fn(params, batch):
@@ -331,16 +349,23 @@ def distill_loss_fn(student_apply, teacher_apply, s: DistillSettings, *,
       stats = map_positions(lambda a: dense_token_stats(
           _logits(a[0][0], w_s), _logits(a[0][1], w_t), a[0][2], a[1], s), (xs, valid), chunk)
     mean = lambda x: aggregate(x, valid)
+    sg = jax.lax.stop_gradient
     div = mean(stats["div"])
     scale = s.temperature ** 2 if s.scale_by_temperature_sq else 1.0
-    metrics = {f"distill/{s.divergence}": jax.lax.stop_gradient(div),
-               "distill/kl_forward": mean(stats["kl"]), "distill/nll": mean(stats["nll"]),
+    loss = scale * div
+    metrics = {f"distill/{s.divergence}": sg(div), "distill/kl_forward": mean(stats["kl"]),
+               "distill/nll": sg(mean(stats["nll"])),
                "loss_weight": valid.sum().astype(jnp.float32)}
+    if s.hard_label_weight:  # Hinton et al.'s hard-label term, on dataset rows only
+      rows = batch.get("dataset_rows", jnp.ones(valid.shape[:1], jnp.int32))
+      hard = aggregate(stats["nll"] * (rows[:, None] > 0), valid)
+      loss = loss + s.hard_label_weight * hard
+      metrics["distill/hard_label_nll"] = sg(hard)
     if s.sparse:
       metrics["distill/teacher_topk_mass"] = mean(stats["mass"])
     else:
       metrics["distill/top1_agreement"] = mean(stats["agree"])
-    return scale * div, metrics
+    return loss, metrics
 
   return loss_fn
 
@@ -390,8 +415,9 @@ def frozen_teacher_optimizer(tx: optax.GradientTransformation,
 def teacher_topk_fn(graphdef, params, *, mesh, k: int, chunk: int | None = None):
   """``f(global host batch) -> (ids int32, logps float32)`` [B, T, K] numpy, aligned with the
   tokens: entry t holds the teacher's k most likely tokens (and their log-probs at T = 1) for
-  position t given tokens[<t] of its segment; entry 0 and padding are zeros. ``params`` are the
-  teacher's device (sharded) parameters; every process gets the whole result."""
+  position t given tokens[<t] of its segment (entry 0 is zeros; a segment's first token and
+  padding hold meaningless values the loss masks). ``params`` are the teacher's device (sharded)
+  parameters; every process gets the whole result."""
   apply_fn = model_apply_fn(graphdef)
 
   @jax.jit
@@ -684,6 +710,8 @@ class DistillBatches:
     if onpolicy:
       batch, sample_metrics = self.sampler(params["student"], batch, step)
       metrics.update(sample_metrics)
+    rows = batch["tokens"].shape[0]
+    batch = dict(batch, dataset_rows=np.full((rows,), 0 if onpolicy else 1, np.int32))
     if self.sparse:
       if self.cache is not None and not onpolicy:
         batch = self.cache.attach(batch)
@@ -801,9 +829,7 @@ def run(config, workdir: str | None) -> dict:
   """Distils ``config.teacher`` into ``config.student`` on ``config.data``; evaluates before and
   after (student accuracy, held-out KL) and the teacher once."""
   s = check_config(config)  # cheap checks first: config, data, then the (slow) model loads
-  eval_problems = common.task_problems(config.data.task, config.eval.num_problems,
-                                       config.data.eval_seed)
-  records = training_records(config.data, eval_problems)
+  records = training_records(config.data, common.eval_problems(config))
   teacher = common.start(config, model=config.teacher)
   mesh, tok = teacher.mesh, teacher.tokenizer
   student_cfg, student_graphdef, student_params, description = make_student(config, teacher)
@@ -856,18 +882,19 @@ def run(config, workdir: str | None) -> dict:
             f"{len(teacher.eval_problems)} held-out problems")
   held_out = []
   if teacher.eval_problems:
-    held_out = list(global_batches(sft_records(eval_problems), seed=0, num_epochs=1))
+    held_out = list(global_batches(sft_records(teacher.eval_problems), seed=0, num_epochs=1))
   heldout = heldout_fn(student_graphdef, teacher.graphdef, held_out, mesh=mesh, chunk=chunk)
-  task_eval = common.task_eval_fn(student_run, config) if teacher.eval_problems else None
   logged_teacher = []
 
-  def eval_fn(params, step):
-    out = task_eval(params["student"], step)
-    out.update(heldout(params["student"], params.get("teacher", teacher_dev)))
+  def eval_extra(params, step):
+    out = heldout(params["student"], params.get("teacher", teacher_dev))
     if "teacher_accuracy" in extras and not logged_teacher:  # once, for reference
       out["teacher_accuracy"] = extras["teacher_accuracy"]
       logged_teacher.append(step)
     return out
+
+  eval_fn = common.task_eval_fn(student_run, config, extra=eval_extra,
+                                to_model=lambda p: nnx.merge(student_graphdef, p["student"]))
 
   optim = OptimizerConfig(total_steps=config.steps, **config.optim.to_dict())
   params = {"student": student_params}
@@ -888,13 +915,13 @@ def run(config, workdir: str | None) -> dict:
       flops_per_token=common.model_flops(student_cfg, config.seq_len),
       eval_fn=eval_fn if teacher.eval_problems else None, eval_every=config.eval.every,
       eval_before=config.eval.before)
-  state = dataclasses.replace(result.state, params=result.state.params["student"])
   evals = [h for h in result.history if "eval/kl_forward" in h]
   before, after = common.eval_history(result.history, "eval/kl_forward")
   summary_config = ml_collections.ConfigDict(config.to_dict())
   summary_config.model = description  # the trained model, as common.finish reports it
   return common.finish(
-      student_run, summary_config, workdir, dataclasses.replace(result, state=state),
+      student_run, summary_config, workdir, result,
+      export=lambda p: (student_graphdef, p["student"]),
       num_train_records=len(records), student=description,
       student_params=student_cfg.num_params(), teacher_params=teacher.model_cfg.num_params(),
       kl_before=None if before is None else before["eval/kl_forward"],

@@ -55,6 +55,9 @@ def get_config():
       tis_cap=placeholder(float)))           # truncated importance sampling against the sampler's log-probs
   config.rewards = ml_collections.ConfigDict(dict(math=1.0))   # name -> weight
   config.reward_options = ml_collections.ConfigDict(dict(math=dict(method="last_number")))
+  # a trained reward model (configs/rm_arith.py --config.save_model=True writes one): its score x
+  # weight is added to the rewards above (set rewards.math=0 to train on the reward model alone)
+  config.reward_model = ml_collections.ConfigDict(dict(path="", weight=1.0, batch_size=64))
   config.eval = ml_collections.ConfigDict(dict(
       num_problems=100, batch_size=50, max_new_tokens=32, every=0, before=True))
   config.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=1))

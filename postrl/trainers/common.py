@@ -159,7 +159,7 @@ def finish(run: Run, config, workdir: str | None, result, *,
   before, after = eval_history(result.history)
   losses = [h["loss"] for h in result.history if "loss" in h]
   summary = dict(
-      model=config.model, steps=int(jax.device_get(result.state.step)),
+      model=config.get("model"), steps=int(jax.device_get(result.state.step)),
       preempted=result.preempted, resumed_from=result.resumed_from,
       accuracy_before=None if before is None else before["eval/accuracy"],
       accuracy_after=None if after is None else after["eval/accuracy"],

@@ -44,12 +44,12 @@ from postrl.losses import grpo, group_advantages, rloo_advantages
 from postrl.losses._policy import GRPO_AGGREGATION
 from postrl.metrics import plot_metrics
 from postrl.models import ConfigError
-from postrl.rewards import combine_rewards
 from postrl.sampling.generate import stop_and_pad_ids
 from postrl.trainers import common
 from postrl.trainers.loop import fit
-from postrl.trainers.rollout import (RolloutSource, assemble_rows, encode_prompts, logps_fn,
-                                     sample, trim_rows)
+from postrl.trainers.rollout import (RolloutSource, assemble_rows, encode_prompts,
+                                     load_reward_model_reward, logps_fn, sample,
+                                     score_completions, trim_rows)
 from postrl.trainers.step import OptimizerConfig, learning_rate_schedule, make_optimizer
 
 # Each method's loss variant, advantage estimator and the hyper-parameters its paper uses.
@@ -149,15 +149,6 @@ def grpo_loss_fn(apply_fn, s: GRPOSettings, *, chunk: int | None = None,
   return loss_fn
 
 
-def _reward_inputs(problems, lengths):
-  """Per-completion data for ``combine_rewards``: the problem's fields plus ``num_tokens``."""
-  out = []
-  for p, n in zip(problems, lengths):
-    fields = dataclasses.asdict(p) if dataclasses.is_dataclass(p) else dict(p)
-    out.append(dict(fields, num_tokens=int(n)))
-  return out
-
-
 def _training_problems(config, eval_problems):
   if config.data.get("path"):
     problems, skipped = read_jsonl(config.data.path, "rl",
@@ -187,6 +178,8 @@ class GRPORollouts:
       self.weights.setdefault("overlong", 1.0)
       self.options["overlong"] = dict(max_tokens=self.cfg.max_new_tokens,
                                       cache_tokens=s.overlong_cache)
+    self.reward_model = load_reward_model_reward(config.get("reward_model"))
+    self.reward_model_weight = float((config.get("reward_model") or {}).get("weight", 1.0))
     self.system_prompt = config.get("system_prompt") or None
     self.prompt_ids = encode_prompts(run.tokenizer, [p.prompt for p in problems],
                                      system_prompt=self.system_prompt)
@@ -226,10 +219,10 @@ class GRPORollouts:
     texts = [self.run.tokenizer.decode(out["completions"][b, :out["lengths"][b]])
              for b in range(len(ids))]
     probs = [self.problems[i] for i in idx for _ in range(G)]
-    total, per_name = combine_rewards(
-        texts, [p.answer for p in probs], weights=self.weights,
-        problems=_reward_inputs(probs, out["lengths"]), **self.options)
-    return idx, ids, out, np.array(total, np.float32), {k: np.array(v) for k, v in per_name.items()}
+    total, per_name = score_completions(
+        texts, probs, out["lengths"], weights=self.weights, options=self.options,
+        reward_model=self.reward_model, reward_model_weight=self.reward_model_weight)
+    return idx, ids, out, total, per_name
 
   def __call__(self, params, index: int):
     P, G = self.cfg.prompts, self.cfg.group_size
@@ -330,14 +323,16 @@ def run(config, workdir: str | None) -> dict:
       workdir=workdir, seed=config.seed, accum_steps=config.accum_steps,
       save_every=config.checkpoint.every, keep_checkpoints=config.checkpoint.keep,
       fingerprint=common.fingerprint(config, run_.model_cfg, "accum_steps", "system_prompt",
-                                     sections=("data", "optim", "rollout", "loss", "rewards")),
+                                     sections=("data", "optim", "rollout", "loss", "rewards",
+                                               "reward_model")),
       log_every=config.log_every, lr_schedule=learning_rate_schedule(optim),
       flops_per_token=common.model_flops(run_.model_cfg, seq_len),
       eval_fn=common.task_eval_fn(run_, config) if run_.eval_problems else None,
       eval_every=config.eval.every, eval_before=config.eval.before)
   if workdir and jax.process_index() == 0:
     plot_metrics(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "reward.png"),
-                 keys=("rollout/reward_mean", "rollout/completion_tokens_mean", "loss"))
+                 keys=("rollout/reward_mean", "rollout/completion_tokens_mean",
+                       "rollout/groups_with_spread"))
     print(f"wrote {os.path.join(workdir, 'reward.png')}")
   rewards = [h["rollout/reward_mean"] for h in result.history if "rollout/reward_mean" in h]
   return common.finish(run_, config, workdir, result, algorithm=s.algorithm,

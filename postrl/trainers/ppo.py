@@ -36,13 +36,13 @@ from postrl.losses import gae, kl_penalty, ppo_clip, value_loss
 from postrl.metrics import plot_metrics
 from postrl.models import ConfigError, Transformer, load_pretrained
 from postrl.models.heads import ScalarHead, ScoredTransformer
-from postrl.rewards import combine_rewards
 from postrl.sampling.generate import stop_and_pad_ids
 from postrl.trainers import common
-from postrl.trainers.grpo import _config_holder, _reward_inputs, _training_problems
+from postrl.trainers.grpo import _config_holder, _training_problems
 from postrl.trainers.loop import fit
-from postrl.trainers.rollout import (RolloutSource, assemble_rows, encode_prompts, logps_fn,
-                                     sample, trim_rows)
+from postrl.trainers.rollout import (RolloutSource, assemble_rows, encode_prompts,
+                                     load_reward_model_reward, logps_fn, sample,
+                                     score_completions, trim_rows)
 from postrl.trainers.step import OptimizerConfig, learning_rate_schedule, make_optimizer
 
 
@@ -163,6 +163,8 @@ class PPORollouts:
     self.policy_graphdef = policy_graphdef
     self.weights = dict(config.rewards)
     self.options = {k: dict(v) for k, v in config.get("reward_options", {}).items()}
+    self.reward_model = load_reward_model_reward(config.get("reward_model"))
+    self.reward_model_weight = float((config.get("reward_model") or {}).get("weight", 1.0))
     self.prompt_ids = encode_prompts(run.tokenizer, [p.prompt for p in problems],
                                      system_prompt=config.get("system_prompt") or None)
     self.prompt_len = -(-max(len(p) for p in self.prompt_ids) // 16) * 16
@@ -201,9 +203,9 @@ class PPORollouts:
     texts = [self.run.tokenizer.decode(out["completions"][b, :out["lengths"][b]])
              for b in range(len(ids))]
     probs = [self.problems[i] for i in idx for _ in range(G)]
-    total, per_name = combine_rewards(texts, [p.answer for p in probs], weights=self.weights,
-                                      problems=_reward_inputs(probs, out["lengths"]),
-                                      **self.options)
+    total, per_name = score_completions(
+        texts, probs, out["lengths"], weights=self.weights, options=self.options,
+        reward_model=self.reward_model, reward_model_weight=self.reward_model_weight)
     rows = assemble_rows(ids, out["completions"], out["lengths"], out["sampler_logps"],
                          prompt_len=self.prompt_len, pad_id=self.pad)
     if self.cfg.get("length_bucket"):
@@ -283,7 +285,8 @@ def run(config, workdir: str | None) -> dict:
       save_every=config.checkpoint.every, keep_checkpoints=config.checkpoint.keep,
       fingerprint=common.fingerprint(config, run_.model_cfg, "accum_steps", "system_prompt",
                                      "shared_trunk", "critic_model",
-                                     sections=("data", "optim", "rollout", "loss", "rewards")),
+                                     sections=("data", "optim", "rollout", "loss", "rewards",
+                                               "reward_model")),
       log_every=config.log_every, lr_schedule=learning_rate_schedule(optim),
       flops_per_token=common.model_flops(run_.model_cfg, make_rollout.prompt_len
                                          + r.max_new_tokens) * (1 if config.shared_trunk else 2),

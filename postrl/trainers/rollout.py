@@ -27,6 +27,7 @@ contiguous share of the rows, as ``postrl.data.pipeline`` does for SFT.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable, Sequence
 
@@ -35,6 +36,7 @@ import numpy as np
 
 from postrl import sharding as shd
 from postrl.logprobs import token_logps
+from postrl.rewards import combine_rewards
 from postrl.sampling.generate import generate, to_host
 
 
@@ -80,6 +82,35 @@ def trim_rows(rows: dict[str, np.ndarray], *, prompt_len: int, bucket: int) -> d
   used = int(rows["segment_ids"].sum(axis=1).max())
   width = min(T, prompt_len + -(-max(used - prompt_len, 1) // bucket) * bucket)
   return {k: (v[:, :width] if v.ndim == 2 and v.shape[1] == T else v) for k, v in rows.items()}
+
+
+def score_completions(texts: Sequence[str], problems: Sequence, lengths, *, weights: dict,
+                      options: dict, reward_model=None, reward_model_weight: float = 1.0):
+  """Rewards of sampled completions: ``postrl.rewards.combine_rewards`` over the named rewards
+  (the problem's fields and ``num_tokens`` fill their arguments) plus, with ``reward_model``
+  (``postrl.rewards.make_reward_model_reward``), ``reward_model_weight`` x its score, computed
+  in batches. Returns (total [B] float32, per-name arrays, "reward_model" included)."""
+  inputs = []
+  for p, n in zip(problems, lengths):
+    fields = dataclasses.asdict(p) if dataclasses.is_dataclass(p) else dict(p)
+    inputs.append(dict(fields, num_tokens=int(n)))
+  total, per_name = ([0.0] * len(texts), {}) if not weights else combine_rewards(
+      texts, [p.answer for p in problems], weights=weights, problems=inputs, **options)
+  total = np.array(total, np.float32)
+  per_name = {k: np.array(v, np.float32) for k, v in per_name.items()}
+  if reward_model is not None:
+    scores = np.array(reward_model.batch(list(texts), [p.prompt for p in problems]), np.float32)
+    per_name["reward_model"] = scores
+    total = total + reward_model_weight * scores
+  return total, per_name
+
+
+def load_reward_model_reward(rm_cfg):
+  """``config.reward_model`` (path, weight, batch_size) -> the batched reward, or None."""
+  if not rm_cfg or not rm_cfg.get("path"):
+    return None
+  from postrl.rewards import make_reward_model_reward  # pylint: disable=import-outside-toplevel
+  return make_reward_model_reward(rm_cfg.path, batch_size=rm_cfg.get("batch_size") or 16)
 
 
 def sample(graphdef, params, prompt_ids: Sequence[Sequence[int]], *, key, prompt_len: int,

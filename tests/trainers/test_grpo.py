@@ -241,3 +241,39 @@ def test_grpo_job_bad_config_is_one_line(tiny_model_dir, tmp_path):
   assert proc.returncode == 1
   assert "config.loss.algorithm: unknown 'nope'" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_score_completions_adds_weighted_reward_model_scores():
+  from postrl.data.records import Problem  # pylint: disable=import-outside-toplevel
+  from postrl.trainers.rollout import score_completions  # pylint: disable=import-outside-toplevel
+
+  class FakeRM:
+    def batch(self, completions, prompts):
+      return [float(len(c)) + (10.0 if p == "b" else 0.0) for c, p in zip(completions, prompts)]
+
+  probs = [Problem(prompt="a", answer="4"), Problem(prompt="b", answer="5")]
+  total, per_name = score_completions(["so 4", "= 6"], probs, [3, 9], weights={"math": 1.0},
+                                      options={}, reward_model=FakeRM(), reward_model_weight=0.5)
+  np.testing.assert_allclose(per_name["math"], [1.0, 0.0])
+  np.testing.assert_allclose(per_name["reward_model"], [4.0, 13.0])
+  np.testing.assert_allclose(total, [1.0 + 2.0, 0.0 + 6.5])
+  total, per_name = score_completions(["x"], probs[:1], [1], weights={}, options={},
+                                      reward_model=FakeRM(), reward_model_weight=2.0)
+  np.testing.assert_allclose(total, [2.0])
+
+
+def test_grpo_job_on_a_saved_reward_model(tiny_model_dir, tmp_path):
+  from postrl.models import load_pretrained, load_tokenizer  # pylint: disable=import-outside-toplevel
+  from postrl.models.heads import ScoredTransformer  # pylint: disable=import-outside-toplevel
+  from postrl.rewards.reward_model import save_reward_model  # pylint: disable=import-outside-toplevel
+  rm_dir = str(tmp_path / "rm")
+  save_reward_model(ScoredTransformer(load_pretrained(tiny_model_dir), rngs=nnx.Rngs(3)), rm_dir,
+                    load_tokenizer(tiny_model_dir), max_len=64)
+  proc = _launch(tiny_model_dir, tmp_path / "run", "--config.steps=1", "--config.rewards.math=0",
+                 f"--config.reward_model.path={rm_dir}", "--config.reward_model.weight=2.0",
+                 "--config.eval.num_problems=0")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (m,) = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
+  assert m["rollout/reward_mean"] == pytest.approx(2.0 * m["rollout/reward/reward_model"],
+                                                   rel=1e-4)
+  assert "rollout/reward/math" in m  # weight 0: computed and reported, not added

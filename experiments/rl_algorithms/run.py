@@ -1,7 +1,7 @@
 """GRPO vs Dr. GRPO vs DAPO vs GSPO vs RLOO vs PPO on the main job's task: held-out accuracy vs
 steps, one run per method through ``launch.py``, then a table (README) and a plot.
 
-    python experiments/rl_algorithms/run.py                       # all methods, CPU sizes
+    python experiments/rl_algorithms/run.py              # grpo, dr_grpo, dapo, rloo, ppo; CPU sizes
     python experiments/rl_algorithms/run.py --methods grpo,ppo --steps 40 --extra=--config.dtype=bfloat16
 
 Each method runs ``configs/grpo_arith.py`` (or ``configs/ppo_arith.py``) with only the algorithm
@@ -21,13 +21,17 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-METHODS = {  # name -> (config, overrides)
-    "grpo": ("configs/grpo_arith.py", ["--config.loss.algorithm=grpo"]),
-    "dr_grpo": ("configs/grpo_arith.py", ["--config.loss.algorithm=dr_grpo"]),
-    "dapo": ("configs/grpo_arith.py", ["--config.loss.algorithm=dapo"]),
-    "gspo": ("configs/grpo_arith.py", ["--config.loss.algorithm=gspo"]),
-    "rloo": ("configs/grpo_arith.py", ["--config.loss.algorithm=rloo"]),
-    "ppo": ("configs/ppo_arith.py", []),
+# name -> (config, overrides). Every method trains on 32 sampled completions per optimizer step:
+# 4 prompts x 8 samples for the group methods, 8 prompts x 4 samples (one update each) for PPO.
+GROUP = ["--config.rollout.prompts=4", "--config.rollout.group_size=8"]
+METHODS = {
+    "grpo": ("configs/grpo_arith.py", ["--config.loss.algorithm=grpo", *GROUP]),
+    "dr_grpo": ("configs/grpo_arith.py", ["--config.loss.algorithm=dr_grpo", *GROUP]),
+    "dapo": ("configs/grpo_arith.py", ["--config.loss.algorithm=dapo", *GROUP]),
+    "gspo": ("configs/grpo_arith.py", ["--config.loss.algorithm=gspo", *GROUP]),
+    "rloo": ("configs/grpo_arith.py", ["--config.loss.algorithm=rloo", *GROUP]),
+    "ppo": ("configs/ppo_arith.py", ["--config.rollout.prompts=8", "--config.rollout.group_size=4",
+                                     "--config.rollout.minibatches=1"]),
 }
 
 
@@ -57,9 +61,9 @@ def curves(workdir: str) -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--methods", default=",".join(METHODS))
-  parser.add_argument("--steps", type=int, default=16)
-  parser.add_argument("--eval_every", type=int, default=4)
+  parser.add_argument("--methods", default="grpo,dr_grpo,dapo,rloo,ppo")
+  parser.add_argument("--steps", type=int, default=12)
+  parser.add_argument("--eval_every", type=int, default=6)
   parser.add_argument("--out", default=os.path.join(ROOT, "runs", "rl_algorithms"))
   parser.add_argument("--extra", action="append", default=[],
                       help="more launch.py flags for every run, e.g. --extra=--config.seed=1")

@@ -101,6 +101,14 @@ def start(config, *, model: str | None = None) -> Run:
              tokenizer=tokenizer, eval_problems=held_out, t_start=t_start)
 
 
+def check_rows(rows: int, mesh, accum_steps: int, *, what: str) -> None:
+  """ConfigError unless ``rows`` per step split over the mesh's batch shards x accum_steps."""
+  shards = shd.batch_shards(mesh)
+  if rows % (shards * accum_steps):
+    raise ConfigError(f"{what} = {rows} rows per step, which the {shards} batch shards of mesh "
+                      f"{dict(mesh.shape)} x accum_steps={accum_steps} do not divide")
+
+
 def task_eval_fn(run: Run, config, *, extra: Callable[[Any, int], dict] | None = None,
                  to_model: Callable[[Any], Any] | None = None):
   """``eval_fn(params, step)`` for ``fit``: greedy exact-match accuracy on ``run.eval_problems``

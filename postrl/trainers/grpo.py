@@ -311,6 +311,8 @@ def run(config, workdir: str | None) -> dict:
                       f"minibatches={r.minibatches}")
   problems = _training_problems(config, common.eval_problems(config))
   run_ = common.start(config)
+  common.check_rows(rows // r.minibatches, run_.mesh, config.accum_steps,
+                    what="config.rollout: prompts x group_size / minibatches")
   make_rollout = GRPORollouts(config, run_, problems, s, ref_params_host=run_.params)
   source = RolloutSource(make_rollout, rows_per_rollout=rows, minibatches=r.minibatches,
                          epochs=r.epochs, seed=config.seed)

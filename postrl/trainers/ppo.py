@@ -259,6 +259,8 @@ def run(config, workdir: str | None) -> dict:
                       f"minibatches={r.minibatches}")
   problems = _training_problems(config, common.eval_problems(config))
   run_ = common.start(config)
+  common.check_rows(rows // r.minibatches, run_.mesh, config.accum_steps,
+                    what="config.rollout: prompts x group_size / minibatches")
   policy = nnx.merge(run_.graphdef, run_.params)
   critic = None
   if not config.shared_trunk:

@@ -209,7 +209,7 @@ def _launch(model_dir, workdir, *extra):
           "--config.rollout.max_new_tokens=8", "--config.rollout.batch_size=8",
           "--config.eval.num_problems=4", "--config.eval.batch_size=4",
           "--config.eval.max_new_tokens=4", "--config.data.num_train=50", "--config.optim.lr=1e-3",
-          "--config.checkpoint.every=2", *extra]
+          "--config.checkpoint.every=2", "--config.accum_steps=1", *extra]
   return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
@@ -277,3 +277,12 @@ def test_grpo_job_on_a_saved_reward_model(tiny_model_dir, tmp_path):
   assert m["rollout/reward_mean"] == pytest.approx(2.0 * m["rollout/reward/reward_model"],
                                                    rel=1e-4)
   assert "rollout/reward/math" in m  # weight 0: computed and reported, not added
+
+
+def test_grpo_job_rows_that_do_not_split_are_a_config_error(tiny_model_dir, tmp_path):
+  # 2 prompts x 4 samples = 8 rows; 4 batch shards x accum 4 = 16 do not divide them
+  proc = _launch(tiny_model_dir, tmp_path, "--config.accum_steps=4")
+  assert proc.returncode == 1
+  assert "error: ConfigError: config.rollout: prompts x group_size / minibatches = 8 rows" in (
+      proc.stderr)
+  assert not (tmp_path / "checkpoints").exists()

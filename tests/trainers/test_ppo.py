@@ -111,7 +111,7 @@ def _launch(model_dir, workdir, *extra):
           "--config.rollout.max_new_tokens=8", "--config.rollout.batch_size=8",
           "--config.eval.num_problems=4", "--config.eval.batch_size=4",
           "--config.eval.max_new_tokens=4", "--config.data.num_train=50", "--config.optim.lr=1e-3",
-          "--config.checkpoint.every=2", *extra]
+          "--config.checkpoint.every=2", "--config.accum_steps=1", *extra]
   return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 

@@ -8,6 +8,10 @@ group's rewards into advantages and takes one AdamW step on the GRPO loss. Held-
 (greedy, the same rule) is measured before and after; the run writes results.json, metrics.jsonl,
 reward.png (reward curve) and loss.png to the workdir.
 
+Measured on 2026-11-25 (2-core CPU, float32): 19.2% (14/73) -> 72.6% (53/73) held-out accuracy,
+mean rollout reward 0.14 -> 0.75, completions 29 -> 8 tokens, 13 min 06 s in all (~32 s per
+step; peak memory 7.5 GB). See experiments/grpo_arith for a second seed.
+
 Switch the method with ``--config.loss.algorithm=dr_grpo|dapo|gspo|rloo``; several updates per
 rollout with ``--config.rollout.minibatches=2 --config.rollout.epochs=2`` (old log-probs are then
 computed once per rollout); a KL penalty to the initial model with ``--config.loss.kl_coef=0.04``.
@@ -50,9 +54,11 @@ def get_config():
       algorithm="grpo",        # grpo | dr_grpo | dapo | gspo | rloo (postrl.trainers.grpo)
       clip_eps_low=placeholder(float), clip_eps_high=placeholder(float),  # None: paper's
       kl_coef=0.0, kl_estimator="k3",
-      dynamic_sampling=placeholder(bool), max_sampling_rounds=3,  # DAPO: drop all-equal groups, resample
-      overlong=placeholder(bool), overlong_cache=placeholder(int),   # DAPO's overlong shaping (cache: last N tokens)
-      tis_cap=placeholder(float)))           # truncated importance sampling against the sampler's log-probs
+      # DAPO: drop groups whose rewards are all equal and sample more prompts (up to N rounds)
+      dynamic_sampling=placeholder(bool), max_sampling_rounds=3,
+      # DAPO's overlong shaping: a linear penalty over the last overlong_cache tokens
+      overlong=placeholder(bool), overlong_cache=placeholder(int),
+      tis_cap=placeholder(float)))  # truncated importance sampling vs the sampler's log-probs
   config.rewards = ml_collections.ConfigDict(dict(math=1.0))   # name -> weight
   config.reward_options = ml_collections.ConfigDict(dict(math=dict(method="last_number")))
   # a trained reward model (configs/rm_arith.py --config.save_model=True writes one): its score x

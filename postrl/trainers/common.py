@@ -151,7 +151,8 @@ def fingerprint(config, model_cfg, *keys: str, sections=("data", "optim")) -> di
   return json.loads(json.dumps(out, default=str))
 
 
-def eval_history(history: list[dict], key: str = "eval/accuracy") -> tuple[dict | None, dict | None]:
+def eval_history(history: list[dict], key: str = "eval/accuracy"
+                 ) -> tuple[dict | None, dict | None]:
   """(the step-0 evaluation, the last evaluation after step 0) of ``fit``'s history."""
   evals = [h for h in history if key in h]
   before = next((h for h in evals if h["step"] == 0), None)

@@ -142,7 +142,8 @@ def grpo_loss_fn(apply_fn, s: GRPOSettings, *, chunk: int | None = None,
     trainer = jax.lax.stop_gradient(logps) if old is None else old
     tokens = jnp.maximum(mask.sum(), 1.0)
     metrics = dict(metrics)
-    metrics["rollout/logp_mismatch"] = (jnp.abs(trainer - batch["sampler_logps"]) * mask).sum() / tokens
+    mismatch = jnp.abs(trainer - batch["sampler_logps"]) * mask
+    metrics["rollout/logp_mismatch"] = mismatch.sum() / tokens
     weight = mask.sum() if agg == "token_mean" else jnp.asarray(mask.shape[0], jnp.float32)
     return loss, dict(metrics, loss_weight=weight)
 

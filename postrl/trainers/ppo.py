@@ -7,7 +7,7 @@ also trains the trunk) or a separate copy of the model with its own head (``shar
 the InstructGPT set-up). Both live in one parameter tree (``ActorCritic``), trained by one
 optimizer on
 
-    loss = PPO-clip(ρ_t, A_t) + c_v * value_loss(V_t, V_old_t, R_t)   (+ β KL_t when the KL is a loss)
+    loss = PPO-clip(ρ_t, A_t) + c_v value_loss(V_t, V_old_t, R_t)  (+ β KL_t if the KL is a loss)
 
 Per rollout (``postrl.trainers.rollout``): sample completions, score them, then at every
 completion token o_t (state s_t = the prefix before it)

@@ -28,6 +28,8 @@ METHODS = {
     "grpo": ("configs/grpo_arith.py", ["--config.loss.algorithm=grpo", *GROUP]),
     "dr_grpo": ("configs/grpo_arith.py", ["--config.loss.algorithm=dr_grpo", *GROUP]),
     "dapo": ("configs/grpo_arith.py", ["--config.loss.algorithm=dapo", *GROUP]),
+    "dapo_no_overlong": ("configs/grpo_arith.py", ["--config.loss.algorithm=dapo",
+                                                   "--config.loss.overlong=False", *GROUP]),
     "gspo": ("configs/grpo_arith.py", ["--config.loss.algorithm=gspo", *GROUP]),
     "rloo": ("configs/grpo_arith.py", ["--config.loss.algorithm=rloo", *GROUP]),
     "ppo": ("configs/ppo_arith.py", ["--config.rollout.prompts=8", "--config.rollout.group_size=4",

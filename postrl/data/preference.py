@@ -42,7 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from postrl.data.pipeline import tokenize_sft
+from postrl.data.pipeline import _shard, tokenize_sft  # one process-sharding rule for all batches
 from postrl.data.records import (DataError, Message, PreferenceRecord, RankingRecord, SFTRecord,
                                  read_jsonl, write_jsonl)
 
@@ -334,15 +334,6 @@ def tokenize_steps(records: Sequence[StepRecord], tokenizer, *, seq_len: int, ma
 
 
 # ---------------------------------------------------------------------------------- batches
-
-
-def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
-  import jax  # pylint: disable=import-outside-toplevel
-  index = jax.process_index() if shard_index is None else shard_index
-  count = jax.process_count() if shard_count is None else shard_count
-  if count < 1 or not 0 <= index < count:
-    raise ValueError(f"need 0 <= shard_index < shard_count, got {index} and {count}")
-  return index, count
 
 
 def local_rows(batch: Mapping[str, np.ndarray], shard_index: int, shard_count: int) -> dict:

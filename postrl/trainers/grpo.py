@@ -48,8 +48,8 @@ from postrl.sampling.generate import stop_and_pad_ids
 from postrl.trainers import common
 from postrl.trainers.loop import fit
 from postrl.trainers.rollout import (RolloutSource, assemble_rows, encode_prompts,
-                                     load_reward_model_reward, logps_fn, sample,
-                                     score_completions, trim_rows)
+                                     load_reward_model_reward, logps_fn, rows_per_rollout,
+                                     sample, score_completions, trim_rows)
 from postrl.trainers.step import OptimizerConfig, learning_rate_schedule, make_optimizer
 
 # Each method's loss variant, advantage estimator and the hyper-parameters its paper uses.
@@ -306,10 +306,7 @@ def run(config, workdir: str | None) -> dict:
   if r.group_size < 2:
     raise ConfigError(f"config.rollout.group_size must be >= 2 (group advantages), got "
                       f"{r.group_size}")
-  rows = r.prompts * r.group_size
-  if rows % r.minibatches:
-    raise ConfigError(f"config.rollout: prompts x group_size = {rows} rows do not split into "
-                      f"minibatches={r.minibatches}")
+  rows = rows_per_rollout(r)
   problems = _training_problems(config, common.eval_problems(config))
   run_ = common.start(config)
   common.check_rows(rows // r.minibatches, run_.mesh, config.accum_steps,

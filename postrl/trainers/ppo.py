@@ -36,13 +36,13 @@ from postrl.losses import gae, kl_penalty, ppo_clip, value_loss
 from postrl.metrics import plot_metrics
 from postrl.models import ConfigError, Transformer, load_pretrained
 from postrl.models.heads import ScalarHead, ScoredTransformer
-from postrl.sampling.generate import stop_and_pad_ids
+from postrl.sampling.generate import stop_and_pad_ids, to_host
 from postrl.trainers import common
 from postrl.trainers.grpo import _config_holder, _training_problems
 from postrl.trainers.loop import fit
 from postrl.trainers.rollout import (RolloutSource, assemble_rows, encode_prompts,
-                                     load_reward_model_reward, logps_fn, sample,
-                                     score_completions, trim_rows)
+                                     load_reward_model_reward, logps_fn, rows_per_rollout,
+                                     sample, score_completions, trim_rows)
 from postrl.trainers.step import OptimizerConfig, learning_rate_schedule, make_optimizer
 
 
@@ -213,7 +213,6 @@ class PPORollouts:
     put = lambda x: shd.put_global(x, shd.batch_sharding(self.run.mesh))
     old_logps, old_values = self._evaluate(params, put(rows["tokens"]), put(rows["segment_ids"]),
                                            put(rows["loss_mask"]))
-    from postrl.sampling.generate import to_host  # pylint: disable=import-outside-toplevel
     rows["old_logps"], rows["old_values"] = to_host(old_logps), to_host(old_values)
     ref = None
     if self.s.kl_coef > 0:
@@ -253,10 +252,7 @@ def run(config, workdir: str | None) -> dict:
   """PPO training of ``config.model``; evaluates the policy before and after."""
   s = settings(config.loss)
   r = config.rollout
-  rows = r.prompts * r.group_size
-  if rows % r.minibatches:
-    raise ConfigError(f"config.rollout: prompts x group_size = {rows} rows do not split into "
-                      f"minibatches={r.minibatches}")
+  rows = rows_per_rollout(r)
   problems = _training_problems(config, common.eval_problems(config))
   run_ = common.start(config)
   common.check_rows(rows // r.minibatches, run_.mesh, config.accum_steps,

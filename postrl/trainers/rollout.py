@@ -40,6 +40,16 @@ from postrl.rewards import combine_rewards
 from postrl.sampling.generate import generate, to_host
 
 
+def rows_per_rollout(rollout_cfg) -> int:
+  """prompts x group_size, checked to split into ``minibatches`` (ConfigError otherwise)."""
+  from postrl.models import ConfigError  # pylint: disable=import-outside-toplevel
+  rows = rollout_cfg.prompts * rollout_cfg.group_size
+  if rows % rollout_cfg.minibatches:
+    raise ConfigError(f"config.rollout: prompts x group_size = {rows} rows do not split into "
+                      f"minibatches={rollout_cfg.minibatches}")
+  return rows
+
+
 def encode_prompts(tokenizer, prompts: Sequence[str], *, system_prompt: str | None = None):
   """Chat-template token ids of each prompt as a user turn (after an optional system turn)."""
   system = [{"role": "system", "content": system_prompt}] if system_prompt else []

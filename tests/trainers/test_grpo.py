@@ -286,3 +286,12 @@ def test_grpo_job_rows_that_do_not_split_are_a_config_error(tiny_model_dir, tmp_
   assert "error: ConfigError: config.rollout: prompts x group_size / minibatches = 8 rows" in (
       proc.stderr)
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_rows_per_rollout_checks_minibatches():
+  from postrl.trainers.rollout import rows_per_rollout  # pylint: disable=import-outside-toplevel
+  cfg = ml_collections.ConfigDict(dict(prompts=3, group_size=4, minibatches=4))
+  assert rows_per_rollout(cfg) == 12
+  cfg.minibatches = 5
+  with pytest.raises(ConfigError, match="12 rows do not split into minibatches=5"):
+    rows_per_rollout(cfg)

@@ -75,6 +75,8 @@ class ActorCritic(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class PPOSettings:
+  """PPO's resolved loss settings: clip range [1 - eps_low, 1 + eps_high], value-loss weight c_v
+  and clip, KL coefficient β (in the reward or as a loss), GAE γ and λ, advantage whitening."""
   clip_eps_low: float
   clip_eps_high: float
   vf_coef: float
@@ -87,6 +89,7 @@ class PPOSettings:
 
 
 def settings(loss_cfg) -> PPOSettings:
+  """``config.loss`` -> ``PPOSettings``; ConfigError for γ or λ outside [0, 1] or negative β, c_v."""
   s = PPOSettings(
       clip_eps_low=float(loss_cfg.clip_eps_low), clip_eps_high=float(loss_cfg.clip_eps_high),
       vf_coef=float(loss_cfg.vf_coef),

@@ -738,9 +738,10 @@ class DistillBatches:
 
 def heldout_fn(student_graphdef, teacher_graphdef, batches: Sequence[dict], *, mesh,
                chunk: int | None = None):
-  """``f(student_params, teacher_params) -> {"kl_forward", "top1_agreement", "nll",
+  """``f(student_params, teacher_params) -> {"kl_forward", "kl_reverse", "top1_agreement", "nll",
   "teacher_nll"}``: token means over the loss tokens of ``batches`` (global host batches) of
-  KL(p‖q) at T = 1, argmax agreement and both models' NLL of the reference tokens."""
+  KL(p‖q) and KL(q‖p) at T = 1 (p teacher, q student), argmax agreement and both models' NLL of
+  the reference tokens."""
   s_apply, t_apply = model_apply_fn(student_graphdef), model_apply_fn(teacher_graphdef)
   s = DistillSettings()
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -752,9 +753,12 @@ def heldout_fn(student_graphdef, teacher_graphdef, batches: Sequence[dict], *, m
     h_t, w_t = t_apply(tp, batch["tokens"], batch["segment_ids"])
 
     def block(a):
-      zt = _logits(a[1], w_t)
-      out = dense_token_stats(_logits(a[0], w_s), zt, a[2], a[3], s)
+      zs, zt = _logits(a[0], w_s), _logits(a[1], w_t)
+      out = dense_token_stats(zs, zt, a[2], a[3], s)
       out["teacher_nll"] = _student_nll(zt, a[2])
+      v = a[3][..., None]
+      out["kl_reverse"] = distill_per_token(jnp.where(v, zs, 0.0), jnp.where(v, zt, 0.0),
+                                            divergence="reverse_kl", temperature=1.0)
       del out["div"]
       return out
 
@@ -775,8 +779,8 @@ def heldout_fn(student_graphdef, teacher_graphdef, batches: Sequence[dict], *, m
       for k, x in sums(student_params, teacher_params, batch).items():
         total[k] = total.get(k, 0.0) + float(np.asarray(x.addressable_data(0)))
     count = max(total.pop("count", 0.0), 1.0)
-    names = {"kl": "kl_forward", "agree": "top1_agreement", "nll": "nll",
-             "teacher_nll": "teacher_nll"}
+    names = {"kl": "kl_forward", "kl_reverse": "kl_reverse", "agree": "top1_agreement",
+             "nll": "nll", "teacher_nll": "teacher_nll"}
     return {names[k]: v / count for k, v in total.items()}
 
   return f

@@ -417,6 +417,11 @@ def test_heldout_kl_is_zero_against_itself_and_matches_the_library(models, mesh)
   _, m = distill(zs[:, :-1], _full_logits(t_graph, t_params, _batch())[:, :-1],
                  _library_mask(_batch()))
   assert got["kl_forward"] == pytest.approx(float(m["distill/forward_kl"]), rel=1e-5)
+  assert same["kl_reverse"] == pytest.approx(0.0, abs=1e-6)
+  zt = _full_logits(t_graph, t_params, _batch())
+  _, m_rev = distill(zs[:, :-1], zt[:, :-1], _library_mask(_batch()), divergence="reverse_kl")
+  assert got["kl_reverse"] == pytest.approx(float(m_rev["distill/reverse_kl"]), rel=1e-5)
+  assert got["kl_reverse"] != pytest.approx(got["kl_forward"], rel=1e-3)  # not the same direction
 
 
 # ---------------------------------------------------------------------------- through launch.py

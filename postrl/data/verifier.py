@@ -3,12 +3,16 @@
     samples = sample_and_score(model, tokenizer, problems, reward_fn, num_samples=8, key=key)
     pairs = preference_pairs(samples, seed=0)      # PreferenceRecord: a correct vs an incorrect
     ranked = rankings(samples, k=4, seed=0)         # RankingRecord: K responses, best first
+    steps = monte_carlo_step_labels(model, tokenizer, problems, samples, reward_fn,
+                                    rollouts=8, key=key)  # StepRecord: PRM labels per step
 
 This is how the surveys' "data from verifiers" is built for reward models (Bradley-Terry,
 Plackett-Luce) and the DPO family when no human labels exist: the model's own completions on a
 task with an exact checker (``postrl.rewards``), the better-scored ones preferred (as in
 RLHF-by-verifier pipelines, e.g. Lightman et al. 2023 for outcome labels, and the "on-policy
-preference pairs" of iterative DPO, Xu et al. 2023).
+preference pairs" of iterative DPO, Xu et al. 2023). Step labels for process reward models
+come from the same verifier by completing each step prefix several times (Math-Shepherd, Wang et
+al. 2024).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from postrl.data.preference import StepRecord
 from postrl.data.records import PreferenceRecord, RankingRecord
 from postrl.sampling.generate import generate, pad_prompts, stop_and_pad_ids, to_host
 
@@ -61,21 +66,35 @@ def sample_and_score(model, tokenizer, problems: Sequence, reward_fn: Callable[[
   system = [{"role": "system", "content": system_prompt}] if system_prompt else []
   prompt_ids = [tokenizer.encode_chat(system + [{"role": "user", "content": p.prompt}])
                 for p in problems]
-  rows = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(num_samples)]
+  owners = [i for i in range(len(problems)) for _ in range(num_samples)]
+  continuations = _complete(model, [prompt_ids[i] for i in owners], key=key,
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            batch_size=batch_size, eos=eos, pad=pad)
   out: list[list[ScoredSample]] = [[] for _ in problems]
-  for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
-    ids = [r[1] for r in chunk] + [chunk[-1][1]] * (batch_size - len(chunk))
+  for i, (ids, finished) in zip(owners, continuations):
+    completion = tokenizer.decode(ids)
+    out[i].append(ScoredSample(prompt=problems[i].prompt, completion=completion,
+                               reward=float(reward_fn(completion, problems[i])),
+                               num_tokens=len(ids), finished=finished))
+  return out
+
+
+def _complete(model, id_rows: Sequence[Sequence[int]], *, key, max_new_tokens: int,
+              temperature: float, top_p: float | None, batch_size: int, eos, pad: int
+              ) -> list[tuple[np.ndarray, bool]]:
+  """One sampled continuation ``(new ids, ended with EOS)`` per row of prompt ids, in order;
+  rows go through ``generate`` ``batch_size`` at a time (the last batch padded with copies so
+  there is one compilation), batch b with ``fold_in(key, b * batch_size)``."""
+  out = []
+  for start in range(0, len(id_rows), batch_size):
+    chunk = list(id_rows[start:start + batch_size])
+    ids = chunk + [chunk[-1]] * (batch_size - len(chunk))
     tokens, lengths = pad_prompts(ids, pad_id=pad, multiple=16)
     res = generate(model, tokens, lengths, key=jax.random.fold_in(key, start),
                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    eos_ids=eos, pad_id=pad)
     toks, lens, done = to_host(res.tokens_BxN), to_host(res.lengths_B), to_host(res.finished_B)
-    for b, (i, _) in enumerate(chunk):
-      completion = tokenizer.decode(toks[b, :lens[b]])
-      out[i].append(ScoredSample(prompt=problems[i].prompt, completion=completion,
-                                 reward=float(reward_fn(completion, problems[i])),
-                                 num_tokens=int(lens[b]), finished=bool(done[b])))
+    out += [(toks[b, :lens[b]], bool(done[b])) for b in range(len(chunk))]
   return out
 
 
@@ -152,3 +171,87 @@ def reward_stats(samples: Sequence[Sequence[ScoredSample]]) -> dict[str, float]:
       "finished_fraction": float(np.mean([s.finished for s in flat])),
       "tokens_mean": float(np.mean([s.num_tokens for s in flat])),
   }
+
+
+def split_steps(completion: str) -> list[str]:
+  """The reasoning steps of a completion: its non-blank lines, trailing whitespace removed (the
+  inverse of the newline join that ``postrl.data.preference.tokenize_steps`` applies)."""
+  return [line.rstrip() for line in completion.split("\n") if line.strip()]
+
+
+def monte_carlo_step_labels(model, tokenizer, problems: Sequence,
+                            samples: Sequence[Sequence[ScoredSample]],
+                            reward_fn: Callable[[str, object], float], *, rollouts: int, key,
+                            soft: bool = False, max_steps: int | None = None,
+                            max_new_tokens: int = 64, temperature: float = 1.0,
+                            top_p: float | None = None, batch_size: int = 16,
+                            system_prompt: str | None = None) -> list[StepRecord]:
+  """Step labels for a process reward model by Monte-Carlo completion (Math-Shepherd).
+
+  Each sampled solution is split into steps s_1..s_n (``split_steps``). The quality of step j is
+  estimated by completing the prefix s_1..s_j ``rollouts`` times from the same model and scoring
+  each completion with the outcome verifier, r_i = clip(reward_fn(s_1..s_j + completion_i), 0, 1):
+
+      hard estimation (HE)   y_j = max_i r_i      (1 if any completion reaches the answer)
+      soft estimation (SE)   y_j = mean_i r_i     (``soft=True``)
+
+  The last step's label is the solution's own outcome, clip(reward, 0, 1) (no rollouts needed).
+  Wang et al. 2024, "Math-Shepherd: Verify and Reinforce LLMs Step-by-step without Human
+  Annotations" (Eqs. 3-4); the automatic alternative to the human step labels of Lightman et al.
+  2023 (PRM800K). Labels are in [0, 1], as ``postrl.losses.process_reward`` expects.
+
+  Args:
+    model, tokenizer: the completer (usually the policy that wrote ``samples``).
+    problems: the problems of ``samples`` (same order); ``reward_fn(text, problem)`` scores a
+      full solution text.
+    samples: per problem, the solutions to label (``sample_and_score``'s output).
+    rollouts: completions per step prefix (Math-Shepherd uses N = 8).
+    key: PRNG key; the same key gives the same labels.
+    soft: SE instead of HE.
+    max_steps: keep at most this many leading steps of each solution (the kept steps still get
+      rollout labels when the solution continues past them).
+    max_new_tokens, temperature, top_p, batch_size, system_prompt: as ``sample_and_score``.
+  Returns:
+    One ``StepRecord`` per solution with at least one step, in order.
+  """
+  if rollouts < 1:
+    raise ValueError(f"rollouts must be >= 1, got {rollouts}")
+  if len(samples) != len(problems):
+    raise ValueError(f"{len(samples)} sample groups for {len(problems)} problems")
+  eos, pad = stop_and_pad_ids(model if not isinstance(model, tuple) else
+                              _merged(model), tokenizer)
+  system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+  solutions, rows, owners = [], [], []  # owners[r] = (solution index, step index, prefix text)
+  for problem, group in zip(problems, samples):
+    prompt_ids = list(tokenizer.encode_chat(system + [{"role": "user", "content": problem.prompt}]))
+    for sample in group:
+      all_steps = split_steps(sample.completion)
+      steps = all_steps[:max_steps] if max_steps else all_steps
+      if not steps:
+        continue
+      n = len(solutions)
+      solutions.append((problem, sample, steps, len(steps) == len(all_steps)))
+      for j in range(len(steps) - (1 if len(steps) == len(all_steps) else 0)):
+        prefix = "\n".join(steps[:j + 1]) + "\n"
+        ids = prompt_ids + list(tokenizer.encode(prefix, add_bos=False))
+        rows += [ids] * rollouts
+        owners += [(n, j, prefix)] * rollouts
+  continuations = _complete(model, rows, key=key, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, batch_size=batch_size,
+                            eos=eos, pad=pad) if rows else []
+  scores: dict[tuple[int, int], list[float]] = {}
+  for (n, j, prefix), (ids, _) in zip(owners, continuations):
+    text = prefix + tokenizer.decode(ids)
+    r = float(np.clip(reward_fn(text, solutions[n][0]), 0.0, 1.0))
+    scores.setdefault((n, j), []).append(r)
+  out = []
+  for n, (_, sample, steps, complete) in enumerate(solutions):
+    labels = []
+    for j in range(len(steps)):
+      if complete and j == len(steps) - 1:
+        labels.append(float(np.clip(sample.reward, 0.0, 1.0)))
+      else:
+        r = scores[(n, j)]
+        labels.append(float(np.mean(r)) if soft else max(r))
+    out.append(StepRecord(prompt=sample.prompt, steps=tuple(steps), labels=tuple(labels)))
+  return out

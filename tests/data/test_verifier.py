@@ -5,8 +5,8 @@ import pytest
 from flax import nnx
 
 from postrl.data.records import Problem
-from postrl.data.verifier import (ScoredSample, preference_pairs, rankings, reward_stats,
-                                  sample_and_score)
+from postrl.data.verifier import (ScoredSample, monte_carlo_step_labels, preference_pairs,
+                                  rankings, reward_stats, sample_and_score, split_steps)
 from postrl.models import Transformer, load_tokenizer
 from tests.conftest import tiny_config
 
@@ -47,12 +47,16 @@ def test_reward_stats():
   assert stats["reward_mean"] == 0.75 and stats["spread_fraction"] == 0.5
 
 
-def test_sample_and_score_with_a_tiny_model():
+def _tiny_model():
   tok = load_tokenizer("smollm2-135m-instruct")
   cfg = tiny_config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=32,
                     eos_token_id=tok.eos_id, bos_token_id=tok.bos_id, pad_token_id=tok.pad_id,
                     tie_word_embeddings=True)
-  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  return Transformer(cfg, rngs=nnx.Rngs(0)), tok
+
+
+def test_sample_and_score_with_a_tiny_model():
+  model, tok = _tiny_model()
   problems = [Problem(prompt="What is 1 + 2?", answer="3"), Problem(prompt="What is 5 - 9?",
                                                                      answer="-4")]
   seen = []
@@ -73,3 +77,53 @@ def test_sample_and_score_with_a_tiny_model():
   other = sample_and_score(model, tok, problems, reward_fn,
                            **dict(kwargs, key=jax.random.key(1)))
   assert [[s.completion for s in g] for g in other] != [[s.completion for s in g] for g in out]
+
+
+def test_split_steps_drops_blank_lines():
+  assert split_steps("First, 3 + 4.\n\n  \nSo 7.  \n") == ["First, 3 + 4.", "So 7."]
+  assert split_steps("") == [] and split_steps("\n \n") == []
+
+
+def test_monte_carlo_step_labels_hard_and_soft():
+  model, tok = _tiny_model()
+  problems = [Problem(prompt="What is 1 + 2?", answer="3"), Problem(prompt="q2", answer="0")]
+  samples = [[_s("a\nbX\n\nc", 0.0, "What is 1 + 2?"), _s("only", 1.0, "What is 1 + 2?")],
+             [_s("  \n", 0.0, "q2"), _s("u\nv", 0.5, "q2")]]
+  calls = []
+
+  def reward_fn(text, problem):
+    calls.append((text, problem.answer))
+    if "bX\n" in text:                 # every completion of a prefix through step 2 scores 1
+      return 1.0
+    return float(hash(text) % 3) - 0.5  # -0.5, 0.5 or 1.5: clipped to [0, 1]
+
+  kwargs = dict(rollouts=3, key=jax.random.key(0), max_new_tokens=3, batch_size=4)
+  hard = monte_carlo_step_labels(model, tok, problems, samples, reward_fn, **kwargs)
+  # a blank solution gives no record; rollouts only for steps that are not the last
+  assert [(r.prompt, r.steps) for r in hard] == [
+      ("What is 1 + 2?", ("a", "bX", "c")), ("What is 1 + 2?", ("only",)), ("q2", ("u", "v"))]
+  assert len(calls) == 3 * (2 + 0 + 1)
+  for (text, answer), prefix in zip(calls, ["a\n"] * 3 + ["a\nbX\n"] * 3 + ["u\n"] * 3):
+    assert text.startswith(prefix)    # each completion continues its own prefix
+    assert answer == ("3" if prefix[0] == "a" else "0")
+
+  def clipped(texts):
+    return [min(max(float(hash(t) % 3) - 0.5, 0.0), 1.0) for t in texts]
+
+  step1 = clipped([t for t, _ in calls[:3]])
+  step_u = clipped([t for t, _ in calls[6:]])
+  assert hard[0].labels == (max(step1), 1.0, 0.0)   # last step: the solution's own outcome
+  assert hard[1].labels == (1.0,)
+  assert hard[2].labels == (max(step_u), 0.5)
+  calls.clear()
+  soft = monte_carlo_step_labels(model, tok, problems, samples, reward_fn, soft=True, **kwargs)
+  assert [r.steps for r in soft] == [r.steps for r in hard]   # same key: same completions
+  assert soft[0].labels == pytest.approx((sum(step1) / 3, 1.0, 0.0))
+  assert soft[2].labels == pytest.approx((sum(step_u) / 3, 0.5))
+  # max_steps cuts solutions; a cut solution's last kept step is labelled by rollouts too
+  calls.clear()
+  cut = monte_carlo_step_labels(model, tok, problems, samples, reward_fn, max_steps=1, **kwargs)
+  assert [r.steps for r in cut] == [("a",), ("only",), ("u",)]
+  assert cut[0].labels == (max(step1),) and cut[1].labels == (1.0,)
+  with pytest.raises(ValueError, match="rollouts"):
+    monte_carlo_step_labels(model, tok, problems, samples, reward_fn, **dict(kwargs, rollouts=0))

@@ -158,10 +158,12 @@ def optimizer_shardings(tx, params_shardings, abstract_opt_state, mesh: Mesh):
   parameters (also under ``optax.masked`` / ``multi_transform``, as PEFT uses).
   """
   replicated = NamedSharding(mesh, P())
+  masked = optax.MaskedNode  # where ``optax.masked`` keeps no state for a parameter
+
   return optax.tree_map_params(
-      tx, lambda _, sharding: sharding, abstract_opt_state, params_shardings,
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, NamedSharding))
+      tx, lambda leaf, sharding: leaf if isinstance(leaf, masked) else sharding,
+      abstract_opt_state, params_shardings, transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, (NamedSharding, masked)))
 
 
 def sharded_init(init_fn: Callable[[], Any], shardings_fn: Callable[[Any], Any]):

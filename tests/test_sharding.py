@@ -95,6 +95,37 @@ def test_sharded_init_places_params_by_rules():
   assert state.params["embed_tokens"].sharding.spec == P("tensor", "fsdp")
 
 
+def test_optimizer_shardings_under_optax_masked():
+  """Frozen parameters (``optax.masked``, as PEFT and frozen teachers use) keep no Adam state; the
+  trainable ones' moments follow their parameters' shardings."""
+  import optax  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+  params = nnx.split(Transformer(CFG, rngs=nnx.Rngs(0)))[1]
+  trainable = jax.tree_util.tree_map_with_path(
+      lambda path, _: "q_proj" in jax.tree_util.keystr(path), params)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.masked(optax.adamw(1e-3), trainable))
+
+  def init():
+    p = nnx.split(Transformer(CFG, rngs=nnx.Rngs(0)))[1]
+    return p, tx.init(p)
+
+  def shardings_fn(abstract):
+    p = sharding.state_shardings(abstract[0], mesh)
+    return p, sharding.optimizer_shardings(tx, p, abstract[1], mesh)
+
+  (params, opt_state), _ = sharding.sharded_init(init, shardings_fn)
+  mu = opt_state[1].inner_state[0].mu
+  q = mu["layers"][0]["self_attn"]["q_proj"]["kernel"]
+  assert q.sharding.spec == P("fsdp", "tensor") and q.shape == (64, 64)
+  value = lambda v: getattr(v, "value", v)  # nnx.State wraps each leaf in its Variable
+  assert isinstance(value(mu["layers"][0]["self_attn"]["k_proj"]["kernel"]), optax.MaskedNode)
+  assert isinstance(value(mu["embed_tokens"]), optax.MaskedNode)
+  n_state = sum(x.size for x in jax.tree.leaves(mu))
+  n_q = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(params)
+            if "q_proj" in jax.tree_util.keystr(p))
+  assert n_state == n_q  # optimizer memory only for the trainable parameters
+
+
 @pytest.mark.parametrize("accum_steps", [1, 2])
 def test_sharded_step_equals_one_device(accum_steps):
   mesh1 = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])

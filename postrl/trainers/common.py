@@ -189,15 +189,20 @@ def finish(run: Run, config, workdir: str | None, result, *,
   if workdir and config.get("save_model"):
     graphdef, params = (export(result.state.params) if export
                         else (run.graphdef, result.state.params))
-    save_model(graphdef, params, os.path.join(workdir, "model"))
+    save_model(graphdef, params, os.path.join(workdir, "model"), tokenizer=run.tokenizer)
   return summary
 
 
-def save_model(graphdef, params, path: str) -> None:
-  """Gathers sharded ``params`` (every process takes part) and writes a HF folder from process 0."""
+def save_model(graphdef, params, path: str, *, tokenizer=None) -> None:
+  """Gathers sharded ``params`` (every process takes part) and writes a HF folder from process 0,
+  with the tokenizer (tokenizer.json + tokenizer_config.json with the chat template) when given,
+  so the folder works wherever a model name does (``load_pretrained``, ``load_tokenizer``,
+  ``config.model`` / ``config.teacher``, transformers)."""
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  from postrl.models import save_pretrained  # pylint: disable=import-outside-toplevel
+  from postrl.models import save_pretrained, save_tokenizer  # pylint: disable=import-outside-toplevel
   host_params = multihost_utils.process_allgather(params, tiled=True)
   if jax.process_index() == 0:
     save_pretrained(nnx.merge(graphdef, host_params), path)
+    if tokenizer is not None and not tokenizer.is_sentencepiece:
+      save_tokenizer(tokenizer, path)
     print(f"wrote {path} (loads with load_pretrained or transformers)")

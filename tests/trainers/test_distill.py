@@ -470,6 +470,12 @@ def test_launch_dense_gkd_two_steps_evaluates_and_saves(tiny_model_dir, tmp_path
   assert [r["step"] for r in evals] == [0, 2] and "eval/teacher_accuracy" in evals[0]
   student = load_pretrained(str(tmp_path / "model"))
   assert student.config.num_hidden_layers == 1
+  # the export carries the tokenizer and chat template: the folder works as a model name
+  from postrl.models import load_tokenizer  # pylint: disable=import-outside-toplevel
+  exported, original = load_tokenizer(str(tmp_path / "model")), load_tokenizer(tiny_model_dir)
+  chat = [{"role": "user", "content": "What is 2 + 3?"}]
+  assert exported.encode_chat(chat) == original.encode_chat(chat)
+  assert exported.eos_id == original.eos_id
   assert (tmp_path / "teacher_eval.json").exists()
 
 

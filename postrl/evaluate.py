@@ -1,19 +1,25 @@
-"""Evaluate a model on a built-in task: generate, extract the answer, exact match.
+"""Evaluate a model: exact match on a built-in task, and perplexity on held-out text.
 
 The job behind ``configs/eval_arith.py`` (``python launch.py --config configs/eval_arith.py``).
+``perplexity`` (with ``postrl.data.text.champ_windows`` for the token budget) is the quality
+measure of compressed models: ΔPPL over the full-precision model.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from postrl.data.tasks import arithmetic_problems
+from postrl.logprobs import model_apply_fn, token_logps
 from postrl.models import load_pretrained, load_tokenizer
 from postrl.rewards.math import exact_match, extract_last_number
 from postrl.sampling.generate import generate, pad_prompts, stop_and_pad_ids, to_host
@@ -47,6 +53,80 @@ def evaluate_task(model, tokenizer, problems, *, batch_size: int, max_new_tokens
                           correct=exact_match(completion, problem.answer)))
   accuracy = float(np.mean([r["correct"] for r in records])) if records else 0.0
   return accuracy, records, n_tokens
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "vocab_chunk"))
+def _nll_sum(graphdef, state, tokens_BxT, mask_BxT, *, chunk, vocab_chunk):
+  logps_BxT = token_logps(model_apply_fn(graphdef), state, tokens_BxT, mask_BxT, chunk=chunk,
+                          vocab_chunk=vocab_chunk)
+  return -jnp.sum(logps_BxT, dtype=jnp.float32)
+
+
+def token_nll(model, tokens_BxT, *, batch_size: int, mask_BxT=None, chunk: int | None = None,
+              vocab_chunk: int | None = None, progress: bool = False) -> tuple[float, int]:
+  """Total negative log-likelihood of fixed-length windows and the number of tokens it is over.
+
+      NLL = - Σ_b Σ_{t>=1} mask[b, t] log p(tokens[b, t] | tokens[b, <t])
+
+  Each row is an independent window: its first token has no context, so it is never predicted
+  or counted (a window of T tokens contributes T - 1 predictions); a 1 in ``mask_BxT[:, 0]`` is
+  ignored. The model runs ``batch_size`` windows at a time (one compilation: a short last batch
+  is padded with masked rows); log-probs come from ``postrl.logprobs.token_logps``, per batch
+  sums in float32, the total in float64.
+
+  Args:
+    model: an NNX ``Transformer`` (any state: quantized layers included).
+    tokens_BxT: int token ids [B, T], T >= 2 (e.g. ``postrl.data.text.champ_windows``).
+    batch_size: windows per forward pass.
+    mask_BxT: 1 where a token counts (default: all of t >= 1).
+    chunk, vocab_chunk: passed to ``token_logps`` (bound the [B, T, V] logits memory).
+    progress: show a progress bar.
+  Returns:
+    ``(total_nll, num_predicted_tokens)``.
+  """
+  tokens = np.asarray(tokens_BxT)
+  if tokens.ndim != 2 or tokens.shape[1] < 2 or not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(f"tokens_BxT must be integer [B, T] with T >= 2, got {tokens.dtype} "
+                     f"{tokens.shape}")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  B, T = tokens.shape
+  vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+  if tokens.size and (tokens.min() < 0 or (vocab is not None and tokens.max() >= vocab)):
+    raise ValueError(f"token ids must lie in [0, {vocab}), got [{tokens.min()}, {tokens.max()}]")
+  mask = np.ones((B, T), np.int32) if mask_BxT is None else np.array(mask_BxT, np.int32)
+  if mask.shape != (B, T):
+    raise ValueError(f"mask_BxT has shape {mask.shape}, tokens_BxT {tokens.shape}")
+  mask[:, 0] = 0
+  count = int(mask.sum())
+  if count == 0:
+    raise ValueError("no token to predict: the mask is zero at every position t >= 1")
+  pad = (-B) % batch_size
+  tokens = np.pad(tokens.astype(np.int32), ((0, pad), (0, 0)))
+  mask = np.pad(mask, ((0, pad), (0, 0)))
+  graphdef, state = nnx.split(model)
+  total = 0.0
+  for i in tqdm(range(0, B + pad, batch_size), desc="perplexity", disable=not progress):
+    total += float(_nll_sum(graphdef, state, tokens[i:i + batch_size], mask[i:i + batch_size],
+                            chunk=chunk, vocab_chunk=vocab_chunk))
+  return total, count
+
+
+def perplexity(model, tokens_BxT, *, batch_size: int, mask_BxT=None, chunk: int | None = None,
+               vocab_chunk: int | None = None, progress: bool = False) -> float:
+  """Perplexity over fixed-length windows (the protocol of GPTQ / AWQ / SparseGPT tables).
+
+      PPL = exp(NLL / N),   NLL and N from ``token_nll``: N = Σ_b Σ_{t>=1} mask[b, t]
+
+  i.e. the exponential of the mean NLL per predicted token over all windows (not a mean of
+  per-window perplexities). Window starts are not counted: with the default mask N = B (T - 1).
+  A model that puts uniform probability on a vocabulary of V tokens has PPL = V.
+
+  Args: as ``token_nll``.
+  """
+  total, count = token_nll(model, tokens_BxT, batch_size=batch_size, mask_BxT=mask_BxT,
+                           chunk=chunk, vocab_chunk=vocab_chunk, progress=progress)
+  return float(np.exp(total / count))
 
 
 def run(config, workdir: str | None) -> dict:

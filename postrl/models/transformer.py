@@ -102,7 +102,12 @@ def apply_rope(x_BxTxHxD, positions_BxT, inv_freq):
 
 
 class Linear(nnx.Module):
-  """y = x W (+ b), W stored [in, out] with logical axis names."""
+  """y = x W (+ b), W stored [in, out] with logical axis names.
+
+  ``kernel`` is a float ``nnx.Param`` [K, N], or, after ``postrl.quant.quantize_model``, a
+  ``postrl.quant.QuantizedWeight`` (int8 / packed int4 / NF4 storage, not trainable) whose
+  ``dot`` is the library's one quantized matmul (``postrl.quant.formats.quantized_dot``).
+  """
 
   def __init__(self, d_in, d_out, names, *, bias, cfg: ModelConfig, rngs: nnx.Rngs):
     pdt = dtype_from_name(cfg.param_dtype)
@@ -110,8 +115,23 @@ class Linear(nnx.Module):
     self.bias = _param(jnp.zeros((d_out,), pdt), names[1:]) if bias else None
     self.dtype = dtype_from_name(cfg.dtype)
 
+  @property
+  def quantized(self) -> bool:
+    """Whether the kernel is quantized storage rather than a float parameter."""
+    return not isinstance(self.kernel, nnx.Variable)
+
+  def dense_kernel(self, dtype=None):
+    """W as a float [K, N] array (dequantised when quantized), in ``dtype`` (default: stored /
+    float32 for quantized kernels)."""
+    w = self.kernel.dequantize() if self.quantized else self.kernel[...]
+    return w if dtype is None else w.astype(dtype)
+
   def __call__(self, x):
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    x = x.astype(self.dtype)
+    if self.quantized:
+      y = self.kernel.dot(x)
+    else:
+      y = jnp.dot(x, self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

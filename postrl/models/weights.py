@@ -322,7 +322,14 @@ def load_pretrained(name_or_path: str, *, param_dtype: str = "float32", dtype: s
 
 
 def state_dict(model: Transformer, dtype=None) -> dict[str, np.ndarray]:
-  """HF-named numpy tensors of a model (``[out, in]`` matrices), optionally cast."""
+  """HF-named numpy tensors of a model (``[out, in]`` matrices), optionally cast. A model with
+  quantized layers (``postrl.quant``) is refused rather than exported without its kernels."""
+  quantized = [".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(model))
+               if not isinstance(v, nnx.Param)]
+  if quantized:
+    raise WeightsError(f"model has quantized storage ({quantized[0]}, {len(quantized)} arrays): "
+                       "export the float model with postrl.quant.dequantize_model(model, "
+                       "copy=True)")
   out = {}
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     name, transpose = hf_name(path)

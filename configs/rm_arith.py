@@ -21,7 +21,11 @@ margins (0.1): much of what it learned is the concise "a op b = c" style of righ
 Rankings: ``--config.loss.name=plackett_luce --config.data.kind=rankings
 --config.data.reward=graded`` (K = ``data.k`` responses ordered by a graded verifier reward:
 right answers first, then wrong ones by closeness to the answer, shorter first among equals);
-the evaluation adds top-1 and full-order accuracy.
+the evaluation adds top-1 and full-order accuracy. ``--config.loss.name=bradley_terry`` with
+``data.kind=rankings`` trains Bradley-Terry on all C(K,2) pairs of each ranking, averaged per
+ranking (InstructGPT). Held-out rankings from ``data.eval_path`` may have another K than
+``data.k`` (the models of experiments/reward_models, trained with K = 2, 4, 8, are all evaluated
+on the same rankings of 8).
 Step labels: ``--config.loss.name=process_reward --config.data.kind=steps
 --config.data.path=steps.jsonl [--config.data.eval_path=...]`` with
 ``{"prompt", "steps": [...], "labels": [...]}`` lines.

@@ -9,7 +9,7 @@ Each loss takes arrays positionally and hyper-parameters by keyword, and returns
 Where a loss lives:
 
   _supervised.py   cross_entropy
-  _reward.py       bradley_terry, plackett_luce, process_reward
+  _reward.py       bradley_terry, bradley_terry_rankings, plackett_luce, process_reward
   _preference.py   dpo (13 variants), listwise_dpo, kto, orpo, simpo, cpo
   _policy.py       ppo_clip, value_loss, gae, group_advantages, rloo_advantages, grpo (5 variants)
   _distill.py      distill (6 divergences), distill_topk
@@ -26,14 +26,15 @@ from postrl.losses._policy import (gae, group_advantages, group_step_advantages,
                                    reinforce_pp_advantages, rloo_advantages, value_loss,
                                    value_loss_per_token)
 from postrl.losses._preference import DPO_VARIANTS, cpo, dpo, kto, listwise_dpo, orpo, simpo
-from postrl.losses._reward import (bradley_terry, plackett_luce, process_reward,
-                                   process_reward_per_step)
+from postrl.losses._reward import (bradley_terry, bradley_terry_rankings, plackett_luce,
+                                   process_reward, process_reward_per_step)
 from postrl.losses._supervised import cross_entropy, cross_entropy_per_token
 
 # name -> function returning (loss, metrics)
 LOSSES = {
     "cross_entropy": cross_entropy,
     "bradley_terry": bradley_terry,
+    "bradley_terry_rankings": bradley_terry_rankings,
     "plackett_luce": plackett_luce,
     "process_reward": process_reward,
     "dpo": dpo,
@@ -65,6 +66,7 @@ _COLUMNS = ("reward", "reference", "policy", "level", "data")
 METADATA = {name: dict(zip(_COLUMNS, row)) for name, row in {
     "cross_entropy": ("none", "reference-free", "off-policy", "token", "pointwise"),
     "bradley_terry": ("explicit", "reference-free", "off-policy", "sequence", "paired"),
+    "bradley_terry_rankings": ("explicit", "reference-free", "off-policy", "sequence", "listwise"),
     "plackett_luce": ("explicit", "reference-free", "off-policy", "sequence", "listwise"),
     "process_reward": ("explicit", "reference-free", "off-policy", "token", "pointwise"),
     "dpo": ("implicit", "needs reference", "off-policy", "sequence", "paired"),

@@ -1,4 +1,5 @@
-"""Reward-model losses: Bradley-Terry (pairs), Plackett-Luce (rankings), process reward (steps)."""
+"""Reward-model losses: Bradley-Terry (pairs, or all pairs of rankings), Plackett-Luce (rankings),
+process reward (steps)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,62 @@ def bradley_terry(chosen_rewards_B, rejected_rewards_B, *, margin_B=None):
       "rm/chosen": sg(jnp.mean(chosen)),
       "rm/rejected": sg(jnp.mean(rejected)),
       "loss_weight": jnp.asarray(diff_B.size, jnp.float32),
+  }
+  return loss, metrics
+
+
+def bradley_terry_rankings(scores_BxK, *, mask_BxK=None):
+  """Bradley-Terry on rankings: every ordered pair of a ranking, one ranking per batch element.
+
+      P_b = {(i, j): i < j, both valid}        (i is ranked above j: lists are best first)
+      L_b = 1/|P_b| sum_{(i,j) in P_b} -log sigma(s_i - s_j)
+      L   = mean of L_b over the ranked rows (|P_b| >= 1, i.e. >= 2 valid responses)
+
+  Ouyang et al. 2022, "Training language models to follow instructions with human feedback"
+  (InstructGPT, Sec. 3.5): labellers rank K responses and all C(K,2) comparisons of a prompt are
+  one batch element, loss(theta) = -1/C(K,2) E[log sigma(r(x, y_w) - r(x, y_l))], so a prompt
+  weighs the same whatever its K and its pairs are not treated as independent samples (which
+  over-fits). The pairwise model is Bradley & Terry 1952. With K = 2 this is ``bradley_terry``
+  (and ``plackett_luce``).
+
+  Masking as ``plackett_luce``: ``mask_BxK`` marks the responses in the ranking; masked entries
+  may sit anywhere, are left out of every pair (so a row equals the shorter list of its valid
+  scores in their given order) and their values are never read (nan/inf allowed). Rows with
+  fewer than 2 valid responses contribute 0 and are not counted in the mean (``loss_weight``);
+  a batch with none gives loss 0.
+
+  Args:
+    scores_BxK: r(x, y_k), listed best-first (position 0 is the most preferred response).
+    mask_BxK: optional 1 for responses in the ranking, 0 for padding (default: all valid).
+  Returns:
+    ``(loss, metrics)``: the float32 loss and, each a mean over the ranked rows,
+    ``rm/accuracy`` (the row's fraction of pairs with s_i > s_j; a tie is not a win),
+    ``rm/margin`` (the row's mean s_i - s_j over its pairs), ``rm/top1_accuracy`` (the best-ranked
+    response has the highest score, ties resolved to the lower index, as ``plackett_luce``) and
+    ``loss_weight`` (the number of ranked rows).
+  """
+  scores = _at_least_f32(scores_BxK)
+  valid_BxK = jnp.ones(scores.shape, bool) if mask_BxK is None else valid_mask(mask_BxK)
+  s_BxK = jnp.where(valid_BxK, scores, 0.0)
+  K = s_BxK.shape[-1]
+  above_KxK = jnp.triu(jnp.ones((K, K), bool), 1)
+  pair_BxKxK = above_KxK & valid_BxK[..., :, None] & valid_BxK[..., None, :]
+  diff_BxKxK = jnp.where(pair_BxKxK, s_BxK[..., :, None] - s_BxK[..., None, :], 0.0)
+  n_pairs_B = jnp.sum(pair_BxKxK, axis=(-2, -1)).astype(jnp.float32)
+  ranked_B = n_pairs_B > 0
+  per_pair = lambda v_BxKxK: (jnp.sum(jnp.where(pair_BxKxK, v_BxKxK, 0.0), axis=(-2, -1))
+                              / jnp.maximum(n_pairs_B, 1.0))
+  n_ranked = jnp.sum(ranked_B.astype(jnp.float32))
+  over_rows = lambda v_B: jnp.sum(jnp.where(ranked_B, v_B, 0.0)) / jnp.maximum(n_ranked, 1.0)
+  loss = over_rows(per_pair(-jax.nn.log_sigmoid(diff_BxKxK)))
+  first_B = jnp.argmax(valid_BxK, axis=-1)
+  best_B = jnp.argmax(jnp.where(valid_BxK, s_BxK, -jnp.inf), axis=-1)
+  sg = jax.lax.stop_gradient
+  metrics = {
+      "rm/accuracy": over_rows(per_pair((diff_BxKxK > 0).astype(jnp.float32))),
+      "rm/margin": sg(over_rows(per_pair(diff_BxKxK))),
+      "rm/top1_accuracy": over_rows((first_B == best_B).astype(jnp.float32)),
+      "loss_weight": n_ranked,
   }
   return loss, metrics
 

@@ -7,6 +7,8 @@ at the last token of that step. ``config.loss.name`` picks the loss (``postrl.lo
 
   bradley_terry   -log σ(r(x, y_w) - r(x, y_l) - m)               pairs (Ouyang et al. 2022;
                   the optional margin m as in Touvron et al. 2023)
+                  1/C(K,2) Σ_{i<j} -log σ(r_i - r_j)               rankings: all pairs of a
+                  ranking are one batch element (InstructGPT, Ouyang et al. 2022)
   plackett_luce   -Σ_k [r_k - log Σ_{j>=k} exp r_j]                rankings, best first
                   (Plackett 1975; Luce 1959); with K = 2 it is Bradley-Terry
   process_reward  BCE(σ(z_s), y_s) over the steps of a solution    step labels (Lightman et al.
@@ -24,7 +26,10 @@ Evaluation, before and after training, on the held-out records: ``pair_accuracy`
 of ordered response pairs scored in the right order: the pairwise accuracy of a BT model), for
 rankings also ``top1_accuracy`` (the best response scores highest) and ``order_accuracy`` (the
 whole ranking is reproduced), and for step labels ``step_accuracy`` (σ(z) > 0.5 agrees with
-y > 0.5) and ``step_loss``.
+y > 0.5) and ``step_loss``; the held-out scores of pairs and rankings are kept in
+``workdir/eval/scores_step{step}.npz``. Held-out rankings from ``data.eval_path`` keep their own
+length (padded to the longest of them, ``eval_k`` in the summary), whatever ``data.k`` the model
+trains with, so models trained on rankings of different K are compared on the same held-out set.
 
 With ``config.save_model`` the model is written to ``workdir/model`` as an HF folder: backbone
 tensors under transformers' names and the head as ``score.weight`` / ``score.bias``, loadable by
@@ -35,6 +40,7 @@ tensors under transformers' names and the head as ``score.weight`` / ``score.bia
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +49,8 @@ from flax import nnx
 
 from postrl.data.preference import (KINDS, OVERFLOW_MODES, REWARD_KINDS, listwise_accuracy,
                                     pairwise_accuracy, read_step_jsonl, record_batches,
-                                    tokenize_steps)
-from postrl.losses import bradley_terry, plackett_luce, process_reward
+                                    tokenize_preferences, tokenize_steps)
+from postrl.losses import bradley_terry, bradley_terry_rankings, plackett_luce, process_reward
 from postrl.models import ConfigError, ScoredTransformer
 from postrl.trainers import common
 from postrl.trainers.dpo import (apply_over_dataset, before_after, preference_records,
@@ -54,7 +60,7 @@ from postrl.trainers.loop import fit
 from postrl.trainers.step import OptimizerConfig, learning_rate_schedule, make_optimizer
 
 LOSS_NAMES = ("bradley_terry", "plackett_luce", "process_reward")
-_KINDS = {"bradley_terry": ("pairs",), "plackett_luce": ("rankings", "pairs"),
+_KINDS = {"bradley_terry": ("pairs", "rankings"), "plackett_luce": ("rankings", "pairs"),
           "process_reward": ("steps",)}
 
 
@@ -73,8 +79,14 @@ def step_logits(graphdef, params, batch):
   return jnp.take_along_axis(scores_BxT, batch["step_pos"], axis=1)
 
 
-def reward_loss(name: str, scores_BxK, mask_BxK, *, margin: float = 0.0):
-  """Bradley-Terry (columns 0 and 1 of a pair) or Plackett-Luce of sequence scores."""
+def reward_loss(name: str, scores_BxK, mask_BxK, *, margin: float = 0.0, kind: str = "pairs"):
+  """Sequence-score losses: Bradley-Terry of a pair (columns 0 and 1, ``kind="pairs"``) or of
+  every ordered pair of a ranking (``kind="rankings"``, ``bradley_terry_rankings``: a mean per
+  ranking), or Plackett-Luce (either kind)."""
+  if name == "bradley_terry" and kind == "rankings":
+    if margin:
+      raise ValueError("a Bradley-Terry margin applies to pairs only")
+    return bradley_terry_rankings(scores_BxK, mask_BxK=mask_BxK)
   if name == "bradley_terry":
     m = None if not margin else jnp.full(scores_BxK.shape[:1], margin, jnp.float32)
     return bradley_terry(scores_BxK[:, 0], scores_BxK[:, 1], margin_B=m)
@@ -83,9 +95,10 @@ def reward_loss(name: str, scores_BxK, mask_BxK, *, margin: float = 0.0):
   raise ValueError(f"unknown sequence reward loss {name!r}")
 
 
-def reward_loss_fn(graphdef, loss_cfg):
-  """``loss_fn(params, batch)`` for ``fit``. The losses report their own ``loss_weight`` (pairs,
-  ranked records, labelled steps), so gradient accumulation is exact."""
+def reward_loss_fn(graphdef, loss_cfg, kind: str = "pairs"):
+  """``loss_fn(params, batch)`` for ``fit`` on batches of data ``kind``. The losses report their
+  own ``loss_weight`` (pairs, ranked records, labelled steps), so gradient accumulation is
+  exact."""
   if loss_cfg.name == "process_reward":
     def loss_fn(params, batch):
       return process_reward(step_logits(graphdef, params, batch), batch["step_labels"],
@@ -93,7 +106,7 @@ def reward_loss_fn(graphdef, loss_cfg):
   else:
     def loss_fn(params, batch):
       return reward_loss(loss_cfg.name, sequence_scores(graphdef, params, batch),
-                         batch["response_mask"], margin=loss_cfg.get("margin", 0.0))
+                         batch["response_mask"], margin=loss_cfg.get("margin", 0.0), kind=kind)
   return loss_fn
 
 
@@ -107,6 +120,9 @@ def check_config(config) -> None:
   if data.kind not in _KINDS[name]:
     raise ConfigError(f"config.data.kind={data.kind!r} does not suit config.loss.name={name!r} "
                       f"(it needs kind {' or '.join(_KINDS[name])})")
+  if name == "bradley_terry" and data.kind == "rankings" and config.loss.get("margin", 0.0):
+    raise ConfigError("config.loss.margin: the Bradley-Terry margin applies to pairs only; set it "
+                      "to 0 for rankings (kind='rankings' uses every pair of a ranking)")
   if data.kind == "steps" and not data.path:
     raise ConfigError("config.data.path: step labels (kind='steps') come from a JSONL file of "
                       "{\"prompt\", \"steps\", \"labels\"} records; set config.data.path")
@@ -120,15 +136,20 @@ def check_config(config) -> None:
 # ----------------------------------------------------------------------------------- eval
 
 
-def sequence_eval(score_fn, data, *, batch_size: int, mesh):
+def sequence_eval(score_fn, data, *, batch_size: int, mesh, scores_dir: str | None = None):
   """``extra(params, step)``: held-out pair accuracy (and top-1 / full-order accuracy for
-  rankings) of the model's scores on ``data``."""
+  rankings) of the model's scores on ``data``. With ``scores_dir`` the scores are also written
+  there (``scores_step{step}.npz``: ``scores`` float32 [N, K], ``mask`` [N, K], process 0), for
+  per-record analysis such as a bootstrap over the held-out records."""
   mask = response_masks(data)
 
   def extra(params, step):
-    del step
     scores = apply_over_dataset(score_fn, params, data, batch_size=batch_size,
                                 mesh=mesh)["scores"]
+    if scores_dir and jax.process_index() == 0:
+      os.makedirs(scores_dir, exist_ok=True)
+      np.savez(os.path.join(scores_dir, f"scores_step{step}.npz"),
+               scores=np.asarray(scores, np.float32), mask=mask)
     out = {"pair_accuracy": pairwise_accuracy(scores, mask)}
     if data.kind == "rankings":
       listwise = listwise_accuracy(scores, mask)
@@ -156,6 +177,20 @@ def step_eval(logit_fn, data, *, batch_size: int, mesh):
 
 
 # -------------------------------------------------------------------------------------- data
+
+
+def held_out_data(records, run, config):
+  """Held-out pairs or rankings, tokenised. Rankings keep their own length: K is the longest
+  held-out ranking, not ``data.k``, so a file of rankings of any K evaluates a model trained on
+  any K (shorter rankings are padded with masked responses)."""
+  if config.data.kind != "rankings":
+    return tokenized(records, run, config, "eval")
+  data = tokenize_preferences(records, run.tokenizer, seq_len=config.seq_len,
+                              system_prompt=config.get("system_prompt") or None,
+                              overflow=config.data.overflow, source="eval")
+  if data.num_truncated and jax.process_index() == 0:
+    print(f"eval: {data.num_truncated} responses truncated to fit seq_len={config.seq_len}")
+  return data
 
 
 def _step_data(config, run):
@@ -206,7 +241,7 @@ def run(config, workdir: str | None) -> dict:
   else:
     train_records, held_records, info = preference_records(config, run_, workdir, files)
     train = tokenized(train_records, run_, config, "train")
-    held = tokenized(held_records, run_, config, "eval") if held_records else None
+    held = held_out_data(held_records, run_, config) if held_records else None
 
   rm = ScoredTransformer(nnx.merge(run_.graphdef, run_.params), rngs=nnx.Rngs(config.seed))
   backbone_graphdef = nnx.split(rm.backbone)[0]
@@ -221,10 +256,11 @@ def run(config, workdir: str | None) -> dict:
                       batch_size=config.batch_size, mesh=run_.mesh)
   elif held is not None:
     extra = sequence_eval(jax.jit(lambda p, b: {"scores": sequence_scores(graphdef, p, b)}),
-                          held, batch_size=config.batch_size, mesh=run_.mesh)
+                          held, batch_size=config.batch_size, mesh=run_.mesh,
+                          scores_dir=os.path.join(workdir, "eval") if workdir else None)
   optim = OptimizerConfig(total_steps=config.steps, **config.optim.to_dict())
   result = fit(
-      reward_loss_fn(graphdef, config.loss), params, make_optimizer(optim),
+      reward_loss_fn(graphdef, config.loss, config.data.kind), params, make_optimizer(optim),
       record_batches(train, batch_size=config.batch_size, seed=config.seed), mesh=run_.mesh,
       total_steps=config.steps, workdir=workdir, seed=config.seed,
       accum_steps=config.accum_steps, save_every=config.checkpoint.every,
@@ -237,6 +273,7 @@ def run(config, workdir: str | None) -> dict:
 
   summary_extra = dict(loss=config.loss.name, num_train_records=len(train),
                        num_eval_records=len(held or ()), num_truncated=train.num_truncated,
+                       train_k=getattr(train, "k", None), eval_k=getattr(held, "k", None),
                        seconds_per_step=seconds_per_step(result.history), data=info)
   keys = (("eval/step_accuracy", "eval/step_loss") if steps else
           ("eval/pair_accuracy", "eval/top1_accuracy", "eval/order_accuracy"))

@@ -83,7 +83,8 @@ def test_bad_config_is_a_config_error():
         data=dict(dict(kind="pairs", path="", overflow="truncate", reward="exact"), **data)))
   rmt.check_config(config())
   for kwargs, message in [(dict(loss="bt"), "config.loss.name"),
-                          (dict(kind="rankings"), "does not suit"),
+                          (dict(kind="steps"), "does not suit"),
+                          (dict(loss="process_reward", kind="rankings"), "does not suit"),
                           (dict(loss="process_reward", kind="steps"), "config.data.path"),
                           (dict(reward="fuzzy"), "config.data.reward")]:
     with pytest.raises(ConfigError, match=message):
@@ -187,3 +188,92 @@ def test_process_reward_model_learns_step_labels(tiny_model_dir, tmp_path):
   assert summary["step_accuracy_after"] == 1.0 and summary["last_loss"] < summary["first_loss"]
   metrics = [r for r in read_metrics(tmp_path / "w" / "metrics.jsonl") if "loss" in r]
   assert [r["loss_weight"] for r in metrics] == [8.0] * 3           # 4 records x 2 steps
+
+
+# ------------------------------------------------- Bradley-Terry on rankings, held-out rankings
+
+
+def test_bradley_terry_on_rankings_averages_every_pair_of_each_ranking():
+  s = jnp.array([[2.0, 1.0, 0.0], [0.0, 1.0, 7.0]])
+  mask = jnp.array([[1, 1, 1], [1, 1, 0]])
+  loss, m = rmt.reward_loss("bradley_terry", s, mask, kind="rankings")
+  row0 = -(2 * math.log(sig(1.0)) + math.log(sig(2.0))) / 3       # pairs (0,1), (0,2), (1,2)
+  row1 = -math.log(sig(-1.0))                                     # the masked 7 takes no part
+  assert float(loss) == pytest.approx((row0 + row1) / 2, rel=1e-6)
+  assert float(m["rm/accuracy"]) == 0.5 and float(m["loss_weight"]) == 2
+  pairs, _ = rmt.reward_loss("bradley_terry", s[:, :2], mask[:, :2])   # K = 2: the pair loss
+  as_rankings, _ = rmt.reward_loss("bradley_terry", s[:, :2], mask[:, :2], kind="rankings")
+  assert float(as_rankings) == pytest.approx(float(pairs), rel=1e-6)
+  with pytest.raises(ValueError, match="pairs only"):
+    rmt.reward_loss("bradley_terry", s, mask, margin=0.5, kind="rankings")
+  config = ml_collections.ConfigDict(dict(
+      loss=dict(name="bradley_terry", margin=0.0),
+      data=dict(kind="rankings", path="", overflow="truncate", reward="graded")))
+  rmt.check_config(config)
+  config.loss.margin = 0.5
+  with pytest.raises(ConfigError, match="config.loss.margin"):
+    rmt.check_config(config)
+
+
+def test_held_out_rankings_keep_their_own_k_and_are_scored_over_all_pairs():
+  from types import SimpleNamespace  # pylint: disable=import-outside-toplevel
+  from postrl import sharding as shd  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict(dict(
+      seq_len=40, system_prompt="", data=dict(kind="rankings", k=2, overflow="truncate")))
+  records = [RankingRecord("q0", ("a", "b", "c", "d")), RankingRecord("q1", ("a", "b", "c")),
+             RankingRecord("q2", ("a", "bb", "c", "dd"))]
+  held = rmt.held_out_data(records, SimpleNamespace(tokenizer=FakeTokenizer()), config)
+  assert held.k == 4 and len(held) == 3                            # not data.k = 2
+  np.testing.assert_array_equal(rmt.response_masks(held), [[1, 1, 1, 1], [1, 1, 1, 0],
+                                                           [1, 1, 1, 1]])
+  table = jnp.array([[3.0, 2.0, 1.0, 0.0],      # right order: 6/6 pairs, top-1, full order
+                     [0.0, 1.0, 2.0, 9.0],      # reversed (the padded 9 is not read): 0/3 pairs
+                     [3.0, 2.0, 0.0, 1.0]])     # 5/6 pairs, top-1, not the full order
+  score_fn = jax.jit(lambda p, b: {"scores": table[b["index"]]})
+  mesh = shd.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
+  out = rmt.sequence_eval(score_fn, held, batch_size=8, mesh=mesh)(None, 0)
+  assert out["pair_accuracy"] == pytest.approx(11 / 15)
+  assert out["top1_accuracy"] == pytest.approx(2 / 3)
+  assert out["order_accuracy"] == pytest.approx(1 / 3)
+
+
+def test_bradley_terry_trains_on_rankings_and_evaluates_longer_held_out_rankings(
+    tiny_model_dir, tmp_path):
+  # pylint: disable-next=import-outside-toplevel
+  from postrl.models import load_pretrained, load_tokenizer
+  train = [RankingRecord(f"What is {i} + 1?", (f"{i + 1}", f"{i + 3}", "no idea"))
+           for i in range(8)]
+  held = [RankingRecord(f"What is {i} + 2?", (f"{i + 2}", f"{i + 3}", f"{i + 9}", "no"))
+          for i in range(5)]
+  write_jsonl(tmp_path / "train.jsonl", train)
+  write_jsonl(tmp_path / "held.jsonl", held)
+  config = _in_process_config(tiny_model_dir, kind="rankings", k=3, reward="graded",
+                              path=str(tmp_path / "train.jsonl"),
+                              eval_path=str(tmp_path / "held.jsonl"))
+  summary = rmt.run(config, str(tmp_path / "w"))
+  assert summary["train_k"] == 3 and summary["eval_k"] == 4 and summary["num_eval_records"] == 5
+  for key in ("pair_accuracy", "top1_accuracy", "order_accuracy"):
+    for when in ("before", "after"):   # 5 rankings x 6 pairs; 5 rankings
+      value = summary[f"{key}_{when}"] * (30 if key == "pair_accuracy" else 5)
+      assert value == pytest.approx(round(value), abs=1e-6)
+  saved = np.load(tmp_path / "w" / "eval" / "scores_step3.npz")     # the held-out scores
+  assert saved["scores"].shape == (5, 4) and saved["mask"].all()
+  assert summary["pair_accuracy_after"] == pytest.approx(
+      np.mean([saved["scores"][:, i] > saved["scores"][:, j]
+               for i in range(4) for j in range(i + 1, 4)]))
+  metrics = [r for r in read_metrics(tmp_path / "w" / "metrics.jsonl") if "loss" in r]
+  assert [r["loss_weight"] for r in metrics] == [4.0] * 3           # rankings, not pairs
+  assert all("rm/accuracy" in r and "rm/top1_accuracy" in r for r in metrics)
+
+  # the first step's loss is the InstructGPT loss of the initial model on the first batch
+  rm = ScoredTransformer(load_pretrained(tiny_model_dir, param_dtype="float32", dtype="float32"),
+                         rngs=nnx.Rngs(config.seed))
+  graphdef, params = nnx.split(rm)
+  data = tokenize_preferences(train, load_tokenizer(tiny_model_dir), seq_len=config.seq_len, k=3)
+  batch = next(record_batches(data, batch_size=4, seed=config.seed, shard_index=0,
+                              shard_count=1))
+  scores = rmt.sequence_scores(graphdef, params, batch)
+  want, _ = rmt.reward_loss("bradley_terry", scores, batch["response_mask"], kind="rankings")
+  pl, _ = rmt.reward_loss("plackett_luce", scores, batch["response_mask"])
+  assert metrics[0]["loss"] == pytest.approx(float(want), rel=1e-4)
+  assert abs(float(want) - float(pl)) > 1e-2                         # the test tells them apart

@@ -107,6 +107,11 @@ class Linear(nnx.Module):
   ``kernel`` is a float ``nnx.Param`` [K, N], or, after ``postrl.quant.quantize_model``, a
   ``postrl.quant.QuantizedWeight`` (int8 / packed int4 / NF4 storage, not trainable) whose
   ``dot`` is the library's one quantized matmul (``postrl.quant.formats.quantized_dot``).
+
+  ``postrl.peft.apply_lora`` attaches an adapter module as ``self.lora`` (LoRA / DoRA, not merged):
+  the layer's output is then ``lora(self, x)`` (base + low-rank update + bias, see
+  ``postrl.peft.lora``). Without an adapter the layer has no ``lora`` attribute and the path
+  below is unchanged.
   """
 
   def __init__(self, d_in, d_out, names, *, bias, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -128,6 +133,9 @@ class Linear(nnx.Module):
 
   def __call__(self, x):
     x = x.astype(self.dtype)
+    adapter = getattr(self, "lora", None)
+    if adapter is not None and not adapter.merged:
+      return adapter(self, x)
     if self.quantized:
       y = self.kernel.dot(x)
     else:
@@ -167,18 +175,34 @@ class Attention(nnx.Module):
     self.o_proj = Linear(self.num_heads * hd, d, ("q_heads", "embed"), bias=cfg.o_bias,
                          cfg=cfg, rngs=rngs)
 
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, inv_freq, kv=None):
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, inv_freq, kv=None, prefix_kv=None,
+               rope_positions_BxT=None):
+    """Self-attention of ``x`` [B, T, D]; returns (output, updated cache slice or None).
+
+    ``positions_BxT`` are the cache slots (and the RoPE positions unless ``rope_positions_BxT``
+    is given). ``prefix_kv`` = (k, v), each [B or 1, P, Hkv, Dh]: key/value pairs every query
+    attends before the sequence's own (prefix / prompt tuning, ``postrl.peft``); without it
+    ``self.prefix`` (a ``postrl.peft`` prefix module) is used when present.
+    """
     B, T, _ = x_BxTxD.shape
     q = self.q_proj(x_BxTxD).reshape(B, T, self.num_heads, self.head_dim)
     k = self.k_proj(x_BxTxD).reshape(B, T, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x_BxTxD).reshape(B, T, self.num_kv_heads, self.head_dim)
-    q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
+    rope_pos = positions_BxT if rope_positions_BxT is None else rope_positions_BxT
+    q, k = apply_rope(q, rope_pos, inv_freq), apply_rope(k, rope_pos, inv_freq)
+    if prefix_kv is None and getattr(self, "prefix", None) is not None:
+      prefix_kv = self.prefix()
     if kv is not None:  # write this chunk into its slots (slot == position), read the whole cache
       cache_k, cache_v = kv
       rows = jnp.arange(B)[:, None]
       k = cache_k.at[rows, positions_BxT].set(k.astype(cache_k.dtype), mode="drop")
       v = cache_v.at[rows, positions_BxT].set(v.astype(cache_v.dtype), mode="drop")
       kv = (k, v)
+    if prefix_kv is not None:  # every query also attends the P prefix pairs
+      pk, pv = (jnp.broadcast_to(a, (B, *a.shape[1:])).astype(k.dtype) for a in prefix_kv)
+      k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
+      mask_BxTxS = jnp.broadcast_to(mask_BxTxS, (B, T, mask_BxTxS.shape[-1]))
+      mask_BxTxS = jnp.concatenate([jnp.ones((B, T, pk.shape[1]), bool), mask_BxTxS], axis=-1)
     out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS)
     return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), kv
 
@@ -218,8 +242,9 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg=cfg)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, positions, mask, inv_freq, kv=None):
-    attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq, kv)
+  def __call__(self, x, positions, mask, inv_freq, kv=None, prefix_kv=None, rope_positions=None):
+    attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq, kv, prefix_kv,
+                              rope_positions)
     x = x + attn
     return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -280,10 +305,17 @@ class Transformer(nnx.Module):
       mask = causal & (seg[:, :, None] == seg[:, None, :])
     inv_freq = rope_inv_freq(cfg)
     x = jnp.take(self.embed_tokens[...], tokens_BxT, axis=0).astype(dt)
+    # prompt tuning (postrl.peft): virtual tokens at positions 0..P-1 before every sequence
+    prompt = getattr(self, "prompt", None)
+    prompt_kv, rope_positions = None, None
+    if prompt is not None:
+      prompt_kv = self.virtual_kv(prompt()[None].astype(dt), inv_freq)
+      rope_positions = positions_BxT + prompt.num_virtual_tokens
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, kv = layer(x, positions_BxT, mask, inv_freq, kv)
+      x, kv = layer(x, positions_BxT, mask, inv_freq, kv,
+                    None if prompt_kv is None else prompt_kv[i], rope_positions)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
@@ -291,6 +323,21 @@ class Transformer(nnx.Module):
     if cache is None:
       return x
     return x, KVCache(tuple(new_k), tuple(new_v))
+
+  def virtual_kv(self, x_1xPxD, inv_freq):
+    """Per-layer (k, v) [1, P, Hkv, Dh] of P input embeddings run alone through the blocks at
+    positions 0..P-1 (causal): what tokens after them attend (prompt tuning, Lester et al. 2021)."""
+    P = x_1xPxD.shape[1]
+    cfg = self.config
+    positions = jnp.arange(P)[None]
+    mask = jnp.tril(jnp.ones((P, P), bool))[None]
+    shape = (1, P, cfg.num_key_value_heads, cfg.dim_per_head)
+    out, x = [], x_1xPxD
+    for layer in self.layers:  # a cache of exactly P slots returns each layer's k, v
+      zeros = jnp.zeros(shape, x_1xPxD.dtype)
+      x, kv = layer(x, positions, mask, inv_freq, (zeros, zeros))
+      out.append(kv)
+    return out
 
   def unembed_VxD_or_DxV(self):
     """The output projection as stored: (matrix, is_tied). Tied: E [V, D]; untied: W [D, V]."""

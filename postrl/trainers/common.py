@@ -85,20 +85,43 @@ class Run:
   eval_problems: list
   t_start: float
   eval_records: dict = dataclasses.field(default_factory=dict)  # step -> per-problem records
+  # PEFT (config.peft, postrl.peft): ``params`` is then only the trainable adapters and ``frozen``
+  # the rest (host copy), for ``fit(..., frozen=run.frozen)``; None = full fine-tuning.
+  frozen: Any = None
+  peft: Any = None
 
 
 def start(config, *, model: str | None = None) -> Run:
-  """Eval problems, mesh, then the (slow) model load: cheap checks fail first."""
+  """Eval problems, mesh, then the (slow) model load: cheap checks fail first.
+
+  With ``config.peft.method`` other than "none" (``postrl.peft.default_config``) the method is
+  applied to the loaded model and ``run.params`` holds only the trainable adapters, ``run.frozen``
+  the frozen base (pass ``frozen=run.frozen`` to ``fit``)."""
+  from postrl import peft  # pylint: disable=import-outside-toplevel
   t_start = time.perf_counter()
   held_out = eval_problems(config)
+  peft_cfg = config.get("peft")
+  use_peft = peft_cfg is not None and peft.enabled(peft_cfg)
+  if use_peft:
+    peft.check_config(peft_cfg)
   mesh = shd.make_mesh([tuple(a) for a in config.mesh])
   name = model or config.model
   module = load_pretrained(name, param_dtype=config.param_dtype, dtype=config.dtype)
   tokenizer = load_tokenizer(name)
-  graphdef, params = nnx.split(module)
+  frozen = None
+  if use_peft:
+    peft.apply_peft(module, peft_cfg)
+    graphdef, params, frozen = peft.split_trainable(module)
+    frozen = jax.tree.map(np.asarray, frozen)
+    if jax.process_index() == 0:
+      print(f"peft {peft_cfg.method}: {peft.num_elements(params):,} trainable of "
+            f"{peft.num_elements(params) + peft.num_elements(frozen):,} stored elements")
+  else:
+    graphdef, params = nnx.split(module)
   params = jax.tree.map(np.asarray, params)  # the device copy is freed with the module
   return Run(mesh=mesh, graphdef=graphdef, params=params, model_cfg=module.config,
-             tokenizer=tokenizer, eval_problems=held_out, t_start=t_start)
+             tokenizer=tokenizer, eval_problems=held_out, t_start=t_start, frozen=frozen,
+             peft=peft_cfg if use_peft else None)
 
 
 def check_rows(rows: int, mesh, accum_steps: int, *, what: str) -> None:
@@ -138,9 +161,10 @@ def task_eval_fn(run: Run, config, *, extra: Callable[[Any, int], dict] | None =
   return eval_fn
 
 
-def fingerprint(config, model_cfg, *keys: str, sections=("data", "optim")) -> dict:
+def fingerprint(config, model_cfg, *keys: str, sections=("data", "optim", "peft")) -> dict:
   """What a checkpoint must match to be resumed: the model, the config ``sections`` and ``keys``.
-  ``steps`` may change (a run can be extended), as may logging and evaluation settings."""
+  ``steps`` may change (a run can be extended), as may logging and evaluation settings. (With
+  PEFT, ``fit`` adds the frozen base's digest.)"""
   out = dict(model=dataclasses.asdict(model_cfg), param_dtype=config.get("param_dtype"),
              seed=config.get("seed"))
   for s in sections:
@@ -186,11 +210,41 @@ def finish(run: Run, config, workdir: str | None, result, *,
                      eval_after=run.eval_records.get(last) if last else None), f, indent=1,
                 default=str)
     os.replace(tmp, os.path.join(workdir, "results.json"))
-  if workdir and config.get("save_model"):
+  if workdir and run.frozen is not None and export is None:
+    save_peft(run, workdir, result.state.params, merged=bool(config.get("save_model")))
+  elif workdir and config.get("save_model"):
     graphdef, params = (export(result.state.params) if export
                         else (run.graphdef, result.state.params))
     save_model(graphdef, params, os.path.join(workdir, "model"), tokenizer=run.tokenizer)
   return summary
+
+
+def save_peft(run: Run, workdir: str, trainable, *, merged: bool) -> None:
+  """PEFT outputs: the adapters alone (``workdir/adapter.safetensors`` + ``adapter_config.json``,
+  ``postrl.peft.save_adapters``) and, with ``merged``, the merged model as a HF folder
+  ``workdir/model`` (``postrl.peft.merged_model``: adapters folded into the kernels, a quantized
+  base dequantised; prompt / prefix tuning has no merged form and writes the adapters only)."""
+  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils
+  from postrl import peft
+  from postrl.models import save_pretrained, save_tokenizer
+  host = multihost_utils.process_allgather(trainable, tiled=True)
+  if jax.process_index() != 0:
+    return
+  model = nnx.merge(run.graphdef, peft.combine(host, run.frozen))
+  peft.save_adapters(host, workdir, run.peft)
+  print(f"wrote {os.path.join(workdir, peft.ADAPTER_FILE)} (+ {peft.ADAPTER_CONFIG})")
+  if not merged:
+    return
+  if peft.has_prompt_or_prefix(model):
+    print(f"config.peft.method={run.peft.method}: no merged model (virtual tokens have no place "
+          "in the base architecture); the adapters are the export")
+    return
+  path = os.path.join(workdir, "model")
+  save_pretrained(peft.merged_model(model, copy=False), path)
+  if run.tokenizer is not None and not run.tokenizer.is_sentencepiece:
+    save_tokenizer(run.tokenizer, path)
+  print(f"wrote {path} (adapters merged; loads with load_pretrained or transformers)")
 
 
 def save_model(graphdef, params, path: str, *, tokenizer=None) -> None:

@@ -88,7 +88,7 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
         log_every: int = 1, lr_schedule: Callable | None = None,
         flops_per_token: float | None = None, eval_fn: Callable[[Any, int], dict] | None = None,
         eval_every: int = 0, eval_before: bool = False, stop_check_every: int = 10,
-        rules=shd.RULES, progress: bool = True) -> FitResult:
+        rules=shd.RULES, progress: bool = True, frozen=None) -> FitResult:
   """Trains ``params`` with ``loss_fn`` for ``total_steps`` optimizer steps; see the module doc.
 
   Args:
@@ -110,8 +110,23 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
     eval_fn: ``(params, step) -> metrics`` run every ``eval_every`` steps and at the end.
     eval_before: also evaluate the initial parameters, logged as step 0 (not when resuming).
     stop_check_every: on several processes, how often (steps) they agree on a SIGTERM/Ctrl-C.
+    frozen: PEFT (``postrl.peft``): the frozen part of the parameters (host arrays); ``params``
+      is then only the trainable part, the only one differentiated, given optimizer state and
+      checkpointed. ``frozen`` is placed by its logical axes and passed to the jitted step as a
+      separate, non-donated argument; its digest joins the fingerprint (a checkpoint resumes only
+      on the same base). ``loss_fn``, ``eval_fn`` and ``next_batch`` get the full parameters
+      (``postrl.peft.combine``).
   """
   is_main = jax.process_index() == 0
+  combine, frozen_shardings = None, None
+  if frozen is not None:
+    from postrl import peft  # pylint: disable=import-outside-toplevel
+    combine = peft.combine
+    if fingerprint is not None:
+      fingerprint = dict(fingerprint, frozen_base=peft.base_digest(frozen))
+    frozen_shardings = shd.state_shardings(frozen, mesh, rules)
+    frozen = shd.put_global(frozen, frozen_shardings)
+  full = (lambda p: p) if frozen is None else (lambda p: combine(p, frozen))
   structs, shardings = abstract_state(params, tx, seed=seed, mesh=mesh, rules=rules)
   ckpt = None
   start_step, resumed_from = 0, None
@@ -136,7 +151,8 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
 
   step_fn = make_train_step(loss_fn, tx, state_shardings=shardings,
                             batch_sharding=shd.batch_sharding(mesh, rules), accum_steps=accum_steps,
-                            mesh=mesh)
+                            mesh=mesh, combine=combine, frozen_shardings=frozen_shardings)
+  frozen_args = () if frozen is None else (frozen,)
   peak = peak_flops(jax.devices()[0])
   logger = MetricsLogger(workdir, total_steps=total_steps, enabled=is_main, start_step=start_step,
                          progress=progress and is_main)
@@ -180,7 +196,7 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
     return m
 
   def evaluate(step):
-    result = {f"eval/{k}": v for k, v in eval_fn(state.params, step).items()}
+    result = {f"eval/{k}": v for k, v in eval_fn(full(state.params), step).items()}
     logger.write(step, result)
     history.append(dict(result, step=step))
 
@@ -192,8 +208,8 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
     with PreemptionGuard(sigint=True) as guard:
       while step < total_steps:
         # an on-policy source (RL rollouts, on-policy distillation) samples with the current params
-        host_batch = (batches.next_batch(state.params, step) if hasattr(batches, "next_batch")
-                      else next(batches))
+        host_batch = (batches.next_batch(full(state.params), step)
+                      if hasattr(batches, "next_batch") else next(batches))
         source_metrics = batches.pop_metrics() if hasattr(batches, "pop_metrics") else {}
         rows = len(next(iter(host_batch.values()))) * jax.process_count()
         if rows % divisor:
@@ -203,7 +219,7 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
         tokens = (int(np.sum(np.asarray(host_batch["segment_ids"]) > 0))
                   if "segment_ids" in host_batch else int(np.size(next(iter(host_batch.values())))))
         batch = shd.put_batch(host_batch, mesh, rules)
-        state, dev_metrics = step_fn(state, batch)
+        state, dev_metrics = step_fn(state, batch, *frozen_args)
         step += 1
         if pending is not None:
           finish(pending)

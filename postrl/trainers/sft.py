@@ -74,7 +74,7 @@ def run(config, workdir: str | None) -> dict:
       lr_schedule=learning_rate_schedule(optim),
       flops_per_token=common.model_flops(run_.model_cfg, config.seq_len),
       eval_fn=common.task_eval_fn(run_, config) if run_.eval_problems else None,
-      eval_every=config.eval.every, eval_before=config.eval.before)
+      eval_every=config.eval.every, eval_before=config.eval.before, frozen=run_.frozen)
   return common.finish(run_, config, workdir, result, num_train_records=len(records))
 
 

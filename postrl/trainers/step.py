@@ -153,17 +153,25 @@ def loss_and_grads(loss_fn: LossFn, params, batch: dict, rng, *, accum_steps: in
 
 
 def train_step(loss_fn: LossFn, tx: optax.GradientTransformation, state: TrainState, batch: dict,
-               *, accum_steps: int = 1, micro_sharding=None) -> tuple[TrainState, dict]:
+               *, accum_steps: int = 1, micro_sharding=None, frozen=None,
+               combine: Callable | None = None) -> tuple[TrainState, dict]:
   """One optimizer update from one (global) batch. Pure; ``make_train_step`` jits it.
 
   ``loss_fn`` receives the batch dict plus ``batch["rng"]``: a PRNG key distinct per step and
   micro-batch (for dropout or sampling inside a loss).
+
+  PEFT: with ``frozen`` (the non-trainable part of the parameters) ``state.params`` holds only the
+  trainable arrays; ``loss_fn`` gets ``combine(params, frozen, rng)`` (the full parameters, e.g.
+  ``postrl.peft.combine``) and only ``state.params`` is differentiated and updated.
 
   Returns the new state (or the old one, untouched, when the loss or gradients are not finite)
   and metrics: the loss_fn's (weighted) metrics plus ``loss``, ``loss_weight`` (summed over
   micro-batches), ``optim/grad_norm`` (before clipping), ``optim/param_norm`` and ``step/finite``.
   """
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  if frozen is not None:
+    inner = loss_fn
+    loss_fn = lambda p, b: inner(combine(p, frozen, b["rng"]), b)
   loss, metrics, grads, w = loss_and_grads(loss_fn, state.params, batch, rng,
                                            accum_steps=accum_steps, micro_sharding=micro_sharding)
   grad_norm = optax.global_norm(grads)
@@ -181,8 +189,12 @@ def train_step(loss_fn: LossFn, tx: optax.GradientTransformation, state: TrainSt
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, state_shardings=None,
-                    batch_sharding=None, accum_steps: int = 1, mesh=None):
+                    batch_sharding=None, accum_steps: int = 1, mesh=None,
+                    combine: Callable | None = None, frozen_shardings=None):
   """``jit(train_step)`` with the state donated and, when given, explicit in/out shardings.
+
+  With ``combine`` (PEFT) the step is ``step(state, batch, frozen)``: the frozen parameters are a
+  third, sharded (``frozen_shardings``), non-donated argument (never a closed-over constant).
 
   Args:
     loss_fn: ``(params, batch) -> (loss, metrics)``.
@@ -201,8 +213,13 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, state_
     return train_step(loss_fn, tx, state, batch, accum_steps=accum_steps,
                       micro_sharding=micro_sharding)
 
+  def peft_step(state, batch, frozen):
+    return train_step(loss_fn, tx, state, batch, accum_steps=accum_steps,
+                      micro_sharding=micro_sharding, frozen=frozen, combine=combine)
+
   kwargs = {}
   if state_shardings is not None:
-    kwargs["in_shardings"] = (state_shardings, batch_sharding)
+    kwargs["in_shardings"] = ((state_shardings, batch_sharding) if combine is None
+                              else (state_shardings, batch_sharding, frozen_shardings))
     kwargs["out_shardings"] = (state_shardings, None)
-  return jax.jit(step, donate_argnums=(0,), **kwargs)
+  return jax.jit(step if combine is None else peft_step, donate_argnums=(0,), **kwargs)

@@ -1,0 +1,221 @@
+"""PEFT through the config: apply a method, split trainable from frozen, merge, export, save.
+
+    config.peft = peft.default_config()        # method "none" | "lora" | "qlora" | "dora" |
+                                               #        "prompt" | "prefix"
+    apply_peft(model, config.peft)             # in place
+    graphdef, trainable, frozen = split_trainable(model)
+    params = combine(trainable, frozen)        # what nnx.merge(graphdef, params) takes
+
+Only ``trainable`` (the ``AdapterParam`` arrays) is differentiated, carried in the optimizer state
+and checkpointed; ``frozen`` (the base weights, quantized storage, dropout keys) is rebuilt from
+the model source and fingerprinted (``base_digest``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from postrl.peft.lora import (AdapterParam, DropoutKey, PEFTError, apply_dora, apply_lora,
+                              apply_qlora, lora_layers, merge_lora, strip_lora)
+from postrl.peft.prompt import apply_prefix_tuning, apply_prompt_tuning
+
+METHODS = ("none", "lora", "qlora", "dora", "prompt", "prefix")
+DEFAULT_TARGETS = r"self_attn\.(q|v)_proj"
+ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """``config.peft`` with every key (method "none": full fine-tuning)."""
+  return ml_collections.ConfigDict(dict(
+      method="none", rank=8, alpha=16.0, dropout=0.0, targets=DEFAULT_TARGETS, quant="nf4_dq",
+      num_virtual_tokens=16, seed=0))
+
+
+def _get(cfg, key):
+  defaults = default_config()
+  return cfg.get(key, defaults[key]) if cfg is not None else defaults[key]
+
+
+def enabled(peft_cfg) -> bool:
+  """Whether ``peft_cfg`` asks for a PEFT method (after checking it names a known one)."""
+  method = _get(peft_cfg, "method")
+  if method not in METHODS:
+    raise PEFTError(f"config.peft.method: unknown method {method!r}; known: {', '.join(METHODS)}")
+  return method != "none"
+
+
+def check_config(peft_cfg) -> None:
+  """Cheap checks of ``config.peft`` before any model is loaded (PEFTError naming the key)."""
+  if not enabled(peft_cfg):
+    return
+  method = _get(peft_cfg, "method")
+  unknown = sorted(set(peft_cfg.keys()) - set(default_config().keys()))
+  if unknown:
+    raise PEFTError(f"config.peft: unknown key(s) {unknown}; known: {sorted(default_config())}")
+  if method in ("prompt", "prefix"):
+    n = _get(peft_cfg, "num_virtual_tokens")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+      raise PEFTError(f"config.peft.num_virtual_tokens must be a positive integer, got {n!r}")
+    return
+  rank, alpha, dropout = (_get(peft_cfg, k) for k in ("rank", "alpha", "dropout"))
+  if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+    raise PEFTError(f"config.peft.rank must be a positive integer, got {rank!r}")
+  if not alpha > 0:
+    raise PEFTError(f"config.peft.alpha must be > 0 (the update is scaled by alpha / rank), "
+                    f"got {alpha!r}")
+  if not 0.0 <= dropout < 1.0:
+    raise PEFTError(f"config.peft.dropout must be in [0, 1), got {dropout!r}")
+  if method == "qlora":
+    from postrl.quant import parse_spec  # pylint: disable=import-outside-toplevel
+    parse_spec(_get(peft_cfg, "quant"))
+
+
+def apply_peft(model, peft_cfg):
+  """Applies ``peft_cfg.method`` to ``model`` in place and returns it (see ``default_config``)."""
+  check_config(peft_cfg)
+  method = _get(peft_cfg, "method")
+  seed = _get(peft_cfg, "seed")
+  if method == "none":
+    return model
+  if method in ("prompt", "prefix"):
+    fn = apply_prompt_tuning if method == "prompt" else apply_prefix_tuning
+    return fn(model, num_virtual_tokens=_get(peft_cfg, "num_virtual_tokens"), seed=seed)
+  kwargs = dict(rank=_get(peft_cfg, "rank"), alpha=float(_get(peft_cfg, "alpha")),
+                targets=_get(peft_cfg, "targets"), dropout=float(_get(peft_cfg, "dropout")),
+                seed=seed)
+  if method == "qlora":
+    return apply_qlora(model, quant=_get(peft_cfg, "quant"), **kwargs)
+  return (apply_dora if method == "dora" else apply_lora)(model, **kwargs)
+
+
+# ------------------------------------------------------------------------ trainable / frozen
+
+
+def split_trainable(model):
+  """(graphdef, trainable, frozen): the ``AdapterParam`` arrays, and everything else."""
+  return nnx.split(model, AdapterParam, ...)
+
+
+def set_dropout_keys(state, rng):
+  """``state`` with every ``DropoutKey`` set to its own key ``fold_in(rng, i)`` and the train
+  flag on (adapter dropout active)."""
+  flat = nnx.to_flat_state(state)
+  out, i = [], 0
+  for path, var in flat:
+    if isinstance(var, DropoutKey):
+      data = jax.random.key_data(jax.random.fold_in(rng, i)).astype(jnp.uint32).reshape(-1)[:2]
+      var = var.replace(jnp.concatenate([data, jnp.ones((1,), jnp.uint32)]))
+      i += 1
+    out.append((path, var))
+  return nnx.from_flat_state(out)
+
+
+def combine(trainable, frozen, rng=None):
+  """The full parameter state ``nnx.merge(graphdef, ...)`` takes; with ``rng`` (a training step)
+  the adapters' dropout keys are drawn from it."""
+  state = nnx.merge_state(trainable, frozen)
+  return state if rng is None else set_dropout_keys(state, rng)
+
+
+def num_elements(state) -> int:
+  """Number of array elements of a state / pytree."""
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state) if hasattr(x, "shape")))
+
+
+def base_digest(frozen) -> str:
+  """BLAKE2b of the frozen state (paths, dtypes, shapes, bytes): what an adapter-only checkpoint
+  must be resumed against (the base is rebuilt from the model source, not checkpointed)."""
+  h = hashlib.blake2b(digest_size=16)
+  for path, var in nnx.to_flat_state(frozen):
+    if isinstance(var, DropoutKey):  # overwritten every step
+      continue
+    arr = np.asarray(jax.device_get(var.get_value()))
+    h.update(repr((tuple(str(p) for p in path), arr.dtype.str, arr.shape)).encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+  return h.hexdigest()
+
+
+# ------------------------------------------------------------------------ export
+
+
+def has_prompt_or_prefix(model) -> bool:
+  return getattr(model, "prompt", None) is not None or any(
+      getattr(layer.self_attn, "prefix", None) is not None for layer in model.layers)
+
+
+def merged_model(model, *, copy: bool = True):
+  """A plain model with every LoRA / DoRA adapter folded into its kernel (``merge_lora``), the
+  adapters removed and any remaining quantized kernel dequantised: what ``save_pretrained``
+  writes and transformers loads. Prompt / prefix adapters cannot be folded into weights
+  (PEFTError; save them with ``save_adapters``)."""
+  from postrl.quant import dequantize_model  # pylint: disable=import-outside-toplevel
+  if has_prompt_or_prefix(model):
+    raise PEFTError("prompt / prefix tuning adds virtual tokens that no weight of the base "
+                    "architecture can hold: export the adapters (save_adapters), not a merged "
+                    "model")
+  if copy:
+    model = nnx.clone(model)
+  strip_lora(merge_lora(model))
+  return dequantize_model(model)
+
+
+def adapter_tensors(model_or_state) -> dict[str, np.ndarray]:
+  """Adapter arrays by dotted path (``layers.0.self_attn.q_proj.lora.a``), as numpy."""
+  state = (nnx.state(model_or_state, AdapterParam) if isinstance(model_or_state, nnx.Module)
+           else model_or_state)
+  return {".".join(str(p) for p in path): np.asarray(jax.device_get(var.get_value()))
+          for path, var in nnx.to_flat_state(state)}
+
+
+def save_adapters(model_or_state, directory: str, peft_cfg) -> None:
+  """Writes ``adapter.safetensors`` (adapter arrays in postrl's [in, out] layout: A [K, r],
+  B [r, N], ΔW = (alpha / rank) A B) and ``adapter_config.json`` (the method and its settings)."""
+  from postrl.models.weights import write_safetensors  # pylint: disable=import-outside-toplevel
+  os.makedirs(directory, exist_ok=True)
+  cfg = (peft_cfg.to_dict() if hasattr(peft_cfg, "to_dict") else dict(peft_cfg))
+  cfg = dict(default_config().to_dict(), **cfg)
+  cfg["layout"] = ("postrl [in, out]: lora.a [K, r], lora.b [r, N], delta W = alpha / rank * "
+                   "a @ b; dora: lora.magnitude [N]; prompt.embeddings [P, D]; "
+                   "self_attn.prefix.k / .v [P, Hkv, Dh]")
+  write_safetensors(os.path.join(directory, ADAPTER_FILE), adapter_tensors(model_or_state))
+  with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
+    json.dump(cfg, f, indent=1)
+
+
+def load_adapters(model, directory: str):
+  """Applies the method of ``directory/adapter_config.json`` to ``model`` (a base model, in
+  place) and loads the saved adapter arrays into it. Returns the model."""
+  from postrl.models.weights import read_safetensors  # pylint: disable=import-outside-toplevel
+  path = os.path.join(directory, ADAPTER_CONFIG)
+  if not os.path.exists(path):
+    raise PEFTError(f"{path}: no adapter config (expected {ADAPTER_CONFIG} beside "
+                    f"{ADAPTER_FILE})")
+  with open(path) as f:
+    cfg = json.load(f)
+  cfg.pop("layout", None)
+  apply_peft(model, ml_collections.ConfigDict(cfg))
+  tensors = read_safetensors(os.path.join(directory, ADAPTER_FILE))
+  flat = nnx.to_flat_state(nnx.state(model, AdapterParam))
+  for p, var in flat:
+    name = ".".join(str(x) for x in p)
+    if name not in tensors:
+      raise PEFTError(f"{directory}/{ADAPTER_FILE}: adapter tensor {name!r} missing")
+    if tuple(tensors[name].shape) != tuple(var.get_value().shape):
+      raise PEFTError(f"{directory}/{ADAPTER_FILE}: tensor {name!r} has shape "
+                      f"{list(tensors[name].shape)}, the model needs {list(var.get_value().shape)}")
+    var.set_value(jnp.asarray(tensors[name], var.get_value().dtype))
+  nnx.update(model, nnx.from_flat_state(flat))
+  return model
+
+
+__all__ = ["METHODS", "DEFAULT_TARGETS", "default_config", "enabled", "check_config", "apply_peft",
+           "split_trainable", "set_dropout_keys", "combine", "num_elements", "base_digest",
+           "merged_model", "adapter_tensors", "save_adapters", "load_adapters", "lora_layers"]

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from postrl.peft import lora
 from postrl.peft.lora import (AdapterParam, DropoutKey, PEFTError, apply_dora, apply_lora,
                               apply_qlora, lora_layers, merge_lora, strip_lora)
 from postrl.peft.prompt import apply_prefix_tuning, apply_prompt_tuning
@@ -65,14 +66,7 @@ def check_config(peft_cfg) -> None:
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
       raise PEFTError(f"config.peft.num_virtual_tokens must be a positive integer, got {n!r}")
     return
-  rank, alpha, dropout = (_get(peft_cfg, k) for k in ("rank", "alpha", "dropout"))
-  if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-    raise PEFTError(f"config.peft.rank must be a positive integer, got {rank!r}")
-  if not alpha > 0:
-    raise PEFTError(f"config.peft.alpha must be > 0 (the update is scaled by alpha / rank), "
-                    f"got {alpha!r}")
-  if not 0.0 <= dropout < 1.0:
-    raise PEFTError(f"config.peft.dropout must be in [0, 1), got {dropout!r}")
+  lora._check(*(_get(peft_cfg, k) for k in ("rank", "alpha", "dropout")))
   if method == "qlora":
     from postrl.quant import parse_spec  # pylint: disable=import-outside-toplevel
     parse_spec(_get(peft_cfg, "quant"))

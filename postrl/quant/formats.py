@@ -1,5 +1,5 @@
 """Quantized weight storage: the ONE definition every quantizer (RTN, GPTQ, AWQ, NF4/QLoRA) writes
-and every quantized matmul (XLA now, ``kernels.quantized_matmul`` next) reads.
+and every quantized matmul (``quantized_dot`` -> ``kernels.quantized_matmul``) reads.
 
 Layout. A kernel W is stored ``[K, N]`` (in, out; ``y = x W``) as in ``postrl.models.Linear``.
 Quantization groups run along K, the reduction axis: with group size g, group ``G_j`` holds rows
@@ -472,17 +472,22 @@ def rtn_quantize(w_KxN, spec: "QuantSpec | str" = INT8, *, names=None,
   return QuantizedWeight.quantize(w_KxN, spec, names=names, name=name)
 
 
-def quantized_dot(x_xK, qw: QuantizedWeight):
+def quantized_dot(x_xK, qw: QuantizedWeight, *, impl: str = "auto"):
   """y = x Ŵ, Ŵ = dequantize(qw), in x's dtype: the ONE quantized matmul of the library.
 
-  Today the XLA path (dequantise the whole kernel, then ``jnp.dot``); the Pallas kernel
-  ``kernels.quantized_matmul(x, w_q, scales, bits=, group_size=, zeros=)`` of the next issue
-  replaces the body, reading ``qw.w_q[...]``, ``qw.scale_values()``, ``qw.zero_values()``.
+  int8 / int4 codes go through ``kernels.quantized_matmul`` (``impl="auto"``: the Pallas kernel
+  that reads the codes on a single GPU / TPU where it is faster, XLA's dequantise-then-dot on CPU,
+  meshes and elsewhere); NF4 (a 16-level lookup) always takes the XLA path.
 
   Args:
     x_xK: activations [..., K].
     qw: the quantized kernel [K, N].
+    impl: "auto" | "xla" | "pallas" (see ``kernels.quantized_matmul``).
   Returns:
     [..., N] in x's dtype.
   """
-  return jnp.dot(x_xK, qw.dequantize(jnp.float32).astype(x_xK.dtype))
+  if qw.spec.kind == "nf4":
+    return jnp.dot(x_xK, qw.dequantize(jnp.float32).astype(x_xK.dtype))
+  from kernels.quantized_matmul import quantized_matmul  # pylint: disable=import-outside-toplevel
+  return quantized_matmul(x_xK, qw.w_q[...], qw.scale_values(), bits=qw.spec.bits,
+                          group_size=qw.spec.group_size, zeros=qw.zero_values(), impl=impl)

@@ -1,0 +1,313 @@
+r"""Weight-only quantized matmul on GPU: XLA bf16 ``jnp.dot`` vs XLA dequantise-then-dot vs the Pallas
+(Triton) kernel, int8 per channel and int4 group 128, one run, with the copy bandwidth beside them.
+
+    python benchmarks/quantized_matmul.py --out benchmarks/results/quantized_matmul.json
+
+Method (docs/benchmarks.md): every timed executable runs R matmuls over R distinct weight buffers
+(together >= 3x the L2 cache, so weights stream from HBM), inside one jit, so launch overhead is
+amortised; time per matmul = median over repeats of wall time / R. Achieved weight bandwidth =
+(codes + scales + x + y bytes) / time, over a device-to-device copy (read + write) measured in the
+same run. Every Pallas entry is checked against the reference first (relative error in float32).
+Phases: --check (kernel vs reference on small odd shapes, real compilation), the table, and
+--sweep (alternative tilings at a few shapes). Prints each row as it goes; writes JSON after each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels.quantized_matmul import (GpuConfig, quantized_matmul_gpu,  # noqa: E402
+                                      quantized_matmul_reference)
+from kernels.quantized_matmul import gpu as qgpu  # noqa: E402
+
+MS = (1, 2, 4, 8, 16, 32, 64, 128, 512, 2048)
+SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192))
+L2_BYTES = 60 * 2**20
+INTERPRET = False  # --interpret: run the kernels in interpret mode (CPU smoke test)
+
+
+def copy_bandwidth(n_bytes=2 * 2**30, repeats=10):
+  """Bytes per second (read + write) of a large device-to-device copy (x + 1 in bf16)."""
+  x = jnp.ones((n_bytes // 2,), jnp.bfloat16)
+  f = jax.jit(lambda a: a + 1)
+  f(x).block_until_ready()
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(x).block_until_ready()
+    ts.append(time.perf_counter() - t0)
+  return 2 * n_bytes / statistics.median(ts)
+
+
+def matmul_tflops(n=8192, repeats=10):
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    ts.append(time.perf_counter() - t0)
+  return 2 * n**3 / statistics.median(ts) / 1e12
+
+
+def time_many(fn, args, repeats):
+  """Median seconds of one call of the jitted ``fn(*args)`` (compiled and warmed up first)."""
+  f = jax.jit(fn)
+  t0 = time.perf_counter()
+  jax.block_until_ready(f(*args))
+  compile_s = time.perf_counter() - t0
+  jax.block_until_ready(f(*args))
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts), compile_s
+
+
+def n_buffers(nbytes):
+  return int(min(12, max(2, math.ceil(3 * L2_BYTES / nbytes))))
+
+
+def make_weights(k, n, key):
+  """bf16 weight, int8 per-channel codes + scales, int4 g128 packed codes + scales."""
+  k1, k2, k3, k4 = jax.random.split(key, 4)
+  w = (jax.random.normal(k1, (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
+  q8 = jax.random.randint(k2, (k, n), -127, 128, jnp.int32).astype(jnp.int8)
+  s8 = jax.random.uniform(k3, (1, n), jnp.float32, 1e-4, 2e-4)
+  q4 = jax.random.randint(k4, (k // 2, n), 0, 256, jnp.int32).astype(jnp.uint8)
+  s4 = jax.random.uniform(k3, (k // 128, n), jnp.float32, 1e-3, 3e-3)
+  return w, (q8, s8), (q4, s4)
+
+
+def rel_err(y, ref):
+  y, ref = np.asarray(y, np.float32), np.asarray(ref, np.float32)
+  if not np.all(np.isfinite(y)):
+    return float("nan")
+  return float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def xla_int8(x, q, s):
+  """The dequantise-then-dot a user writes for per-channel int8: (x @ bf16(q)) * s."""
+  return (jnp.dot(x, q.astype(x.dtype), preferred_element_type=jnp.float32) * s).astype(x.dtype)
+
+
+def xla_int4(x, q, s):
+  return quantized_matmul_reference(x, q, s, bits=4, group_size=128)
+
+
+def run_check(results, out):
+  """Kernel vs reference at small odd shapes, compiled for the GPU (not interpret mode)."""
+  rows = []
+  formats = [(8, None, False), (8, None, True), (8, 32, False), (4, 32, False), (4, 64, True),
+             (4, 128, False), (4, None, False)]
+  for m in (1, 3, 16, 17, 128):
+    for bits, group, zeros in formats:
+      for dt in (jnp.bfloat16, jnp.float16):
+        k, n = 512, 256
+        key = jax.random.key(m * 100 + bits + (group or 0))
+        ka, kb, kc, kd = jax.random.split(key, 4)
+        x = jax.random.normal(ka, (m, k), jnp.float32).astype(dt)
+        g = 1 if group is None else k // group
+        if bits == 8:
+          q = jax.random.randint(kb, (k, n), -128, 128, jnp.int32).astype(jnp.int8)
+        else:
+          q = jax.random.randint(kb, (k // 2, n), 0, 256, jnp.int32).astype(jnp.uint8)
+        s = jax.random.uniform(kc, (g, n), jnp.float32, 0.5, 1.5)
+        z = jnp.round(jax.random.uniform(kd, (g, n), jnp.float32, -3, 3)) if zeros else None
+        ref = quantized_matmul_reference(x.astype(jnp.float32), q, s, bits=bits, group_size=group,
+                                         zeros_GxN=z)
+        try:
+          y = quantized_matmul_gpu(x, q, s, z, bits=bits, group_size=group, interpret=INTERPRET)
+          poisoned = bool(jnp.any(jnp.isnan(y)))
+          err = rel_err(y.astype(jnp.float32), ref)
+        except Exception as e:  # noqa: BLE001 - report and continue
+          err, poisoned = f"{type(e).__name__}: {str(e)[:200]}", None
+        rows.append(dict(m=m, bits=bits, group=group, zeros=zeros, dtype=jnp.dtype(dt).name,
+                         rel_err=err))
+  bad = [r for r in rows if not isinstance(r["rel_err"], float) or not r["rel_err"] < 1e-2]
+  print(f"check: {len(rows)} cases, {len(bad)} failing", flush=True)
+  for r in bad[:20]:
+    print("  FAIL", r, flush=True)
+  results["check"] = rows
+  dump(results, out)
+  return not bad
+
+
+def dump(results, out):
+  if out:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+      json.dump(results, f, indent=1)
+    os.replace(out + ".tmp", out)
+
+
+def run_table(results, out, ms, shapes, repeats, deadline, copy_bw):
+  rows = results.setdefault("table", [])
+  print(f"{'K':>6} {'N':>6} {'M':>5} | {'bf16 us':>8} | {'xla8 us':>8} {'pal8 us':>8} {'x':>5} "
+        f"{'bw%':>4} | {'xla4 us':>8} {'pal4 us':>8} {'x':>5} {'bw%':>4} | err8 err4", flush=True)
+  weights = {}
+  for k, n in shapes:  # every shape's buffers up front, so the M loop can run outermost
+    bytes_bf16, bytes8, bytes4 = 2 * k * n, k * n + 4 * n, k * n // 2 + 4 * n * (k // 128)
+    r16, r8, r4 = n_buffers(bytes_bf16), n_buffers(bytes8), n_buffers(bytes4)
+    bufs = [make_weights(k, n, jax.random.key(i)) for i in range(max(r16, r8, r4))]
+    weights[k, n] = (bytes_bf16, bytes8, bytes4, r16, r8, r4, [b[0] for b in bufs[:r16]],
+                     [b[1] for b in bufs[:r8]], [b[2] for b in bufs[:r4]])
+    del bufs
+  # decode and prefill extremes first, so a run cut by the time limit still spans the table
+  order = [m for m in (1, 16, 128, 2048, 512, 4, 64, 2, 8, 32) if m in ms]
+  order += [m for m in ms if m not in order]
+  for m in order:
+    for k, n in shapes:
+      bytes_bf16, bytes8, bytes4, r16, r8, r4, w16, w8, w4 = weights[k, n]
+      if time.time() > deadline:
+        print("time limit reached: table stops here", flush=True)
+        return
+      x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+      io = 2 * m * k + 2 * m * n
+      row = dict(k=k, n=n, m=m, buffers=dict(bf16=r16, int8=r8, int4=r4))
+      t, c = time_many(lambda x, *ws: [jnp.dot(x, w) for w in ws], (x, *w16), repeats)
+      row["bf16_us"], row["bf16_bw"] = 1e6 * t / r16, (bytes_bf16 + io) / (t / r16) / copy_bw
+      cfg8 = qgpu.default_config(m, k, n, bits=8, group_size=None)
+      cfg4 = qgpu.default_config(m, k, n, bits=4, group_size=128)
+      row["cfg8"], row["cfg4"] = dataclasses.asdict(cfg8), dataclasses.asdict(cfg4)
+      for name, ws, r, nbytes, xla_fn, bits, group, cfg in (
+          ("int8", w8, r8, bytes8, xla_int8, 8, None, cfg8),
+          ("int4", w4, r4, bytes4, xla_int4, 4, 128, cfg4)):
+        flat = [a for qs in ws for a in qs]
+        t, _ = time_many(lambda x, *a, f=xla_fn: [f(x, a[i], a[i + 1]) for i in range(0, len(a), 2)],
+                         (x, *flat), repeats)
+        row[f"xla_{name}_us"] = 1e6 * t / r
+
+        def pallas(x, *a, bits=bits, group=group, cfg=cfg):
+          return [quantized_matmul_gpu(x, a[i], a[i + 1], bits=bits, group_size=group, config=cfg,
+                                       interpret=INTERPRET)
+                  for i in range(0, len(a), 2)]
+        try:
+          y = jax.jit(pallas)(x, *flat[:2])[0]
+          row[f"err_{name}"] = rel_err(y.astype(jnp.float32),
+                                       xla_fn(x.astype(jnp.float32), *ws[0]))
+          t, c = time_many(pallas, (x, *flat), repeats)
+          row[f"pallas_{name}_us"] = 1e6 * t / r
+          row[f"pallas_{name}_compile_s"] = c
+          row[f"pallas_{name}_bw"] = (nbytes + io) / (t / r) / copy_bw
+        except Exception as e:  # noqa: BLE001
+          row[f"pallas_{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      rows.append(row)
+      dump(results, out)
+
+      def fmt(key):
+        v = row.get(key)
+        return f"{v:8.1f}" if isinstance(v, float) else f"{'ERR':>8}"
+
+      def sp(key):
+        v = row.get(key)
+        return f"{row['bf16_us'] / v:5.2f}" if isinstance(v, float) else f"{'-':>5}"
+
+      def bw(key):
+        v = row.get(key)
+        return f"{100 * v:4.0f}" if isinstance(v, float) else f"{'-':>4}"
+      print(f"{k:6d} {n:6d} {m:5d} | {fmt('bf16_us')} | {fmt('xla_int8_us')} "
+            f"{fmt('pallas_int8_us')} {sp('pallas_int8_us')} {bw('pallas_int8_bw')} | "
+            f"{fmt('xla_int4_us')} {fmt('pallas_int4_us')} {sp('pallas_int4_us')} "
+            f"{bw('pallas_int4_bw')} | {row.get('err_int8', float('nan')):.1e} "
+            f"{row.get('err_int4', float('nan')):.1e}", flush=True)
+
+
+def run_sweep(results, out, repeats, deadline):
+  """Alternative tilings around the heuristic at a few shapes (to tune ``default_config``)."""
+  rows = results.setdefault("sweep", [])
+  k, n = 4096, 14336
+  bufs = [make_weights(k, n, jax.random.key(100 + i)) for i in range(4)]
+  for m in (1, 16, 64, 128, 512):
+    for bits in (8, 4):
+      group = None if bits == 8 else 128
+      base = qgpu.default_config(m, k, n, bits=bits, group_size=group)
+      variants = {base}
+      for bn in (64, 256):
+        variants.add(dataclasses.replace(base, block_n=bn))
+      for sk in (base.split_k * 2, max(1, base.split_k // 2)):
+        variants.add(dataclasses.replace(base, split_k=sk))
+      variants.add(dataclasses.replace(base, num_warps=8 if base.num_warps == 4 else 4))
+      variants.add(dataclasses.replace(base, num_stages=4))
+      if bits == 8:
+        variants.add(dataclasses.replace(base, block_k=64 if base.block_k == 128 else 128))
+      x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+      ws = [b[1] if bits == 8 else b[2] for b in bufs]
+      flat = [a for qs in ws for a in qs]
+      for cfg in sorted(variants, key=str):
+        if time.time() > deadline:
+          print("time limit reached: sweep stops here", flush=True)
+          return
+        try:
+          qgpu.check_shape(m, k, n, bits=bits, group_size=group, cfg=cfg)
+
+          def pallas(x, *a, cfg=cfg):
+            return [quantized_matmul_gpu(x, a[i], a[i + 1], bits=bits, group_size=group,
+                                         config=cfg, interpret=INTERPRET)
+                    for i in range(0, len(a), 2)]
+          t, _ = time_many(pallas, (x, *flat), repeats)
+          us = 1e6 * t / len(ws)
+        except Exception as e:  # noqa: BLE001
+          us = f"{type(e).__name__}: {str(e)[:120]}"
+        rows.append(dict(m=m, bits=bits, k=k, n=n, cfg=dataclasses.asdict(cfg),
+                         default=cfg == base, us=us))
+        print(f"sweep M={m:4d} int{bits} {'*' if cfg == base else ' '} {cfg}: "
+              f"{us if isinstance(us, str) else f'{us:.1f} us'}", flush=True)
+      dump(results, out)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--m", type=int, nargs="+", default=list(MS))
+  p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
+  p.add_argument("--repeats", type=int, default=10)
+  p.add_argument("--time-limit", type=float, default=420, help="seconds for the whole run")
+  p.add_argument("--no-check", action="store_true")
+  p.add_argument("--sweep", action="store_true")
+  p.add_argument("--interpret", action="store_true", help="CPU smoke test: kernels in interpret "
+                 "mode, small copy")
+  p.add_argument("--out", default="benchmarks/results/quantized_matmul.json")
+  args = p.parse_args()
+  global INTERPRET, L2_BYTES
+  if args.interpret:
+    INTERPRET, L2_BYTES = True, 2**20
+  deadline = time.time() + args.time_limit
+  shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+  dev = jax.devices()[0]
+  results = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
+                 python=platform.python_version(), date=datetime.date.today().isoformat(),
+                 command=" ".join(sys.argv))
+  print(f"{dev.device_kind} jax {jax.__version__}", flush=True)
+  if not args.no_check:
+    run_check(results, args.out)
+  results["copy_bw_Bps"] = copy_bw = copy_bandwidth(2**26 if args.interpret else 2 * 2**30)
+  results["matmul_tflops"] = matmul_tflops(512 if args.interpret else 8192)
+  print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write); bf16 8192^3 matmul "
+        f"{results['matmul_tflops']:.0f} TFLOP/s", flush=True)
+  dump(results, args.out)
+  run_table(results, args.out, args.m, shapes, args.repeats,
+            deadline - (90 if args.sweep else 0), copy_bw)
+  if args.sweep:
+    run_sweep(results, args.out, args.repeats, deadline)
+  dump(results, args.out)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,1 @@
+"""Pallas kernels (see kernels/README.md): one folder per op, each with a pure-jnp reference."""

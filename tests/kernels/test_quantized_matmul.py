@@ -1,0 +1,181 @@
+"""kernels.quantized_matmul: the Triton and Mosaic kernels (interpret mode on CPU) against the
+pure-jnp reference, the dispatcher, the custom VJP and the argument checks."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.quantized_matmul import (GpuConfig, KernelShapeError, TpuConfig, choose_impl,
+                                      quantized_matmul, quantized_matmul_reference)
+from kernels.quantized_matmul import gpu as qgpu
+from postrl.quant import formats
+
+# (bits, group_size, symmetric)
+FORMATS = [(8, None, True), (8, None, False), (8, 32, True), (4, 32, True), (4, 64, False),
+           (4, None, True)]
+
+
+def _quantize(k, n, bits, group, symmetric, seed=0):
+  w = jax.random.normal(jax.random.key(seed), (k, n), jnp.float32)
+  spec = formats.QuantSpec(bits=bits, group_size=group, symmetric=symmetric)
+  s, z = formats.quant_params(w, spec)
+  q = formats.quantize_codes(w, s, z, spec)
+  return (formats.pack_int4(q) if bits == 4 else q), s, z, formats.dequantize_codes(q, s, z, spec)
+
+
+def _x(m, k, dtype=jnp.bfloat16, seed=1):
+  return jax.random.normal(jax.random.key(seed), (m, k), jnp.float32).astype(dtype)
+
+
+def _rel_err(y, x, w_hat):
+  exact = np.asarray(x, np.float64) @ np.asarray(w_hat, np.float64)
+  y = np.asarray(y.astype(jnp.float32), np.float64)
+  assert np.all(np.isfinite(y))
+  return np.linalg.norm(y - exact) / np.linalg.norm(exact)
+
+
+@pytest.mark.parametrize("bits,group,symmetric", FORMATS)
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 128])
+def test_gpu_kernel_matches_exact_product(bits, group, symmetric, m):
+  k, n = 256, 64
+  q, s, z, w_hat = _quantize(k, n, bits, group, symmetric)
+  x = _x(m, k)
+  cfg = GpuConfig(block_m=16, block_n=32, block_k=64, split_k=2 if m < 16 else 1)
+  y = quantized_matmul(x, q, s, bits=bits, group_size=group, zeros=z, impl="pallas_gpu",
+                       interpret=True, config=cfg)
+  assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+  # bf16 output rounding is ~2e-3 relative; a swapped nibble, a wrong zero-point sign or a scale on
+  # the wrong group gives O(1).
+  assert _rel_err(y, x, w_hat) < 8e-3
+
+
+@pytest.mark.parametrize("bits,group,symmetric", [(8, None, False), (4, 32, True), (4, None, True),
+                                                  (8, 128, True)])
+@pytest.mark.parametrize("m", [1, 17])
+def test_tpu_kernel_matches_exact_product(bits, group, symmetric, m):
+  k, n = 512, 256
+  q, s, z, w_hat = _quantize(k, n, bits, group, symmetric)
+  x = _x(m, k)
+  y = quantized_matmul(x, q, s, bits=bits, group_size=group, zeros=z, impl="pallas_tpu",
+                       interpret=True, config=TpuConfig(block_m=8, block_n=128, block_k=256))
+  assert y.shape == (m, n)
+  assert _rel_err(y, x, w_hat) < 8e-3
+
+
+def test_float16_activations_and_default_tiling():
+  k, n = 256, 128
+  q, s, z, w_hat = _quantize(k, n, 4, 128, False)
+  x = _x(5, k, jnp.float16)
+  y = quantized_matmul(x, q, s, bits=4, group_size=128, zeros=z, impl="pallas_gpu", interpret=True)
+  assert y.dtype == jnp.float16
+  assert _rel_err(y, x, w_hat) < 3e-3
+
+
+def test_reference_is_dequantise_then_dot():
+  q, s, z, w_hat = _quantize(96, 32, 4, 32, False)
+  x = _x(4, 96, jnp.float32)
+  y = quantized_matmul_reference(x, q, s, bits=4, group_size=32, zeros_GxN=z)
+  np.testing.assert_allclose(y, x @ w_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_weight_dot_goes_through_quantized_matmul():
+  w = jax.random.normal(jax.random.key(3), (64, 32))
+  qw = formats.QuantizedWeight.quantize(w, "int4_g32_asym")
+  x = _x(3, 64, jnp.float32)
+  np.testing.assert_allclose(qw.dot(x), x @ qw.dequantize(), rtol=1e-5, atol=1e-5)
+  nf4 = formats.QuantizedWeight.quantize(w, "nf4")
+  np.testing.assert_allclose(nf4.dot(x), x @ nf4.dequantize(), rtol=1e-5, atol=1e-5)
+
+
+def test_leading_dims_are_flattened():
+  q, s, _, w_hat = _quantize(64, 32, 8, None, True)
+  x = jax.random.normal(jax.random.key(4), (2, 3, 64)).astype(jnp.bfloat16)
+  y = quantized_matmul(x, q, s, bits=8, impl="pallas_gpu", interpret=True,
+                       config=GpuConfig(block_m=16, block_n=32, block_k=32))
+  assert y.shape == (2, 3, 32)
+  assert _rel_err(y.reshape(6, 32), x.reshape(6, 64), w_hat) < 8e-3
+
+
+def test_custom_vjp_gives_the_gradients_of_the_reference():
+  k, n = 128, 32
+  q, s, z, _ = _quantize(k, n, 4, 32, False)
+  x = _x(3, k, jnp.float32).astype(jnp.bfloat16)
+  dy = jax.random.normal(jax.random.key(5), (3, n))
+
+  def loss(impl, x_, s_, z_):
+    y = quantized_matmul(x_, q, s_, bits=4, group_size=32, zeros=z_, impl=impl, interpret=True,
+                         config=GpuConfig(block_m=16, block_n=32, block_k=32) if impl != "xla"
+                         else None)
+    return jnp.sum(y.astype(jnp.float32) * dy)
+
+  g_kernel = jax.grad(functools.partial(loss, "pallas_gpu"), argnums=(0, 1, 2))(x, s, z)
+  g_ref = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2))(x, s, z)
+  for a, b in zip(g_kernel, g_ref):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6)
+  w_hat = formats.dequantize_codes(formats.unpack_int4(q), s, z,
+                                   formats.QuantSpec(bits=4, group_size=32, symmetric=False))
+  expected_dx = np.asarray(dy) @ np.asarray(w_hat.astype(jnp.bfloat16), np.float32).T
+  np.testing.assert_allclose(np.asarray(g_kernel[0], np.float32), expected_dx, rtol=2e-2, atol=2e-2)
+  assert float(jnp.abs(g_kernel[1]).sum()) > 0  # scales do get their gradient
+
+
+def test_auto_uses_xla_on_cpu_and_for_unsupported_shapes():
+  assert choose_impl(1, 4096, 4096, bits=4, group_size=128, dtype=jnp.bfloat16) == "xla"  # CPU
+  assert choose_impl(1, 4096, 4096, bits=4, group_size=128, dtype=jnp.bfloat16,
+                     platform="gpu") in ("pallas_gpu", "xla")
+  # float32 activations, N not a multiple of 16, or large M: XLA even on a GPU
+  if jax.device_count() == 1:
+    assert choose_impl(1, 4096, 4096, bits=8, group_size=None, dtype=jnp.bfloat16,
+                       platform="gpu") == "pallas_gpu"
+  assert choose_impl(1, 4096, 4096, bits=8, group_size=None, dtype=jnp.float32,
+                     platform="gpu") == "xla"
+  assert choose_impl(1, 4096, 4100, bits=8, group_size=None, dtype=jnp.bfloat16,
+                     platform="gpu") == "xla"
+  assert choose_impl(4096, 4096, 4096, bits=8, group_size=None, dtype=jnp.bfloat16,
+                     platform="gpu") == "xla"
+  assert choose_impl(1, 64, 64, bits=8, group_size=None, dtype=jnp.bfloat16, impl="pallas",
+                     platform="tpu") == "pallas_tpu"
+
+
+def test_shapes_the_tiling_cannot_cover_raise_clear_errors():
+  q, s, _, _ = _quantize(96, 48, 8, None, True)
+  x = _x(2, 96)
+  with pytest.raises(KernelShapeError, match="N=48 is not a multiple of block_n=32"):
+    quantized_matmul(x, q, s, bits=8, impl="pallas_gpu", interpret=True,
+                     config=GpuConfig(block_m=16, block_n=32, block_k=32))
+  with pytest.raises(KernelShapeError, match="K=96 is not a multiple of block_k=64"):
+    quantized_matmul(x, q, s, bits=8, impl="pallas_gpu", interpret=True,
+                     config=GpuConfig(block_m=16, block_n=16, block_k=64))
+  with pytest.raises(KernelShapeError, match="powers of two"):
+    qgpu.check_shape(1, 96, 48, bits=8, group_size=None, cfg=GpuConfig(block_k=48))
+  # the same call through auto falls back to XLA and is exact
+  y = quantized_matmul(x.astype(jnp.float32), q, s, bits=8)
+  np.testing.assert_allclose(y, quantized_matmul_reference(x.astype(jnp.float32), q, s, bits=8))
+
+
+def test_bad_arguments_name_the_field():
+  q, s, z, _ = _quantize(64, 32, 4, 32, False)
+  x = _x(2, 64)
+  with pytest.raises(ValueError, match="needs w_q of dtype uint8"):
+    quantized_matmul(x, q.astype(jnp.int8), s, bits=4, group_size=32)
+  with pytest.raises(ValueError, match=r"scales must be \[G, N\] = \[2, 32\]"):
+    quantized_matmul(x, q, s[:1], bits=4, group_size=32)
+  with pytest.raises(ValueError, match=r"zeros must be"):
+    quantized_matmul(x, q, s, bits=4, group_size=32, zeros=z[:, :16])
+  with pytest.raises(ValueError, match="x has K=66, so w_q needs 33 rows"):
+    quantized_matmul(_x(2, 66), q, s, bits=4, group_size=32)
+  with pytest.raises(ValueError, match="bits must be 8 or 4"):
+    quantized_matmul(x, q, s, bits=2)
+  with pytest.raises(ValueError, match="impl must be one of"):
+    quantized_matmul(x, q, s, bits=4, group_size=32, impl="cuda")
+
+
+def test_default_gpu_config_splits_k_for_decode_and_not_for_prefill():
+  decode = qgpu.default_config(1, 4096, 4096, bits=4, group_size=128)
+  prefill = qgpu.default_config(2048, 4096, 4096, bits=4, group_size=128)
+  assert decode.split_k > 1 and decode.block_m == 16
+  assert prefill.split_k == 1 and prefill.block_m == 128
+  qgpu.check_shape(1, 4096, 4096, bits=4, group_size=128, cfg=decode)

@@ -4,8 +4,9 @@ r"""Weight-only quantized matmul on GPU: XLA bf16 ``jnp.dot`` vs XLA dequantise-
     python benchmarks/quantized_matmul.py --out benchmarks/results/quantized_matmul.json
 
 Method (docs/benchmarks.md): every timed executable runs R matmuls over R distinct weight buffers
-(together >= 3x the L2 cache, so weights stream from HBM), inside one jit, so launch overhead is
-amortised; time per matmul = median over repeats of wall time / R. Achieved weight bandwidth =
+(together >= 3x the L2 cache, so weights stream from HBM) inside a loop of L iterations in one
+jit (``looped``: about 3 ms per call, so launch and host overhead are amortised); time per matmul =
+median over repeats of wall time / (R L). Achieved weight bandwidth =
 (codes + scales + x + y bytes) / time, over a device-to-device copy (read + write) measured in the
 same run. Every Pallas entry is checked against the reference first (relative error in float32).
 Phases: --check (kernel vs reference on small odd shapes, real compilation), the table, and
@@ -41,48 +42,68 @@ L2_BYTES = 60 * 2**20
 INTERPRET = False  # --interpret: run the kernels in interpret mode (CPU smoke test)
 
 
-def copy_bandwidth(n_bytes=2 * 2**30, repeats=10):
-  """Bytes per second (read + write) of a large device-to-device copy (x + 1 in bf16)."""
-  x = jnp.ones((n_bytes // 2,), jnp.bfloat16)
-  f = jax.jit(lambda a: a + 1)
-  f(x).block_until_ready()
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(x).block_until_ready()
-    ts.append(time.perf_counter() - t0)
-  return 2 * n_bytes / statistics.median(ts)
-
-
-def matmul_tflops(n=8192, repeats=10):
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-  f = jax.jit(lambda a: a @ a)
-  f(a).block_until_ready()
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(a).block_until_ready()
-    ts.append(time.perf_counter() - t0)
-  return 2 * n**3 / statistics.median(ts) / 1e12
-
-
-def time_many(fn, args, repeats):
-  """Median seconds of one call of the jitted ``fn(*args)`` (compiled and warmed up first)."""
-  f = jax.jit(fn)
-  t0 = time.perf_counter()
-  jax.block_until_ready(f(*args))
-  compile_s = time.perf_counter() - t0
-  jax.block_until_ready(f(*args))
+def _median_call(f, args, repeats):
+  jax.block_until_ready(f(*args))  # warm-up (and clocks up)
   ts = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(f(*args))
     ts.append(time.perf_counter() - t0)
-  return statistics.median(ts), compile_s
+  return statistics.median(ts)
+
+
+def copy_bandwidth(n_bytes=2**30, reps=20, repeats=5):
+  """Bytes per second (read + write) of a device-to-device copy: ``x = x + 1`` over a bf16 buffer,
+  ``reps`` times inside one executable (so launch and host overhead are amortised)."""
+  x = jnp.ones((n_bytes // 2,), jnp.bfloat16)
+  f = jax.jit(lambda a: jax.lax.fori_loop(0, reps, lambda i, c: c + 1, a), donate_argnums=0)
+  x = f(x)  # compile
+  ts = []
+  for _ in range(repeats + 1):
+    t0 = time.perf_counter()
+    x = jax.block_until_ready(f(x))
+    ts.append(time.perf_counter() - t0)
+  return 2 * n_bytes * reps / statistics.median(ts[1:])
+
+
+def matmul_tflops(n=8192, reps=10, repeats=5):
+  """bf16 matrix product rate (TFLOP/s) on random data, ``reps`` chained products per call."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16) / n**0.5
+  f = jax.jit(lambda a: jax.lax.fori_loop(0, reps, lambda i, c: (c @ a).astype(a.dtype), a))
+  return 2 * n**3 * reps / _median_call(f, (a,), repeats) / 1e12
+
+
+def looped(fn, reps):
+  """``fn(x, *weights) -> [y_r]`` run ``reps`` times in a loop whose carried x changes in one
+  element each time (by 0 * sum of every output), so XLA can neither hoist nor merge the matmuls
+  and every output is consumed. The full-output sums cost one read of y (small next to the
+  weights at decode shapes; a few % at M=2048), the same for every variant."""
+  def run(x, *ws):
+    def body(_, xc):
+      probe = sum(jnp.sum(y, dtype=jnp.float32) for y in fn(xc, *ws))
+      return xc.at[0, 0].add((probe * 0).astype(xc.dtype))
+    return jax.lax.fori_loop(0, reps, body, x)
+  return run
+
+
+def time_many(fn, args, repeats, reps=1):
+  """Seconds per execution of ``fn``'s body (median over ``repeats`` calls of ``reps`` loops)."""
+  f = jax.jit(looped(fn, reps))
+  t0 = time.perf_counter()
+  jax.block_until_ready(f(*args))
+  compile_s = time.perf_counter() - t0
+  return _median_call(f, args, repeats) / reps, compile_s
+
+
+def loop_reps(m, k, n, weight_bytes, buffers, target_s=3e-3):
+  """Loop count that makes one timed call last about ``target_s`` (estimate: 4 TB/s weights or
+  600 TFLOP/s, whichever is slower)."""
+  est = max(weight_bytes / 4e12, 2 * m * k * n / 600e12) * buffers
+  return int(min(50, max(1, math.ceil(target_s / est))))
 
 
 def n_buffers(nbytes):
-  return int(min(12, max(2, math.ceil(3 * L2_BYTES / nbytes))))
+  return int(min(16, max(2, math.ceil(3 * L2_BYTES / nbytes))))
 
 
 def make_weights(k, n, key):
@@ -182,7 +203,8 @@ def run_table(results, out, ms, shapes, repeats, deadline, copy_bw):
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
       io = 2 * m * k + 2 * m * n
       row = dict(k=k, n=n, m=m, buffers=dict(bf16=r16, int8=r8, int4=r4))
-      t, c = time_many(lambda x, *ws: [jnp.dot(x, w) for w in ws], (x, *w16), repeats)
+      t, c = time_many(lambda x, *ws: [jnp.dot(x, w) for w in ws], (x, *w16), repeats,
+                       loop_reps(m, k, n, bytes_bf16, r16))
       row["bf16_us"], row["bf16_bw"] = 1e6 * t / r16, (bytes_bf16 + io) / (t / r16) / copy_bw
       cfg8 = qgpu.default_config(m, k, n, bits=8, group_size=None)
       cfg4 = qgpu.default_config(m, k, n, bits=4, group_size=128)
@@ -191,8 +213,9 @@ def run_table(results, out, ms, shapes, repeats, deadline, copy_bw):
           ("int8", w8, r8, bytes8, xla_int8, 8, None, cfg8),
           ("int4", w4, r4, bytes4, xla_int4, 4, 128, cfg4)):
         flat = [a for qs in ws for a in qs]
+        reps = loop_reps(m, k, n, nbytes, r)
         t, _ = time_many(lambda x, *a, f=xla_fn: [f(x, a[i], a[i + 1]) for i in range(0, len(a), 2)],
-                         (x, *flat), repeats)
+                         (x, *flat), repeats, reps)
         row[f"xla_{name}_us"] = 1e6 * t / r
 
         def pallas(x, *a, bits=bits, group=group, cfg=cfg):
@@ -203,7 +226,7 @@ def run_table(results, out, ms, shapes, repeats, deadline, copy_bw):
           y = jax.jit(pallas)(x, *flat[:2])[0]
           row[f"err_{name}"] = rel_err(y.astype(jnp.float32),
                                        xla_fn(x.astype(jnp.float32), *ws[0]))
-          t, c = time_many(pallas, (x, *flat), repeats)
+          t, c = time_many(pallas, (x, *flat), repeats, reps)
           row[f"pallas_{name}_us"] = 1e6 * t / r
           row[f"pallas_{name}_compile_s"] = c
           row[f"pallas_{name}_bw"] = (nbytes + io) / (t / r) / copy_bw
@@ -230,12 +253,12 @@ def run_table(results, out, ms, shapes, repeats, deadline, copy_bw):
             f"{row.get('err_int4', float('nan')):.1e}", flush=True)
 
 
-def run_sweep(results, out, repeats, deadline):
+def run_sweep(results, out, repeats, deadline, sweep_ms=(1, 16, 64, 128, 512)):
   """Alternative tilings around the heuristic at a few shapes (to tune ``default_config``)."""
   rows = results.setdefault("sweep", [])
   k, n = 4096, 14336
   bufs = [make_weights(k, n, jax.random.key(100 + i)) for i in range(4)]
-  for m in (1, 16, 64, 128, 512):
+  for m in sweep_ms:
     for bits in (8, 4):
       group = None if bits == 8 else 128
       base = qgpu.default_config(m, k, n, bits=bits, group_size=group)
@@ -262,7 +285,8 @@ def run_sweep(results, out, repeats, deadline):
             return [quantized_matmul_gpu(x, a[i], a[i + 1], bits=bits, group_size=group,
                                          config=cfg, interpret=INTERPRET)
                     for i in range(0, len(a), 2)]
-          t, _ = time_many(pallas, (x, *flat), repeats)
+          t, _ = time_many(pallas, (x, *flat), repeats,
+                           loop_reps(m, k, n, k * n // (8 // bits), len(ws)))
           us = 1e6 * t / len(ws)
         except Exception as e:  # noqa: BLE001
           us = f"{type(e).__name__}: {str(e)[:120]}"
@@ -281,6 +305,8 @@ def main():
   p.add_argument("--time-limit", type=float, default=420, help="seconds for the whole run")
   p.add_argument("--no-check", action="store_true")
   p.add_argument("--sweep", action="store_true")
+  p.add_argument("--sweep-m", type=int, nargs="+", default=[1, 16, 64, 128, 512])
+  p.add_argument("--sweep-seconds", type=float, default=90, help="time kept for the sweep")
   p.add_argument("--interpret", action="store_true", help="CPU smoke test: kernels in interpret "
                  "mode, small copy")
   p.add_argument("--out", default="benchmarks/results/quantized_matmul.json")
@@ -297,15 +323,15 @@ def main():
   print(f"{dev.device_kind} jax {jax.__version__}", flush=True)
   if not args.no_check:
     run_check(results, args.out)
-  results["copy_bw_Bps"] = copy_bw = copy_bandwidth(2**26 if args.interpret else 2 * 2**30)
+  results["copy_bw_Bps"] = copy_bw = copy_bandwidth(2**24 if args.interpret else 2**30)
   results["matmul_tflops"] = matmul_tflops(512 if args.interpret else 8192)
   print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write); bf16 8192^3 matmul "
         f"{results['matmul_tflops']:.0f} TFLOP/s", flush=True)
   dump(results, args.out)
   run_table(results, args.out, args.m, shapes, args.repeats,
-            deadline - (90 if args.sweep else 0), copy_bw)
+            deadline - (args.sweep_seconds if args.sweep else 0), copy_bw)
   if args.sweep:
-    run_sweep(results, args.out, args.repeats, deadline)
+    run_sweep(results, args.out, args.repeats, deadline, args.sweep_m)
   dump(results, args.out)
 
 

@@ -1,0 +1,153 @@
+"""Step-level beam search: reasoning steps sampled from the policy, partial solutions kept by a
+process reward model or by a verifier's Monte-Carlo roll-outs.
+
+Following Snell et al. 2024 ("Scaling LLM Test-Time Compute Optimally can be More Effective than
+Scaling Model Parameters", §5.1 "beam search" against a PRM), for each problem:
+
+    round 0:  sample ``width x expansions`` first steps
+    round t:  sample ``expansions`` next steps of each live beam
+    score every new partial solution with the value function v (PRM: σ(z) of its last step by
+              default; or roll-outs to the end scored by the verifier, ``RolloutValue``)
+    keep the ``width`` best distinct new partials; those that end the solution are finished
+              and kept aside, the others are the live beams of the next round
+
+until no beam is live or ``max_steps`` rounds have run (live beams then join the candidates
+unfinished). The answer is the best-scored finished solution (any candidate when none finished),
+or with ``select="weighted"`` the answer with the largest summed score over the candidates
+(Snell et al.'s "best-of-N weighted" final selection). A step is what the policy writes up to
+the delimiter (``Policy.next_steps``); a blank step is dropped (it would not advance the
+solution). Sampling and scoring are batched across all beams of all problems in each round.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+
+from postrl.sampling.search.common import (STATUS_NO_ANSWER, STATUS_NO_CANDIDATES, STATUS_OK,
+                                           Candidate, PartialSolution, SearchError, SearchResult,
+                                           TokenCount, as_problems, as_scores, check_positive,
+                                           cluster_answers, default_equal, default_extract, vote)
+from postrl.sampling.search.scorers import check_scorer
+
+SELECT = ("best", "weighted")
+
+
+def choose(candidates: list[Candidate], select: str) -> int | None:
+  """Index of the chosen candidate: the best-scored finished one (any, when none finished), or
+  for "weighted" the best-scored member of the answer class with the largest summed score."""
+  if not candidates:
+    return None
+  pool = [i for i, c in enumerate(candidates) if c.finished] or list(range(len(candidates)))
+  if select == "weighted":
+    winner, _ = vote([candidates[i].cluster for i in pool], [candidates[i].score for i in pool])
+    members = [i for i in pool if winner is not None and candidates[i].cluster == winner]
+    pool = members or pool
+  return max(pool, key=lambda i: (candidates[i].score, -i))
+
+
+def keep_best(pool: list[tuple[float, int, PartialSolution]], width: int):
+  """The ``width`` best distinct partials of (score, index, partial) entries, best first (ties:
+  lower index)."""
+  kept, seen = [], set()
+  for entry in sorted(pool, key=lambda e: (-e[0], e[1])):
+    key = (entry[2].steps, entry[2].finished)
+    if key not in seen and len(kept) < width:
+      seen.add(key)
+      kept.append(entry)
+  return kept
+
+
+def _result(problem, strategy, cands, tokens, select, info, extract, equal) -> SearchResult:
+  answers = [extract(c.text) for c in cands]
+  clusters = cluster_answers(answers, equal)
+  cands = tuple(Candidate(text=c.text, answer=a, score=c.score, finished=c.finished,
+                          cluster=k, info=c.info) for c, a, k in zip(cands, answers, clusters))
+  i = choose(list(cands), select)
+  if i is None:
+    return SearchResult(problem.prompt, strategy, None, None, (), tokens, STATUS_NO_CANDIDATES,
+                        info)
+  pick = cands[i]
+  info = dict(info, chosen=i)
+  status = STATUS_OK if pick.answer is not None else STATUS_NO_ANSWER
+  return SearchResult(problem.prompt, strategy, pick.text, pick.answer, cands, tokens, status,
+                      info)
+
+
+def step_beam_search(policy, problems, *, value_fn, key, width: int = 4, expansions: int = 4,
+                     max_steps: int = 8, select: str = "best",
+                     extract: Callable[[str], str | None] = default_extract,
+                     equal: Callable[[str, str], bool] = default_equal) -> list[SearchResult]:
+  """PRM- or verifier-guided beam search over reasoning steps (module doc).
+
+  Args:
+    policy: a ``Policy`` (or anything with ``next_steps`` and ``delimiter``).
+    problems: prompts or problem objects.
+    value_fn: ``(problems, partials) -> Scores``: ``ProcessRewardScorer``, ``RolloutValue`` or
+      any function returning one float per ``PartialSolution``.
+    key: PRNG key (round t samples with fold_in(key, t)).
+    width: beams kept per round (finished ones included).
+    expansions: next steps sampled per live beam (``width x expansions`` in round 0).
+    max_steps: rounds at most.
+    select: "best" or "weighted" final selection.
+    extract, equal: final answer of a text and answer equivalence (for "weighted").
+  Returns:
+    One ``SearchResult`` per problem: the candidates are the final beams (finished first, by
+    score); ``info["rounds"]`` lists each round's kept beams (steps, score, finished) and
+    ``info["scored"]`` the number of partials scored.
+  """
+  check_positive(width=width, expansions=expansions, max_steps=max_steps)
+  if select not in SELECT:
+    raise SearchError(f"select must be one of {SELECT}, got {select!r}")
+  check_scorer(policy, value_fn, "process reward model")
+  problems = as_problems(problems)
+  delim = getattr(policy, "delimiter", "\n")
+  live = [[PartialSolution(delimiter=delim)] for _ in problems]
+  done: list[list[Candidate]] = [[] for _ in problems]
+  tokens = [TokenCount() for _ in problems]
+  rounds: list[list[list[dict]]] = [[] for _ in problems]
+  scored = [0] * len(problems)
+  for t in range(max_steps):
+    owners = [i for i in range(len(problems)) for _ in live[i]]
+    parents = [x for i in range(len(problems)) for x in live[i]]
+    if not parents:
+      break
+    k = width * expansions if t == 0 else expansions
+    steps = policy.next_steps([problems[i] for i in owners], [x.prefix for x in parents], k,
+                              key=jax.random.fold_in(key, t))
+    children, child_owner = [], []
+    for i, parent, row in zip(owners, parents, steps):
+      for c in row:
+        tokens[i] = tokens[i] + c.tokens
+        if c.text.strip():
+          children.append(parent.extend(c.text, c.finished))
+          child_owner.append(i)
+    values = as_scores(value_fn([problems[i] for i in child_owner], children) if children else [],
+                       len(children), "the value function")
+    per_problem: list[list[tuple[float, int, PartialSolution]]] = [[] for _ in problems]
+    for j, (i, child) in enumerate(zip(child_owner, children)):
+      tokens[i] = tokens[i] + values.item_tokens[j]
+      scored[i] += 1
+      per_problem[i].append((values.values[j], j, child))
+    for i, pool in enumerate(per_problem):
+      if not live[i]:
+        continue
+      kept = keep_best(pool, width)
+      rounds[i].append([{"steps": list(x.steps), "score": s, "finished": x.finished}
+                        for s, _, x in kept])
+      done[i] += [Candidate(text=x.text, answer=None, score=s, finished=True,
+                            info={"steps": len(x.steps)}) for s, _, x in kept if x.finished]
+      live[i] = [x for _, _, x in kept if not x.finished]
+      last_scores = {id(x): s for s, _, x in kept}
+      if t == max_steps - 1:
+        done[i] += [Candidate(text=x.text, answer=None, score=last_scores[id(x)], finished=False,
+                              info={"steps": len(x.steps)}) for x in live[i]]
+  results = []
+  for i, problem in enumerate(problems):
+    cands = sorted(done[i], key=lambda c: (not c.finished, -c.score))
+    info = {"width": width, "expansions": expansions, "rounds": rounds[i], "scored": scored[i],
+            "select": select}
+    results.append(_result(problem, "step_beam_search", cands, tokens[i], select, info, extract,
+                           equal))
+  return results

@@ -1,0 +1,302 @@
+"""Run a test-time search strategy on a file of prompts and write one JSON line per prompt.
+
+    python -m postrl.search --model DIR --strategy self_consistency --n 16 --prompts FILE \\
+        [--task arithmetic] [--reward-model DIR] [--prm DIR] [--out FILE]
+
+``--prompts``: a ``.jsonl`` file of ``{"prompt": str, "answer"?: str, "numbers"?: [int],
+"target"?: int, "id"?: any}`` objects, or any other file with one prompt per non-blank line.
+``--task arithmetic|countdown`` names the verifier (and the answer extraction): best-of-N can then
+score with it, step search and MCTS can value steps by verifier roll-outs, and each result gets
+``correct``; the records must then carry ``answer`` (arithmetic) or ``numbers`` and ``target``
+(countdown).
+
+``--n`` per strategy: samples (best_of_n, weighted_best_of_n, self_consistency), beam width
+(beam_search), samples per round (step_beam_search: ``--width`` beams kept, default n / 4, each
+expanded n / width times), simulations (mcts, ``--branching`` steps per expansion); greedy
+ignores it. Scorers: ``--reward-model`` (an outcome reward model: best-of-N, reward-weighted
+self-consistency; σ(r) for the weighted votes), ``--prm`` (a process reward model: step search
+and MCTS), else the task's verifier (roll-outs for step search and MCTS).
+
+Bad input (a missing or empty prompt file, a missing model, a reward model whose tokenizer
+differs from the policy's, a beam wider than the sampler's batch, a record without the field
+the task needs) stops with one ``error: ...`` line and exit status 1. A prompt whose candidates
+hold no extractable answer gets ``"answer": null`` and ``"status": "no_answer"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any
+
+STRATEGIES = ("greedy", "best_of_n", "weighted_best_of_n", "self_consistency", "beam_search",
+              "step_beam_search", "mcts")
+TASKS = ("arithmetic", "countdown")
+_FIELDS = {"prompt", "answer", "numbers", "target", "id"}
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRecord:
+  """One line of the prompt file."""
+  prompt: str
+  answer: str | None = None
+  numbers: tuple[int, ...] | None = None
+  target: int | None = None
+  id: Any = None
+
+
+def read_prompts(path: str, task: str | None) -> list[PromptRecord]:
+  """The prompt file's records (module doc); DataError naming file:line:field when malformed."""
+  from postrl.data.records import DataError  # pylint: disable=import-outside-toplevel
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: no such file")
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f"{path}:{lineno}"
+      if not path.endswith(".jsonl"):
+        records.append(PromptRecord(prompt=line.rstrip("\n")))
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+      records.append(_record(obj, where, task))
+  if not records:
+    raise DataError(f"{path}: no prompts (the file has no non-blank line)")
+  return records
+
+
+def _record(obj, where: str, task: str | None) -> PromptRecord:
+  from postrl.data.records import DataError  # pylint: disable=import-outside-toplevel
+  if not isinstance(obj, dict):
+    raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+  unknown = sorted(set(obj) - _FIELDS)
+  if unknown:
+    raise DataError(f"{where}: unknown field(s) {unknown} (known: {sorted(_FIELDS)})")
+  prompt = obj.get("prompt")
+  if not isinstance(prompt, str) or not prompt.strip():
+    raise DataError(f"{where}: field 'prompt': expected a non-empty string")
+  answer = obj.get("answer")
+  if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
+    raise DataError(f"{where}: field 'answer': expected a string or a number")
+  numbers, target = obj.get("numbers"), obj.get("target")
+  if numbers is not None and (not isinstance(numbers, list) or not all(
+      isinstance(x, int) and not isinstance(x, bool) for x in numbers)):
+    raise DataError(f"{where}: field 'numbers': expected a list of integers")
+  if target is not None and (isinstance(target, bool) or not isinstance(target, int)):
+    raise DataError(f"{where}: field 'target': expected an integer")
+  if task == "arithmetic" and answer is None:
+    raise DataError(f"{where}: field 'answer' is required with --task arithmetic")
+  if task == "countdown" and (numbers is None or target is None):
+    raise DataError(f"{where}: fields 'numbers' and 'target' are required with --task countdown")
+  if task == "countdown" and answer is None:
+    answer = target
+  return PromptRecord(prompt=prompt, answer=None if answer is None else str(answer),
+                      numbers=None if numbers is None else tuple(numbers), target=target,
+                      id=obj.get("id"))
+
+
+def task_functions(task: str | None):
+  """(extract, equal, correct(answer, record), verifier(text, record)) of a task."""
+  # pylint: disable=import-outside-toplevel
+  from postrl.data.preference import verifier_reward
+  from postrl.rewards.countdown import evaluate_countdown_expression, extract_countdown_answer
+  from postrl.sampling.search.common import default_equal, default_extract
+  from postrl.sampling.search.compute_optimal import reference_correct
+  if task == "countdown":
+    def extract(text):
+      found = extract_countdown_answer(text)
+      return None if found is None or not found[0] else " ".join(found[0].split())
+
+    def correct(answer, record):
+      value = None if answer is None else evaluate_countdown_expression(answer, record.numbers)
+      return value is not None and value == record.target
+
+    return extract, lambda a, b: a == b, correct, verifier_reward("countdown")
+  if task == "arithmetic":
+    return default_extract, default_equal, reference_correct, verifier_reward("arithmetic")
+  return default_extract, default_equal, None, None
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m postrl.search", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", required=True, help="policy: HF folder, .gguf or shipped model name")
+  p.add_argument("--strategy", required=True, choices=STRATEGIES)
+  p.add_argument("--n", type=int, default=1)
+  p.add_argument("--prompts", required=True)
+  p.add_argument("--task", choices=TASKS, default=None)
+  p.add_argument("--reward-model", default=None, help="outcome reward model folder")
+  p.add_argument("--prm", default=None, help="process reward model folder")
+  p.add_argument("--allow-tokenizer-mismatch", action="store_true")
+  p.add_argument("--out", default=None, help="JSONL output (default: stdout)")
+  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--top-p", type=float, default=None)
+  p.add_argument("--top-k", type=int, default=None)
+  p.add_argument("--batch-size", type=int, default=16, help="rows per compiled sampler call")
+  p.add_argument("--system-prompt", default=None)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--width", type=int, default=None, help="step_beam_search: beams kept")
+  p.add_argument("--branching", type=int, default=4, help="mcts: steps per expansion")
+  p.add_argument("--max-steps", type=int, default=8, help="step search / mcts depth")
+  p.add_argument("--max-step-tokens", type=int, default=32)
+  p.add_argument("--rollouts", type=int, default=4, help="verifier roll-outs per value")
+  p.add_argument("--max-tokens", type=int, default=None, help="mcts: token budget per prompt")
+  p.add_argument("--length-penalty", type=float, default=1.0, help="beam search α")
+  p.add_argument("--length-norm", choices=("hf", "gnmt"), default="hf")
+  return p
+
+
+def _user_errors():
+  # pylint: disable=import-outside-toplevel
+  from postrl.data.records import DataError
+  from postrl.models import ConfigError, TokenizerError, WeightsError
+  from postrl.sampling.search.common import SearchError
+  return (DataError, ConfigError, TokenizerError, WeightsError, SearchError, FileNotFoundError)
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    return _run(args)
+  except _user_errors() as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+
+
+def _strategy(args, policy, records, key, funcs):
+  """The chosen search as ``run() -> list[SearchResult]`` (scorers built and checked first)."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from postrl.sampling import search
+  from postrl.sampling.search.common import SearchError
+  extract, equal, _, verifier = funcs
+  name, n = args.strategy, args.n
+  if name == "greedy":
+    return lambda: search.greedy(policy, records, extract=extract)
+  if name == "beam_search":
+    search.common.check_positive(n=n)
+    if n > policy.batch_size:  # before any compilation
+      raise SearchError(f"--n {n} (the beam width) is larger than --batch-size "
+                        f"{policy.batch_size}: the beams of a prompt decode in one batch")
+    return lambda: search.beam_search(policy, records, width=n, extract=extract,
+                                      length_penalty=args.length_penalty,
+                                      length_norm=args.length_norm)
+  weighted = name in ("weighted_best_of_n", "self_consistency")
+  scorer = None
+  if name in ("best_of_n", "weighted_best_of_n", "self_consistency") and args.reward_model:
+    scorer = search.RewardModelOutcome(args.reward_model, sigmoid=weighted,
+                                       batch_size=args.batch_size,
+                                       allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
+    search.scorers.check_scorer(policy, scorer, "reward model")
+  elif name in ("best_of_n", "weighted_best_of_n") and verifier is not None:
+    scorer = search.verifier_scorer(verifier)
+  if name == "self_consistency":
+    return lambda: search.self_consistency(policy, records, n=n, key=key, scorer=scorer,
+                                           extract=extract, equal=equal)
+  if name in ("best_of_n", "weighted_best_of_n"):
+    if scorer is None:
+      raise SearchError(f"{name} needs a scorer: --reward-model DIR, or --task for the verifier")
+    return lambda: search.best_of_n(policy, records, n=n, scorer=scorer, key=key,
+                                    weighted=name == "weighted_best_of_n", extract=extract,
+                                    equal=equal)
+  if args.prm:
+    value = search.ProcessRewardScorer(args.prm, batch_size=args.batch_size,
+                                       allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
+    search.scorers.check_scorer(policy, value, "process reward model")
+  elif verifier is not None:
+    value = search.RolloutValue(policy, verifier, rollouts=args.rollouts,
+                                key=jax.random.fold_in(key, 7))
+  else:
+    raise SearchError(f"{name} needs a value function: --prm DIR, or --task for verifier "
+                      "roll-outs")
+  if name == "step_beam_search":
+    search.common.check_positive(n=n)
+    width = args.width or max(1, n // 4)
+    if n % width:
+      raise SearchError(f"--n {n} samples per round must be a multiple of --width {width}")
+    return lambda: search.step_beam_search(policy, records, value_fn=value, key=key, width=width,
+                                           expansions=n // width, max_steps=args.max_steps,
+                                           extract=extract, equal=equal)
+  return lambda: search.mcts(policy, records, value_fn=value, key=key, simulations=n,
+                             branching=args.branching, max_depth=args.max_steps,
+                             max_tokens=args.max_tokens, extract=extract)
+
+
+def _run(args) -> int:
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from postrl.models import load_pretrained, load_tokenizer
+  from postrl.sampling.search import Policy
+  from postrl.sampling.search.common import SearchError
+  if args.strategy != "greedy" and args.n < 1:
+    raise SearchError(f"--n must be >= 1, got {args.n}")
+  if args.out and os.path.isdir(args.out):
+    raise SearchError(f"--out {args.out} is a directory")
+  records = read_prompts(args.prompts, args.task)
+  funcs = task_functions(args.task)
+  model = load_pretrained(args.model, param_dtype=args.dtype)
+  tokenizer = load_tokenizer(args.model)
+  policy = Policy(model, tokenizer, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                  batch_size=args.batch_size, system_prompt=args.system_prompt,
+                  max_step_tokens=args.max_step_tokens)
+  key = jax.random.key(args.seed)
+  run = _strategy(args, policy, records, key, funcs)
+  if args.strategy in ("best_of_n", "weighted_best_of_n", "self_consistency") and (
+      args.n > args.batch_size):
+    print(f"note: --n {args.n} > --batch-size {args.batch_size}: each prompt's samples run in "
+          f"{-(-args.n // args.batch_size)} sampler calls", file=sys.stderr)
+  t0 = time.perf_counter()
+  results = run()
+  seconds = time.perf_counter() - t0
+  correct_fn = funcs[2]
+  lines = []
+  for record, result in zip(records, results):
+    out = {"id": record.id, **result.to_json(), "reference": record.answer}
+    if correct_fn is not None:
+      out["correct"] = bool(correct_fn(result.answer, record))
+    lines.append(out)
+  _write(args.out, lines)
+  _summary(args, lines, seconds)
+  return 0
+
+
+def _write(path: str | None, lines: list[dict]) -> None:
+  text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+  if path is None:
+    sys.stdout.write(text)
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _summary(args, lines: list[dict], seconds: float) -> None:
+  n = len(lines)
+  no_answer = sum(line["status"] != "ok" for line in lines)
+  mean = {k: sum(line["tokens"][k] for line in lines) / n
+          for k in ("prompt", "generated", "scorer", "total")}
+  acc = ""
+  if "correct" in lines[0]:
+    k = sum(line["correct"] for line in lines)
+    acc = f"accuracy {k / n:.3f} ({k}/{n}), "
+  print(f"{args.strategy} n={args.n}: {n} prompts, {acc}{no_answer} without an answer; tokens per "
+        f"prompt {mean['total']:.0f} (prompt {mean['prompt']:.0f}, generated "
+        f"{mean['generated']:.0f}, scorer {mean['scorer']:.0f}); {seconds:.1f}s"
+        + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

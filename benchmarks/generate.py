@@ -1,52 +1,88 @@
 r"""Generation throughput: postrl ``generate`` vs transformers ``generate``, one run, same settings.
 
-    python benchmarks/generate.py --batch 1 16 --new-tokens 64            # CPU, real SmolLM2
-    python benchmarks/generate.py --dtype bfloat16 --batch 1 16 64 256 --new-tokens 256   # GPU
+    python benchmarks/generate.py --batch 1 16 --new-tokens 64             # CPU, real SmolLM2 file
+    python benchmarks/generate.py --config llama-1b --batch 1 16 64 256 --new-tokens 256 \
+        --time-limit 420                                                    # GPU, random weights
+    python benchmarks/generate.py --config tiny --batch 2 --new-tokens 8 --repeats 1   # smoke test
 
-Random prompts of ``--prompt-len`` tokens, top-p sampling, EOS ignored (every row decodes exactly
-``--new-tokens``). Timings exclude compilation (one warm-up call per shape) and take the median of
-``--repeats`` calls. Prints a table and writes JSON (device, versions, date) to ``--out``.
+The model is a checkpoint (``--model``: a shipped name, a HF folder or a GGUF file) or a preset
+shape with random weights (``--config``: smollm2-135m, llama-1b = Llama-3.2-1B, tiny), which
+needs no files; transformers then builds ``LlamaForCausalLM`` from the same shape, also with
+random weights (sampling cost does not depend on the values). ``--dtype`` (default: bfloat16 on
+an accelerator, float32 on CPU) is the parameter and the compute dtype of both.
+
+Random prompts of ``--prompt-len`` tokens, top-p sampling (``--top-p``, no top-k), EOS ignored
+(every row decodes exactly ``--new-tokens``: postrl with ``eos_ids=()``, transformers with
+``min_new_tokens``). Timings exclude compilation (one warm-up call per shape; transformers warms
+up with a short call) and take the median of ``--repeats`` calls; GPU timings end with
+``block_until_ready`` / ``torch.cuda.synchronize``.
+
+transformers runs in a child process (its own CUDA context: no JAX/torch library clash, and each
+framework has its own memory; JAX then preallocates only ``--jax-mem-fraction`` of the GPU). The
+child builds its model once and times each shape on request, so every shape's row has both
+numbers as soon as it is done.
+
+The bandwidth bound: bytes each decode step must read (the weights once plus the whole allocated
+KV cache of P + N slots, which postrl's masked decode attention reads) at the larger of the
+memory bandwidths measured in this run (a device-to-device elementwise copy of ``--copy-mib``
+MiB, counted as read + write, and a matrix-vector product's read), times the batch.
+
+Progress is printed (flushed) per shape and the JSON (device, versions, date) is rewritten after
+every shape, so a killed run keeps its finished rows; ``--time-limit`` skips the remaining shapes
+(and the baseline) once the budget is spent, and still writes the table.
 """
 
+from __future__ import annotations
+
 import argparse
-import datetime
 import json
 import os
-import platform
+import select
 import statistics
+import subprocess
+import sys
 import time
 
-import jax
-import numpy as np
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if sys.path[0] != ROOT:
+  sys.path.insert(0, ROOT)
+
+import numpy as np  # pylint: disable=wrong-import-position
+
+from benchmarks import common  # pylint: disable=wrong-import-position
+
+_REPLY = "@@hf "  # prefix of the transformers child's protocol lines on its stdout
+
+
+# ----------------------------------------------------------------------------- bandwidth
+
+
+def _min_seconds(f, *args, repeats):
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.block_until_ready(f(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    times.append(time.perf_counter() - t0)
+  return min(times)
 
 
 def copy_bandwidth(n_bytes=512 * 2**20, repeats=5):
   """Bytes moved per second (read + write) by a large jitted copy: the memory-bandwidth limit."""
+  import jax  # pylint: disable=import-outside-toplevel
   x = jax.numpy.ones((n_bytes // 4,), jax.numpy.float32)
-  f = jax.jit(lambda a: a + 1.0)
-  f(x).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(x).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * n_bytes / min(times)
+  return 2 * n_bytes / _min_seconds(jax.jit(lambda a: a + 1.0), x, repeats=repeats)
 
 
 def matvec_bandwidth(n_bytes=512 * 2**20, repeats=5):
   """Bytes read per second by a large jitted matrix-vector product (multi-threaded on CPU, where
   XLA's elementwise copy runs on one thread and underestimates what the memory system gives)."""
+  import jax  # pylint: disable=import-outside-toplevel
   n = int((n_bytes // 4) ** 0.5)
   w = jax.numpy.ones((n, n), jax.numpy.float32)
   v = jax.numpy.ones((1, n), jax.numpy.float32)
-  f = jax.jit(lambda a, b: b @ a)
-  f(w, v).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(w, v).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return n * n * 4 / min(times)
+  return n * n * 4 / _min_seconds(jax.jit(lambda a, b: b @ a), w, v, repeats=repeats)
 
 
 def bytes_per_decode_step(cfg, batch, cache_len, param_bytes):
@@ -55,7 +91,13 @@ def bytes_per_decode_step(cfg, batch, cache_len, param_bytes):
   return cfg.num_params() * param_bytes + kv * param_bytes
 
 
-def time_postrl(model, batch, prompt_len, new_tokens, repeats):
+# ----------------------------------------------------------------------------- postrl
+
+
+def time_postrl(model, batch, prompt_len, new_tokens, repeats, top_p) -> dict:
+  """Tokens/s of ``postrl.sampling.generate`` (median of ``repeats`` calls after one compiling
+  call) and the seconds of that first call."""
+  import jax  # pylint: disable=import-outside-toplevel
   from postrl.sampling import generate  # pylint: disable=import-outside-toplevel
   rng = np.random.RandomState(0)
   tokens = rng.randint(100, model.config.vocab_size, (batch, prompt_len)).astype(np.int32)
@@ -63,102 +105,331 @@ def time_postrl(model, batch, prompt_len, new_tokens, repeats):
 
   def call(seed):
     out = generate(model, tokens, lengths, key=jax.random.key(seed), max_new_tokens=new_tokens,
-                   temperature=1.0, top_p=0.9, eos_ids=())
+                   temperature=1.0, top_p=top_p, eos_ids=())
     jax.block_until_ready(out.tokens_BxN)
 
-  call(0)  # compile
+  t0 = time.perf_counter()
+  call(0)
+  first = time.perf_counter() - t0
   times = []
   for r in range(repeats):
     t0 = time.perf_counter()
     call(r + 1)
     times.append(time.perf_counter() - t0)
-  return batch * new_tokens / statistics.median(times)
+  return dict(tokens_per_s=batch * new_tokens / statistics.median(times), first_call_s=first,
+              seconds=times)
 
 
-def time_transformers(path, dtype, batch, prompt_len, new_tokens, repeats):
+# ----------------------------------------------------------------------------- transformers
+
+
+def build_transformers_model(args):
+  """(model, device) for the child: the checkpoint of ``--model`` or the preset shape of
+  ``--config`` with random weights (transformers' own initialisation, seed 0)."""
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  tdt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+  tdt = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+  if args.config:
+    cfg = common.model_config(args.config, param_dtype=args.dtype, dtype=args.dtype)
+    torch.manual_seed(0)
+    with torch.device(device):
+      hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf()))
+    return hf.to(tdt).eval(), device
+  from postrl.models.weights import resolve_model_path  # pylint: disable=import-outside-toplevel
+  path = resolve_model_path(args.model)
   if os.path.isdir(path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=tdt)
   else:
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=tdt)
-  hf = hf.to(device).eval()
+  return hf.to(device).eval(), device
+
+
+def time_transformers(hf, device, *, batch, prompt_len, new_tokens, repeats, top_p) -> dict:
+  """Tokens/s of ``hf.generate`` (sampling, top-p only, exactly ``new_tokens`` per row), median
+  of ``repeats`` calls after a short warm-up call on the same batch shape."""
+  import torch  # pylint: disable=import-outside-toplevel
   rng = np.random.RandomState(0)
   ids = torch.tensor(rng.randint(100, hf.config.vocab_size, (batch, prompt_len)), device=device)
-  kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, top_p=0.9,
+  kw = dict(do_sample=True, top_p=top_p, top_k=0, temperature=1.0,
             attention_mask=torch.ones_like(ids), pad_token_id=0)
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   with torch.no_grad():
-    hf.generate(ids, **kw)
+    t0 = time.perf_counter()
+    hf.generate(ids, max_new_tokens=min(8, new_tokens), min_new_tokens=min(8, new_tokens), **kw)
+    sync()
+    first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
-      if device == "cuda":
-        torch.cuda.synchronize()
+      sync()
       t0 = time.perf_counter()
-      hf.generate(ids, **kw)
-      if device == "cuda":
-        torch.cuda.synchronize()
+      out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+      sync()
       times.append(time.perf_counter() - t0)
-  return batch * new_tokens / statistics.median(times)
+  if out.shape[1] != prompt_len + new_tokens:
+    raise RuntimeError(f"transformers produced {out.shape[1] - prompt_len} tokens, expected "
+                       f"{new_tokens}")
+  return dict(tokens_per_s=batch * new_tokens / statistics.median(times), first_call_s=first,
+              seconds=times)
 
 
-def main():
+def hf_worker(args):
+  """The child process: builds the transformers model, then answers one JSON request per stdin
+  line with one ``_REPLY`` line on stdout (everything else it prints goes to stderr)."""
+  reply_to = os.fdopen(os.dup(1), "w")
+  os.dup2(2, 1)  # anything else written to stdout, by Python or a library, lands on stderr
+  sys.stdout = sys.stderr
+
+  def reply(**fields):
+    reply_to.write(_REPLY + json.dumps(fields) + "\n")
+    reply_to.flush()
+
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+    t0 = time.perf_counter()
+    hf, device = build_transformers_model(args)
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    reply(ready=True, build_s=time.perf_counter() - t0, device=device_name,
+          attn_implementation=getattr(hf.config, "_attn_implementation", None),
+          versions=dict(torch=torch.__version__, transformers=transformers.__version__))
+  except Exception as e:  # pylint: disable=broad-except  (reported to the parent, which goes on)
+    reply(ready=False, error=f"{type(e).__name__}: {e}")
+    return
+  for line in sys.stdin:
+    request = json.loads(line)
+    try:
+      reply(**time_transformers(hf, device, **request))
+    except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory at a large batch)
+      reply(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+      if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Baseline:
+  """The transformers child: ``start()`` launches it (its start-up overlaps the parent's model
+  build), ``ready(timeout)`` waits for its model, ``time(...)`` asks for one shape. Any failure
+  or timeout kills it and returns ``{"error": ...}``; the parent then goes on without it."""
+
+  def __init__(self, args):
+    self.args = args
+    self.proc = None
+    self.buffer = b""
+    self.info = None
+    self.error = None
+
+  def start(self):
+    cmd = [sys.executable, os.path.abspath(__file__), "--hf-worker", "--dtype", self.args.dtype]
+    cmd += ["--config", self.args.config] if self.args.config else ["--model", self.args.model]
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+
+  def _read(self, timeout: float) -> dict:
+    deadline = time.perf_counter() + timeout
+    while True:
+      while b"\n" in self.buffer:
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        text = line.decode(errors="replace")
+        if _REPLY in text:
+          return json.loads(text[text.index(_REPLY) + len(_REPLY):])
+      left = deadline - time.perf_counter()
+      if left <= 0:
+        return self._fail(f"no answer within {timeout:.0f} s (time limit)")
+      ready, _, _ = select.select([self.proc.stdout], [], [], left)
+      if ready:
+        chunk = os.read(self.proc.stdout.fileno(), 65536)
+        if not chunk:
+          return self._fail(f"the transformers process exited (rc {self.proc.wait()})")
+        self.buffer += chunk
+
+  def _fail(self, message: str) -> dict:
+    self.error = message
+    self.close()
+    return {"error": message}
+
+  def ready(self, timeout: float) -> dict:
+    if self.info is None and self.error is None:
+      info = self._read(timeout)
+      if info.get("ready"):
+        self.info = info
+      elif self.error is None:
+        self._fail(info.get("error", "transformers failed to start"))
+    return self.info or {"error": self.error}
+
+  def time(self, timeout: float, **request) -> dict:
+    if self.error is not None:
+      return {"error": self.error}
+    self.proc.stdin.write((json.dumps(request) + "\n").encode())
+    self.proc.stdin.flush()
+    return self._read(timeout)
+
+  def close(self):
+    if self.proc is not None and self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait()
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+  """Command-line arguments; without ``--model`` or ``--config`` the shipped SmolLM2 is used."""
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--model", default="smollm2-135m-instruct")
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  source = parser.add_mutually_exclusive_group()
+  source.add_argument("--model", default=None,
+                      help="shipped name, HF folder or GGUF file (default smollm2-135m-instruct)")
+  source.add_argument("--config", choices=sorted(common.PRESETS), default=None,
+                      help="preset shape with random weights (no files needed)")
+  parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                      help="params and compute (default: bfloat16 on GPU/TPU, float32 on CPU)")
   parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
   parser.add_argument("--prompt-len", type=int, default=64)
   parser.add_argument("--new-tokens", type=int, default=64)
+  parser.add_argument("--top-p", type=float, default=0.9, help="1.0 = plain sampling")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
+  parser.add_argument("--time-limit", type=float, default=None,
+                      help="seconds for the whole run; later shapes are skipped once spent")
+  parser.add_argument("--copy-mib", type=int, default=None,
+                      help="bandwidth-probe size (default: 2048 on GPU/TPU, 512 on CPU)")
+  parser.add_argument("--jax-mem-fraction", type=float, default=0.45,
+                      help="GPU memory JAX preallocates when the transformers baseline runs")
   parser.add_argument("--out", default="benchmarks/results/generate.json")
-  args = parser.parse_args()
+  parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if not args.config and not args.model:
+    args.model = "smollm2-135m-instruct"
+  return args
 
-  from postrl.models import load_pretrained  # pylint: disable=import-outside-toplevel
-  from postrl.models.weights import resolve_model_path  # pylint: disable=import-outside-toplevel
-  model = load_pretrained(args.model, param_dtype=args.dtype)
-  copy_bw, matvec_bw = copy_bandwidth(), matvec_bandwidth()
-  bandwidth = max(copy_bw, matvec_bw)
-  param_bytes = 2 if args.dtype == "bfloat16" else 4
-  rows = []
-  for batch in args.batch:
-    ours = time_postrl(model, batch, args.prompt_len, args.new_tokens, args.repeats)
-    ref = None if args.no_baseline else time_transformers(
-        resolve_model_path(args.model), args.dtype, batch, args.prompt_len, args.new_tokens,
-        args.repeats)
-    step_bytes = bytes_per_decode_step(model.config, batch, args.prompt_len + args.new_tokens,
-                                       param_bytes)
-    bound = bandwidth / step_bytes * batch  # tokens/s if each step only streamed its bytes once
-    rows.append(dict(batch=batch, postrl_tokens_per_s=round(ours, 1),
-                     bandwidth_bound_tokens_per_s=round(bound, 1),
-                     fraction_of_bound=round(ours / bound, 3),
-                     transformers_tokens_per_s=None if ref is None else round(ref, 1),
-                     ratio=None if ref is None else round(ours / ref, 2)))
-  print(f"memory bandwidth on {jax.devices()[0].device_kind}: copy {copy_bw / 1e9:.1f} GB/s "
-        f"(read + write), matrix-vector read {matvec_bw / 1e9:.1f} GB/s; bound uses the larger")
-  print(f"{'batch':>6} {'postrl tok/s':>14} {'transformers tok/s':>19} {'ratio':>7} "
-        f"{'bound tok/s':>12} {'of bound':>9}")
+
+def _fmt(row, key, spec):
+  return "-" if row.get(key) is None else format(row[key], spec)
+
+
+def print_table(bandwidth: dict, rows: list[dict]):
+  """The summary table (the one in docs/benchmarks.md)."""
+  common.log(f"memory bandwidth on {bandwidth['device']}: copy {bandwidth['copy'] / 1e9:.1f} GB/s "
+             f"(read + write), matrix-vector read {bandwidth['matvec'] / 1e9:.1f} GB/s; bound uses "
+             f"the larger")
+  common.log(f"{'batch':>6} {'postrl tok/s':>14} {'transformers tok/s':>19} {'ratio':>7} "
+             f"{'bound tok/s':>12} {'of bound':>9}")
   for r in rows:
-    ref = "-" if r["transformers_tokens_per_s"] is None else f"{r['transformers_tokens_per_s']:.1f}"
-    ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-    print(f"{r['batch']:>6} {r['postrl_tokens_per_s']:>14.1f} {ref:>19} {ratio:>7} "
-          f"{r['bandwidth_bound_tokens_per_s']:>12.1f} {r['fraction_of_bound']:>9.1%}")
-  versions = dict(jax=jax.__version__, python=platform.python_version())
+    common.log(f"{r['batch']:>6} {_fmt(r, 'postrl_tokens_per_s', '.1f'):>14} "
+               f"{_fmt(r, 'transformers_tokens_per_s', '.1f'):>19} "
+               f"{_fmt(r, 'ratio', '.2f') + ('x' if r.get('ratio') else ''):>7} "
+               f"{r['bandwidth_bound_tokens_per_s']:>12.1f} "
+               f"{_fmt(r, 'fraction_of_bound', '.1%'):>9}")
+
+
+def run(args):
+  """Measures every batch size of ``args`` (see the module docstring); returns the JSON dict."""
+  budget = common.Budget(args.time_limit)
+  baseline = None
+  if not args.no_baseline:
+    baseline = Baseline(args)
+    baseline.start()  # its imports and model build overlap ours (nothing is timed yet)
   try:
-    import torch, transformers  # pylint: disable=import-outside-toplevel,multiple-imports
-    versions.update(torch=torch.__version__, transformers=transformers.__version__)
-  except ImportError:
-    pass
-  result = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
-                copy_bandwidth_bytes_per_s=copy_bw, matvec_bandwidth_bytes_per_s=matvec_bw,
-                cpu_count=os.cpu_count(), versions=versions, settings=vars(args), rows=rows)
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {args.out}")
+    return _run(args, budget, baseline)
+  finally:
+    if baseline is not None:
+      baseline.close()
+
+
+def _run(args, budget, baseline):
+  import jax  # pylint: disable=import-outside-toplevel
+  on_cpu = jax.default_backend() == "cpu"
+  env = common.environment()
+  if args.config:
+    cfg = common.model_config(args.config, param_dtype=args.dtype, dtype=args.dtype)
+    model = common.random_model(cfg)
+  else:
+    from postrl.models import load_pretrained  # pylint: disable=import-outside-toplevel
+    model = load_pretrained(args.model, param_dtype=args.dtype, dtype=args.dtype)
+    cfg = model.config
+  settings = {k: v for k, v in vars(args).items() if k != "hf_worker"}
+  results = common.Results(args.out, **env, settings=settings, model=dict(
+      name=args.config or args.model, random_weights=bool(args.config),
+      num_params=cfg.num_params(), config=cfg.to_hf()), status="running",
+      xla_python_client_mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"), rows=[])
+  common.log(f"{env['device']} ({env['backend']}), jax {jax.__version__}; model "
+             f"{args.config or args.model}: {cfg.num_params() / 1e6:.0f}M params, {args.dtype}")
+
+  if baseline is not None:
+    info = baseline.ready(timeout=min(budget.left(), 600))
+    results.update(transformers=info)
+    common.log(f"transformers: {json.dumps(info)}")
+
+  copy_bytes = (args.copy_mib or (512 if on_cpu else 2048)) * 2**20
+  repeats = 5 if on_cpu else 10
+  bandwidth = dict(device=env["device"], copy=copy_bandwidth(copy_bytes, repeats=repeats),
+                   matvec=matvec_bandwidth(copy_bytes, repeats=repeats))
+  best = max(bandwidth["copy"], bandwidth["matvec"])
+  results.update(copy_bandwidth_bytes_per_s=bandwidth["copy"],
+                 matvec_bandwidth_bytes_per_s=bandwidth["matvec"], bandwidth_probe_bytes=copy_bytes)
+  common.log(f"bandwidth: copy {bandwidth['copy'] / 1e9:.1f} GB/s, matvec "
+             f"{bandwidth['matvec'] / 1e9:.1f} GB/s ({budget.elapsed():.0f} s)")
+
+  param_bytes = 2 if args.dtype == "bfloat16" else 4
+  rows, skipped = [], []
+  for batch in args.batch:
+    if budget.over():
+      skipped.append(batch)
+      continue
+    step_bytes = bytes_per_decode_step(cfg, batch, args.prompt_len + args.new_tokens, param_bytes)
+    bound = best / step_bytes * batch  # tokens/s if each step only streamed its bytes once
+    row = dict(batch=batch, bandwidth_bound_tokens_per_s=round(bound, 1),
+               bytes_per_decode_step=step_bytes)
+    common.log(f"batch {batch}: postrl (compiles first) ... ({budget.elapsed():.0f} s)")
+    try:
+      ours = time_postrl(model, batch, args.prompt_len, args.new_tokens, args.repeats, args.top_p)
+      row.update(postrl_tokens_per_s=round(ours["tokens_per_s"], 1),
+                 postrl_ms_per_step=round(1e3 * batch / ours["tokens_per_s"], 3),
+                 postrl_first_call_s=round(ours["first_call_s"], 2),
+                 postrl_seconds=[round(t, 4) for t in ours["seconds"]],
+                 fraction_of_bound=round(ours["tokens_per_s"] / bound, 3))
+    except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: keep the others)
+      row["postrl_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if baseline is not None and not budget.over():
+      common.log(f"batch {batch}: postrl {row.get('postrl_tokens_per_s')} tokens/s; transformers "
+                 f"... ({budget.elapsed():.0f} s)")
+      timeout = budget.left() + 60 if args.time_limit is not None else 3600
+      ref = baseline.time(timeout=timeout, batch=batch,
+                          prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                          repeats=args.repeats, top_p=args.top_p)
+      if "error" in ref:
+        row["transformers_error"] = ref["error"]
+      else:
+        row.update(transformers_tokens_per_s=round(ref["tokens_per_s"], 1),
+                   transformers_seconds=[round(t, 4) for t in ref["seconds"]])
+        if row.get("postrl_tokens_per_s"):
+          row["ratio"] = round(row["postrl_tokens_per_s"] / row["transformers_tokens_per_s"], 2)
+    elif baseline is not None:
+      row["transformers_error"] = "skipped: time limit"
+    rows.append(row)
+    results.append("rows", row)
+    common.log(f"batch {batch}: {json.dumps({k: v for k, v in row.items() if 'seconds' not in k})}"
+               f" ({budget.elapsed():.0f} s)")
+  status = "complete" if not skipped else f"time limit: skipped batch sizes {skipped}"
+  results.update(status=status, elapsed_s=round(budget.elapsed(), 1))
+  print_table(bandwidth, rows)
+  common.log(f"{status}; wrote {args.out}")
+  return results.doc
+
+
+def main(argv=None):
+  """The benchmark, or (``--hf-worker``) the transformers child process it starts."""
+  args = parse_args(argv)
+  if args.hf_worker:
+    if args.dtype is None:
+      args.dtype = "float32"
+    hf_worker(args)
+    return
+  if not args.no_baseline:  # leave GPU memory to the transformers process (read at backend start)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(args.jax_mem_fraction))
+  if args.dtype is None:
+    args.dtype = common.default_dtype()
+  run(args)
 
 
 if __name__ == "__main__":

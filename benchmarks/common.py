@@ -1,0 +1,141 @@
+"""Shared pieces of the benchmark scripts: model shapes with random weights, the run's environment,
+a wall-clock budget, and JSON written after every measurement (a killed run keeps what it had).
+
+The scripts run from a checkout without installing postrl (``python benchmarks/<script>.py``):
+they put the repository root first on ``sys.path`` (an installed postrl never shadows the
+checkout) and then import this module as ``benchmarks.common``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import time
+
+# Published shapes (config.json of HuggingFaceTB/SmolLM2-135M and meta-llama/Llama-3.2-1B); the
+# weights are random, so nothing is downloaded. "tiny" is for smoke tests on CPU.
+PRESETS = {
+    "smollm2-135m": dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+        pad_token_id=2),
+    "llama-1b": dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+        rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=True,
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                          high_freq_factor=4.0, original_max_position_embeddings=8192),
+        bos_token_id=128000, eos_token_id=128001),
+    "tiny": dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+        max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0),
+}
+
+
+def model_config(name: str, *, param_dtype: str, dtype: str):
+  """The ``postrl.models.ModelConfig`` of preset ``name`` in the given dtypes."""
+  from postrl.models import ConfigError, ModelConfig  # pylint: disable=import-outside-toplevel
+  if name not in PRESETS:
+    raise ConfigError(f"--config: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+  return ModelConfig(**PRESETS[name], param_dtype=param_dtype, dtype=dtype)
+
+
+def random_model(cfg, seed: int = 0):
+  """A ``postrl.models.Transformer`` with random weights (normal, std 0.02) on the default
+  device."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from postrl.models import Transformer  # pylint: disable=import-outside-toplevel
+  return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def default_dtype() -> str:
+  """bfloat16 on an accelerator, float32 on CPU (where bfloat16 matmuls are emulated and slow)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def environment() -> dict:
+  """Device, host and package versions of this run (no accelerator is touched beyond jax's)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  versions = dict(python=platform.python_version(), jax=jax.__version__)
+  for name in ("jaxlib", "flax", "optax", "numpy"):
+    try:
+      versions[name] = __import__(name).__version__
+    except ImportError:
+      pass
+  device = jax.devices()[0]
+  env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             backend=jax.default_backend(), device=device.device_kind,
+             device_count=jax.device_count(), cpu_count=os.cpu_count(),
+             host=platform.node(), versions=versions)
+  stats = _memory_stats(device)
+  if stats and "bytes_limit" in stats:
+    env["device_memory_bytes"] = int(stats["bytes_limit"])
+  return env
+
+
+def _memory_stats(device) -> dict | None:
+  try:
+    return device.memory_stats()
+  except Exception:  # pylint: disable=broad-except  (CPU backends may not implement it)
+    return None
+
+
+def peak_memory_bytes() -> int | None:
+  """Peak bytes in use on device 0 so far (None where the backend does not report it)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  stats = _memory_stats(jax.devices()[0])
+  return None if not stats else stats.get("peak_bytes_in_use")
+
+
+class Budget:
+  """A wall-clock limit for a whole run: ``left()`` seconds remain; ``over(need)`` is True when
+  fewer than ``need`` seconds are left (the caller skips the rest and still writes its results)."""
+
+  def __init__(self, seconds: float | None):
+    self.start = time.perf_counter()
+    self.seconds = seconds
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.start
+
+  def left(self) -> float:
+    return float("inf") if self.seconds is None else self.seconds - self.elapsed()
+
+  def over(self, need: float = 0.0) -> bool:
+    return self.left() < need
+
+
+class Results:
+  """A JSON document rewritten (atomically) after every change, so a killed run keeps its rows."""
+
+  def __init__(self, path: str, **fields):
+    self.path = path
+    self.doc = dict(fields)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    self.write()
+
+  def update(self, **fields):
+    self.doc.update(fields)
+    self.write()
+
+  def append(self, key: str, row: dict):
+    self.doc.setdefault(key, []).append(row)
+    self.write()
+
+  def write(self):
+    tmp = f"{self.path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+      json.dump(self.doc, f, indent=1, default=str)
+    os.replace(tmp, self.path)
+
+
+def log(msg: str):
+  """Progress on stdout, flushed at once (a killed run still shows every finished step)."""
+  print(msg, flush=True)
+

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Issue 9's GPU numbers in one command, on one H100 / H200, from a checkout (postrl not installed):
+#
+#   bash benchmarks/gpu.sh      # 5-8 minutes; starts no new stage or shape after BUDGET s
+#
+# 1. benchmarks/train_step.py: SFT and DPO steps of the Llama-3.2-1B shape at seq 2048, bf16,
+#    tokens/s and MFU (datasheet peak and a matmul measured in the same run); 2 sequences per
+#    step on an 80 GB card, 4 on a larger one (the model's attention keeps [T, T] scores per
+#    layer for the backward pass: about 12-22 GiB of activations per 2048-token sequence);
+# 2. benchmarks/generate.py: postrl vs transformers generate, Llama-3.2-1B shape, bf16,
+#    batch 1 16 64 256, 64-token prompts + 256 new tokens, against the measured copy bandwidth;
+# 3. (if time is left) the same for the SmolLM2-135M shape, batch 1 and 64.
+#
+# Every script prints each finished step / shape at once and rewrites its JSON after each, so a
+# killed run keeps its partial results. Files go to $OUT when set (the device runner's output
+# folder), else benchmarks/results/. Environment knobs: BUDGET (seconds for the whole command,
+# default 480; a shape already started may run up to a minute past it), TRAIN_BATCH (sequences
+# per training step; default by GPU memory as above), TRAIN_ARGS / GEN_ARGS (appended to the
+# scripts' arguments, later ones win: the CPU smoke test runs this file with tiny sizes), PYTHON.
+set -u
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# A rerun on the same (warm) machine reuses the compiled programs.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/postrl-jax-cache}"
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
+budget="${BUDGET:-480}"
+py="${PYTHON:-python}"
+command -v "$py" > /dev/null || py=python3
+start=$(date +%s)
+left() { echo $(( budget - ($(date +%s) - start) )); }
+
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv \
+  > "$out/gpu_info.txt" 2>&1
+mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+if [ "${mib:-0}" -gt 100000 ] 2>/dev/null; then batch=4; else batch=2; fi
+batch="${TRAIN_BATCH:-$batch}"
+
+# Each stage gets the time left minus what the later stages need at least; a stage stops
+# starting new shapes / jobs when its own limit is spent (one compile may run past it).
+"$py" benchmarks/train_step.py --config llama-1b --seq 2048 --batch "$batch" --steps 10 \
+  --time-limit $(( $(left) - 300 )) --out "$out/train_step_llama-1b.json" ${TRAIN_ARGS:-} 2>&1 \
+  | tee "$out/train_step_llama-1b.log"
+
+"$py" benchmarks/generate.py --config llama-1b --batch 1 16 64 256 --new-tokens 256 \
+  --time-limit $(( $(left) - 90 )) --out "$out/generate_llama-1b.json" ${GEN_ARGS:-} 2>&1 \
+  | tee "$out/generate_llama-1b.log"
+
+if [ "$(left)" -gt 100 ]; then
+  "$py" benchmarks/generate.py --config smollm2-135m --batch 1 64 --new-tokens 256 \
+    --time-limit $(( $(left) - 40 )) --out "$out/generate_smollm2-135m.json" ${GEN_ARGS:-} 2>&1 \
+    | tee "$out/generate_smollm2-135m.log"
+fi
+echo "gpu.sh done in $(( $(date +%s) - start )) s; results in $out"

@@ -1,0 +1,134 @@
+"""The benchmark scripts end to end on CPU with the tiny preset (subprocesses, one device).
+
+They are what a GPU run executes once (``benchmarks/generate.py``, ``benchmarks/train_step.py``),
+so a broken argument, import or JSON field must fail here, not on the borrowed GPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args, timeout=300):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+             TRANSFORMERS_OFFLINE="1",
+             JAX_COMPILATION_CACHE_DIR=os.path.expanduser("~/.cache/postrl-jax-tests"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+  proc = subprocess.run([sys.executable, os.path.join("benchmarks", script), *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+def _tiny_cfg():
+  return common.model_config("tiny", param_dtype="float32", dtype="float32")
+
+
+def test_train_step_tiny(tmp_path):
+  out = tmp_path / "train_step.json"
+  stdout = _run("train_step.py", "--tiny", "--out", str(out))
+  doc = json.loads(out.read_text())
+  assert doc["status"] == "complete" and doc["device_count"] == 1 and doc["mesh"]["data"] == 1
+  assert doc["model"]["random_weights"] and doc["versions"]["jax"] and doc["date"]
+
+  # 6 N + 12 L D T by hand: tiny is tied (the output projection is the embedding, counted once)
+  cfg = _tiny_cfg()
+  d, f, L, V, T = 64, 128, 2, 512, 64
+  per_layer = d * 16 * (4 + 2 * 2) + 4 * 16 * d + 3 * d * f + 2 * d
+  n = L * per_layer + V * d + d
+  assert cfg.num_params() == n
+  assert doc["flops_per_token"] == 6 * n + 12 * L * d * T
+  assert doc["flops_per_token_causal"] == 6 * n + 6 * L * d * T
+
+  jobs = {j["job"]: j for j in doc["jobs"]}
+  assert set(jobs) == {"sft", "dpo"}
+  for job in jobs.values():
+    assert job["sequences_per_step"] == 4 and job["tokens_per_step"] == 4 * T
+    assert job["timed_steps"] == 2 and job["finite"] == 1.0
+    assert job["tokens_per_s"] == pytest.approx(4 * T / job["step_s"], rel=0.02)
+    assert job["mfu_measured"] == pytest.approx(
+        job["tokens_per_s"] * doc["flops_per_token"] / doc["peak_flops_measured"], abs=1e-3)
+    assert job["mfu_datasheet"] is None  # no datasheet peak for a CPU
+    assert job["loss_last"] < job["loss_first"]  # three AdamW updates on the same batch
+  # sft: token mean of -log p at random weights is about log V; dpo: -log sigmoid(...) > 0
+  assert jobs["sft"]["loss_first"] == pytest.approx(6.24, abs=0.1)
+  assert 0 < jobs["dpo"]["loss_first"]
+  assert "[sft] 2 steps in" in stdout and "[dpo] 2 steps in" in stdout
+
+
+def test_train_step_halves_a_batch_that_does_not_fit(tmp_path):
+  """A step predicted to need more than the device has is retried at half the batch, and the
+  next job starts from the batch that fitted (no second failed compile)."""
+  out = tmp_path / "train_step.json"
+  _run("train_step.py", "--tiny", "--memory-limit-gib", "0.005", "--out", str(out))
+  doc = json.loads(out.read_text())  # tiny at 4 rows needs ~6.3 MiB, at 2 rows ~3.8 MiB
+  assert [(f["job"], f["sequences_per_step"]) for f in doc["failures"]] == [("sft", 4)]
+  assert "RESOURCE_EXHAUSTED" in doc["failures"][0]["error"]
+  assert [(j["job"], j["sequences_per_step"]) for j in doc["jobs"]] == [("sft", 2), ("dpo", 2)]
+  assert all(j["total_bytes"] <= 0.005 * 2**30 for j in doc["jobs"])
+
+
+def test_generate_tiny_with_transformers(tmp_path):
+  out = tmp_path / "generate.json"
+  stdout = _run("generate.py", "--config", "tiny", "--batch", "2", "--prompt-len", "4",
+                "--new-tokens", "4", "--repeats", "1", "--copy-mib", "8", "--out", str(out))
+  doc = json.loads(out.read_text())
+  assert doc["status"] == "complete" and doc["settings"]["dtype"] == "float32"
+  assert doc["transformers"]["ready"] and doc["transformers"]["versions"]["transformers"]
+  cfg = _tiny_cfg()
+  bandwidth = max(doc["copy_bandwidth_bytes_per_s"], doc["matvec_bandwidth_bytes_per_s"])
+  assert [r["batch"] for r in doc["rows"]] == [2]
+  for row in doc["rows"]:
+    b = row["batch"]
+    kv = 2 * cfg.num_hidden_layers * b * (4 + 4) * cfg.num_key_value_heads * cfg.dim_per_head
+    assert row["bytes_per_decode_step"] == 4 * (cfg.num_params() + kv)
+    assert row["bandwidth_bound_tokens_per_s"] == pytest.approx(
+        bandwidth / row["bytes_per_decode_step"] * b, rel=1e-3)
+    assert row["postrl_tokens_per_s"] > 0 and row["transformers_tokens_per_s"] > 0
+    assert row["ratio"] == pytest.approx(
+        row["postrl_tokens_per_s"] / row["transformers_tokens_per_s"], abs=0.01)
+  assert "batch 2:" in stdout and "transformers tok/s" in stdout
+
+
+def test_generate_time_limit_still_writes_json(tmp_path):
+  out = tmp_path / "generate.json"
+  stdout = _run("generate.py", "--config", "tiny", "--batch", "1", "2", "--no-baseline",
+                "--copy-mib", "8", "--time-limit", "0", "--out", str(out))
+  doc = json.loads(out.read_text())
+  assert doc["rows"] == [] and doc["status"] == "time limit: skipped batch sizes [1, 2]"
+  assert "wrote" in stdout
+
+
+def test_presets_match_published_shapes():
+  llama = common.model_config("llama-1b", param_dtype="bfloat16", dtype="bfloat16")
+  assert llama.num_params() == 1_235_814_400  # Llama-3.2-1B (tied embeddings)
+  assert dict(llama.rope_scaling)["rope_type"] == "llama3"
+  smol = common.model_config("smollm2-135m", param_dtype="float32", dtype="float32")
+  assert smol.num_params() == 134_515_008  # SmolLM2-135M
+
+
+def test_gpu_sh_runs_every_stage(tmp_path):
+  """The one GPU command, with tiny sizes appended (later arguments win), writes all results."""
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", OUT=str(tmp_path), BUDGET="420",
+             PYTHON=sys.executable, TRAIN_ARGS="--tiny --jobs sft",
+             GEN_ARGS="--config tiny --batch 2 --prompt-len 4 --new-tokens 4 --repeats 1 "
+                      "--no-baseline --copy-mib 8",
+             JAX_COMPILATION_CACHE_DIR=os.path.expanduser("~/.cache/postrl-jax-tests"))
+  proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh")], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  train = json.loads((tmp_path / "train_step_llama-1b.json").read_text())
+  assert train["status"] == "complete" and [j["job"] for j in train["jobs"]] == ["sft"]
+  assert train["jobs"][0]["tokens_per_s"] > 0
+  for name in ("generate_llama-1b", "generate_smollm2-135m"):
+    doc = json.loads((tmp_path / f"{name}.json").read_text())
+    assert doc["status"] == "complete" and doc["rows"][0]["postrl_tokens_per_s"] > 0
+    assert (tmp_path / f"{name}.log").read_text().count("wrote") == 1
+  assert "gpu.sh done" in proc.stdout

@@ -132,3 +132,16 @@ def test_gpu_sh_runs_every_stage(tmp_path):
     assert doc["status"] == "complete" and doc["rows"][0]["postrl_tokens_per_s"] > 0
     assert (tmp_path / f"{name}.log").read_text().count("wrote") == 1
   assert "gpu.sh done" in proc.stdout
+
+
+def test_quantized_matmul_benchmark_interpret(tmp_path):
+  """The GPU benchmark's whole path (weights, XLA baselines, kernel check, JSON) on CPU."""
+  out = tmp_path / "qmm.json"
+  _run("quantized_matmul.py", "--interpret", "--m", "1", "--shapes", "256x128", "--repeats", "1",
+       "--no-check", "--out", str(out))
+  result = json.loads(out.read_text())
+  (row,) = result["table"]
+  assert (row["k"], row["n"], row["m"]) == (256, 128, 1)
+  for name in ("int8", "int4"):
+    assert row[f"pallas_{name}_us"] > 0 and row[f"xla_{name}_us"] > 0
+    assert row[f"err_{name}"] < 1e-2  # the kernel agrees with the XLA path it is timed against

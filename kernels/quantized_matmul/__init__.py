@@ -40,9 +40,10 @@ __all__ = ["quantized_matmul", "quantized_matmul_reference", "quantized_matmul_g
 
 IMPLS = ("auto", "xla", "pallas", "pallas_gpu", "pallas_tpu")
 _KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
-# GPU rows (M) up to which the Triton kernel beat XLA in benchmarks/quantized_matmul.py; above it
-# XLA's dequantise + cuBLAS matmul wins (compute-bound shapes). See docs/benchmarks.md.
-GPU_MAX_M = {8: 64, 4: 128}
+# GPU rows (M) up to which ``auto`` uses the Triton kernel (docs/benchmarks.md, H200): int8 won at
+# M = 1 and lost by 1-15% at M = 16 (the crossover in between is unmeasured; 8 is a guess); int4
+# beat XLA's int4 path up to M = 128 and lost at 2048 (512 unmeasured).
+GPU_MAX_M = {8: 8, 4: 128}
 
 
 def _check_args(x, w_q, scales, zeros, bits, group_size, impl):

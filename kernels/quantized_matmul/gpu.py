@@ -44,6 +44,9 @@ class GpuConfig:
     split_k: K splits run by separate programs, partial sums added afterwards (must divide the
       number of steps).
     num_warps, num_stages: Triton's warps per program and software-pipelining depth.
+    unpack: int4 nibble -> float. "shift": sign-extend with two shifts, then an integer-to-float
+      conversion (measured, docs/benchmarks.md). "magic": the exponent trick, one OR per nibble
+      instead of the conversion (see ``_unpack_magic``); interpret-tested, not yet timed on a GPU.
   """
   block_m: int = 16
   block_n: int = 128
@@ -51,6 +54,23 @@ class GpuConfig:
   split_k: int = 1
   num_warps: int = 4
   num_stages: int = 3
+  unpack: str = "shift"
+
+
+# The exponent trick: a float whose exponent field makes the mantissa's unit 1, OR-ed with a small
+# unsigned integer u, is (2^e + u) exactly: bf16 0x4300 = 128 (7 mantissa bits, u < 128), f16
+# 0x6400 = 1024 (10 bits, u < 1024). Int4 codes c in [-8, 7] become u = c + 8 (XOR 0x8 per nibble),
+# so the tile holds c + 8 + MAGIC and the dot's excess is (8 + MAGIC) * sum(x), subtracted once.
+_MAGIC_BITS = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
+
+
+def _unpack_magic(p_int32, dtype):
+  """Packed bytes (int32 holding 0..255) -> (lo, hi) tiles of c + 8 + MAGIC in ``dtype``."""
+  bits, _ = _MAGIC_BITS[jnp.dtype(dtype)]
+  u = p_int32 ^ 0x88
+  lo = lax.bitcast_convert_type(((u & 0xF) | bits).astype(jnp.int16), dtype)
+  hi = lax.bitcast_convert_type(((u >> 4) | bits).astype(jnp.int16), dtype)
+  return lo, hi
 
 
 class KernelShapeError(ValueError):
@@ -91,6 +111,8 @@ def check_shape(m: int, k: int, n: int, *, bits: int, group_size: int | None, cf
   for name, v in (("block_m", cfg.block_m), ("block_n", cfg.block_n), ("block_k", step)):
     if v < 16 or v & (v - 1):
       raise KernelShapeError(f"{name}={v}: the Triton kernel needs powers of two >= 16")
+  if cfg.unpack not in ("shift", "magic"):
+    raise KernelShapeError(f"unpack must be 'shift' or 'magic', got {cfg.unpack!r}")
   if bits == 4 and step < 32:
     raise KernelShapeError(f"int4 step of {step} rows: the kernel needs >= 32 (two dots of >= 16)")
   if n % cfg.block_n:
@@ -102,7 +124,7 @@ def check_shape(m: int, k: int, n: int, *, bits: int, group_size: int | None, cf
 
 
 def _kernel(x_ref, w_ref, s_ref, *refs, bits: int, step: int, steps: int, grouped: bool,
-            has_zeros: bool):
+            has_zeros: bool, magic: bool):
   z_ref, o_ref = refs if has_zeros else (None, refs[0])
   block_m, block_n = x_ref.shape[0], o_ref.shape[-1]
   f32 = jnp.float32
@@ -120,13 +142,18 @@ def _kernel(x_ref, w_ref, s_ref, *refs, bits: int, step: int, steps: int, groupe
       x_even = x_ref[:, pl.ds(k0, half, stride=2)]
       x_odd = x_ref[:, pl.ds(k0 + 1, half, stride=2)]
       p = w_ref[pl.ds(i * half, half), :].astype(jnp.int32)
-      lo = ((p << 28) >> 28).astype(x_even.dtype)  # low nibble, sign-extended: row 2j
-      hi = ((p << 24) >> 28).astype(x_even.dtype)  # high nibble: row 2j + 1
+      if magic:  # tiles hold c + offset exactly; the offset's share is removed below
+        lo, hi = _unpack_magic(p, x_even.dtype)
+      else:
+        lo = ((p << 28) >> 28).astype(x_even.dtype)  # low nibble, sign-extended: row 2j
+        hi = ((p << 24) >> 28).astype(x_even.dtype)  # high nibble: row 2j + 1
       part = (jnp.dot(x_even, lo, preferred_element_type=f32)
               + jnp.dot(x_odd, hi, preferred_element_type=f32))
-      if has_zeros:
+      if has_zeros or magic:
         xs = (jnp.sum(x_even.astype(f32), axis=1, keepdims=True)
               + jnp.sum(x_odd.astype(f32), axis=1, keepdims=True))
+      if magic:
+        part = part - (8.0 + _MAGIC_BITS[jnp.dtype(x_even.dtype)][1]) * xs
     if grouped:
       if has_zeros:
         part = part - z_ref[pl.ds(i, 1), :] * xs
@@ -178,8 +205,11 @@ def quantized_matmul_gpu(x_MxK, w_q, scales_GxN, zeros_GxN=None, *, bits: int,
   else:
     out_shape = jax.ShapeDtypeStruct((splits, m_pad, n), jnp.float32)
     out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
+  magic = bits == 4 and cfg.unpack == "magic"
+  if magic and jnp.dtype(x.dtype) not in _MAGIC_BITS:
+    raise KernelShapeError(f"unpack='magic' needs bf16 or f16 activations, got {x.dtype}")
   kernel = functools.partial(_kernel, bits=bits, step=step, steps=k_split // step,
-                             grouped=grouped, has_zeros=zeros_GxN is not None)
+                             grouped=grouped, has_zeros=zeros_GxN is not None, magic=magic)
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel

@@ -120,8 +120,10 @@ def _generate(graphdef, params, prompt_BxP, lengths_B, key, *, max_new_tokens, t
   N = max_new_tokens
   cache = KVCache.zeros(model.config, B, P + N)
   positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-  logits, cache = model.decode(prompt_BxP, positions, cache)
-  last_logits = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  # prefill: project only each row's last real position to the vocabulary (not [B, P, V])
+  h_BxPxD, cache = model.hidden_states(prompt_BxP, positions_BxT=positions, cache=cache)
+  h_last = jnp.take_along_axis(h_BxPxD, (lengths_B - 1)[:, None, None], axis=1)
+  last_logits = model.logits(h_last)[:, 0]
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
   sample = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p,
                              min_p=min_p)
@@ -146,7 +148,10 @@ def _generate(graphdef, params, prompt_BxP, lengths_B, key, *, max_new_tokens, t
   out = (jnp.full((B, N), pad_id, jnp.int32), jnp.zeros((B, N), jnp.float32),
          jnp.zeros((B, N), jnp.float32))
   state = (jnp.int32(0), cache, last_logits, out, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
-  _, _, _, out, done, gen_len = jax.lax.while_loop(cond, body, state)
+  if eos_ids:  # rows can stop early: leave the loop once every row has
+    _, _, _, out, done, gen_len = jax.lax.while_loop(cond, body, state)
+  else:  # a fixed trip count: no per-step readback of a data-dependent loop condition
+    _, _, _, out, done, gen_len = jax.lax.fori_loop(0, N, lambda _, st: body(st), state)
   return GenerateOutput(out[0], gen_len, out[1], out[2], done)
 
 

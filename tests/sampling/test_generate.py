@@ -148,3 +148,18 @@ def test_thresholds_equal_sort_based_definition(top_k, top_p):
   z[1] = np.round(z[1])
   kept = np.isfinite(np.asarray(process_logits(jnp.asarray(z), top_k=top_k, top_p=top_p)))
   np.testing.assert_array_equal(kept, _sorted_reference(z, top_k, top_p))
+
+
+def test_fixed_trip_count_loop_equals_early_exit_loop(model):
+  # eos_ids=() decodes with a fixed-trip-count loop; an EOS id that is never sampled takes the
+  # while_loop with its data-dependent exit: same key, so the same tokens and log-probs.
+  tokens, lengths = pad_prompts(PROMPTS)
+  kw = dict(key=jax.random.key(5), max_new_tokens=7, temperature=1.0, top_p=0.95)
+  fixed = generate(model, tokens, lengths, eos_ids=(), **kw)
+  unused = int(next(t for t in range(model.config.vocab_size)
+                    if t not in set(np.asarray(fixed.tokens_BxN).ravel().tolist())))
+  early = generate(model, tokens, lengths, eos_ids=(unused,), **kw)
+  np.testing.assert_array_equal(fixed.tokens_BxN, early.tokens_BxN)
+  np.testing.assert_array_equal(fixed.lengths_B, [7, 7, 7])
+  np.testing.assert_allclose(fixed.logps_BxN, early.logps_BxN, rtol=1e-6)
+  np.testing.assert_allclose(fixed.model_logps_BxN, early.model_logps_BxN, rtol=1e-6)

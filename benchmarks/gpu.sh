@@ -22,6 +22,12 @@ cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+# The GPU image lacks ml_collections (postrl.trainers imports it): carry its wheel in .whl/
+# (name .whl in the device call's carry; see .library/device/README.md) and it is installed here.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # A rerun on the same (warm) machine reuses the compiled programs.
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/postrl-jax-cache}"

@@ -271,9 +271,9 @@ def run_sweep(results, out, repeats, deadline, sweep_ms=(1, 16, 64, 128, 512)):
       variants.add(dataclasses.replace(base, num_stages=4))
       if bits == 8:
         variants.add(dataclasses.replace(base, block_k=64 if base.block_k == 128 else 128))
-      else:  # the exponent-trick unpack, alone and with 8 warps
-        variants.add(dataclasses.replace(base, unpack="magic"))
-        variants.add(dataclasses.replace(base, unpack="magic", num_warps=8))
+      # the exponent-trick unpack, alone and with 8 warps
+      variants.add(dataclasses.replace(base, unpack="magic"))
+      variants.add(dataclasses.replace(base, unpack="magic", num_warps=8))
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
       ws = [b[1] if bits == 8 else b[2] for b in bufs]
       flat = [a for qs in ws for a in qs]

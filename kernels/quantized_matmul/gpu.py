@@ -44,9 +44,10 @@ class GpuConfig:
     split_k: K splits run by separate programs, partial sums added afterwards (must divide the
       number of steps).
     num_warps, num_stages: Triton's warps per program and software-pipelining depth.
-    unpack: int4 nibble -> float. "shift": sign-extend with two shifts, then an integer-to-float
-      conversion (measured, docs/benchmarks.md). "magic": the exponent trick, one OR per nibble
-      instead of the conversion (see ``_unpack_magic``); interpret-tested, not yet timed on a GPU.
+    unpack: codes -> float. "shift": int8 converted directly, int4 sign-extended with two shifts,
+      then an integer-to-float conversion (measured, docs/benchmarks.md). "magic": the exponent
+      trick, one OR per nibble instead of the conversion (see ``_unpack_magic``; int8 codes are
+      split into two nibbles, 16 hi + lo, and cost two dots); interpret-tested, not yet timed.
   """
   block_m: int = 16
   block_n: int = 128
@@ -134,9 +135,17 @@ def _kernel(x_ref, w_ref, s_ref, *refs, bits: int, step: int, steps: int, groupe
     k0 = i * step
     if bits == 8:
       x = x_ref[:, pl.ds(k0, step)]
-      part = jnp.dot(x, w_ref[pl.ds(k0, step), :].astype(x.dtype), preferred_element_type=f32)
-      if has_zeros:
+      if magic:  # u = c + 128 = 16 hi + lo: two nibble tiles, both through the exponent trick
+        u = (w_ref[pl.ds(k0, step), :].astype(jnp.int32) & 0xFF) ^ 0x80
+        lo, hi = _unpack_magic(u ^ 0x88, x.dtype)  # undo _unpack_magic's XOR: plain nibbles
+        part = (16.0 * jnp.dot(x, hi, preferred_element_type=f32)
+                + jnp.dot(x, lo, preferred_element_type=f32))
+      else:
+        part = jnp.dot(x, w_ref[pl.ds(k0, step), :].astype(x.dtype), preferred_element_type=f32)
+      if has_zeros or magic:
         xs = jnp.sum(x.astype(f32), axis=1, keepdims=True)
+      if magic:  # tiles hold nibble + MAGIC: 17 MAGIC + 128 per unit of sum(x) to remove
+        part = part - (17.0 * _MAGIC_BITS[jnp.dtype(x.dtype)][1] + 128.0) * xs
     else:
       half = step // 2
       x_even = x_ref[:, pl.ds(k0, half, stride=2)]
@@ -205,7 +214,7 @@ def quantized_matmul_gpu(x_MxK, w_q, scales_GxN, zeros_GxN=None, *, bits: int,
   else:
     out_shape = jax.ShapeDtypeStruct((splits, m_pad, n), jnp.float32)
     out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
-  magic = bits == 4 and cfg.unpack == "magic"
+  magic = cfg.unpack == "magic"
   if magic and jnp.dtype(x.dtype) not in _MAGIC_BITS:
     raise KernelShapeError(f"unpack='magic' needs bf16 or f16 activations, got {x.dtype}")
   kernel = functools.partial(_kernel, bits=bits, step=step, steps=k_split // step,

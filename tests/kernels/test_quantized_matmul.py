@@ -66,19 +66,20 @@ def test_tpu_kernel_matches_exact_product(bits, group, symmetric, m):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("group,symmetric", [(32, True), (None, False), (128, False)])
-def test_gpu_kernel_magic_unpack_matches_exact_product(dtype, group, symmetric):
-  # the exponent trick leaves c + 8 + 128 (bf16) or c + 8 + 1024 (f16) in the tile; a wrong offset
-  # correction shifts every output by a multiple of sum(x)
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, None, False), (4, 128, False),
+                                                  (8, None, True), (8, 64, False)])
+def test_gpu_kernel_magic_unpack_matches_exact_product(dtype, bits, group, symmetric):
+  # the exponent trick leaves c + 8 + 128 (bf16) or c + 8 + 1024 (f16) in an int4 tile, and int8
+  # codes as two such nibbles; a wrong offset correction shifts every output by a multiple of sum(x)
   k, n = 256, 64
-  q, s, z, w_hat = _quantize(k, n, 4, group, symmetric, seed=7)
+  q, s, z, w_hat = _quantize(k, n, bits, group, symmetric, seed=7)
   x = _x(3, k, dtype)
   cfg = GpuConfig(block_m=16, block_n=32, block_k=64, split_k=2, unpack="magic")
-  y = quantized_matmul(x, q, s, bits=4, group_size=group, zeros=z, impl="pallas_gpu",
+  y = quantized_matmul(x, q, s, bits=bits, group_size=group, zeros=z, impl="pallas_gpu",
                        interpret=True, config=cfg)
   assert _rel_err(y, x, w_hat) < (8e-3 if dtype == jnp.bfloat16 else 1e-3)
   with pytest.raises(KernelShapeError, match="unpack must be"):
-    quantized_matmul(x, q, s, bits=4, group_size=group, zeros=z, impl="pallas_gpu",
+    quantized_matmul(x, q, s, bits=bits, group_size=group, zeros=z, impl="pallas_gpu",
                      interpret=True, config=GpuConfig(block_m=16, block_n=32, unpack="lut"))
 
 

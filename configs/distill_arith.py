@@ -29,6 +29,8 @@ which ``loss.lmbda > 0`` targets). Details: the "Distillation" section of docs/t
 
 import ml_collections
 
+from postrl import peft
+
 
 def get_config():
   config = ml_collections.ConfigDict()
@@ -78,4 +80,5 @@ def get_config():
   config.eval = ml_collections.ConfigDict(dict(
       num_problems=64, batch_size=16, max_new_tokens=96, every=0, before=True, teacher=True))
   config.checkpoint = ml_collections.ConfigDict(dict(every=15, keep=1))
+  config.peft = peft.default_config()  # method 'none'; e.g. --config.peft.method=lora
   return config

@@ -36,6 +36,8 @@ Your own data: ``--config.data.path=pairs.jsonl [--config.data.eval_path=held_ou
 
 import ml_collections
 
+from postrl import peft
+
 
 def get_config():
   config = ml_collections.ConfigDict()
@@ -82,4 +84,5 @@ def get_config():
   config.eval = ml_collections.ConfigDict(dict(
       num_problems=32, batch_size=16, max_new_tokens=48, every=0, before=True))
   config.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=1))
+  config.peft = peft.default_config()  # method 'none'; e.g. --config.peft.method=lora
   return config

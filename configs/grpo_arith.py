@@ -20,6 +20,8 @@ computed once per rollout); a KL penalty to the initial model with ``--config.lo
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from postrl import peft
+
 
 def get_config():
   config = ml_collections.ConfigDict()
@@ -67,4 +69,5 @@ def get_config():
   config.eval = ml_collections.ConfigDict(dict(
       num_problems=100, batch_size=50, max_new_tokens=32, every=0, before=True))
   config.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=1))
+  config.peft = peft.default_config()  # method 'none'; e.g. --config.peft.method=lora
   return config

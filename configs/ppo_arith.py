@@ -14,6 +14,8 @@ backbone). The KL to the initial policy is a per-token reward term (InstructGPT)
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from postrl import peft
+
 
 def get_config():
   config = ml_collections.ConfigDict()
@@ -52,4 +54,5 @@ def get_config():
   config.eval = ml_collections.ConfigDict(dict(
       num_problems=100, batch_size=50, max_new_tokens=32, every=0, before=True))
   config.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=1))
+  config.peft = peft.default_config()  # method 'none'; e.g. --config.peft.method=lora
   return config

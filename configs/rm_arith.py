@@ -33,6 +33,8 @@ Step labels: ``--config.loss.name=process_reward --config.data.kind=steps
 
 import ml_collections
 
+from postrl import peft
+
 
 def get_config():
   config = ml_collections.ConfigDict()
@@ -69,4 +71,5 @@ def get_config():
       num_problems=0,                 # a reward model does not generate: no task accuracy
       every=0, before=True))
   config.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=1))
+  config.peft = peft.default_config()  # method 'none'; e.g. --config.peft.method=lora
   return config

@@ -17,7 +17,7 @@ from postrl.peft.lora import (AdapterParam, DropoutKey, LoRA, PEFTError, apply_d
 from postrl.peft.prompt import (PrefixKV, PromptEmbeddings, apply_prefix_tuning,
                                 apply_prompt_tuning)
 from postrl.peft.api import (ADAPTER_CONFIG, ADAPTER_FILE, DEFAULT_TARGETS, METHODS,
-                             adapter_tensors, apply_peft, base_digest, check_config, combine,
-                             default_config, enabled, has_prompt_or_prefix, load_adapters,
-                             merged_model, num_elements, save_adapters, set_dropout_keys,
-                             split_trainable)
+                             adapter_tensors, apply_peft, base_digest, base_view, check_config,
+                             combine, default_config, enabled, has_prompt_or_prefix, load_adapters,
+                             merged_model, num_elements, remove_adapters, save_adapters,
+                             set_dropout_keys, split_trainable)

@@ -8,7 +8,13 @@
 
 Only ``trainable`` (the ``AdapterParam`` arrays) is differentiated, carried in the optimizer state
 and checkpointed; ``frozen`` (the base weights, quantized storage, dropout keys) is rebuilt from
-the model source and fingerprinted (``base_digest``).
+the model source and fingerprinted (``base_digest``). A module that is new rather than part of
+the base (a reward model's or PPO's scalar head) is trained in full next to the adapters with
+``split_trainable(model, modules_to_save=r"^head\.")``.
+
+    base_graphdef, to_base = base_view(graphdef, params)
+    nnx.merge(base_graphdef, to_base(params))  # the base with the adapters removed: the
+                                               # reference model of DPO / GRPO / PPO under PEFT
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -93,9 +100,64 @@ def apply_peft(model, peft_cfg):
 # ------------------------------------------------------------------------ trainable / frozen
 
 
-def split_trainable(model):
-  """(graphdef, trainable, frozen): the ``AdapterParam`` arrays, and everything else."""
-  return nnx.split(model, AdapterParam, ...)
+def _dotted(path) -> str:
+  return ".".join(str(p) for p in path)
+
+
+def split_trainable(model, modules_to_save: str | None = None):
+  """(graphdef, trainable, frozen): the ``AdapterParam`` arrays, and everything else.
+
+  ``modules_to_save``: a regex (``re.search`` over dotted paths, e.g. ``r"^head\."``) of
+  ``nnx.Param`` arrays that are trained in full next to the adapters: modules that are new and
+  not part of the pretrained base, such as a reward model's scalar head or PPO's value head (HF
+  PEFT's ``modules_to_save``). They join ``trainable`` (gradients, optimizer state,
+  checkpoints); PEFTError if the regex matches no parameter."""
+  if modules_to_save is None:
+    return nnx.split(model, AdapterParam, ...)
+  try:
+    pattern = re.compile(modules_to_save)
+  except (re.error, TypeError) as e:
+    raise PEFTError(f"modules_to_save {modules_to_save!r} is not a valid regex ({e})") from None
+  saved = lambda path, var: (isinstance(var, nnx.Param) and not isinstance(var, AdapterParam)
+                             and pattern.search(_dotted(path)) is not None)
+  graphdef, trainable, frozen = nnx.split(model, nnx.Any(AdapterParam, saved), ...)
+  if not any(saved(p, v) for p, v in nnx.to_flat_state(trainable)):
+    raise PEFTError(f"modules_to_save regex '{modules_to_save}' matches no parameter")
+  return graphdef, trainable, frozen
+
+
+def remove_adapters(model):
+  """Deletes every adapter of ``model`` in place (unmerged LoRA / DoRA modules, the prompt, the
+  prefixes) and returns it: the frozen base the adapters were added to (for QLoRA the quantized
+  base). This is the "adapters disabled" model, e.g. the reference policy of DPO / PPO / GRPO
+  when only adapters are trained (as TRL does for PEFT models)."""
+  for name, lin in lora_layers(model).items():
+    if lin.lora.merged:
+      raise PEFTError(f"remove_adapters: layer {name} has a merged adapter; its base weight is "
+                      "gone (unmerge_lora first)")
+    del lin.lora
+  if getattr(model, "prompt", None) is not None:
+    del model.prompt
+  for layer in getattr(model, "layers", ()):
+    if getattr(layer.self_attn, "prefix", None) is not None:
+      del layer.self_attn.prefix
+  return model
+
+
+def base_view(graphdef, state):
+  """(base_graphdef, to_base): the model ``nnx.merge(graphdef, state)`` without its adapters
+  (``remove_adapters``), as a graphdef, and ``to_base(full_state) -> base_state``, which keeps
+  the base's entries of a full state of the same model (``combine(trainable, frozen)``): the
+  same arrays, no copy, usable inside ``jit``. ``state`` may be host, device or abstract
+  (``jax.ShapeDtypeStruct``) arrays."""
+  base_graphdef, base_state = nnx.split(remove_adapters(nnx.merge(graphdef, state)))
+  keep = {tuple(path) for path, _ in nnx.to_flat_state(base_state)}
+
+  def to_base(full_state):
+    return nnx.from_flat_state([(path, var) for path, var in nnx.to_flat_state(full_state)
+                                if tuple(path) in keep])
+
+  return base_graphdef, to_base
 
 
 def set_dropout_keys(state, rng):
@@ -211,5 +273,6 @@ def load_adapters(model, directory: str):
 
 
 __all__ = ["METHODS", "DEFAULT_TARGETS", "default_config", "enabled", "check_config", "apply_peft",
-           "split_trainable", "set_dropout_keys", "combine", "num_elements", "base_digest",
-           "merged_model", "adapter_tensors", "save_adapters", "load_adapters", "lora_layers"]
+           "split_trainable", "remove_adapters", "base_view", "set_dropout_keys", "combine",
+           "num_elements", "base_digest", "merged_model", "adapter_tensors", "save_adapters",
+           "load_adapters", "lora_layers"]

@@ -241,7 +241,7 @@ def save_peft(run: Run, workdir: str, trainable, *, merged: bool) -> None:
           "in the base architecture); the adapters are the export")
     return
   path = os.path.join(workdir, "model")
-  save_pretrained(peft.merged_model(model, copy=False), path)
+  save_pretrained(peft.merged_model(model), path)
   if run.tokenizer is not None and not run.tokenizer.is_sentencepiece:
     save_tokenizer(run.tokenizer, path)
   print(f"wrote {path} (adapters merged; loads with load_pretrained or transformers)")

@@ -54,6 +54,16 @@ logits (16 x 128 x 49152 float32 = 400 MB, for each model) from ever existing:
   under ``jax.checkpoint``), so the largest blocks alive are [B, C, V] per model, forward and
   backward: 16 x 16 x 49152 float32 = 50 MB.
 
+PEFT (``config.peft``, ``postrl.peft``): the student gets the adapters and only they are trained;
+the teacher is never adapted (it is loaded without ``config.peft``). With PEFT the teacher of
+``name="distill"`` is not in the trained pytree but in the frozen one, ``{"student": student
+base, "teacher": P}``, which ``fit`` passes to the jitted step as a sharded, non-donated argument
+(no optimizer state, not checkpointed: checkpoints hold the student's adapters and their Adam
+moments only; the frozen tree's digest, teacher included, guards a resume). Everything that uses
+the student (the loss, on-policy sampling, evaluation) gets ``combine(adapters, frozen)``; the
+export is the student's adapters and, with ``save_model``, the merged student
+(``common.save_peft``).
+
 Metrics: ``loss``, ``distill/<divergence>`` (at T, without T²), ``distill/kl_forward`` (KL(p‖q)
 at T = 1 for every divergence, so runs compare; against the renormalised top-k for
 ``distill_topk``), ``distill/top1_agreement`` or ``distill/teacher_topk_mass``, ``distill/nll``
@@ -79,6 +89,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from postrl import peft
 from postrl import sharding as shd
 from postrl.data.pipeline import sft_batches
 from postrl.data.records import DataError
@@ -214,7 +225,30 @@ def check_config(config) -> DistillSettings:
                       f"{config.loss.max_new_tokens}: a sampled completion might not fit a row")
   if not config.student.model and not config.student.layers and config.student.num_layers < 1:
     raise ConfigError("config.student.num_layers: must be >= 1")
+  if config.get("peft") is not None:
+    peft.check_config(config.peft)
   return s
+
+
+def without_peft(config) -> ml_collections.ConfigDict:
+  """``config`` without its ``peft`` section: what the teacher is loaded with (never adapted)."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  if "peft" in out:
+    del out["peft"]
+  return out
+
+
+def peft_student(config, graphdef, params):
+  """(graphdef, trainable, frozen) of the student with ``config.peft`` applied (host arrays);
+  (graphdef, params, None) without PEFT."""
+  if config.get("peft") is None or not peft.enabled(config.peft):
+    return graphdef, params, None
+  module = peft.apply_peft(nnx.merge(graphdef, params), config.peft)
+  graphdef, trainable, frozen = peft.split_trainable(module)
+  if jax.process_index() == 0:
+    print(f"peft {config.peft.method} on the student: {peft.num_elements(trainable):,} trainable "
+          f"of {peft.num_elements(trainable) + peft.num_elements(frozen):,} stored elements")
+  return graphdef, jax.tree.map(np.asarray, trainable), jax.tree.map(np.asarray, frozen)
 
 
 def next_token_view(batch: dict):
@@ -834,9 +868,11 @@ def run(config, workdir: str | None) -> dict:
   after (student accuracy, held-out KL) and the teacher once."""
   s = check_config(config)  # cheap checks first: config, data, then the (slow) model loads
   records = training_records(config.data, common.eval_problems(config))
-  teacher = common.start(config, model=config.teacher)
+  teacher = common.start(without_peft(config), model=config.teacher)  # never adapted
   mesh, tok = teacher.mesh, teacher.tokenizer
   student_cfg, student_graphdef, student_params, description = make_student(config, teacher)
+  student_graphdef, student_params, student_frozen = peft_student(config, student_graphdef,
+                                                                  student_params)
   print(f"student: {description}: {student_cfg.num_hidden_layers} layers, "
         f"{student_cfg.num_params() / 1e6:.1f}M parameters (teacher "
         f"{teacher.model_cfg.num_params() / 1e6:.1f}M)")
@@ -873,8 +909,9 @@ def run(config, workdir: str | None) -> dict:
                            seed=config.seed, sampler=sampler, sparse=s.sparse, topk_cache=cache,
                            topk=topk, positions=positions)
 
-  student_run = dataclasses.replace(teacher, graphdef=student_graphdef, params=None,
-                                    model_cfg=student_cfg, eval_records={})
+  student_run = dataclasses.replace(
+      teacher, graphdef=student_graphdef, params=None, model_cfg=student_cfg, eval_records={},
+      frozen=student_frozen, peft=None if student_frozen is None else config.peft)
   extras = {}
   if teacher.eval_problems and config.eval.teacher:
     extras["teacher_accuracy"] = teacher_accuracy(
@@ -903,7 +940,14 @@ def run(config, workdir: str | None) -> dict:
   optim = OptimizerConfig(total_steps=config.steps, **config.optim.to_dict())
   params = {"student": student_params}
   tx = make_optimizer(optim)
-  if not s.sparse:  # the teacher trains along, frozen (see the module docstring)
+  frozen = None
+  if student_frozen is not None:  # PEFT: the teacher joins the student's frozen base (module doc)
+    frozen = {"student": student_frozen}
+    if not s.sparse:
+      frozen["teacher"] = teacher_dev
+      teacher_dev = None  # fit places it as it is (no copy); the eval reads params["teacher"]
+    frozen = nnx.State(frozen)
+  elif not s.sparse:  # the teacher trains along, frozen (see the module docstring)
     params["teacher"] = teacher_dev
     tx = frozen_teacher_optimizer(tx, teacher_stand_ins(teacher_dev, mesh))
     teacher_dev = None  # donated to the state; the eval reads params["teacher"]
@@ -918,14 +962,17 @@ def run(config, workdir: str | None) -> dict:
       log_every=config.log_every, lr_schedule=learning_rate_schedule(optim),
       flops_per_token=common.model_flops(student_cfg, config.seq_len),
       eval_fn=eval_fn if teacher.eval_problems else None, eval_every=config.eval.every,
-      eval_before=config.eval.before)
+      eval_before=config.eval.before, frozen=frozen)
   evals = [h for h in result.history if "eval/kl_forward" in h]
   before, after = common.eval_history(result.history, "eval/kl_forward")
   summary_config = ml_collections.ConfigDict(config.to_dict())
   summary_config.model = description  # the trained model, as common.finish reports it
+  if frozen is not None:  # PEFT: the student's adapters (+ merged student), common.save_peft
+    result = dataclasses.replace(result, state=dataclasses.replace(
+        result.state, params=result.state.params["student"]))
   return common.finish(
       student_run, summary_config, workdir, result,
-      export=lambda p: (student_graphdef, p["student"]),
+      export=None if frozen is not None else lambda p: (student_graphdef, p["student"]),
       num_train_records=len(records), student=description,
       student_params=student_cfg.num_params(), teacher_params=teacher.model_cfg.num_params(),
       kl_before=None if before is None else before["eval/kl_forward"],
@@ -937,6 +984,6 @@ def run_fingerprint(config, student_cfg, teacher_cfg) -> dict:
   """What a checkpoint must match to be resumed: both models, the loss, the data stream and the
   optimizer (``steps`` may change, as may logging and evaluation settings)."""
   out = common.fingerprint(config, student_cfg, "batch_size", "accum_steps", "seq_len", "teacher",
-                           sections=("data", "optim", "loss", "student"))
+                           sections=("data", "optim", "loss", "student", "peft"))
   out["teacher_model"] = json.loads(json.dumps(dataclasses.asdict(teacher_cfg), default=str))
   return out

@@ -27,6 +27,17 @@ tokenised data and the parameters, so a resumed run reuses them; ``config.loss.r
 pass over the data up front, one more forward per step and one more copy of the parameters in
 memory). Both give the same losses. Reference-free losses skip it.
 
+PEFT (``config.peft``, ``postrl.peft``): only the adapters are trained; the policy is
+``combine(adapters, frozen base)`` everywhere (loss, evaluation). The reference is the frozen base
+*without* adapters (``postrl.peft.base_view``; TRL's "adapters disabled" reference for PEFT
+models). For LoRA / DoRA / QLoRA this is exactly the policy at initialisation (B = 0, DoRA's
+magnitude = ‖W‖), for prompt / prefix tuning it is the pretrained model without the virtual
+tokens (whose initial implicit rewards are then not zero). It never moves (the base is not
+trained) and no second copy of the model is kept: the cached mode places the base once before
+training and frees it after its pass over the data; the online mode reads the base out of the
+policy's parameters each step (the frozen arrays ``fit`` already holds on the devices).
+Verifier-made data is sampled from the same reference model.
+
 Metrics: ``loss``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/margin``,
 ``rewards/accuracy`` (implicit rewards β (log π - log π_ref), chosen > rejected; for the
 reference-free losses their own rewards), ``logps/*``. Evaluation (before and after training):
@@ -54,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from postrl import peft
 from postrl import sharding as shd
 from postrl.data.preference import (KINDS, OVERFLOW_MODES, REWARD_KINDS, local_rows,
                                     pairwise_accuracy, sequential_batches, record_batches,
@@ -254,10 +266,12 @@ def preference_records(config, run, workdir: str | None, files=(None, None)):
                                         data_cfg.eval_seed) if data_cfg.num_eval_prompts else [])
   problems = common.held_out_train_problems(data_cfg.task, data_cfg.num_prompts,
                                             data_cfg.train_seed, eval_problems + run.eval_problems)
-  model = nnx.merge(run.graphdef, run.params)
+  model = nnx.merge(*reference_model(run))  # the initial policy / the PEFT base
   reward_fn = verifier_reward(data_cfg.task.name, data_cfg.reward)
   settings = dict(model=config.model, param_dtype=config.param_dtype, dtype=config.dtype,
                   task=data_cfg.task.to_dict(), reward=data_cfg.reward)
+  if run.peft is not None and run.peft.method == "qlora":  # the sampling model is quantized
+    settings["base_quant"] = run.peft.get("quant", "nf4_dq")
   kwargs = dict(kind=data_cfg.kind, num_samples=data_cfg.num_samples,
                 max_new_tokens=data_cfg.max_new_tokens, temperature=data_cfg.temperature,
                 pairs_per_prompt=data_cfg.pairs_per_prompt, k=data_cfg.k,
@@ -295,6 +309,20 @@ def tokenized(records, run, config, source: str):
   if data.num_truncated and jax.process_index() == 0:
     print(f"{source}: {data.num_truncated} responses truncated to fit seq_len={config.seq_len}")
   return data
+
+
+# ---------------------------------------------------------------------- the reference model
+
+
+def reference_model(run) -> tuple:
+  """(graphdef, host params) of the reference policy π_ref: the initial parameters, or with PEFT
+  (``run.frozen`` set) the frozen base without adapters (``postrl.peft.base_view``; its arrays
+  are ``run.frozen``'s, not a copy)."""
+  if run.frozen is None:
+    return run.graphdef, run.params
+  full = peft.combine(run.params, run.frozen)
+  graphdef, to_base = peft.base_view(run.graphdef, full)
+  return graphdef, to_base(full)
 
 
 # ---------------------------------------------------------------------- passes over a dataset
@@ -371,15 +399,23 @@ def reference_logps(seq_fn, params, datasets: dict, *, config, workdir, mesh):
 
 class OnlineReference:
   """A batch source that adds ``ref_logps`` computed from frozen reference parameters to every
-  batch of ``batches`` (``fit`` calls ``next_batch``); the data position is ``batches``'."""
+  batch of ``batches`` (``fit`` calls ``next_batch``); the data position is ``batches``'.
 
-  def __init__(self, batches, seq_fn, ref_params, mesh):
+  ``ref_params``: the reference's own (placed) parameters; or ``from_policy(params)``: the
+  reference read out of the policy's current full parameters (PEFT: the frozen base inside
+  them, ``postrl.peft.base_view``), so no second copy of the model is kept."""
+
+  def __init__(self, batches, seq_fn, ref_params, mesh, *, from_policy=None):
+    if (ref_params is None) == (from_policy is None):
+      raise ValueError("OnlineReference needs exactly one of ref_params and from_policy")
     self._batches, self._fn, self._params, self._mesh = batches, seq_fn, ref_params, mesh
+    self._from_policy = from_policy
 
   def next_batch(self, params, step):
-    del params, step
+    del step
     batch = next(self._batches)
-    out = to_host(self._fn(self._params, shd.put_batch(batch, self._mesh))["logps"])
+    ref = self._params if self._from_policy is None else self._from_policy(params)
+    out = to_host(self._fn(ref, shd.put_batch(batch, self._mesh))["logps"])
     rows = len(batch["tokens"])
     mine = out[jax.process_index() * rows:(jax.process_index() + 1) * rows]
     return dict(batch, ref_logps=mine.astype(np.float32))
@@ -443,19 +479,28 @@ def run(config, workdir: str | None) -> dict:
   chunks = dict(chunk=config.get("logprob_chunk"), vocab_chunk=config.get("vocab_chunk"))
   seq_fn = jax.jit(lambda p, b: dict(zip(("logps", "lengths"),
                                          sequence_logps(apply_fn, p, b, **chunks))))
+  # the reference: the initial params, or with PEFT the frozen base without adapters (module doc)
+  ref_graphdef, ref_params = reference_model(run_)
+  ref_apply = model_apply_fn(ref_graphdef)
+  ref_seq_fn = seq_fn if run_.frozen is None else jax.jit(
+      lambda p, b: dict(zip(("logps", "lengths"), sequence_logps(ref_apply, p, b, **chunks))))
   needs_ref = loss_cfg.name not in REFERENCE_FREE
   online = needs_ref and loss_cfg.reference == "online"
   to_cache = {"train": train} if needs_ref and not online else {}
-  if held is not None:  # evaluation always reports implicit rewards against the initial model
+  if held is not None:  # evaluation always reports implicit rewards against the reference
     to_cache["eval"] = held
-  ref = reference_logps(seq_fn, run_.params, to_cache, config=config, workdir=workdir,
+  ref = reference_logps(ref_seq_fn, ref_params, to_cache, config=config, workdir=workdir,
                         mesh=run_.mesh) if to_cache else {}
 
   per_record = {"ref_logps": ref["train"].astype(np.float32)} if "train" in ref else None
   batches = record_batches(train, batch_size=config.batch_size, seed=config.seed,
                            per_record=per_record)
-  if online:
+  if online and run_.frozen is None:
     batches = OnlineReference(batches, seq_fn, place_params(run_.params, run_.mesh), run_.mesh)
+  elif online:  # the base inside the policy's params: the frozen arrays fit placed, no copy
+    to_base = peft.base_view(run_.graphdef, peft.combine(run_.params, run_.frozen))[1]
+    batches = OnlineReference(batches, ref_seq_fn, None, run_.mesh, from_policy=to_base)
+  del ref_params
   extra = (preference_eval(seq_fn, held, ref["eval"], beta=loss_cfg.beta,
                            batch_size=config.batch_size, mesh=run_.mesh)
            if held is not None else None)
@@ -470,7 +515,7 @@ def run(config, workdir: str | None) -> dict:
       flops_per_token=common.model_flops(run_.model_cfg, config.seq_len),
       eval_fn=(common.task_eval_fn(run_, config, extra=extra)
                if run_.eval_problems or extra else None),
-      eval_every=config.eval.every, eval_before=config.eval.before)
+      eval_every=config.eval.every, eval_before=config.eval.before, frozen=run_.frozen)
   summary_extra = dict(loss=loss_cfg.name, variant=loss_cfg.get("variant"),
                        reference=None if not needs_ref else loss_cfg.reference,
                        num_train_records=len(train), num_eval_records=len(held or ()),
@@ -485,4 +530,4 @@ def run_fingerprint(config, model_cfg) -> dict:
   """What a checkpoint must match to be resumed: the model, the data, the loss, the optimizer and
   the batch layout."""
   return common.fingerprint(config, model_cfg, "batch_size", "accum_steps", "seq_len",
-                            "system_prompt", sections=("data", "optim", "loss"))
+                            "system_prompt", sections=("data", "optim", "loss", "peft"))

@@ -22,6 +22,14 @@ log-probs are not recomputed (ρ = 1 with the gradient of log π). Otherwise the
 per rollout. Either way the log-probs the sampler reported are compared with the trainer's and
 logged as ``rollout/logp_mismatch`` (mean |Δ| per token; ~1e-6 in float32 on CPU).
 
+PEFT (``config.peft``, ``postrl.peft``): only the adapters are trained; rollouts are sampled from,
+and old log-probs and the loss computed with, the adapted policy ``combine(adapters, frozen)``.
+The KL reference π_ref is the frozen base without adapters (``postrl.peft.base_view``, TRL's
+"adapters disabled" reference): for LoRA / DoRA / QLoRA the policy at initialisation, for prompt /
+prefix tuning the model without its virtual tokens. It is read out of the policy's parameters at
+each rollout (the frozen arrays ``fit`` holds on the devices), so it never moves and no second
+copy of the model is kept.
+
 Sources: Shao et al. 2024 (DeepSeekMath, GRPO); Liu et al. 2025 (Dr. GRPO); Yu et al. 2025 (DAPO);
 Zheng et al. 2025 (GSPO); Ahmadian et al. 2024 (RLOO).
 """
@@ -37,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from postrl import peft
 from postrl import sharding as shd
 from postrl.data.records import read_jsonl
 from postrl.logprobs import model_apply_fn, token_logps
@@ -165,7 +174,12 @@ def _training_problems(config, eval_problems):
 
 class GRPORollouts:
   """``make_rollout(params, index)`` for ``RolloutSource``: prompts, samples, rewards,
-  advantages, rows, and (when needed) old and reference log-probs."""
+  advantages, rows, and (when needed) old and reference log-probs.
+
+  ``params`` are the policy's full parameters (with PEFT: ``combine(adapters, frozen)``). The
+  reference (``ref_host``, when kl_coef > 0) is ``ref_params_host`` (host params, placed once),
+  or with PEFT (``run.frozen`` set) a function reading the base without adapters out of
+  ``params`` (module docstring)."""
 
   def __init__(self, config, run: common.Run, problems, s: GRPOSettings, *, ref_params_host):
     self.cfg = config.rollout
@@ -194,6 +208,14 @@ class GRPORollouts:
     self.need_old = self.cfg.epochs * self.cfg.minibatches > 1
     self.ref_host = ref_params_host if s.kl_coef > 0 else None
     self.ref = None
+    self.ref_logps = self.logps
+    if s.kl_coef > 0 and run.frozen is not None:  # PEFT: params -> the base inside them
+      ref_graphdef, self.ref_host = peft.base_view(run.graphdef,
+                                                   peft.combine(run.params, run.frozen))
+      self.ref_logps = logps_fn(model_apply_fn(ref_graphdef), mesh=run.mesh,
+                                vocab_chunk=config.get("vocab_chunk"),
+                                chunk=config.get("logprob_chunk"),
+                                rows_per_call=self.cfg.get("logprob_rows") or None)
     self.order_rng_seed = config.seed
 
   def _prompt_indices(self, index: int, round_: int, count: int) -> np.ndarray:
@@ -269,7 +291,9 @@ class GRPORollouts:
     rows["advantages"] = advantages(rewards, group_size=G, estimator=self.s.advantages)
     if self.need_old:
       rows["old_logps"] = self.logps(params, rows)
-    if self.ref_host is not None:
+    if callable(self.ref_host):  # PEFT: the base inside the policy's params, no copy
+      rows["ref_logps"] = self.ref_logps(self.ref_host(params), rows)
+    elif self.ref_host is not None:
       if self.ref is None:  # the frozen reference, placed like the policy's params
         self.ref = shd.put_global(self.ref_host, jax.tree.map(lambda x: x.sharding, params))
       rows["ref_logps"] = self.logps(self.ref, rows)
@@ -311,7 +335,8 @@ def run(config, workdir: str | None) -> dict:
   run_ = common.start(config)
   common.check_rows(rows // r.minibatches, run_.mesh, config.accum_steps,
                     what="config.rollout: prompts x group_size / minibatches")
-  make_rollout = GRPORollouts(config, run_, problems, s, ref_params_host=run_.params)
+  make_rollout = GRPORollouts(config, run_, problems, s,
+                              ref_params_host=run_.params if run_.frozen is None else None)
   source = RolloutSource(make_rollout, rows_per_rollout=rows, minibatches=r.minibatches,
                          epochs=r.epochs, seed=config.seed)
   optim = OptimizerConfig(total_steps=config.steps, **config.optim.to_dict())
@@ -324,11 +349,11 @@ def run(config, workdir: str | None) -> dict:
       save_every=config.checkpoint.every, keep_checkpoints=config.checkpoint.keep,
       fingerprint=common.fingerprint(config, run_.model_cfg, "accum_steps", "system_prompt",
                                      sections=("data", "optim", "rollout", "loss", "rewards",
-                                               "reward_model")),
+                                               "reward_model", "peft")),
       log_every=config.log_every, lr_schedule=learning_rate_schedule(optim),
       flops_per_token=common.model_flops(run_.model_cfg, seq_len),
       eval_fn=common.task_eval_fn(run_, config) if run_.eval_problems else None,
-      eval_every=config.eval.every, eval_before=config.eval.before)
+      eval_every=config.eval.every, eval_before=config.eval.before, frozen=run_.frozen)
   if workdir and jax.process_index() == 0:
     plot_metrics(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "reward.png"),
                  keys=("rollout/reward_mean", "rollout/completion_tokens_mean",

@@ -17,6 +17,16 @@ completion token o_t (state s_t = the prefix before it)
 
 and ``epochs x minibatches`` clipped updates with value clipping (PPO2). V_t is read from the
 hidden state that predicts o_t, so values, log-probs and the mask share one alignment.
+
+PEFT (``config.peft``, ``postrl.peft``): the policy's adapters are trained together with the value
+head, which is new and so trained in full (``split_trainable(..., modules_to_save=VALUE_HEAD)``);
+a separate critic gets the same kind of adapters on its own frozen backbone, plus its head.
+Rollouts, old log-probs / values and the loss use ``combine(trainable, frozen)``. The KL
+reference is the policy's frozen base without adapters (``postrl.peft.base_view``: TRL's
+"adapters disabled" reference; for LoRA / DoRA / QLoRA the initial policy), read out of the
+policy's parameters at each rollout, so it never moves and is not a second copy. Checkpoints
+hold the trainable part only; the export (``common.save_peft``) is the policy's adapters and
+merged policy (the value head, as without PEFT, is not exported).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from postrl import peft
 from postrl import sharding as shd
 from postrl.logprobs import logps_from_hidden, model_apply_fn
 from postrl.losses import gae, kl_penalty, ppo_clip, value_loss
@@ -44,6 +55,10 @@ from postrl.trainers.rollout import (RolloutSource, assemble_rows, encode_prompt
                                      load_reward_model_reward, logps_fn, rows_per_rollout,
                                      sample, score_completions, trim_rows)
 from postrl.trainers.step import OptimizerConfig, learning_rate_schedule, make_optimizer
+
+
+# the parameters PEFT trains in full next to the adapters: the new value head of either layout
+VALUE_HEAD = r"^(value_head|critic\.head)\."
 
 
 class ActorCritic(nnx.Module):
@@ -158,7 +173,11 @@ def ppo_loss_fn(graphdef, s: PPOSettings, *, chunk=None, vocab_chunk=None):
 
 
 class PPORollouts:
-  """``make_rollout(params, index)``: samples, rewards, old log-probs and values, GAE."""
+  """``make_rollout(params, index)``: samples, rewards, old log-probs and values, GAE.
+
+  ``params`` are the actor-critic's full parameters. The KL reference is ``ref_host`` (the
+  initial policy, placed once) or, with PEFT (``run.frozen`` set), the policy's base without
+  adapters read out of ``params`` (module docstring)."""
 
   def __init__(self, config, run: common.Run, policy_graphdef, problems, s: PPOSettings):
     self.cfg, self.config, self.run, self.s = config.rollout, config, run, s
@@ -182,7 +201,11 @@ class PPORollouts:
                                     vocab_chunk=vocab_chunk)
 
     self._evaluate = evaluate
-    self.ref_logps = logps_fn(model_apply_fn(policy_graphdef), mesh=run.mesh,
+    ref_graphdef, self.ref_from_policy = policy_graphdef, None
+    if run.frozen is not None and s.kl_coef > 0:
+      policy = nnx.state(nnx.merge(graphdef, peft.combine(run.params, run.frozen)).policy)
+      ref_graphdef, self.ref_from_policy = peft.base_view(policy_graphdef, policy)
+    self.ref_logps = logps_fn(model_apply_fn(ref_graphdef), mesh=run.mesh,
                               vocab_chunk=vocab_chunk, chunk=chunk)
     self.ref_host = None
     self.ref = None
@@ -219,10 +242,14 @@ class PPORollouts:
     rows["old_logps"], rows["old_values"] = to_host(old_logps), to_host(old_values)
     ref = None
     if self.s.kl_coef > 0:
-      if self.ref is None:
-        policy = self._policy_params(params)
-        self.ref = shd.put_global(self.ref_host, jax.tree.map(lambda x: x.sharding, policy))
-      ref = self.ref_logps(self.ref, rows)
+      if self.ref_from_policy is not None:  # PEFT: the base inside the policy's params
+        ref_params = self.ref_from_policy(self._policy_params(params))
+      else:
+        if self.ref is None:
+          policy = self._policy_params(params)
+          self.ref = shd.put_global(self.ref_host, jax.tree.map(lambda x: x.sharding, policy))
+        ref_params = self.ref
+      ref = self.ref_logps(ref_params, rows)
       if not self.s.kl_in_reward:
         rows["ref_logps"] = ref
     rewards = np.array(total, np.float32)
@@ -260,18 +287,27 @@ def run(config, workdir: str | None) -> dict:
   run_ = common.start(config)
   common.check_rows(rows // r.minibatches, run_.mesh, config.accum_steps,
                     what="config.rollout: prompts x group_size / minibatches")
-  policy = nnx.merge(run_.graphdef, run_.params)
+  use_peft = run_.frozen is not None
+  policy = nnx.merge(run_.graphdef, peft.combine(run_.params, run_.frozen) if use_peft
+                     else run_.params)
   critic = None
   if not config.shared_trunk:
     critic = load_pretrained(config.get("critic_model") or config.model,
                              param_dtype=config.param_dtype, dtype=config.dtype)
+    if use_peft:  # the critic's backbone is adapted and frozen like the policy's
+      peft.apply_peft(critic, config.peft)
   model = ActorCritic(policy, critic=critic, rngs=nnx.Rngs(config.seed))
   policy_graphdef = run_.graphdef
-  ref_host = run_.params
-  graphdef, params = nnx.split(model)
+  ref_host = None if use_peft else run_.params
+  frozen = None
+  if use_peft:  # adapters + the new value head are trained; the bases are frozen
+    graphdef, params, frozen = peft.split_trainable(model, modules_to_save=VALUE_HEAD)
+    frozen = jax.tree.map(np.asarray, frozen)
+  else:
+    graphdef, params = nnx.split(model)
   params = jax.tree.map(np.asarray, params)
   del model, policy, critic
-  run_.graphdef, run_.params = graphdef, params
+  run_.graphdef, run_.params, run_.frozen = graphdef, params, frozen
   make_rollout = PPORollouts(config, run_, policy_graphdef, problems, s)
   make_rollout.ref_host = ref_host if s.kl_coef > 0 else None
   source = RolloutSource(make_rollout, rows_per_rollout=rows, minibatches=r.minibatches,
@@ -287,19 +323,25 @@ def run(config, workdir: str | None) -> dict:
       fingerprint=common.fingerprint(config, run_.model_cfg, "accum_steps", "system_prompt",
                                      "shared_trunk", "critic_model",
                                      sections=("data", "optim", "rollout", "loss", "rewards",
-                                               "reward_model")),
+                                               "reward_model", "peft")),
       log_every=config.log_every, lr_schedule=learning_rate_schedule(optim),
       flops_per_token=common.model_flops(run_.model_cfg, make_rollout.prompt_len
                                          + r.max_new_tokens) * (1 if config.shared_trunk else 2),
       eval_fn=(common.task_eval_fn(run_, config, to_model=policy_of)
                if run_.eval_problems else None),
-      eval_every=config.eval.every, eval_before=config.eval.before)
+      eval_every=config.eval.every, eval_before=config.eval.before, frozen=frozen)
   if workdir and jax.process_index() == 0:
     plot_metrics(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "reward.png"),
                  keys=("rollout/reward_mean", "vf/explained_variance", "loss"))
   rewards = [h["rollout/reward_mean"] for h in result.history if "rollout/reward_mean" in h]
+  summary = dict(algorithm="ppo", num_train_problems=len(problems),
+                 first_reward=rewards[0] if rewards else None,
+                 last_reward=rewards[-1] if rewards else None)
+  if use_peft:  # the policy's adapters (and merged policy); the value head is not exported
+    policy_result = dataclasses.replace(result, state=dataclasses.replace(
+        result.state, params=result.state.params["policy"]))
+    return common.finish(dataclasses.replace(run_, graphdef=policy_graphdef,
+                                             frozen=frozen["policy"]),
+                         config, workdir, policy_result, **summary)
   return common.finish(run_, config, workdir, result,
-                       export=lambda p: nnx.split(policy_of(p)),
-                       algorithm="ppo", num_train_problems=len(problems),
-                       first_reward=rewards[0] if rewards else None,
-                       last_reward=rewards[-1] if rewards else None)
+                       export=lambda p: nnx.split(policy_of(p)), **summary)

@@ -35,6 +35,15 @@ With ``config.save_model`` the model is written to ``workdir/model`` as an HF fo
 tensors under transformers' names and the head as ``score.weight`` / ``score.bias``, loadable by
 ``postrl.rewards.reward_model.RewardModelScorer`` and by transformers'
 ``AutoModelForSequenceClassification`` (details there).
+
+PEFT (``config.peft``, ``postrl.peft``): the backbone gets the adapters and stays frozen; the scalar
+head is new, so it is trained in full next to them (``split_trainable(...,
+modules_to_save=HEAD)``, HF PEFT's ``modules_to_save``). Checkpoints hold adapters + head. The
+outputs are the backbone's adapters (``workdir/adapter.safetensors``, ``common.save_peft``), the
+head (``workdir/head.safetensors``: ``score.weight`` [1, D], ``score.bias`` [1]) and, with
+``config.save_model``, the merged backbone with the head as the HF folder above (LoRA / DoRA /
+QLoRA; prompt / prefix tuning has no merged form). Self-made preference data is sampled from the
+frozen base (``postrl.trainers.dpo.reference_model``).
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from postrl import peft
 from postrl.data.preference import (KINDS, OVERFLOW_MODES, REWARD_KINDS, listwise_accuracy,
                                     pairwise_accuracy, read_step_jsonl, record_batches,
                                     tokenize_preferences, tokenize_steps)
@@ -60,6 +70,8 @@ from postrl.trainers.loop import fit
 from postrl.trainers.step import OptimizerConfig, learning_rate_schedule, make_optimizer
 
 LOSS_NAMES = ("bradley_terry", "plackett_luce", "process_reward")
+HEAD = r"^head\."  # trained in full next to the PEFT adapters (the head is new)
+HEAD_FILE = "head.safetensors"  # the head beside the adapters of a PEFT run
 _KINDS = {"bradley_terry": ("pairs", "rankings"), "plackett_luce": ("rankings", "pairs"),
           "process_reward": ("steps",)}
 
@@ -243,12 +255,21 @@ def run(config, workdir: str | None) -> dict:
     train = tokenized(train_records, run_, config, "train")
     held = held_out_data(held_records, run_, config) if held_records else None
 
-  rm = ScoredTransformer(nnx.merge(run_.graphdef, run_.params), rngs=nnx.Rngs(config.seed))
+  use_peft = run_.frozen is not None
+  backbone = nnx.merge(run_.graphdef, peft.combine(run_.params, run_.frozen) if use_peft
+                       else run_.params)
+  rm = ScoredTransformer(backbone, rngs=nnx.Rngs(config.seed))
   backbone_graphdef = nnx.split(rm.backbone)[0]
-  graphdef, params = nnx.split(rm)
+  frozen = None
+  if use_peft:  # the backbone's adapters and the (new) head are trained; the backbone is frozen
+    graphdef, params, frozen = peft.split_trainable(rm, modules_to_save=HEAD)
+    frozen = jax.tree.map(np.asarray, frozen)
+  else:
+    graphdef, params = nnx.split(rm)
   params = jax.tree.map(np.asarray, params)
-  del rm
-  rm_run = dataclasses.replace(run_, graphdef=graphdef, params=params, eval_problems=[])
+  del rm, backbone
+  rm_run = dataclasses.replace(run_, graphdef=graphdef, params=params, frozen=frozen,
+                               eval_problems=[])
 
   extra = None
   if held is not None and steps:
@@ -269,7 +290,7 @@ def run(config, workdir: str | None) -> dict:
       lr_schedule=learning_rate_schedule(optim),
       flops_per_token=common.model_flops(run_.model_cfg, config.seq_len),
       eval_fn=common.task_eval_fn(rm_run, config, extra=extra) if extra else None,
-      eval_every=config.eval.every, eval_before=config.eval.before)
+      eval_every=config.eval.every, eval_before=config.eval.before, frozen=frozen)
 
   summary_extra = dict(loss=config.loss.name, num_train_records=len(train),
                        num_eval_records=len(held or ()), num_truncated=train.num_truncated,
@@ -282,13 +303,35 @@ def run(config, workdir: str | None) -> dict:
       summary_extra.update(before_after(result.history, key))
   # common.finish saves ``run.graphdef`` + params as a causal LM: hand it the backbone, then add
   # the head to the folder it wrote
+  # (with PEFT it writes the backbone's adapters and merged backbone: common.save_peft)
   backbone_result = dataclasses.replace(result, state=dataclasses.replace(
       result.state, params=result.state.params["backbone"]))
-  summary = common.finish(dataclasses.replace(rm_run, graphdef=backbone_graphdef), config,
-                          workdir, backbone_result, **summary_extra)
-  if workdir and config.get("save_model"):
-    save_head(result.state.params["head"], f"{workdir}/model", run_.tokenizer, config)
+  summary = common.finish(dataclasses.replace(
+      rm_run, graphdef=backbone_graphdef, frozen=None if frozen is None else frozen["backbone"]),
+      config, workdir, backbone_result, **summary_extra)
+  head = result.state.params["head"]
+  if workdir and use_peft:
+    save_head_file(head, os.path.join(workdir, HEAD_FILE))
+  merged = not use_peft or config.peft.method not in ("prompt", "prefix")
+  if workdir and config.get("save_model") and merged:
+    save_head(head, f"{workdir}/model", run_.tokenizer, config)
+  elif workdir and config.get("save_model") and jax.process_index() == 0:
+    print(f"no merged model for config.peft.method={config.peft.method}: the reward model is "
+          f"{workdir}/{peft.ADAPTER_FILE} + {workdir}/{HEAD_FILE}")
   return summary
+
+
+def save_head_file(head_params, path: str) -> None:
+  """Gathers the (sharded) head and writes ``score.weight`` [1, D] / ``score.bias`` [1] (the HF
+  sequence-classification layout) as a safetensors file (PEFT runs: the head beside the
+  adapters)."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  from postrl.models.weights import write_safetensors  # pylint: disable=import-outside-toplevel
+  head = multihost_utils.process_allgather(head_params, tiled=True)
+  if jax.process_index() == 0:
+    write_safetensors(path, {"score.weight": np.asarray(head["kernel"][...], np.float32).T,
+                             "score.bias": np.asarray(head["bias"][...], np.float32).reshape(1)})
+    print(f"wrote {path}")
 
 
 def save_head(head_params, path: str, tokenizer, config) -> None:
@@ -307,4 +350,4 @@ def save_head(head_params, path: str, tokenizer, config) -> None:
 def run_fingerprint(config, model_cfg) -> dict:
   """What a checkpoint must match to be resumed (the model, data, loss, optimizer, batch)."""
   return common.fingerprint(config, model_cfg, "batch_size", "accum_steps", "seq_len",
-                            "system_prompt", sections=("data", "optim", "loss"))
+                            "system_prompt", sections=("data", "optim", "loss", "peft"))

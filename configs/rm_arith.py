@@ -28,7 +28,10 @@ ranking (InstructGPT). Held-out rankings from ``data.eval_path`` may have anothe
 on the same rankings of 8).
 Step labels: ``--config.loss.name=process_reward --config.data.kind=steps
 --config.data.path=steps.jsonl [--config.data.eval_path=...]`` with
-``{"prompt", "steps": [...], "labels": [...]}`` lines.
+``{"prompt", "steps": [...], "labels": [...]}`` lines, or without ``data.path`` Math-Shepherd
+labels of the policy's own solutions: every step prefix completed ``data.step_rollouts`` times,
+labelled 1 if any completion is right (``data.step_soft=True``: the fraction that are), cached
+in ``workdir/data/{train,eval}_steps.jsonl``.
 """
 
 import ml_collections
@@ -59,14 +62,16 @@ def get_config():
       margin=0.0))                    # bradley_terry's m
   config.data = ml_collections.ConfigDict(dict(
       task=dict(name="arithmetic", digits=1, ops="+-"),
-      kind="pairs",                   # pairs | rankings | steps (steps: JSONL only)
+      kind="pairs",                   # pairs | rankings | steps
       reward="exact",                 # exact | graded (rankings of K > 2)
       num_prompts=64, num_eval_prompts=16, num_samples=8, max_new_tokens=48, temperature=1.0,
       pairs_per_prompt=2, k=4, sample_batch_size=64,
       train_seed=0, eval_seed=1234,
       path="", eval_path="", skip_malformed=False,
       overflow="truncate",            # truncate (cut the response, counted) | error
-      max_steps=16))                  # steps per record (process_reward)
+      max_steps=16,                   # steps per record (process_reward)
+      step_rollouts=4,                # steps without path: completions per step prefix
+      step_soft=False))               # ... label = mean of their rewards (else the max)
   config.eval = ml_collections.ConfigDict(dict(
       num_problems=0,                 # a reward model does not generate: no task accuracy
       every=0, before=True))

@@ -16,11 +16,19 @@ at the last token of that step. ``config.loss.name`` picks the loss (``postrl.lo
 
 Data (``config.data``): pairs or rankings from a JSONL file or made by the policy itself on a
 built-in task (sampled and scored by the task's verifier, ``postrl.data.preference``; rankings of
-K > 2 need ``reward="graded"``), with held-out records from held-out problems. Step labels only
-come from a JSONL file of ``{"prompt", "steps", "labels"}`` records (``data.kind="steps"``,
-``data.path``, ``data.eval_path``): labelling the steps of the model's own arithmetic answers
-honestly would need Math-Shepherd-style roll-outs from every step prefix, which this job does
-not do.
+K > 2 need ``reward="graded"``), with held-out records from held-out problems. Step labels
+(``data.kind="steps"``) come from a JSONL file of ``{"prompt", "steps", "labels"}`` records
+(``data.path``, ``data.eval_path``) or, without ``data.path``, from the policy's own solutions
+labelled by Monte-Carlo roll-outs (Math-Shepherd, Wang et al. 2024; ``verifier_step_data``):
+``data.num_samples`` solutions per problem (``postrl.data.verifier.sample_and_score``), split into
+steps at newlines, and each step prefix s_1..s_j completed ``data.step_rollouts`` times and
+scored by the verifier, r_i in [0, 1]: y_j = max_i r_i (hard estimation) or, with
+``data.step_soft``, mean_i r_i (soft estimation); the last step gets the solution's own outcome
+(``postrl.data.verifier.monte_carlo_step_labels``). Held-out step records come from
+``data.eval_path`` or, without it, from the held-out problems the same way. Self-made data is
+cached in ``workdir/data/{train,eval}_{kind}.jsonl`` (``steps`` included) with a ``.meta.json``
+of the settings it was made with: a rerun with the same settings (a resume) reads it back, one
+with other settings is an error.
 
 Evaluation, before and after training, on the held-out records: ``pair_accuracy`` (the fraction
 of ordered response pairs scored in the right order: the pairwise accuracy of a BT model), for
@@ -49,6 +57,8 @@ frozen base (``postrl.trainers.dpo.reference_model``).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 
 import jax
@@ -59,13 +69,15 @@ from flax import nnx
 from postrl import peft
 from postrl.data.preference import (KINDS, OVERFLOW_MODES, REWARD_KINDS, listwise_accuracy,
                                     pairwise_accuracy, read_step_jsonl, record_batches,
-                                    tokenize_preferences, tokenize_steps)
+                                    tokenize_preferences, tokenize_steps, verifier_reward)
+from postrl.data.records import DataError, write_jsonl
+from postrl.data.verifier import monte_carlo_step_labels, reward_stats, sample_and_score
 from postrl.losses import bradley_terry, bradley_terry_rankings, plackett_luce, process_reward
 from postrl.models import ConfigError, ScoredTransformer
 from postrl.trainers import common
 from postrl.trainers.dpo import (apply_over_dataset, before_after, preference_records,
-                                 read_preference_files, response_masks, seconds_per_step,
-                                 tokenized)
+                                 read_preference_files, reference_model, response_masks,
+                                 seconds_per_step, tokenized)
 from postrl.trainers.loop import fit
 from postrl.trainers.step import OptimizerConfig, learning_rate_schedule, make_optimizer
 
@@ -135,9 +147,9 @@ def check_config(config) -> None:
   if name == "bradley_terry" and data.kind == "rankings" and config.loss.get("margin", 0.0):
     raise ConfigError("config.loss.margin: the Bradley-Terry margin applies to pairs only; set it "
                       "to 0 for rankings (kind='rankings' uses every pair of a ranking)")
-  if data.kind == "steps" and not data.path:
-    raise ConfigError("config.data.path: step labels (kind='steps') come from a JSONL file of "
-                      "{\"prompt\", \"steps\", \"labels\"} records; set config.data.path")
+  if data.kind == "steps" and not data.path and data.get("step_rollouts", 4) < 1:
+    raise ConfigError(f"config.data.step_rollouts: roll-outs per step prefix must be >= 1, got "
+                      f"{data.step_rollouts}")
   if data.overflow not in OVERFLOW_MODES:
     raise ConfigError(f"config.data.overflow: expected one of {OVERFLOW_MODES}, got "
                       f"{data.overflow!r}")
@@ -205,26 +217,147 @@ def held_out_data(records, run, config):
   return data
 
 
-def _step_data(config, run):
+def verifier_step_data(model, tokenizer, problems, reward_fn, *, rollouts: int = 4,
+                       soft: bool = False, num_samples: int = 8, max_new_tokens: int = 48,
+                       temperature: float = 1.0, max_steps: int | None = None, seed: int = 0,
+                       batch_size: int = 64, system_prompt: str | None = None,
+                       cache_path: str | None = None, settings=None) -> tuple[list, dict]:
+  """Step-labelled records made by the model itself (Math-Shepherd, Wang et al. 2024).
+
+  ``num_samples`` solutions of every problem (``sample_and_score``, key ``seed``) are split into
+  steps at newlines; step j of a solution is labelled by completing s_1..s_j ``rollouts`` times
+  (key ``fold_in(seed, 1)``) and scoring each completion, r_i = clip(reward_fn(...), 0, 1):
+  y_j = max_i r_i (hard estimation) or mean_i r_i (``soft``); the last step's label is the
+  solution's own clipped reward (``monte_carlo_step_labels``). Labels are in [0, 1].
+
+  With ``cache_path`` the records are written there (JSONL, atomically, by process 0) with a
+  ``<cache_path>.meta.json`` of the settings and statistics; a later call with the same settings
+  reads them back (a resumed run trains on the same data); a cache made with other settings is
+  a ``DataError`` (never reused or overwritten), as ``verifier_preference_data``.
+
+  Returns:
+    ``(records, info)``: ``info`` has ``reward_stats`` of the solutions, ``label_mean``,
+    ``num_prompts``, ``num_records``, ``num_steps`` and ``cached``.
+  Raises:
+    DataError: no solution had a step, or a cache with other settings.
+  """
+  prompts = hashlib.sha256("\n".join(p.prompt for p in problems).encode()).hexdigest()
+  full = dict(settings or {}, kind="steps", num_samples=num_samples, rollouts=rollouts,
+              soft=bool(soft), max_steps=max_steps or 0, max_new_tokens=max_new_tokens,
+              temperature=temperature, seed=seed, batch_size=batch_size,
+              system_prompt=system_prompt or "", num_problems=len(problems), prompts=prompts)
+  full = json.loads(json.dumps(full, default=str))
+  meta_path = f"{cache_path}.meta.json" if cache_path else None
+  if cache_path and os.path.exists(cache_path) and os.path.exists(meta_path):
+    with open(meta_path, encoding="utf-8") as f:
+      meta = json.load(f)
+    cached = meta.get("settings", {})
+    if cached != full:
+      diff = sorted(k for k in set(full) | set(cached) if full.get(k) != cached.get(k))
+      raise DataError(f"{cache_path}: cached step data was made with other settings "
+                      f"(differing: {diff}); use a new workdir or delete the file")
+    records, _ = read_step_jsonl(cache_path)
+    return records, dict(meta["info"], cached=True)
+
+  key = jax.random.key(seed)
+  samples = sample_and_score(model, tokenizer, problems, reward_fn, num_samples=num_samples,
+                             key=key, max_new_tokens=max_new_tokens, temperature=temperature,
+                             batch_size=batch_size, system_prompt=system_prompt)
+  records = monte_carlo_step_labels(model, tokenizer, problems, samples, reward_fn,
+                                    rollouts=rollouts, key=jax.random.fold_in(key, 1), soft=soft,
+                                    max_steps=max_steps, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, batch_size=batch_size,
+                                    system_prompt=system_prompt)
+  labels = [y for r in records for y in r.labels]
+  info = {"reward_stats": reward_stats(samples), "num_prompts": len(problems),
+          "num_records": len(records), "num_steps": len(labels),
+          "label_mean": float(np.mean(labels)) if labels else 0.0}
+  if not records:
+    raise DataError(f"no step records from {len(problems)} prompts x {num_samples} samples: "
+                    f"every solution was blank")
+  if cache_path and jax.process_index() == 0:
+    os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
+    write_jsonl(cache_path, records)
+    tmp = f"{meta_path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump({"settings": full, "info": info}, f, indent=1, sort_keys=True)
+    os.replace(tmp, meta_path)
+  return records, dict(info, cached=False)
+
+
+def verifier_step_records(config, run, workdir: str | None):
+  """(train records, held-out records or None, info): ``verifier_step_data`` on the built-in
+  task with the initial policy (the frozen base with PEFT), held-out records from the evaluation
+  problems (never trained on), both cached in ``workdir/data/{train,eval}_steps.jsonl``."""
   data_cfg = config.data
-  out = []
+  eval_problems = (common.task_problems(data_cfg.task, data_cfg.num_eval_prompts,
+                                        data_cfg.eval_seed)
+                   if data_cfg.num_eval_prompts and not data_cfg.eval_path else [])
+  problems = common.held_out_train_problems(data_cfg.task, data_cfg.num_prompts,
+                                            data_cfg.train_seed, eval_problems + run.eval_problems)
+  model = nnx.merge(*reference_model(run))
+  reward_fn = verifier_reward(data_cfg.task.name, data_cfg.reward)
+  settings = dict(model=config.model, param_dtype=config.param_dtype, dtype=config.dtype,
+                  task=data_cfg.task.to_dict(), reward=data_cfg.reward)
+  if run.peft is not None and run.peft.method == "qlora":  # the sampling model is quantized
+    settings["base_quant"] = run.peft.get("quant", "nf4_dq")
+  kwargs = dict(rollouts=data_cfg.step_rollouts, soft=data_cfg.step_soft,
+                num_samples=data_cfg.num_samples, max_new_tokens=data_cfg.max_new_tokens,
+                temperature=data_cfg.temperature, max_steps=data_cfg.max_steps,
+                batch_size=data_cfg.sample_batch_size,
+                system_prompt=config.get("system_prompt") or None, settings=settings)
+
+  def cache(split):
+    return os.path.join(workdir, "data", f"{split}_steps.jsonl") if workdir else None
+
+  train, train_info = verifier_step_data(model, run.tokenizer, problems, reward_fn,
+                                         seed=config.seed, cache_path=cache("train"), **kwargs)
+  info = {"source": "verifier", "train": train_info}
+  held = None
+  if eval_problems:
+    held, info["eval"] = verifier_step_data(model, run.tokenizer, eval_problems, reward_fn,
+                                            seed=config.seed + 1, cache_path=cache("eval"),
+                                            **kwargs)
+  if jax.process_index() == 0:
+    print(f"verifier step data: {len(train)} train solutions ({train_info['num_steps']} steps, "
+          f"mean label {train_info['label_mean']:.3f}) from {len(problems)} prompts"
+          f"{'' if held is None else f', {len(held)} held-out'}"
+          f"{' (read from the cache)' if train_info['cached'] else ''}")
+  return train, held, info
+
+
+def _tokenized_steps(records, config, run, source: str):
+  data_cfg = config.data
+  data = tokenize_steps(records, run.tokenizer, seq_len=config.seq_len,
+                        max_steps=data_cfg.max_steps,
+                        system_prompt=config.get("system_prompt") or None,
+                        overflow=data_cfg.overflow, source=source)
+  if (data.num_truncated or data.num_dropped_steps) and jax.process_index() == 0:
+    print(f"{source}: {data.num_truncated} records truncated to seq_len={config.seq_len}, "
+          f"{data.num_dropped_steps} steps dropped")
+  return data
+
+
+def _step_data(config, run, workdir: str | None):
+  """(train, held-out or None, info) step data: the JSONL files of ``data.path`` /
+  ``data.eval_path``, or without ``data.path`` the policy's own labelled solutions."""
+  data_cfg = config.data
+  files = {}
   for key in ("path", "eval_path"):
-    if not data_cfg.get(key):
-      out.append(None)
-      continue
-    records, skipped = read_step_jsonl(data_cfg[key],
-                                       skip_malformed=data_cfg.get("skip_malformed", False))
-    if skipped:
-      print(f"skipped {skipped} malformed records in {data_cfg[key]}")
-    data = tokenize_steps(records, run.tokenizer, seq_len=config.seq_len,
-                          max_steps=data_cfg.max_steps,
-                          system_prompt=config.get("system_prompt") or None,
-                          overflow=data_cfg.overflow, source=data_cfg[key])
-    if (data.num_truncated or data.num_dropped_steps) and jax.process_index() == 0:
-      print(f"{data_cfg[key]}: {data.num_truncated} records truncated to seq_len="
-            f"{config.seq_len}, {data.num_dropped_steps} steps dropped")
-    out.append(data)
-  return out[0], out[1], {"source": data_cfg.path}
+    if data_cfg.get(key):
+      records, skipped = read_step_jsonl(data_cfg[key],
+                                         skip_malformed=data_cfg.get("skip_malformed", False))
+      if skipped:
+        print(f"skipped {skipped} malformed records in {data_cfg[key]}")
+      files[key] = records
+  if "path" in files:
+    train, held, info = files["path"], files.get("eval_path"), {"source": data_cfg.path}
+  else:
+    train, held, info = verifier_step_records(config, run, workdir)
+    held = files.get("eval_path", held)
+  return (_tokenized_steps(train, config, run, data_cfg.path or "train"),
+          None if held is None else
+          _tokenized_steps(held, config, run, data_cfg.eval_path or "eval"), info)
 
 
 def _read_step_files_early(data_cfg) -> None:
@@ -249,7 +382,7 @@ def run(config, workdir: str | None) -> dict:
     files = read_preference_files(config.data)
   run_ = common.start(config)
   if steps:
-    train, held, info = _step_data(config, run_)
+    train, held, info = _step_data(config, run_, workdir)
   else:
     train_records, held_records, info = preference_records(config, run_, workdir, files)
     train = tokenized(train_records, run_, config, "train")

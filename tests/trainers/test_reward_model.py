@@ -82,10 +82,12 @@ def test_bad_config_is_a_config_error():
         loss=dict(name=data.pop("loss", "bradley_terry")),
         data=dict(dict(kind="pairs", path="", overflow="truncate", reward="exact"), **data)))
   rmt.check_config(config())
+  rmt.check_config(config(loss="process_reward", kind="steps"))  # no path: self-made step labels
   for kwargs, message in [(dict(loss="bt"), "config.loss.name"),
                           (dict(kind="steps"), "does not suit"),
                           (dict(loss="process_reward", kind="rankings"), "does not suit"),
-                          (dict(loss="process_reward", kind="steps"), "config.data.path"),
+                          (dict(loss="process_reward", kind="steps", step_rollouts=0),
+                           "config.data.step_rollouts"),
                           (dict(reward="fuzzy"), "config.data.reward")]:
     with pytest.raises(ConfigError, match=message):
       rmt.check_config(config(**kwargs))

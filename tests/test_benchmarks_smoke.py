@@ -1,7 +1,8 @@
 """The benchmark scripts end to end on CPU with the tiny preset (subprocesses, one device).
 
-They are what a GPU run executes once (``benchmarks/generate.py``, ``benchmarks/train_step.py``),
-so a broken argument, import or JSON field must fail here, not on the borrowed GPU.
+They are what a GPU run executes once (``benchmarks/generate.py``, ``benchmarks/train_step.py``,
+``benchmarks/grpo_step.py``), so a broken argument, import or JSON field must fail here, not on
+the borrowed GPU.
 """
 
 import json
@@ -116,13 +117,15 @@ def test_presets_match_published_shapes():
 
 def test_gpu_sh_runs_every_stage(tmp_path):
   """The one GPU command, with tiny sizes appended (later arguments win), writes all results."""
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", OUT=str(tmp_path), BUDGET="420",
-             PYTHON=sys.executable, TRAIN_ARGS="--tiny --jobs sft",
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", OUT=str(tmp_path), BUDGET="600",
+             GRPO_LIMIT="120", PYTHON=sys.executable, TRAIN_ARGS="--tiny --jobs sft",
              GEN_ARGS="--config tiny --batch 2 --prompt-len 4 --new-tokens 4 --repeats 1 "
                       "--no-baseline --copy-mib 8",
+             GRPO_ARGS="--tiny --no-trl --steps 1",
              JAX_COMPILATION_CACHE_DIR=os.path.expanduser("~/.cache/postrl-jax-tests"))
+  env.pop("STAGES", None)
   proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh")], env=env,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=420)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   train = json.loads((tmp_path / "train_step_llama-1b.json").read_text())
   assert train["status"] == "complete" and [j["job"] for j in train["jobs"]] == ["sft"]
@@ -131,7 +134,139 @@ def test_gpu_sh_runs_every_stage(tmp_path):
     doc = json.loads((tmp_path / f"{name}.json").read_text())
     assert doc["status"] == "complete" and doc["rows"][0]["postrl_tokens_per_s"] > 0
     assert (tmp_path / f"{name}.log").read_text().count("wrote") == 1
+  grpo = json.loads((tmp_path / "grpo_step_smollm2-135m.json").read_text())
+  assert grpo["status"] == "complete" and grpo["settings"]["time_limit"] <= 120
+  assert grpo["model"]["name"] == "tiny" and grpo["postrl"]["median"]["total_s"] > 0
   assert "gpu.sh done" in proc.stdout
+
+
+def test_gpu_sh_runs_only_the_chosen_stages(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", OUT=str(tmp_path), STAGES="grpo",
+             PYTHON=sys.executable, GRPO_ARGS="--tiny --no-trl --steps 1",
+             JAX_COMPILATION_CACHE_DIR=os.path.expanduser("~/.cache/postrl-jax-tests"))
+  env.pop("BUDGET", None)
+  env.pop("GRPO_LIMIT", None)
+  proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh")], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  written = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".json")
+  assert written == ["grpo_step_smollm2-135m.json"]
+  doc = json.loads((tmp_path / "grpo_step_smollm2-135m.json").read_text())
+  # the budget is GRPO_LIMIT alone (240 s), less the 15 s the script keeps for itself
+  assert 200 <= doc["settings"]["time_limit"] <= 225 and doc["status"] == "complete"
+
+
+# ----------------------------------------------------------------------------- grpo_step.py
+
+
+def _check_postrl_steps(doc, *, steps, new_tokens, old, ref):
+  """The per-step records of benchmarks/grpo_step.py: one warm-up then ``steps`` timed steps,
+  phases adding up, EOS ignored, and log-prob time where (and only where) it is due."""
+  rows = doc["postrl"]["steps"]
+  assert [r["step"] for r in rows] == list(range(1 + steps))
+  assert [r["warmup"] for r in rows] == [True] + [False] * steps
+  for r in rows:
+    assert r["completion_tokens_mean"] == new_tokens  # every completion runs to the budget
+    assert r["reward_mean"] == 0.0 and r["finite"] == 1.0  # no \boxed{} in random words
+    # sampling and log-probs are timed inside the rollout, which is timed inside the step
+    assert r["generation_s"] > 0 and r["update_s"] > 0 and r["other_s"] >= -1e-3
+    assert (r["logprobs_old_s"] > 0) == old and (r["logprobs_ref_s"] > 0) == ref
+  timed = rows[1:]
+  median = doc["postrl"]["median"]
+  assert median["timed_steps"] == steps
+  for phase in ("generation", "logprobs", "update", "total"):
+    values = sorted(r[f"{phase}_s"] for r in timed)
+    assert median[f"{phase}_s"] == pytest.approx(
+        (values[(steps - 1) // 2] + values[steps // 2]) / 2, abs=2e-4)
+
+
+def test_grpo_step_tiny_postrl_only(tmp_path):
+  out = tmp_path / "grpo.json"
+  stdout = _run("grpo_step.py", "--tiny", "--no-trl", "--steps", "2", "--out", str(out))
+  doc = json.loads(out.read_text())
+  assert doc["status"] == "complete" and doc["trl"] == {"skipped": "--no-trl"}
+  assert doc["ratio_trl_over_postrl"] is None and doc["versions"]["jax"] and doc["date"]
+  assert doc["workload"]["completions_per_step"] == 64 and doc["workload"]["kl_coef"] == 0.04
+  assert doc["postrl"]["prompt_tokens"] == 16  # the 16-word prompts are 16 tokens
+  config = doc["postrl"]["config"]
+  assert config["rollout"]["group_size"] == 8 and config["loss"]["kl_coef"] == 0.04
+  assert config["rewards"] == {"boxed_format": 1.0} and config["accum_steps"] == 1
+  _check_postrl_steps(doc, steps=2, new_tokens=16, old=False, ref=True)
+  assert "[postrl]" in stdout and "TRL / postrl" in stdout
+
+
+def test_grpo_step_old_logprobs_with_several_updates(tmp_path):
+  """μ = 2 updates per rollout: old-policy log-probs are computed; kl 0: no reference ones."""
+  out = tmp_path / "grpo.json"
+  _run("grpo_step.py", "--tiny", "--no-trl", "--steps", "1", "--updates-per-rollout", "2",
+       "--kl-coef", "0", "--out", str(out))
+  doc = json.loads(out.read_text())
+  assert doc["postrl"]["config"]["rollout"]["epochs"] == 2 and doc["workload"]["old_logprobs"]
+  _check_postrl_steps(doc, steps=1, new_tokens=16, old=True, ref=False)
+
+
+def test_grpo_step_time_limit_keeps_one_timed_step(tmp_path):
+  out = tmp_path / "grpo.json"
+  stdout = _run("grpo_step.py", "--tiny", "--no-trl", "--steps", "3", "--time-limit", "0",
+                "--out", str(out))
+  doc = json.loads(out.read_text())
+  assert doc["status"] == "partial: postrl 1, TRL - of 3 timed steps"
+  assert [r["step"] for r in doc["postrl"]["steps"]] == [0, 1]  # warm-up + one timed step
+  assert doc["postrl"]["median"]["timed_steps"] == 1 and "time limit: 1 of 3" in stdout
+
+
+def test_grpo_step_tiny_with_trl(tmp_path):
+  """Both frameworks (runs where TRL is installed: the GPU image gets it from .whl/)."""
+  pytest.importorskip("trl")
+  out = tmp_path / "grpo.json"
+  _run("grpo_step.py", "--tiny", "--steps", "1", "--out", str(out), timeout=600)
+  doc = json.loads(out.read_text())
+  assert doc["status"] == "complete", doc["status"]
+  assert doc["trl"]["ready"] and doc["trl"]["versions"]["trl"]
+  settings = doc["trl"]["settings"]
+  assert settings["num_generations"] == 8 and settings["per_device_train_batch_size"] == 64
+  assert settings["generation_config"]["min_new_tokens"] == 16 and settings["ref_model"]
+  rows = doc["trl"]["steps"]
+  assert [r["step"] for r in rows] == [0, 1]
+  for r in rows:
+    assert r["completion_tokens"] == [16, 16] and r["prompt_tokens"] == [16]  # same workload
+    assert r["logprobs_ref_s"] > 0 and r["logprobs_old_s"] == 0
+    assert r["generation_s"] > 0 and r["update_s"] > 0 and r["other_s"] >= -1e-3
+  ratio = doc["ratio_trl_over_postrl"]
+  assert ratio["total"] == pytest.approx(
+      doc["trl"]["median"]["total_s"] / doc["postrl"]["median"]["total_s"], abs=0.01)
+
+
+def test_word_tokenizer_and_prompts():
+  from benchmarks import grpo_step  # pylint: disable=import-outside-toplevel
+  tok = grpo_step.word_tokenizer(40)
+  assert tok.vocab_size == 40 and (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+  prompts = grpo_step.prompt_texts(3, 5, 40, seed=1)
+  ids = [tok.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+  assert [len(i) for i in ids] == [5, 5, 5] and min(min(i) for i in ids) >= 3
+  assert [tok.decode(i) for i in ids] == prompts  # words <-> ids, no special tokens added
+  assert tok.encode("t7 t39 </s>") == [7, 39, 2]
+
+
+def test_phase_records_medians_and_ratios():
+  from benchmarks import grpo_step  # pylint: disable=import-outside-toplevel
+  timer = grpo_step.PhaseTimer()
+  slow = timer.wrap("generation", lambda x: x + 1)
+  picked = timer.wrap(lambda p: None if p == "loss" else f"logprobs_{p}", lambda p: p)
+  assert slow(1) == 2 and picked("ref") == "ref" and picked("loss") == "loss"
+  assert set(timer.pop()) == {"generation", "logprobs_ref"} and timer.pop() == {}
+  phases = dict(generation=2.0, logprobs_old=0.25, logprobs_ref=0.5)
+  row = grpo_step.step_row(1, rollout_s=3.0, update_s=1.0, phases=phases)
+  assert (row["logprobs_s"], row["other_s"], row["total_s"], row["warmup"]) == (0.75, 0.25, 4.0,
+                                                                                False)
+  rows = [grpo_step.step_row(0, rollout_s=30.0, update_s=9.0, phases={})] + [
+      grpo_step.step_row(i, rollout_s=float(i), update_s=1.0, phases={"generation": i / 2})
+      for i in (1, 2, 6)]
+  med = grpo_step.medians(rows)  # the warm-up step is left out
+  assert med["total_s"] == 3.0 and med["generation_s"] == 1.0 and med["timed_steps"] == 3
+  ratio = grpo_step.ratios(med, dict(med, total_s=30.0, generation_s=4.0, logprobs_s=1.0))
+  assert ratio["total"] == 10.0 and ratio["generation"] == 4.0 and ratio["logprobs"] is None
+  assert grpo_step.medians(rows[:1]) is None and grpo_step.ratios(med, None) is None
 
 
 def test_quantized_matmul_benchmark_interpret(tmp_path):

@@ -1,5 +1,6 @@
-r"""Weight-only quantized matmul on GPU: XLA bf16 ``jnp.dot`` vs XLA dequantise-then-dot vs the Pallas
-(Triton) kernel, int8 per channel and int4 group 128, one run, with the copy bandwidth beside them.
+r"""Weight-only quantized matmul on GPU: XLA bf16 ``jnp.dot`` vs XLA dequantise-then-dot vs the
+Pallas (Triton) kernel, int8 per channel and int4 group 128, one run, with the copy bandwidth
+beside them.
 
     python benchmarks/quantized_matmul.py --out benchmarks/results/quantized_matmul.json
 
@@ -214,8 +215,9 @@ def run_table(results, out, ms, shapes, repeats, deadline, copy_bw):
           ("int4", w4, r4, bytes4, xla_int4, 4, 128, cfg4)):
         flat = [a for qs in ws for a in qs]
         reps = loop_reps(m, k, n, nbytes, r)
-        t, _ = time_many(lambda x, *a, f=xla_fn: [f(x, a[i], a[i + 1]) for i in range(0, len(a), 2)],
-                         (x, *flat), repeats, reps)
+        t, _ = time_many(
+            lambda x, *a, f=xla_fn: [f(x, a[i], a[i + 1]) for i in range(0, len(a), 2)],
+            (x, *flat), repeats, reps)
         row[f"xla_{name}_us"] = 1e6 * t / r
 
         def pallas(x, *a, bits=bits, group=group, cfg=cfg):

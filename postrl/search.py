@@ -107,16 +107,25 @@ def task_functions(task: str | None):
   """(extract, equal, correct(answer, record), verifier(text, record)) of a task."""
   # pylint: disable=import-outside-toplevel
   from postrl.data.preference import verifier_reward
-  from postrl.rewards.countdown import evaluate_countdown_expression, extract_countdown_answer
+  from postrl.rewards.countdown import (countdown_reward, evaluate_countdown_expression,
+                                       extract_countdown_answer)
   from postrl.sampling.search.common import default_equal, default_extract
   from postrl.sampling.search.compute_optimal import reference_correct
   if task == "countdown":
-    def extract(text):
+    def extract(text):  # "expression" or "expression = claimed result", whitespace normalised
       found = extract_countdown_answer(text)
-      return None if found is None or not found[0] else " ".join(found[0].split())
+      if found is None or not found[0]:
+        return None
+      expression, claim = found
+      expression = " ".join(expression.split())
+      return expression if claim is None else f"{expression} = {' '.join(claim.split())}"
 
-    def correct(answer, record):
-      value = None if answer is None else evaluate_countdown_expression(answer, record.numbers)
+    def correct(answer, record):  # the verifier's rule: a wrong claimed result is wrong
+      if answer is None:
+        return False
+      if "=" in answer:
+        return countdown_reward(answer, record.numbers, record.target) > 0
+      value = evaluate_countdown_expression(answer, record.numbers)
       return value is not None and value == record.target
 
     return extract, lambda a, b: a == b, correct, verifier_reward("countdown")

@@ -1,5 +1,5 @@
-"""GPU Pallas (Triton backend) weight-only quantized matmul: int8 per channel / per group, packed int4
-per group, dequantisation fused into the K loop.
+"""GPU Pallas (Triton backend) weight-only quantized matmul: int8 per channel / per group, packed
+int4 per group, dequantisation fused into the K loop.
 
 One program computes a [block_m, block_n] tile of y over one K split (grid = M tiles x N tiles x
 K splits, M fastest so that programs sharing a weight tile run together and reuse it from L2).
@@ -8,7 +8,7 @@ Per step of ``block_k`` rows of K (one quantization group when grouped):
     int8:  part = x[:, k:k+bk] @ bf16(q[k:k+bk, :])                                   (codes exact)
     int4:  p = packed[k/2 : k/2+bk/2, :];  lo = sext(p & 0xF) (rows k, k+2, ...),
            hi = sext(p >> 4) (rows k+1, k+3, ...);  part = x[:, k::2] @ lo + x[:, k+1::2] @ hi
-    group: acc += s_g * (part - z_g * sum_k x[:, k])          (y = sum_g s_g (x_g q_g - z_g sum x_g))
+    group: acc += s_g * (part - z_g * sum_k x[:, k])     (y = sum_g s_g (x_g q_g - z_g sum x_g))
     per channel: acc += part; at the end acc = s * (acc - z * sum_k x)
 
 so the weights are read once, as codes, and never written back dequantised; the integer codes are

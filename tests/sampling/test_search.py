@@ -209,6 +209,18 @@ def test_step_beam_search_with_only_blank_steps_has_no_candidates():
   assert r.status == "no_candidates" and r.text is None and r.tokens.generated == 4
 
 
+def test_step_beam_search_keeps_live_beams_whose_expansions_are_all_blank():
+  # round 0 gives two steps; every expansion after them is blank: the two beams must end as
+  # unfinished candidates with their round-0 scores (they used to be dropped, leaving none)
+  policy = FakePolicy(tree=lambda prefix: [("s3", False), ("s1", False)] if not prefix
+                      else [(" ", False)])
+  (r,) = step_beam_search(policy, ["q"], value_fn=step_value, key=KEY, width=2, expansions=1,
+                          max_steps=4)
+  assert r.status != "no_candidates"
+  assert [(c.text, c.score, c.finished) for c in r.candidates] == [("s3", 0.9, False),
+                                                                   ("s1", 0.7, False)]
+
+
 def test_rollout_value_is_the_mean_verifier_reward_and_counts_its_tokens():
   policy = FakePolicy(texts=["7", "8", "7", "9"])
   reward = lambda text, problem: float(text.endswith(problem.answer))

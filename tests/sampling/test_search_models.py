@@ -245,8 +245,13 @@ def test_prompt_files_and_the_countdown_task(tmp_path):
   assert (record.numbers, record.target, record.answer) == ((3, 5, 2), 16, "16")
   extract, equal, correct, verifier = search_cli.task_functions("countdown")
   answer = extract("Let me try.\n(3 + 5)  * 2 = 16")
-  assert answer == "(3 + 5) * 2" and equal(answer, "(3 + 5) * 2")
+  assert answer == "(3 + 5) * 2 = 16" and equal(answer, "(3 + 5) * 2 = 16")
   assert correct(answer, record) and not correct("3 * 5 + 2", record) and not correct(None, record)
+  assert correct(extract("<answer>(3 + 5) * 2</answer>"), record)  # no claim: expression decides
+  # a wrong claimed result fails, as in the verifier (it used to be ignored)
+  assert extract("(3 + 5) * 2 = 17") == "(3 + 5) * 2 = 17"
+  assert not correct("(3 + 5) * 2 = 17", record)
+  assert not correct(extract("16 = (3 + 5) * 2"), record)
   assert verifier("(3 + 5) * 2 = 16", record) == 1.0
   with pytest.raises(DataError, match="p.jsonl:1: fields 'numbers' and 'target' are required"):
     search_cli.read_prompts(_prompts(tmp_path, ['{"prompt": "x"}']), "countdown")

@@ -104,6 +104,7 @@ def step_beam_search(policy, problems, *, value_fn, key, width: int = 4, expansi
   problems = as_problems(problems)
   delim = getattr(policy, "delimiter", "\n")
   live = [[PartialSolution(delimiter=delim)] for _ in problems]
+  live_scores = [[0.0] for _ in problems]  # each live beam's score from the round that kept it
   done: list[list[Candidate]] = [[] for _ in problems]
   tokens = [TokenCount() for _ in problems]
   rounds: list[list[list[dict]]] = [[] for _ in problems]
@@ -133,16 +134,23 @@ def step_beam_search(policy, problems, *, value_fn, key, width: int = 4, expansi
     for i, pool in enumerate(per_problem):
       if not live[i]:
         continue
+      if not pool:  # every expansion was blank: the live beams end here, unfinished (not the root)
+        done[i] += [Candidate(text=x.text, answer=None, score=sc, finished=False,
+                              info={"steps": len(x.steps)})
+                    for x, sc in zip(live[i], live_scores[i]) if x.steps]
+        live[i] = live_scores[i] = []
+        continue
       kept = keep_best(pool, width)
       rounds[i].append([{"steps": list(x.steps), "score": s, "finished": x.finished}
                         for s, _, x in kept])
       done[i] += [Candidate(text=x.text, answer=None, score=s, finished=True,
                             info={"steps": len(x.steps)}) for s, _, x in kept if x.finished]
       live[i] = [x for _, _, x in kept if not x.finished]
-      last_scores = {id(x): s for s, _, x in kept}
+      live_scores[i] = [s for s, _, x in kept if not x.finished]
       if t == max_steps - 1:
-        done[i] += [Candidate(text=x.text, answer=None, score=last_scores[id(x)], finished=False,
-                              info={"steps": len(x.steps)}) for x in live[i]]
+        done[i] += [Candidate(text=x.text, answer=None, score=sc, finished=False,
+                              info={"steps": len(x.steps)})
+                    for x, sc in zip(live[i], live_scores[i])]
   results = []
   for i, problem in enumerate(problems):
     cands = sorted(done[i], key=lambda c: (not c.finished, -c.score))

@@ -12,6 +12,8 @@ import datetime
 import json
 import os
 import platform
+import select
+import subprocess
 import time
 
 # Published shapes (config.json of HuggingFaceTB/SmolLM2-135M and meta-llama/Llama-3.2-1B); the
@@ -146,3 +148,54 @@ def log(msg: str):
   """Progress on stdout, flushed at once (a killed run still shows every finished step)."""
   print(msg, flush=True)
 
+
+
+class ChildProcess:
+  """A worker process that answers one JSON request per stdin line with lines
+  ``<prefix>{json}`` on its stdout (anything else it prints is skipped). ``read(timeout)`` returns
+  the next reply; a failure or a timeout kills the process, and every later call returns
+  ``{"error": ...}``, so the parent goes on without that baseline."""
+
+  def __init__(self, prefix: str, name: str):
+    self.prefix, self.name = prefix, name
+    self.proc = None
+    self.buffer = b""
+    self.error = None
+
+  def launch(self, cmd, env=None):
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+                                 env=env)
+
+  def read(self, timeout: float) -> dict:
+    if self.error is not None:
+      return {"error": self.error}
+    deadline = time.perf_counter() + timeout
+    while True:
+      while b"\n" in self.buffer:
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        text = line.decode(errors="replace")
+        if self.prefix in text:
+          return json.loads(text[text.index(self.prefix) + len(self.prefix):])
+      left = deadline - time.perf_counter()
+      if left <= 0:
+        return self.fail(f"no answer within {timeout:.0f} s (time limit)")
+      ready, _, _ = select.select([self.proc.stdout], [], [], left)
+      if ready:
+        chunk = os.read(self.proc.stdout.fileno(), 65536)
+        if not chunk:
+          return self.fail(f"the {self.name} process exited (rc {self.proc.wait()})")
+        self.buffer += chunk
+
+  def fail(self, message: str) -> dict:
+    self.error = message
+    self.close()
+    return {"error": message}
+
+  def send(self, request: dict):
+    self.proc.stdin.write((json.dumps(request) + "\n").encode())
+    self.proc.stdin.flush()
+
+  def close(self):
+    if self.proc is not None and self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait()

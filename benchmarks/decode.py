@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402  pylint: disable=wrong-import-position
+from benchmarks.generate import time_postrl  # noqa: E402  pylint: disable=wrong-import-position
 
 FORMATS = ("bf16", "int8", "int4_g128")
 
@@ -35,31 +35,6 @@ def build(preset: str, fmt: str, dtype: str, seed: int = 0):
   if fmt != "bf16":
     quantize_model(model, fmt)
   return model
-
-
-def time_generate(model, batch, prompt_len, new_tokens, repeats):
-  """(tokens/s, first call seconds) of ``generate`` at this batch."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from postrl.sampling import generate  # pylint: disable=import-outside-toplevel
-  rng = np.random.RandomState(0)
-  tokens = rng.randint(3, model.config.vocab_size, (batch, prompt_len)).astype(np.int32)
-  lengths = np.full((batch,), prompt_len, np.int32)
-
-  def call(seed):
-    out = generate(model, tokens, lengths, key=jax.random.key(seed), max_new_tokens=new_tokens,
-                   temperature=1.0, top_p=0.9, eos_ids=())
-    jax.block_until_ready(out.tokens_BxN)
-
-  t0 = time.perf_counter()
-  call(0)
-  first = time.perf_counter() - t0
-  times = []
-  for r in range(repeats):
-    t0 = time.perf_counter()
-    call(r + 1)
-    times.append(time.perf_counter() - t0)
-  return batch * new_tokens / statistics.median(times), first
 
 
 def main(argv=None):
@@ -94,7 +69,9 @@ def main(argv=None):
       build_s = time.perf_counter() - t0
       for batch in args.batch:
         try:
-          tps, first = time_generate(model, batch, args.prompt_len, args.new_tokens, args.repeats)
+          timing = time_postrl(model, batch, args.prompt_len, args.new_tokens, args.repeats,
+                               top_p=0.9)
+          tps, first = timing["tokens_per_s"], timing["first_call_s"]
           row = dict(config=preset, format=fmt, batch=batch, tokens_per_s=round(tps, 1),
                      first_call_s=round(first, 2), model_bytes=nbytes, build_s=round(build_s, 1))
           if fmt == "bf16":

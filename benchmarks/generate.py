@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import statistics
-import subprocess
 import sys
 import time
 
@@ -207,66 +205,35 @@ def hf_worker(args):
         torch.cuda.empty_cache()
 
 
-class Baseline:
+class Baseline(common.ChildProcess):
   """The transformers child: ``start()`` launches it (its start-up overlaps the parent's model
   build), ``ready(timeout)`` waits for its model, ``time(...)`` asks for one shape. Any failure
   or timeout kills it and returns ``{"error": ...}``; the parent then goes on without it."""
 
   def __init__(self, args):
+    super().__init__(_REPLY, "transformers")
     self.args = args
-    self.proc = None
-    self.buffer = b""
     self.info = None
-    self.error = None
 
   def start(self):
     cmd = [sys.executable, os.path.abspath(__file__), "--hf-worker", "--dtype", self.args.dtype]
     cmd += ["--config", self.args.config] if self.args.config else ["--model", self.args.model]
-    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-
-  def _read(self, timeout: float) -> dict:
-    deadline = time.perf_counter() + timeout
-    while True:
-      while b"\n" in self.buffer:
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        text = line.decode(errors="replace")
-        if _REPLY in text:
-          return json.loads(text[text.index(_REPLY) + len(_REPLY):])
-      left = deadline - time.perf_counter()
-      if left <= 0:
-        return self._fail(f"no answer within {timeout:.0f} s (time limit)")
-      ready, _, _ = select.select([self.proc.stdout], [], [], left)
-      if ready:
-        chunk = os.read(self.proc.stdout.fileno(), 65536)
-        if not chunk:
-          return self._fail(f"the transformers process exited (rc {self.proc.wait()})")
-        self.buffer += chunk
-
-  def _fail(self, message: str) -> dict:
-    self.error = message
-    self.close()
-    return {"error": message}
+    self.launch(cmd)
 
   def ready(self, timeout: float) -> dict:
     if self.info is None and self.error is None:
-      info = self._read(timeout)
+      info = self.read(timeout)
       if info.get("ready"):
         self.info = info
       elif self.error is None:
-        self._fail(info.get("error", "transformers failed to start"))
+        self.fail(info.get("error", "transformers failed to start"))
     return self.info or {"error": self.error}
 
   def time(self, timeout: float, **request) -> dict:
     if self.error is not None:
       return {"error": self.error}
-    self.proc.stdin.write((json.dumps(request) + "\n").encode())
-    self.proc.stdin.flush()
-    return self._read(timeout)
-
-  def close(self):
-    if self.proc is not None and self.proc.poll() is None:
-      self.proc.kill()
-      self.proc.wait()
+    self.send(request)
+    return self.read(timeout)
 
 
 # ----------------------------------------------------------------------------- main

@@ -62,10 +62,8 @@ import argparse
 import contextlib
 import json
 import os
-import select
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -434,61 +432,26 @@ def _trl_train(request: dict, reply, on_gpu: bool):
   trainer.train()
 
 
-class TRLChild:
+class TRLChild(common.ChildProcess):
   """The TRL child process: ``start()`` launches it (its imports overlap the parent's set-up),
   ``ready(timeout)`` waits for its imports, ``go(request)`` sends the run, ``read(timeout)`` gets
   its next reply. A failure or timeout kills it and returns ``{"error": ...}``."""
 
   def __init__(self):
-    self.proc = None
-    self.buffer = b""
-    self.error = None
+    super().__init__(_REPLY, "TRL")
 
   def start(self):
     cmd = [sys.executable, os.path.abspath(__file__), "--trl-worker"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")  # never a second JAX pool on the GPU
-    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
-                                 env=env)
-
-  def read(self, timeout: float) -> dict:
-    if self.error is not None:
-      return {"error": self.error}
-    deadline = time.perf_counter() + timeout
-    while True:
-      while b"\n" in self.buffer:
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        text = line.decode(errors="replace")
-        if _REPLY in text:
-          return json.loads(text[text.index(_REPLY) + len(_REPLY):])
-      left = deadline - time.perf_counter()
-      if left <= 0:
-        return self._fail(f"no answer within {timeout:.0f} s (time limit)")
-      ready, _, _ = select.select([self.proc.stdout], [], [], left)
-      if ready:
-        chunk = os.read(self.proc.stdout.fileno(), 65536)
-        if not chunk:
-          return self._fail(f"the TRL process exited (rc {self.proc.wait()})")
-        self.buffer += chunk
-
-  def _fail(self, message: str) -> dict:
-    self.error = message
-    self.close()
-    return {"error": message}
+    self.launch(cmd, env=dict(os.environ, JAX_PLATFORMS="cpu"))  # never a second JAX pool on GPU
 
   def ready(self, timeout: float) -> dict:
     info = self.read(timeout)
     if not info.get("ready") and self.error is None:
-      self._fail(info.get("error", "TRL failed to start"))
+      self.fail(info.get("error", "TRL failed to start"))
     return info
 
   def go(self, request: dict):
-    self.proc.stdin.write((json.dumps(request) + "\n").encode())
-    self.proc.stdin.flush()
-
-  def close(self):
-    if self.proc is not None and self.proc.poll() is None:
-      self.proc.kill()
-      self.proc.wait()
+    self.send(request)
 
 
 def run_trl(args, child: TRLChild, model_dir: str, prompts: list[str], budget,

@@ -1,6 +1,8 @@
 """Decoding searches on scripted policies and scorers: selection rules, votes and their tie rule,
 step beam search, MCTS, the compute-optimal chooser, token accounting and bad input."""
 
+import importlib
+
 import jax
 import pytest
 
@@ -186,7 +188,7 @@ def step_value(problems, partials):
 def test_step_beam_search_keeps_the_top_k_steps_by_score():
   policy = FakePolicy(tree=_tree)
   (r,) = step_beam_search(policy, ["q"], value_fn=step_value, key=KEY, width=2, expansions=2,
-                          max_steps=3)
+                          max_steps=3, complete_unfinished=False)
   rounds = r.info["rounds"]
   assert [(b["steps"], b["score"]) for b in rounds[0]] == [(["s3"], 0.9), (["s1"], 0.7)]
   # round 1: children of s3 and s1 scored 0.8, 0.5, 0.3, 0.95: the best two are kept
@@ -215,10 +217,37 @@ def test_step_beam_search_keeps_live_beams_whose_expansions_are_all_blank():
   policy = FakePolicy(tree=lambda prefix: [("s3", False), ("s1", False)] if not prefix
                       else [(" ", False)])
   (r,) = step_beam_search(policy, ["q"], value_fn=step_value, key=KEY, width=2, expansions=1,
-                          max_steps=4)
+                          max_steps=4, complete_unfinished=False)
   assert r.status != "no_candidates"
   assert [(c.text, c.score, c.finished) for c in r.candidates] == [("s3", 0.9, False),
                                                                    ("s1", 0.7, False)]
+
+
+class GreedyRecorder(FakePolicy):
+  """A FakePolicy that records the temperature of each ``complete`` call."""
+
+  def complete(self, problems, prefixes, n, *, key, max_new_tokens=None, temperature=None):
+    self.calls.append(("temperature", temperature))
+    return super().complete(problems, prefixes, n, key=key)
+
+
+def test_step_beam_search_completes_unfinished_beams_greedily_in_one_batched_call():
+  # no step ever finishes: after max_steps the live beam of each problem is completed greedily
+  # (one call for both problems), split into steps and scored by the value function
+  policy = GreedyRecorder(texts=["a\n\nb"], tree=lambda prefix: [("x", False)])
+  scores = {"x": 0.5, "b": 0.9}
+  value = lambda problems, partials: [scores[p.steps[-1]] for p in partials]
+  results = step_beam_search(policy, ["q1", "q2"], value_fn=value, key=KEY, width=1,
+                             expansions=1, max_steps=2)
+  assert policy.calls[-2:] == [("temperature", 0.0), ("complete", 2)]
+  assert [c for c in policy.calls if c[0] == "complete"] == [("complete", 2)]
+  for r in results:
+    (c,) = r.candidates
+    assert (c.text, c.score, c.finished) == ("x\nx\na\nb", 0.9, True)
+    assert c.info == {"steps": 4, "completed": True} and r.text == c.text
+    assert r.info["scored"] == 3  # two rounds of one child, plus the completed solution
+    # rounds: prompts 10 and 12 ("x\n"), one char each; completion: prompt 14 ("x\nx\n"), 4 chars
+    assert r.tokens == TokenCount(prompt=10 + 12 + 14, generated=1 + 1 + 4)
 
 
 def test_rollout_value_is_the_mean_verifier_reward_and_counts_its_tokens():
@@ -280,6 +309,26 @@ def test_mcts_respects_its_token_budget_and_completes_an_unfinished_path():
   (none,) = mcts(policy, ["q"], value_fn=values, key=KEY, simulations=6, branching=2,
                  max_tokens=10)
   assert none.status == "no_candidates" and none.tokens.total == 0
+
+
+def test_mcts_completes_every_problem_in_one_batched_greedy_call():
+  policy = GreedyRecorder(texts=["=5"], tree=lambda prefix: [("x", False), ("y", False)])
+  values = lambda problems, partials: [0.5] * len(partials)
+  results = mcts(policy, ["q1", "q2", "q3"], value_fn=values, key=KEY, simulations=3, branching=2)
+  assert [c for c in policy.calls if c[0] == "complete"] == [("complete", 3)]
+  assert ("temperature", 0.0) in policy.calls
+  assert all(r.info["completed"] and r.answer == "5" for r in results)
+  chosen = [c for c in results[0].candidates if c.text == results[0].text]
+  assert chosen and chosen[0].finished
+  # a chosen path left uncompleted (no budget) stays an unfinished candidate
+  mcts_module = importlib.import_module("postrl.sampling.search.mcts")  # the name is shadowed
+  root = mcts_module.Node(PartialSolution())
+  leaf = mcts_module.Node(PartialSolution(("x = 5",)), parent=root, visits=1)
+  root.children = [leaf]
+  r = mcts_module._finish(Problem("q", "5"), root, leaf, None, TokenCount(), 1, True,
+                          lambda t: t[-1])
+  assert r.info["completed"] is False and r.text == "x = 5"
+  assert [c.finished for c in r.candidates] == [False]
 
 
 # --------------------------------------------------------------------------- compute-optimal

@@ -25,10 +25,11 @@ practice).
 
 Final choice by visit count: from the root, follow the child with the most visits (ties: higher
 Q, then the earlier child) down to a node without children; if that node is unfinished, the
-policy completes it greedily (those tokens are counted). The candidates are every finished
-solution in the tree with its Q, plus the chosen one. The problems of a call are searched in
-lock-step: each iteration expands one leaf per problem, and those expansions and evaluations go
-through the sampler and the value function together.
+policy completes it greedily (those tokens are counted; one batched call for all problems). The
+candidates are every finished solution in the tree with its Q, plus the chosen one (unfinished
+when the budget left no room to complete it). The problems of a call are searched in lock-step:
+each iteration expands one leaf per problem, and those expansions and evaluations go through the
+sampler and the value function together.
 """
 
 from __future__ import annotations
@@ -172,9 +173,8 @@ def mcts(policy, problems, *, value_fn, key, simulations: int = 16, branching: i
         child.value = values.values[j]
         child.visits, child.value_sum = 1, child.value
         backup(child.parent, 1, child.value)
-  return [_finish(policy, problems[i], roots[i], tokens[i], expansions[i], stopped[i], extract,
-                  jax.random.fold_in(key, simulations + 1), max_tokens)
-          for i in range(len(problems))]
+  return _finish_all(policy, problems, roots, tokens, expansions, stopped, extract,
+                     jax.random.fold_in(key, simulations + 1), max_tokens)
 
 
 def root_of(node: Node) -> Node:
@@ -215,13 +215,30 @@ def _finished_nodes(root: Node):
     stack += node.children[::-1]
 
 
-def _finish(policy, problem, root, tokens, expansions, stopped, extract, key, max_tokens
+def _finish_all(policy, problems, roots, tokens, expansions, stopped, extract, key, max_tokens
+                ) -> list[SearchResult]:
+  """The visit-count choice of every problem; the chosen nodes that are unfinished and fit the
+  budget are completed greedily in one batched ``policy.complete`` call."""
+  chosen = [best_path(root) for root in roots]
+  todo = [i for i, (root, node) in enumerate(zip(roots, chosen))
+          if node is not root and not node.partial.finished
+          and (max_tokens is None or tokens[i].total
+               + _completion_cost(policy, problems[i], node.partial) <= max_tokens)]
+  outs = policy.complete([problems[i] for i in todo], [chosen[i].partial.prefix for i in todo], 1,
+                         key=key, temperature=0.0) if todo else []
+  completions = {i: c for i, (c,) in zip(todo, outs)}
+  return [_finish(problems[i], roots[i], chosen[i], completions.get(i), tokens[i], expansions[i],
+                  stopped[i], extract) for i in range(len(problems))]
+
+
+def _finish(problem, root, node, completion, tokens, expansions, stopped, extract
             ) -> SearchResult:
+  """One problem's result: the chosen node (plus its greedy ``completion``, or None when it is
+  finished or did not fit the budget) and every finished solution in the tree."""
   info = {"root_visits": root.visits, "expansions": expansions, "budget_stopped": stopped}
   cands = [Candidate(text=n.partial.text, answer=extract(n.partial.text), score=n.q,
                      finished=True, info={"visits": n.visits, "steps": len(n.partial.steps)})
            for n in _finished_nodes(root)]
-  node = best_path(root)
   if node is root:
     return SearchResult(problem.prompt, "mcts", None, None, tuple(cands), tokens,
                         STATUS_NO_CANDIDATES, info)
@@ -231,21 +248,17 @@ def _finish(policy, problem, root, tokens, expansions, stopped, extract, key, ma
     path.append(walk.visits)
     walk = walk.parent
   info["path_visits"] = path[::-1]
-  text = node.partial.text
+  text, finished = node.partial.text, node.partial.finished
   if not node.partial.finished:
-    cost = _completion_cost(policy, problem, node.partial)
-    if max_tokens is None or tokens.total + cost <= max_tokens:
-      (completion,), = policy.complete([problem], [node.partial.prefix], 1, key=key,
-                                       temperature=0.0)
+    info["completed"] = completion is not None
+    if completion is not None:
       tokens = tokens + completion.tokens
-      text = node.partial.prefix + completion.text
-      info["completed"] = True
-    else:  # no budget left to complete it: the path's text as it stands
-      info["completed"] = False
+      text, finished = node.partial.prefix + completion.text, completion.finished
+    # else: no budget left to complete it: the path's text as it stands
   answer = extract(text)
-  chosen = Candidate(text=text, answer=answer, score=node.q, finished=True,
-                     info={"visits": node.visits, "steps": len(node.partial.steps)})
+  pick = Candidate(text=text, answer=answer, score=node.q, finished=finished,
+                   info={"visits": node.visits, "steps": len(node.partial.steps)})
   if not any(c.text == text for c in cands):
-    cands.append(chosen)
+    cands.append(pick)
   status = STATUS_OK if answer is not None else STATUS_NO_ANSWER
   return SearchResult(problem.prompt, "mcts", text, answer, tuple(cands), tokens, status, info)

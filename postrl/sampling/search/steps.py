@@ -11,12 +11,18 @@ Scaling Model Parameters", §5.1 "beam search" against a PRM), for each problem:
     keep the ``width`` best distinct new partials; those that end the solution are finished
               and kept aside, the others are the live beams of the next round
 
-until no beam is live or ``max_steps`` rounds have run (live beams then join the candidates
-unfinished). The answer is the best-scored finished solution (any candidate when none finished),
-or with ``select="weighted"`` the answer with the largest summed score over the candidates
-(Snell et al.'s "best-of-N weighted" final selection). A step is what the policy writes up to
-the delimiter (``Policy.next_steps``); a blank step is dropped (it would not advance the
-solution). Sampling and scoring are batched across all beams of all problems in each round.
+until no beam is live or ``max_steps`` rounds have run. Beams still unfinished then (live at
+``max_steps``, or live beams whose every expansion was blank) are completed greedily to the end by
+the policy (``complete_unfinished``, the default; one batched call for all problems), the
+completion split into steps at the delimiter, and the completed solution scored by the same
+value function, so that it competes with the solutions that finished on their own; those tokens
+are counted. With ``complete_unfinished=False`` they join the candidates as unfinished partial
+solutions with their last round's score. The answer is the best-scored finished solution (any
+candidate when none finished), or with ``select="weighted"`` the answer with the largest summed
+score over the candidates (Snell et al.'s "best-of-N weighted" final selection). A step is
+what the policy writes up to the delimiter (``Policy.next_steps``); a blank step is dropped (it
+would not advance the solution). Sampling and scoring are batched across all beams of all
+problems in each round.
 """
 
 from __future__ import annotations
@@ -59,6 +65,40 @@ def keep_best(pool: list[tuple[float, int, PartialSolution]], width: int):
   return kept
 
 
+def split_completion(partial: PartialSolution, text: str, finished: bool) -> PartialSolution:
+  """``partial`` extended by a completion's text cut into steps at the delimiter (blank pieces
+  dropped); ``finished`` marks the last step."""
+  pieces = [x for x in text.split(partial.delimiter) if x.strip()]
+  if not pieces:
+    return PartialSolution(partial.steps, finished, partial.delimiter)
+  return PartialSolution(partial.steps + tuple(pieces), finished, partial.delimiter)
+
+
+def complete_and_score(policy, problems, unfinished, value_fn, *, key):
+  """Greedy completions of every problem's unfinished partials (one ``policy.complete`` call),
+  scored by ``value_fn`` -> (candidates per problem, tokens spent per problem)."""
+  owners = [i for i, xs in enumerate(unfinished) for _ in xs]
+  parts = [x for xs in unfinished for x, _ in xs]
+  extra: list[list[Candidate]] = [[] for _ in problems]
+  spent = [TokenCount() for _ in problems]
+  if not parts:
+    return extra, spent
+  outs = policy.complete([problems[i] for i in owners], [x.prefix for x in parts], 1, key=key,
+                         temperature=0.0)
+  done = []
+  for i, x, (c,) in zip(owners, parts, outs):
+    spent[i] = spent[i] + c.tokens
+    done.append(split_completion(x, c.text, c.finished))
+  values = as_scores(value_fn([problems[i] for i in owners], done), len(done),
+                     "the value function")
+  for j, (i, x) in enumerate(zip(owners, done)):
+    spent[i] = spent[i] + values.item_tokens[j]
+    extra[i].append(Candidate(text=x.text, answer=None, score=values.values[j],
+                              finished=x.finished,
+                              info={"steps": len(x.steps), "completed": True}))
+  return extra, spent
+
+
 def _result(problem, strategy, cands, tokens, select, info, extract, equal) -> SearchResult:
   answers = [extract(c.text) for c in cands]
   clusters = cluster_answers(answers, equal)
@@ -76,7 +116,7 @@ def _result(problem, strategy, cands, tokens, select, info, extract, equal) -> S
 
 
 def step_beam_search(policy, problems, *, value_fn, key, width: int = 4, expansions: int = 4,
-                     max_steps: int = 8, select: str = "best",
+                     max_steps: int = 8, select: str = "best", complete_unfinished: bool = True,
                      extract: Callable[[str], str | None] = default_extract,
                      equal: Callable[[str, str], bool] = default_equal) -> list[SearchResult]:
   """PRM- or verifier-guided beam search over reasoning steps (module doc).
@@ -91,6 +131,8 @@ def step_beam_search(policy, problems, *, value_fn, key, width: int = 4, expansi
     expansions: next steps sampled per live beam (``width x expansions`` in round 0).
     max_steps: rounds at most.
     select: "best" or "weighted" final selection.
+    complete_unfinished: complete beams still unfinished at the end greedily and score them
+      (module doc); False keeps them as unfinished partial solutions.
     extract, equal: final answer of a text and answer equivalence (for "weighted").
   Returns:
     One ``SearchResult`` per problem: the candidates are the final beams (finished first, by
@@ -106,6 +148,7 @@ def step_beam_search(policy, problems, *, value_fn, key, width: int = 4, expansi
   live = [[PartialSolution(delimiter=delim)] for _ in problems]
   live_scores = [[0.0] for _ in problems]  # each live beam's score from the round that kept it
   done: list[list[Candidate]] = [[] for _ in problems]
+  unfinished: list[list[tuple[PartialSolution, float]]] = [[] for _ in problems]
   tokens = [TokenCount() for _ in problems]
   rounds: list[list[list[dict]]] = [[] for _ in problems]
   scored = [0] * len(problems)
@@ -135,9 +178,7 @@ def step_beam_search(policy, problems, *, value_fn, key, width: int = 4, expansi
       if not live[i]:
         continue
       if not pool:  # every expansion was blank: the live beams end here, unfinished (not the root)
-        done[i] += [Candidate(text=x.text, answer=None, score=sc, finished=False,
-                              info={"steps": len(x.steps)})
-                    for x, sc in zip(live[i], live_scores[i]) if x.steps]
+        unfinished[i] += [(x, sc) for x, sc in zip(live[i], live_scores[i]) if x.steps]
         live[i] = live_scores[i] = []
         continue
       kept = keep_best(pool, width)
@@ -148,9 +189,18 @@ def step_beam_search(policy, problems, *, value_fn, key, width: int = 4, expansi
       live[i] = [x for _, _, x in kept if not x.finished]
       live_scores[i] = [s for s, _, x in kept if not x.finished]
       if t == max_steps - 1:
-        done[i] += [Candidate(text=x.text, answer=None, score=sc, finished=False,
-                              info={"steps": len(x.steps)})
-                    for x, sc in zip(live[i], live_scores[i])]
+        unfinished[i] += list(zip(live[i], live_scores[i]))
+  if complete_unfinished:
+    extra, spent = complete_and_score(policy, problems, unfinished, value_fn,
+                                      key=jax.random.fold_in(key, max_steps))
+    for i in range(len(problems)):
+      done[i] += extra[i]
+      tokens[i] = tokens[i] + spent[i]
+      scored[i] += len(extra[i])
+  else:
+    for i in range(len(problems)):
+      done[i] += [Candidate(text=x.text, answer=None, score=sc, finished=False,
+                            info={"steps": len(x.steps)}) for x, sc in unfinished[i]]
   results = []
   for i, problem in enumerate(problems):
     cands = sorted(done[i], key=lambda c: (not c.finished, -c.score))

@@ -20,12 +20,12 @@ for its layer-to-layer losses.)
 
 Where the teacher's distribution comes from (``config.loss``):
 
-* ``name="distill"``: on the fly. The teacher is held frozen next to the student in the trained
-  pytree, ``{"student": S, "teacher": P}``, sharded by the same logical-axis rules; its forward
-  pass runs under ``stop_gradient`` inside the loss and ``frozen_teacher_optimizer`` gives it zero
-  updates and (almost) no optimizer state. It is in the state rather than closed over because
-  ``jit`` embeds closed-over arrays as unsharded constants; the price is that checkpoints hold
-  the teacher too (which also makes a resumed run check it) and ``optim/param_norm`` counts it.
+* ``name="distill"``: on the fly. The teacher is a frozen, sharded, non-donated argument of the
+  jitted step (``fit(frozen={"teacher": P})``, the mechanism PEFT's frozen base uses; never a
+  closed-over constant, which ``jit`` would embed unsharded); its forward pass runs under
+  ``stop_gradient`` inside the loss. It has no optimizer state and is not checkpointed: the
+  checkpoint holds the student, and the teacher's digest joins the fingerprint, so a run resumes
+  only against the same teacher.
 * ``name="distill_topk"``: the teacher's top-k (ids, log-probs) of every completion token are
   computed once over the training records and stored as numpy in ``workdir/teacher_topk/``,
   keyed by a hash of the teacher's weights, the records, ``seq_len`` and k (a resumed or repeated
@@ -55,14 +55,11 @@ logits (16 x 128 x 49152 float32 = 400 MB, for each model) from ever existing:
   backward: 16 x 16 x 49152 float32 = 50 MB.
 
 PEFT (``config.peft``, ``postrl.peft``): the student gets the adapters and only they are trained;
-the teacher is never adapted (it is loaded without ``config.peft``). With PEFT the teacher of
-``name="distill"`` is not in the trained pytree but in the frozen one, ``{"student": student
-base, "teacher": P}``, which ``fit`` passes to the jitted step as a sharded, non-donated argument
-(no optimizer state, not checkpointed: checkpoints hold the student's adapters and their Adam
-moments only; the frozen tree's digest, teacher included, guards a resume). Everything that uses
-the student (the loss, on-policy sampling, evaluation) gets ``combine(adapters, frozen)``; the
-export is the student's adapters and, with ``save_model``, the merged student
-(``common.save_peft``).
+the teacher is never adapted (it is loaded without ``config.peft``). The frozen tree is then
+``{"student": student base, "teacher": P}`` (checkpoints hold the student's adapters and their
+Adam moments only). Everything that uses the student (the loss, on-policy sampling, evaluation)
+gets ``combine(trainable, frozen)``; the export is the student's adapters and, with
+``save_model``, the merged student (``common.save_peft``).
 
 Metrics: ``loss``, ``distill/<divergence>`` (at T, without T²), ``distill/kl_forward`` (KL(p‖q)
 at T = 1 for every divergence, so runs compare; against the renormalised top-k for
@@ -86,7 +83,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from postrl import peft
@@ -402,46 +398,6 @@ def distill_loss_fn(student_apply, teacher_apply, s: DistillSettings, *,
     return loss, metrics
 
   return loss_fn
-
-
-def teacher_stand_ins(teacher_params, mesh, rules=shd.RULES):
-  """One zero per shard of each teacher parameter: ShapeDtypeStructs whose dimension d has as
-  many entries as the teacher's sharding splits dimension d into (1 where it is replicated)."""
-  shardings = shd.state_shardings(teacher_params, mesh, rules)
-
-  def one(x, sharding):
-    spec = tuple(sharding.spec) + (None,) * (np.ndim(x) - len(sharding.spec))
-    axes = lambda a: () if a is None else ((a,) if isinstance(a, str) else tuple(a))
-    shape = tuple(int(np.prod([mesh.shape[n] for n in axes(a)])) for a in spec)
-    return jax.ShapeDtypeStruct(shape, x.dtype)
-
-  return jax.tree.map(one, teacher_params, shardings)
-
-
-def frozen_teacher_optimizer(tx: optax.GradientTransformation,
-                             stand_ins) -> optax.GradientTransformation:
-  """``tx`` on ``params["student"]``; zero updates on ``params["teacher"]``.
-
-  ``tx`` sees the teacher as ``stand_ins`` (``teacher_stand_ins``: one zero per shard), so the
-  optimizer state keeps the parameters' tree structure, which
-  ``postrl.sharding.optimizer_shardings`` maps the parameter shardings onto, while holding a
-  few bytes per teacher tensor: no Adam moments, no weight decay, nothing in the clipping norm.
-  (``optax.multi_transform`` with ``set_to_zero`` would say the same, but its masked state does
-  not have the parameters' structure.)
-  """
-  zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stand_ins)
-
-  def init(params):
-    if not isinstance(params, dict):  # optax.tree_map_params's placeholder
-      return tx.init(params)
-    return tx.init(dict(params, teacher=zeros()))
-
-  def update(updates, state, params=None):
-    student, state = tx.update(dict(updates, teacher=zeros()), state,
-                               None if params is None else dict(params, teacher=zeros()))
-    return dict(student, teacher=jax.tree.map(jnp.zeros_like, updates["teacher"])), state
-
-  return optax.GradientTransformation(init, update)
 
 
 # ---------------------------------------------------------------------------- teacher top-k
@@ -940,17 +896,13 @@ def run(config, workdir: str | None) -> dict:
   optim = OptimizerConfig(total_steps=config.steps, **config.optim.to_dict())
   params = {"student": student_params}
   tx = make_optimizer(optim)
-  frozen = None
-  if student_frozen is not None:  # PEFT: the teacher joins the student's frozen base (module doc)
-    frozen = {"student": student_frozen}
-    if not s.sparse:
-      frozen["teacher"] = teacher_dev
-      teacher_dev = None  # fit places it as it is (no copy); the eval reads params["teacher"]
-    frozen = nnx.State(frozen)
-  elif not s.sparse:  # the teacher trains along, frozen (see the module docstring)
-    params["teacher"] = teacher_dev
-    tx = frozen_teacher_optimizer(tx, teacher_stand_ins(teacher_dev, mesh))
-    teacher_dev = None  # donated to the state; the eval reads params["teacher"]
+  frozen = {}  # not trained, not checkpointed: the teacher, and with PEFT the student's base
+  if student_frozen is not None:
+    frozen["student"] = student_frozen
+  if not s.sparse:
+    frozen["teacher"] = teacher_dev
+    teacher_dev = None  # fit places it as it is (no copy); the eval reads params["teacher"]
+  frozen = nnx.State(frozen) if frozen else None
   del student_params
   result = fit(
       distill_loss_fn(model_apply_fn(student_graphdef), model_apply_fn(teacher.graphdef), s,
@@ -967,12 +919,13 @@ def run(config, workdir: str | None) -> dict:
   before, after = common.eval_history(result.history, "eval/kl_forward")
   summary_config = ml_collections.ConfigDict(config.to_dict())
   summary_config.model = description  # the trained model, as common.finish reports it
-  if frozen is not None:  # PEFT: the student's adapters (+ merged student), common.save_peft
+  peft_run = student_frozen is not None
+  if peft_run:  # the student's adapters (+ merged student), common.save_peft
     result = dataclasses.replace(result, state=dataclasses.replace(
         result.state, params=result.state.params["student"]))
   return common.finish(
       student_run, summary_config, workdir, result,
-      export=None if frozen is not None else lambda p: (student_graphdef, p["student"]),
+      export=None if peft_run else lambda p: (student_graphdef, p["student"]),
       num_train_records=len(records), student=description,
       student_params=student_cfg.num_params(), teacher_params=teacher.model_cfg.num_params(),
       kl_before=None if before is None else before["eval/kl_forward"],

@@ -67,8 +67,11 @@ def _multi_host_cluster() -> bool:
 def initialize_jax():
   """Sets up devices and, when asked or detected, the multi-process runtime. Returns jax."""
   if FLAGS.cpu_devices:
+    # XLA:CPU's concurrency-optimised scheduler can deadlock independent collectives of one
+    # step across fake devices (seen: PPO with a separate critic on fsdp x tensor)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={FLAGS.cpu_devices}")
+                               f" --xla_force_host_platform_device_count={FLAGS.cpu_devices}"
+                               " --xla_cpu_enable_concurrency_optimized_scheduler=false")
     os.environ["JAX_PLATFORMS"] = "cpu"  # fake CPU devices, even where a GPU is present
   import jax  # pylint: disable=import-outside-toplevel
   explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]

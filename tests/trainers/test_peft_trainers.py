@@ -337,10 +337,6 @@ def test_ppo_lora_trains_adapters_and_value_head(tiny_model_dir, tmp_path, monke
   _nonzero_b(monkeypatch)
   captured = _Captured(monkeypatch, ppo)
   config = _ppo_config(tiny_model_dir, shared_trunk=shared, save_model=True)
-  if not shared:  # XLA:CPU's concurrency-optimised scheduler can deadlock this two-model step's
-    # independent collectives on fsdp x tensor (a rendezvous abort; fine with
-    # --xla_cpu_enable_concurrency_optimized_scheduler=false): data x tensor here
-    config.mesh = (("data", 4), ("fsdp", 1), ("tensor", 2))
   config.loss.update(kl_coef=0.1, kl_in_reward=shared)
   ppo.run(config, str(tmp_path / "w"))
   result = _check_trained(captured, tiny_model_dir, head=r"^(value_head|critic\.head)\.",

@@ -169,3 +169,21 @@ def test_beam_search_on_a_policy_counts_tokens_and_refuses_a_too_wide_beam():
     beam_search_ids(MarkovLM(), np.asarray([[A]]), np.asarray([1]), width=4, max_new_tokens=2)
   with pytest.raises(SearchError, match="length_norm"):
     beam_search(policy, ["q"], width=2, length_norm="nmt")
+
+
+def test_pallas_beam_step_gives_the_xla_beams(model):
+  # the fused kernel (interpret mode) + its cross-beam merge pick the same 2W candidates as
+  # log_softmax + lax.top_k, so hypotheses, lengths and EOS handling match; scores to rounding
+  tokens, lengths = pad_prompts(PROMPTS)
+  kw = dict(width=3, max_new_tokens=5, eos_ids=(3, 7), length_penalty=0.8)
+  xla = beam_search_ids(model, tokens, lengths, impl="xla", **kw)
+  pallas = beam_search_ids(model, tokens, lengths, impl="pallas", interpret=True, **kw)
+  for name in ("tokens_BxWxN", "lengths_BxW", "finished_BxW", "steps_B"):
+    np.testing.assert_array_equal(getattr(pallas, name), getattr(xla, name))
+  np.testing.assert_allclose(pallas.scores_BxW, xla.scores_BxW, rtol=1e-5)
+  np.testing.assert_allclose(pallas.logps_BxW, xla.logps_BxW, rtol=1e-5)
+  assert np.any(xla.finished_BxW) and np.all(np.isfinite(xla.scores_BxW))
+  with pytest.raises(SearchError, match="impl must be one of"):
+    beam_search_ids(model, tokens, lengths, impl="triton", **kw)
+  with pytest.raises(SearchError, match="width <= 16"):
+    beam_search_ids(model, tokens, lengths, width=17, max_new_tokens=2, impl="pallas")

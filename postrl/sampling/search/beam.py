@@ -22,6 +22,11 @@ the loop ends when every prompt is done or after N steps. Live beams then join t
 hypotheses with their current length (as transformers' ``finalize``), and each prompt's W best
 are returned sorted by score.
 
+The per-step log_softmax + add + top-2W over W x V is ``kernels.beam_step.beam_step`` (``impl``:
+"pallas" is the fused Triton kernel, "xla" log_softmax + ``lax.top_k``, the same candidates up
+to float rounding; "auto" is XLA until the kernel has been measured on a GPU, see
+``kernels/README.md``).
+
 Tokens: a prompt's tokens count once (one prefill for all its beams); each step decodes W tokens
 for a prompt that is not done, so ``generated = W x steps`` (dead and finished-beam slots
 included: the program computes them).
@@ -37,6 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels.beam_step import IMPLS as BEAM_STEP_IMPLS
+from kernels.beam_step import MAX_K as BEAM_STEP_MAX_K
+from kernels.beam_step import beam_step
 from postrl.models.transformer import KVCache
 from postrl.sampling.generate import _multi_process_mesh, pad_prompts, to_host
 from postrl.sampling.search.common import (STATUS_NO_ANSWER, STATUS_NO_CANDIDATES, STATUS_OK,
@@ -79,9 +87,9 @@ def _merge_top(scores_a, scores_b, arrays_a, arrays_b, k):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "width", "max_new_tokens", "eos_ids",
-                                             "pad_id", "alpha", "norm"))
+                                             "pad_id", "alpha", "norm", "impl", "interpret"))
 def _beam_search(graphdef, params, prompt_BxP, lengths_B, *, width, max_new_tokens, eos_ids,
-                 pad_id, alpha, norm):
+                 pad_id, alpha, norm, impl, interpret):
   model = nnx.merge(graphdef, params)
   B, P = prompt_BxP.shape
   W, N = width, max_new_tokens
@@ -91,18 +99,17 @@ def _beam_search(graphdef, params, prompt_BxP, lengths_B, *, width, max_new_toke
   last = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
   V = last.shape[-1]
   cache = jax.tree.map(lambda x: jnp.repeat(x, W, axis=0), cache)
-  logp = jnp.broadcast_to(jax.nn.log_softmax(last.astype(jnp.float32))[:, None], (B, W, V))
+  logits = jnp.broadcast_to(last[:, None], (B, W, V))
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
   neg = jnp.float32(-jnp.inf)
   rows_W = jnp.repeat(lengths_B, W)
   lp = functools.partial(length_penalty, alpha=alpha, norm=norm)
 
   def body(state):
-    step, cache, logp, live, fin, done, steps_B = state
+    step, cache, logits, live, fin, done, steps_B = state
     live_tok, live_sum = live
-    cand = (live_sum[:, :, None] + logp).reshape(B, W * V)
-    top_val, top_idx = jax.lax.top_k(cand, 2 * W)
-    parent, token = top_idx // V, (top_idx % V).astype(jnp.int32)
+    # cand[w, v] = S_w + log_softmax(logits_w)[v]; its 2W best over W x V (ties: smaller w V + v)
+    top_val, parent, token, _ = beam_step(logits, live_sum, 2 * W, impl=impl, interpret=interpret)
     is_eos = jnp.isin(token, eos)
     seqs = _gather_rows(live_tok, parent).at[:, :, step].set(token)  # [B, 2W, N]
     # finished: EOS candidates within the first W ranks (transformers' rule)
@@ -119,7 +126,7 @@ def _beam_search(graphdef, params, prompt_BxP, lengths_B, *, width, max_new_toke
     flat_parent = (jnp.arange(B)[:, None] * W + jnp.take_along_axis(parent, sel, axis=1))
     cache = jax.tree.map(lambda x: x[flat_parent.reshape(-1)], cache)
     logits, cache = model.decode(new_tok.reshape(B * W, 1), (rows_W + step)[:, None], cache)
-    new_logp = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)).reshape(B, W, V)
+    new_logits = logits[:, 0].reshape(B, W, V)
     # done: W finished and no live beam can still beat the worst of them
     reach = jnp.where(alpha > 0, lp(N), lp(step + 1))
     bound = jnp.max(live_val, axis=1) / reach
@@ -131,13 +138,14 @@ def _beam_search(graphdef, params, prompt_BxP, lengths_B, *, width, max_new_toke
     fin = tuple(keep(o, n) for o, n in zip(fin, (fin_score, *fin_arrays)))
     steps_B = steps_B + (~done).astype(jnp.int32)
     done = done | now_done | (step + 1 >= N)
-    return step + 1, cache, new_logp, live, fin, done, steps_B
+    return step + 1, cache, new_logits, live, fin, done, steps_B
 
   live = (jnp.full((B, W, N), pad_id, jnp.int32),
           jnp.where(jnp.arange(W)[None] == 0, 0.0, neg) * jnp.ones((B, 1), jnp.float32))
   fin = (jnp.full((B, W), neg), jnp.full((B, W, N), pad_id, jnp.int32), jnp.full((B, W), neg),
          jnp.zeros((B, W), jnp.int32))
-  state = (jnp.int32(0), cache, logp, live, fin, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
+  state = (jnp.int32(0), cache, logits, live, fin, jnp.zeros((B,), bool),
+           jnp.zeros((B,), jnp.int32))
   state = jax.lax.while_loop(lambda s: (s[0] < N) & ~jnp.all(s[5]), body, state)
   _, _, _, live, fin, _, steps_B = state
   live_len = jnp.broadcast_to(steps_B[:, None], (B, W))
@@ -149,7 +157,8 @@ def _beam_search(graphdef, params, prompt_BxP, lengths_B, *, width, max_new_toke
 
 def beam_search_ids(model, prompt_BxP, lengths_B, *, width: int, max_new_tokens: int,
                     eos_ids: Sequence[int] | None = None, pad_id: int = 0,
-                    length_penalty: float = 1.0, length_norm: str = "hf") -> BeamOutput:
+                    length_penalty: float = 1.0, length_norm: str = "hf", impl: str = "auto",
+                    interpret: bool = False) -> BeamOutput:
   """Token-level beam search over a batch of right-padded prompts (module doc).
 
   Args:
@@ -162,6 +171,9 @@ def beam_search_ids(model, prompt_BxP, lengths_B, *, width: int, max_new_tokens:
     pad_id: written after a hypothesis ends.
     length_penalty: α.
     length_norm: "hf" (L^α) or "gnmt" (((5 + L) / 6)^α).
+    impl: the step's top-2W: "auto" | "xla" | "pallas" (``kernels.beam_step``; the kernel needs
+      2 x width <= 32).
+    interpret: run the Pallas kernel in interpret mode (CPU tests of impl="pallas").
   Returns:
     ``BeamOutput`` with the W best hypotheses of each prompt, sorted by score.
   """
@@ -177,6 +189,12 @@ def beam_search_ids(model, prompt_BxP, lengths_B, *, width: int, max_new_tokens:
   if 2 * width > config.vocab_size:
     raise SearchError(f"beam width {width} needs 2 x width <= the vocabulary size "
                       f"{config.vocab_size}")
+  if impl not in BEAM_STEP_IMPLS:
+    raise SearchError(f"impl must be one of {BEAM_STEP_IMPLS}, got {impl!r}")
+  if impl == "pallas" and 2 * width > BEAM_STEP_MAX_K:
+    raise SearchError(f"impl='pallas': the beam-step kernel keeps at most {BEAM_STEP_MAX_K} "
+                      f"candidates, so width <= {BEAM_STEP_MAX_K // 2}; got width {width} "
+                      f"(use impl='auto' or 'xla')")
   prompt_BxP = np.asarray(prompt_BxP, np.int32)
   lengths = np.asarray(lengths_B, np.int32)
   if prompt_BxP.ndim != 2 or lengths.shape != prompt_BxP.shape[:1]:
@@ -192,12 +210,14 @@ def beam_search_ids(model, prompt_BxP, lengths_B, *, width: int, max_new_tokens:
     prompt_BxP, lengths = put(prompt_BxP), put(lengths)
   return _beam_search(graphdef, params, prompt_BxP, lengths, width=int(width),
                       max_new_tokens=int(max_new_tokens), eos_ids=eos, pad_id=int(pad_id),
-                      alpha=float(length_penalty), norm=length_norm)
+                      alpha=float(length_penalty), norm=length_norm, impl=impl,
+                      interpret=bool(interpret))
 
 
 def beam_search(policy, problems, *, width: int, length_penalty: float = 1.0,
                 length_norm: str = "hf", max_new_tokens: int | None = None,
-                extract=default_extract) -> list[SearchResult]:
+                extract=default_extract, impl: str = "auto",
+                interpret: bool = False) -> list[SearchResult]:
   """Beam search on each problem's chat-templated prompt; the best hypothesis is the answer.
 
   Prompts run ``policy.batch_size // width`` at a time (all their beams in one compiled call;
@@ -213,6 +233,7 @@ def beam_search(policy, problems, *, width: int, length_penalty: float = 1.0,
     length_penalty, length_norm: α and the penalty form ("hf" or "gnmt").
     max_new_tokens: default: the policy's.
     extract: final answer of a text.
+    impl, interpret: the beam step's implementation (``beam_search_ids``).
   """
   check_positive(width=width)
   if width > policy.batch_size:
@@ -230,7 +251,8 @@ def beam_search(policy, problems, *, width: int, length_penalty: float = 1.0,
     tokens, lengths = pad_prompts(padded, pad_id=policy.pad_id, multiple=16)
     out = beam_search_ids(policy.model, tokens, lengths, width=width, max_new_tokens=N,
                           eos_ids=policy.eos_ids, pad_id=policy.pad_id,
-                          length_penalty=length_penalty, length_norm=length_norm)
+                          length_penalty=length_penalty, length_norm=length_norm, impl=impl,
+                          interpret=interpret)
     out = BeamOutput(*(to_host(x) for x in out))
     for b, problem in enumerate(chunk):
       cands = []

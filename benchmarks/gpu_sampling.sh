@@ -1,0 +1,13 @@
+#!/bin/bash
+# One device call for issue 8 (sampling half): environment, then benchmarks/sampling.py (check of
+# the compiled kernel against the exact distribution and the reference, the copy bandwidth, the
+# table of sort / bisection / Pallas sampling vs reading the logits once, a short settings sweep).
+# Finishes in under 4 minutes on one H100 (SAMPLING_LIMIT bounds the script, SAMPLING_TIMEOUT kills
+# it); results land in $OUT (the device tool fetches them).
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+timeout "${SAMPLING_TIMEOUT:-225}" python3 benchmarks/sampling.py --sweep --sweep-seconds 30 \
+  --time-limit "${SAMPLING_LIMIT:-195}" --repeats 5 --out "$OUT/sampling.json" "$@" 2>&1 \
+  | tee "$OUT/sampling.log"

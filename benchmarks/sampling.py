@@ -1,0 +1,339 @@
+r"""Top-k / top-p / min-p sampling on GPU: XLA's sort-based sampler vs postrl's XLA bisection
+sampler (``generate.sample_token``) vs the Pallas (Triton) rejection sampler
+(``kernels.sampling``), beside the time to read the logits once.
+
+    python benchmarks/sampling.py --out benchmarks/results/sampling.json
+    python benchmarks/sampling.py --interpret --batch 2 --vocab 3000 --out /tmp/s.json   # CPU
+
+Phases:
+
+1. check (compiled kernel, before any timing): frequencies of N draws from N identical rows
+   (V = 1000) against the exact truncated distribution (float64), by a chi-squared statistic with
+   a 1e-5 threshold, for every mode; then at full size (B = 64, V = 151936, float32 and bf16)
+   every token in ``process_logits``'s kept set, model log-prob = log_softmax(logits)[token], the
+   mean number of rounds and the rows handed to the XLA fallback.
+2. the copy bandwidth of the device (read + write, ``benchmarks/quantized_matmul.copy_bandwidth``)
+   in the same run.
+3. the table: for each (mode, batch, vocab), microseconds per call of
+   read (``jnp.max`` over the logits: reading them once), sort (``reference.sort_sample``),
+   bisect (``generate.sample_token``), pallas (``kernels.sampling.sample(impl="pallas")``: the
+   kernel plus the fallback's ``lax.cond``) and kernel (``sample_gpu`` alone), and the ratio
+   pallas / read. Logits are ``--logit-scale`` x N(0, 1) per row (scale 4 over 152k tokens:
+   top-1 probability ~0.12, top-p 0.9 keeps ~750 tokens, top-50 holds ~65% of the mass).
+4. ``--sweep``: kernel block sizes / warps at (64, 151936), top-p.
+
+Timing (as ``benchmarks/quantized_matmul.py``): each executable samples R distinct logits buffers
+(together >= 3x the 50 MB L2 cache, at most 8) in a loop of L iterations inside one jit (L chosen
+so that a call lasts about 3 ms); each iteration changes one entry of every buffer in place
+(0 x the running sum of the outputs, so XLA can hoist nothing out of the loop; the buffers are
+donated, so nothing is copied) and folds the iteration into the key. Time per sample = median over
+``--repeats`` calls / (R L). Prints each row as it goes; writes JSON (``benchmarks.common.Results``,
+with ``environment()``) after each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.quantized_matmul import copy_bandwidth  # noqa: E402
+from kernels.sampling import GpuConfig, kept_mask, sample, sample_gpu, sort_sample  # noqa: E402
+from postrl.sampling.generate import sample_token  # noqa: E402
+
+BATCHES = (1, 16, 64, 256)
+VOCABS = (32000, 49152, 128256, 151936)
+MODES = {"top_p": dict(top_p=0.9), "top_k": dict(top_k=50), "min_p": dict(min_p=0.05)}
+CHECK_MODES = dict(MODES, top_p_min_p_t08=dict(temperature=0.8, top_p=0.9, min_p=0.05),
+                   plain_t12=dict(temperature=1.2))
+L2_BYTES = 50 * 2**20
+TARGET_S = 3e-3
+INTERPRET = False  # --interpret: kernels in interpret mode (CPU smoke test)
+
+
+def exact_probs(x, *, temperature=1.0, top_k=None, top_p=None, min_p=None):
+  """The truncated distribution of one row in float64 (definitions of ``process_logits``)."""
+  z = np.asarray(x, np.float64) / temperature
+  keep = np.isfinite(z)
+  if top_k is not None:
+    keep &= np.array([(z > zi).sum() for zi in z]) < top_k
+  if top_p is not None:
+    p = np.where(keep, np.exp(z - z[keep].max()), 0.0)
+    p /= p.sum()
+    keep &= np.array([p[z > zi].sum() for zi in z]) < top_p
+  if min_p is not None:
+    keep &= z - z[keep].max() >= np.log(min_p)
+  q = np.where(keep, np.exp(z - z[keep].max()), 0.0)
+  return q / q.sum()
+
+
+def chi2_stat(counts, probs):
+  """Pearson's statistic over the tokens of positive probability (those expecting fewer than 5
+  draws pooled into one bin; inf if a token of probability 0 is drawn) and the upper 1e-5
+  quantile of chi-squared(df) (Wilson-Hilferty)."""
+  if np.any(counts[probs == 0] > 0):
+    return math.inf, 0.0
+  e, o = probs[probs > 0] * counts.sum(), counts[probs > 0].astype(np.float64)
+  small = e < 5
+  if small.any():
+    e, o = np.append(e[~small], e[small].sum()), np.append(o[~small], o[small].sum())
+  df = max(len(e) - 1, 1)
+  threshold = df * (1 - 2 / (9 * df) + 4.265 * math.sqrt(2 / (9 * df))) ** 3
+  return float(np.sum((o - e) ** 2 / e)), threshold
+
+
+def make_logits(b, v, dtype, seed, scale):
+  return (scale * jax.random.normal(jax.random.key(seed), (b, v), jnp.float32)).astype(dtype)
+
+
+def run_check(results, *, modes, draws, check_vocab, full_b, full_v, scale):
+  """Compiled kernel vs the exact distribution and the reference (see the module docstring);
+  the support check runs every mode on float32 logits and the first on bf16 too."""
+  ok = True
+  row_x = make_logits(1, check_vocab, jnp.float32, 123, 3.0)
+  xs = jnp.tile(row_x, (draws, 1))
+  modes = {m: CHECK_MODES[m] for m in modes}
+  for name, settings in modes.items():
+    seeds = jax.random.bits(jax.random.key(7), (draws,), jnp.uint32)
+    token, _, rounds = sample_gpu(xs, seeds, interpret=INTERPRET, **settings)
+    token = np.asarray(token)
+    counts = np.bincount(token[token >= 0], minlength=check_vocab)
+    stat, threshold = chi2_stat(counts, exact_probs(np.asarray(row_x[0]), **settings))
+    passed = bool(stat < threshold)
+    ok &= passed
+    row = dict(kind="frequency", mode=name, vocab=check_vocab, draws=draws, chi2=stat,
+               threshold=threshold, passed=passed, fallback_rows=int(np.sum(token < 0)),
+               mean_rounds=float(np.mean(np.asarray(rounds))))
+    results.append("check", row)
+    common.log(f"check frequency {name:16s} chi2 {stat:8.1f} < {threshold:6.1f}: {passed}  "
+               f"rounds {row['mean_rounds']:.2f}, fallback rows {row['fallback_rows']}")
+  first = next(iter(modes))
+  for dtype, name in [(jnp.float32, m) for m in modes] + [(jnp.bfloat16, first)]:
+    settings = modes[name]
+    x = make_logits(full_b, full_v, dtype, 321, scale)
+    seeds = jax.random.bits(jax.random.key(8), (full_b,), jnp.uint32)
+    token, logp, rounds = sample_gpu(x, seeds, interpret=INTERPRET, **settings)
+    token = np.asarray(token)
+    fallback = int(np.sum(token < 0))
+    if fallback:  # those rows would be drawn again by the XLA reference: check the others
+      x, token, logp = x[token >= 0], token[token >= 0], logp[token >= 0]
+    keep = np.asarray(kept_mask(x, **settings))
+    rows = np.arange(len(token))
+    in_set = bool(keep[rows, token].all())
+    ref = np.asarray(jax.nn.log_softmax(x.astype(jnp.float32), axis=-1))[rows, token]
+    err = float(np.max(np.abs(np.asarray(logp) - ref), initial=0.0))
+    passed = in_set and err < 1e-4
+    ok &= passed
+    row = dict(kind="support", mode=name, dtype=jnp.dtype(dtype).name, batch=full_b,
+               vocab=full_v, in_kept_set=in_set, logp_max_err=err, passed=passed,
+               kernel_fallback_rows=fallback,
+               mean_rounds=float(np.mean(np.asarray(rounds))),
+               max_rounds=int(np.max(np.asarray(rounds))))
+    results.append("check", row)
+    common.log(f"check support {jnp.dtype(dtype).name:8s} {name:16s} in kept set {in_set}, "
+               f"logp err {err:.1e}, rounds {row['mean_rounds']:.2f} (max {row['max_rounds']})"
+               f", fallback rows {row['kernel_fallback_rows']}")
+  results.update(check_passed=bool(ok))
+  return ok
+
+
+def _median_call(f, args, repeats):
+  """Median seconds of ``f(*args)`` whose first output is fed back as its donated argument."""
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    args = (args[0], *f(*args)[1])
+    jax.block_until_ready(args)
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts), args
+
+
+def time_sampler(fn, bufs, repeats):
+  """Seconds per ``fn(key, logits) -> arrays`` call (see the module docstring). Returns
+  (seconds, compile seconds, buffers): the buffers are donated and come back updated."""
+  def run(key, reps, *bufs):
+    def body(i, carry):
+      acc, bufs = carry
+      out = []
+      for r, b in enumerate(bufs):
+        b = b.at[0, 0].add((acc * 0).astype(b.dtype))
+        for y in fn(jax.random.fold_in(key, i * len(bufs) + r), b):
+          acc = acc + jnp.sum(y.astype(jnp.float32))
+        out.append(b)
+      return acc, tuple(out)
+    acc, bufs = jax.lax.fori_loop(0, reps, body, (jnp.float32(0), tuple(bufs)))
+    return acc, bufs
+
+  f = jax.jit(run, donate_argnums=tuple(range(2, 2 + len(bufs))))
+  key = jax.random.key(0)
+  t0 = time.perf_counter()
+  acc, bufs = f(key, 1, *bufs)
+  jax.block_until_ready(acc)
+  compile_s = time.perf_counter() - t0
+  t1, (_, *bufs) = _median_call(lambda k, *b: f(k, 1, *b), (key, *bufs), 2)
+  reps = int(min(50, max(1, math.ceil(TARGET_S / max(t1, 1e-7)))))
+  t, (_, *bufs) = _median_call(lambda k, *b: f(k, reps, *b), (key, *bufs), repeats)
+  return t / (reps * len(bufs)), compile_s, list(bufs)
+
+
+def n_buffers(nbytes):
+  return int(min(8, max(2, math.ceil(3 * L2_BYTES / nbytes))))
+
+
+def table_points(modes, batches, vocabs):
+  """(mode, batch, vocab) in the order measured: the issue's point and the extremes first, so a
+  run cut by the time limit still spans the table; top-k / min-p at the largest vocabulary."""
+  v_max = max(vocabs)
+  b_mid = 64 if 64 in batches else batches[len(batches) // 2]
+  first = [("top_p", b_mid, v_max), ("top_p", min(batches), v_max), ("top_p", max(batches), v_max),
+           ("top_k", b_mid, v_max), ("min_p", b_mid, v_max)]
+  rest = [("top_p", b, v) for v in sorted(vocabs, reverse=True) for b in batches]
+  rest += [(m, b, v_max) for m in ("top_k", "min_p") for b in batches]
+  out = []
+  for p in first + rest:
+    if p not in out and p[0] in modes and p[1] in batches and p[2] in vocabs:
+      out.append(p)
+  return out
+
+
+def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget, copy_bw,
+              reserve_s):
+  common.log(f"{'mode':6s} {'B':>4s} {'V':>7s} | {'read us':>8s} {'sort us':>9s} {'bisect us':>9s} "
+             f"{'pallas us':>9s} {'kernel us':>9s} | {'pal/read':>8s} {'sort/pal':>8s} "
+             f"{'rounds':>6s}")
+  for mode, b, v in table_points(modes, batches, vocabs):
+    if budget.over(reserve_s):
+      common.log("time limit reached: table stops here")
+      results.update(status="time limit")
+      return
+    settings = MODES[mode]
+    nbytes = b * v * jnp.dtype(dtype).itemsize
+    r = n_buffers(nbytes)
+    bufs = [make_logits(b, v, dtype, 1000 + i, scale) for i in range(r)]
+    row = dict(mode=mode, batch=b, vocab=v, dtype=jnp.dtype(dtype).name, buffers=r,
+               logits_bytes=nbytes, copy_bound_us=1e6 * nbytes / copy_bw, **settings)
+    seeds = jax.random.bits(jax.random.key(5), (b,), jnp.uint32)
+    _, _, rounds = sample_gpu(bufs[0], seeds, interpret=INTERPRET, **settings)
+    row["mean_rounds"] = float(jnp.mean(rounds))
+    variants = {
+        "read": lambda k, x: (jnp.max(x, axis=-1),),
+        "sort": lambda k, x: sort_sample(k, x, **settings),
+        "bisect": lambda k, x: sample_token(k, x, temperature=1.0, top_k=settings.get("top_k"),
+                                            top_p=settings.get("top_p"),
+                                            min_p=settings.get("min_p"))[::2],
+        "pallas": lambda k, x: sample(k, x, impl="pallas", interpret=INTERPRET, **settings),
+        "kernel": lambda k, x: sample_gpu(
+            x, jax.random.bits(k, (b,), jnp.uint32), interpret=INTERPRET, **settings)[:2],
+    }
+    for name, fn in variants.items():
+      try:
+        t, c, bufs = time_sampler(fn, bufs, repeats)
+        row[f"{name}_us"], row[f"{name}_compile_s"] = 1e6 * t, round(c, 2)
+      except Exception as e:  # noqa: BLE001 - report and continue
+        row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        bufs = [make_logits(b, v, dtype, 1000 + i, scale) for i in range(r)]
+    if "pallas_us" in row and "read_us" in row:
+      row["pallas_over_read"] = row["pallas_us"] / row["read_us"]
+    if "pallas_us" in row and "sort_us" in row:
+      row["sort_over_pallas"] = row["sort_us"] / row["pallas_us"]
+    results.append("table", row)
+    del bufs
+
+    def fmt(key, width=9, spec=".1f"):
+      val = row.get(key)
+      return f"{val:{width}{spec}}" if isinstance(val, float) else f"{'ERR':>{width}}"
+    common.log(f"{mode:6s} {b:4d} {v:7d} | {fmt('read_us', 8)} {fmt('sort_us')} "
+               f"{fmt('bisect_us')} {fmt('pallas_us')} {fmt('kernel_us')} | "
+               f"{fmt('pallas_over_read', 8, '.2f')} {fmt('sort_over_pallas', 8, '.1f')} "
+               f"{row['mean_rounds']:6.2f}")
+
+
+def run_sweep(results, *, b, v, dtype, scale, repeats, budget, blocks, warps_list):
+  """Kernel launch settings around the default at one shape (top-p 0.9)."""
+  r = n_buffers(b * v * jnp.dtype(dtype).itemsize)
+  bufs = [make_logits(b, v, dtype, 2000 + i, scale) for i in range(r)]
+  for block in blocks:
+    for warps in warps_list:
+      if budget.over(0):
+        common.log("time limit reached: sweep stops here")
+        return
+      cfg = GpuConfig(block=block, num_warps=warps)
+      fn = functools.partial(lambda k, x, cfg: sample_gpu(
+          x, jax.random.bits(k, (b,), jnp.uint32), top_p=0.9, config=cfg,
+          interpret=INTERPRET)[:2], cfg=cfg)
+      try:
+        t, _, bufs = time_sampler(fn, bufs, repeats)
+        us = 1e6 * t
+      except Exception as e:  # noqa: BLE001
+        us = f"{type(e).__name__}: {str(e)[:200]}"
+        bufs = [make_logits(b, v, dtype, 2000 + i, scale) for i in range(r)]
+      results.append("sweep", dict(batch=b, vocab=v, block=block, num_warps=warps, us=us,
+                                   default=cfg == GpuConfig()))
+      common.log(f"sweep B={b} V={v} block {block:5d} warps {warps:2d}: "
+                 f"{us if isinstance(us, str) else f'{us:.1f} us'}")
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--batch", type=int, nargs="+", default=list(BATCHES))
+  p.add_argument("--vocab", type=int, nargs="+", default=list(VOCABS))
+  p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                 help="logits dtype (postrl's LM head returns float32)")
+  p.add_argument("--logit-scale", type=float, default=4.0)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run")
+  p.add_argument("--no-check", action="store_true")
+  p.add_argument("--check-draws", type=int, default=16384)
+  p.add_argument("--check-modes", nargs="+", default=list(CHECK_MODES),
+                 choices=list(CHECK_MODES))
+  p.add_argument("--sweep", action="store_true")
+  p.add_argument("--sweep-seconds", type=float, default=40, help="time kept for the sweep")
+  p.add_argument("--sweep-blocks", type=int, nargs="+", default=[1024, 2048, 4096])
+  p.add_argument("--sweep-warps", type=int, nargs="+", default=[4, 8, 16])
+  p.add_argument("--interpret", action="store_true",
+                 help="CPU smoke test: kernels in interpret mode, small check and copy")
+  p.add_argument("--out", default="benchmarks/results/sampling.json")
+  args = p.parse_args(argv)
+  global INTERPRET, L2_BYTES
+  if args.interpret:
+    INTERPRET, L2_BYTES = True, 2**16
+  budget = common.Budget(args.time_limit)
+  results = common.Results(args.out, **common.environment(), settings=vars(args),
+                           status="running")
+  dtype = jnp.dtype(args.dtype)
+  common.log(f"{jax.devices()[0].device_kind} jax {jax.__version__}; logits {dtype.name}")
+  if not args.no_check:
+    small = args.interpret
+    ok = run_check(results, modes=args.check_modes, draws=args.check_draws,
+                   check_vocab=37 if small else 1000, full_b=2 if small else 64,
+                   full_v=max(args.vocab) if small else 151936, scale=args.logit_scale)
+    common.log(f"check {'passed' if ok else 'FAILED'}")
+  copy_bw = copy_bandwidth(2**22 if args.interpret else 2**30, reps=2 if args.interpret else 20,
+                           repeats=2 if args.interpret else 5)
+  results.update(copy_bw_Bps=copy_bw)
+  common.log(f"copy bandwidth {copy_bw / 1e12:.3f} TB/s (read + write)")
+  run_table(results, modes=args.modes, batches=args.batch, vocabs=args.vocab, dtype=dtype,
+            scale=args.logit_scale, repeats=args.repeats, budget=budget, copy_bw=copy_bw,
+            reserve_s=args.sweep_seconds if args.sweep else 0)
+  if args.sweep:
+    run_sweep(results, b=64 if 64 in args.batch else max(args.batch), v=max(args.vocab),
+              dtype=dtype, scale=args.logit_scale, repeats=args.repeats, budget=budget,
+              blocks=args.sweep_blocks, warps_list=args.sweep_warps)
+  if results.doc.get("status") == "running":
+    results.update(status="complete")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,156 @@
+"""Top-k / top-p / min-p sampling of one token per row over large vocabularies, without a sort.
+
+    z = logits / temperature;  token ~ softmax(z) restricted to the kept set of
+    ``postrl.sampling.generate.process_logits`` (top-k -> top-p renormalised over the top-k set ->
+    min-p; ties at a boundary all kept);  temperature 0 = argmax
+
+Public entry point: ``sample(key, logits_BxV, *, temperature, top_k, top_p, min_p, impl,
+interpret) -> (token_B, model_logp_B)``, model_logp = log_softmax(logits)[token] (temperature 1,
+no truncation: the plain model's log-prob that trainers use). Implementations (same distribution):
+
+* ``reference.sample_reference``: ``process_logits`` (bisection thresholds) +
+  ``jax.random.categorical`` (``impl="xla"``; the path on CPU, for top-k with top-p, and greedy).
+* ``gpu.sample_gpu``: Pallas on the Triton backend, rejection sampling with a rising pivot
+  (Gumbel-max draw + one check pass per round, see ``gpu``); rows that exhaust the rounds cap are
+  sampled again by the reference, so the output distribution stays exact.
+* ``reference.sort_sample``: the classic sort + cumulative-sum sampler (benchmark baseline only).
+
+``impl="auto"`` runs the kernel on a single-device GPU when temperature > 0 and top-k and top-p are
+not both set, XLA elsewhere (CPU, several devices, top-k with top-p, greedy). Not yet measured on a
+GPU (``benchmarks/sampling.py``). The kernel does not return the sampling log-prob (the truncated
+distribution's normaliser needs the exact threshold): use ``postrl.sampling.generate.sample_token``
+where that is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+from kernels.sampling.gpu import GpuConfig, KernelShapeError, check_config, sample_gpu
+from kernels.sampling.reference import kept_mask, sample_reference, sort_sample
+
+__all__ = ["sample", "choose_impl", "sample_reference", "sample_gpu", "sort_sample", "kept_mask",
+           "GpuConfig", "KernelShapeError"]
+
+IMPLS = ("auto", "xla", "pallas", "pallas_gpu")
+
+
+def _active(v: int, top_k, top_p, min_p):
+  """The settings that change the distribution (k >= V, p = 1 and min_p = 0 do not)."""
+  return (top_k if top_k is not None and top_k < v else None,
+          top_p if top_p is not None and top_p < 1.0 else None,
+          min_p if min_p is not None and min_p > 0.0 else None)
+
+
+def _check_args(logits, temperature, top_k, top_p, min_p, impl, config):
+  if impl not in IMPLS:
+    raise ValueError(f"sample: impl must be one of {IMPLS}, got {impl!r}")
+  if getattr(logits, "ndim", None) != 2:
+    raise ValueError(f"sample: logits_BxV must be 2-D [B, V], got shape "
+                     f"{getattr(logits, 'shape', None)}")
+  if not jnp.issubdtype(logits.dtype, jnp.floating):
+    raise ValueError(f"sample: logits_BxV must be floating point, got {logits.dtype}")
+  if logits.shape[1] < 1:
+    raise ValueError("sample: logits_BxV has an empty vocabulary (V = 0)")
+  if not isinstance(temperature, numbers.Real) or not temperature >= 0:
+    raise ValueError(f"sample: temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+  if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral)
+                            or top_k < 1):
+    raise ValueError(f"sample: top_k must be an integer >= 1 or None, got {top_k!r}")
+  if top_p is not None and not (isinstance(top_p, numbers.Real) and 0.0 < top_p <= 1.0):
+    raise ValueError(f"sample: top_p must be in (0, 1] or None, got {top_p!r}")
+  if min_p is not None and not (isinstance(min_p, numbers.Real) and 0.0 <= min_p < 1.0):
+    raise ValueError(f"sample: min_p must be in [0, 1) or None, got {min_p!r}")
+  if config is not None:
+    if not isinstance(config, GpuConfig):
+      raise ValueError(f"sample: config must be a kernels.sampling.GpuConfig, got {config!r}")
+    check_config(config)
+
+
+# The kernel has not yet been compiled or timed on a GPU (no device in session 6): until
+# benchmarks/sampling.py shows it correct and faster there, "auto" stays on XLA everywhere.
+GPU_MEASURED = False
+
+
+def choose_impl(v: int, *, temperature: float, top_k: int | None = None,
+                top_p: float | None = None, min_p: float | None = None, impl: str = "auto",
+                platform: str | None = None) -> str:
+  """Resolve ``impl`` to "xla" or "pallas_gpu" for these settings and this platform.
+
+  "auto" is XLA everywhere until ``GPU_MEASURED`` (the kernel compiled, checked and faster on a
+  GPU in ``benchmarks/sampling.py``). Greedy (temperature 0) is always XLA's argmax. "pallas" / "pallas_gpu" with top-k and top-p
+  together raise ``KernelShapeError``; "auto" sends that combination, CPUs and meshes to XLA.
+  """
+  if impl == "xla" or temperature == 0:
+    return "xla"
+  top_k, top_p, _ = _active(v, top_k, top_p, None)
+  if impl in ("pallas", "pallas_gpu"):
+    if top_k is not None and top_p is not None:
+      raise KernelShapeError("sample: top_k together with top_p is not a kernel case (the top-p "
+                             "mass is renormalised over the top-k set): use impl='xla' or 'auto'")
+    return "pallas_gpu"
+  platform = platform or jax.default_backend()
+  if not GPU_MEASURED or platform not in ("gpu", "cuda", "rocm") or jax.device_count() > 1:
+    return "xla"
+  if top_k is not None and top_p is not None:
+    return "xla"
+  return "pallas_gpu"
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p", "min_p", "impl",
+                                             "interpret", "config"))
+def _sample(key, logits_BxV, *, temperature, top_k, top_p, min_p, impl, interpret, config):
+  settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+  if impl == "xla":
+    return sample_reference(key, logits_BxV, **settings)
+  key_kernel, key_fallback = jax.random.split(key)
+  seeds_B = jax.random.bits(key_kernel, logits_BxV.shape[:1], jnp.uint32)
+  token, model_logp, _ = sample_gpu(logits_BxV, seeds_B, config=config, interpret=interpret,
+                                    **settings)
+  failed = token < 0
+
+  def resample(_):  # rows whose rounds all rejected: an exact draw from the same kept set
+    token_x, logp_x = sample_reference(key_fallback, logits_BxV, **settings)
+    return jnp.where(failed, token_x, token), jnp.where(failed, logp_x, model_logp)
+
+  return jax.lax.cond(jnp.any(failed), resample, lambda _: (token, model_logp), None)
+
+
+def sample(key, logits_BxV, *, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, min_p: float | None = None, impl: str = "auto",
+           interpret: bool = False, config: GpuConfig | None = None):
+  """One token per row from softmax(logits / temperature) truncated by top-k / top-p / min-p.
+
+  The kept set is ``process_logits``'s: top-k keeps tokens with fewer than k strictly above;
+  top-p (Holtzman et al. 2020) keeps tokens whose strictly more probable tokens hold less than p
+  of the (top-k renormalised) mass; min-p (Nguyen et al. 2024) keeps p_i >= min_p * max_j p_j.
+  The kernel draws by rejection sampling with a rising pivot (FlashInfer, Ye et al. 2025; see
+  ``kernels.sampling.gpu``): no sort, about two passes over the row per round.
+
+  Args:
+    key: a ``jax.random`` key.
+    logits_BxV: [B, V] logits (bf16 / f16 / f32).
+    temperature: >= 0; 0 = greedy argmax (XLA, whatever ``impl``).
+    top_k: integer >= 1 or None (k >= V: no truncation).
+    top_p: in (0, 1] or None (1: no truncation).
+    min_p: in [0, 1) or None (0: no truncation).
+    impl: "auto" | "xla" | "pallas" (= "pallas_gpu", the Triton kernel).
+    interpret: run the kernel in Pallas interpret mode (CPU tests; "auto" then picks XLA).
+    config: ``GpuConfig`` of the kernel (block, max_rounds, warps).
+  Returns:
+    (token_B int32, model_logp_B float32 = log_softmax(logits)[token] at temperature 1).
+  """
+  _check_args(logits_BxV, temperature, top_k, top_p, min_p, impl, config)
+  v = logits_BxV.shape[1]
+  chosen = choose_impl(v, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                       impl=impl, platform="cpu" if interpret and impl == "auto" else None)
+  top_k, top_p, min_p = _active(v, top_k, top_p, min_p)
+  return _sample(key, logits_BxV, temperature=float(temperature),
+                 top_k=None if top_k is None else int(top_k),
+                 top_p=None if top_p is None else float(top_p),
+                 min_p=None if min_p is None else float(min_p), impl=chosen, interpret=interpret,
+                 config=config)

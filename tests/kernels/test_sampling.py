@@ -1,0 +1,308 @@
+"""kernels.sampling: the Triton rejection sampler (interpret mode on CPU) against the exact
+truncated distribution (float64 numpy), its support and model log-prob against
+``process_logits``, the rounds-cap fallback, the dispatcher, the argument checks and the lowering
+for a GPU.
+
+Distribution tests draw N tokens from N identical rows (each row has its own hash stream) and
+compare the counts with the exact distribution by a chi-squared statistic at a fixed seed; the
+threshold is the 1e-5 upper quantile, and ``test_chi_squared_rejects_the_wrong_rules`` shows that
+the same counts are far above it for an off-by-one top-p boundary, top-k keeping k + 1, an ignored
+temperature and min-p taken before the temperature.
+"""
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.sampling import (GpuConfig, KernelShapeError, choose_impl, kept_mask, sample,
+                              sample_gpu, sample_reference, sort_sample)
+from kernels.sampling import gpu as sgpu
+from postrl.sampling.generate import sample_token
+
+N = 4096  # draws per distribution test (interpret mode's cost grows faster than N beyond)
+# 37 logits (three blocks of 16, a ragged tail of 5); rounded so that float32 is exact enough
+ROW37 = np.round(np.random.default_rng(0).normal(size=37) * 1.5, 3)
+SETTINGS = {
+    "top_p": dict(temperature=0.7, top_p=0.8),
+    "top_k": dict(top_k=5),
+    "min_p": dict(temperature=0.8, min_p=0.1),
+    "top_p_min_p": dict(temperature=1.3, top_p=0.9, min_p=0.05),
+    "plain": dict(temperature=1.5),
+}
+
+
+def exact_probs(x, *, temperature=1.0, top_k=None, top_p=None, min_p=None, p_boundary=False,
+                extra_k=0):
+  """The truncated distribution in float64, written from the definitions (not process_logits).
+
+  p_boundary / extra_k switch on wrong rules for the negative test: top-p keeping only tokens whose
+  mass up to and including themselves is < p (drops the boundary token), top-k keeping k + extra_k.
+  """
+  z = np.asarray(x, np.float64) / temperature
+  keep = np.isfinite(z)
+  if top_k is not None:
+    keep &= np.array([(z > zi).sum() for zi in z]) < top_k + extra_k
+  if top_p is not None:
+    p = np.where(keep, np.exp(z - z[keep].max()), 0.0)
+    p /= p.sum()
+    mass = np.array([p[z > zi].sum() + (p[i] if p_boundary else 0.0) for i, zi in enumerate(z)])
+    keep &= mass < top_p
+  if min_p is not None:
+    keep &= z - z[keep].max() >= np.log(min_p)
+  q = np.where(keep, np.exp(z - z[keep].max()), 0.0)
+  return q / q.sum()
+
+
+def chi2(counts, probs):
+  """Pearson's statistic over the tokens of positive probability (inf if any other is drawn)."""
+  if np.any(counts[probs == 0] > 0):
+    return np.inf
+  e = probs[probs > 0] * counts.sum()
+  return float(np.sum((counts[probs > 0] - e) ** 2 / e))
+
+
+def chi2_threshold(df, z=4.265):
+  """Upper 1e-5 quantile of chi-squared(df) (Wilson-Hilferty; z = the normal 1e-5 quantile)."""
+  return df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
+
+
+def assert_matches(counts, probs):
+  df = max(int((probs > 0).sum()) - 1, 1)
+  stat = chi2(counts, probs)
+  assert stat < chi2_threshold(df), (stat, chi2_threshold(df), counts, probs * counts.sum())
+
+
+def kernel_draws(x_BxV, block, seed=1, **settings):
+  """The kernel alone (no fallback): tokens, model log-probs; every row must be accepted."""
+  seeds = jax.random.bits(jax.random.key(seed), x_BxV.shape[:1], jnp.uint32)
+  token, logp, _ = sample_gpu(x_BxV, seeds, config=GpuConfig(block=block), interpret=True,
+                              **settings)
+  token = np.asarray(token)
+  assert np.all(token >= 0)
+  return token, np.asarray(logp)
+
+
+@functools.lru_cache(maxsize=None)
+def draws(name):
+  """Counts of N kernel draws from ROW37 under SETTINGS[name] (cached: reused by two tests)."""
+  x = jnp.tile(jnp.asarray(ROW37, jnp.float32), (N, 1))
+  token, logp = kernel_draws(x, 16, **SETTINGS[name])
+  np.testing.assert_allclose(np.asarray(logp), np.asarray(jax.nn.log_softmax(x[0]))[token],
+                             rtol=1e-5, atol=1e-5)
+  return np.bincount(token, minlength=ROW37.size)
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_kernel_samples_the_exact_truncated_distribution(name):
+  assert_matches(draws(name), exact_probs(ROW37, **SETTINGS[name]))
+
+
+def test_chi_squared_rejects_the_wrong_rules():
+  """The statistic has the power to see an off-by-one rule: every wrong variant is far above the
+  threshold on the same counts that pass against the right distribution."""
+  wrong = {
+      "top_p": [exact_probs(ROW37, temperature=0.7, top_p=0.8, p_boundary=True),  # boundary dropped
+                exact_probs(ROW37, temperature=1.0, top_p=0.8),  # temperature ignored
+                exact_probs(ROW37, temperature=0.7, top_p=0.85)],  # one more token kept
+      "top_k": [exact_probs(ROW37, top_k=5, extra_k=1), exact_probs(ROW37, top_k=5, extra_k=-1)],
+      "min_p": [exact_probs(ROW37, temperature=0.8, min_p=0.1 ** 1.25),  # min-p before temperature
+                exact_probs(ROW37, temperature=1.0, min_p=0.1)],
+      "plain": [exact_probs(ROW37, temperature=1.0)],
+  }
+  for name, probs_list in wrong.items():
+    counts = draws(name)
+    right = exact_probs(ROW37, **SETTINGS[name])
+    for probs in probs_list:
+      assert not np.allclose(probs, right)
+      df = max(int((probs > 0).sum()) - 1, 1)
+      assert chi2(counts, probs) > 3 * chi2_threshold(df), name
+
+
+def test_rows_over_the_rounds_cap_fall_back_and_stay_exact():
+  # a flat row and top-k 3: one round accepts with probability ~0.2, so most rows hit max_rounds=1
+  x = ROW37 * 0.3
+  seeds = jax.random.bits(jax.random.key(3), (1024,), jnp.uint32)
+  xs = jnp.tile(jnp.asarray(x, jnp.float32), (1024, 1))
+  token, _, rounds = sample_gpu(xs, seeds, top_k=3, config=GpuConfig(block=16, max_rounds=1),
+                                interpret=True)
+  failed = np.asarray(token) < 0
+  assert 0.5 < failed.mean() < 0.95 and np.all(np.asarray(rounds) == 1)
+  kept = np.asarray(kept_mask(xs[:1], top_k=3))[0]
+  assert kept[np.asarray(token)[~failed]].all()
+  # through sample(): failed rows are drawn again by the XLA reference; the mixture is still exact
+  xs = jnp.tile(jnp.asarray(x, jnp.float32), (N, 1))
+  token, logp = sample(jax.random.key(4), xs, top_k=3, impl="pallas", interpret=True,
+                       config=GpuConfig(block=16, max_rounds=1))
+  token = np.asarray(token)
+  assert_matches(np.bincount(token, minlength=37), exact_probs(x, top_k=3))
+  np.testing.assert_allclose(logp, np.asarray(jax.nn.log_softmax(xs[0]))[token], atol=1e-5)
+  # with enough rounds the kernel itself accepts every row (about 1 + ln(1 / p(kept)) rounds)
+  token, _, rounds = sample_gpu(xs[:1024], seeds, top_k=3, config=GpuConfig(block=16),
+                                interpret=True)
+  assert np.all(np.asarray(token) >= 0) and 1.5 < np.asarray(rounds).mean() < 4
+
+
+def _ties_row():
+  x = np.random.default_rng(5).normal(size=300) - 2.0
+  x[200] = 5.0
+  x[[10, 130, 299]] = 3.0  # a tie group in three blocks, one in the ragged tail (block 64)
+  return x
+
+
+@pytest.mark.parametrize("rule", ["top_k", "top_p"])
+def test_ties_at_the_boundary_are_all_kept(rule):
+  x = _ties_row()
+  p_top = 1 / np.exp(x - x.max()).sum()
+  # top-k 2: each tied token has one token above it; top-p just above the top token's mass: each
+  # tied token has p_top above it. Both keep the whole tie group (4 tokens in all).
+  settings = dict(top_k=2) if rule == "top_k" else dict(top_p=float(p_top) + 0.01)
+  xs = jnp.tile(jnp.asarray(x, jnp.float32), (N // 2, 1))
+  token, _ = kernel_draws(xs, 64, **settings)
+  counts = np.bincount(token, minlength=300)
+  probs = exact_probs(x, **settings)
+  assert set(np.flatnonzero(probs)) == {10, 130, 200, 299}
+  assert_matches(counts, probs)
+  assert np.asarray(kept_mask(xs[:1], **settings))[0][[10, 130, 200, 299]].all()
+
+
+def _random_rows(b, v, seed, dtype=jnp.float32):
+  return (jax.random.normal(jax.random.key(seed), (b, v)) * 3.0).astype(dtype)
+
+
+@pytest.mark.parametrize("v,block,settings", [
+    (1000, 128, dict(temperature=0.8, top_p=0.9)),
+    (1000, 128, dict(top_k=20, min_p=0.02)),
+    (300, 64, dict(temperature=1.2, min_p=0.05)),
+])
+def test_every_token_is_in_the_kept_set_and_logp_is_the_models(v, block, settings):
+  x = _random_rows(48, v, seed=v)
+  token, logp = kernel_draws(x, block, **settings)
+  keep = np.asarray(kept_mask(x, **settings))
+  assert keep[np.arange(48), token].all()
+  assert len(set(token.tolist())) > 24  # distinct rows draw different tokens
+  ref = np.asarray(jax.nn.log_softmax(x, axis=-1))[np.arange(48), token]
+  np.testing.assert_allclose(np.asarray(logp), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_minus_inf_logits_and_a_row_with_all_the_mass():
+  x = np.array(_random_rows(3, 300, seed=8))
+  x[0, :100] = -np.inf  # the first block and a half: online max / sum start from -inf
+  x[1, :] = -np.inf
+  x[1, 77] = 0.0  # the only finite logit: all the mass
+  x[2, ::2] = -np.inf
+  xs = jnp.asarray(np.repeat(x, 64, axis=0))
+  for settings in (dict(top_p=0.9), dict(top_k=4, temperature=0.5)):
+    token, logp = sample(jax.random.key(9), xs, impl="pallas", interpret=True,
+                         config=GpuConfig(block=64), **settings)
+    token, logp = np.asarray(token).reshape(3, 64), np.asarray(logp).reshape(3, 64)
+    assert np.all(token[0] >= 100) and np.all(token[1] == 77) and np.all(token[2] % 2 == 1)
+    np.testing.assert_allclose(logp[1], 0.0, atol=1e-6)
+    assert np.all(np.isfinite(logp))
+    assert np.asarray(kept_mask(xs, **settings))[np.arange(192), token.reshape(-1)].all()
+
+
+def test_bfloat16_logits():
+  x = _random_rows(32, 1000, seed=10, dtype=jnp.bfloat16)  # many exact ties in bf16
+  token, logp = sample(jax.random.key(11), x, temperature=0.8, top_p=0.7, impl="pallas",
+                       interpret=True, config=GpuConfig(block=128))
+  token = np.asarray(token)
+  assert np.asarray(kept_mask(x, temperature=0.8, top_p=0.7))[np.arange(32), token].all()
+  ref = np.asarray(jax.nn.log_softmax(x.astype(jnp.float32), axis=-1))[np.arange(32), token]
+  np.testing.assert_allclose(np.asarray(logp), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_xla_paths_greedy_and_the_sort_baseline():
+  x = jnp.tile(jnp.asarray(ROW37, jnp.float32), (N, 1))
+  key = jax.random.key(12)
+  # impl="xla" is postrl's sampler, bit for bit
+  token, logp = sample(key, x, top_p=0.8, temperature=0.7, impl="xla")
+  ref_token, _, ref_logp = sample_token(key, x, temperature=0.7, top_k=None, top_p=0.8,
+                                        min_p=None)
+  np.testing.assert_array_equal(token, ref_token)
+  np.testing.assert_array_equal(logp, ref_logp)
+  assert_matches(np.bincount(np.asarray(token), minlength=37),
+                 exact_probs(ROW37, **SETTINGS["top_p"]))
+  # the sort-based baseline samples the same distribution (no ties here)
+  for name in ("top_k", "top_p_min_p"):
+    token, logp = jax.jit(functools.partial(sort_sample, **SETTINGS[name]))(key, x)
+    assert_matches(np.bincount(np.asarray(token), minlength=37),
+                   exact_probs(ROW37, **SETTINGS[name]))
+  np.testing.assert_allclose(logp, np.asarray(jax.nn.log_softmax(x[0]))[np.asarray(token)],
+                             atol=1e-6)
+  # temperature 0 is argmax, whatever impl and truncation
+  for impl in ("auto", "pallas"):
+    token, logp = sample(key, x[:4], temperature=0.0, top_p=0.5, impl=impl, interpret=True)
+    assert np.all(np.asarray(token) == np.argmax(ROW37))
+  # top-k with top-p goes to XLA under auto (and through sample_reference, same key: same draw)
+  t_auto, _ = sample(key, x[:64], top_k=5, top_p=0.8)
+  t_ref, _ = sample_reference(key, x[:64], top_k=5, top_p=0.8)
+  np.testing.assert_array_equal(t_auto, t_ref)
+
+
+def test_hash_gives_independent_gumbel_variables():
+  """The in-kernel noise: Gumbel(0, 1) moments and quantiles, no correlation between neighbouring
+  indices, rounds or seeds (each of these would bias the Gumbel-max draw)."""
+  idx = jnp.arange(1 << 18, dtype=jnp.int32)
+  keys = [sgpu.round_key(jnp.uint32(s), jnp.int32(r)) for s, r in ((1, 0), (1, 1), (2, 0))]
+  g = [np.asarray(sgpu.gumbel(k, idx), np.float64) for k in keys]
+  for x in g:
+    assert abs(x.mean() - np.euler_gamma) < 0.01 and abs(x.var() - np.pi**2 / 6) < 0.02
+    u = np.exp(-np.exp(-x))  # the Gumbel CDF: uniform if x is Gumbel
+    assert np.abs(np.quantile(u, [0.01, 0.25, 0.5, 0.75, 0.99]) - [0.01, 0.25, 0.5, 0.75, 0.99]
+                  ).max() < 5e-3
+    assert abs(np.corrcoef(x[:-1], x[1:])[0, 1]) < 0.01
+    assert x.max() < 22.3 and x.min() > -2.82
+  assert abs(np.corrcoef(g[0], g[1])[0, 1]) < 0.01 and abs(np.corrcoef(g[0], g[2])[0, 1]) < 0.01
+
+
+def test_choose_impl(monkeypatch):
+  kw = dict(temperature=1.0, top_p=0.9)
+  assert choose_impl(1000, **kw) == "xla"  # CPU
+  assert choose_impl(1000, platform="gpu", **kw) == "xla"  # not yet measured on a GPU
+  monkeypatch.setattr(importlib.import_module("kernels.sampling"), "GPU_MEASURED", True)
+  assert choose_impl(1000, impl="xla", platform="gpu", **kw) == "xla"
+  assert choose_impl(1000, impl="pallas", **kw) == "pallas_gpu"
+  if jax.device_count() == 1:
+    assert choose_impl(1000, platform="gpu", **kw) == "pallas_gpu"
+  else:  # several devices (the test session has 8 CPU devices): XLA partitions, a kernel would not
+    assert choose_impl(1000, platform="gpu", **kw) == "xla"
+  assert choose_impl(1000, temperature=0.0, top_p=0.9, impl="pallas") == "xla"
+  # top-k with top-p: XLA under auto, an error when the kernel is forced (unless k >= V)
+  assert choose_impl(1000, temperature=1.0, top_k=5, top_p=0.9, platform="gpu") == "xla"
+  with pytest.raises(KernelShapeError, match="top_k together with top_p"):
+    choose_impl(1000, temperature=1.0, top_k=5, top_p=0.9, impl="pallas")
+  assert choose_impl(1000, temperature=1.0, top_k=1000, top_p=0.9, impl="pallas") == "pallas_gpu"
+
+
+def test_bad_arguments_name_the_argument():
+  x = jnp.zeros((2, 10))
+  key = jax.random.key(0)
+  cases = [
+      (dict(top_p=0.0), "top_p must be in"), (dict(top_p=1.5), "top_p must be in"),
+      (dict(min_p=1.0), "min_p must be in"), (dict(min_p=-0.1), "min_p must be in"),
+      (dict(top_k=0), "top_k must be an integer >= 1"), (dict(top_k=2.5), "top_k must be"),
+      (dict(temperature=-1.0), "temperature must be"), (dict(impl="cuda"), "impl must be one of"),
+      (dict(config=GpuConfig(block=48)), "block=48"),
+      (dict(config=GpuConfig(max_rounds=0)), "max_rounds=0"),
+  ]
+  for kwargs, msg in cases:
+    with pytest.raises(ValueError, match=msg):
+      sample(key, x, **kwargs)
+  with pytest.raises(ValueError, match=r"logits_BxV must be 2-D \[B, V\]"):
+    sample(key, jnp.zeros((10,)))
+  with pytest.raises(ValueError, match="floating point"):
+    sample(key, jnp.zeros((2, 10), jnp.int32))
+
+
+def test_kernel_lowers_to_triton_for_a_gpu():
+  """The kernel lowers for CUDA on this CPU-only machine (the Triton IR is built at lowering)."""
+  for settings in (dict(temperature=0.7, top_p=0.9), dict(top_k=50, min_p=0.05), dict()):
+    f = functools.partial(sample_gpu, **settings)
+    text = jax.jit(f).trace(jax.ShapeDtypeStruct((64, 151936), jnp.bfloat16),
+                            jax.ShapeDtypeStruct((64,), jnp.uint32)).lower(
+                                lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text and "grid_x = 64" in text

@@ -1,0 +1,36 @@
+"""benchmarks/sampling.py end to end on CPU: the kernel in interpret mode, tiny sizes, one table
+row, one sweep point. What a GPU run executes once, so a broken argument, import or JSON field
+fails here, not on the borrowed GPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_sampling_benchmark_interpret(tmp_path):
+  out = tmp_path / "sampling.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+             JAX_COMPILATION_CACHE_DIR=os.path.expanduser("~/.cache/postrl-jax-tests"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/sampling.py", "--interpret", "--batch", "2", "--vocab", "3000",
+       "--modes", "top_p", "--check-modes", "top_p", "--check-draws", "512", "--repeats", "1",
+       "--sweep", "--sweep-blocks", "512", "--sweep-warps", "4", "--out", str(out)],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  doc = json.loads(out.read_text())
+  assert doc["status"] == "complete" and doc["check_passed"] is True
+  assert doc["versions"]["jax"] and doc["copy_bw_Bps"] > 0
+  kinds = [(c["kind"], c.get("dtype")) for c in doc["check"]]
+  assert kinds == [("frequency", None), ("support", "float32"), ("support", "bfloat16")]
+  (row,) = doc["table"]
+  assert (row["mode"], row["batch"], row["vocab"], row["top_p"]) == ("top_p", 2, 3000, 0.9)
+  for name in ("read", "sort", "bisect", "pallas", "kernel"):
+    assert row[f"{name}_us"] > 0, row
+  assert row["pallas_over_read"] == row["pallas_us"] / row["read_us"]
+  assert row["mean_rounds"] >= 1
+  (sweep,) = doc["sweep"]
+  assert sweep["block"] == 512 and sweep["us"] > 0

@@ -20,6 +20,13 @@ Each sampled token comes with two log-probs:
   the behaviour policy's log-prob that importance ratios need;
 * ``model_logps``: under the plain model, log softmax(logits)[token], which equals
   ``postrl.logprobs.token_logps`` recomputed by the training path on the same tokens (tested).
+
+``sampling_impl`` picks how a token is drawn: "xla" (``sample_token``: the thresholds by a
+32-step bisection over the float bits, then ``jax.random.categorical``), "pallas" (the sort-free
+Triton kernel ``kernels.sampling.sample``: exact rejection sampling, the same distribution), or
+"auto" (``kernels.sampling.choose_impl``: XLA until the kernel is measured on a GPU). The kernel
+never computes the truncated distribution's normaliser, so with it ``logps`` is NaN wherever top-k
+or top-p truncate (the plain model's ``model_logps``, what trainers use, is always computed).
 """
 
 from __future__ import annotations
@@ -111,10 +118,28 @@ def sample_token(key, logits_BxV, *, temperature, top_k, top_p, min_p):
   return token.astype(jnp.int32), logp, model_logp
 
 
+def kernel_sample_token(key, logits_BxV, *, temperature, top_k, top_p, min_p, impl, interpret):
+  """``sample_token`` through the Pallas kernel (``kernels.sampling.sample``): the same
+  distribution; the sampling log-prob is exact without truncation or with min-p alone
+  (log_softmax of the kept z) and NaN under top-k / top-p (the kernel has no normaliser)."""
+  from kernels import sampling as sampling_kernels  # pylint: disable=import-outside-toplevel
+  token, model_logp = sampling_kernels.sample(key, logits_BxV, temperature=temperature,
+                                              top_k=top_k, top_p=top_p, min_p=min_p, impl=impl,
+                                              interpret=interpret)
+  V = logits_BxV.shape[-1]
+  if (top_k is not None and 0 < top_k < V) or (top_p is not None and top_p < 1.0):
+    logp = jnp.full(token.shape, jnp.nan, jnp.float32)
+  else:  # no truncation or min-p only: the kept set is a threshold of z, its normaliser known
+    z = process_logits(logits_BxV, temperature=temperature, min_p=min_p)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), token[:, None], axis=-1)[:, 0]
+  return token, logp, model_logp
+
+
 @functools.partial(jax.jit, static_argnames=(
-    "graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "eos_ids", "pad_id"))
+    "graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "eos_ids", "pad_id",
+    "sampling_impl", "interpret"))
 def _generate(graphdef, params, prompt_BxP, lengths_B, key, *, max_new_tokens, temperature, top_k,
-              top_p, min_p, eos_ids, pad_id):
+              top_p, min_p, eos_ids, pad_id, sampling_impl="xla", interpret=False):
   model = nnx.merge(graphdef, params)
   B, P = prompt_BxP.shape
   N = max_new_tokens
@@ -127,6 +152,9 @@ def _generate(graphdef, params, prompt_BxP, lengths_B, key, *, max_new_tokens, t
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
   sample = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p,
                              min_p=min_p)
+  if sampling_impl != "xla":
+    sample = functools.partial(kernel_sample_token, temperature=temperature, top_k=top_k,
+                               top_p=top_p, min_p=min_p, impl=sampling_impl, interpret=interpret)
 
   def cond(state):
     step, _, _, _, done, _ = state
@@ -158,7 +186,8 @@ def _generate(graphdef, params, prompt_BxP, lengths_B, key, *, max_new_tokens, t
 def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              min_p: float | None = None, eos_ids: Sequence[int] | None = None,
-             pad_id: int = 0) -> GenerateOutput:
+             pad_id: int = 0, sampling_impl: str = "xla",
+             interpret: bool = False) -> GenerateOutput:
   """Samples continuations of a batch of right-padded prompts (see the module docstring).
 
   Args:
@@ -170,6 +199,9 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
     temperature, top_k, top_p, min_p: sampling settings; temperature 0 = greedy.
     eos_ids: tokens that end a row (default: the model config's EOS ids).
     pad_id: written after a row ends.
+    sampling_impl: "xla" | "auto" | "pallas" (module doc; with the kernel, ``logps`` is NaN under
+      top-k / top-p).
+    interpret: run the Pallas sampling kernel in interpret mode (CPU tests of "pallas").
   Returns:
     ``GenerateOutput`` with [B, N] tokens and log-probs and [B] lengths.
   """
@@ -190,6 +222,8 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   if min_p is not None and not 0.0 <= min_p < 1.0:
     raise ValueError(f"min_p must be in [0, 1), got {min_p}")
+  if sampling_impl not in ("xla", "auto", "pallas"):
+    raise ValueError(f"sampling_impl must be 'xla', 'auto' or 'pallas', got {sampling_impl!r}")
   if temperature > 0 and key is None:
     raise ValueError("sampling with temperature > 0 needs a PRNG key (key=jax.random.key(0))")
   if key is None:
@@ -204,9 +238,18 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
     put = lambda x: jax.make_array_from_callback(x.shape, replicated, lambda idx: x[idx])
     prompt_BxP, lengths_B = put(np.asarray(prompt_BxP)), put(lengths_np.astype(np.int32))
     key = jax.random.wrap_key_data(put(np.asarray(jax.random.key_data(key))))
+  impl = "xla"
+  if sampling_impl != "xla":  # kernels.sampling imports this module: imported here
+    from kernels import sampling as sampling_kernels  # pylint: disable=import-outside-toplevel
+    impl = sampling_kernels.choose_impl(config.vocab_size, temperature=float(temperature),
+                                        top_k=top_k, top_p=top_p, min_p=min_p,
+                                        impl=sampling_impl)
+    if mesh is not None and impl != "xla":
+      raise ValueError("sampling_impl='pallas' runs on one device; params span several processes")
   return _generate(graphdef, params, prompt_BxP, lengths_B, key, max_new_tokens=int(max_new_tokens),
                    temperature=float(temperature), top_k=top_k, top_p=top_p, min_p=min_p,
-                   eos_ids=eos, pad_id=int(pad_id))
+                   eos_ids=eos, pad_id=int(pad_id), sampling_impl=impl,
+                   interpret=bool(interpret))
 
 
 def _multi_process_mesh(params):

@@ -163,3 +163,42 @@ def test_fixed_trip_count_loop_equals_early_exit_loop(model):
   np.testing.assert_array_equal(fixed.lengths_B, [7, 7, 7])
   np.testing.assert_allclose(fixed.logps_BxN, early.logps_BxN, rtol=1e-6)
   np.testing.assert_allclose(fixed.model_logps_BxN, early.model_logps_BxN, rtol=1e-6)
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.7, top_p=0.9),
+                                      dict(temperature=1.3, min_p=0.05)])
+def test_pallas_sampling_kernel_keeps_the_log_prob_contract(model, settings):
+  # the sort-free kernel (interpret mode on CPU) inside generate: tokens are in the kept set,
+  # model log-probs equal the training path's; the sampling log-prob is exact for min-p and NaN
+  # (not computed) under top-p
+  tokens, lengths = pad_prompts(PROMPTS)
+  out = generate(model, tokens, lengths, key=jax.random.key(0), max_new_tokens=5, eos_ids=(),
+                 sampling_impl="pallas", interpret=True, **settings)
+  full = _full_sequences(PROMPTS, out)
+  ft, _ = pad_prompts(full)
+  graphdef, params = nnx.split(model)
+  recomputed = token_logps(model_apply_fn(graphdef), params, jnp.asarray(ft))
+  for b, (p, seq) in enumerate(zip(PROMPTS, full)):
+    n = int(out.lengths_B[b])
+    np.testing.assert_allclose(out.model_logps_BxN[b, :n], recomputed[b, len(p):len(p) + n],
+                               rtol=1e-5, atol=1e-5)
+    logits = model(jnp.asarray([seq]))[0][len(p) - 1:len(seq) - 1]
+    z = process_logits(logits, **settings)
+    new = jnp.asarray(seq[len(p):])
+    assert np.all(np.isfinite(np.take_along_axis(np.asarray(z), np.asarray(new)[:, None], -1)))
+    if "top_p" in settings:
+      assert np.all(np.isnan(np.asarray(out.logps_BxN[b, :n])))
+    else:
+      want = jnp.take_along_axis(jax.nn.log_softmax(z), new[:, None], -1)[:, 0]
+      np.testing.assert_allclose(out.logps_BxN[b, :n], want, rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_impl_auto_is_xla_on_cpu_and_bad_impl_is_refused(model):
+  tokens, lengths = pad_prompts(PROMPTS)
+  kw = dict(key=jax.random.key(1), max_new_tokens=4, eos_ids=(), temperature=1.0, top_p=0.9)
+  auto = generate(model, tokens, lengths, sampling_impl="auto", **kw)
+  xla = generate(model, tokens, lengths, **kw)
+  np.testing.assert_array_equal(auto.tokens_BxN, xla.tokens_BxN)
+  np.testing.assert_array_equal(auto.logps_BxN, xla.logps_BxN)
+  with pytest.raises(ValueError, match="sampling_impl"):
+    generate(model, tokens, lengths, sampling_impl="triton", **kw)

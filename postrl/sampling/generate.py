@@ -234,10 +234,10 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
   eos = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
   mesh = _multi_process_mesh(params)
   if mesh is not None:  # params span several processes: inputs become global, replicated arrays
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    put = lambda x: jax.make_array_from_callback(x.shape, replicated, lambda idx: x[idx])
-    prompt_BxP, lengths_B = put(np.asarray(prompt_BxP)), put(lengths_np.astype(np.int32))
-    key = jax.random.wrap_key_data(put(np.asarray(jax.random.key_data(key))))
+    prompt_BxP, lengths_B, key_data = replicate_inputs(
+        mesh, np.asarray(prompt_BxP), lengths_np.astype(np.int32),
+        np.asarray(jax.random.key_data(key)))
+    key = jax.random.wrap_key_data(key_data)
   impl = "xla"
   if sampling_impl != "xla":  # kernels.sampling imports this module: imported here
     from kernels import sampling as sampling_kernels  # pylint: disable=import-outside-toplevel
@@ -258,6 +258,14 @@ def _multi_process_mesh(params):
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
       return leaf.sharding.mesh
   return None
+
+
+def replicate_inputs(mesh, *arrays_np):
+  """Host arrays (identical on every process) as global arrays replicated over ``mesh``: what a
+  jitted program over parameters that span several processes takes as its other inputs."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return tuple(jax.make_array_from_callback(x.shape, replicated, lambda idx, x=x: x[idx])
+               for x in arrays_np)
 
 
 def to_host(x) -> np.ndarray:

@@ -46,7 +46,8 @@ from kernels.beam_step import IMPLS as BEAM_STEP_IMPLS
 from kernels.beam_step import MAX_K as BEAM_STEP_MAX_K
 from kernels.beam_step import beam_step
 from postrl.models.transformer import KVCache
-from postrl.sampling.generate import _multi_process_mesh, pad_prompts, to_host
+from postrl.sampling.generate import (_multi_process_mesh, pad_prompts, replicate_inputs,
+                                      to_host)
 from postrl.sampling.search.common import (STATUS_NO_ANSWER, STATUS_NO_CANDIDATES, STATUS_OK,
                                            Candidate, SearchError, SearchResult, TokenCount,
                                            as_problems, check_positive, default_extract)
@@ -205,9 +206,7 @@ def beam_search_ids(model, prompt_BxP, lengths_B, *, width: int, max_new_tokens:
   eos = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
   mesh = _multi_process_mesh(params)
   if mesh is not None:  # params span several processes: inputs become global, replicated arrays
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    put = lambda x: jax.make_array_from_callback(x.shape, replicated, lambda idx: x[idx])
-    prompt_BxP, lengths = put(prompt_BxP), put(lengths)
+    prompt_BxP, lengths = replicate_inputs(mesh, prompt_BxP, lengths)
   return _beam_search(graphdef, params, prompt_BxP, lengths, width=int(width),
                       max_new_tokens=int(max_new_tokens), eos_ids=eos, pad_id=int(pad_id),
                       alpha=float(length_penalty), norm=length_norm, impl=impl,

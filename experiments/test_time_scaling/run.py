@@ -278,11 +278,13 @@ class Stages:
     problems = self.problems[:a.search_problems]
     settings = dict(temperature=a.temperature, subset=len(problems), width=a.step_width,
                     expansions=a.step_expansions, max_steps=a.max_steps, rollouts=a.rollouts,
-                    max_step_tokens=a.max_step_tokens, batch_size=a.search_batch_size)
+                    max_step_tokens=a.max_step_tokens, batch_size=a.search_batch_size,
+                    complete_unfinished=True)
     return self._run("step_beam", settings, lambda key: result_rows(step_beam_search(
         self.search_policy, problems, value_fn=self._rollout_value(jax.random.fold_in(key, 1)),
         key=key, width=a.step_width, expansions=a.step_expansions, max_steps=a.max_steps,
-        extract=self.extract, equal=self.equal), problems, self.correct))
+        complete_unfinished=True, extract=self.extract, equal=self.equal), problems,
+        self.correct))
 
   def mcts(self) -> dict:
     from postrl.sampling.search import mcts  # pylint: disable=import-outside-toplevel
@@ -292,7 +294,7 @@ class Stages:
     settings = dict(temperature=a.temperature, subset=len(problems),
                     simulations=a.simulations, branching=a.branching, max_depth=a.max_steps,
                     rollouts=a.rollouts, max_step_tokens=a.max_step_tokens,
-                    batch_size=a.search_batch_size)
+                    batch_size=a.search_batch_size, final_completion="batched")
     return self._run("mcts", settings, lambda key: result_rows(mcts(
         self.search_policy, problems, value_fn=self._rollout_value(jax.random.fold_in(key, 1)),
         key=key, simulations=a.simulations, branching=a.branching, max_depth=a.max_steps,
@@ -574,7 +576,7 @@ def parse(argv):
                  help="step beam search and MCTS run on the first this many problems")
   p.add_argument("--search_batch_size", type=int, default=16,
                  help="sampler rows per call in step beam search and MCTS (their calls are "
-                      "small: MCTS completes each problem's final path in its own call)")
+                      "small)")
   p.add_argument("--step_width", type=int, default=2)
   p.add_argument("--step_expansions", type=int, default=2)
   p.add_argument("--simulations", type=int, default=3)

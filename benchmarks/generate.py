@@ -92,9 +92,10 @@ def bytes_per_decode_step(cfg, batch, cache_len, param_bytes):
 # ----------------------------------------------------------------------------- postrl
 
 
-def time_postrl(model, batch, prompt_len, new_tokens, repeats, top_p) -> dict:
+def time_postrl(model, batch, prompt_len, new_tokens, repeats, top_p,
+                sampling_impl: str = "xla") -> dict:
   """Tokens/s of ``postrl.sampling.generate`` (median of ``repeats`` calls after one compiling
-  call) and the seconds of that first call."""
+  call) and the seconds of that first call; ``sampling_impl`` as ``generate``'s."""
   import jax  # pylint: disable=import-outside-toplevel
   from postrl.sampling import generate  # pylint: disable=import-outside-toplevel
   rng = np.random.RandomState(0)
@@ -103,7 +104,7 @@ def time_postrl(model, batch, prompt_len, new_tokens, repeats, top_p) -> dict:
 
   def call(seed):
     out = generate(model, tokens, lengths, key=jax.random.key(seed), max_new_tokens=new_tokens,
-                   temperature=1.0, top_p=top_p, eos_ids=())
+                   temperature=1.0, top_p=top_p, eos_ids=(), sampling_impl=sampling_impl)
     jax.block_until_ready(out.tokens_BxN)
 
   t0 = time.perf_counter()
@@ -255,6 +256,10 @@ def parse_args(argv=None):
   parser.add_argument("--new-tokens", type=int, default=64)
   parser.add_argument("--top-p", type=float, default=0.9, help="1.0 = plain sampling")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--sampling-impl", nargs="+", default=["xla"],
+                      choices=["xla", "auto", "pallas"],
+                      help="samplers to time ('xla', always timed, gives the row's postrl_* "
+                           "numbers; each other adds postrl_<impl>_* fields)")
   parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
   parser.add_argument("--time-limit", type=float, default=None,
                       help="seconds for the whole run; later shapes are skipped once spent")
@@ -357,6 +362,17 @@ def _run(args, budget, baseline):
                  fraction_of_bound=round(ours["tokens_per_s"] / bound, 3))
     except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: keep the others)
       row["postrl_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    for impl in args.sampling_impl:  # the same decode with another sampler (e.g. the kernel)
+      if impl == "xla" or budget.over():
+        continue
+      common.log(f"batch {batch}: postrl, sampling_impl={impl} ... ({budget.elapsed():.0f} s)")
+      try:
+        other = time_postrl(model, batch, args.prompt_len, args.new_tokens, args.repeats,
+                            args.top_p, sampling_impl=impl)
+        row[f"postrl_{impl}_tokens_per_s"] = round(other["tokens_per_s"], 1)
+        row[f"postrl_{impl}_ms_per_step"] = round(1e3 * batch / other["tokens_per_s"], 3)
+      except Exception as e:  # pylint: disable=broad-except
+        row[f"postrl_{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     if baseline is not None and not budget.over():
       common.log(f"batch {batch}: postrl {row.get('postrl_tokens_per_s')} tokens/s; transformers "
                  f"... ({budget.elapsed():.0f} s)")

@@ -280,3 +280,14 @@ def test_quantized_matmul_benchmark_interpret(tmp_path):
   for name in ("int8", "int4"):
     assert row[f"pallas_{name}_us"] > 0 and row[f"xla_{name}_us"] > 0
     assert row[f"err_{name}"] < 1e-2  # the kernel agrees with the XLA path it is timed against
+
+
+def test_generate_times_other_samplers(tmp_path):
+  # 'auto' is XLA on CPU (timed); the Triton kernel without a GPU is a recorded error, not a crash
+  out = tmp_path / "generate.json"
+  _run("generate.py", "--config", "tiny", "--batch", "2", "--prompt-len", "4", "--new-tokens", "4",
+       "--repeats", "1", "--copy-mib", "8", "--no-baseline", "--sampling-impl", "xla", "auto",
+       "pallas", "--out", str(out))
+  (row,) = json.loads(out.read_text())["rows"]
+  assert row["postrl_tokens_per_s"] > 0 and row["postrl_auto_tokens_per_s"] > 0
+  assert "GPU" in row["postrl_pallas_error"] and "postrl_pallas_tokens_per_s" not in row

@@ -148,6 +148,10 @@ def sample(key, logits_BxV, *, temperature: float = 1.0, top_k: int | None = Non
   v = logits_BxV.shape[1]
   chosen = choose_impl(v, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                        impl=impl, platform="cpu" if interpret and impl == "auto" else None)
+  if chosen == "pallas_gpu" and not interpret and jax.default_backend() not in ("gpu", "cuda",
+                                                                                "rocm"):
+    raise ValueError(f"sample: impl={impl!r} runs the Triton kernel, which needs a GPU (backend is "
+                     f"{jax.default_backend()!r}); use interpret=True to run it on CPU")
   top_k, top_p, min_p = _active(v, top_k, top_p, min_p)
   return _sample(key, logits_BxV, temperature=float(temperature),
                  top_k=None if top_k is None else int(top_k),

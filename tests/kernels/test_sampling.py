@@ -306,3 +306,10 @@ def test_kernel_lowers_to_triton_for_a_gpu():
                             jax.ShapeDtypeStruct((64,), jnp.uint32)).lower(
                                 lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text and "grid_x = 64" in text
+
+
+def test_the_kernel_without_a_gpu_is_a_clear_error():
+  if jax.default_backend() in ("gpu", "cuda", "rocm"):
+    pytest.skip("a GPU is present")
+  with pytest.raises(ValueError, match="needs a GPU .* interpret=True"):
+    sample(jax.random.key(0), jnp.zeros((2, 10)), top_p=0.9, impl="pallas")

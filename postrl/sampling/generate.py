@@ -244,8 +244,11 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
     impl = sampling_kernels.choose_impl(config.vocab_size, temperature=float(temperature),
                                         top_k=top_k, top_p=top_p, min_p=min_p,
                                         impl=sampling_impl)
-    if mesh is not None and impl != "xla":
-      raise ValueError("sampling_impl='pallas' runs on one device; params span several processes")
+    devices = {d for x in jax.tree.leaves(params) if isinstance(x, jax.Array)
+               for d in x.sharding.device_set}
+    if impl != "xla" and (mesh is not None or len(devices) > 1):
+      raise ValueError(f"sampling_impl={sampling_impl!r}: the sampling kernel runs on one device; "
+                       f"the parameters span {len(devices)} (use 'xla' or 'auto')")
   return _generate(graphdef, params, prompt_BxP, lengths_B, key, max_new_tokens=int(max_new_tokens),
                    temperature=float(temperature), top_k=top_k, top_p=top_p, min_p=min_p,
                    eos_ids=eos, pad_id=int(pad_id), sampling_impl=impl,

@@ -125,10 +125,11 @@ def load_reward_model_reward(rm_cfg):
 
 def sample(graphdef, params, prompt_ids: Sequence[Sequence[int]], *, key, prompt_len: int,
            max_new_tokens: int, temperature: float, top_p: float | None, eos_ids, pad_id: int,
-           batch_size: int | None = None) -> dict[str, np.ndarray]:
+           batch_size: int | None = None, sampling_impl: str = "xla") -> dict[str, np.ndarray]:
   """Samples one completion per prompt (prompts padded to ``prompt_len``: one compilation) in
   batches of ``batch_size`` rows -> host arrays ``completions``, ``lengths``, ``finished``,
-  ``sampler_logps`` (plain-model log-probs of the sampled tokens)."""
+  ``sampler_logps`` (plain-model log-probs of the sampled tokens). ``sampling_impl``: as
+  ``generate``'s ("xla", or the sampling kernel with "auto" / "pallas")."""
   n = len(prompt_ids)
   batch_size = batch_size or n
   out = {k: [] for k in ("completions", "lengths", "finished", "sampler_logps")}
@@ -142,7 +143,7 @@ def sample(graphdef, params, prompt_ids: Sequence[Sequence[int]], *, key, prompt
     lengths = np.array([len(ids) for ids in chunk], np.int32)
     res = generate((graphdef, params), tokens, lengths, key=jax.random.fold_in(key, start),
                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                   eos_ids=eos_ids, pad_id=pad_id)
+                   eos_ids=eos_ids, pad_id=pad_id, sampling_impl=sampling_impl)
     out["completions"].append(to_host(res.tokens_BxN)[:real])
     out["lengths"].append(to_host(res.lengths_B)[:real])
     out["finished"].append(to_host(res.finished_B)[:real])

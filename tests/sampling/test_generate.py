@@ -202,3 +202,13 @@ def test_sampling_impl_auto_is_xla_on_cpu_and_bad_impl_is_refused(model):
   np.testing.assert_array_equal(auto.logps_BxN, xla.logps_BxN)
   with pytest.raises(ValueError, match="sampling_impl"):
     generate(model, tokens, lengths, sampling_impl="triton", **kw)
+
+
+def test_pallas_sampling_refuses_parameters_on_several_devices(model):
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("x",))
+  graphdef, params = nnx.split(model)
+  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  tokens, lengths = pad_prompts(PROMPTS)
+  with pytest.raises(ValueError, match="one device; the parameters span 2"):
+    generate((graphdef, params), tokens, lengths, key=jax.random.key(0), max_new_tokens=2,
+             top_p=0.9, sampling_impl="pallas", interpret=True)

@@ -150,6 +150,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--temperature", type=float, default=1.0)
   p.add_argument("--top-p", type=float, default=None)
   p.add_argument("--top-k", type=int, default=None)
+  p.add_argument("--sampling-impl", default="xla", choices=["xla", "auto", "pallas"],
+                 help="the sampler: XLA bisection, or the sort-free Pallas kernel (one GPU)")
   p.add_argument("--batch-size", type=int, default=16, help="rows per compiled sampler call")
   p.add_argument("--system-prompt", default=None)
   p.add_argument("--seed", type=int, default=0)
@@ -258,7 +260,7 @@ def _run(args) -> int:
   policy = Policy(model, tokenizer, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                   batch_size=args.batch_size, system_prompt=args.system_prompt,
-                  max_step_tokens=args.max_step_tokens)
+                  max_step_tokens=args.max_step_tokens, sampling_impl=args.sampling_impl)
   key = jax.random.key(args.seed)
   run = _strategy(args, policy, records, key, funcs)
   if args.strategy in ("best_of_n", "weighted_best_of_n", "self_consistency") and (

@@ -74,6 +74,18 @@ def test_policy_samples_n_larger_than_its_batch_and_counts_tokens(policy):
   assert texts(again) == texts(results) and texts(other) != texts(results)
 
 
+def test_policy_sampling_impl_auto_is_xla_on_cpu_and_a_bad_one_is_refused(policy):
+  auto = Policy((policy.graphdef, policy.params), policy.tokenizer, max_new_tokens=6,
+                batch_size=4, max_step_tokens=5, temperature=1.0, top_p=0.9, sampling_impl="auto")
+  xla = Policy((policy.graphdef, policy.params), policy.tokenizer, max_new_tokens=6,
+               batch_size=4, max_step_tokens=5, temperature=1.0, top_p=0.9)
+  texts = lambda p: [c.text for r in self_consistency(p, PROBLEMS, n=2, key=KEY)
+                     for c in r.candidates]
+  assert texts(auto) == texts(xla)
+  with pytest.raises(SearchError, match="sampling_impl"):
+    Policy((policy.graphdef, policy.params), policy.tokenizer, sampling_impl="triton")
+
+
 def test_next_steps_stop_at_the_delimiter(policy):
   rows = policy.next_steps(PROBLEMS, ["", "First line\n"], 4, key=KEY)
   for row in rows:

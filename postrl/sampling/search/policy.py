@@ -64,12 +64,13 @@ class Policy:
     system_prompt: an optional system message before every prompt.
     delimiter: the text that ends a reasoning step.
     max_step_tokens: tokens per reasoning step at most.
+    sampling_impl: generate's sampler, "xla" | "auto" | "pallas" (the sort-free kernel).
   """
 
   def __init__(self, model, tokenizer, *, max_new_tokens: int = 64, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                batch_size: int = 16, system_prompt: str | None = None, delimiter: str = "\n",
-               max_step_tokens: int = 32):
+               max_step_tokens: int = 32, sampling_impl: str = "xla"):
     check_positive(max_new_tokens=max_new_tokens, batch_size=batch_size,
                    max_step_tokens=max_step_tokens)
     if not delimiter:
@@ -84,7 +85,10 @@ class Policy:
     self.tokenizer = tokenizer
     self.eos_ids, self.pad_id = stop_and_pad_ids(merged, tokenizer)
     self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-    self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    if sampling_impl not in ("xla", "auto", "pallas"):
+      raise SearchError(f"sampling_impl must be 'xla', 'auto' or 'pallas', got {sampling_impl!r}")
+    self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                         sampling_impl=sampling_impl)
     self.system_prompt, self.delimiter, self.max_step_tokens = (system_prompt, delimiter,
                                                                 max_step_tokens)
     self._prompt_cache: dict[str, list[int]] = {}

@@ -82,8 +82,9 @@ def choose_impl(v: int, *, temperature: float, top_k: int | None = None,
   """Resolve ``impl`` to "xla" or "pallas_gpu" for these settings and this platform.
 
   "auto" is XLA everywhere until ``GPU_MEASURED`` (the kernel compiled, checked and faster on a
-  GPU in ``benchmarks/sampling.py``). Greedy (temperature 0) is always XLA's argmax. "pallas" / "pallas_gpu" with top-k and top-p
-  together raise ``KernelShapeError``; "auto" sends that combination, CPUs and meshes to XLA.
+  GPU in ``benchmarks/sampling.py``). Greedy (temperature 0) is always XLA's argmax.
+  "pallas" / "pallas_gpu" with top-k and top-p together raise ``KernelShapeError``; "auto" sends
+  that combination, CPUs and meshes to XLA.
   """
   if impl == "xla" or temperature == 0:
     return "xla"

@@ -266,12 +266,7 @@ def preference_records(config, run, workdir: str | None, files=(None, None)):
                                         data_cfg.eval_seed) if data_cfg.num_eval_prompts else [])
   problems = common.held_out_train_problems(data_cfg.task, data_cfg.num_prompts,
                                             data_cfg.train_seed, eval_problems + run.eval_problems)
-  model = nnx.merge(*reference_model(run))  # the initial policy / the PEFT base
-  reward_fn = verifier_reward(data_cfg.task.name, data_cfg.reward)
-  settings = dict(model=config.model, param_dtype=config.param_dtype, dtype=config.dtype,
-                  task=data_cfg.task.to_dict(), reward=data_cfg.reward)
-  if run.peft is not None and run.peft.method == "qlora":  # the sampling model is quantized
-    settings["base_quant"] = run.peft.get("quant", "nf4_dq")
+  model, reward_fn, settings = verifier_data_source(config, run)
   kwargs = dict(kind=data_cfg.kind, num_samples=data_cfg.num_samples,
                 max_new_tokens=data_cfg.max_new_tokens, temperature=data_cfg.temperature,
                 pairs_per_prompt=data_cfg.pairs_per_prompt, k=data_cfg.k,
@@ -312,6 +307,21 @@ def tokenized(records, run, config, source: str):
 
 
 # ---------------------------------------------------------------------- the reference model
+
+
+def verifier_data_source(config, run) -> tuple:
+  """(sampling model, reward function, cache settings) for data made by the model itself: the
+  initial policy (the frozen base with PEFT), ``config.data``'s verifier reward, and what a cached
+  data file must have been made with (model, dtypes, task, reward; the base's quantization for
+  QLoRA, whose sampling model is quantized)."""
+  data_cfg = config.data
+  model = nnx.merge(*reference_model(run))
+  reward_fn = verifier_reward(data_cfg.task.name, data_cfg.reward)
+  settings = dict(model=config.model, param_dtype=config.param_dtype, dtype=config.dtype,
+                  task=data_cfg.task.to_dict(), reward=data_cfg.reward)
+  if run.peft is not None and run.peft.method == "qlora":
+    settings["base_quant"] = run.peft.get("quant", "nf4_dq")
+  return model, reward_fn, settings
 
 
 def reference_model(run) -> tuple:

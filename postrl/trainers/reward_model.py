@@ -69,15 +69,15 @@ from flax import nnx
 from postrl import peft
 from postrl.data.preference import (KINDS, OVERFLOW_MODES, REWARD_KINDS, listwise_accuracy,
                                     pairwise_accuracy, read_step_jsonl, record_batches,
-                                    tokenize_preferences, tokenize_steps, verifier_reward)
+                                    tokenize_preferences, tokenize_steps)
 from postrl.data.records import DataError, write_jsonl
 from postrl.data.verifier import monte_carlo_step_labels, reward_stats, sample_and_score
 from postrl.losses import bradley_terry, bradley_terry_rankings, plackett_luce, process_reward
 from postrl.models import ConfigError, ScoredTransformer
 from postrl.trainers import common
 from postrl.trainers.dpo import (apply_over_dataset, before_after, preference_records,
-                                 read_preference_files, reference_model, response_masks,
-                                 seconds_per_step, tokenized)
+                                 read_preference_files, response_masks, seconds_per_step,
+                                 tokenized, verifier_data_source)
 from postrl.trainers.loop import fit
 from postrl.trainers.step import OptimizerConfig, learning_rate_schedule, make_optimizer
 
@@ -295,12 +295,7 @@ def verifier_step_records(config, run, workdir: str | None):
                    if data_cfg.num_eval_prompts and not data_cfg.eval_path else [])
   problems = common.held_out_train_problems(data_cfg.task, data_cfg.num_prompts,
                                             data_cfg.train_seed, eval_problems + run.eval_problems)
-  model = nnx.merge(*reference_model(run))
-  reward_fn = verifier_reward(data_cfg.task.name, data_cfg.reward)
-  settings = dict(model=config.model, param_dtype=config.param_dtype, dtype=config.dtype,
-                  task=data_cfg.task.to_dict(), reward=data_cfg.reward)
-  if run.peft is not None and run.peft.method == "qlora":  # the sampling model is quantized
-    settings["base_quant"] = run.peft.get("quant", "nf4_dq")
+  model, reward_fn, settings = verifier_data_source(config, run)
   kwargs = dict(rollouts=data_cfg.step_rollouts, soft=data_cfg.step_soft,
                 num_samples=data_cfg.num_samples, max_new_tokens=data_cfg.max_new_tokens,
                 temperature=data_cfg.temperature, max_steps=data_cfg.max_steps,

@@ -8,6 +8,7 @@
 #
 # Stages (STAGES, default all, in this order; each starts no new step or shape after its limit):
 # train     benchmarks/train_step.py: SFT and DPO steps of the Llama-3.2-1B shape at seq 2048, bf16,
+#           with postrl's einsum attention and with cuDNN flash attention (--attention xla cudnn),
 #           tokens/s and MFU (datasheet peak and a matmul measured in the same run); 2 sequences
 #           per step on an 80 GB card, 4 on a larger one (the model's attention keeps [T, T]
 #           scores per layer for the backward pass: about 12-22 GiB of activations per
@@ -68,7 +69,7 @@ batch="${TRAIN_BATCH:-$batch}"
 # starting new shapes / jobs when its own limit is spent (one compile may run past it).
 if has train; then
   "$py" benchmarks/train_step.py --config llama-1b --seq 2048 --batch "$batch" --steps 10 \
-    --time-limit $(( $(left) - 300 - grpo_need )) --out "$out/train_step_llama-1b.json" \
+    --attention xla cudnn --time-limit $(( $(left) - 300 - grpo_need )) --out "$out/train_step_llama-1b.json" \
     ${TRAIN_ARGS:-} 2>&1 | tee "$out/train_step_llama-1b.log"
 fi
 

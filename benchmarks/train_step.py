@@ -246,6 +246,9 @@ def parse_args(argv=None):
                       help="default: bfloat16 on GPU/TPU, float32 on CPU")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                       help="activations and matmuls; default: bfloat16 on GPU/TPU, float32 on CPU")
+  parser.add_argument("--attention", nargs="+", choices=["xla", "cudnn"], default=["xla"],
+                      help="attention implementations to time, each with both jobs "
+                           "(postrl.models.ModelConfig.attention_impl; cudnn: GPU, bf16)")
   parser.add_argument("--vocab-chunk", type=int, default=None,
                       help="log-prob vocabulary chunk (None: full [B, T, V] logits)")
   parser.add_argument("--matmul-n", type=int, default=None,
@@ -317,46 +320,61 @@ def main(argv=None):
              f"TFLOP/s ({budget.elapsed():.0f} s)")
 
   tx = make_optimizer(OptimizerConfig(lr=1e-5, total_steps=1000))
-  trainer = Trainer(cfg, tx, mesh).fresh()
-  common.log(f"state created ({budget.elapsed():.0f} s)")
-  skipped, fits = [], args.batch  # the batch that last fitted: the next job starts there
-  for job in args.jobs:
-    if budget.over():
-      skipped.append(job)
+  skipped = []
+  for impl in args.attention:  # one model (and state) per attention implementation
+    trainer = None
+    try:
+      trainer = Trainer(cfg.replace(attention_impl=impl), tx, mesh).fresh()
+    except Exception as e:  # pylint: disable=broad-except  (e.g. cudnn without a GPU / bf16)
+      for job in args.jobs:
+        results.append("jobs", dict(job=job, attention=impl, sequences_per_step=args.batch,
+                                    error=_first_line(e)))
+      common.log(f"[{impl}] cannot build the model: {_first_line(e)}")
       continue
-    rows, record = fits, None
-    while record is None:
-      try:
-        record = run_job(job, trainer, args, budget, rows)
-      except Exception as e:  # pylint: disable=broad-except  (out of memory: halve the batch)
-        failure = dict(job=job, sequences_per_step=rows, error=_first_line(e))
-        results.append("failures", failure)
-        common.log(f"[{job}] rows {rows} failed: {failure['error']}")
-        if trainer.state is None:
-          trainer.fresh()
-        retry = _is_oom(e) and rows // 2 >= 2 * shards and not budget.over()
-        if retry:
-          rows //= 2
-        else:
-          record = dict(job=job, sequences_per_step=rows, error=failure["error"])
-    if "tokens_per_s" in record:
-      add_mfu(record, fpt, fpt_causal, peaks)
-      fits = rows
-    results.append("jobs", record)
-    common.log(f"[{job}] {json.dumps(record)}")
-  failed = [r["job"] for r in results.doc["jobs"] if "error" in r]
+    common.log(f"[{impl}] state created ({budget.elapsed():.0f} s)")
+    fits = args.batch  # the batch that last fitted: the next job starts there
+    for job in args.jobs:
+      if budget.over():
+        skipped.append(f"{job}/{impl}")
+        continue
+      rows, record = fits, None
+      while record is None:
+        try:
+          record = run_job(job, trainer, args, budget, rows)
+        except Exception as e:  # pylint: disable=broad-except  (out of memory: halve the batch)
+          failure = dict(job=job, attention=impl, sequences_per_step=rows, error=_first_line(e))
+          results.append("failures", failure)
+          common.log(f"[{job}/{impl}] rows {rows} failed: {failure['error']}")
+          if trainer.state is None:
+            trainer.fresh()
+          retry = _is_oom(e) and rows // 2 >= 2 * shards and not budget.over()
+          if retry:
+            rows //= 2
+          else:
+            record = dict(job=job, sequences_per_step=rows, error=failure["error"])
+      record["attention"] = impl
+      if "tokens_per_s" in record:
+        add_mfu(record, fpt, fpt_causal, peaks)
+        fits = rows
+      results.append("jobs", record)
+      common.log(f"[{job}/{impl}] {json.dumps(record)}")
+    del trainer
+  failed = [f"{r['job']}/{r.get('attention', 'xla')}" for r in results.doc["jobs"]
+            if "error" in r]
   status = ("complete" if not skipped and not failed else
             "; ".join(([f"failed jobs {failed}"] if failed else []) +
                       ([f"time limit: skipped jobs {skipped}"] if skipped else [])))
   results.update(status=status, elapsed_s=round(budget.elapsed(), 1))
-  common.log(f"{'job':>5} {'seqs':>5} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU datasheet':>14} "
-             f"{'MFU measured':>13} {'step s':>8} {'compile s':>10}")
+  common.log(f"{'job':>5} {'attn':>5} {'seqs':>5} {'tokens/s':>10} {'TFLOP/s':>8} "
+             f"{'MFU datasheet':>14} {'MFU measured':>13} {'step s':>8} {'compile s':>10}")
   for r in results.doc["jobs"]:
     if "tokens_per_s" not in r:
-      common.log(f"{r['job']:>5} {r['sequences_per_step']:>5} failed: {r['error']}")
+      common.log(f"{r['job']:>5} {r['attention']:>5} {r['sequences_per_step']:>5} failed: "
+                 f"{r['error']}")
       continue
     pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
-    common.log(f"{r['job']:>5} {r['sequences_per_step']:>5} {r['tokens_per_s']:>10,.0f} "
+    common.log(f"{r['job']:>5} {r['attention']:>5} {r['sequences_per_step']:>5} "
+               f"{r['tokens_per_s']:>10,.0f} "
                f"{r['model_tflops_per_s']:>8.1f} {pct(r['mfu_datasheet']):>14} "
                f"{pct(r['mfu_measured']):>13} {r['step_s']:>8.3f} {r['compile_s']:>10.1f}")
   common.log(f"{status}; wrote {args.out}")

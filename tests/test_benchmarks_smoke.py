@@ -34,9 +34,15 @@ def _tiny_cfg():
 
 def test_train_step_tiny(tmp_path):
   out = tmp_path / "train_step.json"
-  stdout = _run("train_step.py", "--tiny", "--out", str(out))
+  stdout = _run("train_step.py", "--tiny", "--attention", "xla", "cudnn", "--out", str(out))
   doc = json.loads(out.read_text())
-  assert doc["status"] == "complete" and doc["device_count"] == 1 and doc["mesh"]["data"] == 1
+  # cuDNN attention cannot be built here (float32 on CPU): both its rows say why, in one line
+  cudnn = [j for j in doc["jobs"] if j["attention"] == "cudnn"]
+  assert [j["job"] for j in cudnn] == ["sft", "dpo"]
+  assert all("attention_impl='cudnn' needs dtype bfloat16" in j["error"] for j in cudnn)
+  assert doc["status"] == "failed jobs ['sft/cudnn', 'dpo/cudnn']"
+  doc["jobs"] = [j for j in doc["jobs"] if j["attention"] == "xla"]
+  assert doc["device_count"] == 1 and doc["mesh"]["data"] == 1
   assert doc["model"]["random_weights"] and doc["versions"]["jax"] and doc["date"]
 
   # 6 N + 12 L D T by hand: tiny is tied (the output projection is the embedding, counted once)
@@ -118,7 +124,8 @@ def test_presets_match_published_shapes():
 def test_gpu_sh_runs_every_stage(tmp_path):
   """The one GPU command, with tiny sizes appended (later arguments win), writes all results."""
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", OUT=str(tmp_path), BUDGET="600",
-             GRPO_LIMIT="120", PYTHON=sys.executable, TRAIN_ARGS="--tiny --jobs sft",
+             GRPO_LIMIT="120", PYTHON=sys.executable,
+             TRAIN_ARGS="--tiny --jobs sft --attention xla",
              GEN_ARGS="--config tiny --batch 2 --prompt-len 4 --new-tokens 4 --repeats 1 "
                       "--no-baseline --copy-mib 8",
              GRPO_ARGS="--tiny --no-trl --steps 1",

@@ -23,6 +23,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 
+ATTENTION_IMPLS = ("xla", "cudnn")
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -64,6 +66,12 @@ class ModelConfig:
   pad_token_id: int | None = None
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype of activations and matmuls
+  # How full-sequence attention (no KV cache: training, log-probs, scoring) is computed; a
+  # runtime choice like ``dtype``, never written to config.json. "xla": postrl's einsum softmax
+  # (every backend; keeps the [T, S] scores of each layer for the backward pass). "cudnn":
+  # cuDNN's fused flash attention through ``jax.nn.dot_product_attention`` (NVIDIA GPU, bfloat16
+  # / float16 only; no [T, S] scores in memory). Cached decoding always uses "xla".
+  attention_impl: str = "xla"
 
   def __post_init__(self):
     if self.hidden_size % self.num_attention_heads and self.head_dim is None:
@@ -86,6 +94,13 @@ class ModelConfig:
                           "'llama3', 'linear' and 'default'")
     dtype_from_name(self.param_dtype)
     dtype_from_name(self.dtype)
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ConfigError(f"attention_impl={self.attention_impl!r}; expected one of "
+                        f"{list(ATTENTION_IMPLS)}")
+    if (self.attention_impl == "cudnn"
+        and jnp.dtype(dtype_from_name(self.dtype)) not in (jnp.bfloat16, jnp.float16)):
+      raise ConfigError(f"attention_impl='cudnn' needs dtype bfloat16 or float16 (cuDNN's flash "
+                        f"attention), got dtype={self.dtype!r}; use attention_impl='xla'")
 
   @property
   def dim_per_head(self) -> int:

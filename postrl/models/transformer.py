@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from postrl.models.config import ModelConfig, dtype_from_name
+from postrl.models.config import ConfigError, ModelConfig, dtype_from_name
 
 _NEG_INF = -1e30  # finite so fully-masked rows (padding queries) never produce NaN
 
@@ -174,6 +174,7 @@ class Attention(nnx.Module):
                          cfg=cfg, rngs=rngs)
     self.o_proj = Linear(self.num_heads * hd, d, ("q_heads", "embed"), bias=cfg.o_bias,
                          cfg=cfg, rngs=rngs)
+    self.attention_impl = cfg.attention_impl
 
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, inv_freq, kv=None, prefix_kv=None,
                rope_positions_BxT=None):
@@ -203,7 +204,11 @@ class Attention(nnx.Module):
       k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
       mask_BxTxS = jnp.broadcast_to(mask_BxTxS, (B, T, mask_BxTxS.shape[-1]))
       mask_BxTxS = jnp.concatenate([jnp.ones((B, T, pk.shape[1]), bool), mask_BxTxS], axis=-1)
-    out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS)
+    if kv is None and prefix_kv is None and self.attention_impl != "xla":
+      out = fused_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS,
+                            implementation=self.attention_impl)
+    else:
+      out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS)
     return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), kv
 
 
@@ -218,6 +223,24 @@ def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
   return out.reshape(B, T, H, D)
+
+
+def fused_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxT, *, implementation="cudnn"):
+  """Causal self-attention through ``jax.nn.dot_product_attention`` (cuDNN flash attention).
+
+  The same function as ``dot_product_attention``, softmax(q k^T / sqrt(d) + mask) v with grouped
+  query heads (Dao 2023, "FlashAttention-2": the [T, T] scores are never stored; the backward
+  pass recomputes them blockwise). ``mask_BxTxT`` is the model's causal & same-segment mask; it is
+  passed whole (cuDNN applies it as an additive bias) and ``is_causal`` lets cuDNN skip the
+  blocks above the diagonal. ``implementation="xla"`` runs JAX's reference of the same call
+  (what the CPU tests compare against ``dot_product_attention``).
+  """
+  if implementation == "cudnn" and jax.default_backend() != "gpu":
+    raise ConfigError(f"attention_impl='cudnn' needs an NVIDIA GPU with cuDNN; the JAX backend is "
+                      f"{jax.default_backend()!r} (use attention_impl='xla')")
+  return jax.nn.dot_product_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD,
+                                      mask=mask_BxTxT[:, None], is_causal=True,
+                                      implementation=implementation)
 
 
 class MLP(nnx.Module):

@@ -91,6 +91,14 @@ class Run:
   peft: Any = None
 
 
+def model_kwargs(config) -> dict:
+  """``load_pretrained`` keyword arguments from a job config: ``param_dtype``, ``dtype`` and the
+  optional ``attention_impl`` ("xla" by default; "cudnn" on an NVIDIA GPU in bf16: fused flash
+  attention for every full-sequence forward, ``postrl.models.ModelConfig``)."""
+  return dict(param_dtype=config.param_dtype, dtype=config.dtype,
+              attention_impl=config.get("attention_impl", "xla"))
+
+
 def start(config, *, model: str | None = None) -> Run:
   """Eval problems, mesh, then the (slow) model load: cheap checks fail first.
 
@@ -106,7 +114,7 @@ def start(config, *, model: str | None = None) -> Run:
     peft.check_config(peft_cfg)
   mesh = shd.make_mesh([tuple(a) for a in config.mesh])
   name = model or config.model
-  module = load_pretrained(name, param_dtype=config.param_dtype, dtype=config.dtype)
+  module = load_pretrained(name, **model_kwargs(config))
   tokenizer = load_tokenizer(name)
   frozen = None
   if use_peft:

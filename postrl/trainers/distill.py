@@ -806,7 +806,7 @@ def make_student(config, teacher_run: common.Run):
   """(student_cfg, graphdef, host params, description) from ``config.student``."""
   st = config.student
   if st.model:
-    module = load_pretrained(st.model, param_dtype=config.param_dtype, dtype=config.dtype)
+    module = load_pretrained(st.model, **common.model_kwargs(config))
     if module.config.vocab_size != teacher_run.model_cfg.vocab_size:
       raise ConfigError(f"config.student.model: {st.model} has a vocabulary of "
                         f"{module.config.vocab_size}, the teacher {config.teacher} of "

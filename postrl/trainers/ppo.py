@@ -294,7 +294,7 @@ def run(config, workdir: str | None) -> dict:
   critic = None
   if not config.shared_trunk:
     critic = load_pretrained(config.get("critic_model") or config.model,
-                             param_dtype=config.param_dtype, dtype=config.dtype)
+                             **common.model_kwargs(config))
     if use_peft:  # the critic's backbone is adapted and frozen like the policy's
       peft.apply_peft(critic, config.peft)
   model = ActorCritic(policy, critic=critic, rngs=nnx.Rngs(config.seed))

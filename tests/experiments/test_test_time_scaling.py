@@ -4,6 +4,7 @@ is never below self-consistency or the reward model's pick; tokens add up)."""
 
 import importlib.util
 import json
+import math
 import os
 
 import pytest
@@ -47,19 +48,87 @@ def test_test_time_scaling_runner_tiny(tiny_model_dir, tmp_path):
     one, four = pts[("self_consistency", 1, None)], pts[("self_consistency", 4, None)]
     assert four["generated"] == pytest.approx(4 * one["generated"])
     assert pts[("beam", 2, None)]["problems"] == problems
-    assert pts[("step_beam", None, None)]["problems"] == 2
-    assert pts[("mcts", None, None)]["problems"] == 2
+    for budget in (1, 2):  # one point per step-search width and per MCTS simulation count
+      assert pts[("step_beam", budget, None)]["problems"] == 2
+      assert pts[("mcts", budget, None)]["problems"] == 2
     assert pts[("greedy", 1, 2)]["problems"] == 2  # greedy on the step-search subset
     assert ("bon_rm", 1, None) in pts or task == "countdown"
-  for stage in ("greedy", "sample", "beam_w2", "step_beam", "mcts"):
+    chooser = summary["tasks"][task]["chooser"]
+    assert chooser.keys() == {"non-oracle", "all"}
+    for row in chooser["non-oracle"] + chooser["all"]:
+      assert len(row["picks"]) == 2 and row["problems"] == problems
+      # step search and MCTS ran on 2 of the 3 problems: never on the chooser's menu
+      assert not {p["method"] for p in row["picks"]} & {"step_beam", "mcts"}
+    assert not {p["method"] for r in chooser["non-oracle"] for p in r["picks"]} & {"bon_verifier"}
+  for stage in ("greedy", "sample", "beam_w2", "step_beam_w1", "step_beam_w2", "mcts_s1",
+                "mcts_s2"):
     assert (tmp_path / "countdown" / f"{stage}.json").exists()
   assert (tmp_path / "arithmetic" / "reward_model.json").exists()
   # A second call reuses every saved stage and reproduces the numbers.
   again = run.main(["--tiny", "--model", tiny_model_dir, "--out", str(tmp_path),
                     "--tasks", "arithmetic"])
   assert again["tasks"]["arithmetic"]["points"] == summary["tasks"]["arithmetic"]["points"]
+  assert again["tasks"]["arithmetic"]["chooser"] == summary["tasks"]["arithmetic"]["chooser"]
   assert again["run_seconds"] < summary["run_seconds"]
   # Other settings for a saved stage are refused, not silently mixed.
   with pytest.raises(SystemExit, match="other settings"):
     run.main(["--tiny", "--model", tiny_model_dir, "--out", str(tmp_path), "--tasks",
               "arithmetic", "--stages", "greedy,sample", "--temperature", "0.3"])
+
+
+
+def test_cross_fit_chooser_scores_each_pick_on_the_other_half():
+  """Hand-made outcomes on 4 problems (halves: {0, 2} and {1, 3}): beam W=2 is right on problem
+  0 only, the vote on problem 1 only, so each half's pick is wrong on the other half. Evaluating
+  a pick on the half it was chosen on would give 50%; cross-fitted it is 0%."""
+  run = _runner()
+  greedy = [0.0, 0.0, 0.0, 0.0]
+
+  def pt(method, n, correct, tokens):
+    return run.point(method, n, correct, tokens, tokens, greedy)
+
+  points = [
+      pt("greedy", 1, greedy, [10] * 4),
+      pt("beam", 2, [1.0, 0.0, 0.0, 0.0], [50] * 4),
+      pt("self_consistency", 4, [0.0, 1.0, 0.0, 0.0], [60] * 4),
+      pt("bon_verifier", 4, [1.0] * 4, [60] * 4),  # an oracle: only on the "all" menu
+      pt("weighted_bon_rm", 16, [1.0] * 4, [400] * 4),
+  ]
+  # ran on 2 of the 4 problems: left off every menu, though it is right and cheap
+  points.append(dict(run.point("mcts", 3, [1.0, 1.0], [5, 5], [5, 5], greedy), problems=2))
+  assert run.halves(4) == ([0, 2], [1, 3])
+  rows = {r["budget"]: r for r in run.cross_fit_chooser(points, [5, 100, 1000],
+                                                        run.MENUS["non-oracle"], 4)}
+  assert 5 not in rows  # nothing fits: greedy alone costs 10
+  r = rows[100]
+  assert [(p["method"], p["n"]) for p in r["picks"]] == [("beam", 2), ("self_consistency", 4)]
+  assert [p["calibration_accuracy"] for p in r["picks"]] == [0.5, 0.5]
+  assert [p["scored_accuracy"] for p in r["picks"]] == [0.0, 0.0]
+  assert r["accuracy"] == 0.0 and r["per_problem"] == [0.0, 0.0, 0.0, 0.0]
+  # tokens are those of the pick that scored each problem: the vote on even, beam on odd
+  assert r["per_problem_tokens"] == [60, 50, 60, 50] and r["tokens"] == 55
+  # best fixed on all 4 problems within 100 tokens: beam W=2 (25%; ties go to fewer tokens)
+  assert (r["best_fixed"]["method"], r["best_fixed"]["n"]) == ("beam", 2)
+  assert r["vs_best_fixed"] == pytest.approx(-0.25) and r["vs_greedy"] == 0.0
+  assert [p["method"] for p in rows[1000]["picks"]] == ["weighted_bon_rm"] * 2
+  assert rows[1000]["accuracy"] == 1.0 and rows[1000]["tokens"] == 400
+  full = run.cross_fit_chooser(points, [100], run.MENUS["all"], 4)[0]
+  assert [p["method"] for p in full["picks"]] == ["bon_verifier", "bon_verifier"]
+  assert full["accuracy"] == 1.0
+
+
+def test_cross_fit_chooser_checks_the_budget_on_the_calibration_half():
+  """A configuration that fits the budget on the odd half only (mean 90 tokens there, 300 on the
+  even half) is picked when calibrating on the odd half and scored (with its 300 tokens) on the
+  even one; calibrating on the even half falls back to greedy."""
+  run = _runner()
+  greedy = [0.0] * 4
+  points = [run.point("greedy", 1, greedy, [10] * 4, [10] * 4, greedy),
+            run.point("beam", 4, [1.0] * 4, [300, 90, 300, 90], [300, 90, 300, 90], greedy)]
+  r = run.cross_fit_chooser(points, [100], run.MENUS["non-oracle"], 4)[0]
+  assert [p["method"] for p in r["picks"]] == ["greedy", "beam"]
+  assert r["per_problem"] == [1.0, 0.0, 1.0, 0.0] and r["accuracy"] == 0.5
+  assert r["per_problem_tokens"] == [300, 10, 300, 10]
+  assert r["best_fixed"]["method"] == "greedy"  # beam W=4 costs 195 on all four
+  assert r["vs_best_fixed"] == pytest.approx(0.5)
+  assert r["vs_best_fixed_se"] == pytest.approx(math.sqrt(1 / 3 / 4))

@@ -1,0 +1,90 @@
+"""attention_impl: the fused (cuDNN) attention path computes the model's own attention.
+
+cuDNN cannot run on CPU, so the fused call is checked through JAX's reference implementation of
+the same ``jax.nn.dot_product_attention`` call (same mask, ``is_causal``, grouped heads), and the
+model's wiring by swapping that reference in for cuDNN.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from postrl.models import ConfigError, Transformer
+from postrl.models import transformer as tfm
+from tests.conftest import tiny_config
+
+
+def _segment_mask(seg_BxT):
+  T = seg_BxT.shape[1]
+  causal = jnp.tril(jnp.ones((T, T), bool))[None]
+  return causal & (seg_BxT[:, :, None] == seg_BxT[:, None, :])
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_fused_attention_matches_einsum_attention(heads, kv_heads):
+  B, T, D = 2, 12, 8
+  kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(kq, (B, T, heads, D))
+  k = jax.random.normal(kk, (B, T, kv_heads, D))
+  v = jax.random.normal(kv, (B, T, kv_heads, D))
+  # row 0: two packed sequences and padding (segment 0); row 1: one sequence
+  seg = jnp.array([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12])
+  mask = _segment_mask(seg)
+  want = tfm.dot_product_attention(q, k, v, mask)
+  got = tfm.fused_attention(q, k, v, mask, implementation="xla")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # the segment mask matters: tokens of segment 2 must not see segment 1
+  plain = tfm.fused_attention(q, k, v, _segment_mask(jnp.ones_like(seg)), implementation="xla")
+  assert not np.allclose(plain[0, 5:9], want[0, 5:9], atol=1e-3)
+  np.testing.assert_allclose(plain[0, :5], want[0, :5], rtol=1e-5, atol=1e-5)
+
+
+def _model(attention_impl):
+  cfg = tiny_config(param_dtype="float32", dtype="bfloat16", attention_impl=attention_impl)
+  return Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+def test_model_with_fused_attention_matches_xla(monkeypatch):
+  """attention_impl='cudnn' routes full-sequence attention through ``fused_attention`` (here
+  JAX's reference of the same call) and gives the same logits and gradients as 'xla'; cached
+  decoding keeps the einsum path."""
+  calls = []
+  reference = tfm.fused_attention
+
+  def fake_cudnn(q, k, v, mask, *, implementation):
+    calls.append(implementation)
+    return reference(q, k, v, mask, implementation="xla")
+
+  monkeypatch.setattr(tfm, "fused_attention", fake_cudnn)
+  fused, plain = _model("cudnn"), _model("xla")
+  tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, 101)
+  seg = jnp.array([[1] * 4 + [2] * 6, [1] * 7 + [0] * 3])
+
+  def loss(model):
+    return jnp.mean(model(tokens, segment_ids_BxT=seg).astype(jnp.float32) ** 2)
+
+  l_f, g_f = nnx.value_and_grad(loss)(fused)
+  l_p, g_p = nnx.value_and_grad(loss)(plain)
+  assert calls and set(calls) == {"cudnn"}
+  np.testing.assert_allclose(l_f, l_p, rtol=2e-2)
+  flat_f, flat_p = jax.tree.leaves(nnx.state(g_f)), jax.tree.leaves(nnx.state(g_p))
+  for a, b in zip(flat_f, flat_p):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=5e-2, atol=5e-3)
+  n = len(calls)
+  cache = tfm.KVCache.zeros(fused.config, 2, 12)
+  fused.decode(tokens[:, :3], jnp.broadcast_to(jnp.arange(3), (2, 3)), cache)
+  assert len(calls) == n  # the cached path never calls the fused kernel
+
+
+def test_cudnn_needs_gpu_and_half_precision():
+  with pytest.raises(ConfigError, match="attention_impl='cudnn' needs dtype bfloat16"):
+    tiny_config(attention_impl="cudnn")  # float32 compute
+  with pytest.raises(ConfigError, match="attention_impl='flash'"):
+    tiny_config(attention_impl="flash")
+  if jax.default_backend() != "gpu":
+    model = _model("cudnn")
+    with pytest.raises(ConfigError, match="needs an NVIDIA GPU"):
+      model(jnp.zeros((1, 4), jnp.int32))

@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import select
 import subprocess
 import time
@@ -147,6 +148,101 @@ class Results:
 def log(msg: str):
   """Progress on stdout, flushed at once (a killed run still shows every finished step)."""
   print(msg, flush=True)
+
+
+# ------------------------------------------------------------------ what one loop step launches
+
+# Instructions of optimised HLO that launch nothing on their own (views, plumbing, constants).
+_NO_LAUNCH = frozenset({
+    "parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all",
+    "partition-id", "replica-id", "opt-barrier", "add-dependency", "domain"})
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = .*? ([a-z][a-z0-9\-]*)\((.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+) .*\{\s*$")
+
+
+def _computations(hlo_text: str) -> tuple[dict, str | None]:
+  """{name: [(opcode, rest of line)]} of every computation, and the ENTRY's name."""
+  comps, entry, current = {}, None, None
+  for line in hlo_text.splitlines():
+    if current is None:
+      m = _COMPUTATION.match(line)
+      if m and "->" in line:
+        current = m.group(1)
+        comps[current] = []
+        if line.startswith("ENTRY"):
+          entry = current
+      continue
+    if line.strip() == "}":
+      current = None
+      continue
+    m = _INSTRUCTION.match(line)
+    if m:
+      comps[current].append((m.group(1), m.group(2)))
+  return comps, entry
+
+
+def loop_launches(hlo_text: str) -> dict:
+  """Operations launched per iteration of the main loop of a compiled program (e.g. a decode step).
+
+  Reads the optimised HLO (``jax.jit(f).lower(...).compile().as_text()``): the main loop is the
+  ENTRY computation's ``while`` with the most instructions in its body. Every instruction that is
+  not plumbing (``_NO_LAUNCH``) counts once: a fusion, a library call (``custom-call``: cuBLAS,
+  cuDNN, a Pallas kernel), a copy, a scatter ... A nested ``while`` counts its body (and its
+  condition, when its trip count is unknown) times its known trip count; a ``conditional`` its
+  largest branch; a ``call`` its callee. On a GPU each counted instruction is roughly one kernel
+  launch (an XLA runtime thunk; command buffers / CUDA graphs batch them), so launches x
+  per-launch overhead bounds how fast a small step can be. Returns ``{"launches": n, "by_op":
+  {opcode: n}, "nested_loops": [(trip count, launches per trip)], "unknown_trip_counts": k}``;
+  ``launches`` is None when the program has no loop.
+  """
+  comps, entry = _computations(hlo_text)
+  by_op, nested, unknown = {}, [], [0]
+
+  def count(name, scale, depth):
+    total = 0
+    for opcode, rest in comps.get(name, ()):
+      if opcode == "while":
+        body = re.search(r"body=%?([\w.\-]+)", rest).group(1)
+        cond = re.search(r"condition=%?([\w.\-]+)", rest).group(1)
+        trip = re.search(r'known_trip_count"?:\{"n":"(\d+)"', rest)
+        if trip is None:
+          unknown[0] += 1
+        n = int(trip.group(1)) if trip else 1
+        inner = count(body, scale * n, depth + 1)
+        if trip is None:  # a data-dependent condition runs (and is read back) every iteration
+          inner += count(cond, scale, depth + 1)
+        if depth == 0:
+          nested.append((n, inner // max(n, 1)))
+        total += inner
+      elif opcode == "conditional":
+        if "branch_computations={" in rest:
+          listed = rest.split("branch_computations={", 1)[1].split("}", 1)[0]
+          branches = re.findall(r"%?([\w.\-]+)", listed)
+        else:
+          branches = re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", rest)
+        total += max((count(b, scale, depth) for b in branches), default=0)
+      elif opcode == "call":
+        callee = re.search(r"to_apply=%?([\w.\-]+)", rest)
+        total += count(callee.group(1), scale, depth) if callee else scale
+      elif opcode not in _NO_LAUNCH:
+        key = opcode
+        if opcode == "custom-call":
+          target = re.search(r'custom_call_target="([^"]+)"', rest)
+          key = f"custom-call:{target.group(1)}" if target else opcode
+        by_op[key] = by_op.get(key, 0) + scale
+        total += scale
+    return total
+
+  loops = [rest for opcode, rest in comps.get(entry, ()) if opcode == "while"]
+  if not loops:
+    return dict(launches=None, by_op={}, nested_loops=[], unknown_trip_counts=0)
+  body_of = lambda rest: re.search(r"body=%?([\w.\-]+)", rest).group(1)  # noqa: E731
+  main = max(loops, key=lambda rest: len(comps.get(body_of(rest), ())))
+  launches = count(body_of(main), 1, 0)
+  if 'known_trip_count' not in main:
+    launches += count(re.search(r"condition=%?([\w.\-]+)", main).group(1), 1, 0)
+  return dict(launches=launches, by_op=dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+              nested_loops=nested, unknown_trip_counts=unknown[0])
 
 
 

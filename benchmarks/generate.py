@@ -119,6 +119,32 @@ def time_postrl(model, batch, prompt_len, new_tokens, repeats, top_p,
               seconds=times)
 
 
+def decode_step_launches(model, batch, prompt_len, new_tokens, top_p,
+                         sampling_impl: str = "xla") -> dict:
+  """``common.loop_launches`` of the program ``time_postrl`` runs: what one decode step launches.
+
+  Compiles ``postrl.sampling.generate``'s jitted body again with the same arguments (the
+  persistent compilation cache, when set, makes this a cache hit) and reads its optimised HLO.
+  """
+  import importlib  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  gen = importlib.import_module("postrl.sampling.generate")  # the module, not the function
+  graphdef, params = nnx.split(model)
+  tokens = np.full((batch, prompt_len), 100, np.int32)
+  lengths = np.full((batch,), prompt_len, np.int32)
+  impl = sampling_impl
+  if impl == "auto":
+    from kernels import sampling as sampling_kernels  # pylint: disable=import-outside-toplevel
+    impl = sampling_kernels.choose_impl(model.config.vocab_size, temperature=1.0, top_k=None,
+                                        top_p=top_p, min_p=None, impl="auto")
+  lowered = gen._generate.lower(  # pylint: disable=protected-access
+      graphdef, params, tokens, lengths, jax.random.key(0), max_new_tokens=new_tokens,
+      temperature=1.0, top_k=None, top_p=top_p, min_p=None, eos_ids=(), pad_id=0,
+      sampling_impl=impl, interpret=False)
+  return common.loop_launches(lowered.compile().as_text())
+
+
 # ----------------------------------------------------------------------------- transformers
 
 
@@ -261,6 +287,9 @@ def parse_args(argv=None):
                       help="samplers to time ('xla', always timed, gives the row's postrl_* "
                            "numbers; each other adds postrl_<impl>_* fields)")
   parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
+  parser.add_argument("--launches", action="store_true",
+                      help="also count the operations one decode step launches (compiles the "
+                           "program once more and reads its optimised HLO)")
   parser.add_argument("--time-limit", type=float, default=None,
                       help="seconds for the whole run; later shapes are skipped once spent")
   parser.add_argument("--copy-mib", type=int, default=None,
@@ -323,7 +352,8 @@ def _run(args, budget, baseline):
   results = common.Results(args.out, **env, settings=settings, model=dict(
       name=args.config or args.model, random_weights=bool(args.config),
       num_params=cfg.num_params(), config=cfg.to_hf()), status="running",
-      xla_python_client_mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"), rows=[])
+      xla_python_client_mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
+      xla_flags=os.environ.get("XLA_FLAGS", ""), rows=[])
   common.log(f"{env['device']} ({env['backend']}), jax {jax.__version__}; model "
              f"{args.config or args.model}: {cfg.num_params() / 1e6:.0f}M params, {args.dtype}")
 
@@ -362,6 +392,15 @@ def _run(args, budget, baseline):
                  fraction_of_bound=round(ours["tokens_per_s"] / bound, 3))
     except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: keep the others)
       row["postrl_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if args.launches and not budget.over():
+      try:
+        row["postrl_launches_per_step"] = decode_step_launches(
+            model, batch, args.prompt_len, args.new_tokens, args.top_p)
+        common.log(f"batch {batch}: one decode step launches "
+                   f"{row['postrl_launches_per_step']['launches']} operations "
+                   f"{json.dumps(row['postrl_launches_per_step']['by_op'])}")
+      except Exception as e:  # pylint: disable=broad-except
+        row["postrl_launches_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     for impl in args.sampling_impl:  # the same decode with another sampler (e.g. the kernel)
       if impl == "xla" or budget.over():
         continue
@@ -371,6 +410,9 @@ def _run(args, budget, baseline):
                             args.top_p, sampling_impl=impl)
         row[f"postrl_{impl}_tokens_per_s"] = round(other["tokens_per_s"], 1)
         row[f"postrl_{impl}_ms_per_step"] = round(1e3 * batch / other["tokens_per_s"], 3)
+        if args.launches:
+          row[f"postrl_{impl}_launches_per_step"] = decode_step_launches(
+              model, batch, args.prompt_len, args.new_tokens, args.top_p, sampling_impl=impl)
       except Exception as e:  # pylint: disable=broad-except
         row[f"postrl_{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     if baseline is not None and not budget.over():

@@ -85,9 +85,14 @@ def test_train_step_halves_a_batch_that_does_not_fit(tmp_path):
 def test_generate_tiny_with_transformers(tmp_path):
   out = tmp_path / "generate.json"
   stdout = _run("generate.py", "--config", "tiny", "--batch", "2", "--prompt-len", "4",
-                "--new-tokens", "4", "--repeats", "1", "--copy-mib", "8", "--out", str(out))
+                "--new-tokens", "4", "--repeats", "1", "--copy-mib", "8", "--launches",
+                "--out", str(out))
   doc = json.loads(out.read_text())
   assert doc["status"] == "complete" and doc["settings"]["dtype"] == "float32"
+  # top-p 0.9: the sampler's 32-pass bisection is a loop nested in every decode step
+  launches = doc["rows"][0]["postrl_launches_per_step"]
+  assert [32, 0] < max(launches["nested_loops"]) and launches["unknown_trip_counts"] == 0
+  assert launches["launches"] > 32 and sum(launches["by_op"].values()) == launches["launches"]
   assert doc["transformers"]["ready"] and doc["transformers"]["versions"]["transformers"]
   cfg = _tiny_cfg()
   bandwidth = max(doc["copy_bandwidth_bytes_per_s"], doc["matvec_bandwidth_bytes_per_s"])
@@ -102,6 +107,54 @@ def test_generate_tiny_with_transformers(tmp_path):
     assert row["ratio"] == pytest.approx(
         row["postrl_tokens_per_s"] / row["transformers_tokens_per_s"], abs=0.01)
   assert "batch 2:" in stdout and "transformers tok/s" in stdout
+
+
+_HLO = """HloModule m
+
+%inner_body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]{0}) parameter(0)
+  %a = f32[4]{0} get-tuple-element(%p), index=1
+  %f = f32[4]{0} fusion(%a), kind=kLoop, calls=%fc
+  %g = f32[4]{0} fusion(%f), kind=kLoop, calls=%fc
+  ROOT %t = (s32[], f32[4]{0}) tuple(%i, %g)
+}
+
+%inner_cond (p: (s32[], f32[4])) -> pred[] {
+  %p = (s32[], f32[4]{0}) parameter(0)
+  ROOT %c = pred[] fusion(%p), kind=kLoop, calls=%cc
+}
+
+%outer_body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]{0}) parameter(0)
+  %x = f32[4]{0} custom-call(%p), custom_call_target="__cublas$gemm"
+  %w = (s32[], f32[4]{0}) while(%p), condition=%inner_cond, body=%inner_body, backend_config={"known_trip_count":{"n":"32"}}
+  %y = f32[4]{0} copy(%x)
+  ROOT %t = (s32[], f32[4]{0}) tuple(%i, %y)
+}
+
+%outer_cond (p: (s32[], f32[4])) -> pred[] {
+  %p = (s32[], f32[4]{0}) parameter(0)
+  ROOT %c = pred[] fusion(%p), kind=kLoop, calls=%cc
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  %pre = f32[4]{0} fusion(%a), kind=kLoop, calls=%fc
+  %w = (s32[], f32[4]{0}) while(%t0), condition=%outer_cond, body=%outer_body
+  ROOT %r = f32[4]{0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_loop_launches_counts_one_step_of_the_main_loop():
+  got = common.loop_launches(_HLO)
+  # outer body: gemm + copy + 32 x 2 fusions of the inner loop (known trip count: its condition
+  # is not run); the outer loop's trip count is unknown, so its condition counts once. The
+  # fusion before the loop is not part of a step.
+  assert got["launches"] == 1 + 1 + 32 * 2 + 1
+  assert got["by_op"] == {"fusion": 65, "custom-call:__cublas$gemm": 1, "copy": 1}
+  assert got["nested_loops"] == [(32, 2)] and got["unknown_trip_counts"] == 0
+  assert common.loop_launches("ENTRY %main (a: f32[]) -> f32[] {\n}\n")["launches"] is None
 
 
 def test_generate_time_limit_still_writes_json(tmp_path):

@@ -249,6 +249,8 @@ def parse_args(argv=None):
   parser.add_argument("--attention", nargs="+", choices=["xla", "cudnn"], default=["xla"],
                       help="attention implementations to time, each with both jobs "
                            "(postrl.models.ModelConfig.attention_impl; cudnn: GPU, bf16)")
+  parser.add_argument("--remat", choices=["none", "full", "dots"], default="none",
+                      help="block rematerialisation (postrl.models.ModelConfig.remat)")
   parser.add_argument("--vocab-chunk", type=int, default=None,
                       help="log-prob vocabulary chunk (None: full [B, T, V] logits)")
   parser.add_argument("--matmul-n", type=int, default=None,
@@ -289,7 +291,8 @@ def main(argv=None):
   env = common.environment()
   args.device_memory_bytes = (int(args.memory_limit_gib * 2**30) if args.memory_limit_gib
                               else env.get("device_memory_bytes"))
-  cfg = common.model_config(args.config, param_dtype=args.param_dtype, dtype=args.dtype)
+  cfg = common.model_config(args.config, param_dtype=args.param_dtype,
+                            dtype=args.dtype).replace(remat=args.remat)
   mesh = shd.make_mesh(MESH)
   shards = shd.batch_shards(mesh)
   if args.batch % shards or (args.batch // 2) % shards:

@@ -24,6 +24,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 ATTENTION_IMPLS = ("xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -72,6 +73,12 @@ class ModelConfig:
   # cuDNN's fused flash attention through ``jax.nn.dot_product_attention`` (NVIDIA GPU, bfloat16
   # / float16 only; no [T, S] scores in memory). Cached decoding always uses "xla".
   attention_impl: str = "xla"
+  # Activation rematerialisation of each decoder block in full-sequence forwards (training):
+  # "none" keeps every intermediate for the backward pass; "full" keeps only each block's input
+  # and recomputes the block in the backward pass (~1/3 more FLOPs); "dots" also keeps the
+  # outputs of the weight matmuls (jax.checkpoint_policies.dots_with_no_batch_dims_saveable), so
+  # only the cheap elementwise work and attention are recomputed. A runtime choice like dtype.
+  remat: str = "none"
 
   def __post_init__(self):
     if self.hidden_size % self.num_attention_heads and self.head_dim is None:
@@ -97,6 +104,8 @@ class ModelConfig:
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ConfigError(f"attention_impl={self.attention_impl!r}; expected one of "
                         f"{list(ATTENTION_IMPLS)}")
+    if self.remat not in REMAT_POLICIES:
+      raise ConfigError(f"remat={self.remat!r}; expected one of {list(REMAT_POLICIES)}")
     if (self.attention_impl == "cudnn"
         and jnp.dtype(dtype_from_name(self.dtype)) not in (jnp.bfloat16, jnp.float16)):
       raise ConfigError(f"attention_impl='cudnn' needs dtype bfloat16 or float16 (cuDNN's flash "

@@ -275,6 +275,26 @@ class Block(nnx.Module):
 # ----------------------------------------------------------------------------------- model
 
 
+def _call_block(layer, *args):
+  return layer(*args)
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _remat_block(policy: str):
+  """``_call_block`` under ``nnx.remat`` with ``ModelConfig.remat``'s policy ("none": as is).
+
+  Rematerialisation (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"): the
+  backward pass recomputes what the policy does not save, from each block's saved input."""
+  if policy == "none":
+    return _call_block
+  return nnx.remat(_call_block, policy=_REMAT[policy])
+
+
 def positions_from_segments(segment_ids_BxT):
   """Index of each token within its run of equal segment ids (0, 1, 2, ... restarting per run)."""
   T = segment_ids_BxT.shape[1]
@@ -335,10 +355,11 @@ class Transformer(nnx.Module):
       prompt_kv = self.virtual_kv(prompt()[None].astype(dt), inv_freq)
       rope_positions = positions_BxT + prompt.num_virtual_tokens
     new_k, new_v = [], []
+    run_layer = _remat_block(cfg.remat) if cache is None else _call_block
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, kv = layer(x, positions_BxT, mask, inv_freq, kv,
-                    None if prompt_kv is None else prompt_kv[i], rope_positions)
+      x, kv = run_layer(layer, x, positions_BxT, mask, inv_freq, kv,
+                        None if prompt_kv is None else prompt_kv[i], rope_positions)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])

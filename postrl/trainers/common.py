@@ -93,10 +93,13 @@ class Run:
 
 def model_kwargs(config) -> dict:
   """``load_pretrained`` keyword arguments from a job config: ``param_dtype``, ``dtype`` and the
-  optional ``attention_impl`` ("xla" by default; "cudnn" on an NVIDIA GPU in bf16: fused flash
-  attention for every full-sequence forward, ``postrl.models.ModelConfig``)."""
+  optional runtime options of ``postrl.models.ModelConfig``: ``attention_impl`` ("xla" by
+  default; "cudnn" on an NVIDIA GPU in bf16: fused flash attention for every full-sequence
+  forward) and ``remat`` ("none" by default; "full" / "dots": recompute each block's activations
+  in the backward pass)."""
   return dict(param_dtype=config.param_dtype, dtype=config.dtype,
-              attention_impl=config.get("attention_impl", "xla"))
+              attention_impl=config.get("attention_impl", "xla"),
+              remat=config.get("remat", "none"))
 
 
 def start(config, *, model: str | None = None) -> Run:

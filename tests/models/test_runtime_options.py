@@ -1,4 +1,5 @@
-"""attention_impl: the fused (cuDNN) attention path computes the model's own attention.
+"""Runtime options of the model: attention_impl (the fused cuDNN path computes the model's own
+attention) and remat (rematerialised blocks compute the same function).
 
 cuDNN cannot run on CPU, so the fused call is checked through JAX's reference implementation of
 the same ``jax.nn.dot_product_attention`` call (same mask, ``is_causal``, grouped heads), and the
@@ -88,3 +89,41 @@ def test_cudnn_needs_gpu_and_half_precision():
     model = _model("cudnn")
     with pytest.raises(ConfigError, match="needs an NVIDIA GPU"):
       model(jnp.zeros((1, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_gives_the_same_loss_and_gradients(policy):
+  """Rematerialised blocks compute the same function: loss and gradients match remat='none', and
+  the policy really is applied (the backward pass recomputes: more ops in the jaxpr)."""
+  tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, 101)
+  seg = jnp.array([[1] * 4 + [2] * 6, [1] * 7 + [0] * 3])
+
+  def loss(model):
+    return jnp.mean(model(tokens, segment_ids_BxT=seg) ** 2)
+
+  base = Transformer(tiny_config(), rngs=nnx.Rngs(0))
+  remat = Transformer(tiny_config(remat=policy), rngs=nnx.Rngs(0))
+  l0, g0 = nnx.value_and_grad(loss)(base)
+  l1, g1 = nnx.value_and_grad(loss)(remat)
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(nnx.state(g1)), jax.tree.leaves(nnx.state(g0))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  jaxpr = str(jax.make_jaxpr(lambda m: nnx.grad(loss)(m))(remat))
+  assert "remat" in jaxpr or "checkpoint" in jaxpr
+  assert "checkpoint" not in str(jax.make_jaxpr(lambda m: nnx.grad(loss)(m))(base))
+  with pytest.raises(ConfigError, match="remat='some'"):
+    tiny_config(remat="some")
+
+
+def test_remat_reduces_activation_memory():
+  """XLA's buffer assignment for a gradient of 8 blocks at T = 256: remat='full' keeps only the
+  blocks' inputs (measured: 155 MiB of temporaries without remat, 29 MiB with)."""
+  def temp_bytes(remat):
+    cfg = tiny_config(num_hidden_layers=8, hidden_size=128, intermediate_size=512,
+                      max_position_embeddings=1024, remat=remat)
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tokens = jnp.zeros((4, 256), jnp.int32)
+    loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(tokens) ** 2)  # noqa: E731
+    return jax.jit(jax.grad(loss)).lower(state).compile().memory_analysis().temp_size_in_bytes
+
+  assert temp_bytes("full") < 0.5 * temp_bytes("none")

@@ -2,7 +2,7 @@
 self-consistency, best-of-N (verifier = oracle, trained reward model, reward-weighted vote), beam
 search, and verifier-guided step beam search and MCTS, on 1-digit arithmetic and Countdown.
 
-    python experiments/test_time_scaling/run.py                      # ~45 min on a 2-core CPU
+    python experiments/test_time_scaling/run.py                      # ~60 min on a 2-core CPU
     python experiments/test_time_scaling/run.py --stages greedy,sample --tasks arithmetic
     python experiments/test_time_scaling/run.py --rm_data TRAIN.jsonl,EVAL.jsonl   # RM pairs
     python experiments/test_time_scaling/run.py --tiny --model DIR --out /tmp/tts   # seconds
@@ -26,8 +26,10 @@ same settings reuses it; other settings are an error, delete the file to rerun):
                 ``--rm_data`` pairs; ``<out>/rm``); ``--rm_tasks`` (arithmetic: its task)
   step_beam     step beam search over newline-delimited steps, values from verifier roll-outs
                 (``RolloutValue``), on the first ``--search_problems`` problems of
-                ``--search_tasks`` (arithmetic)
-  mcts          PUCT tree search over the same steps with the same values, same problems
+                ``--search_tasks`` (arithmetic): one stage ``step_beam_w{W}`` per width W in
+                ``--step_widths`` (``--step_expansions`` expansions per beam)
+  mcts          PUCT tree search over the same steps with the same values, same problems: one
+                stage ``mcts_s{S}`` per simulation count S in ``--simulations``
 
 Selections from the N samples (``select`` on disjoint blocks of n of the N samples, averaged over
 the N / n blocks: an unbiased estimate of the accuracy at n from one run):
@@ -39,6 +41,12 @@ the N / n blocks: an unbiased estimate of the accuracy at n from one run):
                      upper bound for any selection from these samples
   bon_rm             best-of-n by the reward model's score r(x, y)
   weighted_bon_rm    reward-weighted vote, weights σ(r(x, y)) (Li et al. 2023; Snell et al. 2024)
+
+The compute-optimal chooser (Snell et al. 2024, ``choose_compute_optimal``) is cross-fitted on
+the saved per-problem results, no model needed (``cross_fit_chooser``): for each budget in
+``--budgets`` it picks the strategy and N / W / S on the even-numbered problems and is scored on
+the odd ones, and the reverse; once with the strategies that never read the reference answer,
+once with all of them.
 
 Tokens per problem (x axis) are the library's exact counts (``TokenCount``): prompt tokens the
 policy prefilled (a prompt sampled n times counts n times), tokens it generated (roll-outs
@@ -76,12 +84,22 @@ COUNTDOWN = dict(name="countdown", num_numbers=3, max_number=10, min_target=1, m
 # Tokens per completion: enough that an arithmetic answer is not cut (a cut ramble's last number
 # is often one from the question); Countdown answers are one line.
 MAX_NEW_TOKENS = {"arithmetic": 128, "countdown": 80}
-SAMPLED = ("self_consistency", "bon_verifier", "bon_rm", "weighted_bon_rm")
 LABELS = {"greedy": "greedy", "self_consistency": "self-consistency (majority)",
           "bon_verifier": "best-of-N, verifier (oracle)",
           "bon_rm": "best-of-N, reward model", "weighted_bon_rm": "weighted best-of-N, RM",
           "beam": "beam search", "step_beam": "step beam search (verifier roll-outs)",
           "mcts": "MCTS (verifier roll-outs)"}
+# Short names of a (strategy, N) in the chooser's table, and the letter of its budget.
+SHORT = {"greedy": ("greedy", ""), "self_consistency": ("vote", "N"),
+         "bon_verifier": ("oracle BoN", "N"), "bon_rm": ("RM BoN", "N"),
+         "weighted_bon_rm": ("weighted RM", "N"), "beam": ("beam", "W"),
+         "step_beam": ("step beam", "W"), "mcts": ("MCTS", "S")}
+# The compute-optimal chooser's menus: without every strategy that reads the reference answer
+# (the verifier's best-of-N, and step search / MCTS, whose values are verifier roll-outs), and
+# with them.
+MENUS = {"non-oracle": ("greedy", "self_consistency", "bon_rm", "weighted_bon_rm", "beam"),
+         "all": ("greedy", "self_consistency", "bon_rm", "weighted_bon_rm", "beam",
+                 "bon_verifier", "step_beam", "mcts")}
 
 
 # ------------------------------------------------------------------------------------ problems
@@ -270,34 +288,37 @@ class Stages:
     from postrl.sampling.search import RolloutValue
     return RolloutValue(self.search_policy, self.verifier, rollouts=self.args.rollouts, key=key)
 
-  def step_beam(self) -> dict:
+  def step_beam(self, width: int) -> dict:
+    """Step beam search with ``width`` beams (``--step_expansions`` each), saved as
+    ``step_beam_w{width}``."""
     # pylint: disable-next=import-outside-toplevel
     from postrl.sampling.search import step_beam_search
     import jax  # pylint: disable=import-outside-toplevel
     a = self.args
     problems = self.problems[:a.search_problems]
-    settings = dict(temperature=a.temperature, subset=len(problems), width=a.step_width,
+    settings = dict(temperature=a.temperature, subset=len(problems), width=width,
                     expansions=a.step_expansions, max_steps=a.max_steps, rollouts=a.rollouts,
                     max_step_tokens=a.max_step_tokens, batch_size=a.search_batch_size,
                     complete_unfinished=True)
-    return self._run("step_beam", settings, lambda key: result_rows(step_beam_search(
+    return self._run(f"step_beam_w{width}", settings, lambda key: result_rows(step_beam_search(
         self.search_policy, problems, value_fn=self._rollout_value(jax.random.fold_in(key, 1)),
-        key=key, width=a.step_width, expansions=a.step_expansions, max_steps=a.max_steps,
+        key=key, width=width, expansions=a.step_expansions, max_steps=a.max_steps,
         complete_unfinished=True, extract=self.extract, equal=self.equal), problems,
         self.correct))
 
-  def mcts(self) -> dict:
+  def mcts(self, simulations: int) -> dict:
+    """MCTS with ``simulations`` iterations per problem, saved as ``mcts_s{simulations}``."""
     from postrl.sampling.search import mcts  # pylint: disable=import-outside-toplevel
     import jax  # pylint: disable=import-outside-toplevel
     a = self.args
     problems = self.problems[:a.search_problems]
     settings = dict(temperature=a.temperature, subset=len(problems),
-                    simulations=a.simulations, branching=a.branching, max_depth=a.max_steps,
+                    simulations=simulations, branching=a.branching, max_depth=a.max_steps,
                     rollouts=a.rollouts, max_step_tokens=a.max_step_tokens,
                     batch_size=a.search_batch_size, final_completion="batched")
-    return self._run("mcts", settings, lambda key: result_rows(mcts(
+    return self._run(f"mcts_s{simulations}", settings, lambda key: result_rows(mcts(
         self.search_policy, problems, value_fn=self._rollout_value(jax.random.fold_in(key, 1)),
-        key=key, simulations=a.simulations, branching=a.branching, max_depth=a.max_steps,
+        key=key, simulations=simulations, branching=a.branching, max_depth=a.max_steps,
         extract=self.extract), problems, self.correct))
 
 
@@ -461,17 +482,75 @@ def analyse(problems, records: dict, ns, funcs, args, max_new_tokens: int) -> di
     if f"beam_w{width}" in records:
       points.append(row_points("beam", width, records[f"beam_w{width}"], greedy_correct))
   subset = []
-  for method in ("step_beam", "mcts"):
-    if method in records:
-      points.append(row_points(method, None, records[method], greedy_correct))
-      subset.append(len(records[method]["rows"]))
+  for method, stage, budgets in (("step_beam", "step_beam_w", args.step_widths),
+                                 ("mcts", "mcts_s", args.simulations)):
+    for n in budgets:
+      if f"{stage}{n}" in records:
+        points.append(row_points(method, n, records[f"{stage}{n}"], greedy_correct))
+        subset.append(len(records[f"{stage}{n}"]["rows"]))
   for k in sorted(set(subset)):
     if k < len(problems):
       refs = [p for p in points if (p["method"], p["n"]) in (
           ("greedy", 1), ("self_consistency", max(ns)), ("bon_verifier", max(ns)))]
       points += [subset_point(p, k, greedy_correct) for p in refs]
-  return dict(points=points, stats=stats,
+  chooser = {menu: cross_fit_chooser(points, args.budgets, methods, len(problems))
+             for menu, methods in MENUS.items()}
+  return dict(points=points, chooser=chooser, stats=stats,
               seconds={k: v["seconds"] for k, v in records.items()})
+
+
+def halves(k: int) -> tuple[list[int], list[int]]:
+  """The fixed split of ``k`` problems for cross-fitting: even and odd positions in the drawn
+  order (the draw is seeded and unrelated to difficulty)."""
+  return list(range(0, k, 2)), list(range(1, k, 2))
+
+
+def cross_fit_chooser(points: list[dict], budgets, menu, k: int) -> list[dict]:
+  """The compute-optimal chooser, cross-fitted on the ``k`` problems.
+
+  Snell et al. 2024 (§3.1) pick θ*(B) = argmax_θ acc_cal(θ) over the configurations θ (strategy,
+  N) whose mean tokens per problem on the calibration problems are <= B. Here
+  ``choose_compute_optimal`` (``postrl.sampling.search``) makes that pick on one half of the
+  problems (``halves``) from the saved per-problem outcomes and tokens of every point whose
+  method is in ``menu`` and that ran on all ``k`` problems; the pick is scored on the other half,
+  then the halves swap, so every problem's outcome comes from a pick made without it. Per budget:
+  the two picks, the chooser's accuracy and tokens over the ``k`` problems, and its paired
+  difference with greedy and with the best fixed configuration within B chosen on all ``k``
+  problems (in-sample, so that comparison favours the fixed one). Budgets where no configuration
+  fits on a half are left out.
+  """
+  # pylint: disable-next=import-outside-toplevel
+  from postrl.sampling.search import CalibrationPoint, choose_compute_optimal
+  menu_points = [p for p in points if p["method"] in menu and p["problems"] == k
+                 and not p.get("subset")]
+  calibration = [CalibrationPoint(p["method"], p["n"], tuple(p["per_problem"]),
+                                  tuple(p["per_problem_tokens"])) for p in menu_points]
+  greedy = next(p for p in points if p["method"] == "greedy" and not p.get("subset"))
+  out = []
+  for budget in budgets:
+    correct, tokens, picks = [0.0] * k, [0.0] * k, []
+    for fit, held in (halves(k), halves(k)[::-1]):
+      pick = choose_compute_optimal(calibration, budget, idx=fit)
+      if pick is None:
+        break
+      for i in held:
+        correct[i], tokens[i] = pick.correct[i], pick.tokens[i]
+      picks.append(dict(method=pick.strategy, n=pick.n, calibration_accuracy=pick.accuracy(fit),
+                        calibration_tokens=pick.mean_tokens(fit), scored_accuracy=pick.accuracy(
+                            held), scored_tokens=pick.mean_tokens(held)))
+    if len(picks) < 2:
+      continue
+    best = choose_compute_optimal(calibration, budget)
+    acc = sum(correct) / k
+    vs_best, vs_best_se = paired(correct, best.correct)
+    vs_greedy, vs_greedy_se = paired(correct, greedy["per_problem"])
+    out.append(dict(budget=budget, picks=picks, problems=k, accuracy=acc, se=se(acc, k),
+                    tokens=sum(tokens) / k, vs_greedy=vs_greedy, vs_greedy_se=vs_greedy_se,
+                    best_fixed=dict(method=best.strategy, n=best.n, accuracy=best.accuracy(),
+                                    tokens=best.mean_tokens()),
+                    vs_best_fixed=vs_best, vs_best_fixed_se=vs_best_se, per_problem=correct,
+                    per_problem_tokens=tokens))
+  return out
 
 
 # -------------------------------------------------------------------------------------- report
@@ -479,7 +558,7 @@ def analyse(problems, records: dict, ns, funcs, args, max_new_tokens: int) -> di
 
 def table(task: str, result: dict) -> str:
   lines = [f"**{task}**", "",
-           "| strategy | N / W | problems | accuracy ± SE | vs greedy (paired) ± SE | "
+           "| strategy | N / W / S | problems | accuracy ± SE | vs greedy (paired) ± SE | "
            "tokens / problem | generated / problem |", "|---|---|---|---|---|---|---|"]
   for p in result["points"]:
     label = LABELS[p["method"]] + (f" (first {p['subset']})" if p.get("subset") else "")
@@ -491,10 +570,36 @@ def table(task: str, result: dict) -> str:
   return "\n".join(lines)
 
 
+def short(method: str, n) -> str:
+  """A (strategy, N) in a few characters: "beam W=4", "vote N=16", "MCTS S=8", "greedy"."""
+  name, letter = SHORT[method]
+  return f"{name} {letter}={n}" if letter else name
+
+
+def chooser_table(task: str, result: dict) -> str:
+  """The cross-fitted chooser per menu and budget, next to the best fixed configuration."""
+  k = result["points"][0]["problems"]
+  lines = [f"**{task}: compute-optimal chooser, cross-fitted (picked on the even-numbered "
+           f"problems, scored on the odd ones, and the reverse)**", "",
+           "| menu | budget | picks (on even / on odd) | accuracy ± SE | tokens / problem | "
+           f"best fixed within budget (all {k}) | its accuracy | chooser − best fixed ± SE | "
+           "chooser − greedy ± SE |", "|---|---|---|---|---|---|---|---|---|"]
+  for menu, rows in result["chooser"].items():
+    for r in rows:
+      picks = " / ".join(short(p["method"], p["n"]) for p in r["picks"])
+      b = r["best_fixed"]
+      lines.append(f"| {menu} | {r['budget']} | {picks} | {100 * r['accuracy']:.1f} ± "
+                   f"{100 * r['se']:.1f} | {r['tokens']:.0f} | {short(b['method'], b['n'])} "
+                   f"({b['tokens']:.0f} tokens) | {100 * b['accuracy']:.1f} | "
+                   f"{100 * r['vs_best_fixed']:+.1f} ± {100 * r['vs_best_fixed_se']:.1f} | "
+                   f"{100 * r['vs_greedy']:+.1f} ± {100 * r['vs_greedy_se']:.1f} |")
+  return "\n".join(lines)
+
+
 STYLE = {"self_consistency": ("tab:blue", "o", "-"), "bon_verifier": ("tab:gray", "s", "--"),
          "bon_rm": ("tab:orange", "^", "-"), "weighted_bon_rm": ("tab:red", "v", "-"),
          "beam": ("tab:green", "D", "-"), "greedy": ("black", "*", ""),
-         "step_beam": ("tab:purple", "P", ""), "mcts": ("tab:brown", "X", "")}
+         "step_beam": ("tab:purple", "P", "-"), "mcts": ("tab:brown", "X", "-")}
 
 
 def plot(results: dict, path: str) -> None:
@@ -508,8 +613,6 @@ def plot(results: dict, path: str) -> None:
         methods.append(p["method"])
     for method in methods:
       pts = [p for p in result["points"] if p["method"] == method and not p.get("subset")]
-      if method in ("step_beam", "mcts"):  # evaluated on a subset: plotted as measured there
-        pts = [p for p in result["points"] if p["method"] == method]
       if not pts:
         continue
       colour, marker, ls = STYLE[method]
@@ -517,13 +620,18 @@ def plot(results: dict, path: str) -> None:
       ys = [100 * p["accuracy"] for p in pts]
       es = [100 * p["se"] for p in pts]
       label = LABELS[method] + (f" ({pts[0]['problems']} problems)"
-                                if method in ("step_beam", "mcts") else "")
+                                if pts[0]["problems"] < result["points"][0]["problems"] else "")
       ax.errorbar(xs, ys, yerr=es, color=colour, marker=marker, ls=ls or "none", capsize=2,
                   ms=8 if method == "greedy" else 5, label=label)
-      if method in SAMPLED or method == "beam":
+      if method != "greedy":
         for p, x, y in zip(pts, xs, ys):
           ax.annotate(str(p["n"]), (x, y), textcoords="offset points", xytext=(3, 3),
                       fontsize=7, color=colour)
+    chosen = result.get("chooser", {}).get("non-oracle", [])
+    if chosen:
+      ax.plot([r["tokens"] for r in chosen], [100 * r["accuracy"] for r in chosen], color="black",
+              marker="o", mfc="none", ls="--", lw=1, ms=7,
+              label="compute-optimal chooser, cross-fitted (non-oracle menu)")
     greedy = next(p for p in result["points"] if p["method"] == "greedy")
     ax.axhline(100 * greedy["accuracy"], color="black", ls=":", lw=0.8)
     ax.set_xscale("log", base=2)
@@ -538,8 +646,9 @@ def plot(results: dict, path: str) -> None:
         handles[label] = h
         labels.append(label)
   fig.legend([handles[x] for x in labels], labels, loc="outside lower center", ncol=4, fontsize=8)
-  fig.suptitle("SmolLM2-135M-Instruct: accuracy vs test-time compute (dotted: greedy; error "
-               "bars: binomial SE)", fontsize=10)
+  fig.suptitle("SmolLM2-135M-Instruct: accuracy vs test-time compute (numbers: samples N, beam "
+               "width W or MCTS simulations S; dotted: greedy; error bars: binomial SE)",
+               fontsize=10)
   fig.savefig(path, dpi=120)
 
 
@@ -572,18 +681,23 @@ def parse(argv):
                  help="tasks whose samples the reward model (trained on arithmetic) scores")
   p.add_argument("--search_tasks", default="arithmetic",
                  help="tasks step beam search and MCTS run on")
-  p.add_argument("--search_problems", type=int, default=8,
+  p.add_argument("--search_problems", type=int, default=32,
                  help="step beam search and MCTS run on the first this many problems")
   p.add_argument("--search_batch_size", type=int, default=16,
                  help="sampler rows per call in step beam search and MCTS (their calls are "
                       "small)")
-  p.add_argument("--step_width", type=int, default=2)
+  p.add_argument("--step_widths", "--step_width", dest="step_widths", default="2,4",
+                 help="step beam search widths, one stage each (expansions per beam: "
+                      "--step_expansions)")
   p.add_argument("--step_expansions", type=int, default=2)
-  p.add_argument("--simulations", type=int, default=3)
+  p.add_argument("--simulations", default="3,8",
+                 help="MCTS simulations per problem, one stage each")
   p.add_argument("--branching", type=int, default=2)
   p.add_argument("--max_steps", type=int, default=3)
   p.add_argument("--max_step_tokens", type=int, default=48)
   p.add_argument("--rollouts", type=int, default=1)
+  p.add_argument("--budgets", default="128,256,512,1024,2048,4096",
+                 help="token budgets per problem of the compute-optimal chooser")
   p.add_argument("--tiny", action="store_true",
                  help="smoke-test sizes (give --model a tiny model folder): 3 problems, N = 4, "
                       "8 new tokens, an untrained reward head")
@@ -593,10 +707,13 @@ def parse(argv):
     args.search_batch_size = 4
     args.search_tasks = ",".join(TASK_NAMES)
     args.search_problems, args.max_step_tokens, args.rm_max_len = 2, 4, 64
-    args.simulations, args.max_steps, args.widths = 2, 2, "2"
+    args.simulations, args.step_widths, args.max_steps, args.widths = "1,2", "1,2", 2, "2"
   args.tasks = [t for t in args.tasks.split(",") if t]
   args.stages = [s for s in args.stages.split(",") if s]
   args.widths = [int(w) for w in args.widths.split(",") if w]
+  args.step_widths = [int(w) for w in args.step_widths.split(",") if w]
+  args.simulations = [int(s) for s in args.simulations.split(",") if s]
+  args.budgets = [int(b) for b in args.budgets.split(",") if b]
   args.rm_tasks = [t for t in args.rm_tasks.split(",") if t]
   args.search_tasks = [t for t in args.search_tasks.split(",") if t]
   args.rm_data = [x for x in args.rm_data.split(",") if x]
@@ -650,12 +767,15 @@ def main(argv=None) -> dict:
     if "reward_model" in args.stages and task in args.rm_tasks:
       records["reward_model"] = stages.reward_model(rm_dir, records["sample"])
     if "step_beam" in args.stages and task in args.search_tasks:
-      records["step_beam"] = stages.step_beam()
+      for width in args.step_widths:
+        records[f"step_beam_w{width}"] = stages.step_beam(width)
     if "mcts" in args.stages and task in args.search_tasks:
-      records["mcts"] = stages.mcts()
+      for simulations in args.simulations:
+        records[f"mcts_s{simulations}"] = stages.mcts(simulations)
     results[task] = dict(analyse(problems, records, ns, funcs, args, max_new_tokens), task=spec,
                          max_new_tokens=max_new_tokens)
     print(table(task, results[task]), flush=True)
+    print(chooser_table(task, results[task]), flush=True)
   rm_info = None
   rm_results = os.path.join(args.out, "rm", "results.json")
   if os.path.exists(rm_results):

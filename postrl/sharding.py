@@ -180,6 +180,45 @@ def sharded_init(init_fn: Callable[[], Any], shardings_fn: Callable[[Any], Any])
   return jax.jit(init_fn, out_shardings=shardings)(), shardings
 
 
+def batch_axes(rules=RULES) -> tuple[str, ...]:
+  """The mesh axes rows are split over (the ``batch`` rule: data, fsdp)."""
+  return _mesh_axes(dict(rules).get("batch"))
+
+
+def split_over_batch_axes(tree, rules=RULES) -> bool:
+  """Whether any array of ``tree`` is split over a batch axis of size > 1 (fsdp-sharded
+  weights)."""
+  axes = set(batch_axes(rules))
+  for x in jax.tree.leaves(tree):
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+      used = {a for e in sharding.spec for a in _mesh_axes(e)} & axes
+      if any(sharding.mesh.shape[a] > 1 for a in used):
+        return True
+  return False
+
+
+def replicated_over_batch_axes(tree, rules=RULES):
+  """The NamedShardings of ``tree``'s arrays with the batch axes (data, fsdp) dropped from their
+  specs: each array whole on every device of those axes, still split over the others (tensor).
+  What decoding wants for the weights (``postrl.sampling.generate``): one gather before the
+  loop instead of an fsdp all-gather of every layer at every step. Leaves that are not on a
+  NamedSharding keep their own sharding (host arrays: the default device)."""
+  dropped = set(batch_axes(rules))
+
+  def drop(entry):
+    axes = tuple(a for a in _mesh_axes(entry) if a not in dropped)
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+  def one(x):
+    sharding = getattr(x, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+      return sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return NamedSharding(sharding.mesh, P(*(drop(e) for e in sharding.spec)))
+
+  return jax.tree.map(one, tree)
+
+
 def put_global(tree, shardings):
   """Places host values (identical in every process) as global arrays with ``shardings``.
 

@@ -195,9 +195,8 @@ class Attention(nnx.Module):
       prefix_kv = self.prefix()
     if kv is not None:  # write this chunk into its slots (slot == position), read the whole cache
       cache_k, cache_v = kv
-      rows = jnp.arange(B)[:, None]
-      k = cache_k.at[rows, positions_BxT].set(k.astype(cache_k.dtype), mode="drop")
-      v = cache_v.at[rows, positions_BxT].set(v.astype(cache_v.dtype), mode="drop")
+      k = write_slots(cache_k, positions_BxT, k)
+      v = write_slots(cache_v, positions_BxT, v)
       kv = (k, v)
     if prefix_kv is not None:  # every query also attends the P prefix pairs
       pk, pv = (jnp.broadcast_to(a, (B, *a.shape[1:])).astype(k.dtype) for a in prefix_kv)
@@ -210,6 +209,16 @@ class Attention(nnx.Module):
     else:
       out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS)
     return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), kv
+
+
+def write_slots(cache_BxSxKxD, slots_BxT, x_BxTxKxD):
+  """cache[b, slots[b, t]] = x[b, t]; slots past the cache are dropped.
+
+  Written per row (``vmap``), so the scatter carries the batch as a batching dimension: with the
+  rows split over devices, each device writes its own rows and nothing is gathered."""
+  def one(cache_SxKxD, slots_T, x_TxKxD):
+    return cache_SxKxD.at[slots_T].set(x_TxKxD.astype(cache_SxKxD.dtype), mode="drop")
+  return jax.vmap(one)(cache_BxSxKxD, slots_BxT, x_BxTxKxD)
 
 
 def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):

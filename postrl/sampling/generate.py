@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from postrl import sharding as shd
 from postrl.models.transformer import KVCache
 
 
@@ -137,13 +138,21 @@ def kernel_sample_token(key, logits_BxV, *, temperature, top_k, top_p, min_p, im
 
 @functools.partial(jax.jit, static_argnames=(
     "graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "eos_ids", "pad_id",
-    "sampling_impl", "interpret"))
+    "sampling_impl", "interpret", "rows", "cache_sharding"))
 def _generate(graphdef, params, prompt_BxP, lengths_B, key, *, max_new_tokens, temperature, top_k,
-              top_p, min_p, eos_ids, pad_id, sampling_impl="xla", interpret=False):
+              top_p, min_p, eos_ids, pad_id, sampling_impl="xla", interpret=False, rows=None,
+              cache_sharding=None):
   model = nnx.merge(graphdef, params)
   B, P = prompt_BxP.shape
   N = max_new_tokens
-  cache = KVCache.zeros(model.config, B, P + N)
+  # rows: a NamedSharding of dimension 0 (``row_sharding``): every per-row array of the loop
+  # (cache, logits, outputs) stays split over the mesh's batch axes, so each device decodes its
+  # own rows (the weights follow their own shardings); None = every device decodes every row.
+  # The cache also splits its key/value heads as the k / v projections do (``cache_sharding``).
+  split = (lambda tree: jax.lax.with_sharding_constraint(tree, rows)) if rows else (lambda t: t)
+  split_cache = ((lambda c: jax.lax.with_sharding_constraint(c, cache_sharding))
+                 if cache_sharding else split)
+  cache = split_cache(KVCache.zeros(model.config, B, P + N))
   positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
   # prefill: project only each row's last real position to the vocabulary (not [B, P, V])
   h_BxPxD, cache = model.hidden_states(prompt_BxP, positions_BxT=positions, cache=cache)
@@ -171,11 +180,12 @@ def _generate(graphdef, params, prompt_BxP, lengths_B, key, *, max_new_tokens, t
     gen_len = gen_len + live.astype(jnp.int32)
     done = done | jnp.isin(token, eos)
     logits, cache = model.decode(token[:, None], (lengths_B + step)[:, None], cache)
-    return step + 1, cache, logits[:, 0], out, done, gen_len
+    return step + 1, split_cache(cache), *split((logits[:, 0], out, done, gen_len))
 
   out = (jnp.full((B, N), pad_id, jnp.int32), jnp.zeros((B, N), jnp.float32),
          jnp.zeros((B, N), jnp.float32))
-  state = (jnp.int32(0), cache, last_logits, out, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
+  state = (jnp.int32(0), split_cache(cache), *split((last_logits, out, jnp.zeros((B,), bool),
+                                                     jnp.zeros((B,), jnp.int32))))
   if eos_ids:  # rows can stop early: leave the loop once every row has
     _, _, _, out, done, gen_len = jax.lax.while_loop(cond, body, state)
   else:  # a fixed trip count: no per-step readback of a data-dependent loop condition
@@ -183,12 +193,46 @@ def _generate(graphdef, params, prompt_BxP, lengths_B, key, *, max_new_tokens, t
   return GenerateOutput(out[0], gen_len, out[1], out[2], done)
 
 
+def cache_sharding_for(rows, config, batch: int, length: int):
+  """The KV cache's [B, S, Hkv, Dh] sharding next to ``rows``: rows over the batch axes, heads
+  over the axes the ``kv_heads`` rule gives when Hkv divides (``postrl.sharding.logical_to_spec``)
+  so that writing a step's k / v moves nothing between devices."""
+  shape = (batch, length, config.num_key_value_heads, config.dim_per_head)
+  spec = shd.logical_to_spec(("batch", None, "kv_heads", None), shape, rows.mesh)
+  return jax.sharding.NamedSharding(rows.mesh, spec)
+
+
+def row_sharding(params, batch: int):
+  """How ``generate`` splits B rows: the NamedSharding of dimension 0 over the batch axes of the
+  parameters' mesh (``postrl.sharding.batch_sharding``), or None when the parameters are not on
+  a mesh, the mesh has no batch axis of size > 1, or B is not a multiple of its batch shards (then
+  every device decodes every row)."""
+  for leaf in jax.tree.leaves(params):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      mesh = sharding.mesh
+      shards = shd.batch_shards(mesh)
+      if shards > 1 and batch % shards == 0:
+        return shd.batch_sharding(mesh)
+      return None
+  return None
+
+
 def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              min_p: float | None = None, eos_ids: Sequence[int] | None = None,
-             pad_id: int = 0, sampling_impl: str = "xla",
-             interpret: bool = False) -> GenerateOutput:
+             pad_id: int = 0, sampling_impl: str = "xla", interpret: bool = False,
+             split_rows: bool = True, gather_weights: bool = True) -> GenerateOutput:
   """Samples continuations of a batch of right-padded prompts (see the module docstring).
+
+  With parameters on a device mesh (``postrl.sharding``), the B rows are split over the mesh's
+  batch axes (``row_sharding``: data-parallel decoding, each device generates B / shards rows;
+  the outputs are global arrays split the same way, ``to_host`` gathers them). Random draws do
+  not depend on the split (JAX's partitionable threefry), so the tokens are those of a
+  one-device run. ``split_rows=False`` keeps every row on every device. Weights sharded over the
+  batch axes (fsdp) are first gathered whole onto each device (``gather_weights``;
+  ``postrl.sharding.replicated_over_batch_axes``, tensor splits kept): one all-gather per call
+  instead of one per layer per decode step, for a copy of the weights per fsdp group.
 
   Args:
     model: a ``postrl.models.Transformer`` (or a ``(graphdef, params)`` pair from ``nnx.split``).
@@ -202,6 +246,9 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
     sampling_impl: "xla" | "auto" | "pallas" (module doc; with the kernel, ``logps`` is NaN under
       top-k / top-p).
     interpret: run the Pallas sampling kernel in interpret mode (CPU tests of "pallas").
+    split_rows: split the rows over the parameters' mesh (above) when B allows it.
+    gather_weights: decode from weights replicated over the batch axes (above); False decodes
+      from the training shardings (less memory, an all-gather per layer per step).
   Returns:
     ``GenerateOutput`` with [B, N] tokens and log-probs and [B] lengths.
   """
@@ -233,11 +280,19 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
     raise ValueError(f"prompt lengths must be in [1, {prompt_BxP.shape[1]}], got {lengths_np}")
   eos = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
   mesh = _multi_process_mesh(params)
-  if mesh is not None:  # params span several processes: inputs become global, replicated arrays
-    prompt_BxP, lengths_B, key_data = replicate_inputs(
-        mesh, np.asarray(prompt_BxP), lengths_np.astype(np.int32),
-        np.asarray(jax.random.key_data(key)))
+  rows = row_sharding(params, prompt_BxP.shape[0]) if split_rows else None
+  if gather_weights and shd.split_over_batch_axes(params):
+    params = jax.device_put(params, shd.replicated_over_batch_axes(params))
+  if mesh is not None:  # params span several processes: inputs become global arrays
+    prompt_np, lengths_np32 = np.asarray(prompt_BxP), lengths_np.astype(np.int32)
+    (key_data,) = replicate_inputs(mesh, np.asarray(jax.random.key_data(key)))
     key = jax.random.wrap_key_data(key_data)
+    if rows is None:
+      prompt_BxP, lengths_B = replicate_inputs(mesh, prompt_np, lengths_np32)
+    else:
+      prompt_BxP, lengths_B = put_rows(rows, prompt_np, lengths_np32)
+  elif rows is not None:
+    prompt_BxP, lengths_B = jax.device_put((prompt_BxP, lengths_B), rows)
   impl = "xla"
   if sampling_impl != "xla":  # kernels.sampling imports this module: imported here
     from kernels import sampling as sampling_kernels  # pylint: disable=import-outside-toplevel
@@ -252,7 +307,10 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
   return _generate(graphdef, params, prompt_BxP, lengths_B, key, max_new_tokens=int(max_new_tokens),
                    temperature=float(temperature), top_k=top_k, top_p=top_p, min_p=min_p,
                    eos_ids=eos, pad_id=int(pad_id), sampling_impl=impl,
-                   interpret=bool(interpret))
+                   interpret=bool(interpret), rows=rows,
+                   cache_sharding=None if rows is None else cache_sharding_for(
+                       rows, config, prompt_BxP.shape[0],
+                       prompt_BxP.shape[1] + int(max_new_tokens)))
 
 
 def _multi_process_mesh(params):
@@ -268,6 +326,13 @@ def replicate_inputs(mesh, *arrays_np):
   jitted program over parameters that span several processes takes as its other inputs."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return tuple(jax.make_array_from_callback(x.shape, replicated, lambda idx, x=x: x[idx])
+               for x in arrays_np)
+
+
+def put_rows(rows, *arrays_np):
+  """Host arrays (identical on every process) as global arrays split by ``rows`` (each process
+  fills only its own devices' rows)."""
+  return tuple(jax.make_array_from_callback(x.shape, rows, lambda idx, x=x: x[idx])
                for x in arrays_np)
 
 

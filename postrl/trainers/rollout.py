@@ -20,9 +20,11 @@ T = prompt_len + max_new_tokens, with
 so ``postrl.logprobs.token_logps(..., tokens, loss_mask)`` recomputes exactly the quantities the
 sampler reported (their difference is logged as ``rollout/logp_mismatch``).
 
-Every process samples and scores the whole rollout (the sampler takes replicated inputs), so the
-global mini-batch is the same whatever the number of processes; each process then keeps its own
-contiguous share of the rows, as ``postrl.data.pipeline`` does for SFT.
+The sampler splits each batch of rows over the mesh's batch axes (``generate``'s data-parallel
+decoding: each device decodes its share) and every process gets the whole rollout back
+(``to_host``) and scores it, so the global mini-batch is the same whatever the number of
+processes; each process then keeps its own contiguous share of the rows, as
+``postrl.data.pipeline`` does for SFT.
 """
 
 from __future__ import annotations

@@ -212,3 +212,58 @@ def test_pallas_sampling_refuses_parameters_on_several_devices(model):
   with pytest.raises(ValueError, match="one device; the parameters span 2"):
     generate((graphdef, params), tokens, lengths, key=jax.random.key(0), max_new_tokens=2,
              top_p=0.9, sampling_impl="pallas", interpret=True)
+
+
+def test_rows_split_over_the_mesh_give_the_one_device_tokens(model):
+  """Parameters on a (data 2, fsdp 2, tensor 2) mesh: the 8 rows are decoded 2 per batch shard
+  (outputs split over data x fsdp), with the same tokens and log-probs as on one device; 6 rows
+  (not a multiple of 4) and split_rows=False keep every row everywhere."""
+  from postrl import sharding as shd  # pylint: disable=import-outside-toplevel
+  from postrl.sampling.generate import row_sharding  # pylint: disable=import-outside-toplevel
+  mesh = shd.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+  graphdef, params = nnx.split(model)
+  sharded = jax.device_put(params, shd.state_shardings(params, mesh))
+  tokens, lengths = pad_prompts((PROMPTS * 3)[:8])
+  kw = dict(key=jax.random.key(3), max_new_tokens=6, eos_ids=(2,), temperature=1.0, top_p=0.9)
+  one = generate((graphdef, params), tokens, lengths, **kw)
+  split = generate((graphdef, sharded), tokens, lengths, **kw)
+  assert row_sharding(sharded, 8).spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+  assert split.tokens_BxN.sharding.spec[0] == ("data", "fsdp")
+  assert {s.data.shape[0] for s in split.tokens_BxN.addressable_shards} == {2}
+  np.testing.assert_array_equal(split.tokens_BxN, one.tokens_BxN)
+  np.testing.assert_array_equal(split.lengths_B, one.lengths_B)
+  np.testing.assert_allclose(split.model_logps_BxN, one.model_logps_BxN, rtol=1e-5, atol=1e-5)
+  assert row_sharding(sharded, 6) is None and row_sharding(params, 8) is None
+  kept = generate((graphdef, sharded), tokens, lengths, split_rows=False, gather_weights=False,
+                  **kw)
+  assert {s.data.shape[0] for s in kept.tokens_BxN.addressable_shards} == {8}
+  np.testing.assert_array_equal(kept.tokens_BxN, one.tokens_BxN)
+
+
+def test_decoding_gathers_fsdp_weights_once_not_every_step(model):
+  """fsdp-sharded weights are gathered before the decode loop (tensor splits kept) and the cache
+  is split like the rows and the k / v heads: the compiled decode step then all-gathers nothing,
+  where the training shardings all-gather every layer's weights at every step."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  from benchmarks import common  # pylint: disable=import-outside-toplevel
+  from postrl import sharding as shd  # pylint: disable=import-outside-toplevel
+  gen = importlib.import_module("postrl.sampling.generate")
+  mesh = shd.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+  graphdef, params = nnx.split(model)
+  sharded = jax.device_put(params, shd.state_shardings(params, mesh))
+  gathered = jax.device_put(sharded, shd.replicated_over_batch_axes(sharded))
+  assert shd.split_over_batch_axes(sharded) and not shd.split_over_batch_axes(gathered)
+  q = gathered["layers"][0]["self_attn"]["q_proj"]["kernel"].value.sharding.spec
+  assert q == jax.sharding.PartitionSpec(None, "tensor")  # ("embed", "q_heads"): fsdp dropped
+  rows = gen.row_sharding(sharded, 8)
+  tokens, lengths = jax.device_put(pad_prompts((PROMPTS * 3)[:8]), rows)
+
+  def step_ops(params):
+    compiled = gen._generate.lower(  # pylint: disable=protected-access
+        graphdef, params, tokens, lengths, jax.random.key(0), max_new_tokens=3, temperature=1.0,
+        top_k=None, top_p=None, min_p=None, eos_ids=(), pad_id=0, rows=rows,
+        cache_sharding=gen.cache_sharding_for(rows, model.config, 8, 8 + 3)).compile()
+    return common.loop_launches(compiled.as_text())["by_op"]
+
+  assert step_ops(sharded).get("all-gather", 0) >= 2 * model.config.num_hidden_layers
+  assert step_ops(gathered).get("all-gather", 0) == 0

@@ -97,8 +97,11 @@ def model_kwargs(config) -> dict:
   default; "cudnn" on an NVIDIA GPU in bf16: fused flash attention for every full-sequence
   forward) and ``remat`` ("none" by default; "full" / "dots": recompute each block's activations
   in the backward pass)."""
-  return dict(param_dtype=config.param_dtype, dtype=config.dtype,
-              attention_impl=config.get("attention_impl", "xla"),
+  attention_impl = config.get("attention_impl", "xla")
+  if attention_impl == "cudnn" and jax.default_backend() != "gpu":  # fail before the model loads
+    raise ConfigError(f"config.attention_impl='cudnn' needs an NVIDIA GPU; this run's JAX backend "
+                      f"is {jax.default_backend()!r} (use 'xla')")
+  return dict(param_dtype=config.param_dtype, dtype=config.dtype, attention_impl=attention_impl,
               remat=config.get("remat", "none"))
 
 

@@ -127,3 +127,15 @@ def test_remat_reduces_activation_memory():
     return jax.jit(jax.grad(loss)).lower(state).compile().memory_analysis().temp_size_in_bytes
 
   assert temp_bytes("full") < 0.5 * temp_bytes("none")
+
+
+def test_job_config_options_reach_the_model_and_fail_early():
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from postrl.trainers.common import model_kwargs  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict(dict(param_dtype="float32", dtype="bfloat16", remat="dots"))
+  assert model_kwargs(config) == dict(param_dtype="float32", dtype="bfloat16",
+                                      attention_impl="xla", remat="dots")
+  if jax.default_backend() != "gpu":
+    config.attention_impl = "cudnn"
+    with pytest.raises(ConfigError, match=r"config.attention_impl='cudnn' needs an NVIDIA GPU"):
+      model_kwargs(config)

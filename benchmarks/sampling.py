@@ -16,7 +16,9 @@ Phases:
    in the same run.
 3. the table: for each (mode, batch, vocab), microseconds per call of
    read (``jnp.max`` over the logits: reading them once), sort (``reference.sort_sample``),
-   bisect (``generate.sample_token``), pallas (``kernels.sampling.sample(impl="pallas")``: the
+   bisect (``generate.sample_token``: 32 passes over V), radix (the same with
+   ``bits_per_pass=4``: 8 passes, each testing 15 thresholds; same tokens), pallas
+   (``kernels.sampling.sample(impl="pallas")``: the
    kernel plus the fallback's ``lax.cond``) and kernel (``sample_gpu`` alone), and the ratio
    pallas / read. Logits are ``--logit-scale`` x N(0, 1) per row (scale 4 over 152k tokens:
    top-1 probability ~0.12, top-p 0.9 keeps ~750 tokens, top-50 holds ~65% of the mass).
@@ -210,8 +212,8 @@ def table_points(modes, batches, vocabs):
 def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget, copy_bw,
               reserve_s):
   common.log(f"{'mode':6s} {'B':>4s} {'V':>7s} | {'read us':>8s} {'sort us':>9s} {'bisect us':>9s} "
-             f"{'pallas us':>9s} {'kernel us':>9s} | {'pal/read':>8s} {'sort/pal':>8s} "
-             f"{'rounds':>6s}")
+             f"{'radix us':>9s} {'pallas us':>9s} {'kernel us':>9s} | {'pal/read':>8s} "
+             f"{'sort/pal':>8s} {'rounds':>6s}")
   for mode, b, v in table_points(modes, batches, vocabs):
     if budget.over(reserve_s):
       common.log("time limit reached: table stops here")
@@ -232,6 +234,9 @@ def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget,
         "bisect": lambda k, x: sample_token(k, x, temperature=1.0, top_k=settings.get("top_k"),
                                             top_p=settings.get("top_p"),
                                             min_p=settings.get("min_p"))[::2],
+        "radix": lambda k, x: sample_token(k, x, temperature=1.0, top_k=settings.get("top_k"),
+                                           top_p=settings.get("top_p"),
+                                           min_p=settings.get("min_p"), bits_per_pass=4)[::2],
         "pallas": lambda k, x: sample(k, x, impl="pallas", interpret=INTERPRET, **settings),
         "kernel": lambda k, x: sample_gpu(
             x, jax.random.bits(k, (b,), jnp.uint32), interpret=INTERPRET, **settings)[:2],
@@ -254,7 +259,7 @@ def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget,
       val = row.get(key)
       return f"{val:{width}{spec}}" if isinstance(val, float) else f"{'ERR':>{width}}"
     common.log(f"{mode:6s} {b:4d} {v:7d} | {fmt('read_us', 8)} {fmt('sort_us')} "
-               f"{fmt('bisect_us')} {fmt('pallas_us')} {fmt('kernel_us')} | "
+               f"{fmt('bisect_us')} {fmt('radix_us')} {fmt('pallas_us')} {fmt('kernel_us')} | "
                f"{fmt('pallas_over_read', 8, '.2f')} {fmt('sort_over_pallas', 8, '.1f')} "
                f"{row['mean_rounds']:6.2f}")
 

@@ -139,15 +139,45 @@ def _sorted_reference(z, top_k=None, top_p=None):
   return keep
 
 
+@pytest.mark.parametrize("bits_per_pass", [1, 4])
 @pytest.mark.parametrize("top_k, top_p", [(1, None), (7, None), (50, None), (None, 0.5),
                                           (None, 0.9), (None, 0.999)])
-def test_thresholds_equal_sort_based_definition(top_k, top_p):
+def test_thresholds_equal_sort_based_definition(top_k, top_p, bits_per_pass):
   rng = np.random.RandomState(0)
   z = rng.randn(6, 300).astype(np.float32) * 3
   z[0, :40] = 1.5  # ties, also at the boundary
   z[1] = np.round(z[1])
-  kept = np.isfinite(np.asarray(process_logits(jnp.asarray(z), top_k=top_k, top_p=top_p)))
+  z[2, 100:] = -np.inf  # removed tokens (an earlier filter)
+  kept = np.isfinite(np.asarray(process_logits(jnp.asarray(z), top_k=top_k, top_p=top_p,
+                                               bits_per_pass=bits_per_pass)))
   np.testing.assert_array_equal(kept, _sorted_reference(z, top_k, top_p))
+
+
+def test_radix_threshold_search_equals_bisection_bit_for_bit():
+  """Every bits_per_pass finds the same smallest key (2, 4, 8 and 16 bits a pass), on keys that
+  span the whole uint32 range, including 0 and 2^32 - 1, with counts and masses."""
+  from postrl.sampling.generate import _smallest_key_below  # pylint: disable=import-outside-toplevel
+  rng = np.random.RandomState(1)
+  keys = rng.randint(0, 2**32, (5, 64), dtype=np.uint64).astype(np.uint32)
+  keys[0, :3] = [0, 2**32 - 1, 2**31]
+  keys[1] = 7  # all equal
+  mass = rng.dirichlet(np.ones(64), size=5).astype(np.float32)
+  keys, mass = jnp.asarray(keys), jnp.asarray(mass)
+  for count_fn, limit in ((lambda above: jnp.sum(above, axis=-1), 5),
+                          (lambda above: jnp.sum(above, axis=-1), 1),
+                          (lambda above: jnp.sum(jnp.where(above, mass[:, None, :], 0.0), -1), 0.7)):
+    want = np.asarray(_smallest_key_below(keys, count_fn, limit))
+    for bits in (2, 4, 8, 16):
+      np.testing.assert_array_equal(_smallest_key_below(keys, count_fn, limit,
+                                                        bits_per_pass=bits), want)
+    # the defining property: count(keys > b) < limit at b, >= limit at b - 1 (when b > 0)
+    def above(b_B, count_fn=count_fn):
+      return np.asarray(count_fn(keys[:, None, :] > jnp.asarray(b_B)[:, None, None]))[:, 0]
+    assert (above(want) < limit).all()
+    positive = want > 0
+    assert (above(np.where(positive, want - 1, 0))[positive] >= limit).all()
+  with pytest.raises(ValueError, match="bits_per_pass must divide 32"):
+    _smallest_key_below(keys, count_fn, 0.5, bits_per_pass=3)
 
 
 def test_fixed_trip_count_loop_equals_early_exit_loop(model):

@@ -28,9 +28,29 @@ def test_sampling_benchmark_interpret(tmp_path):
   assert kinds == [("frequency", None), ("support", "float32"), ("support", "bfloat16")]
   (row,) = doc["table"]
   assert (row["mode"], row["batch"], row["vocab"], row["top_p"]) == ("top_p", 2, 3000, 0.9)
-  for name in ("read", "sort", "bisect", "pallas", "kernel"):
+  for name in ("read", "sort", "bisect", "radix", "pallas", "kernel"):
     assert row[f"{name}_us"] > 0, row
   assert row["pallas_over_read"] == row["pallas_us"] / row["read_us"]
   assert row["mean_rounds"] >= 1
   (sweep,) = doc["sweep"]
   assert sweep["block"] == 512 and sweep["us"] > 0
+
+
+def test_a_kernel_that_fails_still_leaves_the_xla_table(tmp_path):
+  """Without --interpret on a CPU the Triton kernel cannot run, as if it failed to compile on the
+  GPU: the check and the kernel columns record the error, the XLA samplers are still timed."""
+  out = tmp_path / "sampling.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/sampling.py", "--batch", "2", "--vocab", "3000",
+       "--modes", "top_p", "--check-modes", "top_p", "--check-draws", "64", "--repeats", "1",
+       "--copy-mib", "4", "--out", str(out)],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  doc = json.loads(out.read_text())
+  assert doc["status"] == "complete" and doc["check_passed"] is False and doc["check_error"]
+  (row,) = doc["table"]
+  assert row["kernel_error"] and row["mean_rounds"] is None
+  assert row["pallas_error"].startswith("skipped") and "kernel_us" not in row
+  for name in ("read", "sort", "bisect", "radix"):
+    assert row[f"{name}_us"] > 0, row

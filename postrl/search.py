@@ -158,6 +158,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--width", type=int, default=None, help="step_beam_search: beams kept")
   p.add_argument("--branching", type=int, default=4, help="mcts: steps per expansion")
+  p.add_argument("--widening", default=None, metavar="C,ALPHA",
+                 help="mcts: progressive widening, a node holds up to max(branching, "
+                      "ceil(C N^ALPHA)) steps after N visits (default: none)")
   p.add_argument("--max-steps", type=int, default=8, help="step search / mcts depth")
   p.add_argument("--max-step-tokens", type=int, default=32)
   p.add_argument("--rollouts", type=int, default=4, help="verifier roll-outs per value")
@@ -238,9 +241,17 @@ def _strategy(args, policy, records, key, funcs):
     return lambda: search.step_beam_search(policy, records, value_fn=value, key=key, width=width,
                                            expansions=n // width, max_steps=args.max_steps,
                                            extract=extract, equal=equal)
+  widening = None
+  if args.widening:
+    try:
+      c, alpha = (float(v) for v in args.widening.split(","))
+    except ValueError:
+      raise SearchError(f"--widening {args.widening!r}: expected two numbers C,ALPHA "
+                        "(e.g. 1,0.5)") from None
+    widening = (c, alpha)
   return lambda: search.mcts(policy, records, value_fn=value, key=key, simulations=n,
                              branching=args.branching, max_depth=args.max_steps,
-                             max_tokens=args.max_tokens, extract=extract)
+                             max_tokens=args.max_tokens, extract=extract, widening=widening)
 
 
 def _run(args) -> int:

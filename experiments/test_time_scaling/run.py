@@ -29,7 +29,10 @@ same settings reuses it; other settings are an error, delete the file to rerun):
                 ``--search_tasks`` (arithmetic): one stage ``step_beam_w{W}`` per width W in
                 ``--step_widths`` (``--step_expansions`` expansions per beam)
   mcts          PUCT tree search over the same steps with the same values, same problems: one
-                stage ``mcts_s{S}`` per simulation count S in ``--simulations``
+                stage ``mcts_s{S}`` per simulation count S in ``--simulations``, and with
+                progressive widening ``--widening C,ALPHA`` (a node may draw max(branching,
+                ceil(C N^ALPHA)) steps) one stage ``mcts_pw{C}-{ALPHA}_s{S}`` per S in
+                ``--widened_simulations``
 
 Selections from the N samples (``select`` on disjoint blocks of n of the N samples, averaged over
 the N / n blocks: an unbiased estimate of the accuracy at n from one run):
@@ -88,18 +91,20 @@ LABELS = {"greedy": "greedy", "self_consistency": "self-consistency (majority)",
           "bon_verifier": "best-of-N, verifier (oracle)",
           "bon_rm": "best-of-N, reward model", "weighted_bon_rm": "weighted best-of-N, RM",
           "beam": "beam search", "step_beam": "step beam search (verifier roll-outs)",
-          "mcts": "MCTS (verifier roll-outs)"}
+          "mcts": "MCTS (verifier roll-outs)",
+          "mcts_pw": "MCTS + progressive widening (verifier roll-outs)"}
 # Short names of a (strategy, N) in the chooser's table, and the letter of its budget.
 SHORT = {"greedy": ("greedy", ""), "self_consistency": ("vote", "N"),
          "bon_verifier": ("oracle BoN", "N"), "bon_rm": ("RM BoN", "N"),
          "weighted_bon_rm": ("weighted RM", "N"), "beam": ("beam", "W"),
-         "step_beam": ("step beam", "W"), "mcts": ("MCTS", "S")}
+         "step_beam": ("step beam", "W"), "mcts": ("MCTS", "S"),
+         "mcts_pw": ("MCTS+PW", "S")}
 # The compute-optimal chooser's menus: without every strategy that reads the reference answer
 # (the verifier's best-of-N, and step search / MCTS, whose values are verifier roll-outs), and
 # with them.
 MENUS = {"non-oracle": ("greedy", "self_consistency", "bon_rm", "weighted_bon_rm", "beam"),
          "all": ("greedy", "self_consistency", "bon_rm", "weighted_bon_rm", "beam",
-                 "bon_verifier", "step_beam", "mcts")}
+                 "bon_verifier", "step_beam", "mcts", "mcts_pw")}
 
 
 # ------------------------------------------------------------------------------------ problems
@@ -306,8 +311,9 @@ class Stages:
         complete_unfinished=True, extract=self.extract, equal=self.equal), problems,
         self.correct))
 
-  def mcts(self, simulations: int) -> dict:
-    """MCTS with ``simulations`` iterations per problem, saved as ``mcts_s{simulations}``."""
+  def mcts(self, simulations: int, widening: tuple[float, float] | None = None) -> dict:
+    """MCTS with ``simulations`` iterations per problem, saved as ``mcts_stage(simulations,
+    widening)``; ``widening``: progressive widening (c, alpha), or None."""
     from postrl.sampling.search import mcts  # pylint: disable=import-outside-toplevel
     import jax  # pylint: disable=import-outside-toplevel
     a = self.args
@@ -316,10 +322,20 @@ class Stages:
                     simulations=simulations, branching=a.branching, max_depth=a.max_steps,
                     rollouts=a.rollouts, max_step_tokens=a.max_step_tokens,
                     batch_size=a.search_batch_size, final_completion="batched")
-    return self._run(f"mcts_s{simulations}", settings, lambda key: result_rows(mcts(
+    if widening is not None:  # absent without widening: the stages saved before it still match
+      settings["widening"] = list(widening)
+    return self._run(mcts_stage(simulations, widening), settings, lambda key: result_rows(mcts(
         self.search_policy, problems, value_fn=self._rollout_value(jax.random.fold_in(key, 1)),
         key=key, simulations=simulations, branching=a.branching, max_depth=a.max_steps,
-        extract=self.extract), problems, self.correct))
+        widening=widening, extract=self.extract), problems, self.correct))
+
+
+def mcts_stage(simulations: int, widening: tuple[float, float] | None = None) -> str:
+  """The stage name of MCTS with ``simulations`` (and progressive widening (c, alpha)):
+  "mcts_s8", "mcts_pw1-0.5_s8"."""
+  if widening is None:
+    return f"mcts_s{simulations}"
+  return f"mcts_pw{widening[0]:g}-{widening[1]:g}_s{simulations}"
 
 
 def train_reward_model(args) -> str:
@@ -482,12 +498,16 @@ def analyse(problems, records: dict, ns, funcs, args, max_new_tokens: int) -> di
     if f"beam_w{width}" in records:
       points.append(row_points("beam", width, records[f"beam_w{width}"], greedy_correct))
   subset = []
-  for method, stage, budgets in (("step_beam", "step_beam_w", args.step_widths),
-                                 ("mcts", "mcts_s", args.simulations)):
+  for method, stage, budgets in (
+      ("step_beam", lambda n: f"step_beam_w{n}", args.step_widths),
+      ("mcts", mcts_stage, args.simulations),
+      ("mcts_pw", lambda n: mcts_stage(n, args.widening), args.widened_simulations)):
     for n in budgets:
-      if f"{stage}{n}" in records:
-        points.append(row_points(method, n, records[f"{stage}{n}"], greedy_correct))
-        subset.append(len(records[f"{stage}{n}"]["rows"]))
+      if stage(n) in records:
+        points.append(row_points(method, n, records[stage(n)], greedy_correct))
+        subset.append(len(records[stage(n)]["rows"]))
+        if method != "step_beam":
+          stats.setdefault("trees", {})[stage(n)] = tree_stats(records[stage(n)]["rows"])
   for k in sorted(set(subset)):
     if k < len(problems):
       refs = [p for p in points if (p["method"], p["n"]) in (
@@ -497,6 +517,19 @@ def analyse(problems, records: dict, ns, funcs, args, max_new_tokens: int) -> di
              for menu, methods in MENUS.items()}
   return dict(points=points, chooser=chooser, stats=stats,
               seconds={k: v["seconds"] for k, v in records.items()})
+
+
+def tree_stats(rows: list[dict]) -> dict:
+  """Mean tree statistics of an MCTS stage's results: nodes expanded, widenings, root children
+  and visits (absent from stages saved before widening existed), and how many chosen paths
+  ended on an unfinished step that needed a greedy completion."""
+  out = {"problems": len(rows)}
+  for k in ("expansions", "widenings", "root_children", "root_visits"):
+    if all(k in r["info"] for r in rows):
+      out[k] = sum(r["info"][k] for r in rows) / len(rows)
+  out["single_expansion_trees"] = sum(r["info"]["expansions"] == 1 for r in rows)
+  out["completed_choices"] = sum(bool(r["info"].get("completed")) for r in rows)
+  return out
 
 
 def halves(k: int) -> tuple[list[int], list[int]]:
@@ -599,7 +632,8 @@ def chooser_table(task: str, result: dict) -> str:
 STYLE = {"self_consistency": ("tab:blue", "o", "-"), "bon_verifier": ("tab:gray", "s", "--"),
          "bon_rm": ("tab:orange", "^", "-"), "weighted_bon_rm": ("tab:red", "v", "-"),
          "beam": ("tab:green", "D", "-"), "greedy": ("black", "*", ""),
-         "step_beam": ("tab:purple", "P", "-"), "mcts": ("tab:brown", "X", "-")}
+         "step_beam": ("tab:purple", "P", "-"), "mcts": ("tab:brown", "X", "-"),
+         "mcts_pw": ("tab:pink", "h", "-")}
 
 
 def plot(results: dict, path: str) -> None:
@@ -621,6 +655,8 @@ def plot(results: dict, path: str) -> None:
       es = [100 * p["se"] for p in pts]
       label = LABELS[method] + (f" ({pts[0]['problems']} problems)"
                                 if pts[0]["problems"] < result["points"][0]["problems"] else "")
+      if method == "mcts_pw":
+        label = label.replace("(verifier", "(c={:g}, α={:g}; verifier".format(*result["widening"]))
       ax.errorbar(xs, ys, yerr=es, color=colour, marker=marker, ls=ls or "none", capsize=2,
                   ms=8 if method == "greedy" else 5, label=label)
       if method != "greedy":
@@ -692,6 +728,12 @@ def parse(argv):
   p.add_argument("--step_expansions", type=int, default=2)
   p.add_argument("--simulations", default="3,8",
                  help="MCTS simulations per problem, one stage each")
+  p.add_argument("--widening", default="1,0.5",
+                 help="C,ALPHA: progressive widening of the --widened_simulations MCTS stages (a "
+                      "node may draw max(--branching, ceil(C N^ALPHA)) steps)")
+  p.add_argument("--widened_simulations", default="",
+                 help="MCTS simulations per problem with --widening, one stage each (default: "
+                      "none)")
   p.add_argument("--branching", type=int, default=2)
   p.add_argument("--max_steps", type=int, default=3)
   p.add_argument("--max_step_tokens", type=int, default=48)
@@ -708,11 +750,20 @@ def parse(argv):
     args.search_tasks = ",".join(TASK_NAMES)
     args.search_problems, args.max_step_tokens, args.rm_max_len = 2, 4, 64
     args.simulations, args.step_widths, args.max_steps, args.widths = "1,2", "1,2", 2, "2"
+    args.widened_simulations, args.widening = "3", "2,0.5"
   args.tasks = [t for t in args.tasks.split(",") if t]
   args.stages = [s for s in args.stages.split(",") if s]
   args.widths = [int(w) for w in args.widths.split(",") if w]
   args.step_widths = [int(w) for w in args.step_widths.split(",") if w]
   args.simulations = [int(s) for s in args.simulations.split(",") if s]
+  args.widened_simulations = [int(s) for s in args.widened_simulations.split(",") if s]
+  try:
+    c, alpha = (float(x) for x in args.widening.split(","))
+  except ValueError:
+    p.error(f"--widening must be C,ALPHA (two numbers), got {args.widening!r}")
+  if not (c > 0 and 0 <= alpha <= 1):
+    p.error(f"--widening C,ALPHA needs C > 0 and 0 <= ALPHA <= 1, got {args.widening!r}")
+  args.widening = (c, alpha)
   args.budgets = [int(b) for b in args.budgets.split(",") if b]
   args.rm_tasks = [t for t in args.rm_tasks.split(",") if t]
   args.search_tasks = [t for t in args.search_tasks.split(",") if t]
@@ -771,9 +822,11 @@ def main(argv=None) -> dict:
         records[f"step_beam_w{width}"] = stages.step_beam(width)
     if "mcts" in args.stages and task in args.search_tasks:
       for simulations in args.simulations:
-        records[f"mcts_s{simulations}"] = stages.mcts(simulations)
+        records[mcts_stage(simulations)] = stages.mcts(simulations)
+      for simulations in args.widened_simulations:
+        records[mcts_stage(simulations, args.widening)] = stages.mcts(simulations, args.widening)
     results[task] = dict(analyse(problems, records, ns, funcs, args, max_new_tokens), task=spec,
-                         max_new_tokens=max_new_tokens)
+                         max_new_tokens=max_new_tokens, widening=list(args.widening))
     print(table(task, results[task]), flush=True)
     print(chooser_table(task, results[task]), flush=True)
   rm_info = None

@@ -51,6 +51,11 @@ def test_test_time_scaling_runner_tiny(tiny_model_dir, tmp_path):
     for budget in (1, 2):  # one point per step-search width and per MCTS simulation count
       assert pts[("step_beam", budget, None)]["problems"] == 2
       assert pts[("mcts", budget, None)]["problems"] == 2
+    # MCTS with progressive widening (c = 2, alpha = 0.5): its own stage and point
+    assert pts[("mcts_pw", 3, None)]["problems"] == 2
+    trees = summary["tasks"][task]["stats"]["trees"]
+    assert trees["mcts_pw2-0.5_s3"]["problems"] == 2 and "widenings" in trees["mcts_pw2-0.5_s3"]
+    assert trees["mcts_s2"]["widenings"] == 0
     assert pts[("greedy", 1, 2)]["problems"] == 2  # greedy on the step-search subset
     assert ("bon_rm", 1, None) in pts or task == "countdown"
     chooser = summary["tasks"][task]["chooser"]
@@ -61,8 +66,12 @@ def test_test_time_scaling_runner_tiny(tiny_model_dir, tmp_path):
       assert not {p["method"] for p in row["picks"]} & {"step_beam", "mcts"}
     assert not {p["method"] for r in chooser["non-oracle"] for p in r["picks"]} & {"bon_verifier"}
   for stage in ("greedy", "sample", "beam_w2", "step_beam_w1", "step_beam_w2", "mcts_s1",
-                "mcts_s2"):
+                "mcts_s2", "mcts_pw2-0.5_s3"):
     assert (tmp_path / "countdown" / f"{stage}.json").exists()
+  with open(tmp_path / "countdown" / "mcts_pw2-0.5_s3.json") as f:
+    assert json.load(f)["settings"]["widening"] == [2.0, 0.5]
+  with open(tmp_path / "countdown" / "mcts_s2.json") as f:
+    assert "widening" not in json.load(f)["settings"]  # stages saved before widening still match
   assert (tmp_path / "arithmetic" / "reward_model.json").exists()
   # A second call reuses every saved stage and reproduces the numbers.
   again = run.main(["--tiny", "--model", tiny_model_dir, "--out", str(tmp_path),

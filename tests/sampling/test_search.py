@@ -1,7 +1,9 @@
 """Decoding searches on scripted policies and scorers: selection rules, votes and their tie rule,
 step beam search, MCTS, the compute-optimal chooser, token accounting and bad input."""
 
+import collections
 import importlib
+import math
 
 import jax
 import pytest
@@ -329,6 +331,197 @@ def test_mcts_completes_every_problem_in_one_batched_greedy_call():
                           lambda t: t[-1])
   assert r.info["completed"] is False and r.text == "x = 5"
   assert [c.finished for c in r.candidates] == [False]
+
+
+class DrawPolicy(FakePolicy):
+  """A scripted policy whose j-th draw from a (problem, prefix) is ``step(prompt, prefix, j)`` ->
+  (text, finished), counted per problem and prefix, so what a node draws does not depend on how
+  the rows of a call are laid out. Records (rows, k) of each ``next_steps`` call."""
+
+  def __init__(self, step):
+    super().__init__(texts=["=5"])
+    self.step, self.drawn = step, {}
+
+  def next_steps(self, problems, prefixes, k, *, key):
+    del key
+    self.calls.append(("next_steps", len(prefixes) * k, k))
+    out = []
+    for p, x in zip(problems, prefixes):
+      row = []
+      for _ in range(k):
+        j = self.drawn.get((p.prompt, x), 0)
+        self.drawn[(p.prompt, x)] = j + 1
+        s, f = self.step(p.prompt, x, j)
+        row.append(Completion(s, 10 + len(x), len(s), f))
+      out.append(row)
+    return out
+
+
+def step_values(table, tokens_each=0):
+  """Values a partial solution by ``table[its last step]``, charging ``tokens_each`` scorer
+  tokens per partial."""
+  def value(problems, partials):
+    del problems
+    return Scores([table[p.steps[-1]] for p in partials],
+                  [TokenCount(scorer=tokens_each)] * len(partials))
+  return value
+
+
+def _answers(prompt, prefix, j):
+  """Every draw from the root is a new finished answer a0, a1, ..."""
+  del prompt, prefix
+  return f"a{j}", True
+
+
+def test_mcts_widening_adds_root_children_as_visits_grow_and_counts_every_token():
+  # N(root) = S + 1 (the first expansion adds 2 visits, every later simulation 1); with
+  # c = 1, alpha = 0.5 the root may draw max(2, ceil(sqrt(N))) steps, N before the simulation:
+  # it widens at the simulations starting with N = 5, 10, 17 (S = 5, 10, 17).
+  expected = {1: 2, 4: 2, 5: 3, 9: 3, 10: 4, 16: 4, 17: 5}
+  totals = []
+  for s, kids in expected.items():
+    policy = DrawPolicy(_answers)
+    (r,) = mcts(policy, ["q"], value_fn=step_values({f"a{j}": 0.5 for j in range(9)}, 3),
+                key=KEY, simulations=s, branching=2, widening=(1.0, 0.5), extract=lambda t: t)
+    assert r.info["root_children"] == kids, s
+    assert r.info["widenings"] == kids - 2 and r.info["expansions"] == 1
+    assert r.info["root_visits"] == s + 1  # a re-visited finished child backs up its value
+    assert {c.text for c in r.candidates} == {f"a{j}" for j in range(kids)}
+    # exact tokens: each draw reads a 10-token prompt and writes len(text) tokens; each new
+    # child is scored once (3 tokens); re-visits and the finished choice cost nothing
+    assert r.tokens == TokenCount(prompt=10 * kids, generated=2 * kids, scorer=3 * kids)
+    assert sum(c[1] for c in policy.calls) == kids
+    totals.append(r.tokens.total)
+  assert totals == sorted(totals) and totals[-1] > totals[0]
+  # without widening the root keeps its first two children: more simulations are free
+  for s in (1, 17):
+    (r,) = mcts(DrawPolicy(_answers), ["q"], value_fn=step_values({"a0": 0.5, "a1": 0.5}, 3),
+                key=KEY, simulations=s, branching=2, extract=lambda t: t)
+    assert r.info["root_children"] == 2 and r.info["widenings"] == 0
+    assert r.info["root_visits"] == s + 1 and r.tokens.total == 2 * (10 + 2 + 3)
+
+
+@pytest.mark.parametrize("widening,bound", [
+    ((1.0, 0.5), lambda n: max(2, math.isqrt(n - 1) + 1 if n else 0)),  # ceil(sqrt(n)), integers
+    ((2.0, 0.5), lambda n: max(2, math.isqrt(4 * n - 1) + 1 if n else 0))])  # ceil(2 sqrt(n))
+def test_mcts_widening_bound_holds_exactly_at_every_node(monkeypatch, widening, bound):
+  """A deep tree of distinct steps: at every ``next_steps`` call, the node being widened asks
+  for exactly bound(N) - D steps (bound(N) = max(2, ceil(c N^alpha)), N its visits, D its draws
+  so far), every node above it has drawn exactly its bound, and a first expansion asks for
+  ``branching``."""
+  mcts_module = importlib.import_module("postrl.sampling.search.mcts")
+  created = []
+
+  class Tracked(mcts_module.Node):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      created.append(self)
+
+  monkeypatch.setattr(mcts_module, "Node", Tracked)
+  counter, checked = [0], {"widen": 0, "deep_widen": 0, "expand": 0, "multi": 0}
+
+  def step(prompt, prefix, j):
+    del prompt, j
+    counter[0] += 1
+    depth = prefix.count("\n")
+    return f"s{counter[0]}", counter[0] % 3 == 0 or depth == 2
+
+  class Checking(DrawPolicy):
+    def next_steps(self, problems, prefixes, k, *, key):
+      ((x, rows),) = collections.Counter(x for x in prefixes for _ in range(k)).items()
+      (node,) = [n for n in created if n.partial.prefix == x and not n.partial.finished]
+      ancestor = node.parent
+      while ancestor is not None:
+        assert ancestor.draws == bound(ancestor.visits)
+        ancestor = ancestor.parent
+      if node.children:
+        assert node.draws < bound(node.visits) and rows == bound(node.visits) - node.draws
+        checked["widen"] += 1
+        checked["deep_widen"] += node.parent is not None
+        checked["multi"] += rows > 1
+      else:
+        assert rows == 2
+        checked["expand"] += 1
+      return super().next_steps(problems, prefixes, k, key=key)
+
+  value = lambda problems, partials: [int(p.steps[-1][1:]) * 37 % 11 / 10 for p in partials]
+  (r,) = mcts(Checking(step), ["q"], value_fn=value, key=KEY, simulations=60, branching=2,
+              max_depth=3, widening=widening)
+  assert checked["widen"] == r.info["widenings"] and checked["deep_widen"] > 0
+  assert checked["multi"] > 0 or widening[0] == 1  # c = 2: some widenings draw two steps
+  assert checked["expand"] == r.info["expansions"] > 1
+  for node in created:  # distinct steps: one child per draw, never above the bound
+    assert len(node.children) == node.draws <= bound(node.visits)
+  assert created[0].visits >= 60 + 1  # every simulation added a visit (the first two)
+
+
+def test_mcts_widening_revisits_repeated_steps_and_chooses_by_visit_count():
+  # the root draws A, B, then A again and again: each repeated A is a re-visit of A (its stored
+  # value), so A ends with the most visits though B's value is higher: the choice is A
+  step = lambda prompt, prefix, j: ("B" if j == 1 else "A", True)
+  values = {"A": 0.6, "B": 0.7}
+  (r,) = mcts(DrawPolicy(step), ["q"], value_fn=step_values(values), key=KEY, simulations=6,
+              branching=2, widening=(1.0, 1.0), extract=lambda t: t)
+  # sim 1 expands (A, B); sim 2 re-visits B (higher PUCT); sims 3-6 widen by one draw each
+  # (bound N = 3, 4, 5, 6): A every time
+  assert r.info["root_children"] == 2 and r.info["widenings"] == 4
+  visits = {c.text: c.info["visits"] for c in r.candidates}
+  assert visits == {"A": 5, "B": 2} and r.info["root_visits"] == 7
+  scores = {c.text: c.score for c in r.candidates}
+  assert scores["B"] > scores["A"] and r.text == "A" and r.info["path_visits"] == [5]
+  assert r.tokens == TokenCount(prompt=10 * 6, generated=6)
+
+
+def test_mcts_widening_that_draws_only_blank_steps_still_counts_a_visit():
+  step = lambda prompt, prefix, j: (f"a{j}" if j < 2 else "", True)
+  (r,) = mcts(DrawPolicy(step), ["q"], value_fn=step_values({"a0": 1.0, "a1": 0.0}), key=KEY,
+              simulations=5, branching=2, widening=(1.0, 1.0), extract=lambda t: t)
+  # sim 2 re-visits a0; sims 3-5 draw one blank step each and re-visit the root with its Q
+  assert r.info["root_visits"] == 6 and r.info["root_children"] == 2
+  assert r.info["widenings"] == 3 and r.text == "a0"
+  assert r.tokens == TokenCount(prompt=10 * 5, generated=4)
+
+
+def test_mcts_widening_batches_problems_and_respects_the_budget():
+  # q1's first steps are finished answers, q2's are unfinished steps with finished follow-ups:
+  # the problems draw different numbers of steps in the same iteration (one row per draw) and
+  # each search is the one it would be alone
+  def step(prompt, prefix, j):
+    if prompt == "q1":
+      return f"a{j}", True
+    return (f"x{j}", False) if not prefix else (f"y{j}", True)
+
+  value = lambda problems, partials: [0.9 if p.steps[-1].endswith("1") else 0.3
+                                      for p in partials]
+  kw = dict(value_fn=value, key=KEY, simulations=12, branching=2, widening=(1.0, 0.5),
+            extract=lambda t: t)
+  policy = DrawPolicy(step)
+  both = mcts(policy, ["q1", "q2"], **kw)
+  alone = [mcts(DrawPolicy(step), [q], **kw)[0] for q in ("q1", "q2")]
+  assert both == alone
+  calls = [c for c in policy.calls if c[0] == "next_steps"]
+  assert len(calls) <= 12 and any(k == 1 for _, _, k in calls)
+  assert both[0].info["widenings"] > 0 and both[1].info["widenings"] > 0
+  for budget in (40, 80, 150):
+    results = mcts(DrawPolicy(step), ["q1", "q2"], **dict(kw, simulations=30), max_tokens=budget)
+    assert all(r.tokens.total <= budget for r in results)
+    assert any(r.info["budget_stopped"] for r in results)
+
+
+def test_mcts_widening_default_and_bad_settings():
+  mcts_module = importlib.import_module("postrl.sampling.search.mcts")
+  width = mcts_module.width_bound
+  assert [width(n, 2, (1.0, 0.5)) for n in (0, 1, 4, 5, 9, 10)] == [2, 2, 2, 3, 3, 4]
+  assert width(50, 1, (1.1, 1.0)) == 55  # 1.1 * 50 = 55.00000000000001: not rounded up to 56
+  assert width(7, 3, None) == 3 and width(7, 1, (2.5, 0.0)) == 3
+  # alpha = 0 with ceil(c) <= branching never widens: exactly the search without widening
+  plain = mcts(FakePolicy(tree=_game), ["q"], value_fn=game_value, key=KEY, simulations=30,
+               branching=2)
+  assert mcts(FakePolicy(tree=_game), ["q"], value_fn=game_value, key=KEY, simulations=30,
+              branching=2, widening=(2.0, 0.0)) == plain
+  for bad in ((0.0, 0.5), (1.0, 1.5), (1.0, -0.1), (float("inf"), 0.5), (1.0,), "wide", 3):
+    with pytest.raises(SearchError, match="widening"):
+      mcts(FakePolicy(tree=_game), ["q"], value_fn=game_value, key=KEY, widening=bad)
 
 
 # --------------------------------------------------------------------------- compute-optimal

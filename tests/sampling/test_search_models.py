@@ -192,10 +192,14 @@ def test_search_command_step_strategies_with_a_prm_and_verifier_rollouts(tiny_mo
   (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
   assert line["strategy"] == "mcts" and line["info"]["expansions"] == 2
   assert line["tokens"]["scorer"] == 0 and line["tokens"]["generated"] > 0
+  assert search_cli.main(common + ["--strategy", "mcts", "--n", "6", "--branching", "1",
+                                   "--widening", "1,0.5", "--task", "arithmetic"]) == 0
+  (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+  assert line["info"]["widenings"] >= 1  # the root holds ceil(sqrt(N)) > 1 steps after 2 visits
 
 
 @pytest.mark.parametrize("case", ["empty", "missing", "no_model", "no_answer_field", "bad_json",
-                                  "wide_beam", "no_scorer", "no_value", "n_zero"])
+                                  "wide_beam", "no_scorer", "no_value", "n_zero", "widening"])
 def test_search_command_bad_input_is_one_error_line(case, tiny_model_dir, tmp_path, capsys):
   prompts = _prompts(tmp_path, GOOD)
   args = {"strategy": "self_consistency", "n": "2", "model": tiny_model_dir, "prompts": prompts}
@@ -209,6 +213,7 @@ def test_search_command_bad_input_is_one_error_line(case, tiny_model_dir, tmp_pa
       "no_scorer": "best_of_n needs a scorer: --reward-model DIR, or --task",
       "no_value": "mcts needs a value function: --prm DIR, or --task",
       "n_zero": "--n must be >= 1, got 0",
+      "widening": "--widening '1': expected two numbers C,ALPHA",
   }[case]
   extra = []
   if case == "empty":
@@ -230,6 +235,9 @@ def test_search_command_bad_input_is_one_error_line(case, tiny_model_dir, tmp_pa
     args["strategy"] = "mcts"
   elif case == "n_zero":
     args["n"] = "0"
+  elif case == "widening":
+    args["strategy"] = "mcts"
+    extra = ["--task", "arithmetic", "--widening", "1"]
   argv = [x for k, v in args.items() for x in (f"--{k}", v)] + extra + ["--batch-size", "4"]
   assert search_cli.main(argv) == 1
   err = capsys.readouterr().err.strip().splitlines()

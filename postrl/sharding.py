@@ -198,25 +198,27 @@ def split_over_batch_axes(tree, rules=RULES) -> bool:
   return False
 
 
-def replicated_over_batch_axes(tree, rules=RULES):
-  """The NamedShardings of ``tree``'s arrays with the batch axes (data, fsdp) dropped from their
-  specs: each array whole on every device of those axes, still split over the others (tensor).
-  What decoding wants for the weights (``postrl.sampling.generate``): one gather before the
-  loop instead of an fsdp all-gather of every layer at every step. Leaves that are not on a
-  NamedSharding keep their own sharding (host arrays: the default device)."""
+def gather_over_batch_axes(tree, rules=RULES):
+  """``tree`` with every array on a NamedSharding resharded without the batch axes (data, fsdp)
+  in its spec: whole on every device of those axes, still split over the others (tensor). What
+  decoding wants for the weights (``postrl.sampling.generate``): one gather before the loop
+  instead of an fsdp all-gather of every layer at every step. Other leaves (host arrays,
+  single-device arrays) are returned as they are."""
   dropped = set(batch_axes(rules))
 
   def drop(entry):
     axes = tuple(a for a in _mesh_axes(entry) if a not in dropped)
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
-  def one(x):
-    sharding = getattr(x, "sharding", None)
-    if not isinstance(sharding, NamedSharding):
-      return sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return NamedSharding(sharding.mesh, P(*(drop(e) for e in sharding.spec)))
-
-  return jax.tree.map(one, tree)
+  leaves, treedef = jax.tree.flatten(tree)
+  picked = [i for i, x in enumerate(leaves)
+            if isinstance(getattr(x, "sharding", None), NamedSharding)]
+  targets = [NamedSharding(leaves[i].sharding.mesh,
+                           P(*(drop(e) for e in leaves[i].sharding.spec))) for i in picked]
+  moved = jax.device_put([leaves[i] for i in picked], targets)
+  for i, x in zip(picked, moved):
+    leaves[i] = x
+  return jax.tree.unflatten(treedef, leaves)
 
 
 def put_global(tree, shardings):

@@ -245,7 +245,7 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
   not depend on the split (JAX's partitionable threefry), so the tokens are those of a
   one-device run. ``split_rows=False`` keeps every row on every device. Weights sharded over the
   batch axes (fsdp) are first gathered whole onto each device (``gather_weights``;
-  ``postrl.sharding.replicated_over_batch_axes``, tensor splits kept): one all-gather per call
+  ``postrl.sharding.gather_over_batch_axes``, tensor splits kept): one all-gather per call
   instead of one per layer per decode step, for a copy of the weights per fsdp group.
 
   Args:
@@ -296,7 +296,7 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
   mesh = _multi_process_mesh(params)
   rows = row_sharding(params, prompt_BxP.shape[0]) if split_rows else None
   if gather_weights and shd.split_over_batch_axes(params):
-    params = jax.device_put(params, shd.replicated_over_batch_axes(params))
+    params = shd.gather_over_batch_axes(params)
   if mesh is not None:  # params span several processes: inputs become global arrays
     prompt_np, lengths_np32 = np.asarray(prompt_BxP), lengths_np.astype(np.int32)
     (key_data,) = replicate_inputs(mesh, np.asarray(jax.random.key_data(key)))

@@ -281,7 +281,7 @@ def test_decoding_gathers_fsdp_weights_once_not_every_step(model):
   mesh = shd.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
   graphdef, params = nnx.split(model)
   sharded = jax.device_put(params, shd.state_shardings(params, mesh))
-  gathered = jax.device_put(sharded, shd.replicated_over_batch_axes(sharded))
+  gathered = shd.gather_over_batch_axes(sharded)
   assert shd.split_over_batch_axes(sharded) and not shd.split_over_batch_axes(gathered)
   q = gathered["layers"][0]["self_attn"]["q_proj"]["kernel"].value.sharding.spec
   assert q == jax.sharding.PartitionSpec(None, "tensor")  # ("embed", "q_heads"): fsdp dropped
@@ -297,3 +297,8 @@ def test_decoding_gathers_fsdp_weights_once_not_every_step(model):
 
   assert step_ops(sharded).get("all-gather", 0) >= 2 * model.config.num_hidden_layers
   assert step_ops(gathered).get("all-gather", 0) == 0
+  # host leaves (a PEFT base kept in host memory) stay host arrays: jit places them as before
+  kernel = sharded["layers"][0]["self_attn"]["q_proj"]["kernel"].value
+  moved = shd.gather_over_batch_axes(dict(host=np.ones(4, np.float32), kernel=kernel))
+  assert isinstance(moved["host"], np.ndarray)
+  assert moved["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "tensor")

@@ -141,13 +141,13 @@ def batch_sharding(mesh: Mesh, rules=RULES) -> NamedSharding:
 
   The spec names only dimension 0, so one sharding fits batch arrays of any rank.
   """
-  axes = tuple(a for a in _mesh_axes(dict(rules).get("batch")) if a in mesh.shape)
+  axes = tuple(a for a in batch_axes(rules) if a in mesh.shape)
   return NamedSharding(mesh, P(axes if axes else None))
 
 
 def batch_shards(mesh: Mesh, rules=RULES) -> int:
   """Number of ways the batch dimension is split (global batch must be a multiple of it)."""
-  return math.prod(mesh.shape[a] for a in _mesh_axes(dict(rules).get("batch")) if a in mesh.shape)
+  return math.prod(mesh.shape[a] for a in batch_axes(rules) if a in mesh.shape)
 
 
 def optimizer_shardings(tx, params_shardings, abstract_opt_state, mesh: Mesh):

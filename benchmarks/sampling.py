@@ -18,11 +18,14 @@ Phases:
    read (``jnp.max`` over the logits: reading them once), sort (``reference.sort_sample``),
    bisect (``generate.sample_token``: 32 passes over V), radix (the same with
    ``bits_per_pass=4``: 8 passes, each testing 15 thresholds; same tokens), pallas
-   (``kernels.sampling.sample(impl="pallas")``: the
-   kernel plus the fallback's ``lax.cond``) and kernel (``sample_gpu`` alone), and the ratio
-   pallas / read. Logits are ``--logit-scale`` x N(0, 1) per row (scale 4 over 152k tokens:
+   (``kernels.sampling.sample(impl="pallas")``: the one-program-per-row kernel; before
+   2026-11-26's change to no rounds cap this included the XLA fallback's ``lax.cond``), split
+   (the same with ``GpuConfig(split=True)``: each row over several programs, the same tokens) and
+   kernel (``sample_gpu`` alone), and the ratio pallas / read. Logits are ``--logit-scale`` x N(0, 1) per row (scale 4 over 152k tokens:
    top-1 probability ~0.12, top-p 0.9 keeps ~750 tokens, top-50 holds ~65% of the mass).
-4. ``--sweep``: kernel block sizes / warps at (64, 151936), top-p.
+4. ``--sweep``: kernel settings at (64, 151936), top-p: the row kernel at block 1024 / 16 warps
+   and the default, then the split path over ``--sweep-programs`` x ``--sweep-blocks`` x
+   ``--sweep-warps``.
 
 Timing (as ``benchmarks/quantized_matmul.py``): each executable samples R distinct logits buffers
 (together >= 3x the 50 MB L2 cache, at most 8) in a loop of L iterations inside one jit (L chosen
@@ -36,6 +39,7 @@ with ``environment()``) after each.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import os
@@ -52,6 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from benchmarks.quantized_matmul import copy_bandwidth  # noqa: E402
 from kernels.sampling import GpuConfig, kept_mask, sample, sample_gpu, sort_sample  # noqa: E402
+from kernels.sampling.gpu import chunks_per_row  # noqa: E402
 from postrl.sampling.generate import sample_token  # noqa: E402
 
 BATCHES = (1, 16, 64, 256)
@@ -217,8 +222,8 @@ def table_points(modes, batches, vocabs):
 def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget, copy_bw,
               reserve_s):
   common.log(f"{'mode':6s} {'B':>4s} {'V':>7s} | {'read us':>8s} {'sort us':>9s} {'bisect us':>9s} "
-             f"{'radix us':>9s} {'pallas us':>9s} {'kernel us':>9s} | {'pal/read':>8s} "
-             f"{'sort/pal':>8s} {'rounds':>6s}")
+             f"{'radix us':>9s} {'pallas us':>9s} {'split us':>9s} {'kernel us':>9s} | "
+             f"{'pal/read':>8s} {'sort/pal':>8s} {'spl/read':>8s} {'sort/spl':>8s} {'rounds':>6s}")
   for mode, b, v in table_points(modes, batches, vocabs):
     if budget.over(reserve_s):
       common.log("time limit reached: table stops here")
@@ -246,11 +251,13 @@ def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget,
                                            top_p=settings.get("top_p"),
                                            min_p=settings.get("min_p"), bits_per_pass=4)[::2],
         "pallas": lambda k, x: sample(k, x, impl="pallas", interpret=INTERPRET, **settings),
+        "split": lambda k, x: sample(k, x, impl="pallas", interpret=INTERPRET,
+                                     config=GpuConfig(split=True), **settings),
         "kernel": lambda k, x: sample_gpu(
             x, jax.random.bits(k, (b,), jnp.uint32), interpret=INTERPRET, **settings)[:2],
     }
     for name, fn in variants.items():
-      if name in ("pallas", "kernel") and "kernel_error" in row:
+      if name in ("pallas", "split", "kernel") and "kernel_error" in row:
         row[f"{name}_error"] = "skipped: the kernel failed on this shape"
         continue
       try:
@@ -263,6 +270,9 @@ def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget,
       row["pallas_over_read"] = row["pallas_us"] / row["read_us"]
     if "pallas_us" in row and "sort_us" in row:
       row["sort_over_pallas"] = row["sort_us"] / row["pallas_us"]
+    if "split_us" in row and "read_us" in row:
+      row["split_over_read"] = row["split_us"] / row["read_us"]
+      row["sort_over_split"] = row.get("sort_us", float("nan")) / row["split_us"]
     results.append("table", row)
     del bufs
 
@@ -270,34 +280,44 @@ def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget,
       val = row.get(key)
       return f"{val:{width}{spec}}" if isinstance(val, float) else f"{'ERR':>{width}}"
     common.log(f"{mode:6s} {b:4d} {v:7d} | {fmt('read_us', 8)} {fmt('sort_us')} "
-               f"{fmt('bisect_us')} {fmt('radix_us')} {fmt('pallas_us')} {fmt('kernel_us')} | "
-               f"{fmt('pallas_over_read', 8, '.2f')} {fmt('sort_over_pallas', 8, '.1f')} "
-               f"{fmt('mean_rounds', 6, '.2f')}")
+               f"{fmt('bisect_us')} {fmt('radix_us')} {fmt('pallas_us')} {fmt('split_us')} "
+               f"{fmt('kernel_us')} | {fmt('pallas_over_read', 8, '.2f')} "
+               f"{fmt('sort_over_pallas', 8, '.1f')} {fmt('split_over_read', 8, '.2f')} "
+               f"{fmt('sort_over_split', 8, '.1f')} {fmt('mean_rounds', 6, '.2f')}")
 
 
-def run_sweep(results, *, b, v, dtype, scale, repeats, budget, blocks, warps_list):
-  """Kernel launch settings around the default at one shape (top-p 0.9)."""
+def sweep_configs(blocks, warps_list, programs_list):
+  """The row kernel at the best setting of 2026-11-26's sweep and at the default, then the split
+  path over programs x blocks x warps."""
+  out = [GpuConfig(block=1024, num_warps=16), GpuConfig()]
+  out += [GpuConfig(split=True, programs=n, block=block, num_warps=warps)
+          for n in programs_list for block in blocks for warps in warps_list]
+  return out
+
+
+def run_sweep(results, *, b, v, dtype, scale, repeats, budget, configs):
+  """Kernel launch settings at one shape (top-p 0.9), through ``sample`` (what users call)."""
   r = n_buffers(b * v * jnp.dtype(dtype).itemsize)
   bufs = [make_logits(b, v, dtype, 2000 + i, scale) for i in range(r)]
-  for block in blocks:
-    for warps in warps_list:
-      if budget.over(0):
-        common.log("time limit reached: sweep stops here")
-        return
-      cfg = GpuConfig(block=block, num_warps=warps)
-      fn = functools.partial(lambda k, x, cfg: sample_gpu(
-          x, jax.random.bits(k, (b,), jnp.uint32), top_p=0.9, config=cfg,
-          interpret=INTERPRET)[:2], cfg=cfg)
-      try:
-        t, _, bufs = time_sampler(fn, bufs, repeats)
-        us = 1e6 * t
-      except Exception as e:  # noqa: BLE001
-        us = f"{type(e).__name__}: {str(e)[:200]}"
-        bufs = [make_logits(b, v, dtype, 2000 + i, scale) for i in range(r)]
-      results.append("sweep", dict(batch=b, vocab=v, block=block, num_warps=warps, us=us,
-                                   default=cfg == GpuConfig()))
-      common.log(f"sweep B={b} V={v} block {block:5d} warps {warps:2d}: "
-                 f"{us if isinstance(us, str) else f'{us:.1f} us'}")
+  for cfg in configs:
+    if budget.over(0):
+      common.log("time limit reached: sweep stops here")
+      return
+    fn = functools.partial(lambda k, x, cfg: sample(k, x, top_p=0.9, impl="pallas", config=cfg,
+                                                    interpret=INTERPRET), cfg=cfg)
+    try:
+      t, _, bufs = time_sampler(fn, bufs, repeats)
+      us = 1e6 * t
+    except Exception as e:  # noqa: BLE001
+      us = f"{type(e).__name__}: {str(e)[:200]}"
+      bufs = [make_logits(b, v, dtype, 2000 + i, scale) for i in range(r)]
+    chunk, n_chunks = chunks_per_row(b, v, cfg)
+    results.append("sweep", dict(batch=b, vocab=v, config=dataclasses.asdict(cfg),
+                                 chunks=n_chunks if cfg.split else 1, us=us,
+                                 default=cfg == GpuConfig()))
+    common.log(f"sweep B={b} V={v} split={cfg.split!s:5} programs {cfg.programs:4d} chunks "
+               f"{n_chunks if cfg.split else 1:3d} block {cfg.block:5d} warps {cfg.num_warps:2d}: "
+               f"{us if isinstance(us, str) else f'{us:.1f} us'}")
 
 
 def main(argv=None):
@@ -316,8 +336,10 @@ def main(argv=None):
                  choices=list(CHECK_MODES))
   p.add_argument("--sweep", action="store_true")
   p.add_argument("--sweep-seconds", type=float, default=40, help="time kept for the sweep")
-  p.add_argument("--sweep-blocks", type=int, nargs="+", default=[1024, 2048, 4096])
-  p.add_argument("--sweep-warps", type=int, nargs="+", default=[4, 8, 16])
+  p.add_argument("--sweep-blocks", type=int, nargs="+", default=[1024, 2048])
+  p.add_argument("--sweep-warps", type=int, nargs="+", default=[4, 8])
+  p.add_argument("--sweep-programs", type=int, nargs="+", default=[512, 1024, 2048],
+                 help="split path: programs in all (GpuConfig.programs)")
   p.add_argument("--copy-mib", type=int, default=None,
                  help="size of the copy-bandwidth probe (default 1024; 4 with --interpret)")
   p.add_argument("--interpret", action="store_true",
@@ -355,7 +377,7 @@ def main(argv=None):
   if args.sweep:
     run_sweep(results, b=64 if 64 in args.batch else max(args.batch), v=max(args.vocab),
               dtype=dtype, scale=args.logit_scale, repeats=args.repeats, budget=budget,
-              blocks=args.sweep_blocks, warps_list=args.sweep_warps)
+              configs=sweep_configs(args.sweep_blocks, args.sweep_warps, args.sweep_programs))
   if results.doc.get("status") == "running":
     results.update(status="complete")
 

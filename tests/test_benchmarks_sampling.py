@@ -18,7 +18,8 @@ def test_sampling_benchmark_interpret(tmp_path):
   proc = subprocess.run(
       [sys.executable, "benchmarks/sampling.py", "--interpret", "--batch", "2", "--vocab", "3000",
        "--modes", "top_p", "--check-modes", "top_p", "--check-draws", "512", "--repeats", "1",
-       "--sweep", "--sweep-blocks", "512", "--sweep-warps", "4", "--out", str(out)],
+       "--sweep", "--sweep-blocks", "512", "--sweep-warps", "4", "--sweep-programs", "8",
+       "--out", str(out)],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   doc = json.loads(out.read_text())
@@ -28,12 +29,16 @@ def test_sampling_benchmark_interpret(tmp_path):
   assert kinds == [("frequency", None), ("support", "float32"), ("support", "bfloat16")]
   (row,) = doc["table"]
   assert (row["mode"], row["batch"], row["vocab"], row["top_p"]) == ("top_p", 2, 3000, 0.9)
-  for name in ("read", "sort", "bisect", "radix", "pallas", "kernel"):
+  for name in ("read", "sort", "bisect", "radix", "pallas", "split", "kernel"):
     assert row[f"{name}_us"] > 0, row
   assert row["pallas_over_read"] == row["pallas_us"] / row["read_us"]
+  assert row["split_over_read"] == row["split_us"] / row["read_us"]
   assert row["mean_rounds"] >= 1
-  (sweep,) = doc["sweep"]
-  assert sweep["block"] == 512 and sweep["us"] > 0
+  row_fast, default, split = doc["sweep"]
+  assert (row_fast["config"]["block"], row_fast["config"]["num_warps"]) == (1024, 16)
+  assert default["default"] and not default["config"]["split"] and default["chunks"] == 1
+  assert split["config"]["split"] and split["config"]["block"] == 512 and split["chunks"] == 3
+  assert all(s["us"] > 0 for s in doc["sweep"])
 
 
 def test_a_kernel_that_fails_still_leaves_the_xla_table(tmp_path):
@@ -52,5 +57,6 @@ def test_a_kernel_that_fails_still_leaves_the_xla_table(tmp_path):
   (row,) = doc["table"]
   assert row["kernel_error"] and row["mean_rounds"] is None
   assert row["pallas_error"].startswith("skipped") and "kernel_us" not in row
+  assert row["split_error"].startswith("skipped")
   for name in ("read", "sort", "bisect", "radix"):
     assert row[f"{name}_us"] > 0, row

@@ -71,20 +71,25 @@ def _check_args(logits, temperature, top_k, top_p, min_p, impl, config):
     check_config(config)
 
 
-# The kernel has not yet been compiled or timed on a GPU (no device in session 6): until
-# benchmarks/sampling.py shows it correct and faster there, "auto" stays on XLA everywhere.
-GPU_MEASURED = False
+# Measured on one H100 on 2026-11-26 (benchmarks/sampling.py, docs/benchmarks.md): the
+# one-program-per-row kernel beats XLA's sort and its threshold searches for top-p and top-k from
+# batch 16 on (B = 64, V = 152k, top-p: 424 us against 1390 us bisection, 2277 us sort); at
+# batch 1 XLA's radix search is faster (112 vs 209 us), and for min-p alone the bisection is
+# (162 vs 271 us at B = 64). "auto" follows that table.
+GPU_MEASURED = True
+KERNEL_MIN_BATCH = 16
 
 
 def choose_impl(v: int, *, temperature: float, top_k: int | None = None,
                 top_p: float | None = None, min_p: float | None = None, impl: str = "auto",
-                platform: str | None = None) -> str:
+                platform: str | None = None, batch: int | None = None) -> str:
   """Resolve ``impl`` to "xla" or "pallas_gpu" for these settings and this platform.
 
-  "auto" is XLA everywhere until ``GPU_MEASURED`` (the kernel compiled, checked and faster on a
-  GPU in ``benchmarks/sampling.py``). Greedy (temperature 0) is always XLA's argmax.
-  "pallas" / "pallas_gpu" with top-k and top-p together raise ``KernelShapeError``; "auto" sends
-  that combination, CPUs and meshes to XLA.
+  "auto" picks the kernel on a single GPU for top-k or top-p (not both) at ``batch`` >=
+  ``KERNEL_MIN_BATCH`` (None: assumed large enough), XLA elsewhere: CPUs, meshes, greedy
+  (temperature 0: XLA's argmax), min-p alone, small batches, top-k with top-p. These are where the
+  kernel was measured faster (``GPU_MEASURED``; ``benchmarks/sampling.py``).
+  "pallas" / "pallas_gpu" with top-k and top-p together raise ``KernelShapeError``.
   """
   if impl == "xla" or temperature == 0:
     return "xla"
@@ -97,7 +102,9 @@ def choose_impl(v: int, *, temperature: float, top_k: int | None = None,
   platform = platform or jax.default_backend()
   if not GPU_MEASURED or platform not in ("gpu", "cuda", "rocm") or jax.device_count() > 1:
     return "xla"
-  if top_k is not None and top_p is not None:
+  if (top_k is None) == (top_p is None):  # both (not a kernel case) or neither (min-p / plain)
+    return "xla"
+  if batch is not None and batch < KERNEL_MIN_BATCH:
     return "xla"
   return "pallas_gpu"
 
@@ -113,6 +120,10 @@ def _sample(key, logits_BxV, *, temperature, top_k, top_p, min_p, impl, interpre
   token, model_logp, _ = sample_gpu(logits_BxV, seeds_B, config=config, interpret=interpret,
                                     **settings)
   failed = token < 0
+  if config is None or config.max_rounds is None:
+    # no rounds cap: -1 only for a row without a finite logit, where the reference's categorical
+    # draw is token 0 (log-prob NaN); no data-dependent branch, so no host synchronisation
+    return jnp.where(failed, 0, token), jnp.where(failed, jnp.nan, model_logp)
 
   def resample(_):  # rows whose rounds all rejected: an exact draw from the same kept set
     token_x, logp_x = sample_reference(key_fallback, logits_BxV, **settings)
@@ -148,7 +159,8 @@ def sample(key, logits_BxV, *, temperature: float = 1.0, top_k: int | None = Non
   _check_args(logits_BxV, temperature, top_k, top_p, min_p, impl, config)
   v = logits_BxV.shape[1]
   chosen = choose_impl(v, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                       impl=impl, platform="cpu" if interpret and impl == "auto" else None)
+                       impl=impl, platform="cpu" if interpret and impl == "auto" else None,
+                       batch=logits_BxV.shape[0])
   if chosen == "pallas_gpu" and not interpret and jax.default_backend() not in ("gpu", "cuda",
                                                                                 "rocm"):
     raise ValueError(f"sample: impl={impl!r} runs the Triton kernel, which needs a GPU (backend is "

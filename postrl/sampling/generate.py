@@ -21,10 +21,12 @@ Each sampled token comes with two log-probs:
 * ``model_logps``: under the plain model, log softmax(logits)[token], which equals
   ``postrl.logprobs.token_logps`` recomputed by the training path on the same tokens (tested).
 
-``sampling_impl`` picks how a token is drawn: "xla" (``sample_token``: the thresholds by a
-32-step bisection over the float bits, then ``jax.random.categorical``), "pallas" (the sort-free
-Triton kernel ``kernels.sampling.sample``: exact rejection sampling, the same distribution), or
-"auto" (``kernels.sampling.choose_impl``: XLA until the kernel is measured on a GPU). The kernel
+``sampling_impl`` picks how a token is drawn: "xla" (``sample_token``: the thresholds by a search
+over the float bits, 32 one-bit passes or on a GPU below batch 64 eight 4-bit passes
+(``default_bits_per_pass``), then ``jax.random.categorical``), "pallas" (the sort-free Triton
+kernel ``kernels.sampling.sample``: exact rejection sampling, the same distribution), or "auto"
+(``kernels.sampling.choose_impl``: the kernel on one GPU for top-k or top-p from batch 16, where
+it was measured faster; XLA elsewhere). The kernel
 never computes the truncated distribution's normaliser, so with it ``logps`` is NaN wherever top-k
 or top-p truncate (the plain model's ``model_logps``, what trainers use, is always computed).
 """
@@ -117,6 +119,17 @@ def process_logits(logits_BxV, *, temperature: float = 1.0, top_k: int | None = 
   return z
 
 
+def default_bits_per_pass(batch: int, platform: str | None = None) -> int:
+  """Threshold bits searched per pass over V by ``generate``'s XLA sampler (``process_logits``;
+  same thresholds either way): 4 (8 passes of 15 thresholds) on a GPU below batch 64, else 1 (the
+  32-pass bisection). Measured on one H100, V = 152k, top-p (``benchmarks/sampling.py``,
+  2026-11-26): 112 vs 830 us at B = 1 and 456 vs 1262 us at B = 16 for the 4-bit search, 1390 vs
+  1483 us at B = 64 and 4536 vs 5395 us at B = 256 for the bisection; on a 2-core CPU the
+  bisection wins (27.7 vs 55.0 ms at B = 16, V = 49k)."""
+  platform = platform or jax.default_backend()
+  return 4 if platform in ("gpu", "cuda", "rocm") and batch < 64 else 1
+
+
 def sample_token(key, logits_BxV, *, temperature, top_k, top_p, min_p, bits_per_pass: int = 1):
   """Samples one token per row -> (token_B, sampling logp_B, plain-model logp_B)
   (``bits_per_pass``: the threshold search of ``process_logits``)."""
@@ -152,10 +165,10 @@ def kernel_sample_token(key, logits_BxV, *, temperature, top_k, top_p, min_p, im
 
 @functools.partial(jax.jit, static_argnames=(
     "graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "eos_ids", "pad_id",
-    "sampling_impl", "interpret", "rows", "cache_sharding"))
+    "sampling_impl", "interpret", "rows", "cache_sharding", "bits_per_pass"))
 def _generate(graphdef, params, prompt_BxP, lengths_B, key, *, max_new_tokens, temperature, top_k,
               top_p, min_p, eos_ids, pad_id, sampling_impl="xla", interpret=False, rows=None,
-              cache_sharding=None):
+              cache_sharding=None, bits_per_pass=1):
   model = nnx.merge(graphdef, params)
   B, P = prompt_BxP.shape
   N = max_new_tokens
@@ -174,7 +187,7 @@ def _generate(graphdef, params, prompt_BxP, lengths_B, key, *, max_new_tokens, t
   last_logits = model.logits(h_last)[:, 0]
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
   sample = functools.partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p,
-                             min_p=min_p)
+                             min_p=min_p, bits_per_pass=bits_per_pass)
   if sampling_impl != "xla":
     sample = functools.partial(kernel_sample_token, temperature=temperature, top_k=top_k,
                                top_p=top_p, min_p=min_p, impl=sampling_impl, interpret=interpret)
@@ -312,7 +325,7 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
     from kernels import sampling as sampling_kernels  # pylint: disable=import-outside-toplevel
     impl = sampling_kernels.choose_impl(config.vocab_size, temperature=float(temperature),
                                         top_k=top_k, top_p=top_p, min_p=min_p,
-                                        impl=sampling_impl)
+                                        impl=sampling_impl, batch=int(prompt_BxP.shape[0]))
     devices = {d for x in jax.tree.leaves(params) if isinstance(x, jax.Array)
                for d in x.sharding.device_set}
     if impl != "xla" and (mesh is not None or len(devices) > 1):
@@ -322,6 +335,7 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
                    temperature=float(temperature), top_k=top_k, top_p=top_p, min_p=min_p,
                    eos_ids=eos, pad_id=int(pad_id), sampling_impl=impl,
                    interpret=bool(interpret), rows=rows,
+                   bits_per_pass=default_bits_per_pass(int(prompt_BxP.shape[0])),
                    cache_sharding=None if rows is None else cache_sharding_for(
                        rows, config, prompt_BxP.shape[0],
                        prompt_BxP.shape[1] + int(max_new_tokens)))

@@ -262,14 +262,24 @@ def test_hash_gives_independent_gumbel_variables():
 def test_choose_impl(monkeypatch):
   kw = dict(temperature=1.0, top_p=0.9)
   assert choose_impl(1000, **kw) == "xla"  # CPU
-  assert choose_impl(1000, platform="gpu", **kw) == "xla"  # not yet measured on a GPU
-  monkeypatch.setattr(importlib.import_module("kernels.sampling"), "GPU_MEASURED", True)
+  module = importlib.import_module("kernels.sampling")
+  monkeypatch.setattr(module, "GPU_MEASURED", False)
+  assert choose_impl(1000, platform="gpu", **kw) == "xla"  # not measured: XLA
+  monkeypatch.setattr(module, "GPU_MEASURED", True)
   assert choose_impl(1000, impl="xla", platform="gpu", **kw) == "xla"
   assert choose_impl(1000, impl="pallas", **kw) == "pallas_gpu"
-  if jax.device_count() == 1:
+  # several devices (the test session has 8 CPU devices): XLA partitions, a kernel would not
+  assert jax.device_count() > 1 and choose_impl(1000, platform="gpu", **kw) == "xla"
+  with monkeypatch.context() as one_device:
+    one_device.setattr(jax, "device_count", lambda: 1)
     assert choose_impl(1000, platform="gpu", **kw) == "pallas_gpu"
-  else:  # several devices (the test session has 8 CPU devices): XLA partitions, a kernel would not
-    assert choose_impl(1000, platform="gpu", **kw) == "xla"
+    assert choose_impl(1000, platform="gpu", batch=64, temperature=0.7, top_k=50) == "pallas_gpu"
+    # where XLA was measured faster: small batches, min-p alone, no truncation
+    assert choose_impl(1000, platform="gpu", batch=1, **kw) == "xla"
+    assert choose_impl(1000, platform="gpu", batch=15, **kw) == "xla"
+    assert choose_impl(1000, platform="gpu", batch=16, **kw) == "pallas_gpu"
+    assert choose_impl(1000, platform="gpu", batch=64, temperature=1.0, min_p=0.1) == "xla"
+    assert choose_impl(1000, platform="gpu", batch=64, temperature=1.0, top_p=1.0) == "xla"
   assert choose_impl(1000, temperature=0.0, top_p=0.9, impl="pallas") == "xla"
   # top-k with top-p: XLA under auto, an error when the kernel is forced (unless k >= V)
   assert choose_impl(1000, temperature=1.0, top_k=5, top_p=0.9, platform="gpu") == "xla"
@@ -298,6 +308,98 @@ def test_bad_arguments_name_the_argument():
     sample(key, jnp.zeros((2, 10), jnp.int32))
 
 
+SPLIT_CASES = [dict(temperature=0.7, top_p=0.8), dict(top_k=5), dict(top_k=2),
+               dict(temperature=0.8, min_p=0.1), dict(temperature=1.2),
+               dict(top_p=0.5, min_p=0.05)]
+
+
+@pytest.mark.parametrize("settings", SPLIT_CASES, ids=lambda d: "-".join(map(str, d.items())))
+def test_split_path_draws_what_the_row_kernel_draws(settings):
+  """The split path (each row over C programs, XLA combining per-chunk partials) draws the same
+  token with the same round count and log-prob as one program per row: the noise depends only on
+  (row seed, index, round), and both take the smallest index among equal scores. Chunk 64 over
+  V = 300 gives 5 chunks, the last one ragged; split_rounds 1 sends every second-round row to
+  the row kernel, resumed at round 1 from the rejected pivot."""
+  x = jnp.asarray(_random_rows(24, 300, seed=21)) * 0.6  # flat rows: several rounds for top-k 2
+  seeds = jax.random.bits(jax.random.key(22), (24,), jnp.uint32)
+  want = [np.asarray(a) for a in sample_gpu(x, seeds, config=GpuConfig(block=16), interpret=True,
+                                            **settings)]
+  assert np.all(want[0] >= 0)
+  for extra in (dict(), dict(split_rounds=1)):
+    cfg = GpuConfig(block=16, chunk=64, split=True, **extra)
+    assert sgpu.chunks_per_row(24, 300, cfg) == (64, 5)
+    got = [np.asarray(a) for a in sample_gpu(x, seeds, config=cfg, interpret=True, **settings)]
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[2], want[2])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-6)
+  if "top_k" in settings and settings["top_k"] == 2:
+    assert want[2].max() > 2  # the leftover kernel really ran
+
+
+def test_split_path_keeps_the_rounds_cap():
+  x = jnp.asarray(_random_rows(16, 300, seed=23)) * 0.3
+  seeds = jax.random.bits(jax.random.key(24), (16,), jnp.uint32)
+  for cap, split_rounds in ((1, 3), (2, 1), (2, 3), (4, 2)):
+    want = sample_gpu(x, seeds, top_k=2, config=GpuConfig(block=16, max_rounds=cap),
+                      interpret=True)
+    got = sample_gpu(x, seeds, top_k=2, interpret=True, config=GpuConfig(
+        block=16, chunk=32, split=True, max_rounds=cap, split_rounds=split_rounds))
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
+    assert np.asarray(got[2]).max() <= cap and (np.asarray(got[0]) < 0).any()
+
+
+def test_split_path_samples_the_exact_truncated_distribution():
+  x = jnp.tile(jnp.asarray(ROW37, jnp.float32), (2048, 1))
+  seeds = jax.random.bits(jax.random.key(25), (2048,), jnp.uint32)
+  for name in ("top_p", "top_k"):
+    token, _, _ = sample_gpu(x, seeds, interpret=True, config=GpuConfig(
+        block=16, chunk=16, split=True, split_rounds=2), **SETTINGS[name])
+    token = np.asarray(token)
+    assert np.all(token >= 0)
+    assert_matches(np.bincount(token, minlength=37), exact_probs(ROW37, **SETTINGS[name]))
+
+
+def test_chunks_per_row_aims_at_the_program_count():
+  cfg = GpuConfig(split=True)  # block 2048, about 1024 programs
+  assert sgpu.chunks_per_row(64, 151936, cfg) == (10240, 15)  # 75 blocks in 16 chunks of 5
+  assert sgpu.chunks_per_row(1, 151936, cfg) == (2048, 75)  # one block per program
+  assert sgpu.chunks_per_row(4096, 151936, cfg) == (153600, 1)  # large batch: the row kernel
+  assert sgpu.chunks_per_row(64, 1000, cfg) == (2048, 1)
+  assert sgpu.chunks_per_row(8, 300, GpuConfig(block=16, chunk=4096)) == (304, 1)
+  for bad, msg in ((dict(chunk=100, block=64), "chunk=100"), (dict(programs=0), "programs=0"),
+                   (dict(split_rounds=0), "split_rounds=0")):
+    with pytest.raises(KernelShapeError, match=msg):
+      sgpu.check_config(GpuConfig(**bad))
+
+
+def test_no_rounds_cap_means_no_data_dependent_branch():
+  """With ``max_rounds=None`` (the default) ``sample`` has no ``cond`` (on a GPU a host
+  synchronisation per call); a row without a finite logit gets the reference's token 0."""
+  x = jnp.asarray(_random_rows(4, 300, seed=26)).at[2].set(-jnp.inf)
+  f = functools.partial(sample, top_p=0.9, impl="pallas", interpret=True)
+
+  def conds(config):  # cond equations outside the kernels (a kernel's own branches stay on GPU)
+    def walk(jaxpr):
+      for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+          continue
+        yield eqn.primitive.name
+        for p in eqn.params.values():
+          for j in (p if isinstance(p, (tuple, list)) else (p,)):
+            if hasattr(j, "jaxpr") or hasattr(j, "eqns"):
+              yield from walk(getattr(j, "jaxpr", j))
+    closed = jax.make_jaxpr(lambda k, v: f(k, v, config=config))(jax.random.key(0), x)
+    return sum(name == "cond" for name in walk(closed.jaxpr))
+
+  assert conds(GpuConfig(block=64)) == 0 and conds(GpuConfig(block=64, split=True)) == 0
+  assert conds(GpuConfig(block=64, max_rounds=8)) == 1
+  for split in (False, True):
+    token, logp = f(jax.random.key(0), x, config=GpuConfig(block=64, chunk=64, split=split))
+    assert int(token[2]) == 0 and np.isnan(float(logp[2]))
+    assert np.all(np.asarray(token)[[0, 1, 3]] > 0) and np.isfinite(np.asarray(logp)[[0, 1, 3]]).all()
+
+
 def test_kernel_lowers_to_triton_for_a_gpu():
   """The kernel lowers for CUDA on this CPU-only machine (the Triton IR is built at lowering)."""
   for settings in (dict(temperature=0.7, top_p=0.9), dict(top_k=50, min_p=0.05), dict()):
@@ -306,6 +408,12 @@ def test_kernel_lowers_to_triton_for_a_gpu():
                             jax.ShapeDtypeStruct((64,), jnp.uint32)).lower(
                                 lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text and "grid_x = 64" in text
+    # the split path: launches over (row, chunk) grids, here 64 x 15
+    split = functools.partial(sample_gpu, config=GpuConfig(split=True), **settings)
+    text = jax.jit(split).trace(jax.ShapeDtypeStruct((64, 151936), jnp.bfloat16),
+                                jax.ShapeDtypeStruct((64,), jnp.uint32)).lower(
+                                    lowering_platforms=("cuda",)).as_text()
+    assert "grid_x = 64" in text and "grid_y = 15" in text
 
 
 def test_the_kernel_without_a_gpu_is_a_clear_error():

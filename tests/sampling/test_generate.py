@@ -9,6 +9,7 @@ from flax import nnx
 from postrl.logprobs import model_apply_fn, token_logps
 from postrl.models import Transformer
 from postrl.sampling import generate, pad_prompts, process_logits, sample_token
+from postrl.sampling.generate import default_bits_per_pass
 from tests.conftest import tiny_config
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19]]
@@ -302,3 +303,12 @@ def test_decoding_gathers_fsdp_weights_once_not_every_step(model):
   moved = shd.gather_over_batch_axes(dict(host=np.ones(4, np.float32), kernel=kernel))
   assert isinstance(moved["host"], np.ndarray)
   assert moved["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
+
+
+def test_default_bits_per_pass_follows_the_gpu_measurement():
+  """The 4-bit threshold search on a GPU below batch 64 (measured faster there), the bisection at
+  64 and above and on CPUs (where it is faster); both find the same thresholds (tested above)."""
+  assert [default_bits_per_pass(b, "gpu") for b in (1, 16, 63, 64, 256)] == [4, 4, 4, 1, 1]
+  assert default_bits_per_pass(1, "cuda") == 4 and default_bits_per_pass(1, "cpu") == 1
+  if jax.default_backend() == "cpu":
+    assert default_bits_per_pass(1) == 1

@@ -8,6 +8,6 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
-timeout "${SAMPLING_TIMEOUT:-225}" python3 benchmarks/sampling.py --sweep --sweep-seconds 30 \
-  --time-limit "${SAMPLING_LIMIT:-195}" --repeats 5 --out "$OUT/sampling.json" "$@" 2>&1 \
+timeout "${SAMPLING_TIMEOUT:-235}" python3 benchmarks/sampling.py --sweep --sweep-seconds 50 \
+  --time-limit "${SAMPLING_LIMIT:-205}" --repeats 5 --out "$OUT/sampling.json" "$@" 2>&1 \
   | tee "$OUT/sampling.log"

@@ -156,12 +156,15 @@ def log(msg: str):
 _NO_LAUNCH = frozenset({
     "parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all",
     "partition-id", "replica-id", "opt-barrier", "add-dependency", "domain"})
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = .*? ([a-z][a-z0-9\-]*)\((.*)$")
+# Inside a fused computation: the plumbing above plus data movement that every fusion has.
+_NOT_SHOWN_IN_FUSION = _NO_LAUNCH | {"broadcast", "reshape"}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+) .*\{\s*$")
 
 
 def _computations(hlo_text: str) -> tuple[dict, str | None]:
-  """{name: [(opcode, rest of line)]} of every computation, and the ENTRY's name."""
+  """{name: [(opcode, rest of line, instruction name, output shape)]} of every computation, and
+  the ENTRY's name."""
   comps, entry, current = {}, None, None
   for line in hlo_text.splitlines():
     if current is None:
@@ -177,8 +180,154 @@ def _computations(hlo_text: str) -> tuple[dict, str | None]:
       continue
     m = _INSTRUCTION.match(line)
     if m:
-      comps[current].append((m.group(1), m.group(2)))
+      comps[current].append((m.group(3), m.group(4), m.group(1), m.group(2)))
   return comps, entry
+
+
+def _stack_frames(hlo_text: str) -> dict:
+  """{stack_frame_id: [(file, line, function), its caller's, ...]} from the module's
+  ``FileNames`` / ``FunctionNames`` / ``FileLocations`` / ``StackFrames`` tables (printed before
+  the first computation by recent XLA; ``{}`` when absent)."""
+  tables, current = {}, None
+  for line in hlo_text.splitlines():
+    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      current = tables.setdefault(line, {})
+    elif current is not None and re.match(r"^\d+ ", line):
+      key, value = line.split(" ", 1)
+      current[int(key)] = value
+    elif line.strip() and current is not None:
+      current = None
+    if line.startswith(("%", "ENTRY")):
+      break
+  files = {k: v.strip('"') for k, v in tables.get("FileNames", {}).items()}
+  functions = {k: v.strip('"') for k, v in tables.get("FunctionNames", {}).items()}
+  field = lambda text, key: int((re.search(rf"{key}=(\d+)", text) or [0, 0])[1])  # noqa: E731
+  locations = {k: (os.path.basename(files.get(field(v, "file_name_id"), "?")), field(v, "line"),
+                   functions.get(field(v, "function_name_id"), "?"))
+               for k, v in tables.get("FileLocations", {}).items()}
+  frames = {k: (field(v, "file_location_id"), field(v, "parent_frame_id"))
+            for k, v in tables.get("StackFrames", {}).items()}
+  # XLA prints a root frame's parent as its own id (parents are printed one above their id);
+  # where no frame names itself, the printed parent is the id, 0 meaning none.
+  offset = 1 if any(parent == k for k, (_, parent) in frames.items()) else 0
+  stacks = {}
+  for k in frames:
+    stack, frame = [], k
+    while frame in frames and len(stack) < 64:
+      location, parent = frames[frame]
+      if location in locations:
+        stack.append(locations[location])
+      frame = parent - offset
+      if frame == k or frame <= 0:
+        break
+    stacks[k] = stack
+  return stacks
+
+
+def _fused_ops(comps: dict, name: str, depth: int = 0) -> dict:
+  """{opcode: n} of the instructions a fused computation computes (nested fusions expanded,
+  plumbing left out), in order of first appearance."""
+  ops = {}
+  for opcode, rest, _, _ in comps.get(name, ()):
+    callee = re.search(r"calls=%?([\w.\-]+)", rest)
+    if opcode == "fusion" and callee and depth < 4:
+      for op, n in _fused_ops(comps, callee.group(1), depth + 1).items():
+        ops[op] = ops.get(op, 0) + n
+    elif opcode not in _NOT_SHOWN_IN_FUSION:
+      ops[opcode] = ops.get(opcode, 0) + 1
+  return ops
+
+
+def _launch(comps, frames, opcode, rest, name, shape, count, where) -> dict:
+  """One launched instruction: its by-op key, kind, output shape and where it comes from."""
+  key = kind = opcode
+  if opcode == "custom-call":
+    target = re.search(r'custom_call_target="([^"]+)"', rest)
+    key = kind = f"custom-call:{target.group(1)}" if target else opcode
+  fused = ""
+  if opcode == "fusion":
+    fusion_kind = re.search(r"kind=(k\w+)", rest)
+    backend = re.search(r'"fusion(?:_backend)?_config":\{"kind":"([^"]+)"', rest)
+    kind = ":".join(["fusion"] + [m.group(1) for m in (fusion_kind, backend) if m])
+    callee = re.search(r"calls=%?([\w.\-]+)", rest)
+    if callee:
+      ops = _fused_ops(comps, callee.group(1))
+      shown = [op if n == 1 else f"{op} x{n}" for op, n in ops.items()]
+      fused = ", ".join(shown[:8] + (["..."] if len(shown) > 8 else []))
+  op_name = re.search(r'op_name="([^"]*)"', rest)
+  source = ""
+  frame = re.search(r"stack_frame_id=(\d+)", rest)
+  if frame and frames.get(int(frame.group(1))):
+    source = " < ".join(f"{f}:{line} {fn}" for f, line, fn in frames[int(frame.group(1))][:2])
+  else:
+    file_, line = re.search(r'source_file="([^"]*)"', rest), re.search(r"source_line=(\d+)", rest)
+    if file_:
+      source = f"{os.path.basename(file_.group(1))}:{line.group(1) if line else '?'}"
+  return dict(count=count, kind=kind, key=key, name=name,
+              shape=re.sub(r"/\*index=\d+\*/|\{[^{}]*\}", "", shape), where=" > ".join(where),
+              fused=fused, op_name=op_name.group(1) if op_name else "", source=source)
+
+
+def _walk_main_loop(hlo_text: str):
+  """(launch list, nested loops, unknown trip counts, the main loop's name) of the ENTRY's
+  ``while`` with the most instructions in its body; None when the program has no loop."""
+  comps, entry = _computations(hlo_text)
+  frames = _stack_frames(hlo_text)
+  nested, unknown = [], [0]
+
+  def visit(name, scale, where, depth, out):
+    total = 0
+    for opcode, rest, inst, shape in comps.get(name, ()):
+      if opcode == "while":
+        body = re.search(r"body=%?([\w.\-]+)", rest).group(1)
+        cond = re.search(r"condition=%?([\w.\-]+)", rest).group(1)
+        trip = re.search(r'known_trip_count"?:\{"n":"(\d+)"', rest)
+        if trip is None:
+          unknown[0] += 1
+        n = int(trip.group(1)) if trip else 1
+        label = f"{inst} x{n}" if trip else f"{inst} (trip count unknown)"
+        inner = visit(body, scale * n, where + [label], depth + 1, out)
+        if trip is None:  # a data-dependent condition runs (and is read back) every iteration
+          inner += visit(cond, scale, where + [f"{inst} condition"], depth + 1, out)
+        if depth == 0:
+          nested.append((n, inner // max(n * scale, 1)))
+        total += inner
+      elif opcode == "conditional":
+        if "branch_computations={" in rest:
+          listed = rest.split("branch_computations={", 1)[1].split("}", 1)[0]
+          branches = re.findall(r"%?([\w.\-]+)", listed)
+        else:
+          branches = re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", rest)
+        runs = []
+        for i, branch in enumerate(branches):
+          sub = []
+          runs.append((visit(branch, scale, where + [f"{inst} branch {i}"], depth, sub), sub))
+        largest = max(range(len(runs)), key=lambda i: runs[i][0], default=None)
+        for i, (branch_total, sub) in enumerate(runs):
+          if i != largest:  # listed, not counted: only the largest branch counts
+            for e in sub:
+              e.update(count=0, where=e["where"] + " (not counted)")
+          out.extend(sub)
+        total += runs[largest][0] if runs else 0
+      elif opcode == "call" and re.search(r"to_apply=%?([\w.\-]+)", rest):
+        callee = re.search(r"to_apply=%?([\w.\-]+)", rest).group(1)
+        total += visit(callee, scale, where + [f"{inst} -> {callee}"], depth, out)
+      elif opcode not in _NO_LAUNCH:
+        out.append(_launch(comps, frames, opcode, rest, inst, shape, scale, where))
+        total += scale
+    return total
+
+  loops = [(rest, inst) for opcode, rest, inst, _ in comps.get(entry, ()) if opcode == "while"]
+  if not loops:
+    return None
+  body_of = lambda rest: re.search(r"body=%?([\w.\-]+)", rest).group(1)  # noqa: E731
+  main, main_name = max(loops, key=lambda loop: len(comps.get(body_of(loop[0]), ())))
+  entries = []
+  visit(body_of(main), 1, [], 0, entries)
+  if "known_trip_count" not in main:
+    cond = re.search(r"condition=%?([\w.\-]+)", main).group(1)
+    visit(cond, 1, [f"{main_name} condition"], 0, entries)
+  return entries, nested, unknown[0], main_name
 
 
 def loop_launches(hlo_text: str) -> dict:
@@ -193,57 +342,67 @@ def loop_launches(hlo_text: str) -> dict:
   launch (an XLA runtime thunk; command buffers / CUDA graphs batch them), so launches x
   per-launch overhead bounds how fast a small step can be. Returns ``{"launches": n, "by_op":
   {opcode: n}, "nested_loops": [(trip count, launches per trip)], "unknown_trip_counts": k}``;
-  ``launches`` is None when the program has no loop.
+  ``launches`` is None when the program has no loop. ``by_op`` adds up to ``launches`` (it
+  counts a conditional's largest branch only). The operations one by one: ``loop_launch_list``.
   """
-  comps, entry = _computations(hlo_text)
-  by_op, nested, unknown = {}, [], [0]
-
-  def count(name, scale, depth):
-    total = 0
-    for opcode, rest in comps.get(name, ()):
-      if opcode == "while":
-        body = re.search(r"body=%?([\w.\-]+)", rest).group(1)
-        cond = re.search(r"condition=%?([\w.\-]+)", rest).group(1)
-        trip = re.search(r'known_trip_count"?:\{"n":"(\d+)"', rest)
-        if trip is None:
-          unknown[0] += 1
-        n = int(trip.group(1)) if trip else 1
-        inner = count(body, scale * n, depth + 1)
-        if trip is None:  # a data-dependent condition runs (and is read back) every iteration
-          inner += count(cond, scale, depth + 1)
-        if depth == 0:
-          nested.append((n, inner // max(n, 1)))
-        total += inner
-      elif opcode == "conditional":
-        if "branch_computations={" in rest:
-          listed = rest.split("branch_computations={", 1)[1].split("}", 1)[0]
-          branches = re.findall(r"%?([\w.\-]+)", listed)
-        else:
-          branches = re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", rest)
-        total += max((count(b, scale, depth) for b in branches), default=0)
-      elif opcode == "call":
-        callee = re.search(r"to_apply=%?([\w.\-]+)", rest)
-        total += count(callee.group(1), scale, depth) if callee else scale
-      elif opcode not in _NO_LAUNCH:
-        key = opcode
-        if opcode == "custom-call":
-          target = re.search(r'custom_call_target="([^"]+)"', rest)
-          key = f"custom-call:{target.group(1)}" if target else opcode
-        by_op[key] = by_op.get(key, 0) + scale
-        total += scale
-    return total
-
-  loops = [rest for opcode, rest in comps.get(entry, ()) if opcode == "while"]
-  if not loops:
+  walked = _walk_main_loop(hlo_text)
+  if walked is None:
     return dict(launches=None, by_op={}, nested_loops=[], unknown_trip_counts=0)
-  body_of = lambda rest: re.search(r"body=%?([\w.\-]+)", rest).group(1)  # noqa: E731
-  main = max(loops, key=lambda rest: len(comps.get(body_of(rest), ())))
-  launches = count(body_of(main), 1, 0)
-  if 'known_trip_count' not in main:
-    launches += count(re.search(r"condition=%?([\w.\-]+)", main).group(1), 1, 0)
-  return dict(launches=launches, by_op=dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
-              nested_loops=nested, unknown_trip_counts=unknown[0])
+  entries, nested, unknown, _ = walked
+  by_op = {}
+  for e in entries:
+    if e["count"]:
+      by_op[e["key"]] = by_op.get(e["key"], 0) + e["count"]
+  return dict(launches=sum(e["count"] for e in entries),
+              by_op=dict(sorted(by_op.items(), key=lambda kv: -kv[1])), nested_loops=nested,
+              unknown_trip_counts=unknown)
 
+
+def loop_launch_list(hlo_text: str) -> list[dict]:
+  """The operations ``loop_launches`` counts, one dict per launched instruction of the main
+  loop's body, in program order (the order of a scheduled module's text = execution order).
+
+  Each: ``count`` (launches per iteration: 1, a nested loop's trip count product, or 0 for a
+  conditional branch other than the largest), ``kind`` (``fusion:<kLoop|kInput|kOutput|kCustom>``
+  [``:<backend kind>``, e.g. ``__triton_gemm``], ``custom-call:<target>``, or the opcode:
+  ``copy``, ``dot`` ...), ``key`` (``by_op``'s key), ``name``, ``shape`` (output, layouts left
+  out), ``where`` (the nested ``while`` / ``call`` / ``conditional`` it sits in; ``""`` at the
+  top of the body), ``fused`` (a fusion's computed opcodes, e.g. ``dot, add, rsqrt``),
+  ``op_name`` (JAX's metadata) and ``source`` (innermost two Python frames, ``file:line
+  function``, where XLA printed them). ``sum(e["count"]) == loop_launches(text)["launches"]``;
+  ``[]`` when the program has no loop.
+  """
+  walked = _walk_main_loop(hlo_text)
+  return [] if walked is None else walked[0]
+
+
+def format_launch_list(entries: list[dict], title: str = "") -> str:
+  """``loop_launch_list``'s entries as text: ``#`` header lines (title, totals by kind, column
+  names), then one line per entry: count, kind, name, output shape, where, fused ops, source,
+  op_name (its prefix common to all entries left out)."""
+  names = [e["op_name"].split("/") for e in entries if e["op_name"]]
+  common_prefix = 0
+  while names and all(len(n) > common_prefix + 1 and n[common_prefix] == names[0][common_prefix]
+                      for n in names):
+    common_prefix += 1
+  prefix = "/".join(names[0][:common_prefix]) + "/" if common_prefix else ""
+  by_kind = {}
+  for e in entries:
+    by_kind[e["kind"]] = by_kind.get(e["kind"], 0) + e["count"]
+  lines = [f"# {title}"] if title else []
+  lines += [f"# {sum(e['count'] for e in entries)} launches per iteration from {len(entries)} "
+            f"instructions (count = launches per iteration; 0 = a conditional's branch that is "
+            f"not counted)",
+            "# by kind: " + ", ".join(f"{k} {n}" for k, n in
+                                      sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            f"# op_name prefix left out: {prefix or '-'}",
+            "# count | kind | name | output shape | where | fused ops | source | op_name"]
+  for e in entries:
+    op_name = e["op_name"][len(prefix):] if e["op_name"].startswith(prefix) else e["op_name"]
+    lines.append(" | ".join([f"{e['count']:>5}", f"{e['kind']:<20}", f"{e['name']:<36}",
+                             f"{e['shape']:<20}", e["where"] or "-", e["fused"] or "-",
+                             e["source"] or "-", op_name or "-"]))
+  return "\n".join(lines) + "\n"
 
 
 class ChildProcess:

@@ -27,6 +27,15 @@ KV cache of P + N slots, which postrl's masked decode attention reads) at the la
 memory bandwidths measured in this run (a device-to-device elementwise copy of ``--copy-mib``
 MiB, counted as read + write, and a matrix-vector product's read), times the batch.
 
+``--launches`` compiles postrl's program once more and counts, from its optimised HLO, the
+operations one decode step launches (``common.loop_launches``); ``--dump-hlo DIR`` also writes
+that HLO text (``DIR/<config>_b<batch>.hlo.txt``, gzip-compressed as ``.hlo.txt.gz`` above
+``--dump-hlo-gzip-mib``, 8 MiB) and ``DIR/<config>_b<batch>.fusions.txt``: the decode step's
+launched operations one per line in program order (launches per step, kind such as
+``fusion:kLoop`` or ``custom-call:__cublas$gemm``, name, output shape, enclosing loop / call,
+fused opcodes, Python source, JAX op name; ``common.loop_launch_list``); the row records both
+paths.
+
 Progress is printed (flushed) per shape and the JSON (device, versions, date) is rewritten after
 every shape, so a killed run keeps its finished rows; ``--time-limit`` skips the remaining shapes
 (and the baseline) once the budget is spent, and still writes the table.
@@ -119,12 +128,13 @@ def time_postrl(model, batch, prompt_len, new_tokens, repeats, top_p,
               seconds=times)
 
 
-def decode_step_launches(model, batch, prompt_len, new_tokens, top_p,
-                         sampling_impl: str = "xla") -> dict:
-  """``common.loop_launches`` of the program ``time_postrl`` runs: what one decode step launches.
+def decode_step_hlo(model, batch, prompt_len, new_tokens, top_p,
+                    sampling_impl: str = "xla") -> str:
+  """The optimised HLO text of the program ``time_postrl`` runs (``common.loop_launches`` reads
+  what one decode step launches from it).
 
   Compiles ``postrl.sampling.generate``'s jitted body again with the same arguments (the
-  persistent compilation cache, when set, makes this a cache hit) and reads its optimised HLO.
+  persistent compilation cache, when set, makes this a cache hit).
   """
   import importlib  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
@@ -137,12 +147,52 @@ def decode_step_launches(model, batch, prompt_len, new_tokens, top_p,
   if impl == "auto":
     from kernels import sampling as sampling_kernels  # pylint: disable=import-outside-toplevel
     impl = sampling_kernels.choose_impl(model.config.vocab_size, temperature=1.0, top_k=None,
-                                        top_p=top_p, min_p=None, impl="auto")
+                                        top_p=top_p, min_p=None, impl="auto", batch=batch)
   lowered = gen._generate.lower(  # pylint: disable=protected-access
       graphdef, params, tokens, lengths, jax.random.key(0), max_new_tokens=new_tokens,
       temperature=1.0, top_k=None, top_p=top_p, min_p=None, eos_ids=(), pad_id=0,
-      sampling_impl=impl, interpret=False)
-  return common.loop_launches(lowered.compile().as_text())
+      sampling_impl=impl, interpret=False,
+      bits_per_pass=gen.default_bits_per_pass(batch))  # as ``generate`` picks it
+  return lowered.compile().as_text()
+
+
+def decode_step_launches(model, batch, prompt_len, new_tokens, top_p,
+                         sampling_impl: str = "xla") -> dict:
+  """``common.loop_launches`` of the program ``time_postrl`` runs: what one decode step launches
+  (``decode_step_hlo``'s text)."""
+  return common.loop_launches(
+      decode_step_hlo(model, batch, prompt_len, new_tokens, top_p, sampling_impl))
+
+
+def dump_hlo(hlo_text: str, directory: str, stem: str, title: str = "",
+             gzip_bytes: float = 8 * 2**20) -> dict:
+  """Writes ``<directory>/<stem>.hlo.txt`` (``.hlo.txt.gz`` when larger than ``gzip_bytes``): the
+  whole optimised HLO, and ``<stem>.fusions.txt``: the decode loop body's launched operations,
+  one per line in program order (``common.format_launch_list`` of ``common.loop_launch_list``).
+  Returns ``{"hlo": path, "fusions": path, "instructions": lines, "launches": sum of counts}``."""
+  import gzip  # pylint: disable=import-outside-toplevel
+  os.makedirs(directory, exist_ok=True)
+  data = hlo_text.encode()
+  hlo_path = os.path.join(directory, f"{stem}.hlo.txt")
+  if len(data) > gzip_bytes:
+    hlo_path += ".gz"
+    with gzip.open(hlo_path, "wb") as f:
+      f.write(data)
+  else:
+    with open(hlo_path, "wb") as f:
+      f.write(data)
+  entries = common.loop_launch_list(hlo_text)
+  fusions_path = os.path.join(directory, f"{stem}.fusions.txt")
+  with open(fusions_path, "w") as f:
+    f.write(common.format_launch_list(entries, title))
+  return dict(hlo=hlo_path, fusions=fusions_path, instructions=len(entries),
+              launches=sum(e["count"] for e in entries))
+
+
+def dump_stem(args, batch: int) -> str:
+  """``<config>_b<batch>``: the preset's name, or the checkpoint's file / folder name."""
+  name = args.config or os.path.basename(os.path.normpath(args.model))
+  return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) + f"_b{batch}"
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -290,6 +340,13 @@ def parse_args(argv=None):
   parser.add_argument("--launches", action="store_true",
                       help="also count the operations one decode step launches (compiles the "
                            "program once more and reads its optimised HLO)")
+  parser.add_argument("--dump-hlo", metavar="DIR", default=None,
+                      help="write each shape's optimised HLO (the text --launches reads) to "
+                           "DIR/<config>_b<batch>.hlo.txt[.gz] and the decode step's launched "
+                           "operations, one per line, to DIR/<config>_b<batch>.fusions.txt "
+                           "(implies --launches)")
+  parser.add_argument("--dump-hlo-gzip-mib", type=float, default=8.0,
+                      help="--dump-hlo gzip-compresses an HLO text larger than this (0: always)")
   parser.add_argument("--time-limit", type=float, default=None,
                       help="seconds for the whole run; later shapes are skipped once spent")
   parser.add_argument("--copy-mib", type=int, default=None,
@@ -392,15 +449,28 @@ def _run(args, budget, baseline):
                  fraction_of_bound=round(ours["tokens_per_s"] / bound, 3))
     except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: keep the others)
       row["postrl_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    if args.launches and not budget.over():
+    if (args.launches or args.dump_hlo) and not budget.over():
       try:
-        row["postrl_launches_per_step"] = decode_step_launches(
-            model, batch, args.prompt_len, args.new_tokens, args.top_p)
+        hlo = decode_step_hlo(model, batch, args.prompt_len, args.new_tokens, args.top_p)
+        row["postrl_launches_per_step"] = common.loop_launches(hlo)
         common.log(f"batch {batch}: one decode step launches "
                    f"{row['postrl_launches_per_step']['launches']} operations "
                    f"{json.dumps(row['postrl_launches_per_step']['by_op'])}")
       except Exception as e:  # pylint: disable=broad-except
+        hlo = None
         row["postrl_launches_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+      if args.dump_hlo and hlo is not None:
+        title = (f"{dump_stem(args, batch)}: {args.config or args.model}, batch {batch}, "
+                 f"prompt {args.prompt_len}, {args.new_tokens} new tokens, top-p {args.top_p}, "
+                 f"sampling xla, {args.dtype}, {env['device']} ({env['backend']}), jax "
+                 f"{jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+        try:
+          row["postrl_hlo_files"] = dump_hlo(hlo, args.dump_hlo, dump_stem(args, batch), title,
+                                             gzip_bytes=args.dump_hlo_gzip_mib * 2**20)
+          common.log(f"batch {batch}: wrote {row['postrl_hlo_files']['hlo']} and "
+                     f"{row['postrl_hlo_files']['fusions']}")
+        except OSError as e:
+          row["postrl_hlo_error"] = f"{type(e).__name__}: {e}"
     for impl in args.sampling_impl:  # the same decode with another sampler (e.g. the kernel)
       if impl == "xla" or budget.over():
         continue

@@ -157,6 +157,141 @@ def test_loop_launches_counts_one_step_of_the_main_loop():
   assert common.loop_launches("ENTRY %main (a: f32[]) -> f32[] {\n}\n")["launches"] is None
 
 
+_HLO_DETAILED = """HloModule m, is_scheduled=true
+
+FileNames
+1 "/src/model.py"
+
+FunctionNames
+1 "forward"
+2 "Block.__call__"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=10 end_line=10 column=1 end_column=2}
+2 {file_name_id=1 function_name_id=2 line=42 end_line=42 column=1 end_column=2}
+
+StackFrames
+1 {file_location_id=1 parent_frame_id=1}
+2 {file_location_id=2 parent_frame_id=2}
+
+%fused_norm (p0: f32[1,8], p1: f32[8]) -> f32[1,8] {
+  %p0 = f32[1,8]{1,0} parameter(0)
+  %p1 = f32[8]{0} parameter(1)
+  %b = f32[1,8]{1,0} broadcast(%p1), dimensions={1}
+  %m = f32[1,8]{1,0} multiply(%p0, %b)
+  ROOT %r = f32[1,8]{1,0} multiply(%m, %m)
+}
+
+%big (p: f32[1,8]) -> f32[1,8] {
+  %p = f32[1,8]{1,0} parameter(0)
+  %f1 = f32[1,8]{1,0} fusion(%p), kind=kLoop, calls=%fused_norm
+  ROOT %f2 = f32[1,8]{1,0} fusion(%f1), kind=kLoop, calls=%fused_norm
+}
+
+%small (p: f32[1,8]) -> f32[1,8] {
+  %p = f32[1,8]{1,0} parameter(0)
+  ROOT %c1 = f32[1,8]{1,0} copy(%p)
+}
+
+%command_buffer (p: f32[1,8]) -> f32[1,8] {
+  %p = f32[1,8]{1,0} parameter(0)
+  ROOT %g = (f32[1,8]{1,0}, s8[16]{0}) custom-call(%p), custom_call_target="__cublas$gemm"
+}
+
+%body (p: (s32[], f32[1,8])) -> (s32[], f32[1,8]) {
+  %p = (s32[], f32[1,8]{1,0}) parameter(0)
+  %x = f32[1,8]{1,0} get-tuple-element(%p), index=1
+  %n = f32[1,8]{1,0} fusion(%x, %x), kind=kInput, calls=%fused_norm, metadata={op_name="jit(f)/while/body/mul" stack_frame_id=2}, backend_config={"fusion_backend_config":{"kind":"__triton"}}
+  %k = f32[1,8]{1,0} call(%n), to_apply=%command_buffer
+  %s = f32[1,8]{1,0} conditional(%i, %k, %k), branch_computations={%small, %big}
+  ROOT %t = (s32[], f32[1,8]{1,0}) tuple(%i, %s)
+}
+
+%cond (p: (s32[], f32[1,8])) -> pred[] {
+  %p = (s32[], f32[1,8]{1,0}) parameter(0)
+  ROOT %lt = pred[] fusion(%p), kind=kLoop, calls=%fused_norm, metadata={op_name="jit(f)/while/lt"}
+}
+
+ENTRY %main (a: f32[1,8]) -> f32[1,8] {
+  %a = f32[1,8]{1,0} parameter(0)
+  %loop = (s32[], f32[1,8]{1,0}) while(%t0), condition=%cond, body=%body
+  ROOT %r = f32[1,8]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_loop_launch_list_one_entry_per_launched_instruction():
+  entries = common.loop_launch_list(_HLO_DETAILED)
+  got = [(e["count"], e["kind"], e["name"], e["shape"], e["where"]) for e in entries]
+  # a call is replaced by its callee's launches; a conditional lists every branch, counting only
+  # the largest (%big: 2 fusions, not %small's copy); the loop's trip count is unknown, so its
+  # condition runs every step
+  assert got == [
+      (1, "fusion:kInput:__triton", "n", "f32[1,8]", ""),
+      (1, "custom-call:__cublas$gemm", "g", "(f32[1,8], s8[16])", "k -> command_buffer"),
+      (0, "copy", "c1", "f32[1,8]", "s branch 0 (not counted)"),
+      (1, "fusion:kLoop", "f1", "f32[1,8]", "s branch 1"),
+      (1, "fusion:kLoop", "f2", "f32[1,8]", "s branch 1"),
+      (1, "fusion:kLoop", "lt", "pred[]", "loop condition")]
+  first = entries[0]
+  assert first["fused"] == "multiply x2" and first["op_name"] == "jit(f)/while/body/mul"
+  # frame 2 (Block.__call__, line 42) is called from frame 1 (forward, line 10)
+  assert first["source"] == "model.py:42 Block.__call__ < model.py:10 forward"
+  counted = common.loop_launches(_HLO_DETAILED)
+  assert counted["launches"] == sum(e["count"] for e in entries) == 5
+  assert counted["by_op"] == {"fusion": 4, "custom-call:__cublas$gemm": 1}  # no uncounted copy
+  text = common.format_launch_list(entries, "title").splitlines()
+  assert text[0] == "# title" and "5 launches per iteration from 6 instructions" in text[1]
+  assert "# op_name prefix left out: jit(f)/while/" in text
+  rows = [line.split(" | ") for line in text if not line.startswith("#")]
+  assert [int(r[0]) for r in rows] == [e["count"] for e in entries]
+  assert rows[0][1].strip() == "fusion:kInput:__triton" and rows[0][-1] == "body/mul"
+  assert common.loop_launch_list("ENTRY %main (a: f32[]) -> f32[] {\n}\n") == []
+
+
+def test_dump_hlo_compresses_large_text(tmp_path):
+  import gzip  # pylint: disable=import-outside-toplevel
+  from benchmarks import generate  # pylint: disable=import-outside-toplevel
+  small = generate.dump_hlo(_HLO_DETAILED, str(tmp_path), "m_b1", "t")
+  assert small["hlo"].endswith("m_b1.hlo.txt") and small["instructions"] == 6
+  assert open(small["hlo"]).read() == _HLO_DETAILED and small["launches"] == 5
+  packed = generate.dump_hlo(_HLO_DETAILED, str(tmp_path / "z"), "m_b1", "t", gzip_bytes=0)
+  assert packed["hlo"].endswith("m_b1.hlo.txt.gz")
+  assert gzip.open(packed["hlo"]).read().decode() == _HLO_DETAILED
+
+
+def test_generate_dump_hlo_tiny(tmp_path):
+  """--dump-hlo: the HLO text --launches reads and one line per launched instruction of the decode
+  step; a line's count is its launches per step (a nested loop's trip count: the sampler's random
+  bits and top-p bisection loops), so the lines' counts add up to the step's launch count."""
+  out, dump = tmp_path / "generate.json", tmp_path / "hlo"
+  stdout = _run("generate.py", "--config", "tiny", "--batch", "1", "--prompt-len", "4",
+                "--new-tokens", "4", "--repeats", "1", "--copy-mib", "8", "--no-baseline",
+                "--dump-hlo", str(dump), "--out", str(out))
+  (row,) = json.loads(out.read_text())["rows"]
+  files = row["postrl_hlo_files"]
+  assert files["hlo"] == str(dump / "tiny_b1.hlo.txt")  # 0.3 MB: not compressed
+  assert files["fusions"] == str(dump / "tiny_b1.fusions.txt")
+  assert sorted(p.name for p in dump.iterdir()) == ["tiny_b1.fusions.txt", "tiny_b1.hlo.txt"]
+  hlo = (dump / "tiny_b1.hlo.txt").read_text()
+  launches = row["postrl_launches_per_step"]  # --dump-hlo implies --launches
+  assert common.loop_launches(hlo)["launches"] == launches["launches"] > 32
+  lines = (dump / "tiny_b1.fusions.txt").read_text().splitlines()
+  assert lines[0].startswith("# tiny_b1: tiny, batch 1, prompt 4, 4 new tokens, top-p 0.9")
+  rows = [line.split(" | ") for line in lines if not line.startswith("#")]
+  assert len(rows) == files["instructions"] == len(common.loop_launch_list(hlo))
+  counts = [int(r[0]) for r in rows]
+  assert sum(counts) == files["launches"] == launches["launches"]
+  assert len(rows) < launches["launches"] and 32 in counts  # the bisection's body, 32 times
+  kinds = {}
+  for r, n in zip(rows, counts):
+    kinds[r[1].strip().split(":")[0]] = kinds.get(r[1].strip().split(":")[0], 0) + n
+  assert kinds == launches["by_op"] and kinds["fusion"] > 0
+  assert any(r[1].strip() == "fusion:kLoop" and r[5] != "-" for r in rows)  # fused opcodes
+  assert any("transformer.py" in r[6] for r in rows)  # the model's source lines
+  assert "wrote" in stdout and "tiny_b1.fusions.txt" in stdout
+
+
 def test_generate_time_limit_still_writes_json(tmp_path):
   out = tmp_path / "generate.json"
   stdout = _run("generate.py", "--config", "tiny", "--batch", "1", "2", "--no-baseline",

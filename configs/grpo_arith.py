@@ -49,7 +49,7 @@ def get_config():
   config.rollout = ml_collections.ConfigDict(dict(
       prompts=8, group_size=8, max_new_tokens=32, temperature=1.0, top_p=placeholder(float),
       batch_size=64,           # rows per generate call
-      sampling_impl="xla",     # xla | auto | pallas: generate's sampler (pallas: one GPU only)
+      sampling_impl="auto",    # auto | xla | pallas: generate's sampler (auto: XLA on CPU)
       minibatches=1, epochs=1,  # optimizer steps per rollout = minibatches x epochs
       logprob_rows=0,          # rows per old/ref log-prob call (0: all at once)
       length_bucket=16))       # trim rows to prompt + k*16 tokens (0: always the full budget)

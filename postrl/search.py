@@ -150,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--temperature", type=float, default=1.0)
   p.add_argument("--top-p", type=float, default=None)
   p.add_argument("--top-k", type=int, default=None)
-  p.add_argument("--sampling-impl", default="xla", choices=["xla", "auto", "pallas"],
+  p.add_argument("--sampling-impl", default="auto", choices=["xla", "auto", "pallas"],
                  help="the sampler: XLA bisection, or the sort-free Pallas kernel (one GPU)")
   p.add_argument("--batch-size", type=int, default=16, help="rows per compiled sampler call")
   p.add_argument("--system-prompt", default=None)

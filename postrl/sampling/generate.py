@@ -24,9 +24,9 @@ Each sampled token comes with two log-probs:
 ``sampling_impl`` picks how a token is drawn: "xla" (``sample_token``: the thresholds by a search
 over the float bits, 32 one-bit passes or on a GPU below batch 64 eight 4-bit passes
 (``default_bits_per_pass``), then ``jax.random.categorical``), "pallas" (the sort-free Triton
-kernel ``kernels.sampling.sample``: exact rejection sampling, the same distribution), or "auto"
-(``kernels.sampling.choose_impl``: the kernel on one GPU for top-k or top-p from batch 16, where
-it was measured faster; XLA elsewhere). The kernel
+kernel ``kernels.sampling.sample``: exact rejection sampling, the same distribution), or "auto",
+the default (``kernels.sampling.choose_impl``: the kernel on one GPU for top-k or top-p from batch
+16, where it was measured faster; XLA elsewhere, so CPU runs are those of "xla"). The kernel
 never computes the truncated distribution's normaliser, so with it ``logps`` is NaN wherever top-k
 or top-p truncate (the plain model's ``model_logps``, what trainers use, is always computed).
 """
@@ -248,7 +248,7 @@ def row_sharding(params, batch: int):
 def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              min_p: float | None = None, eos_ids: Sequence[int] | None = None,
-             pad_id: int = 0, sampling_impl: str = "xla", interpret: bool = False,
+             pad_id: int = 0, sampling_impl: str = "auto", interpret: bool = False,
              split_rows: bool = True, gather_weights: bool = True) -> GenerateOutput:
   """Samples continuations of a batch of right-padded prompts (see the module docstring).
 
@@ -270,8 +270,11 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
     temperature, top_k, top_p, min_p: sampling settings; temperature 0 = greedy.
     eos_ids: tokens that end a row (default: the model config's EOS ids).
     pad_id: written after a row ends.
-    sampling_impl: "xla" | "auto" | "pallas" (module doc; with the kernel, ``logps`` is NaN under
-      top-k / top-p).
+    sampling_impl: "auto" (default) | "xla" | "pallas" (module doc). "auto" is XLA on CPUs and
+      meshes (the same tokens as "xla") and the sort-free kernel on one GPU for top-k or top-p
+      from batch 16. With the kernel ``logps`` is NaN where top-k / top-p truncate (its
+      normaliser is never computed); ``model_logps``, what trainers use, is always exact. Pass
+      "xla" for the truncated distribution's log-probs.
     interpret: run the Pallas sampling kernel in interpret mode (CPU tests of "pallas").
     split_rows: split the rows over the parameters' mesh (above) when B allows it.
     gather_weights: decode from weights replicated over the batch axes (above); False decodes

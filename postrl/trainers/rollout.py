@@ -127,7 +127,7 @@ def load_reward_model_reward(rm_cfg):
 
 def sample(graphdef, params, prompt_ids: Sequence[Sequence[int]], *, key, prompt_len: int,
            max_new_tokens: int, temperature: float, top_p: float | None, eos_ids, pad_id: int,
-           batch_size: int | None = None, sampling_impl: str = "xla") -> dict[str, np.ndarray]:
+           batch_size: int | None = None, sampling_impl: str = "auto") -> dict[str, np.ndarray]:
   """Samples one completion per prompt (prompts padded to ``prompt_len``: one compilation) in
   batches of ``batch_size`` rows -> host arrays ``completions``, ``lengths``, ``finished``,
   ``sampler_logps`` (plain-model log-probs of the sampled tokens). ``sampling_impl``: as

@@ -225,10 +225,11 @@ def test_pallas_sampling_kernel_keeps_the_log_prob_contract(model, settings):
 
 
 def test_sampling_impl_auto_is_xla_on_cpu_and_bad_impl_is_refused(model):
+  """"auto" (the default) is XLA on a CPU: the same tokens and sampling log-probs as "xla"."""
   tokens, lengths = pad_prompts(PROMPTS)
   kw = dict(key=jax.random.key(1), max_new_tokens=4, eos_ids=(), temperature=1.0, top_p=0.9)
-  auto = generate(model, tokens, lengths, sampling_impl="auto", **kw)
-  xla = generate(model, tokens, lengths, **kw)
+  auto = generate(model, tokens, lengths, **kw)
+  xla = generate(model, tokens, lengths, sampling_impl="xla", **kw)
   np.testing.assert_array_equal(auto.tokens_BxN, xla.tokens_BxN)
   np.testing.assert_array_equal(auto.logps_BxN, xla.logps_BxN)
   with pytest.raises(ValueError, match="sampling_impl"):

@@ -70,7 +70,7 @@ class Policy:
   def __init__(self, model, tokenizer, *, max_new_tokens: int = 64, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                batch_size: int = 16, system_prompt: str | None = None, delimiter: str = "\n",
-               max_step_tokens: int = 32, sampling_impl: str = "xla"):
+               max_step_tokens: int = 32, sampling_impl: str = "auto"):
     check_positive(max_new_tokens=max_new_tokens, batch_size=batch_size,
                    max_step_tokens=max_step_tokens)
     if not delimiter:

@@ -102,7 +102,7 @@ def bytes_per_decode_step(cfg, batch, cache_len, param_bytes):
 
 
 def time_postrl(model, batch, prompt_len, new_tokens, repeats, top_p,
-                sampling_impl: str = "xla") -> dict:
+                sampling_impl: str = "auto") -> dict:
   """Tokens/s of ``postrl.sampling.generate`` (median of ``repeats`` calls after one compiling
   call) and the seconds of that first call; ``sampling_impl`` as ``generate``'s."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -128,8 +128,18 @@ def time_postrl(model, batch, prompt_len, new_tokens, repeats, top_p,
               seconds=times)
 
 
+def resolved_sampler(vocab: int, batch: int, top_p: float, impl: str) -> str:
+  """What ``generate``'s sampler ``impl`` runs at this batch on this backend: "pallas_gpu" (the
+  kernel) or "xla (N bits a pass)" (the threshold search, ``default_bits_per_pass``)."""
+  from kernels import sampling as sampling_kernels  # pylint: disable=import-outside-toplevel
+  from postrl.sampling.generate import default_bits_per_pass  # pylint: disable=import-outside-toplevel
+  chosen = "xla" if impl == "xla" else sampling_kernels.choose_impl(
+      vocab, temperature=1.0, top_p=top_p, impl=impl, batch=batch)
+  return chosen if chosen != "xla" else f"xla ({default_bits_per_pass(batch)} bits a pass)"
+
+
 def decode_step_hlo(model, batch, prompt_len, new_tokens, top_p,
-                    sampling_impl: str = "xla") -> str:
+                    sampling_impl: str = "auto") -> str:
   """The optimised HLO text of the program ``time_postrl`` runs (``common.loop_launches`` reads
   what one decode step launches from it).
 
@@ -157,7 +167,7 @@ def decode_step_hlo(model, batch, prompt_len, new_tokens, top_p,
 
 
 def decode_step_launches(model, batch, prompt_len, new_tokens, top_p,
-                         sampling_impl: str = "xla") -> dict:
+                         sampling_impl: str = "auto") -> dict:
   """``common.loop_launches`` of the program ``time_postrl`` runs: what one decode step launches
   (``decode_step_hlo``'s text)."""
   return common.loop_launches(
@@ -332,10 +342,10 @@ def parse_args(argv=None):
   parser.add_argument("--new-tokens", type=int, default=64)
   parser.add_argument("--top-p", type=float, default=0.9, help="1.0 = plain sampling")
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--sampling-impl", nargs="+", default=["xla"],
+  parser.add_argument("--sampling-impl", nargs="+", default=["auto"],
                       choices=["xla", "auto", "pallas"],
-                      help="samplers to time ('xla', always timed, gives the row's postrl_* "
-                           "numbers; each other adds postrl_<impl>_* fields)")
+                      help="samplers to time: the first gives the row's postrl_* numbers (default "
+                           "'auto', generate's default); each other adds postrl_<impl>_* fields")
   parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
   parser.add_argument("--launches", action="store_true",
                       help="also count the operations one decode step launches (compiles the "
@@ -430,6 +440,7 @@ def _run(args, budget, baseline):
              f"{bandwidth['matvec'] / 1e9:.1f} GB/s ({budget.elapsed():.0f} s)")
 
   param_bytes = 2 if args.dtype == "bfloat16" else 4
+  main_impl = args.sampling_impl[0]
   rows, skipped = [], []
   for batch in args.batch:
     if budget.over():
@@ -438,10 +449,12 @@ def _run(args, budget, baseline):
     step_bytes = bytes_per_decode_step(cfg, batch, args.prompt_len + args.new_tokens, param_bytes)
     bound = best / step_bytes * batch  # tokens/s if each step only streamed its bytes once
     row = dict(batch=batch, bandwidth_bound_tokens_per_s=round(bound, 1),
-               bytes_per_decode_step=step_bytes)
+               bytes_per_decode_step=step_bytes, postrl_sampling_impl=main_impl,
+               postrl_sampler=resolved_sampler(cfg.vocab_size, batch, args.top_p, main_impl))
     common.log(f"batch {batch}: postrl (compiles first) ... ({budget.elapsed():.0f} s)")
     try:
-      ours = time_postrl(model, batch, args.prompt_len, args.new_tokens, args.repeats, args.top_p)
+      ours = time_postrl(model, batch, args.prompt_len, args.new_tokens, args.repeats, args.top_p,
+                         sampling_impl=main_impl)
       row.update(postrl_tokens_per_s=round(ours["tokens_per_s"], 1),
                  postrl_ms_per_step=round(1e3 * batch / ours["tokens_per_s"], 3),
                  postrl_first_call_s=round(ours["first_call_s"], 2),
@@ -451,7 +464,8 @@ def _run(args, budget, baseline):
       row["postrl_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if (args.launches or args.dump_hlo) and not budget.over():
       try:
-        hlo = decode_step_hlo(model, batch, args.prompt_len, args.new_tokens, args.top_p)
+        hlo = decode_step_hlo(model, batch, args.prompt_len, args.new_tokens, args.top_p,
+                              sampling_impl=main_impl)
         row["postrl_launches_per_step"] = common.loop_launches(hlo)
         common.log(f"batch {batch}: one decode step launches "
                    f"{row['postrl_launches_per_step']['launches']} operations "
@@ -471,8 +485,8 @@ def _run(args, budget, baseline):
                      f"{row['postrl_hlo_files']['fusions']}")
         except OSError as e:
           row["postrl_hlo_error"] = f"{type(e).__name__}: {e}"
-    for impl in args.sampling_impl:  # the same decode with another sampler (e.g. the kernel)
-      if impl == "xla" or budget.over():
+    for impl in args.sampling_impl[1:]:  # the same decode with another sampler (e.g. the kernel)
+      if impl == main_impl or budget.over():
         continue
       common.log(f"batch {batch}: postrl, sampling_impl={impl} ... ({budget.elapsed():.0f} s)")
       try:

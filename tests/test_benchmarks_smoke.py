@@ -485,4 +485,7 @@ def test_generate_times_other_samplers(tmp_path):
        "pallas", "--out", str(out))
   (row,) = json.loads(out.read_text())["rows"]
   assert row["postrl_tokens_per_s"] > 0 and row["postrl_auto_tokens_per_s"] > 0
+  # the first --sampling-impl gives the row's numbers; what it ran is recorded (on CPU: XLA's
+  # 32-pass bisection, default_bits_per_pass)
+  assert row["postrl_sampling_impl"] == "xla" and row["postrl_sampler"] == "xla (1 bits a pass)"
   assert "GPU" in row["postrl_pallas_error"] and "postrl_pallas_tokens_per_s" not in row

@@ -128,6 +128,18 @@ def time_postrl(model, batch, prompt_len, new_tokens, repeats, top_p,
               seconds=times)
 
 
+def with_decode_attention(model, impl: str):
+  """``model`` with ``ModelConfig.decode_attention_impl = impl`` (same parameters)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from postrl.models import Transformer  # pylint: disable=import-outside-toplevel
+  if model.config.decode_attention_impl == impl:
+    return model
+  cfg = dataclasses.replace(model.config, decode_attention_impl=impl)
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  return nnx.merge(nnx.graphdef(abstract), nnx.state(model))
+
+
 def resolved_sampler(vocab: int, batch: int, top_p: float, impl: str) -> str:
   """What ``generate``'s sampler ``impl`` runs at this batch on this backend: "pallas_gpu" (the
   kernel) or "xla (N bits a pass)" (the threshold search, ``default_bits_per_pass``)."""
@@ -342,6 +354,10 @@ def parse_args(argv=None):
   parser.add_argument("--new-tokens", type=int, default=64)
   parser.add_argument("--top-p", type=float, default=0.9, help="1.0 = plain sampling")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--decode-attention", nargs="+", default=["xla"], choices=["xla", "pallas"],
+                      help="attention over the KV cache per decode step (ModelConfig."
+                           "decode_attention_impl): the first gives the row's postrl_* numbers; "
+                           "each other adds postrl_attention_<impl>_* fields")
   parser.add_argument("--sampling-impl", nargs="+", default=["auto"],
                       choices=["xla", "auto", "pallas"],
                       help="samplers to time: the first gives the row's postrl_* numbers (default "
@@ -415,6 +431,7 @@ def _run(args, budget, baseline):
     from postrl.models import load_pretrained  # pylint: disable=import-outside-toplevel
     model = load_pretrained(args.model, param_dtype=args.dtype, dtype=args.dtype)
     cfg = model.config
+  model = with_decode_attention(model, args.decode_attention[0])
   settings = {k: v for k, v in vars(args).items() if k != "hf_worker"}
   results = common.Results(args.out, **env, settings=settings, model=dict(
       name=args.config or args.model, random_weights=bool(args.config),
@@ -450,6 +467,7 @@ def _run(args, budget, baseline):
     bound = best / step_bytes * batch  # tokens/s if each step only streamed its bytes once
     row = dict(batch=batch, bandwidth_bound_tokens_per_s=round(bound, 1),
                bytes_per_decode_step=step_bytes, postrl_sampling_impl=main_impl,
+               postrl_decode_attention=args.decode_attention[0],
                postrl_sampler=resolved_sampler(cfg.vocab_size, batch, args.top_p, main_impl))
     common.log(f"batch {batch}: postrl (compiles first) ... ({budget.elapsed():.0f} s)")
     try:
@@ -499,6 +517,18 @@ def _run(args, budget, baseline):
               model, batch, args.prompt_len, args.new_tokens, args.top_p, sampling_impl=impl)
       except Exception as e:  # pylint: disable=broad-except
         row[f"postrl_{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    for impl in args.decode_attention[1:]:  # the same decode with another attention over the cache
+      if impl == args.decode_attention[0] or budget.over():
+        continue
+      common.log(f"batch {batch}: postrl, decode_attention_impl={impl} ... "
+                 f"({budget.elapsed():.0f} s)")
+      try:
+        other = time_postrl(with_decode_attention(model, impl), batch, args.prompt_len,
+                            args.new_tokens, args.repeats, args.top_p, sampling_impl=main_impl)
+        row[f"postrl_attention_{impl}_tokens_per_s"] = round(other["tokens_per_s"], 1)
+        row[f"postrl_attention_{impl}_ms_per_step"] = round(1e3 * batch / other["tokens_per_s"], 3)
+      except Exception as e:  # pylint: disable=broad-except
+        row[f"postrl_attention_{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     if baseline is not None and not budget.over():
       common.log(f"batch {batch}: postrl {row.get('postrl_tokens_per_s')} tokens/s; transformers "
                  f"... ({budget.elapsed():.0f} s)")

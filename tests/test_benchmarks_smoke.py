@@ -482,8 +482,10 @@ def test_generate_times_other_samplers(tmp_path):
   out = tmp_path / "generate.json"
   _run("generate.py", "--config", "tiny", "--batch", "2", "--prompt-len", "4", "--new-tokens", "4",
        "--repeats", "1", "--copy-mib", "8", "--no-baseline", "--sampling-impl", "xla", "auto",
-       "pallas", "--out", str(out))
+       "pallas", "--decode-attention", "xla", "pallas", "--out", str(out))
   (row,) = json.loads(out.read_text())["rows"]
+  # the decode-attention kernel column (interpret mode on CPU: timed, not meaningful)
+  assert row["postrl_decode_attention"] == "xla" and row["postrl_attention_pallas_tokens_per_s"] > 0
   assert row["postrl_tokens_per_s"] > 0 and row["postrl_auto_tokens_per_s"] > 0
   # the first --sampling-impl gives the row's numbers; what it ran is recorded (on CPU: XLA's
   # 32-pass bisection, default_bits_per_pass)

@@ -24,6 +24,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 ATTENTION_IMPLS = ("xla", "cudnn")
+DECODE_ATTENTION_IMPLS = ("xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -79,6 +80,11 @@ class ModelConfig:
   # outputs of the weight matmuls (jax.checkpoint_policies.dots_with_no_batch_dims_saveable), so
   # only the cheap elementwise work and attention are recomputed. A runtime choice like dtype.
   remat: str = "none"
+  # How a cached one-token step attends its KV cache (decoding): "xla", the masked einsum over
+  # all P + N slots; "pallas", the flash-decoding Triton kernel ``kernels.decode_attention``,
+  # reading only each row's valid slots (one GPU; on a CPU it runs in interpret mode, a test
+  # path). A runtime choice like dtype.
+  decode_attention_impl: str = "xla"
 
   def __post_init__(self):
     if self.hidden_size % self.num_attention_heads and self.head_dim is None:
@@ -106,6 +112,9 @@ class ModelConfig:
                         f"{list(ATTENTION_IMPLS)}")
     if self.remat not in REMAT_POLICIES:
       raise ConfigError(f"remat={self.remat!r}; expected one of {list(REMAT_POLICIES)}")
+    if self.decode_attention_impl not in DECODE_ATTENTION_IMPLS:
+      raise ConfigError(f"decode_attention_impl={self.decode_attention_impl!r}; expected one of "
+                        f"{list(DECODE_ATTENTION_IMPLS)}")
     if (self.attention_impl == "cudnn"
         and jnp.dtype(dtype_from_name(self.dtype)) not in (jnp.bfloat16, jnp.float16)):
       raise ConfigError(f"attention_impl='cudnn' needs dtype bfloat16 or float16 (cuDNN's flash "

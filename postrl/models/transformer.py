@@ -175,6 +175,7 @@ class Attention(nnx.Module):
     self.o_proj = Linear(self.num_heads * hd, d, ("q_heads", "embed"), bias=cfg.o_bias,
                          cfg=cfg, rngs=rngs)
     self.attention_impl = cfg.attention_impl
+    self.decode_attention_impl = cfg.decode_attention_impl
 
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, inv_freq, kv=None, prefix_kv=None,
                rope_positions_BxT=None):
@@ -206,6 +207,12 @@ class Attention(nnx.Module):
     if kv is None and prefix_kv is None and self.attention_impl != "xla":
       out = fused_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS,
                             implementation=self.attention_impl)
+    elif kv is not None and prefix_kv is None and T == 1 and self.decode_attention_impl != "xla":
+      # one cached step: the cache mask of ``hidden_states`` is slot <= position, so row b's
+      # valid slots are 0 .. position; the kernel reads only those
+      from kernels.decode_attention import decode_attention  # pylint: disable=import-outside-toplevel
+      out = decode_attention(q[:, 0], k, v, positions_BxT[:, 0] + 1, impl="pallas",
+                             interpret=jax.default_backend() == "cpu")[:, None].astype(q.dtype)
     else:
       out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS)
     return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), kv

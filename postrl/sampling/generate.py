@@ -323,6 +323,11 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
       prompt_BxP, lengths_B = put_rows(rows, prompt_np, lengths_np32)
   elif rows is not None:
     prompt_BxP, lengths_B = jax.device_put((prompt_BxP, lengths_B), rows)
+  if config.decode_attention_impl == "pallas" and (mesh is not None or rows is not None or len({
+      d for x in jax.tree.leaves(params) if isinstance(x, jax.Array) for d in x.sharding.device_set
+  }) > 1):
+    raise ValueError("decode_attention_impl='pallas': the decode-attention kernel runs on one "
+                     "device; the parameters span several (use 'xla')")
   impl = "xla"
   if sampling_impl != "xla":  # kernels.sampling imports this module: imported here
     from kernels import sampling as sampling_kernels  # pylint: disable=import-outside-toplevel

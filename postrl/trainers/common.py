@@ -95,14 +95,16 @@ def model_kwargs(config) -> dict:
   """``load_pretrained`` keyword arguments from a job config: ``param_dtype``, ``dtype`` and the
   optional runtime options of ``postrl.models.ModelConfig``: ``attention_impl`` ("xla" by
   default; "cudnn" on an NVIDIA GPU in bf16: fused flash attention for every full-sequence
-  forward) and ``remat`` ("none" by default; "full" / "dots": recompute each block's activations
-  in the backward pass)."""
+  forward), ``remat`` ("none" by default; "full" / "dots": recompute each block's activations
+  in the backward pass) and ``decode_attention_impl`` ("xla" by default; "pallas": the
+  flash-decoding kernel for rollouts' cached steps, one GPU)."""
   attention_impl = config.get("attention_impl", "xla")
   if attention_impl == "cudnn" and jax.default_backend() != "gpu":  # fail before the model loads
     raise ConfigError(f"config.attention_impl='cudnn' needs an NVIDIA GPU; this run's JAX backend "
                       f"is {jax.default_backend()!r} (use 'xla')")
   return dict(param_dtype=config.param_dtype, dtype=config.dtype, attention_impl=attention_impl,
-              remat=config.get("remat", "none"))
+              remat=config.get("remat", "none"),
+              decode_attention_impl=config.get("decode_attention_impl", "xla"))
 
 
 def start(config, *, model: str | None = None) -> Run:

@@ -1,0 +1,80 @@
+"""Attention of one decode step over a KV cache, reading only each row's valid slots.
+
+    out[b, h] = sum_{s < L_b} softmax_s(q[b, h] . k[b, s, h // G] / sqrt(D)) v[b, s, h // G]
+
+Public entry point: ``decode_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B, *, impl,
+interpret, config) -> [B, H, D]``. Implementations (the same function):
+
+* ``reference.decode_attention_reference``: ``postrl.models.transformer.dot_product_attention``
+  with the mask slot < L_b, reading all S slots (``impl="xla"``; what the model's cached decode
+  does by default).
+* ``gpu.decode_attention_gpu``: Pallas on the Triton backend, flash-decoding over chunks of the
+  valid slots, one kernel plus one small XLA fusion (``impl="pallas"``). Not yet timed on a GPU,
+  so ``impl="auto"`` is XLA everywhere (``GPU_MEASURED``).
+
+Used by the model when ``ModelConfig.decode_attention_impl = "pallas"`` (cached one-token steps).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from kernels.decode_attention.gpu import (GpuConfig, KernelShapeError, check_shapes,
+                                          decode_attention_gpu)
+from kernels.decode_attention.reference import decode_attention_reference
+
+__all__ = ["decode_attention", "choose_impl", "decode_attention_reference",
+           "decode_attention_gpu", "GpuConfig", "KernelShapeError"]
+
+IMPLS = ("auto", "xla", "pallas")
+# Compiled for CUDA only through the CPU lowering check; not yet run or timed on a GPU. Until
+# benchmarks/ shows it correct and faster there, "auto" is XLA.
+GPU_MEASURED = False
+
+
+def choose_impl(impl: str = "auto", platform: str | None = None) -> str:
+  """Resolve ``impl`` to "xla" or "pallas" ("auto": the kernel on one GPU once measured)."""
+  if impl not in IMPLS:
+    raise ValueError(f"decode_attention: impl must be one of {IMPLS}, got {impl!r}")
+  if impl != "auto":
+    return impl
+  platform = platform or jax.default_backend()
+  if GPU_MEASURED and platform in ("gpu", "cuda", "rocm") and jax.device_count() == 1:
+    return "pallas"
+  return "xla"
+
+
+def decode_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B, *, impl: str = "auto",
+                     interpret: bool = False, config: GpuConfig | None = None):
+  """One query per row against the first ``lengths_B[b]`` (>= 1) slots of its cache.
+
+  Args:
+    q_BxHxD: queries (any float dtype; cast to the cache dtype as the model's einsum does).
+    k_BxSxKxD, v_BxSxKxD: the cache, K key/value heads (H a multiple of K: grouped queries).
+    lengths_B: valid slots per row; slots at or past it are never read by the kernel.
+    impl: "auto" | "xla" | "pallas".
+    interpret: run the kernel in Pallas interpret mode (CPU tests).
+    config: ``GpuConfig`` (block of slots, chunks per row and head, warps).
+  Returns:
+    [B, H, D] in the cache dtype.
+  """
+  for name, x, nd in (("q_BxHxD", q_BxHxD, 3), ("k_BxSxKxD", k_BxSxKxD, 4),
+                      ("v_BxSxKxD", v_BxSxKxD, 4), ("lengths_B", lengths_B, 1)):
+    if getattr(x, "ndim", None) != nd:
+      raise ValueError(f"decode_attention: {name} must be {nd}-D, got shape "
+                       f"{getattr(x, 'shape', None)}")
+  B, H, D = q_BxHxD.shape
+  if k_BxSxKxD.shape != v_BxSxKxD.shape or k_BxSxKxD.shape[0] != B or k_BxSxKxD.shape[3] != D:
+    raise ValueError(f"decode_attention: q {q_BxHxD.shape}, k {k_BxSxKxD.shape} and v "
+                     f"{v_BxSxKxD.shape} do not agree on [B, S, K, D]")
+  if lengths_B.shape != (B,):
+    raise ValueError(f"decode_attention: lengths_B has shape {lengths_B.shape}, expected ({B},)")
+  chosen = choose_impl(impl, platform="cpu" if interpret and impl == "auto" else None)
+  if chosen == "xla":
+    return decode_attention_reference(q_BxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B)
+  if not interpret and jax.default_backend() not in ("gpu", "cuda", "rocm"):
+    raise ValueError(f"decode_attention: impl='pallas' runs the Triton kernel, which needs a GPU "
+                     f"(backend is {jax.default_backend()!r}); use interpret=True to run it on CPU")
+  check_shapes(H, k_BxSxKxD.shape[2], D, config or GpuConfig())
+  return decode_attention_gpu(q_BxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B, config=config,
+                              interpret=interpret)

@@ -187,3 +187,39 @@ def test_pallas_beam_step_gives_the_xla_beams(model):
     beam_search_ids(model, tokens, lengths, impl="triton", **kw)
   with pytest.raises(SearchError, match="width <= 16"):
     beam_search_ids(model, tokens, lengths, width=17, max_new_tokens=2, impl="pallas")
+
+
+def test_beams_split_over_the_mesh_give_the_one_device_hypotheses(model):
+  """Parameters on a (data 2, fsdp 2, tensor 2) mesh: the 4 prompts are searched one per batch
+  shard, each with its W beams (reordered per prompt), weights gathered once: the same
+  hypotheses as on one device, outputs split over data x fsdp, and the compiled search loop
+  all-gathers nothing (the global-index beam reorder it replaces gathered the whole cache)."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  from benchmarks import common  # pylint: disable=import-outside-toplevel
+  from postrl import sharding as shd  # pylint: disable=import-outside-toplevel
+  from postrl.sampling.generate import cache_sharding_for, row_sharding  # pylint: disable=import-outside-toplevel
+  beam = importlib.import_module("postrl.sampling.search.beam")
+  mesh = shd.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+  graphdef, params = nnx.split(model)
+  sharded = jax.device_put(params, shd.state_shardings(params, mesh))
+  tokens, lengths = pad_prompts(PROMPTS + [[20, 21, 22]])
+  kw = dict(width=3, max_new_tokens=5, eos_ids=(EOS,))
+  one = beam_search_ids((graphdef, params), tokens, lengths, **kw)
+  split = beam_search_ids((graphdef, sharded), tokens, lengths, **kw)
+  assert split.tokens_BxWxN.sharding.spec[0] == ("data", "fsdp")
+  assert {s.data.shape[0] for s in split.tokens_BxWxN.addressable_shards} == {1}
+  np.testing.assert_array_equal(split.tokens_BxWxN, one.tokens_BxWxN)
+  np.testing.assert_array_equal(split.lengths_BxW, one.lengths_BxW)
+  np.testing.assert_allclose(split.scores_BxW, one.scores_BxW, rtol=1e-5, atol=1e-5)
+  kept = beam_search_ids((graphdef, sharded), tokens, lengths, split_rows=False, **kw)
+  np.testing.assert_array_equal(kept.tokens_BxWxN, one.tokens_BxWxN)
+
+  rows = row_sharding(sharded, 4)
+  gathered = shd.gather_over_batch_axes(sharded)
+  prompt, lens = jax.device_put((np.asarray(tokens, np.int32), np.asarray(lengths, np.int32)),
+                                rows)
+  compiled = beam._beam_search.lower(  # pylint: disable=protected-access
+      graphdef, gathered, prompt, lens, width=3, max_new_tokens=5, eos_ids=(EOS,), pad_id=0,
+      alpha=1.0, norm="hf", impl="xla", interpret=False, rows=rows,
+      cache_sharding=cache_sharding_for(rows, model.config, 12, tokens.shape[1] + 5)).compile()
+  assert common.loop_launches(compiled.as_text())["by_op"].get("all-gather", 0) == 0

@@ -46,8 +46,9 @@ from kernels.beam_step import IMPLS as BEAM_STEP_IMPLS
 from kernels.beam_step import MAX_K as BEAM_STEP_MAX_K
 from kernels.beam_step import beam_step
 from postrl.models.transformer import KVCache
-from postrl.sampling.generate import (_multi_process_mesh, pad_prompts, replicate_inputs,
-                                      to_host)
+from postrl import sharding as shd
+from postrl.sampling.generate import (_multi_process_mesh, cache_sharding_for, pad_prompts,
+                                      put_rows, replicate_inputs, row_sharding, to_host)
 from postrl.sampling.search.common import (STATUS_NO_ANSWER, STATUS_NO_CANDIDATES, STATUS_OK,
                                            Candidate, SearchError, SearchResult, TokenCount,
                                            as_problems, check_positive, default_extract)
@@ -87,19 +88,45 @@ def _merge_top(scores_a, scores_b, arrays_a, arrays_b, k):
   return top, picked, idx
 
 
+def _per_prompt(fn, rows):
+  """``fn`` run by each device on its own prompts (``shard_map`` over the batch axes of
+  ``rows``; every argument and output split on dimension 0). For per-prompt selections whose
+  ``top_k`` XLA's partitioner would otherwise run on all-gathered rows; ``rows`` None: ``fn``."""
+  if rows is None:
+    return fn
+  return jax.shard_map(fn, mesh=rows.mesh, in_specs=rows.spec, out_specs=rows.spec,
+                       check_vma=False)
+
+
+def _gather_beams(cache_RxS, parent_BxW):
+  """cache rows [B W, ...] -> [B W, ...] with row (b, w) = row (b, parent[b, w]). Gathered per
+  prompt (``vmap`` over b: the gather carries the prompts as a batching dimension), so with the
+  prompts split over devices each device reorders its own beams and nothing moves."""
+  B, W = parent_BxW.shape
+  per_prompt = cache_RxS.reshape((B, W) + cache_RxS.shape[1:])
+  return jax.vmap(lambda c, p: c[p])(per_prompt, parent_BxW).reshape(cache_RxS.shape)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "width", "max_new_tokens", "eos_ids",
-                                             "pad_id", "alpha", "norm", "impl", "interpret"))
+                                             "pad_id", "alpha", "norm", "impl", "interpret",
+                                             "rows", "cache_sharding"))
 def _beam_search(graphdef, params, prompt_BxP, lengths_B, *, width, max_new_tokens, eos_ids,
-                 pad_id, alpha, norm, impl, interpret):
+                 pad_id, alpha, norm, impl, interpret, rows=None, cache_sharding=None):
   model = nnx.merge(graphdef, params)
   B, P = prompt_BxP.shape
   W, N = width, max_new_tokens
+  # rows: a NamedSharding of dimension 0 (``generate.row_sharding``): every per-prompt array and
+  # the [B W, ...] cache stay split over the mesh's batch axes (a prompt's W beams on one device),
+  # so each device searches its own prompts; None = every device runs every prompt.
+  split = (lambda tree: jax.lax.with_sharding_constraint(tree, rows)) if rows else (lambda t: t)
+  split_cache = ((lambda c: jax.lax.with_sharding_constraint(c, cache_sharding))
+                 if cache_sharding else split)
   cache = KVCache.zeros(model.config, B, P + N)
   positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
   logits, cache = model.decode(prompt_BxP, positions, cache)
   last = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
   V = last.shape[-1]
-  cache = jax.tree.map(lambda x: jnp.repeat(x, W, axis=0), cache)
+  cache = split_cache(jax.tree.map(lambda x: jnp.repeat(x, W, axis=0), cache))
   logits = jnp.broadcast_to(last[:, None], (B, W, V))
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
   neg = jnp.float32(-jnp.inf)
@@ -110,22 +137,26 @@ def _beam_search(graphdef, params, prompt_BxP, lengths_B, *, width, max_new_toke
     step, cache, logits, live, fin, done, steps_B = state
     live_tok, live_sum = live
     # cand[w, v] = S_w + log_softmax(logits_w)[v]; its 2W best over W x V (ties: smaller w V + v)
-    top_val, parent, token, _ = beam_step(logits, live_sum, 2 * W, impl=impl, interpret=interpret)
+    top_val, parent, token, _ = _per_prompt(
+        lambda x, s: tuple(beam_step(x, s, 2 * W, impl=impl, interpret=interpret)), rows)(
+            logits, live_sum)
     is_eos = jnp.isin(token, eos)
     seqs = _gather_rows(live_tok, parent).at[:, :, step].set(token)  # [B, 2W, N]
     # finished: EOS candidates within the first W ranks (transformers' rule)
     rank = jnp.arange(2 * W)[None]
     new_fin = is_eos & (rank < W) & jnp.isfinite(top_val)
     new_len = jnp.full((B, 2 * W), step + 1, jnp.int32)
-    fin_score, fin_arrays, _ = _merge_top(
+    fin_score, fin_arrays, _ = _per_prompt(functools.partial(_merge_top, k=W), rows)(
         fin[0], jnp.where(new_fin, top_val / lp(step + 1), neg),
-        fin[1:], (seqs, top_val, new_len), W)
+        fin[1:], (seqs, top_val, new_len))
     # live: the W best non-EOS candidates
-    live_val, sel = jax.lax.top_k(jnp.where(is_eos, neg, top_val), W)
+    live_val, sel = _per_prompt(lambda x: jax.lax.top_k(x, W), rows)(
+        jnp.where(is_eos, neg, top_val))
     new_tok = jnp.take_along_axis(token, sel, axis=1)
     new_live = (_gather_rows(seqs, sel), live_val)
-    flat_parent = (jnp.arange(B)[:, None] * W + jnp.take_along_axis(parent, sel, axis=1))
-    cache = jax.tree.map(lambda x: x[flat_parent.reshape(-1)], cache)
+    cache = jax.tree.map(
+        functools.partial(_gather_beams, parent_BxW=jnp.take_along_axis(parent, sel, axis=1)),
+        cache)
     logits, cache = model.decode(new_tok.reshape(B * W, 1), (rows_W + step)[:, None], cache)
     new_logits = logits[:, 0].reshape(B, W, V)
     # done: W finished and no live beam can still beat the worst of them
@@ -139,7 +170,7 @@ def _beam_search(graphdef, params, prompt_BxP, lengths_B, *, width, max_new_toke
     fin = tuple(keep(o, n) for o, n in zip(fin, (fin_score, *fin_arrays)))
     steps_B = steps_B + (~done).astype(jnp.int32)
     done = done | now_done | (step + 1 >= N)
-    return step + 1, cache, new_logits, live, fin, done, steps_B
+    return (step + 1, split_cache(cache), *split((new_logits, live, fin, done, steps_B)))
 
   live = (jnp.full((B, W, N), pad_id, jnp.int32),
           jnp.where(jnp.arange(W)[None] == 0, 0.0, neg) * jnp.ones((B, 1), jnp.float32))
@@ -159,8 +190,15 @@ def _beam_search(graphdef, params, prompt_BxP, lengths_B, *, width, max_new_toke
 def beam_search_ids(model, prompt_BxP, lengths_B, *, width: int, max_new_tokens: int,
                     eos_ids: Sequence[int] | None = None, pad_id: int = 0,
                     length_penalty: float = 1.0, length_norm: str = "hf", impl: str = "auto",
-                    interpret: bool = False) -> BeamOutput:
+                    interpret: bool = False, split_rows: bool = True,
+                    gather_weights: bool = True) -> BeamOutput:
   """Token-level beam search over a batch of right-padded prompts (module doc).
+
+  With parameters on a device mesh, the B prompts are split over the mesh's batch axes when B is
+  a multiple of their size (``generate.row_sharding``: each device searches its prompts' W beams,
+  the beams reordered per prompt so nothing moves between devices), after fsdp-sharded weights are
+  gathered once (``gather_weights``), as ``generate`` does; the hypotheses are those of a
+  one-device run. ``split_rows=False`` keeps every prompt on every device.
 
   Args:
     model: a ``Transformer`` (anything with ``config`` and ``decode(tokens, positions, cache)``),
@@ -175,6 +213,7 @@ def beam_search_ids(model, prompt_BxP, lengths_B, *, width: int, max_new_tokens:
     impl: the step's top-2W: "auto" | "xla" | "pallas" (``kernels.beam_step``; the kernel needs
       2 x width <= 32).
     interpret: run the Pallas kernel in interpret mode (CPU tests of impl="pallas").
+    split_rows, gather_weights: data-parallel search on a mesh (above).
   Returns:
     ``BeamOutput`` with the W best hypotheses of each prompt, sorted by score.
   """
@@ -205,12 +244,23 @@ def beam_search_ids(model, prompt_BxP, lengths_B, *, width: int, max_new_tokens:
     raise SearchError(f"prompt lengths must be in [1, {prompt_BxP.shape[1]}], got {lengths}")
   eos = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
   mesh = _multi_process_mesh(params)
-  if mesh is not None:  # params span several processes: inputs become global, replicated arrays
-    prompt_BxP, lengths = replicate_inputs(mesh, prompt_BxP, lengths)
+  B, P = prompt_BxP.shape
+  rows = row_sharding(params, B) if split_rows else None
+  if gather_weights and shd.split_over_batch_axes(params):
+    params = shd.gather_over_batch_axes(params)
+  if mesh is not None:  # params span several processes: inputs become global arrays
+    if rows is None:
+      prompt_BxP, lengths = replicate_inputs(mesh, prompt_BxP, lengths)
+    else:
+      prompt_BxP, lengths = put_rows(rows, prompt_BxP, lengths)
+  elif rows is not None:
+    prompt_BxP, lengths = jax.device_put((prompt_BxP, lengths), rows)
   return _beam_search(graphdef, params, prompt_BxP, lengths, width=int(width),
                       max_new_tokens=int(max_new_tokens), eos_ids=eos, pad_id=int(pad_id),
                       alpha=float(length_penalty), norm=length_norm, impl=impl,
-                      interpret=bool(interpret))
+                      interpret=bool(interpret), rows=rows,
+                      cache_sharding=None if rows is None else cache_sharding_for(
+                          rows, config, B * int(width), P + int(max_new_tokens)))
 
 
 def beam_search(policy, problems, *, width: int, length_penalty: float = 1.0,

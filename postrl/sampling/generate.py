@@ -317,12 +317,9 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
     prompt_np, lengths_np32 = np.asarray(prompt_BxP), lengths_np.astype(np.int32)
     (key_data,) = replicate_inputs(mesh, np.asarray(jax.random.key_data(key)))
     key = jax.random.wrap_key_data(key_data)
-    if rows is None:
-      prompt_BxP, lengths_B = replicate_inputs(mesh, prompt_np, lengths_np32)
-    else:
-      prompt_BxP, lengths_B = put_rows(rows, prompt_np, lengths_np32)
-  elif rows is not None:
-    prompt_BxP, lengths_B = jax.device_put((prompt_BxP, lengths_B), rows)
+    prompt_BxP, lengths_B = place_inputs(mesh, rows, prompt_np, lengths_np32)
+  else:
+    prompt_BxP, lengths_B = place_inputs(None, rows, prompt_BxP, lengths_B)
   if config.decode_attention_impl == "pallas" and (mesh is not None or rows is not None or len({
       d for x in jax.tree.leaves(params) if isinstance(x, jax.Array) for d in x.sharding.device_set
   }) > 1):
@@ -363,6 +360,16 @@ def replicate_inputs(mesh, *arrays_np):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return tuple(jax.make_array_from_callback(x.shape, replicated, lambda idx, x=x: x[idx])
                for x in arrays_np)
+
+
+def place_inputs(mesh, rows, *arrays):
+  """Per-row inputs (identical on every process) placed for a decode program: split by ``rows``
+  (each device its rows; ``put_rows`` when the parameters span processes), replicated global
+  arrays when ``mesh`` spans processes and the rows are not split, else unchanged."""
+  if mesh is not None:
+    arrays = tuple(np.asarray(x) for x in arrays)
+    return put_rows(rows, *arrays) if rows is not None else replicate_inputs(mesh, *arrays)
+  return jax.device_put(arrays, rows) if rows is not None else arrays
 
 
 def put_rows(rows, *arrays_np):

@@ -48,7 +48,7 @@ from kernels.beam_step import beam_step
 from postrl.models.transformer import KVCache
 from postrl import sharding as shd
 from postrl.sampling.generate import (_multi_process_mesh, cache_sharding_for, pad_prompts,
-                                      put_rows, replicate_inputs, row_sharding, to_host)
+                                      place_inputs, row_sharding, to_host)
 from postrl.sampling.search.common import (STATUS_NO_ANSWER, STATUS_NO_CANDIDATES, STATUS_OK,
                                            Candidate, SearchError, SearchResult, TokenCount,
                                            as_problems, check_positive, default_extract)
@@ -248,13 +248,7 @@ def beam_search_ids(model, prompt_BxP, lengths_B, *, width: int, max_new_tokens:
   rows = row_sharding(params, B) if split_rows else None
   if gather_weights and shd.split_over_batch_axes(params):
     params = shd.gather_over_batch_axes(params)
-  if mesh is not None:  # params span several processes: inputs become global arrays
-    if rows is None:
-      prompt_BxP, lengths = replicate_inputs(mesh, prompt_BxP, lengths)
-    else:
-      prompt_BxP, lengths = put_rows(rows, prompt_BxP, lengths)
-  elif rows is not None:
-    prompt_BxP, lengths = jax.device_put((prompt_BxP, lengths), rows)
+  prompt_BxP, lengths = place_inputs(mesh, rows, prompt_BxP, lengths)
   return _beam_search(graphdef, params, prompt_BxP, lengths, width=int(width),
                       max_new_tokens=int(max_new_tokens), eos_ids=eos, pad_id=int(pad_id),
                       alpha=float(length_penalty), norm=length_norm, impl=impl,

@@ -320,19 +320,17 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
     prompt_BxP, lengths_B = place_inputs(mesh, rows, prompt_np, lengths_np32)
   else:
     prompt_BxP, lengths_B = place_inputs(None, rows, prompt_BxP, lengths_B)
-  if config.decode_attention_impl == "pallas" and (mesh is not None or rows is not None or len({
-      d for x in jax.tree.leaves(params) if isinstance(x, jax.Array) for d in x.sharding.device_set
-  }) > 1):
+  devices = {d for x in jax.tree.leaves(params) if isinstance(x, jax.Array)
+             for d in x.sharding.device_set}
+  if config.decode_attention_impl == "pallas" and (mesh is not None or len(devices) > 1):
     raise ValueError("decode_attention_impl='pallas': the decode-attention kernel runs on one "
-                     "device; the parameters span several (use 'xla')")
+                     f"device; the parameters span {len(devices)} (use 'xla')")
   impl = "xla"
   if sampling_impl != "xla":  # kernels.sampling imports this module: imported here
     from kernels import sampling as sampling_kernels  # pylint: disable=import-outside-toplevel
     impl = sampling_kernels.choose_impl(config.vocab_size, temperature=float(temperature),
                                         top_k=top_k, top_p=top_p, min_p=min_p,
                                         impl=sampling_impl, batch=int(prompt_BxP.shape[0]))
-    devices = {d for x in jax.tree.leaves(params) if isinstance(x, jax.Array)
-               for d in x.sharding.device_set}
     if impl != "xla" and (mesh is not None or len(devices) > 1):
       raise ValueError(f"sampling_impl={sampling_impl!r}: the sampling kernel runs on one device; "
                        f"the parameters span {len(devices)} (use 'xla' or 'auto')")

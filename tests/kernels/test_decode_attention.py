@@ -154,3 +154,14 @@ def test_model_decode_with_the_kernel_generates_the_same_tokens(monkeypatch):
 def test_model_config_refuses_an_unknown_decode_attention():
   with pytest.raises(ConfigError, match="decode_attention_impl='cuda'"):
     tiny_config(decode_attention_impl="cuda")
+
+
+def test_generate_refuses_the_kernel_on_several_devices():
+  cfg = tiny_config(decode_attention_impl="pallas")
+  graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("x",))
+  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  tokens, lengths = pad_prompts([[5, 6, 7]])
+  with pytest.raises(ValueError, match="decode-attention kernel runs on one device; the "
+                                       "parameters span 2"):
+    generate((graphdef, params), tokens, lengths, max_new_tokens=2, temperature=0.0)

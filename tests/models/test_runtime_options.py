@@ -134,7 +134,11 @@ def test_job_config_options_reach_the_model_and_fail_early():
   from postrl.trainers.common import model_kwargs  # pylint: disable=import-outside-toplevel
   config = ml_collections.ConfigDict(dict(param_dtype="float32", dtype="bfloat16", remat="dots"))
   assert model_kwargs(config) == dict(param_dtype="float32", dtype="bfloat16",
-                                      attention_impl="xla", remat="dots")
+                                      attention_impl="xla", remat="dots",
+                                      decode_attention_impl="xla")
+  config.decode_attention_impl = "pallas"
+  assert model_kwargs(config)["decode_attention_impl"] == "pallas"
+  del config["decode_attention_impl"]
   if jax.default_backend() != "gpu":
     config.attention_impl = "cudnn"
     with pytest.raises(ConfigError, match=r"config.attention_impl='cudnn' needs an NVIDIA GPU"):

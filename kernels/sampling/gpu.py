@@ -181,6 +181,33 @@ def _lane_softmax_reduce(m, s):
   return mx, jnp.sum(jnp.where(m == -jnp.inf, 0.0, s * jnp.exp(m - mx)))
 
 
+def _load_block(x_ref, start, lane, *, vocab: int, temperature: float):
+  """Entries [start, start + block) of a row as float32 (-inf past V) -> (index, x, z = x / T)."""
+  offs = start + lane
+  x = plgpu.load(x_ref.at[pl.ds(start, lane.shape[0])], mask=offs < vocab,
+                 other=jnp.array(-jnp.inf, x_ref.dtype)).astype(jnp.float32)
+  return offs, x, (x / jnp.float32(temperature) if temperature != 1.0 else x)
+
+
+def _gumbel_max_update(c, score, offs, z, x):
+  """Per-lane running Gumbel-max winner (best score, index, z, x) after one more block."""
+  best, idx, bz, bx = c
+  take = score > best
+  return (jnp.where(take, score, best), jnp.where(take, offs, idx), jnp.where(take, z, bz),
+          jnp.where(take, x, bx))
+
+
+def _gumbel_max_reduce(best, idx, bz, bx, vocab: int):
+  """Per-lane winners -> (token or -1, its z, its x): the largest score, the smallest index among
+  equal scores (``combine_draws`` applies the same rule across chunks)."""
+  ninf = jnp.float32(-jnp.inf)
+  won = (best == jnp.max(best)) & (idx >= 0)
+  tok = jnp.min(jnp.where(won, idx, vocab))
+  hit = won & (idx == tok)
+  return (jnp.where(tok < vocab, tok, -1), jnp.max(jnp.where(hit, bz, ninf)),
+          jnp.max(jnp.where(hit, bx, ninf)))
+
+
 def _row_kernel(x_ref, seed_ref, pivot_ref, round_ref, active_ref, tok_ref, logp_ref, rounds_ref, *,
                 vocab: int, block: int, temperature: float, top_k: int | None, top_p: float | None,
                 log_min_p: float | None, max_rounds: int | None):
@@ -195,11 +222,7 @@ def _row_kernel(x_ref, seed_ref, pivot_ref, round_ref, active_ref, tok_ref, logp
   scaled = temperature != 1.0
   full = lambda v, dtype=f32: jnp.full((block,), v, dtype)
 
-  def load(i):
-    offs = i * block + lane
-    x = plgpu.load(x_ref.at[pl.ds(i * block, block)], mask=offs < vocab,
-                   other=jnp.array(-jnp.inf, x_ref.dtype)).astype(f32)
-    return offs, x, (x / f32(temperature) if scaled else x)
+  load = lambda i: _load_block(x_ref, i * block, lane, vocab=vocab, temperature=temperature)
 
   def stats_init():
     return (full(-jnp.inf), full(0.0)) * (2 if scaled else 1)
@@ -226,15 +249,12 @@ def _row_kernel(x_ref, seed_ref, pivot_ref, round_ref, active_ref, tok_ref, logp
     key = round_key(seed, r)
 
     def body(i, c):
-      best, idx, bz, bx = c[:4]
       offs, x, z = load(i)
       cand = z > pivot
       if floor is not None:
         cand = cand & (z - floor[0] >= floor[1])
       score = jnp.where(cand, z + gumbel(key, offs), ninf)
-      take = score > best
-      out = (jnp.where(take, score, best), jnp.where(take, offs, idx), jnp.where(take, z, bz),
-             jnp.where(take, x, bx) if scaled else bx)
+      out = _gumbel_max_update(c[:4], score, offs, z, x)
       if with_stats:
         out += stats_update(c[4:], x, z)
       return out
@@ -243,15 +263,7 @@ def _row_kernel(x_ref, seed_ref, pivot_ref, round_ref, active_ref, tok_ref, logp
     if with_stats:
       init += stats_init()
     c = lax.fori_loop(0, nblocks, body, init)
-    best, idx, bz, bx = c[:4]
-    top = jnp.max(best)
-    won = (best == top) & (idx >= 0)
-    tok = jnp.min(jnp.where(won, idx, vocab))
-    tok = jnp.where(tok < vocab, tok, -1)
-    hit = won & (idx == tok)
-    ztok = jnp.max(jnp.where(hit, bz, ninf))
-    xtok = jnp.max(jnp.where(hit, bx, ninf)) if scaled else ztok
-    return (tok, ztok, xtok) + (stats_reduce(c[4:]) if with_stats else ())
+    return _gumbel_max_reduce(*c[:4], vocab) + (stats_reduce(c[4:]) if with_stats else ())
 
   def accepts(ztok, m, s):
     """True where the token of scaled logit ``ztok`` is in the top-k / top-p kept set: the count
@@ -339,10 +351,8 @@ def _chunk_kernel(x_ref, seed_ref, active_ref, pivot_ref, m_ref, *out_refs, voca
   key = round_key(seed_ref[...], i32(rnd))
 
   def body(i, c):
-    offs = start + i * block + lane
-    x = plgpu.load(x_ref.at[pl.ds(start + i * block, block)], mask=offs < vocab,
-                   other=jnp.array(-jnp.inf, x_ref.dtype)).astype(f32)
-    z = x / f32(temperature) if scaled else x
+    offs, x, z = _load_block(x_ref, start + i * block, lane, vocab=vocab,
+                             temperature=temperature)
     c = dict(c)
     if stats:
       c["m"], c["s"] = _lane_softmax_update(c["m"], c["s"], z)
@@ -353,12 +363,8 @@ def _chunk_kernel(x_ref, seed_ref, active_ref, pivot_ref, m_ref, *out_refs, voca
       if log_min_p is not None:
         cand = cand & (z - m >= f32(log_min_p))
       score = jnp.where(cand, z + gumbel(key, offs), ninf)
-      take = score > c["best"]
-      c["best"] = jnp.where(take, score, c["best"])
-      c["idx"] = jnp.where(take, offs, c["idx"])
-      c["bz"] = jnp.where(take, z, c["bz"])
-      if scaled:
-        c["bx"] = jnp.where(take, x, c["bx"])
+      c["best"], c["idx"], c["bz"], c["bx"] = _gumbel_max_update(
+          (c["best"], c["idx"], c["bz"], c["bx"]), score, offs, z, x)
     if check:
       above = z > pivot
       if top_k is not None:
@@ -373,9 +379,7 @@ def _chunk_kernel(x_ref, seed_ref, active_ref, pivot_ref, m_ref, *out_refs, voca
     if scaled:
       init.update(m1=full(-jnp.inf), s1=full(0.0))
   if sample:
-    init.update(best=full(-jnp.inf), idx=full(-1, i32), bz=full(-jnp.inf))
-    if scaled:
-      init.update(bx=full(-jnp.inf))
+    init.update(best=full(-jnp.inf), idx=full(-1, i32), bz=full(-jnp.inf), bx=full(-jnp.inf))
   if check:
     init.update(count=full(0, i32), mass=full(0.0))
   trips = jnp.where(active_ref[...] != 0, chunk // block, 0)
@@ -388,13 +392,8 @@ def _chunk_kernel(x_ref, seed_ref, active_ref, pivot_ref, m_ref, *out_refs, voca
     for value in (mx, sx, mx1, sx1):
       next(outs)[...] = value
   if sample:
-    top = jnp.max(c["best"])
-    won = (c["best"] == top) & (c["idx"] >= 0)
-    tok = jnp.min(jnp.where(won, c["idx"], vocab))
-    hit = won & (c["idx"] == tok)
-    ztok = jnp.max(jnp.where(hit, c["bz"], ninf))
-    xtok = jnp.max(jnp.where(hit, c["bx"], ninf)) if scaled else ztok
-    for value in (top, jnp.where(tok < vocab, tok, -1), ztok, xtok):
+    tok, ztok, xtok = _gumbel_max_reduce(c["best"], c["idx"], c["bz"], c["bx"], vocab)
+    for value in (jnp.max(c["best"]), tok, ztok, xtok):
       next(outs)[...] = value
   if check:
     next(outs)[...] = jnp.sum(c["count"]) if top_k is not None else i32(0)
@@ -431,9 +430,8 @@ def _split_call(logits_BxV, seeds_B, active_B, pivot_B, m_B, *, chunk, n_chunks,
                              stats=stats, sample=sample, check=check, **settings)
   row = pl.BlockSpec((None,), lambda i, c: (i,))
   cell = pl.BlockSpec((None, None), lambda i, c: (i, c))
-  compiler_params = None
-  if not interpret:
-    compiler_params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+  compiler_params = None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps,
+                                                                 num_stages=cfg.num_stages)
   return pl.pallas_call(
       kernel, grid=(b, n_chunks),
       out_shape=[jax.ShapeDtypeStruct((b, n_chunks), k) for k in kinds],
@@ -448,9 +446,8 @@ def _row_call(logits_BxV, seeds_B, pivot_B, round_B, active_B, *, cfg, settings,
   b, v = logits_BxV.shape
   kernel = functools.partial(_row_kernel, vocab=v, block=cfg.block, max_rounds=cfg.max_rounds,
                              **settings)
-  compiler_params = None
-  if not interpret:
-    compiler_params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+  compiler_params = None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps,
+                                                                 num_stages=cfg.num_stages)
   row = pl.BlockSpec((None,), lambda i: (i,))
   out_shape = (jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.float32),
                jax.ShapeDtypeStruct((b,), jnp.int32))
@@ -502,18 +499,14 @@ def _sample_split(logits_BxV, seeds_B, *, chunk, n_chunks, cfg, settings, interp
         tok, ztok, xtok = (jnp.where(done, tok, tok_r), jnp.where(done, ztok, ztok_r),
                            jnp.where(done, xtok, xtok_r))
         done = done | (tok < 0)
-    if cfg.max_rounds is not None and n_split >= cfg.max_rounds:
-      rounds = jnp.where(done, rounds, n_split)
-      tok = jnp.where(done, result, -1)
-    else:
-      row_tok, row_logp, row_rounds = _row_call(
-          logits_BxV, seeds_B, ztok, jnp.full((b,), n_split, i32), (~done).astype(i32), cfg=cfg,
-          settings=settings, interpret=interpret)
-      tok = jnp.where(done, result, row_tok)
-      rounds = jnp.where(done, rounds, row_rounds)
-      logp = jnp.where(done, result_x - m1 - jnp.log(s1), row_logp)
-      return tok, logp, rounds
-    xtok = result_x
+    logp = result_x - m1 - jnp.log(s1)
+    if cfg.max_rounds is not None and n_split >= cfg.max_rounds:  # the cap is reached here
+      return jnp.where(done, result, -1), logp, jnp.where(done, rounds, n_split)
+    row_tok, row_logp, row_rounds = _row_call(
+        logits_BxV, seeds_B, ztok, jnp.full((b,), n_split, i32), (~done).astype(i32), cfg=cfg,
+        settings=settings, interpret=interpret)
+    return (jnp.where(done, result, row_tok), jnp.where(done, logp, row_logp),
+            jnp.where(done, rounds, row_rounds))
   return tok, xtok - m1 - jnp.log(s1), rounds
 
 

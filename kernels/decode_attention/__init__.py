@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import jax
 
-from kernels.decode_attention.gpu import (GpuConfig, KernelShapeError, check_shapes,
-                                          decode_attention_gpu)
+from kernels.decode_attention.gpu import GpuConfig, KernelShapeError, decode_attention_gpu
 from kernels.decode_attention.reference import decode_attention_reference
 
 __all__ = ["decode_attention", "choose_impl", "decode_attention_reference",
@@ -46,7 +45,11 @@ def choose_impl(impl: str = "auto", platform: str | None = None) -> str:
 
 def decode_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B, *, impl: str = "auto",
                      interpret: bool = False, config: GpuConfig | None = None):
-  """One query per row against the first ``lengths_B[b]`` (>= 1) slots of its cache.
+  """One query per row against the first ``lengths_B[b]`` (>= 1) slots of its cache:
+
+      out[b, h] = sum_{s < L_b} softmax_s(q[b, h] . k[b, s, h // G] / sqrt(D)) v[b, s, h // G]
+
+  (G = H / K grouped query heads; flash-decoding, Dao et al. 2023, for the kernel).
 
   Args:
     q_BxHxD: queries (any float dtype; cast to the cache dtype as the model's einsum does).
@@ -75,6 +78,5 @@ def decode_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B, *, impl: str = "a
   if not interpret and jax.default_backend() not in ("gpu", "cuda", "rocm"):
     raise ValueError(f"decode_attention: impl='pallas' runs the Triton kernel, which needs a GPU "
                      f"(backend is {jax.default_backend()!r}); use interpret=True to run it on CPU")
-  check_shapes(H, k_BxSxKxD.shape[2], D, config or GpuConfig())
   return decode_attention_gpu(q_BxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B, config=config,
                               interpret=interpret)

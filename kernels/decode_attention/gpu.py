@@ -105,7 +105,9 @@ def _kernel(lengths_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_s:
 
 
 def combine_chunks(acc_BxKxCxGxD, m_BxKxCxG, l_BxKxCxG):
-  """Per-chunk (unnormalised sum, max, normaliser) -> the attention output [B, K, G, D]."""
+  """Per-chunk (unnormalised sum acc_c, max m_c, normaliser l_c) -> the attention output
+  [B, K, G, D]: sum_c e^{m_c - M} acc_c / sum_c e^{m_c - M} l_c, M = max_c m_c (chunks with no
+  valid slot, m_c = -inf, weigh 0)."""
   m = jnp.max(m_BxKxCxG, axis=2, keepdims=True)
   w = jnp.where(m_BxKxCxG == -jnp.inf, 0.0, jnp.exp(m_BxKxCxG - m))  # empty chunks weigh 0
   num = jnp.sum(w[..., None] * acc_BxKxCxGxD, axis=2)

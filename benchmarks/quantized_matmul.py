@@ -10,8 +10,12 @@ jit (``looped``: about 3 ms per call, so launch and host overhead are amortised)
 median over repeats of wall time / (R L). Achieved weight bandwidth =
 (codes + scales + x + y bytes) / time, over a device-to-device copy (read + write) measured in the
 same run. Every Pallas entry is checked against the reference first (relative error in float32).
-Phases: --check (kernel vs reference on small odd shapes, real compilation), the table, and
---sweep (alternative tilings at a few shapes). Prints each row as it goes; writes JSON after each.
+Phases: --check (kernel vs reference on small odd shapes, real compilation, for every kernel in
+--check-kernels), --variants (the three kernels, "dot" / "dot_t" / "fma", with both unpacks, at
+every shape for the --variants-m rows, beside bf16: which kernel wins where), the table (the
+default kernel and the XLA baselines; --skip-table leaves it out) and --sweep (alternative tilings
+at one shape, for the "dot" kernel and, at M <= 8, the "fma" kernel). Prints each row as it goes;
+writes JSON after each.
 """
 
 from __future__ import annotations
@@ -134,8 +138,9 @@ def xla_int4(x, q, s):
   return quantized_matmul_reference(x, q, s, bits=4, group_size=128)
 
 
-def run_check(results, out):
-  """Kernel vs reference at small odd shapes, compiled for the GPU (not interpret mode)."""
+def run_check(results, out, kernels=("dot",)):
+  """Kernel vs reference at small odd shapes, compiled for the GPU (not interpret mode): the
+  default tiling for "dot" and "dot_t", and for "fma" at M <= 8 (its M tile)."""
   rows = []
   formats = [(8, None, False), (8, None, True), (8, 32, False), (4, 32, False), (4, 64, True),
              (4, 128, False), (4, None, False)]
@@ -155,14 +160,18 @@ def run_check(results, out):
         z = jnp.round(jax.random.uniform(kd, (g, n), jnp.float32, -3, 3)) if zeros else None
         ref = quantized_matmul_reference(x.astype(jnp.float32), q, s, bits=bits, group_size=group,
                                          zeros_GxN=z)
-        try:
-          y = quantized_matmul_gpu(x, q, s, z, bits=bits, group_size=group, interpret=INTERPRET)
-          poisoned = bool(jnp.any(jnp.isnan(y)))
-          err = rel_err(y.astype(jnp.float32), ref)
-        except Exception as e:  # noqa: BLE001 - report and continue
-          err, poisoned = f"{type(e).__name__}: {str(e)[:200]}", None
-        rows.append(dict(m=m, bits=bits, group=group, zeros=zeros, dtype=jnp.dtype(dt).name,
-                         rel_err=err))
+        for kernel in kernels:
+          if kernel == "fma" and m > qgpu.FMA_MAX_ROWS:
+            continue
+          cfg = qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel=kernel)
+          try:
+            y = quantized_matmul_gpu(x, q, s, z, bits=bits, group_size=group, config=cfg,
+                                     interpret=INTERPRET)
+            err = rel_err(y.astype(jnp.float32), ref)
+          except Exception as e:  # noqa: BLE001 - report and continue
+            err = f"{type(e).__name__}: {str(e)[:200]}"
+          rows.append(dict(m=m, bits=bits, group=group, zeros=zeros, dtype=jnp.dtype(dt).name,
+                           kernel=kernel, rel_err=err))
   bad = [r for r in rows if not isinstance(r["rel_err"], float) or not r["rel_err"] < 1e-2]
   print(f"check: {len(rows)} cases, {len(bad)} failing", flush=True)
   for r in bad[:20]:
@@ -255,6 +264,69 @@ def run_table(results, out, ms, shapes, repeats, deadline, copy_bw):
             f"{row.get('err_int4', float('nan')):.1e}", flush=True)
 
 
+def kernel_variants(m, k, n, *, bits, group):
+  """The kernels compared by ``--variants``: each at its default tiling, with both unpacks (the
+  "fma" GEMV only for M <= 8)."""
+  kernels = ("dot", "dot_t", "fma") if m <= qgpu.FMA_MAX_ROWS else ("dot", "dot_t")
+  out = []
+  for kernel in kernels:
+    cfg = qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel=kernel)
+    out += [cfg, dataclasses.replace(cfg, unpack="magic")]
+  return out
+
+
+def run_variants(results, out, ms, shapes, repeats, deadline, copy_bw):
+  """Every kernel variant at every shape for the rows ``ms``, with bf16 ``jnp.dot`` timed in the
+  same loop: one line per (shape, M, format, variant) with time, speed-up over bf16, share of the
+  copy bandwidth and the error against the XLA path."""
+  rows = results.setdefault("variants", [])
+  for m in ms:
+    for k, n in shapes:
+      bytes_bf16, bytes8, bytes4 = 2 * k * n, k * n + 4 * n, k * n // 2 + 4 * n * (k // 128)
+      r = max(n_buffers(bytes_bf16), n_buffers(bytes4))
+      bufs = [make_weights(k, n, jax.random.key(200 + i)) for i in range(r)]
+      x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+      io = 2 * m * k + 2 * m * n
+      if time.time() > deadline:
+        print("time limit reached: variants stop here", flush=True)
+        return
+      t, _ = time_many(lambda x, *ws: [jnp.dot(x, w) for w in ws], (x, *[b[0] for b in bufs]),
+                       repeats, loop_reps(m, k, n, bytes_bf16, r))
+      bf16_us = 1e6 * t / r
+      print(f"variants K={k} N={n} M={m}: bf16 {bf16_us:.1f} us", flush=True)
+      for bits, group, nbytes, xla_fn in ((8, None, bytes8, xla_int8), (4, 128, bytes4, xla_int4)):
+        ws = [b[1] if bits == 8 else b[2] for b in bufs]
+        flat = [a for qs in ws for a in qs]
+        ref = xla_fn(x.astype(jnp.float32), *ws[0])
+        for cfg in kernel_variants(m, k, n, bits=bits, group=group):
+          if time.time() > deadline:
+            print("time limit reached: variants stop here", flush=True)
+            return
+          row = dict(k=k, n=n, m=m, bits=bits, group=group, cfg=dataclasses.asdict(cfg),
+                     bf16_us=bf16_us)
+
+          def pallas(x, *a, cfg=cfg, bits=bits, group=group):
+            return [quantized_matmul_gpu(x, a[i], a[i + 1], bits=bits, group_size=group,
+                                         config=cfg, interpret=INTERPRET)
+                    for i in range(0, len(a), 2)]
+          try:
+            y = jax.jit(pallas)(x, *flat[:2])[0]
+            row["err"] = rel_err(y.astype(jnp.float32), ref)
+            t, c = time_many(pallas, (x, *flat), repeats, loop_reps(m, k, n, nbytes, r))
+            row["us"], row["compile_s"] = 1e6 * t / r, c
+            row["vs_bf16"] = bf16_us / row["us"]
+            row["bw"] = (nbytes + io) / (t / r) / copy_bw
+            shown = (f"{row['us']:8.1f} us {row['vs_bf16']:5.2f}x bf16 {100 * row['bw']:4.0f}% "
+                     f"of copy, err {row['err']:.1e}")
+          except Exception as e:  # noqa: BLE001 - report and continue
+            row["error"] = shown = f"{type(e).__name__}: {str(e)[:200]}"
+          rows.append(row)
+          print(f"variants K={k} N={n} M={m} int{bits} {cfg.kernel:5s} {cfg.unpack:5s}: {shown}",
+                flush=True)
+        dump(results, out)
+      del bufs
+
+
 def run_sweep(results, out, repeats, deadline, sweep_ms=(1, 16, 64, 128, 512)):
   """Alternative tilings around the heuristic at a few shapes (to tune ``default_config``)."""
   rows = results.setdefault("sweep", [])
@@ -276,6 +348,15 @@ def run_sweep(results, out, repeats, deadline, sweep_ms=(1, 16, 64, 128, 512)):
       # the exponent-trick unpack, alone and with 8 warps
       variants.add(dataclasses.replace(base, unpack="magic"))
       variants.add(dataclasses.replace(base, unpack="magic", num_warps=8))
+      if m <= qgpu.FMA_MAX_ROWS:  # the GEMV kernel's tiling around its (untimed) default
+        fma = qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel="fma")
+        variants |= {fma, dataclasses.replace(fma, num_warps=4),
+                     dataclasses.replace(fma, block_n=64), dataclasses.replace(fma, block_n=256),
+                     dataclasses.replace(fma, split_k=fma.split_k * 2),
+                     dataclasses.replace(fma, split_k=max(1, fma.split_k // 2)),
+                     dataclasses.replace(fma, unpack="magic")}
+        if bits == 8:
+          variants.add(dataclasses.replace(fma, block_k=32))
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
       ws = [b[1] if bits == 8 else b[2] for b in bufs]
       flat = [a for qs in ws for a in qs]
@@ -312,6 +393,13 @@ def main():
   p.add_argument("--sweep", action="store_true")
   p.add_argument("--sweep-m", type=int, nargs="+", default=[1, 16, 64, 128, 512])
   p.add_argument("--sweep-seconds", type=float, default=90, help="time kept for the sweep")
+  p.add_argument("--check-kernels", nargs="+", default=list(qgpu.KERNELS),
+                 choices=list(qgpu.KERNELS), help="kernels the --check phase compiles and checks")
+  p.add_argument("--variants", action="store_true", help="time every kernel variant (before the "
+                 "table)")
+  p.add_argument("--variants-m", type=int, nargs="+", default=[1, 16])
+  p.add_argument("--variants-seconds", type=float, default=150, help="time given to --variants")
+  p.add_argument("--skip-table", action="store_true")
   p.add_argument("--interpret", action="store_true", help="CPU smoke test: kernels in interpret "
                  "mode, small copy")
   p.add_argument("--out", default="benchmarks/results/quantized_matmul.json")
@@ -327,14 +415,18 @@ def main():
                  command=" ".join(sys.argv))
   print(f"{dev.device_kind} jax {jax.__version__}", flush=True)
   if not args.no_check:
-    run_check(results, args.out)
+    run_check(results, args.out, args.check_kernels)
   results["copy_bw_Bps"] = copy_bw = copy_bandwidth(2**24 if args.interpret else 2**30)
   results["matmul_tflops"] = matmul_tflops(512 if args.interpret else 8192)
   print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write); bf16 8192^3 matmul "
         f"{results['matmul_tflops']:.0f} TFLOP/s", flush=True)
   dump(results, args.out)
-  run_table(results, args.out, args.m, shapes, args.repeats,
-            deadline - (args.sweep_seconds if args.sweep else 0), copy_bw)
+  if args.variants:
+    run_variants(results, args.out, args.variants_m, shapes, args.repeats,
+                 min(deadline, time.time() + args.variants_seconds), copy_bw)
+  if not args.skip_table:
+    run_table(results, args.out, args.m, shapes, args.repeats,
+              deadline - (args.sweep_seconds if args.sweep else 0), copy_bw)
   if args.sweep:
     run_sweep(results, args.out, args.repeats, deadline, args.sweep_m)
   dump(results, args.out)

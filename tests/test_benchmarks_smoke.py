@@ -477,6 +477,20 @@ def test_quantized_matmul_benchmark_interpret(tmp_path):
     assert row[f"err_{name}"] < 1e-2  # the kernel agrees with the XLA path it is timed against
 
 
+def test_quantized_matmul_benchmark_times_every_kernel_variant(tmp_path):
+  """--variants: the three kernels and both unpacks, beside bf16, with their errors; no table."""
+  out = tmp_path / "qmm_variants.json"
+  _run("quantized_matmul.py", "--interpret", "--variants", "--variants-m", "1", "--skip-table",
+       "--shapes", "256x128", "--repeats", "1", "--no-check", "--out", str(out))
+  result = json.loads(out.read_text())
+  assert "table" not in result
+  seen = {(r["bits"], r["cfg"]["kernel"], r["cfg"]["unpack"]) for r in result["variants"]}
+  assert seen == {(b, k, u) for b in (8, 4) for k in ("dot", "dot_t", "fma")
+                  for u in ("shift", "magic")}
+  for r in result["variants"]:
+    assert r["us"] > 0 and r["err"] < 1e-2 and r["bf16_us"] > 0, r
+
+
 def test_generate_times_other_samplers(tmp_path):
   # 'auto' is XLA on CPU (timed); the Triton kernel without a GPU is a recorded error, not a crash
   out = tmp_path / "generate.json"

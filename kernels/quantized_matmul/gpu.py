@@ -46,8 +46,19 @@ class GpuConfig:
     num_warps, num_stages: Triton's warps per program and software-pipelining depth.
     unpack: codes -> float. "shift": int8 converted directly, int4 sign-extended with two shifts,
       then an integer-to-float conversion (measured, docs/benchmarks.md). "magic": the exponent
-      trick, one OR per nibble instead of the conversion (see ``_unpack_magic``; int8 codes are
-      split into two nibbles, 16 hi + lo, and cost two dots); interpret-tested, not yet timed.
+      trick, one OR per nibble instead of the conversion (see ``_unpack_magic``; in the dot
+      kernels int8 codes are split into two nibbles, 16 hi + lo, and cost two dots; measured
+      slower on the H100 there). In the "fma" kernel "magic" builds float32 values
+      (2^23 + u) - (2^23 + offset): an OR and a subtraction, both at full rate.
+    kernel: how a step's product is formed.
+      "dot": x [bm, k] @ W [k, bn] on the tensor cores (measured, the default).
+      "dot_t": the same product with the weights as the dot's left operand, W^T [bn, k] @ x^T
+        [k, bm] -> y^T (the "swap AB" arrangement of small-M mixed-precision GEMMs: the converted
+        operand is the one the tensor-core instruction can take from registers); y^T is
+        transposed back in registers before the store. Not yet timed.
+      "fma": no tensor cores, for block_m <= 8 rows: each code is converted to float32 once and
+        multiplied into every row, y[m, n] += sum_k x[m, k] w[k, n] (a GEMV that reads the
+        weights once and spends one FMA per weight and row). Not yet timed.
   """
   block_m: int = 16
   block_n: int = 128
@@ -56,22 +67,33 @@ class GpuConfig:
   num_warps: int = 4
   num_stages: int = 3
   unpack: str = "shift"
+  kernel: str = "dot"
+
+
+KERNELS = ("dot", "dot_t", "fma")
+FMA_MAX_ROWS = 8  # the "fma" kernel spends block_m FMAs per weight: a GEMV for a few rows only
 
 
 # The exponent trick: a float whose exponent field makes the mantissa's unit 1, OR-ed with a small
 # unsigned integer u, is (2^e + u) exactly: bf16 0x4300 = 128 (7 mantissa bits, u < 128), f16
-# 0x6400 = 1024 (10 bits, u < 1024). Int4 codes c in [-8, 7] become u = c + 8 (XOR 0x8 per nibble),
-# so the tile holds c + 8 + MAGIC and the dot's excess is (8 + MAGIC) * sum(x), subtracted once.
-_MAGIC_BITS = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
+# 0x6400 = 1024 (10 bits, u < 1024), f32 0x4B000000 = 2^23 (23 bits). Int4 codes c in [-8, 7]
+# become u = c + 8 (XOR 0x8 per nibble), so the tile holds c + 8 + MAGIC; the dot kernels remove
+# the excess (8 + MAGIC) * sum(x) once, the fma kernel subtracts (8 + MAGIC) from each float32.
+_MAGIC_BITS = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0, jnp.int16),
+               jnp.dtype(jnp.float16): (0x6400, 1024.0, jnp.int16),
+               jnp.dtype(jnp.float32): (0x4B000000, 2.0**23, jnp.int32)}
+
+
+def _magic_float(u_int32, dtype):
+  """Unsigned integers u (int32, u < 2^mantissa bits) -> floats MAGIC + u in ``dtype``, exactly."""
+  bits, _, int_type = _MAGIC_BITS[jnp.dtype(dtype)]
+  return lax.bitcast_convert_type((u_int32 | bits).astype(int_type), dtype)
 
 
 def _unpack_magic(p_int32, dtype):
   """Packed bytes (int32 holding 0..255) -> (lo, hi) tiles of c + 8 + MAGIC in ``dtype``."""
-  bits, _ = _MAGIC_BITS[jnp.dtype(dtype)]
   u = p_int32 ^ 0x88
-  lo = lax.bitcast_convert_type(((u & 0xF) | bits).astype(jnp.int16), dtype)
-  hi = lax.bitcast_convert_type(((u >> 4) | bits).astype(jnp.int16), dtype)
-  return lo, hi
+  return _magic_float(u & 0xF, dtype), _magic_float(u >> 4, dtype)
 
 
 class KernelShapeError(ValueError):
@@ -88,34 +110,60 @@ def _pow2_at_most(n: int, cap: int) -> int:
   return p
 
 
-def default_config(m: int, k: int, n: int, *, bits: int, group_size: int | None) -> GpuConfig:
+def default_config(m: int, k: int, n: int, *, bits: int, group_size: int | None,
+                   kernel: str = "dot") -> GpuConfig:
   """Tiling heuristic: small M streams weights (narrow M tile, K split to fill the SMs), large M is
-  a tiled matmul (128 x 128 tiles). Tuned by ``benchmarks/quantized_matmul.py``."""
-  block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+  a tiled matmul (128 x 128 tiles). Tuned by ``benchmarks/quantized_matmul.py``.
+
+  ``kernel="fma"`` (M <= 8) takes an M tile of the next power of two >= M and 8 warps (an untimed
+  guess, swept by the benchmark's ``--variants``); "dot_t" takes the "dot" tiling."""
+  if kernel == "fma":
+    block_m = _pow2_at_least(m)
+    num_warps = 8
+  else:
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    # warps from the H100 sweep at K x N = 4096 x 14336 (2026-11-26): int4 is faster with 8 warps
+    # at M <= 16 (43.4 -> 39.3 us) and M = 512 (527.9 -> 447.8 us), with 4 at M = 64 (76.7 ->
+    # 58.8 us) and M = 128 (149.5 -> 97.9 us); int8 keeps 4 up to M = 64, 8 above (within 3%)
+    if bits == 4:
+      num_warps = 4 if 16 < m <= 128 else 8
+    else:
+      num_warps = 4 if block_m <= 64 else 8
   block_n = 128
   while n % block_n and block_n > 16:
     block_n //= 2
   block_k = group_size or (128 if m <= 64 else 64)
-  # warps from the H100 sweep at K x N = 4096 x 14336 (2026-11-26): int4 is faster with 8 warps
-  # at M <= 16 (43.4 -> 39.3 us) and M = 512 (527.9 -> 447.8 us), with 4 at M = 64 (76.7 ->
-  # 58.8 us) and M = 128 (149.5 -> 97.9 us); int8 keeps 4 up to M = 64, 8 above (within 3%)
-  if bits == 4:
-    num_warps = 4 if 16 < m <= 128 else 8
-  else:
-    num_warps = 4 if block_m <= 64 else 8
   programs = -(-m // block_m) * max(n // block_n, 1)
   steps = k // block_k if k % block_k == 0 else 0
   split_k = 1
   while (programs * split_k * 2 <= 2 * NUM_SMS and steps % (split_k * 2) == 0
          and steps // (split_k * 2) >= 2):
     split_k *= 2
-  return GpuConfig(block_m, block_n, block_k, split_k, num_warps, 3)
+  return GpuConfig(block_m, block_n, block_k, split_k, num_warps, 3, kernel=kernel)
+
+
+def _pow2_at_least(n: int) -> int:
+  p = 1
+  while p < n:
+    p *= 2
+  return p
 
 
 def check_shape(m: int, k: int, n: int, *, bits: int, group_size: int | None, cfg: GpuConfig):
   """Raise ``KernelShapeError`` naming the dimension this tiling cannot cover."""
   step = group_size or cfg.block_k
-  for name, v in (("block_m", cfg.block_m), ("block_n", cfg.block_n), ("block_k", step)):
+  if cfg.kernel not in KERNELS:
+    raise KernelShapeError(f"kernel must be one of {KERNELS}, got {cfg.kernel!r}")
+  if cfg.kernel == "fma":
+    if cfg.block_m > FMA_MAX_ROWS or cfg.block_m & (cfg.block_m - 1):
+      raise KernelShapeError(f"block_m={cfg.block_m}: the fma kernel takes a power of two <= "
+                             f"{FMA_MAX_ROWS} rows (M={m}; use kernel='dot' for more rows)")
+    if m > cfg.block_m:
+      raise KernelShapeError(f"M={m} rows do not fit the fma kernel's block_m={cfg.block_m}")
+  dims = (("block_n", cfg.block_n), ("block_k", step))
+  if cfg.kernel != "fma":
+    dims = (("block_m", cfg.block_m),) + dims
+  for name, v in dims:
     if v < 16 or v & (v - 1):
       raise KernelShapeError(f"{name}={v}: the Triton kernel needs powers of two >= 16")
   if cfg.unpack not in ("shift", "magic"):
@@ -131,10 +179,23 @@ def check_shape(m: int, k: int, n: int, *, bits: int, group_size: int | None, cf
 
 
 def _kernel(x_ref, w_ref, s_ref, *refs, bits: int, step: int, steps: int, grouped: bool,
-            has_zeros: bool, magic: bool):
+            has_zeros: bool, magic: bool, transposed: bool):
+  """The tensor-core kernels ("dot", and "dot_t" when ``transposed``: the accumulator is y^T)."""
   z_ref, o_ref = refs if has_zeros else (None, refs[0])
   block_m, block_n = x_ref.shape[0], o_ref.shape[-1]
   f32 = jnp.float32
+
+  def mm(x, w):  # x [bm, kk] . w [kk, bn], in the accumulator's orientation
+    if transposed:
+      return lax.dot_general(w, x, (((0,), (1,)), ((), ())), preferred_element_type=f32)
+    return jnp.dot(x, w, preferred_element_type=f32)
+
+  def x_sum(x):  # sum_k x[:, k] as a column [bm, 1] (or a row [1, bm] when transposed)
+    sums = jnp.sum(x.astype(f32), axis=1)
+    return sums[None, :] if transposed else sums[:, None]
+
+  def per_n(ref, g):  # group g's [G, N] row as [1, bn] (or the column [bn, 1] when transposed)
+    return ref[g, :][:, None] if transposed else ref[pl.ds(g, 1), :]
 
   def body(i, carry):
     acc, xsum = carry
@@ -144,12 +205,11 @@ def _kernel(x_ref, w_ref, s_ref, *refs, bits: int, step: int, steps: int, groupe
       if magic:  # u = c + 128 = 16 hi + lo: two nibble tiles, both through the exponent trick
         u = (w_ref[pl.ds(k0, step), :].astype(jnp.int32) & 0xFF) ^ 0x80
         lo, hi = _unpack_magic(u ^ 0x88, x.dtype)  # undo _unpack_magic's XOR: plain nibbles
-        part = (16.0 * jnp.dot(x, hi, preferred_element_type=f32)
-                + jnp.dot(x, lo, preferred_element_type=f32))
+        part = 16.0 * mm(x, hi) + mm(x, lo)
       else:
-        part = jnp.dot(x, w_ref[pl.ds(k0, step), :].astype(x.dtype), preferred_element_type=f32)
+        part = mm(x, w_ref[pl.ds(k0, step), :].astype(x.dtype))
       if has_zeros or magic:
-        xs = jnp.sum(x.astype(f32), axis=1, keepdims=True)
+        xs = x_sum(x)
       if magic:  # tiles hold nibble + MAGIC: 17 MAGIC + 128 per unit of sum(x) to remove
         part = part - (17.0 * _MAGIC_BITS[jnp.dtype(x.dtype)][1] + 128.0) * xs
     else:
@@ -162,26 +222,88 @@ def _kernel(x_ref, w_ref, s_ref, *refs, bits: int, step: int, steps: int, groupe
       else:
         lo = ((p << 28) >> 28).astype(x_even.dtype)  # low nibble, sign-extended: row 2j
         hi = ((p << 24) >> 28).astype(x_even.dtype)  # high nibble: row 2j + 1
-      part = (jnp.dot(x_even, lo, preferred_element_type=f32)
-              + jnp.dot(x_odd, hi, preferred_element_type=f32))
+      part = mm(x_even, lo) + mm(x_odd, hi)
       if has_zeros or magic:
-        xs = (jnp.sum(x_even.astype(f32), axis=1, keepdims=True)
-              + jnp.sum(x_odd.astype(f32), axis=1, keepdims=True))
+        xs = x_sum(x_even) + x_sum(x_odd)
       if magic:
         part = part - (8.0 + _MAGIC_BITS[jnp.dtype(x_even.dtype)][1]) * xs
     if grouped:
       if has_zeros:
-        part = part - z_ref[pl.ds(i, 1), :] * xs
-      return acc + part * s_ref[pl.ds(i, 1), :], xsum
+        part = part - per_n(z_ref, i) * xs
+      return acc + part * per_n(s_ref, i), xsum
     return acc + part, (xsum + xs if has_zeros else xsum)
 
-  init = (jnp.zeros((block_m, block_n), f32), jnp.zeros((block_m, 1), f32))
+  acc_shape = (block_n, block_m) if transposed else (block_m, block_n)
+  xsum_shape = (1, block_m) if transposed else (block_m, 1)
+  init = (jnp.zeros(acc_shape, f32), jnp.zeros(xsum_shape, f32))
   acc, xsum = lax.fori_loop(0, steps, body, init)
   if not grouped:
     if has_zeros:
-      acc = acc - z_ref[...] * xsum
-    acc = acc * s_ref[...]
-  o_ref[...] = acc.astype(o_ref.dtype)
+      acc = acc - per_n(z_ref, 0) * xsum
+    acc = acc * per_n(s_ref, 0)
+  o_ref[...] = (acc.T if transposed else acc).astype(o_ref.dtype)
+
+
+def _codes_f32(w_ref, i: int, step: int, bits: int, magic: bool):
+  """Step i's weight codes as float32 tiles: [q] ([step, bn], int8) or [lo, hi] (int4, each
+  [step / 2, bn]: K rows k0, k0 + 2, ... and k0 + 1, k0 + 3, ...). Exact either way."""
+  f32 = jnp.float32
+  if bits == 8:
+    q = w_ref[pl.ds(i * step, step), :]
+    if not magic:
+      return [q.astype(f32)]
+    u = (q.astype(jnp.int32) & 0xFF) ^ 0x80  # c + 128
+    return [_magic_float(u, f32) - (_MAGIC_BITS[jnp.dtype(f32)][1] + 128.0)]
+  half = step // 2
+  p = w_ref[pl.ds(i * half, half), :].astype(jnp.int32)
+  if magic:
+    offset = _MAGIC_BITS[jnp.dtype(f32)][1] + 8.0
+    return [t - offset for t in _unpack_magic(p, f32)]
+  return [((p << 28) >> 28).astype(f32), ((p << 24) >> 28).astype(f32)]
+
+
+def _x_columns(x_ref, row: int, i, step: int, bits: int):
+  """Row ``row`` of x over step i as float32 columns [kk, 1] matching ``_codes_f32``'s tiles."""
+  k0, r = i * step, pl.ds(row, 1)
+  if bits == 8:
+    return [x_ref[r, pl.ds(k0, step)].astype(jnp.float32).T]
+  half = step // 2
+  return [x_ref[r, pl.ds(k0, half, stride=2)].astype(jnp.float32).T,
+          x_ref[r, pl.ds(k0 + 1, half, stride=2)].astype(jnp.float32).T]
+
+
+def _fma_kernel(x_ref, w_ref, s_ref, *refs, bits: int, step: int, steps: int, grouped: bool,
+                has_zeros: bool, magic: bool):
+  """The "fma" kernel: per step the codes become float32 once, then every row m of the M tile
+  accumulates part_m[n] = sum_k x[m, k] w[k, n] with plain FMAs and a reduction over k (no
+  tensor cores, no layout change of the weights). Scales and zero points as in ``_kernel``."""
+  z_ref, o_ref = refs if has_zeros else (None, refs[0])
+  block_m, block_n = x_ref.shape[0], o_ref.shape[-1]
+  f32 = jnp.float32
+
+  def body(i, carry):
+    tiles = _codes_f32(w_ref, i, step, bits, magic)
+    out = []
+    for row, (acc, xsum) in enumerate(carry):
+      cols = _x_columns(x_ref, row, i, step, bits)
+      part = sum(jnp.sum(x * w, axis=0) for x, w in zip(cols, tiles))  # [bn]
+      xs = sum(jnp.sum(x) for x in cols) if has_zeros else None
+      if grouped:
+        if has_zeros:
+          part = part - z_ref[i, :] * xs
+        out.append((acc + part * s_ref[i, :], xsum))
+      else:
+        out.append((acc + part, xsum + xs if has_zeros else xsum))
+    return tuple(out)
+
+  init = tuple((jnp.zeros((block_n,), f32), jnp.zeros((), f32)) for _ in range(block_m))
+  rows = lax.fori_loop(0, steps, body, init)
+  for row, (acc, xsum) in enumerate(rows):
+    if not grouped:
+      if has_zeros:
+        acc = acc - z_ref[0, :] * xsum
+      acc = acc * s_ref[0, :]
+    o_ref[row, :] = acc.astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "config", "interpret"))
@@ -221,17 +343,21 @@ def quantized_matmul_gpu(x_MxK, w_q, scales_GxN, zeros_GxN=None, *, bits: int,
     out_shape = jax.ShapeDtypeStruct((splits, m_pad, n), jnp.float32)
     out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
   magic = cfg.unpack == "magic"
-  if magic and jnp.dtype(x.dtype) not in _MAGIC_BITS:
+  if magic and cfg.kernel != "fma" and jnp.dtype(x.dtype) not in _MAGIC_BITS:
     raise KernelShapeError(f"unpack='magic' needs bf16 or f16 activations, got {x.dtype}")
-  kernel = functools.partial(_kernel, bits=bits, step=step, steps=k_split // step,
-                             grouped=grouped, has_zeros=zeros_GxN is not None, magic=magic)
+  common = dict(bits=bits, step=step, steps=k_split // step, grouped=grouped,
+                has_zeros=zeros_GxN is not None, magic=magic)
+  if cfg.kernel == "fma":
+    kernel = functools.partial(_fma_kernel, **common)
+  else:
+    kernel = functools.partial(_kernel, transposed=cfg.kernel == "dot_t", **common)
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
     compiler_params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
   y = pl.pallas_call(kernel, out_shape=out_shape, grid=(m_pad // bm, n // bn, splits),
                      in_specs=in_specs, out_specs=out_spec, compiler_params=compiler_params,
-                     interpret=interpret, name=f"quantized_matmul_int{bits}")(*args)
+                     interpret=interpret, name=f"quantized_matmul_int{bits}_{cfg.kernel}")(*args)
   if splits > 1:
     y = jnp.sum(y, axis=0).astype(x.dtype)
   return y[:m]

@@ -1,6 +1,7 @@
 """kernels.quantized_matmul: the Triton and Mosaic kernels (interpret mode on CPU) against the
 pure-jnp reference, the dispatcher, the custom VJP and the argument checks."""
 
+import dataclasses
 import functools
 
 import jax
@@ -81,6 +82,76 @@ def test_gpu_kernel_magic_unpack_matches_exact_product(dtype, bits, group, symme
   with pytest.raises(KernelShapeError, match="unpack must be"):
     quantized_matmul(x, q, s, bits=bits, group_size=group, zeros=z, impl="pallas_gpu",
                      interpret=True, config=GpuConfig(block_m=16, block_n=32, unpack="lut"))
+
+
+@pytest.mark.parametrize("unpack", ["shift", "magic"])
+@pytest.mark.parametrize("bits,group,symmetric", FORMATS)
+@pytest.mark.parametrize("m", [1, 3])
+def test_gpu_fma_kernel_matches_exact_product(unpack, bits, group, symmetric, m):
+  # the GEMV kernel: codes -> float32 (a conversion, or 2^23 + u - (2^23 + offset)), one FMA per
+  # weight and row; a wrong magic offset moves every output by a multiple of sum(x), a swapped
+  # row of the M tile or a swapped nibble gives O(1) errors
+  k, n = 256, 64
+  q, s, z, w_hat = _quantize(k, n, bits, group, symmetric, seed=3)
+  x = _x(m, k, seed=m)
+  cfg = GpuConfig(block_m=4 if m == 3 else 1, block_n=32, block_k=64, split_k=2, kernel="fma",
+                  unpack=unpack)
+  y = quantized_matmul(x, q, s, bits=bits, group_size=group, zeros=z, impl="pallas_gpu",
+                       interpret=True, config=cfg)
+  assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+  assert _rel_err(y, x, w_hat) < 8e-3
+
+
+@pytest.mark.parametrize("unpack", ["shift", "magic"])
+@pytest.mark.parametrize("bits,group,symmetric", [(8, None, False), (8, 32, True), (4, 32, False),
+                                                  (4, None, True)])
+@pytest.mark.parametrize("m", [1, 17])
+def test_gpu_transposed_dot_kernel_matches_exact_product(unpack, bits, group, symmetric, m):
+  # "dot_t" accumulates y^T = W^T x^T: the scales and zero points are columns there and the tile
+  # is transposed back before the store; M != block_n catches a missed transpose
+  k, n = 256, 64
+  q, s, z, w_hat = _quantize(k, n, bits, group, symmetric, seed=5)
+  x = _x(m, k, seed=11)
+  cfg = GpuConfig(block_m=16, block_n=32, block_k=64, split_k=2 if m == 1 else 1,
+                  kernel="dot_t", unpack=unpack)
+  y = quantized_matmul(x, q, s, bits=bits, group_size=group, zeros=z, impl="pallas_gpu",
+                       interpret=True, config=cfg)
+  assert y.shape == (m, n)
+  assert _rel_err(y, x, w_hat) < 8e-3
+
+
+def test_kernel_variants_refuse_tilings_they_cannot_run():
+  with pytest.raises(KernelShapeError, match="kernel must be one of"):
+    qgpu.check_shape(1, 256, 64, bits=8, group_size=None, cfg=GpuConfig(kernel="wgmma"))
+  with pytest.raises(KernelShapeError, match="fma kernel takes a power of two <= 8"):
+    qgpu.check_shape(1, 256, 64, bits=8, group_size=None, cfg=GpuConfig(kernel="fma"))
+  with pytest.raises(KernelShapeError, match="M=5 rows do not fit"):
+    qgpu.check_shape(5, 256, 64, bits=8, group_size=None, cfg=GpuConfig(block_m=4, kernel="fma"))
+  with pytest.raises(KernelShapeError, match="block_m=8: the Triton kernel needs powers of two"):
+    qgpu.check_shape(5, 256, 64, bits=8, group_size=None, cfg=GpuConfig(block_m=8, kernel="dot_t"))
+  fma = qgpu.default_config(3, 4096, 4096, bits=4, group_size=128, kernel="fma")
+  assert fma.kernel == "fma" and fma.block_m == 4 and fma.split_k > 1
+  qgpu.check_shape(3, 4096, 4096, bits=4, group_size=128, cfg=fma)
+  assert qgpu.default_config(1, 4096, 4096, bits=8, group_size=None).kernel == "dot"
+
+
+@pytest.mark.parametrize("kernel", ["dot", "dot_t", "fma"])
+def test_every_kernel_lowers_to_triton_for_cuda(kernel):
+  # Pallas -> Triton IR for CUDA, built on this CPU (compiling the IR to GPU code needs a GPU):
+  # catches an op the Triton lowering does not support before device time is spent
+  k, n = 4096, 14336
+  for bits, group in ((8, None), (4, 128)):
+    cfg = qgpu.default_config(1, k, n, bits=bits, group_size=group, kernel=kernel)
+    for unpack in ("shift", "magic"):
+      c = dataclasses.replace(cfg, unpack=unpack)
+      args = (jax.ShapeDtypeStruct((1, k), jnp.bfloat16),
+              jax.ShapeDtypeStruct((k // 2, n) if bits == 4 else (k, n),
+                                   jnp.uint8 if bits == 4 else jnp.int8),
+              jax.ShapeDtypeStruct((1 if group is None else k // group, n), jnp.float32))
+      text = jax.jit(functools.partial(qgpu.quantized_matmul_gpu, bits=bits, group_size=group,
+                                       config=c)).trace(*args).lower(
+                                           lowering_platforms=("cuda",)).as_text()
+      assert "__gpu$xla.gpu.triton" in text and f"quantized_matmul_int{bits}_{kernel}" in text
 
 
 def test_float16_activations_and_default_tiling():

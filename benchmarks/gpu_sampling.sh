@@ -2,12 +2,14 @@
 # One device call for issue 8 (sampling half): environment, then benchmarks/sampling.py (check of
 # the compiled kernel against the exact distribution and the reference, the copy bandwidth, the
 # table of sort / bisection / Pallas sampling vs reading the logits once, a short settings sweep).
-# Finishes in under 4 minutes on one H100 (SAMPLING_LIMIT bounds the script, SAMPLING_TIMEOUT kills
+# Finishes in under 6 minutes on one H100 (SAMPLING_LIMIT bounds the script, SAMPLING_TIMEOUT kills
 # it); results land in $OUT (the device tool fetches them).
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
-timeout "${SAMPLING_TIMEOUT:-235}" python3 benchmarks/sampling.py --sweep --sweep-seconds 50 \
-  --time-limit "${SAMPLING_LIMIT:-205}" --repeats 5 --out "$OUT/sampling.json" "$@" 2>&1 \
+# the check compiles and checks the row kernel and the split path, each with and without fast_math
+timeout "${SAMPLING_TIMEOUT:-360}" python3 benchmarks/sampling.py --sweep --sweep-seconds 70 \
+  --check-configs ${CHECK_CONFIGS:-row split row_fast split_fast} \
+  --time-limit "${SAMPLING_LIMIT:-330}" --repeats 5 --out "$OUT/sampling.json" "$@" 2>&1 \
   | tee "$OUT/sampling.log"

@@ -7,7 +7,8 @@ sampler (``generate.sample_token``) vs the Pallas (Triton) rejection sampler
 
 Phases:
 
-1. check (compiled kernel, before any timing): frequencies of N draws from N identical rows
+1. check (compiled kernel, before any timing; for each ``--check-configs`` setting: the row
+   kernel, the split path, each with and without fast_math): frequencies of N draws from N identical rows
    (V = 1000) against the exact truncated distribution (float64), by a chi-squared statistic with
    a 1e-5 threshold, for every mode; then at full size (B = 64, V = 151936, float32 and bf16)
    every token in ``process_logits``'s kept set, model log-prob = log_softmax(logits)[token], the
@@ -20,8 +21,9 @@ Phases:
    ``bits_per_pass=4``: 8 passes, each testing 15 thresholds; same tokens), pallas
    (``kernels.sampling.sample(impl="pallas")``: the one-program-per-row kernel; before
    2026-11-26's change to no rounds cap this included the XLA fallback's ``lax.cond``), split
-   (the same with ``GpuConfig(split=True)``: each row over several programs, the same tokens) and
-   kernel (``sample_gpu`` alone), and the ratio pallas / read. Logits are ``--logit-scale`` x N(0, 1) per row (scale 4 over 152k tokens:
+   (the same with ``GpuConfig(split=True)``: each row over several programs, the same tokens),
+   fast and split_fast (the two with ``fast_math=True``: PTX approximate exp / log for the
+   per-element work) and kernel (``sample_gpu`` alone), and the ratio pallas / read. Logits are ``--logit-scale`` x N(0, 1) per row (scale 4 over 152k tokens:
    top-1 probability ~0.12, top-p 0.9 keeps ~750 tokens, top-50 holds ~65% of the mass).
 4. ``--sweep``: kernel settings at (64, 151936), top-p: the row kernel at block 1024 / 16 warps
    and the default, then the split path over ``--sweep-programs`` x ``--sweep-blocks`` x
@@ -32,8 +34,11 @@ Timing (as ``benchmarks/quantized_matmul.py``): each executable samples R distin
 so that a call lasts about 3 ms); each iteration changes one entry of every buffer in place
 (0 x the running sum of the outputs, so XLA can hoist nothing out of the loop; the buffers are
 donated, so nothing is copied) and folds the iteration into the key. Time per sample = median over
-``--repeats`` calls / (R L). Prints each row as it goes; writes JSON (``benchmarks.common.Results``,
-with ``environment()``) after each.
+``--repeats`` calls / (R L). That loop costs a few launches per call of its own: the ``loop``
+column times it with a body that reads one column of the logits, and the ``*_net_us`` columns
+subtract it (``*_net_over_copy``: net time over the copy floor ``copy_bound_us``, the issue's
+"time to read the logits once"). Prints each row as it goes; writes JSON
+(``benchmarks.common.Results``, with ``environment()``) after each.
 """
 
 from __future__ import annotations
@@ -64,6 +69,11 @@ VOCABS = (32000, 49152, 128256, 151936)
 MODES = {"top_p": dict(top_p=0.9), "top_k": dict(top_k=50), "min_p": dict(min_p=0.05)}
 CHECK_MODES = dict(MODES, top_p_min_p_t08=dict(temperature=0.8, top_p=0.9, min_p=0.05),
                    plain_t12=dict(temperature=1.2))
+# kernel settings the check runs (the split path with small chunks, so that the V = 1000 rows are
+# split too) and fast_math (PTX approximate exp / log)
+CHECK_CONFIGS = {"row": GpuConfig(), "split": GpuConfig(split=True, block=256, chunk=256),
+                 "row_fast": GpuConfig(fast_math=True),
+                 "split_fast": GpuConfig(split=True, block=256, chunk=256, fast_math=True)}
 L2_BYTES = 50 * 2**20
 TARGET_S = 3e-3
 INTERPRET = False  # --interpret: kernels in interpret mode (CPU smoke test)
@@ -109,33 +119,45 @@ def _error(e: Exception) -> str:
   return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
-def run_check(results, *, modes, draws, check_vocab, full_b, full_v, scale):
-  """Compiled kernel vs the exact distribution and the reference (see the module docstring);
-  the support check runs every mode on float32 logits and the first on bf16 too."""
+def run_check(results, *, modes, draws, check_vocab, full_b, full_v, scale, configs=("row",)):
+  """Compiled kernel vs the exact distribution and the reference (see the module docstring), for
+  each of ``configs`` (names in CHECK_CONFIGS); the support check runs every mode on float32
+  logits and the first on bf16 too."""
+  ok = True
+  for config in configs:
+    ok &= _check_config(results, config, modes=modes, draws=draws, check_vocab=check_vocab,
+                        full_b=full_b, full_v=full_v, scale=scale)
+  results.update(check_passed=bool(ok))
+  return ok
+
+
+def _check_config(results, config, *, modes, draws, check_vocab, full_b, full_v, scale):
+  cfg = CHECK_CONFIGS[config]
   ok = True
   row_x = make_logits(1, check_vocab, jnp.float32, 123, 3.0)
   xs = jnp.tile(row_x, (draws, 1))
   modes = {m: CHECK_MODES[m] for m in modes}
   for name, settings in modes.items():
     seeds = jax.random.bits(jax.random.key(7), (draws,), jnp.uint32)
-    token, _, rounds = sample_gpu(xs, seeds, interpret=INTERPRET, **settings)
+    token, _, rounds = sample_gpu(xs, seeds, interpret=INTERPRET, config=cfg, **settings)
     token = np.asarray(token)
     counts = np.bincount(token[token >= 0], minlength=check_vocab)
     stat, threshold = chi2_stat(counts, exact_probs(np.asarray(row_x[0]), **settings))
     passed = bool(stat < threshold)
     ok &= passed
-    row = dict(kind="frequency", mode=name, vocab=check_vocab, draws=draws, chi2=stat,
+    row = dict(kind="frequency", config=config, mode=name, vocab=check_vocab, draws=draws, chi2=stat,
                threshold=threshold, passed=passed, fallback_rows=int(np.sum(token < 0)),
                mean_rounds=float(np.mean(np.asarray(rounds))))
     results.append("check", row)
-    common.log(f"check frequency {name:16s} chi2 {stat:8.1f} < {threshold:6.1f}: {passed}  "
+    common.log(f"check {config:10s} frequency {name:16s} chi2 {stat:8.1f} < {threshold:6.1f}: "
+               f"{passed}  "
                f"rounds {row['mean_rounds']:.2f}, fallback rows {row['fallback_rows']}")
   first = next(iter(modes))
   for dtype, name in [(jnp.float32, m) for m in modes] + [(jnp.bfloat16, first)]:
     settings = modes[name]
     x = make_logits(full_b, full_v, dtype, 321, scale)
     seeds = jax.random.bits(jax.random.key(8), (full_b,), jnp.uint32)
-    token, logp, rounds = sample_gpu(x, seeds, interpret=INTERPRET, **settings)
+    token, logp, rounds = sample_gpu(x, seeds, interpret=INTERPRET, config=cfg, **settings)
     token = np.asarray(token)
     fallback = int(np.sum(token < 0))
     if fallback:  # those rows would be drawn again by the XLA reference: check the others
@@ -147,16 +169,16 @@ def run_check(results, *, modes, draws, check_vocab, full_b, full_v, scale):
     err = float(np.max(np.abs(np.asarray(logp) - ref), initial=0.0))
     passed = in_set and err < 1e-4
     ok &= passed
-    row = dict(kind="support", mode=name, dtype=jnp.dtype(dtype).name, batch=full_b,
+    row = dict(kind="support", config=config, mode=name, dtype=jnp.dtype(dtype).name, batch=full_b,
                vocab=full_v, in_kept_set=in_set, logp_max_err=err, passed=passed,
                kernel_fallback_rows=fallback,
                mean_rounds=float(np.mean(np.asarray(rounds))),
                max_rounds=int(np.max(np.asarray(rounds))))
     results.append("check", row)
-    common.log(f"check support {jnp.dtype(dtype).name:8s} {name:16s} in kept set {in_set}, "
+    common.log(f"check {config:10s} support {jnp.dtype(dtype).name:8s} {name:16s} in kept set "
+               f"{in_set}, "
                f"logp err {err:.1e}, rounds {row['mean_rounds']:.2f} (max {row['max_rounds']})"
                f", fallback rows {row['kernel_fallback_rows']}")
-  results.update(check_passed=bool(ok))
   return ok
 
 
@@ -223,7 +245,9 @@ def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget,
               reserve_s):
   common.log(f"{'mode':6s} {'B':>4s} {'V':>7s} | {'read us':>8s} {'sort us':>9s} {'bisect us':>9s} "
              f"{'radix us':>9s} {'pallas us':>9s} {'split us':>9s} {'kernel us':>9s} | "
-             f"{'pal/read':>8s} {'sort/pal':>8s} {'spl/read':>8s} {'sort/spl':>8s} {'rounds':>6s}")
+             f"{'pal/read':>8s} {'sort/pal':>8s} {'spl/read':>8s} {'sort/spl':>8s} {'rounds':>6s} | "
+             f"{'loop us':>7s} {'pal/copy':>8s} {'spl/copy':>8s} | {'fast us':>9s} "
+             f"{'splfst us':>9s} {'sf/copy':>8s}")
   for mode, b, v in table_points(modes, batches, vocabs):
     if budget.over(reserve_s):
       common.log("time limit reached: table stops here")
@@ -242,6 +266,9 @@ def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget,
     except Exception as e:  # noqa: BLE001 - the kernel fails: the XLA samplers are still timed
       row["mean_rounds"], row["kernel_error"] = None, _error(e)
     variants = {
+        # the timing loop's own cost per call (the in-place update of the buffer, the sum of the
+        # output, the loop step) with a body that reads one column: subtracted for the net columns
+        "loop": lambda k, x: (x[:, 0],),
         "read": lambda k, x: (jnp.max(x, axis=-1),),
         "sort": lambda k, x: sort_sample(k, x, **settings),
         "bisect": lambda k, x: sample_token(k, x, temperature=1.0, top_k=settings.get("top_k"),
@@ -253,11 +280,16 @@ def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget,
         "pallas": lambda k, x: sample(k, x, impl="pallas", interpret=INTERPRET, **settings),
         "split": lambda k, x: sample(k, x, impl="pallas", interpret=INTERPRET,
                                      config=GpuConfig(split=True), **settings),
+        "fast": lambda k, x: sample(k, x, impl="pallas", interpret=INTERPRET,
+                                    config=GpuConfig(fast_math=True), **settings),
+        "split_fast": lambda k, x: sample(k, x, impl="pallas", interpret=INTERPRET,
+                                          config=GpuConfig(split=True, fast_math=True),
+                                          **settings),
         "kernel": lambda k, x: sample_gpu(
             x, jax.random.bits(k, (b,), jnp.uint32), interpret=INTERPRET, **settings)[:2],
     }
     for name, fn in variants.items():
-      if name in ("pallas", "split", "kernel") and "kernel_error" in row:
+      if name in ("pallas", "split", "fast", "split_fast", "kernel") and "kernel_error" in row:
         row[f"{name}_error"] = "skipped: the kernel failed on this shape"
         continue
       try:
@@ -266,6 +298,11 @@ def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget,
       except Exception as e:  # noqa: BLE001 - report and continue
         row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         bufs = [make_logits(b, v, dtype, 1000 + i, scale) for i in range(r)]
+    if "loop_us" in row:  # net of the loop's own cost, and over the copy floor
+      for name in ("read", "sort", "pallas", "split", "fast", "split_fast", "kernel"):
+        if f"{name}_us" in row:
+          row[f"{name}_net_us"] = row[f"{name}_us"] - row["loop_us"]
+          row[f"{name}_net_over_copy"] = row[f"{name}_net_us"] / row["copy_bound_us"]
     if "pallas_us" in row and "read_us" in row:
       row["pallas_over_read"] = row["pallas_us"] / row["read_us"]
     if "pallas_us" in row and "sort_us" in row:
@@ -283,7 +320,10 @@ def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget,
                f"{fmt('bisect_us')} {fmt('radix_us')} {fmt('pallas_us')} {fmt('split_us')} "
                f"{fmt('kernel_us')} | {fmt('pallas_over_read', 8, '.2f')} "
                f"{fmt('sort_over_pallas', 8, '.1f')} {fmt('split_over_read', 8, '.2f')} "
-               f"{fmt('sort_over_split', 8, '.1f')} {fmt('mean_rounds', 6, '.2f')}")
+               f"{fmt('sort_over_split', 8, '.1f')} {fmt('mean_rounds', 6, '.2f')} | "
+               f"{fmt('loop_us', 7)} {fmt('pallas_net_over_copy', 8, '.1f')} "
+               f"{fmt('split_net_over_copy', 8, '.1f')} | {fmt('fast_us')} {fmt('split_fast_us')} "
+               f"{fmt('split_fast_net_over_copy', 8, '.1f')}")
 
 
 def sweep_configs(blocks, warps_list, programs_list):
@@ -292,7 +332,8 @@ def sweep_configs(blocks, warps_list, programs_list):
   out = [GpuConfig(block=1024, num_warps=16), GpuConfig()]
   out += [GpuConfig(split=True, programs=n, block=block, num_warps=warps)
           for n in programs_list for block in blocks for warps in warps_list]
-  return out
+  # each again with fast_math (PTX approximate exp / log), interleaved so a cut sweep has pairs
+  return [c for cfg in out for c in (cfg, dataclasses.replace(cfg, fast_math=True))]
 
 
 def run_sweep(results, *, b, v, dtype, scale, repeats, budget, configs):
@@ -316,7 +357,8 @@ def run_sweep(results, *, b, v, dtype, scale, repeats, budget, configs):
                                  chunks=n_chunks if cfg.split else 1, us=us,
                                  default=cfg == GpuConfig()))
     common.log(f"sweep B={b} V={v} split={cfg.split!s:5} programs {cfg.programs:4d} chunks "
-               f"{n_chunks if cfg.split else 1:3d} block {cfg.block:5d} warps {cfg.num_warps:2d}: "
+               f"{n_chunks if cfg.split else 1:3d} block {cfg.block:5d} warps {cfg.num_warps:2d} "
+               f"fast_math {cfg.fast_math!s:5}: "
                f"{us if isinstance(us, str) else f'{us:.1f} us'}")
 
 
@@ -334,6 +376,8 @@ def main(argv=None):
   p.add_argument("--check-draws", type=int, default=16384)
   p.add_argument("--check-modes", nargs="+", default=list(CHECK_MODES),
                  choices=list(CHECK_MODES))
+  p.add_argument("--check-configs", nargs="+", default=["row"], choices=list(CHECK_CONFIGS),
+                 help="kernel settings the check runs (CHECK_CONFIGS)")
   p.add_argument("--sweep", action="store_true")
   p.add_argument("--sweep-seconds", type=float, default=40, help="time kept for the sweep")
   p.add_argument("--sweep-blocks", type=int, nargs="+", default=[1024, 2048])
@@ -359,7 +403,8 @@ def main(argv=None):
     try:
       ok = run_check(results, modes=args.check_modes, draws=args.check_draws,
                      check_vocab=37 if small else 1000, full_b=2 if small else 64,
-                     full_v=max(args.vocab) if small else 151936, scale=args.logit_scale)
+                     full_v=max(args.vocab) if small else 151936, scale=args.logit_scale,
+                     configs=args.check_configs)
     except Exception as e:  # noqa: BLE001 - e.g. the kernel does not compile: time XLA anyway
       ok = False
       results.update(check_passed=False, check_error=_error(e))

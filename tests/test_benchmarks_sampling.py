@@ -18,6 +18,7 @@ def test_sampling_benchmark_interpret(tmp_path):
   proc = subprocess.run(
       [sys.executable, "benchmarks/sampling.py", "--interpret", "--batch", "2", "--vocab", "3000",
        "--modes", "top_p", "--check-modes", "top_p", "--check-draws", "512", "--repeats", "1",
+       "--check-configs", "row", "split_fast",
        "--sweep", "--sweep-blocks", "512", "--sweep-warps", "4", "--sweep-programs", "8",
        "--out", str(out)],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -25,19 +26,25 @@ def test_sampling_benchmark_interpret(tmp_path):
   doc = json.loads(out.read_text())
   assert doc["status"] == "complete" and doc["check_passed"] is True
   assert doc["versions"]["jax"] and doc["copy_bw_Bps"] > 0
-  kinds = [(c["kind"], c.get("dtype")) for c in doc["check"]]
-  assert kinds == [("frequency", None), ("support", "float32"), ("support", "bfloat16")]
+  kinds = [(c["config"], c["kind"], c.get("dtype")) for c in doc["check"]]
+  assert kinds == [(config, kind, dtype) for config in ("row", "split_fast") for kind, dtype in
+                   (("frequency", None), ("support", "float32"), ("support", "bfloat16"))]
   (row,) = doc["table"]
   assert (row["mode"], row["batch"], row["vocab"], row["top_p"]) == ("top_p", 2, 3000, 0.9)
-  for name in ("read", "sort", "bisect", "radix", "pallas", "split", "kernel"):
+  for name in ("loop", "read", "sort", "bisect", "radix", "pallas", "split", "fast", "split_fast",
+               "kernel"):
     assert row[f"{name}_us"] > 0, row
   assert row["pallas_over_read"] == row["pallas_us"] / row["read_us"]
+  # net of the timing loop's own cost, over the copy floor
+  assert row["split_net_us"] == row["split_us"] - row["loop_us"]
+  assert row["split_net_over_copy"] == row["split_net_us"] / row["copy_bound_us"]
   assert row["split_over_read"] == row["split_us"] / row["read_us"]
   assert row["mean_rounds"] >= 1
-  row_fast, default, split = doc["sweep"]
+  row_fast, _, default, _, split, split_fm = doc["sweep"]  # each setting, then with fast_math
   assert (row_fast["config"]["block"], row_fast["config"]["num_warps"]) == (1024, 16)
   assert default["default"] and not default["config"]["split"] and default["chunks"] == 1
   assert split["config"]["split"] and split["config"]["block"] == 512 and split["chunks"] == 3
+  assert split_fm["config"] == dict(split["config"], fast_math=True)
   assert all(s["us"] > 0 for s in doc["sweep"])
 
 

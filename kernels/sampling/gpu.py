@@ -52,6 +52,14 @@ token more than ~25 nats below the round's most probable candidate (relative pro
 < 1.4e-11) is never drawn; ``jax.random.categorical``'s float32 Gumbel variables, in
 [-4.47, 16.6], cut at ~21 nats.
 
+Arithmetic per vocabulary entry: the hash (two fmix32, ~18 integer operations), the two logs of
+the noise and one exp for the running sum-exp (and one exp per entry of a check pass). libdevice's
+accurate ``logf`` / ``log1pf`` / ``expf`` cost tens of instructions each, so at B = 64 the passes
+are bound by this arithmetic rather than by memory (an estimate from instruction counts, not a
+profile). ``GpuConfig(fast_math=True)`` replaces them by PTX's approximate special-function
+instructions (one ``lg2.approx`` per log, ``ex2.approx`` per exp) and log1p by a short series
+below w = 1/16 (``gumbel``, ``_exponential``): the noise moves by < 1e-5. Not yet timed.
+
 Not computed: the normaliser of the truncated distribution (it needs the exact top-k / top-p
 threshold), hence not the sampling log-prob; callers that need it use the XLA path. top-k together
 with top-p is not run here (the top-p mass is renormalised over the top-k set, whose total needs
@@ -91,6 +99,13 @@ class GpuConfig:
       accepted within as many rounds as it has distinct logits (about 1 + ln(1 / p(kept)) on
       average), and no data-dependent branch (a host synchronisation on GPU) is needed.
     num_warps, num_stages: Triton's warps per program and software-pipelining depth.
+    fast_math: the per-element exp and logs through PTX's approximate special-function
+      instructions (``ex2.approx``, ``lg2.approx``: one instruction each, relative error ~2^-22)
+      and ``-log1p(-w)`` by a series below w = 1/16, instead of libdevice's accurate ``expf`` /
+      ``logf`` / ``log1pf`` (tens of instructions each). The Gumbel noise moves by < 1e-5 (see
+      ``gumbel``), so the sampled distribution is the same up to float rounding, but the
+      tokens drawn for a seed may differ from the exact path's. Interpret mode computes the same
+      formulas with ``jnp.exp2`` / ``jnp.log2``. Not yet timed on a GPU (default False).
   """
   block: int = 2048
   split: bool = False
@@ -100,6 +115,7 @@ class GpuConfig:
   max_rounds: int | None = None
   num_warps: int = 8
   num_stages: int = 2
+  fast_math: bool = False
 
 
 class KernelShapeError(ValueError):
@@ -153,24 +169,69 @@ def round_key(seed_u32, r_i32):
   return fmix32(seed_u32 ^ fmix32(r_i32.astype(jnp.uint32) * _u32(0x9E3779B9) + _u32(0x7F4A7C15)))
 
 
-def gumbel(key_u32, index_i32):
+# How the per-element transcendentals are computed (``GpuConfig.fast_math``): "exact" = jnp's
+# exp / log / log1p (libdevice's accurate expf / logf / log1pf on a GPU); "fast" = the formulas
+# below with jnp.exp2 / jnp.log2 (interpret mode); "ptx" = the same formulas with PTX's
+# ex2.approx / lg2.approx (one special-function instruction each; compiled kernels only).
+MATH_MODES = ("exact", "fast", "ptx")
+_LOG2E, _LN2 = np.float32(1.4426950408889634), np.float32(0.6931471805599453)
+
+
+def _ptx_approx(op: str, x):
+  """One PTX special-function instruction per element: ``ex2`` (2^x) or ``lg2`` (log2 x), float32,
+  flush-to-zero, maximum relative error about 2^-22 (the PTX ISA's figures)."""
+  [y] = plgpu.elementwise_inline_asm(f"{op}.approx.ftz.f32 $0, $1;", args=[x],
+                                     constraints="=f,f", pack=1,
+                                     result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
+  return y
+
+
+def _exp(x, math: str = "exact"):
+  """e^x: jnp.exp, or 2^(x log2 e) for the fast modes."""
+  if math == "exact":
+    return jnp.exp(x)
+  x2 = x * _LOG2E
+  return _ptx_approx("ex2", x2) if math == "ptx" else jnp.exp2(x2)
+
+
+def _log(x, math: str = "exact"):
+  """ln x: jnp.log, or ln 2 log2(x) for the fast modes."""
+  if math == "exact":
+    return jnp.log(x)
+  return _LN2 * (_ptx_approx("lg2", x) if math == "ptx" else jnp.log2(x))
+
+
+def _exponential(w, math: str = "exact"):
+  """E = -log(1 - w) ~ Exp(1) for w uniform on (0, 1), accurate where w is small (where the largest
+  Gumbel variables -log E come from): jnp.log1p, or for the fast modes the series
+  w + w^2/2 + ... + w^6/6 below w = 1/16 (truncation < 1e-8 relative) and -log(1 - w) above (1 - w
+  rounds by <= 2^-25, < 6e-7 relative in E there)."""
+  if math == "exact":
+    return -jnp.log1p(-w)
+  series = w * (1 + w * (np.float32(1 / 2) + w * (np.float32(1 / 3) + w * (
+      np.float32(1 / 4) + w * (np.float32(1 / 5) + w * np.float32(1 / 6))))))
+  return jnp.where(w < np.float32(1 / 16), series, -_log(1 - w, math))
+
+
+def gumbel(key_u32, index_i32, math: str = "exact"):
   """Gumbel(0, 1) variables -log(-log(1 - w)) for vocabulary indices ``index`` under ``key``.
 
   h = fmix32(fmix32(index + key) ^ key); w = (h >> 1) 2^-31 + 2^-32, uniform on (0, 1) and fine
   near 0 (float32 keeps 24 significant bits), clamped to 1 - 2^-24; -log(1 - w) is computed as
   -log1p(-w), accurate for small w, where the largest Gumbel values come from. The variables lie
-  in [-2.81, 22.2].
+  in [-2.81, 22.2]. ``math`` "fast" / "ptx" (``GpuConfig.fast_math``) computes both logs as in
+  ``_exponential`` and ``_log``: the variables move by < 1e-5 (tested against "exact").
   """
   h = fmix32(fmix32(index_i32.astype(jnp.uint32) + key_u32) ^ key_u32)
   w = (h >> _u32(1)).astype(jnp.int32).astype(jnp.float32) * np.float32(2.0**-31)
   w = jnp.minimum(w + np.float32(2.0**-32), np.float32(1.0 - 2.0**-24))
-  return -jnp.log(-jnp.log1p(-w))
+  return -_log(_exponential(w, math), math)
 
 
-def _lane_softmax_update(m, s, v):
+def _lane_softmax_update(m, s, v, math: str = "exact"):
   """Per-lane running (max, sum exp(v - max)) after one more element v per lane: one exp per
   element, no reduction. -inf elements add nothing (and make no NaN)."""
-  e = jnp.exp(-jnp.abs(v - m))
+  e = _exp(-jnp.abs(v - m), math)
   s = jnp.where(v > m, s * e + 1.0, jnp.where(v == -jnp.inf, s, s + e))
   return jnp.maximum(m, v), s
 
@@ -210,7 +271,7 @@ def _gumbel_max_reduce(best, idx, bz, bx, vocab: int):
 
 def _row_kernel(x_ref, seed_ref, pivot_ref, round_ref, active_ref, tok_ref, logp_ref, rounds_ref, *,
                 vocab: int, block: int, temperature: float, top_k: int | None, top_p: float | None,
-                log_min_p: float | None, max_rounds: int | None):
+                log_min_p: float | None, max_rounds: int | None, math: str):
   """One row: statistics, rejection rounds from round ``round_ref`` and pivot ``pivot_ref`` on,
   outputs. Every pass keeps per-lane accumulators of shape [block] and reduces them once at its end
   (no reduction per block). A row with ``active_ref`` 0 reads nothing (token -1)."""
@@ -228,10 +289,10 @@ def _row_kernel(x_ref, seed_ref, pivot_ref, round_ref, active_ref, tok_ref, logp
     return (full(-jnp.inf), full(0.0)) * (2 if scaled else 1)
 
   def stats_update(c, x, z):
-    m, s = _lane_softmax_update(c[0], c[1], z)
+    m, s = _lane_softmax_update(c[0], c[1], z, math)
     if not scaled:
       return m, s
-    return (m, s) + _lane_softmax_update(c[2], c[3], x)
+    return (m, s) + _lane_softmax_update(c[2], c[3], x, math)
 
   def stats_reduce(c):
     """(m, S) of z and (m1, S1) of the logits at temperature 1."""
@@ -253,7 +314,7 @@ def _row_kernel(x_ref, seed_ref, pivot_ref, round_ref, active_ref, tok_ref, logp
       cand = z > pivot
       if floor is not None:
         cand = cand & (z - floor[0] >= floor[1])
-      score = jnp.where(cand, z + gumbel(key, offs), ninf)
+      score = jnp.where(cand, z + gumbel(key, offs, math), ninf)
       out = _gumbel_max_update(c[:4], score, offs, z, x)
       if with_stats:
         out += stats_update(c[4:], x, z)
@@ -274,7 +335,7 @@ def _row_kernel(x_ref, seed_ref, pivot_ref, round_ref, active_ref, tok_ref, logp
       above = z > ztok
       count = count + above.astype(i32) if top_k is not None else count
       if top_p is not None:
-        mass = mass + jnp.where(above, jnp.exp(z - m), f32(0.0))
+        mass = mass + jnp.where(above, _exp(z - m, math), f32(0.0))
       return count, mass
     count, mass = lax.fori_loop(0, nblocks, body, (full(0, i32), full(0.0)))
     ok = jnp.bool_(True)
@@ -332,7 +393,8 @@ _NO_CAP = 2**30  # max_rounds=None: rounds until accepted (at most the row's dis
 
 def _chunk_kernel(x_ref, seed_ref, active_ref, pivot_ref, m_ref, *out_refs, vocab: int, block: int,
                   chunk: int, temperature: float, top_k: int | None, top_p: float | None,
-                  log_min_p: float | None, rnd: int, stats: bool, sample: bool, check: bool):
+                  log_min_p: float | None, math: str, rnd: int, stats: bool, sample: bool,
+                  check: bool):
   """One (row, chunk) program of the split path: over v in [c chunk, (c + 1) chunk) it computes
   any of (per-lane accumulators, one reduction at the end; an inactive row reads nothing and
   writes the identities):
@@ -355,14 +417,14 @@ def _chunk_kernel(x_ref, seed_ref, active_ref, pivot_ref, m_ref, *out_refs, voca
                              temperature=temperature)
     c = dict(c)
     if stats:
-      c["m"], c["s"] = _lane_softmax_update(c["m"], c["s"], z)
+      c["m"], c["s"] = _lane_softmax_update(c["m"], c["s"], z, math)
       if scaled:
-        c["m1"], c["s1"] = _lane_softmax_update(c["m1"], c["s1"], x)
+        c["m1"], c["s1"] = _lane_softmax_update(c["m1"], c["s1"], x, math)
     if sample:
       cand = z > pivot
       if log_min_p is not None:
         cand = cand & (z - m >= f32(log_min_p))
-      score = jnp.where(cand, z + gumbel(key, offs), ninf)
+      score = jnp.where(cand, z + gumbel(key, offs, math), ninf)
       c["best"], c["idx"], c["bz"], c["bx"] = _gumbel_max_update(
           (c["best"], c["idx"], c["bz"], c["bx"]), score, offs, z, x)
     if check:
@@ -370,7 +432,7 @@ def _chunk_kernel(x_ref, seed_ref, active_ref, pivot_ref, m_ref, *out_refs, voca
       if top_k is not None:
         c["count"] = c["count"] + above.astype(i32)
       if top_p is not None:
-        c["mass"] = c["mass"] + jnp.where(above, jnp.exp(z - m), f32(0.0))
+        c["mass"] = c["mass"] + jnp.where(above, _exp(z - m, math), f32(0.0))
     return c
 
   init = {}
@@ -544,7 +606,8 @@ def sample_gpu(logits_BxV, seeds_B, *, temperature: float = 1.0, top_k: int | No
     raise KernelShapeError("top_k together with top_p is not a kernel case (the top-p mass is "
                            "renormalised over the top-k set): use impl='xla'")
   settings = dict(temperature=float(temperature), top_k=top_k, top_p=top_p,
-                  log_min_p=None if min_p is None else float(np.log(np.float32(min_p))))
+                  log_min_p=None if min_p is None else float(np.log(np.float32(min_p))),
+                  math="exact" if not cfg.fast_math else "fast" if interpret else "ptx")
   seeds_B = seeds_B.astype(jnp.uint32)
   chunk, n_chunks = chunks_per_row(b, v, cfg)
   if cfg.split and n_chunks > 1:

@@ -76,21 +76,21 @@ def assert_matches(counts, probs):
   assert stat < chi2_threshold(df), (stat, chi2_threshold(df), counts, probs * counts.sum())
 
 
-def kernel_draws(x_BxV, block, seed=1, **settings):
+def kernel_draws(x_BxV, block, seed=1, fast_math=False, **settings):
   """The kernel alone (no fallback): tokens, model log-probs; every row must be accepted."""
   seeds = jax.random.bits(jax.random.key(seed), x_BxV.shape[:1], jnp.uint32)
-  token, logp, _ = sample_gpu(x_BxV, seeds, config=GpuConfig(block=block), interpret=True,
-                              **settings)
+  token, logp, _ = sample_gpu(x_BxV, seeds, config=GpuConfig(block=block, fast_math=fast_math),
+                              interpret=True, **settings)
   token = np.asarray(token)
   assert np.all(token >= 0)
   return token, np.asarray(logp)
 
 
 @functools.lru_cache(maxsize=None)
-def draws(name):
+def draws(name, fast_math=False):
   """Counts of N kernel draws from ROW37 under SETTINGS[name] (cached: reused by two tests)."""
   x = jnp.tile(jnp.asarray(ROW37, jnp.float32), (N, 1))
-  token, logp = kernel_draws(x, 16, **SETTINGS[name])
+  token, logp = kernel_draws(x, 16, fast_math=fast_math, **SETTINGS[name])
   np.testing.assert_allclose(np.asarray(logp), np.asarray(jax.nn.log_softmax(x[0]))[token],
                              rtol=1e-5, atol=1e-5)
   return np.bincount(token, minlength=ROW37.size)
@@ -99,6 +99,61 @@ def draws(name):
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_kernel_samples_the_exact_truncated_distribution(name):
   assert_matches(draws(name), exact_probs(ROW37, **SETTINGS[name]))
+
+
+@pytest.mark.parametrize("name", ["top_p", "top_k", "top_p_min_p"])
+def test_fast_math_samples_the_same_distribution(name):
+  # GpuConfig(fast_math=True): the series / log2 / exp2 formulas of the PTX path (interpret mode
+  # has no PTX, so jnp.exp2 / jnp.log2 stand in for ex2.approx / lg2.approx)
+  assert_matches(draws(name, fast_math=True), exact_probs(ROW37, **SETTINGS[name]))
+
+
+def _kernel_primitives(fn, *args):
+  """Names of the primitives inside the pallas_call kernels of ``fn(*args)``."""
+  names = []
+
+  def walk(jaxpr, inside):
+    for eqn in jaxpr.eqns:
+      if inside:
+        names.append(eqn.primitive.name)
+      for p in eqn.params.values():
+        for j in (p if isinstance(p, (tuple, list)) else (p,)):
+          if hasattr(j, "jaxpr") or hasattr(j, "eqns"):
+            walk(getattr(j, "jaxpr", j), inside or eqn.primitive.name == "pallas_call")
+  walk(jax.make_jaxpr(fn)(*args).jaxpr, False)
+  return names
+
+
+def test_fast_math_reaches_the_kernels_and_draws_the_same_tokens():
+  x = jnp.tile(jnp.asarray(ROW37, jnp.float32), (512, 1))
+  seeds = jax.random.bits(jax.random.key(9), (512,), jnp.uint32)
+  for split in (False, True):
+    run = lambda fast, split=split: functools.partial(sample_gpu, top_p=0.8, interpret=True,
+                                                      config=GpuConfig(block=16, chunk=16,
+                                                                       split=split,
+                                                                       fast_math=fast))
+    exact, fast = (_kernel_primitives(run(f), x, seeds) for f in (False, True))
+    assert "log1p" in exact and "exp2" not in exact
+    assert "log1p" not in fast and "exp2" in fast  # the series, and exp as 2^(x log2 e)
+    # the noise moves by < 1e-5: nearly every draw is the exact path's
+    assert np.mean(np.asarray(run(True)(x, seeds)[0]) == np.asarray(run(False)(x, seeds)[0])) > 0.99
+
+
+def test_fast_math_noise_is_the_exact_noise_to_1e5():
+  """The fast formulas for -log(-log1p(-w)) and exp against the exact ones, including the
+  smallest w (the largest Gumbel values) and the series / log switch at w = 1/16."""
+  idx = jnp.arange(1 << 18, dtype=jnp.int32)
+  key = sgpu.round_key(jnp.uint32(3), jnp.int32(0))
+  exact, fast = sgpu.gumbel(key, idx), sgpu.gumbel(key, idx, "fast")
+  assert np.abs(np.asarray(fast) - np.asarray(exact)).max() < 1e-5
+  w = jnp.asarray(np.concatenate([2.0**-np.arange(25, 1, -1), np.linspace(1 / 16 - 1e-3, 1 / 16 +
+                                  1e-3, 101), [0.5, 0.9, 1 - 2.0**-24]]), jnp.float32)
+  e_exact, e_fast = sgpu._exponential(w), sgpu._exponential(w, "fast")
+  np.testing.assert_allclose(np.asarray(e_fast), np.asarray(e_exact), rtol=1e-6)
+  # exp as 2^(x log2 e): the rounding of x log2 e gives |x| log2(e) 2^-24 relative (7e-6 at -80)
+  x = jnp.linspace(-80.0, 0.0, 4001)
+  np.testing.assert_allclose(np.asarray(sgpu._exp(x, "fast")), np.exp(np.asarray(x, np.float64)),
+                             rtol=1e-5, atol=1e-30)
 
 
 def test_chi_squared_rejects_the_wrong_rules():
@@ -336,6 +391,18 @@ def test_split_path_draws_what_the_row_kernel_draws(settings):
     assert want[2].max() > 2  # the leftover kernel really ran
 
 
+def test_split_path_draws_what_the_row_kernel_draws_with_fast_math():
+  x = jnp.asarray(_random_rows(24, 300, seed=27)) * 0.6
+  seeds = jax.random.bits(jax.random.key(28), (24,), jnp.uint32)
+  settings = dict(temperature=0.7, top_p=0.8)
+  want = sample_gpu(x, seeds, config=GpuConfig(block=16, fast_math=True), interpret=True,
+                    **settings)
+  got = sample_gpu(x, seeds, config=GpuConfig(block=16, chunk=64, split=True, fast_math=True),
+                   interpret=True, **settings)
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+  np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
+
+
 def test_split_path_keeps_the_rounds_cap():
   x = jnp.asarray(_random_rows(16, 300, seed=23)) * 0.3
   seeds = jax.random.bits(jax.random.key(24), (16,), jnp.uint32)
@@ -414,6 +481,16 @@ def test_kernel_lowers_to_triton_for_a_gpu():
                                 jax.ShapeDtypeStruct((64,), jnp.uint32)).lower(
                                     lowering_platforms=("cuda",)).as_text()
     assert "grid_x = 64" in text and "grid_y = 15" in text
+    assert "approx" not in text and "__nv_log1pf" in text  # libdevice's accurate functions
+  # fast_math: the per-element exp and logs become PTX special-function instructions (the Triton
+  # IR in the custom call keeps the inline assembly's text); log1p is gone
+  for split in (False, True):
+    f = functools.partial(sample_gpu, top_p=0.9, config=GpuConfig(split=split, fast_math=True))
+    text = jax.jit(f).trace(jax.ShapeDtypeStruct((64, 151936), jnp.bfloat16),
+                            jax.ShapeDtypeStruct((64,), jnp.uint32)).lower(
+                                lowering_platforms=("cuda",)).as_text()
+    assert "ex2.approx.ftz.f32" in text and "lg2.approx.ftz.f32" in text
+    assert "__nv_log1pf" not in text  # (one logf per row remains: the log-prob's log S)
 
 
 def test_the_kernel_without_a_gpu_is_a_clear_error():

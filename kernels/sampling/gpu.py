@@ -40,10 +40,13 @@ both take the smallest index among equal scores):
 * the split path (``split=True``): each row over C programs of ``chunk`` entries (about
   ``programs`` in all). Launch 0 draws round 0 and the statistics per chunk; launch r checks round
   r - 1's candidate and draws round r's in the same pass (the draw is dropped where the check
-  accepts); XLA combines the per-chunk partials between launches (max / rescaled sums / smallest
-  index of the best score). After ``split_rounds`` rounds the rows still rejected (few: the
-  acceptance probability per round is at least p(kept)) continue in the row kernel from the last
-  rejected pivot. Not yet timed on a GPU.
+  accepts). The per-chunk partials are combined (max / rescaled sums / smallest index of the best
+  score, ``combine_stats`` / ``combine_draws`` / ``advance``) by XLA after launch 0 and after the
+  last launch; in between, every program of a row combines the previous launch's [C] partials
+  itself (all take the same decision; the row's first program writes the state out), so the
+  launches follow each other with no XLA step. After ``split_rounds`` rounds the rows still
+  rejected (few: the acceptance probability per round is at least p(kept)) continue in the row
+  kernel from the last rejected pivot. Not yet timed on a GPU.
 
 Randomness: g_v^r = -log(-log1p(-w)), w uniform in (0, 1) from h = a counter-based hash (two
 murmur3 fmix32 rounds) of (row seed, vocabulary index v, round r); the row seeds come from a
@@ -70,6 +73,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +91,7 @@ class GpuConfig:
     block: vocabulary entries per step of the stream (a power of two >= 16).
     split: False: one program per row runs every round (the path timed on an H100 on 2026-11-26:
       at B = 64 only 64 programs, so the GPU is mostly idle). True: the split path, each row over
-      C programs of ``chunk`` entries, partial results combined by XLA between launches.
+      C programs of ``chunk`` entries, per-chunk partials combined by the next launch's programs.
     chunk: vocabulary entries per program of the split path (a multiple of ``block``). None: about
       ``programs`` programs in all (B rows x C chunks, at least one block each).
     programs: the number of programs ``chunk=None`` aims at (a few per multiprocessor).
@@ -391,10 +395,61 @@ def _row_kernel(x_ref, seed_ref, pivot_ref, round_ref, active_ref, tok_ref, logp
 _NO_CAP = 2**30  # max_rounds=None: rounds until accepted (at most the row's distinct logits)
 
 
-def _chunk_kernel(x_ref, seed_ref, active_ref, pivot_ref, m_ref, *out_refs, vocab: int, block: int,
-                  chunk: int, temperature: float, top_k: int | None, top_p: float | None,
+class SplitState(NamedTuple):
+  """A row's progress between launches of the split path (each field [B] in XLA, a scalar inside a
+  kernel): whether it is decided, the accepted token (-1 before), its logit, the rounds it took,
+  and the candidate of the latest round (token or -1, z, x), not yet checked."""
+  done: jax.Array
+  result: jax.Array
+  result_x: jax.Array
+  rounds: jax.Array
+  tok: jax.Array
+  ztok: jax.Array
+  xtok: jax.Array
+
+
+_STATE_DTYPES = (jnp.int32, jnp.int32, jnp.float32, jnp.int32, jnp.int32, jnp.float32,
+                 jnp.float32)  # SplitState's fields as stored (done as int32)
+_DRAW_IDENTITY = (-jnp.inf, -1, -jnp.inf, -jnp.inf)  # best score, index, z, x of "no draw"
+
+
+def advance(state: SplitState, rounds_if_ok, count_xC, mass_xC, draw_xC, s, *, top_k, top_p):
+  """The state after checking its candidate and, with ``draw_xC`` (per-chunk best score, index, z,
+  x), taking the next round's draw as the new candidate where the row is still undecided.
+
+  The check (per-chunk partials, summed over the last axis): accept iff #{z > z_tok} < k and
+  sum_{z > z_tok} exp(z - m) / S < p. The same function runs in XLA on [B, C] partials and inside
+  the split kernels on one row's [C] partials, so both take the same decisions."""
+  ok = ~state.done
+  if top_k is not None:
+    ok = ok & (jnp.sum(count_xC, axis=-1) < top_k)
+  if top_p is not None:
+    ok = ok & (jnp.sum(mass_xC, axis=-1) / s < jnp.float32(top_p))
+  done = state.done | ok
+  new = SplitState(done, jnp.where(ok, state.tok, state.result),
+                   jnp.where(ok, state.xtok, state.result_x),
+                   jnp.where(ok, rounds_if_ok, state.rounds), state.tok, state.ztok, state.xtok)
+  if draw_xC is None:
+    return new
+  tok, ztok, xtok = combine_draws(*draw_xC)
+  tok = jnp.where(done, new.tok, tok)
+  return new._replace(done=done | (tok < 0), tok=tok, ztok=jnp.where(done, new.ztok, ztok),
+                      xtok=jnp.where(done, new.xtok, xtok))
+
+
+def _load_partials(ref, n_chunks: int, identity):
+  """One row's [C] per-chunk partials (a ref of shape (C,)) as a power-of-two vector padded with
+  the reduction's identity."""
+  width = pl.next_power_of_2(n_chunks)
+  lane = lax.broadcasted_iota(jnp.int32, (width,), 0)
+  return plgpu.load(ref.at[pl.ds(0, width)], mask=lane < n_chunks,
+                    other=jnp.array(identity, ref.dtype))
+
+
+def _chunk_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n_chunks: int,
+                  temperature: float, top_k: int | None, top_p: float | None,
                   log_min_p: float | None, math: str, rnd: int, stats: bool, sample: bool,
-                  check: bool):
+                  check: bool, prev: bool):
   """One (row, chunk) program of the split path: over v in [c chunk, (c + 1) chunk) it computes
   any of (per-lane accumulators, one reduction at the end; an inactive row reads nothing and
   writes the identities):
@@ -402,6 +457,12 @@ def _chunk_kernel(x_ref, seed_ref, active_ref, pivot_ref, m_ref, *out_refs, voca
     stats:  max z, sum exp(z - max) (and the same of the logits at temperature 1)
     sample: Gumbel-max of round ``rnd`` over {z > pivot, z - m >= log min_p}: score, index, z, x
     check:  #{z > pivot} and sum_{z > pivot} exp(z - m)   (the candidate of the previous round)
+
+  Launch 0 (stats / sample) takes (active, pivot, m) per row. Later launches (check) take the
+  row's m, S and ``SplitState`` (the candidate's z is the pivot); with ``prev`` they take the
+  state of two launches back and the previous launch's per-chunk partials instead, ``advance``
+  them here (every program of the row takes the same decision, so no XLA step sits between the
+  launches), and the row's first program writes the advanced state out.
   """
   f32, i32 = jnp.float32, jnp.int32
   ninf = f32(-jnp.inf)
@@ -409,7 +470,21 @@ def _chunk_kernel(x_ref, seed_ref, active_ref, pivot_ref, m_ref, *out_refs, voca
   start = pl.program_id(1) * chunk
   scaled = temperature != 1.0
   full = lambda v, dtype=f32: jnp.full((block,), v, dtype)
-  pivot, m = pivot_ref[...], m_ref[...]
+  if check:
+    m_ref, s_ref, *refs = refs
+    state = SplitState(*(r[...] for r in refs[:7]))
+    state, refs = state._replace(done=state.done != 0), refs[7:]
+    if prev:
+      parts = [_load_partials(r, n_chunks, ident)
+               for r, ident in zip(refs[:6], (0, 0.0) + _DRAW_IDENTITY)]
+      refs = refs[6:]
+      state = advance(state, i32(rnd - 1), parts[0], parts[1], parts[2:], s_ref[...],
+                      top_k=top_k, top_p=top_p)
+    active, pivot, m = ~state.done, state.ztok, m_ref[...]
+  else:
+    active_ref, pivot_ref, m_ref, *refs = refs
+    active, pivot, m = active_ref[...] != 0, pivot_ref[...], m_ref[...]
+  out_refs = refs
   key = round_key(seed_ref[...], i32(rnd))
 
   def body(i, c):
@@ -444,7 +519,7 @@ def _chunk_kernel(x_ref, seed_ref, active_ref, pivot_ref, m_ref, *out_refs, voca
     init.update(best=full(-jnp.inf), idx=full(-1, i32), bz=full(-jnp.inf), bx=full(-jnp.inf))
   if check:
     init.update(count=full(0, i32), mass=full(0.0))
-  trips = jnp.where(active_ref[...] != 0, chunk // block, 0)
+  trips = jnp.where(active, chunk // block, 0)
   c = lax.fori_loop(0, trips, body, init)
 
   outs = iter(out_refs)
@@ -460,6 +535,13 @@ def _chunk_kernel(x_ref, seed_ref, active_ref, pivot_ref, m_ref, *out_refs, voca
   if check:
     next(outs)[...] = jnp.sum(c["count"]) if top_k is not None else i32(0)
     next(outs)[...] = jnp.sum(c["mass"]) if top_p is not None else f32(0.0)
+  if prev:
+    state_refs = list(outs)
+
+    @pl.when(pl.program_id(1) == 0)
+    def _write_state():
+      for ref, value in zip(state_refs, state._replace(done=state.done.astype(i32))):
+        ref[...] = value
 
 
 def combine_stats(m_BxC, s_BxC):
@@ -469,38 +551,49 @@ def combine_stats(m_BxC, s_BxC):
                       axis=1)
 
 
-def combine_draws(best_BxC, idx_BxC, z_BxC, x_BxC):
+def combine_draws(best_xC, idx_xC, z_xC, x_xC):
   """Per-chunk Gumbel-max winners -> the row's (token or -1, z, x): the largest score, the smallest
-  index among equal scores (the rule inside a chunk, so the split changes no draw)."""
+  index among equal scores (the rule inside a chunk, so the split changes no draw). Reduces the
+  last axis: [B, C] in XLA, one row's [C] inside a kernel."""
   v = jnp.iinfo(jnp.int32).max
-  top_B = jnp.max(best_BxC, axis=1, keepdims=True)
-  won = (best_BxC == top_B) & (idx_BxC >= 0)
-  tok_B = jnp.min(jnp.where(won, idx_BxC, v), axis=1)
-  hit = won & (idx_BxC == tok_B[:, None])
-  pick = lambda a: jnp.max(jnp.where(hit, a, -jnp.inf), axis=1)
-  return jnp.where(tok_B < v, tok_B, -1), pick(z_BxC), pick(x_BxC)
+  top = jnp.max(best_xC, axis=-1, keepdims=True)
+  won = (best_xC == top) & (idx_xC >= 0)
+  tok = jnp.min(jnp.where(won, idx_xC, v), axis=-1)
+  hit = won & (idx_xC == tok[..., None])
+  pick = lambda a: jnp.max(jnp.where(hit, a, -jnp.inf), axis=-1)
+  return jnp.where(tok < v, tok, -1), pick(z_xC), pick(x_xC)
 
 
-def _split_call(logits_BxV, seeds_B, active_B, pivot_B, m_B, *, chunk, n_chunks, cfg, settings,
-                rnd=0, stats=False, sample=False, check=False, interpret=False):
-  """One launch of ``_chunk_kernel`` over the grid (B, C) -> its [B, C] outputs in order."""
+def _split_call(logits_BxV, seeds_B, *row_inputs, chunk, n_chunks, cfg, settings, rnd=0,
+                stats=False, sample=False, check=False, prev_parts=(), interpret=False):
+  """One launch of ``_chunk_kernel`` over the grid (B, C) -> its outputs in order: [B, C]
+  partials, then (with ``prev_parts``, the previous launch's six [B, C] check and draw partials)
+  the advanced ``SplitState`` fields [B]."""
   b, v = logits_BxV.shape
   f32, i32 = jnp.float32, jnp.int32
+  prev = bool(prev_parts)
   kinds = ([f32] * 4 if stats else []) + ([f32, i32, f32, f32] if sample else []) + (
       [i32, f32] if check else [])
-  kernel = functools.partial(_chunk_kernel, vocab=v, block=cfg.block, chunk=chunk, rnd=rnd,
-                             stats=stats, sample=sample, check=check, **settings)
+  kernel = functools.partial(_chunk_kernel, vocab=v, block=cfg.block, chunk=chunk,
+                             n_chunks=n_chunks, rnd=rnd, stats=stats, sample=sample, check=check,
+                             prev=prev, **settings)
   row = pl.BlockSpec((None,), lambda i, c: (i,))
   cell = pl.BlockSpec((None, None), lambda i, c: (i, c))
+  partials = pl.BlockSpec((None, n_chunks), lambda i, c: (i, 0))
+  out_shape = [jax.ShapeDtypeStruct((b, n_chunks), k) for k in kinds]
+  out_specs = [cell] * len(kinds)
+  if prev:
+    out_shape += [jax.ShapeDtypeStruct((b,), k) for k in _STATE_DTYPES]
+    out_specs += [row] * len(_STATE_DTYPES)
   compiler_params = None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps,
                                                                  num_stages=cfg.num_stages)
   return pl.pallas_call(
-      kernel, grid=(b, n_chunks),
-      out_shape=[jax.ShapeDtypeStruct((b, n_chunks), k) for k in kinds],
-      in_specs=[pl.BlockSpec((None, v), lambda i, c: (i, 0)), row, row, row, row],
-      out_specs=[cell] * len(kinds), compiler_params=compiler_params, interpret=interpret,
-      name=f"sample_split_{'s' * stats}{'d' * sample}{'c' * check}")(
-          logits_BxV, seeds_B, active_B, pivot_B, m_B)
+      kernel, grid=(b, n_chunks), out_shape=out_shape,
+      in_specs=[pl.BlockSpec((None, v), lambda i, c: (i, 0)), row] + [row] * len(row_inputs)
+      + [partials] * len(prev_parts),
+      out_specs=out_specs, compiler_params=compiler_params, interpret=interpret,
+      name=f"sample_split_{'s' * stats}{'d' * sample}{'c' * check}{'p' * prev}")(
+          logits_BxV, seeds_B, *row_inputs, *prev_parts)
 
 
 def _row_call(logits_BxV, seeds_B, pivot_B, round_B, active_B, *, cfg, settings, interpret):
@@ -520,10 +613,16 @@ def _row_call(logits_BxV, seeds_B, pivot_B, round_B, active_B, *, cfg, settings,
       name="sample_top_k_top_p_min_p")(logits_BxV, seeds_B, pivot_B, round_B, active_B)
 
 
+def _stored(state: SplitState):
+  return [a.astype(d) for a, d in zip(state, _STATE_DTYPES)]
+
+
 def _sample_split(logits_BxV, seeds_B, *, chunk, n_chunks, cfg, settings, interpret):
-  """The split path: rounds 0 .. R-1 (R = min(split_rounds, max_rounds)) over B x C programs, each
-  launch checking round r - 1's candidate and drawing round r's in one pass; rows still rejected
-  continue in ``_row_kernel`` from round R and the last rejected pivot."""
+  """The split path: rounds 0 .. R-1 (R = min(split_rounds, max_rounds)) over B x C programs.
+  Launch 0 draws round 0 (with the statistics); launch r >= 1 checks round r - 1's candidate and
+  draws round r's in one pass. From launch 2 on each launch advances the rows' state from the
+  previous launch's partials itself, so XLA only combines after launches 0 and R. Rows still
+  rejected continue in ``_row_kernel`` from round R and the last rejected pivot."""
   b, _ = logits_BxV.shape
   f32, i32 = jnp.float32, jnp.int32
   call = functools.partial(_split_call, logits_BxV, seeds_B, chunk=chunk, n_chunks=n_chunks,
@@ -539,37 +638,30 @@ def _sample_split(logits_BxV, seeds_B, *, chunk, n_chunks, cfg, settings, interp
   m, s = combine_stats(st[0], st[1])
   m1, s1 = combine_stats(st[2], st[3])
   tok, ztok, xtok = combine_draws(*draw)
-  done = tok < 0  # no finite candidate: nothing to check
-  rounds = ones
-  if top_k is not None or top_p is not None:
-    result, result_x = jnp.full((b,), -1, i32), jnp.full((b,), -jnp.inf, f32)
-    n_split = min(cfg.split_rounds, cfg.max_rounds or cfg.split_rounds)
-    for r in range(1, n_split + 1):  # launch r: check round r - 1's candidate, draw round r's
-      last = r == n_split
-      out = call((~done).astype(i32), ztok, m, rnd=r, sample=not last, check=True)
-      count, mass = out[-2].sum(axis=1), out[-1].sum(axis=1)
-      ok = ~done
-      if top_k is not None:
-        ok = ok & (count < top_k)
-      if top_p is not None:
-        ok = ok & (mass / s < f32(top_p))
-      result, result_x = jnp.where(ok, tok, result), jnp.where(ok, xtok, result_x)
-      rounds = jnp.where(ok, r, rounds)
-      done = done | ok
-      if not last:
-        tok_r, ztok_r, xtok_r = combine_draws(*out[:4])
-        tok, ztok, xtok = (jnp.where(done, tok, tok_r), jnp.where(done, ztok, ztok_r),
-                           jnp.where(done, xtok, xtok_r))
-        done = done | (tok < 0)
-    logp = result_x - m1 - jnp.log(s1)
-    if cfg.max_rounds is not None and n_split >= cfg.max_rounds:  # the cap is reached here
-      return jnp.where(done, result, -1), logp, jnp.where(done, rounds, n_split)
-    row_tok, row_logp, row_rounds = _row_call(
-        logits_BxV, seeds_B, ztok, jnp.full((b,), n_split, i32), (~done).astype(i32), cfg=cfg,
-        settings=settings, interpret=interpret)
-    return (jnp.where(done, result, row_tok), jnp.where(done, logp, row_logp),
-            jnp.where(done, rounds, row_rounds))
-  return tok, xtok - m1 - jnp.log(s1), rounds
+  if top_k is None and top_p is None:
+    return tok, xtok - m1 - jnp.log(s1), ones
+  state = SplitState(tok < 0, jnp.full((b,), -1, i32), ninf, ones, tok, ztok, xtok)  # no
+  # finite candidate: nothing to check
+  n_split = min(cfg.split_rounds, cfg.max_rounds or cfg.split_rounds)
+  stored, parts = _stored(state), ()
+  for r in range(1, n_split + 1):  # launch r: check round r - 1's candidate, draw round r's
+    last = r == n_split
+    out = call(m, s, *stored, rnd=r, sample=not last, check=True, prev_parts=parts)
+    n_parts = 2 if last else 6
+    parts = tuple(out[4:6]) + tuple(out[:4]) if not last else tuple(out[:2])
+    if len(out) > n_parts:  # the state this launch advanced to (before its own partials)
+      stored = list(out[n_parts:])
+  state = SplitState(stored[0] != 0, *stored[1:])
+  state = advance(state, i32(n_split), parts[0], parts[1], None, s, top_k=top_k, top_p=top_p)
+  logp = state.result_x - m1 - jnp.log(s1)
+  if cfg.max_rounds is not None and n_split >= cfg.max_rounds:  # the cap is reached here
+    return (jnp.where(state.done, state.result, -1), logp,
+            jnp.where(state.done, state.rounds, n_split))
+  row_tok, row_logp, row_rounds = _row_call(
+      logits_BxV, seeds_B, state.ztok, jnp.full((b,), n_split, i32), (~state.done).astype(i32),
+      cfg=cfg, settings=settings, interpret=interpret)
+  return (jnp.where(state.done, state.result, row_tok), jnp.where(state.done, logp, row_logp),
+          jnp.where(state.done, state.rounds, row_rounds))
 
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p", "min_p", "config",

@@ -449,7 +449,7 @@ def _load_partials(ref, n_chunks: int, identity):
 def _chunk_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n_chunks: int,
                   temperature: float, top_k: int | None, top_p: float | None,
                   log_min_p: float | None, math: str, rnd: int, stats: bool, sample: bool,
-                  check: bool, prev: bool):
+                  check: bool, first: bool):
   """One (row, chunk) program of the split path: over v in [c chunk, (c + 1) chunk) it computes
   any of (per-lane accumulators, one reduction at the end; an inactive row reads nothing and
   writes the identities):
@@ -458,11 +458,13 @@ def _chunk_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n_
     sample: Gumbel-max of round ``rnd`` over {z > pivot, z - m >= log min_p}: score, index, z, x
     check:  #{z > pivot} and sum_{z > pivot} exp(z - m)   (the candidate of the previous round)
 
-  Launch 0 (stats / sample) takes (active, pivot, m) per row. Later launches (check) take the
-  row's m, S and ``SplitState`` (the candidate's z is the pivot); with ``prev`` they take the
-  state of two launches back and the previous launch's per-chunk partials instead, ``advance``
-  them here (every program of the row takes the same decision, so no XLA step sits between the
-  launches), and the row's first program writes the advanced state out.
+  Launch 0 (stats / sample) takes (active, pivot, m) per row. Later launches (check) combine the
+  previous launch's per-chunk partials themselves (every program of the row takes the same
+  decision, so no XLA step sits between the launches) and the row's first program writes what
+  they combined: launch 1 (``first``) takes launch 0's statistics and draw partials and writes
+  m, S, m1, S1 and the first ``SplitState``; launch r >= 2 takes the row's m, S, the state the
+  previous launch wrote and its check and draw partials, ``advance``s the state and writes it.
+  The candidate's z is the pivot of both the check and the next draw.
   """
   f32, i32 = jnp.float32, jnp.int32
   ninf = f32(-jnp.inf)
@@ -470,17 +472,26 @@ def _chunk_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n_
   start = pl.program_id(1) * chunk
   scaled = temperature != 1.0
   full = lambda v, dtype=f32: jnp.full((block,), v, dtype)
-  if check:
+  written = ()
+  if check and first:
+    parts = [_load_partials(r, n_chunks, ident)
+             for r, ident in zip(refs[:8], (-jnp.inf, 0.0) * 2 + _DRAW_IDENTITY)]
+    refs = refs[8:]
+    m, s = combine_stats(parts[0], parts[1])
+    written = (m, s) + combine_stats(parts[2], parts[3])
+    state = first_state(*combine_draws(*parts[4:]))
+    active, pivot = ~state.done, state.ztok
+  elif check:
     m_ref, s_ref, *refs = refs
     state = SplitState(*(r[...] for r in refs[:7]))
-    state, refs = state._replace(done=state.done != 0), refs[7:]
-    if prev:
-      parts = [_load_partials(r, n_chunks, ident)
-               for r, ident in zip(refs[:6], (0, 0.0) + _DRAW_IDENTITY)]
-      refs = refs[6:]
-      state = advance(state, i32(rnd - 1), parts[0], parts[1], parts[2:], s_ref[...],
-                      top_k=top_k, top_p=top_p)
-    active, pivot, m = ~state.done, state.ztok, m_ref[...]
+    state = state._replace(done=state.done != 0)
+    parts = [_load_partials(r, n_chunks, ident)
+             for r, ident in zip(refs[7:13], (0, 0.0) + _DRAW_IDENTITY)]
+    refs = refs[13:]
+    m = m_ref[...]
+    state = advance(state, i32(rnd - 1), parts[0], parts[1], parts[2:], s_ref[...],
+                    top_k=top_k, top_p=top_p)
+    active, pivot = ~state.done, state.ztok
   else:
     active_ref, pivot_ref, m_ref, *refs = refs
     active, pivot, m = active_ref[...] != 0, pivot_ref[...], m_ref[...]
@@ -535,20 +546,28 @@ def _chunk_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n_
   if check:
     next(outs)[...] = jnp.sum(c["count"]) if top_k is not None else i32(0)
     next(outs)[...] = jnp.sum(c["mass"]) if top_p is not None else f32(0.0)
-  if prev:
-    state_refs = list(outs)
+  if check:
+    written_refs = list(outs)
 
     @pl.when(pl.program_id(1) == 0)
     def _write_state():
-      for ref, value in zip(state_refs, state._replace(done=state.done.astype(i32))):
+      values = written + tuple(state._replace(done=state.done.astype(i32)))
+      for ref, value in zip(written_refs, values):
         ref[...] = value
 
 
-def combine_stats(m_BxC, s_BxC):
-  """Per-chunk (max, sum exp(z - max)) -> the row's: M = max_c m_c, S = sum_c s_c exp(m_c - M)."""
-  m_B = jnp.max(m_BxC, axis=1)
-  return m_B, jnp.sum(jnp.where(m_BxC == -jnp.inf, 0.0, s_BxC * jnp.exp(m_BxC - m_B[:, None])),
-                      axis=1)
+def combine_stats(m_xC, s_xC):
+  """Per-chunk (max, sum exp(z - max)) -> the row's: M = max_c m_c, S = sum_c s_c exp(m_c - M).
+  Reduces the last axis: [B, C] in XLA, one row's [C] inside a kernel."""
+  m = jnp.max(m_xC, axis=-1)
+  return m, jnp.sum(jnp.where(m_xC == -jnp.inf, 0.0, s_xC * jnp.exp(m_xC - m[..., None])),
+                    axis=-1)
+
+
+def first_state(tok, ztok, xtok) -> SplitState:
+  """The state after round 0's draw: undecided unless the row had no finite candidate."""
+  return SplitState(tok < 0, jnp.full_like(tok, -1), jnp.full_like(xtok, -jnp.inf),
+                    jnp.ones_like(tok), tok, ztok, xtok)
 
 
 def combine_draws(best_xC, idx_xC, z_xC, x_xC):
@@ -566,25 +585,26 @@ def combine_draws(best_xC, idx_xC, z_xC, x_xC):
 
 def _split_call(logits_BxV, seeds_B, *row_inputs, chunk, n_chunks, cfg, settings, rnd=0,
                 stats=False, sample=False, check=False, prev_parts=(), interpret=False):
-  """One launch of ``_chunk_kernel`` over the grid (B, C) -> its outputs in order: [B, C]
-  partials, then (with ``prev_parts``, the previous launch's six [B, C] check and draw partials)
-  the advanced ``SplitState`` fields [B]."""
+  """One launch of ``_chunk_kernel`` over the grid (B, C) -> its outputs in order: the [B, C]
+  partials, then, for a check launch, what its rows' first programs write ([B] each): launch 1
+  (``prev_parts`` = launch 0's eight statistics and draw partials) m, S, m1, S1 and the first
+  ``SplitState``; a later one (``row_inputs`` = m, S and the state the previous launch wrote,
+  ``prev_parts`` = its six check and draw partials) the advanced state."""
   b, v = logits_BxV.shape
   f32, i32 = jnp.float32, jnp.int32
-  prev = bool(prev_parts)
+  first = check and len(prev_parts) == 8
   kinds = ([f32] * 4 if stats else []) + ([f32, i32, f32, f32] if sample else []) + (
       [i32, f32] if check else [])
   kernel = functools.partial(_chunk_kernel, vocab=v, block=cfg.block, chunk=chunk,
                              n_chunks=n_chunks, rnd=rnd, stats=stats, sample=sample, check=check,
-                             prev=prev, **settings)
+                             first=first, **settings)
   row = pl.BlockSpec((None,), lambda i, c: (i,))
   cell = pl.BlockSpec((None, None), lambda i, c: (i, c))
   partials = pl.BlockSpec((None, n_chunks), lambda i, c: (i, 0))
   out_shape = [jax.ShapeDtypeStruct((b, n_chunks), k) for k in kinds]
-  out_specs = [cell] * len(kinds)
-  if prev:
-    out_shape += [jax.ShapeDtypeStruct((b,), k) for k in _STATE_DTYPES]
-    out_specs += [row] * len(_STATE_DTYPES)
+  written = ((f32,) * 4 if first else ()) + _STATE_DTYPES if check else ()
+  out_shape += [jax.ShapeDtypeStruct((b,), k) for k in written]
+  out_specs = [cell] * len(kinds) + [row] * len(written)
   compiler_params = None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps,
                                                                  num_stages=cfg.num_stages)
   return pl.pallas_call(
@@ -592,7 +612,7 @@ def _split_call(logits_BxV, seeds_B, *row_inputs, chunk, n_chunks, cfg, settings
       in_specs=[pl.BlockSpec((None, v), lambda i, c: (i, 0)), row] + [row] * len(row_inputs)
       + [partials] * len(prev_parts),
       out_specs=out_specs, compiler_params=compiler_params, interpret=interpret,
-      name=f"sample_split_{'s' * stats}{'d' * sample}{'c' * check}{'p' * prev}")(
+      name=f"sample_split_{'s' * stats}{'d' * sample}{'c' * check}{'f' * first}")(
           logits_BxV, seeds_B, *row_inputs, *prev_parts)
 
 
@@ -613,16 +633,12 @@ def _row_call(logits_BxV, seeds_B, pivot_B, round_B, active_B, *, cfg, settings,
       name="sample_top_k_top_p_min_p")(logits_BxV, seeds_B, pivot_B, round_B, active_B)
 
 
-def _stored(state: SplitState):
-  return [a.astype(d) for a, d in zip(state, _STATE_DTYPES)]
-
-
 def _sample_split(logits_BxV, seeds_B, *, chunk, n_chunks, cfg, settings, interpret):
   """The split path: rounds 0 .. R-1 (R = min(split_rounds, max_rounds)) over B x C programs.
   Launch 0 draws round 0 (with the statistics); launch r >= 1 checks round r - 1's candidate and
-  draws round r's in one pass. From launch 2 on each launch advances the rows' state from the
-  previous launch's partials itself, so XLA only combines after launches 0 and R. Rows still
-  rejected continue in ``_row_kernel`` from round R and the last rejected pivot."""
+  draws round r's in one pass, after combining the previous launch's partials itself, so XLA
+  combines only after the last launch. Rows still rejected continue in ``_row_kernel`` from round
+  R and the last rejected pivot."""
   b, _ = logits_BxV.shape
   f32, i32 = jnp.float32, jnp.int32
   call = functools.partial(_split_call, logits_BxV, seeds_B, chunk=chunk, n_chunks=n_chunks,
@@ -631,27 +647,25 @@ def _sample_split(logits_BxV, seeds_B, *, chunk, n_chunks, cfg, settings, interp
   ones, ninf = jnp.ones((b,), i32), jnp.full((b,), -jnp.inf, f32)
   if settings["log_min_p"] is not None:  # min-p needs the row max before any draw
     st = call(ones, ninf, jnp.zeros((b,), f32), stats=True)
-    draw = call(ones, ninf, combine_stats(st[0], st[1])[0], sample=True)
+    parts = tuple(st) + tuple(call(ones, ninf, combine_stats(st[0], st[1])[0], sample=True))
   else:
-    out = call(ones, ninf, jnp.zeros((b,), f32), stats=True, sample=True)
-    st, draw = out[:4], out[4:]
-  m, s = combine_stats(st[0], st[1])
-  m1, s1 = combine_stats(st[2], st[3])
-  tok, ztok, xtok = combine_draws(*draw)
-  if top_k is None and top_p is None:
+    parts = tuple(call(ones, ninf, jnp.zeros((b,), f32), stats=True, sample=True))
+  if top_k is None and top_p is None:  # every first draw is accepted
+    m1, s1 = combine_stats(parts[2], parts[3])
+    tok, _, xtok = combine_draws(*parts[4:])
     return tok, xtok - m1 - jnp.log(s1), ones
-  state = SplitState(tok < 0, jnp.full((b,), -1, i32), ninf, ones, tok, ztok, xtok)  # no
-  # finite candidate: nothing to check
   n_split = min(cfg.split_rounds, cfg.max_rounds or cfg.split_rounds)
-  stored, parts = _stored(state), ()
+  row_inputs = ()
   for r in range(1, n_split + 1):  # launch r: check round r - 1's candidate, draw round r's
     last = r == n_split
-    out = call(m, s, *stored, rnd=r, sample=not last, check=True, prev_parts=parts)
+    out = call(*row_inputs, rnd=r, sample=not last, check=True, prev_parts=parts)
     n_parts = 2 if last else 6
-    parts = tuple(out[4:6]) + tuple(out[:4]) if not last else tuple(out[:2])
-    if len(out) > n_parts:  # the state this launch advanced to (before its own partials)
-      stored = list(out[n_parts:])
-  state = SplitState(stored[0] != 0, *stored[1:])
+    if r == 1:
+      m, s, m1, s1 = out[n_parts:n_parts + 4]
+    state = out[-7:]  # the state this launch combined (before its own partials)
+    parts = tuple(out[:2]) if last else tuple(out[4:6]) + tuple(out[:4])
+    row_inputs = (m, s, *state)
+  state = SplitState(state[0] != 0, *state[1:])
   state = advance(state, i32(n_split), parts[0], parts[1], None, s, top_k=top_k, top_p=top_p)
   logp = state.result_x - m1 - jnp.log(s1)
   if cfg.max_rounds is not None and n_split >= cfg.max_rounds:  # the cap is reached here

@@ -427,6 +427,23 @@ def test_split_path_samples_the_exact_truncated_distribution():
     assert_matches(np.bincount(token, minlength=37), exact_probs(ROW37, **SETTINGS[name]))
 
 
+def test_split_launches_follow_each_other_with_no_xla_step():
+  """Each split launch combines the previous launch's per-chunk partials itself: the launch 0 ..
+  R kernels are consecutive operations (on a GPU no XLA kernel between them); XLA combines once,
+  after the last, before the leftover rows' kernel."""
+  x = jax.ShapeDtypeStruct((64, 151936), jnp.float32)
+  seeds = jax.ShapeDtypeStruct((64,), jnp.uint32)
+  for settings, launches in ((dict(top_p=0.9), 4), (dict(top_k=50, min_p=0.05), 5)):
+    f = functools.partial(sample_gpu, config=GpuConfig(split=True), **settings)
+    eqns = jax.make_jaxpr(f)(x, seeds).jaxpr.eqns[0].params["jaxpr"].jaxpr.eqns
+    kernels = [i for i, e in enumerate(eqns) if e.primitive.name == "pallas_call"]
+    assert len(kernels) == launches + 1  # and the leftover rows' kernel
+    if "min_p" in settings:  # min-p: the row max is combined (XLA) before the first draw
+      kernels = kernels[1:]
+      launches -= 1
+    assert kernels[:launches] == list(range(kernels[0], kernels[0] + launches))
+
+
 def test_chunks_per_row_aims_at_the_program_count():
   cfg = GpuConfig(split=True)  # block 2048, about 1024 programs
   assert sgpu.chunks_per_row(64, 151936, cfg) == (10240, 15)  # 75 blocks in 16 chunks of 5

@@ -38,7 +38,8 @@ class GpuConfig:
   """Tiling of the Triton kernel.
 
   Attributes:
-    block_m: rows of x per program (>= 16: the tensor-core dot's smallest tile).
+    block_m: rows of x per program (>= 16 for "dot" / "dot_t": the tensor-core dot's smallest
+      tile; 1, 2, 4 or 8 for "fma").
     block_n: output columns per program (must divide N).
     block_k: rows of K per inner step when per channel (grouped: the group size is the step).
     split_k: K splits run by separate programs, partial sums added afterwards (must divide the
@@ -343,7 +344,9 @@ def quantized_matmul_gpu(x_MxK, w_q, scales_GxN, zeros_GxN=None, *, bits: int,
     out_shape = jax.ShapeDtypeStruct((splits, m_pad, n), jnp.float32)
     out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
   magic = cfg.unpack == "magic"
-  if magic and cfg.kernel != "fma" and jnp.dtype(x.dtype) not in _MAGIC_BITS:
+  if magic and cfg.kernel != "fma" and jnp.dtype(x.dtype) not in (jnp.dtype(jnp.bfloat16),
+                                                                   jnp.dtype(jnp.float16)):
+    # the dot kernels' tiles hold MAGIC + u in x's dtype: exact for bf16 / f16 only
     raise KernelShapeError(f"unpack='magic' needs bf16 or f16 activations, got {x.dtype}")
   common = dict(bits=bits, step=step, steps=k_split // step, grouped=grouped,
                 has_zeros=zeros_GxN is not None, magic=magic)

@@ -104,7 +104,8 @@ class GpuConfig:
       average), and no data-dependent branch (a host synchronisation on GPU) is needed.
     num_warps, num_stages: Triton's warps per program and software-pipelining depth.
     fast_math: the per-element exp and logs through PTX's approximate special-function
-      instructions (``ex2.approx``, ``lg2.approx``: one instruction each, relative error ~2^-22)
+      instructions (``ex2.approx``, ``lg2.approx``: one instruction each, errors of about
+      2^-22, relative for ex2 and absolute for lg2 near 1)
       and ``-log1p(-w)`` by a series below w = 1/16, instead of libdevice's accurate ``expf`` /
       ``logf`` / ``log1pf`` (tens of instructions each). The Gumbel noise moves by < 1e-5 (see
       ``gumbel``), so the sampled distribution is the same up to float rounding, but the
@@ -183,7 +184,8 @@ _LOG2E, _LN2 = np.float32(1.4426950408889634), np.float32(0.6931471805599453)
 
 def _ptx_approx(op: str, x):
   """One PTX special-function instruction per element: ``ex2`` (2^x) or ``lg2`` (log2 x), float32,
-  flush-to-zero, maximum relative error about 2^-22 (the PTX ISA's figures)."""
+  flush-to-zero; errors of about 2^-22 (relative for ex2; for lg2 absolute near 1, relative
+  elsewhere: the PTX ISA's figures)."""
   [y] = plgpu.elementwise_inline_asm(f"{op}.approx.ftz.f32 $0, $1;", args=[x],
                                      constraints="=f,f", pack=1,
                                      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
@@ -209,7 +211,7 @@ def _exponential(w, math: str = "exact"):
   """E = -log(1 - w) ~ Exp(1) for w uniform on (0, 1), accurate where w is small (where the largest
   Gumbel variables -log E come from): jnp.log1p, or for the fast modes the series
   w + w^2/2 + ... + w^6/6 below w = 1/16 (truncation < 1e-8 relative) and -log(1 - w) above (1 - w
-  rounds by <= 2^-25, < 6e-7 relative in E there)."""
+  rounds by <= 2^-25: < 5e-7 relative in E there, ~7e-7 with the float32 log)."""
   if math == "exact":
     return -jnp.log1p(-w)
   series = w * (1 + w * (np.float32(1 / 2) + w * (np.float32(1 / 3) + w * (
@@ -530,7 +532,8 @@ def _chunk_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n_
     init.update(best=full(-jnp.inf), idx=full(-1, i32), bz=full(-jnp.inf), bx=full(-jnp.inf))
   if check:
     init.update(count=full(0, i32), mass=full(0.0))
-  trips = jnp.where(active, chunk // block, 0)
+  # an int32 bound: a Python int in a where would take the condition's type (an i1 loop bound)
+  trips = jnp.where(active, i32(chunk // block), i32(0))
   c = lax.fori_loop(0, trips, body, init)
 
   outs = iter(out_refs)

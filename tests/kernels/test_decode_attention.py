@@ -17,6 +17,7 @@ from kernels.decode_attention import gpu as dgpu
 from postrl.models import ConfigError, Transformer
 from postrl.sampling import generate, pad_prompts
 from tests.conftest import tiny_config
+from tests.kernels.triton_ir import cuda_lowering
 
 
 def _inputs(b, h, k, d, s, dtype, seed=0):
@@ -118,8 +119,7 @@ def test_kernel_lowers_to_triton_for_a_gpu():
             jax.ShapeDtypeStruct((1, 320, 3, 64), jnp.bfloat16),
             jax.ShapeDtypeStruct((1, 320, 3, 64), jnp.bfloat16),
             jax.ShapeDtypeStruct((1,), jnp.int32))
-  text = jax.jit(dgpu.decode_attention_gpu).trace(*shapes).lower(
-      lowering_platforms=("cuda",)).as_text()
+  text = cuda_lowering(dgpu.decode_attention_gpu, *shapes)  # MLIR-verified Triton modules
   assert "__gpu$xla.gpu.triton" in text and "grid_x = 1" in text and "grid_y = 3" in text
   assert f"grid_z = {dgpu.default_chunks(1, 3, 320, 64)}" in text  # 2 chunks of the 320 slots
 

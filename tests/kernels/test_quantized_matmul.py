@@ -13,6 +13,7 @@ from kernels.quantized_matmul import (GpuConfig, KernelShapeError, TpuConfig, ch
                                       quantized_matmul, quantized_matmul_reference)
 from kernels.quantized_matmul import gpu as qgpu
 from postrl.quant import formats
+from tests.kernels.triton_ir import cuda_lowering
 
 # (bits, group_size, symmetric)
 FORMATS = [(8, None, True), (8, None, False), (8, 32, True), (4, 32, True), (4, 64, False),
@@ -79,6 +80,12 @@ def test_gpu_kernel_magic_unpack_matches_exact_product(dtype, bits, group, symme
   y = quantized_matmul(x, q, s, bits=bits, group_size=group, zeros=z, impl="pallas_gpu",
                        interpret=True, config=cfg)
   assert _rel_err(y, x, w_hat) < (8e-3 if dtype == jnp.bfloat16 else 1e-3)
+  # float32 activations: the dot kernels' tiles would hold 2^23 + u, and removing the offset
+  # from the sums would cancel most digits; refused (the fma kernel's float32 path subtracts it
+  # per element and takes any activation dtype)
+  with pytest.raises(KernelShapeError, match="needs bf16 or f16 activations, got float32"):
+    quantized_matmul(x.astype(jnp.float32), q, s, bits=bits, group_size=group, zeros=z,
+                     impl="pallas_gpu", interpret=True, config=cfg)
   with pytest.raises(KernelShapeError, match="unpack must be"):
     quantized_matmul(x, q, s, bits=bits, group_size=group, zeros=z, impl="pallas_gpu",
                      interpret=True, config=GpuConfig(block_m=16, block_n=32, unpack="lut"))
@@ -148,9 +155,8 @@ def test_every_kernel_lowers_to_triton_for_cuda(kernel):
               jax.ShapeDtypeStruct((k // 2, n) if bits == 4 else (k, n),
                                    jnp.uint8 if bits == 4 else jnp.int8),
               jax.ShapeDtypeStruct((1 if group is None else k // group, n), jnp.float32))
-      text = jax.jit(functools.partial(qgpu.quantized_matmul_gpu, bits=bits, group_size=group,
-                                       config=c)).trace(*args).lower(
-                                           lowering_platforms=("cuda",)).as_text()
+      text = cuda_lowering(functools.partial(qgpu.quantized_matmul_gpu, bits=bits,
+                                             group_size=group, config=c), *args)
       assert "__gpu$xla.gpu.triton" in text and f"quantized_matmul_int{bits}_{kernel}" in text
 
 

@@ -22,6 +22,7 @@ from kernels.sampling import (GpuConfig, KernelShapeError, choose_impl, kept_mas
                               sample_gpu, sample_reference, sort_sample)
 from kernels.sampling import gpu as sgpu
 from postrl.sampling.generate import sample_token
+from tests.kernels.triton_ir import cuda_lowering
 
 N = 4096  # draws per distribution test (interpret mode's cost grows faster than N beyond)
 # 37 logits (three blocks of 16, a ragged tail of 5); rounded so that float32 is exact enough
@@ -485,27 +486,25 @@ def test_no_rounds_cap_means_no_data_dependent_branch():
 
 
 def test_kernel_lowers_to_triton_for_a_gpu():
-  """The kernel lowers for CUDA on this CPU-only machine (the Triton IR is built at lowering)."""
+  """The kernel lowers for CUDA on this CPU-only machine (the Triton IR is built at lowering, and
+  MLIR's verifier runs on every module: an ill-typed module fails here, not in the GPU compile)."""
   for settings in (dict(temperature=0.7, top_p=0.9), dict(top_k=50, min_p=0.05), dict()):
     f = functools.partial(sample_gpu, **settings)
-    text = jax.jit(f).trace(jax.ShapeDtypeStruct((64, 151936), jnp.bfloat16),
-                            jax.ShapeDtypeStruct((64,), jnp.uint32)).lower(
-                                lowering_platforms=("cuda",)).as_text()
+    text = cuda_lowering(f, jax.ShapeDtypeStruct((64, 151936), jnp.bfloat16),
+                         jax.ShapeDtypeStruct((64,), jnp.uint32))
     assert "__gpu$xla.gpu.triton" in text and "grid_x = 64" in text
     # the split path: launches over (row, chunk) grids, here 64 x 15
     split = functools.partial(sample_gpu, config=GpuConfig(split=True), **settings)
-    text = jax.jit(split).trace(jax.ShapeDtypeStruct((64, 151936), jnp.bfloat16),
-                                jax.ShapeDtypeStruct((64,), jnp.uint32)).lower(
-                                    lowering_platforms=("cuda",)).as_text()
+    text = cuda_lowering(split, jax.ShapeDtypeStruct((64, 151936), jnp.bfloat16),
+                         jax.ShapeDtypeStruct((64,), jnp.uint32))
     assert "grid_x = 64" in text and "grid_y = 15" in text
     assert "approx" not in text and "__nv_log1pf" in text  # libdevice's accurate functions
   # fast_math: the per-element exp and logs become PTX special-function instructions (the Triton
   # IR in the custom call keeps the inline assembly's text); log1p is gone
   for split in (False, True):
     f = functools.partial(sample_gpu, top_p=0.9, config=GpuConfig(split=split, fast_math=True))
-    text = jax.jit(f).trace(jax.ShapeDtypeStruct((64, 151936), jnp.bfloat16),
-                            jax.ShapeDtypeStruct((64,), jnp.uint32)).lower(
-                                lowering_platforms=("cuda",)).as_text()
+    text = cuda_lowering(f, jax.ShapeDtypeStruct((64, 151936), jnp.bfloat16),
+                         jax.ShapeDtypeStruct((64,), jnp.uint32))
     assert "ex2.approx.ftz.f32" in text and "lg2.approx.ftz.f32" in text
     assert "__nv_log1pf" not in text  # (one logf per row remains: the log-prob's log S)
 

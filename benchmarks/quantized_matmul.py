@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
@@ -138,9 +139,9 @@ def xla_int4(x, q, s):
   return quantized_matmul_reference(x, q, s, bits=4, group_size=128)
 
 
-def run_check(results, out, kernels=("dot",)):
+def run_check(results, out, kernels=("dot",), unpacks=("shift",)):
   """Kernel vs reference at small odd shapes, compiled for the GPU (not interpret mode): the
-  default tiling for "dot" and "dot_t", and for "fma" at M <= 8 (its M tile)."""
+  default tiling for "dot" and "dot_t", and for "fma" at M <= 8 (its M tile), with each unpack."""
   rows = []
   formats = [(8, None, False), (8, None, True), (8, 32, False), (4, 32, False), (4, 64, True),
              (4, 128, False), (4, None, False)]
@@ -160,10 +161,12 @@ def run_check(results, out, kernels=("dot",)):
         z = jnp.round(jax.random.uniform(kd, (g, n), jnp.float32, -3, 3)) if zeros else None
         ref = quantized_matmul_reference(x.astype(jnp.float32), q, s, bits=bits, group_size=group,
                                          zeros_GxN=z)
-        for kernel in kernels:
+        for kernel, unpack in itertools.product(kernels, unpacks):
           if kernel == "fma" and m > qgpu.FMA_MAX_ROWS:
             continue
-          cfg = qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel=kernel)
+          cfg = dataclasses.replace(
+              qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel=kernel),
+              unpack=unpack)
           try:
             y = quantized_matmul_gpu(x, q, s, z, bits=bits, group_size=group, config=cfg,
                                      interpret=INTERPRET)
@@ -171,7 +174,7 @@ def run_check(results, out, kernels=("dot",)):
           except Exception as e:  # noqa: BLE001 - report and continue
             err = f"{type(e).__name__}: {str(e)[:200]}"
           rows.append(dict(m=m, bits=bits, group=group, zeros=zeros, dtype=jnp.dtype(dt).name,
-                           kernel=kernel, rel_err=err))
+                           kernel=kernel, unpack=unpack, rel_err=err))
   bad = [r for r in rows if not isinstance(r["rel_err"], float) or not r["rel_err"] < 1e-2]
   print(f"check: {len(rows)} cases, {len(bad)} failing", flush=True)
   for r in bad[:20]:
@@ -395,6 +398,8 @@ def main():
   p.add_argument("--sweep-seconds", type=float, default=90, help="time kept for the sweep")
   p.add_argument("--check-kernels", nargs="+", default=list(qgpu.KERNELS),
                  choices=list(qgpu.KERNELS), help="kernels the --check phase compiles and checks")
+  p.add_argument("--check-unpacks", nargs="+", default=["shift"], choices=["shift", "magic"],
+                 help="unpacks the --check phase runs with each kernel")
   p.add_argument("--variants", action="store_true", help="time every kernel variant (before the "
                  "table)")
   p.add_argument("--variants-m", type=int, nargs="+", default=[1, 16])
@@ -415,7 +420,7 @@ def main():
                  command=" ".join(sys.argv))
   print(f"{dev.device_kind} jax {jax.__version__}", flush=True)
   if not args.no_check:
-    run_check(results, args.out, args.check_kernels)
+    run_check(results, args.out, args.check_kernels, args.check_unpacks)
   results["copy_bw_Bps"] = copy_bw = copy_bandwidth(2**24 if args.interpret else 2**30)
   results["matmul_tflops"] = matmul_tflops(512 if args.interpret else 8192)
   print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write); bf16 8192^3 matmul "

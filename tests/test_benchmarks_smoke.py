@@ -479,13 +479,16 @@ def test_quantized_matmul_benchmark_interpret(tmp_path):
 
 def test_quantized_matmul_benchmark_times_every_kernel_variant(tmp_path):
   """--variants: the three kernels and both unpacks, beside bf16, with their errors; no table.
-  --check-kernels fma: the odd-shape check of the GEMV kernel (M = 1 and 3 only)."""
+  --check-kernels fma --check-unpacks magic: the odd-shape check of the GEMV kernel with the
+  float32 exponent-trick unpack (M = 1 and 3 only)."""
   out = tmp_path / "qmm_variants.json"
   _run("quantized_matmul.py", "--interpret", "--variants", "--variants-m", "1", "--skip-table",
-       "--shapes", "256x128", "--repeats", "1", "--check-kernels", "fma", "--out", str(out))
+       "--shapes", "256x128", "--repeats", "1", "--check-kernels", "fma", "--check-unpacks",
+       "magic", "--out", str(out))
   result = json.loads(out.read_text())
   assert "table" not in result
-  assert {(c["kernel"], c["m"]) for c in result["check"]} == {("fma", 1), ("fma", 3)}
+  assert {(c["kernel"], c["unpack"], c["m"]) for c in result["check"]} == {("fma", "magic", 1),
+                                                                           ("fma", "magic", 3)}
   assert all(c["rel_err"] < 1e-2 for c in result["check"])
   seen = {(r["bits"], r["cfg"]["kernel"], r["cfg"]["unpack"]) for r in result["variants"]}
   assert seen == {(b, k, u) for b in (8, 4) for k in ("dot", "dot_t", "fma")

@@ -268,13 +268,17 @@ def run_table(results, out, ms, shapes, repeats, deadline, copy_bw):
 
 
 def kernel_variants(m, k, n, *, bits, group):
-  """The kernels compared by ``--variants``: each at its default tiling, with both unpacks (the
-  "fma" GEMV only for M <= 8)."""
-  kernels = ("dot", "dot_t", "fma") if m <= qgpu.FMA_MAX_ROWS else ("dot", "dot_t")
+  """The kernels compared by ``--variants``: "dot" and "dot_t" at their default tiling with both
+  unpacks; for M <= 8 the "fma" GEMV at its default and with the other unpack / reduction."""
   out = []
-  for kernel in kernels:
+  for kernel in ("dot", "dot_t"):
     cfg = qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel=kernel)
     out += [cfg, dataclasses.replace(cfg, unpack="magic")]
+  if m <= qgpu.FMA_MAX_ROWS:
+    fma = qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel="fma")
+    other = "shift" if fma.unpack == "magic" else "magic"
+    out += [fma, dataclasses.replace(fma, unpack=other),
+            dataclasses.replace(fma, fma_reduce="step" if fma.fma_reduce == "end" else "end")]
   return out
 
 
@@ -324,8 +328,9 @@ def run_variants(results, out, ms, shapes, repeats, deadline, copy_bw):
           except Exception as e:  # noqa: BLE001 - report and continue
             row["error"] = shown = f"{type(e).__name__}: {str(e)[:200]}"
           rows.append(row)
-          print(f"variants K={k} N={n} M={m} int{bits} {cfg.kernel:5s} {cfg.unpack:5s}: {shown}",
-                flush=True)
+          reduce = f" reduce {cfg.fma_reduce}" if cfg.kernel == "fma" else ""
+          print(f"variants K={k} N={n} M={m} int{bits} {cfg.kernel:5s} {cfg.unpack:5s}{reduce}: "
+                f"{shown}", flush=True)
         dump(results, out)
       del bufs
 
@@ -357,7 +362,8 @@ def run_sweep(results, out, repeats, deadline, sweep_ms=(1, 16, 64, 128, 512)):
                      dataclasses.replace(fma, block_n=64), dataclasses.replace(fma, block_n=256),
                      dataclasses.replace(fma, split_k=fma.split_k * 2),
                      dataclasses.replace(fma, split_k=max(1, fma.split_k // 2)),
-                     dataclasses.replace(fma, unpack="magic")}
+                     dataclasses.replace(fma, unpack="shift" if fma.unpack == "magic" else "magic"),
+                     dataclasses.replace(fma, fma_reduce="step" if fma.fma_reduce == "end" else "end")}
         if bits == 8:
           variants.add(dataclasses.replace(fma, block_k=32))
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)

@@ -60,6 +60,10 @@ class GpuConfig:
       "fma": no tensor cores, for block_m <= 8 rows: each code is converted to float32 once and
         multiplied into every row, y[m, n] += sum_k x[m, k] w[k, n] (a GEMV that reads the
         weights once and spends one FMA per weight and row). Not yet timed.
+    fma_reduce: where the "fma" kernel reduces over k: "step" (each step's [k, n] products
+      summed over k at once: a reduction across threads per step) or "end" (tile-shaped
+      accumulators, dequantised per element, reduced once after the loop: no per-step
+      shuffles or barriers, more registers per row, so for a row or two). Not yet timed.
   """
   block_m: int = 16
   block_n: int = 128
@@ -69,6 +73,7 @@ class GpuConfig:
   num_stages: int = 3
   unpack: str = "shift"
   kernel: str = "dot"
+  fma_reduce: str = "step"
 
 
 KERNELS = ("dot", "dot_t", "fma")
@@ -116,8 +121,11 @@ def default_config(m: int, k: int, n: int, *, bits: int, group_size: int | None,
   """Tiling heuristic: small M streams weights (narrow M tile, K split to fill the SMs), large M is
   a tiled matmul (128 x 128 tiles). Tuned by ``benchmarks/quantized_matmul.py``.
 
-  ``kernel="fma"`` (M <= 8) takes an M tile of the next power of two >= M and 8 warps (an untimed
-  guess, swept by the benchmark's ``--variants``); "dot_t" takes the "dot" tiling."""
+  ``kernel="fma"`` (M <= 8) takes an M tile of the next power of two >= M, 8 warps, and up to
+  4 rows the tile-shaped accumulators with the float32 exponent-trick unpack: the fewest
+  instructions per weight in the sm_90 code of ``benchmarks/triton_offline.py`` (6.8 per int4
+  weight in the loop at M = 1, against 11.5 with a reduction per step; docs/benchmarks.md). An
+  untimed choice, swept by the benchmark's ``--variants``. "dot_t" takes the "dot" tiling."""
   if kernel == "fma":
     block_m = _pow2_at_least(m)
     num_warps = 8
@@ -140,6 +148,9 @@ def default_config(m: int, k: int, n: int, *, bits: int, group_size: int | None,
   while (programs * split_k * 2 <= 2 * NUM_SMS and steps % (split_k * 2) == 0
          and steps // (split_k * 2) >= 2):
     split_k *= 2
+  if kernel == "fma" and block_m <= 4:
+    return GpuConfig(block_m, block_n, block_k, split_k, num_warps, 3, unpack="magic",
+                     kernel=kernel, fma_reduce="end")
   return GpuConfig(block_m, block_n, block_k, split_k, num_warps, 3, kernel=kernel)
 
 
@@ -169,6 +180,8 @@ def check_shape(m: int, k: int, n: int, *, bits: int, group_size: int | None, cf
       raise KernelShapeError(f"{name}={v}: the Triton kernel needs powers of two >= 16")
   if cfg.unpack not in ("shift", "magic"):
     raise KernelShapeError(f"unpack must be 'shift' or 'magic', got {cfg.unpack!r}")
+  if cfg.fma_reduce not in ("step", "end"):
+    raise KernelShapeError(f"fma_reduce must be 'step' or 'end', got {cfg.fma_reduce!r}")
   if bits == 4 and step < 32:
     raise KernelShapeError(f"int4 step of {step} rows: the kernel needs >= 32 (two dots of >= 16)")
   if n % cfg.block_n:
@@ -274,13 +287,21 @@ def _x_columns(x_ref, row: int, i, step: int, bits: int):
 
 
 def _fma_kernel(x_ref, w_ref, s_ref, *refs, bits: int, step: int, steps: int, grouped: bool,
-                has_zeros: bool, magic: bool):
+                has_zeros: bool, magic: bool, reduce_at_end: bool):
   """The "fma" kernel: per step the codes become float32 once, then every row m of the M tile
   accumulates part_m[n] = sum_k x[m, k] w[k, n] with plain FMAs and a reduction over k (no
-  tensor cores, no layout change of the weights). Scales and zero points as in ``_kernel``."""
+  tensor cores, no layout change of the weights). Scales and zero points as in ``_kernel``.
+
+  ``reduce_at_end`` (``GpuConfig.fma_reduce="end"``): each row keeps a tile-shaped accumulator,
+  acc[k, n] += x[m, k] s_g[n] (q[k, n] - z_g[n]), and reduces over k once after the loop instead
+  of once per step (the per-step reduction crosses threads: shuffles, shared memory, barriers)."""
   z_ref, o_ref = refs if has_zeros else (None, refs[0])
   block_m, block_n = x_ref.shape[0], o_ref.shape[-1]
   f32 = jnp.float32
+  if reduce_at_end:
+    _fma_kernel_reduce_at_end(x_ref, w_ref, s_ref, z_ref, o_ref, bits=bits, step=step,
+                              steps=steps, grouped=grouped, magic=magic)
+    return
 
   def body(i, carry):
     tiles = _codes_f32(w_ref, i, step, bits, magic)
@@ -303,6 +324,49 @@ def _fma_kernel(x_ref, w_ref, s_ref, *refs, bits: int, step: int, steps: int, gr
     if not grouped:
       if has_zeros:
         acc = acc - z_ref[0, :] * xsum
+      acc = acc * s_ref[0, :]
+    o_ref[row, :] = acc.astype(o_ref.dtype)
+
+
+def _fma_kernel_reduce_at_end(x_ref, w_ref, s_ref, z_ref, o_ref, *, bits: int, step: int,
+                              steps: int, grouped: bool, magic: bool):
+  """``_fma_kernel`` with tile-shaped accumulators, one per row and per code tile (int4: the even
+  and the odd rows of K), reduced over k once after the loop. Grouped codes are dequantised per
+  element, (q - z_g) s_g, so the groups can share one accumulator; per-channel scales and zero
+  points are applied after the reduction, as in ``_kernel``."""
+  block_m = x_ref.shape[0]
+  f32 = jnp.float32
+  rows = step // 2 if bits == 4 else step
+  n_tiles = 2 if bits == 4 else 1
+  has_zeros = z_ref is not None
+
+  def body(i, carry):
+    accs, xsums = carry
+    tiles = _codes_f32(w_ref, i, step, bits, magic)
+    if grouped:
+      scale = s_ref[i, :][None, :]
+      if has_zeros:
+        zero = z_ref[i, :][None, :]
+        tiles = [(t - zero) * scale for t in tiles]
+      else:
+        tiles = [t * scale for t in tiles]
+    new_accs, new_xsums = [], []
+    for row in range(block_m):
+      cols = _x_columns(x_ref, row, i, step, bits)
+      new_accs.append(tuple(a + x * t for a, x, t in zip(accs[row], cols, tiles)))
+      new_xsums.append(xsums[row] + sum(jnp.sum(x) for x in cols) if has_zeros and not grouped
+                       else xsums[row])
+    return tuple(new_accs), tuple(new_xsums)
+
+  init = (tuple(tuple(jnp.zeros((rows, o_ref.shape[-1]), f32) for _ in range(n_tiles))
+                for _ in range(block_m)),
+          tuple(jnp.zeros((), f32) for _ in range(block_m)))
+  accs, xsums = lax.fori_loop(0, steps, body, init)
+  for row in range(block_m):
+    acc = sum(jnp.sum(a, axis=0) for a in accs[row])
+    if not grouped:
+      if has_zeros:
+        acc = acc - z_ref[0, :] * xsums[row]
       acc = acc * s_ref[0, :]
     o_ref[row, :] = acc.astype(o_ref.dtype)
 
@@ -351,7 +415,7 @@ def quantized_matmul_gpu(x_MxK, w_q, scales_GxN, zeros_GxN=None, *, bits: int,
   common = dict(bits=bits, step=step, steps=k_split // step, grouped=grouped,
                 has_zeros=zeros_GxN is not None, magic=magic)
   if cfg.kernel == "fma":
-    kernel = functools.partial(_fma_kernel, **common)
+    kernel = functools.partial(_fma_kernel, reduce_at_end=cfg.fma_reduce == "end", **common)
   else:
     kernel = functools.partial(_kernel, transposed=cfg.kernel == "dot_t", **common)
   compiler_params = None

@@ -91,10 +91,11 @@ def test_gpu_kernel_magic_unpack_matches_exact_product(dtype, bits, group, symme
                      interpret=True, config=GpuConfig(block_m=16, block_n=32, unpack="lut"))
 
 
+@pytest.mark.parametrize("reduce", ["step", "end"])
 @pytest.mark.parametrize("unpack", ["shift", "magic"])
 @pytest.mark.parametrize("bits,group,symmetric", FORMATS)
 @pytest.mark.parametrize("m", [1, 3])
-def test_gpu_fma_kernel_matches_exact_product(unpack, bits, group, symmetric, m):
+def test_gpu_fma_kernel_matches_exact_product(reduce, unpack, bits, group, symmetric, m):
   # the GEMV kernel: codes -> float32 (a conversion, or 2^23 + u - (2^23 + offset)), one FMA per
   # weight and row; a wrong magic offset moves every output by a multiple of sum(x), a swapped
   # row of the M tile or a swapped nibble gives O(1) errors
@@ -102,7 +103,7 @@ def test_gpu_fma_kernel_matches_exact_product(unpack, bits, group, symmetric, m)
   q, s, z, w_hat = _quantize(k, n, bits, group, symmetric, seed=3)
   x = _x(m, k, seed=m)
   cfg = GpuConfig(block_m=4 if m == 3 else 1, block_n=32, block_k=64, split_k=2, kernel="fma",
-                  unpack=unpack)
+                  unpack=unpack, fma_reduce=reduce)
   y = quantized_matmul(x, q, s, bits=bits, group_size=group, zeros=z, impl="pallas_gpu",
                        interpret=True, config=cfg)
   assert y.shape == (m, n) and y.dtype == jnp.bfloat16
@@ -136,8 +137,14 @@ def test_kernel_variants_refuse_tilings_they_cannot_run():
     qgpu.check_shape(5, 256, 64, bits=8, group_size=None, cfg=GpuConfig(block_m=4, kernel="fma"))
   with pytest.raises(KernelShapeError, match="block_m=8: the Triton kernel needs powers of two"):
     qgpu.check_shape(5, 256, 64, bits=8, group_size=None, cfg=GpuConfig(block_m=8, kernel="dot_t"))
+  with pytest.raises(KernelShapeError, match="fma_reduce must be"):
+    qgpu.check_shape(1, 256, 64, bits=8, group_size=None,
+                     cfg=GpuConfig(block_m=1, kernel="fma", fma_reduce="tree"))
   fma = qgpu.default_config(3, 4096, 4096, bits=4, group_size=128, kernel="fma")
   assert fma.kernel == "fma" and fma.block_m == 4 and fma.split_k > 1
+  assert (fma.fma_reduce, fma.unpack) == ("end", "magic")  # fewest sm_90 instructions per weight
+  assert qgpu.default_config(7, 4096, 4096, bits=4, group_size=128, kernel="fma").fma_reduce == (
+      "step")  # 8 rows of tile-shaped accumulators do not fit the registers
   qgpu.check_shape(3, 4096, 4096, bits=4, group_size=128, cfg=fma)
   assert qgpu.default_config(1, 4096, 4096, bits=8, group_size=None).kernel == "dot"
 

@@ -35,6 +35,9 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",
         "transformers==5.24.0",
         "accelerate==1.15.0",  # transformers needs it to read GGUF files (independent parity check)
+        # the standalone Triton compiler: tests/kernels/test_sm90_compile.py compiles every Pallas
+        # kernel to Hopper machine code on CPU (benchmarks/triton_offline.py)
+        "triton==3.4.0",
     ],
 }
 

@@ -1,7 +1,7 @@
 r"""Compile the Pallas kernels to Hopper machine code on a machine without a GPU, and report what
 the compiler made of them: registers, spills, shared memory and the SASS instruction mix.
 
-    pip install triton==3.4.0          # a development tool only: not a dependency of postrl
+    pip install -e ".[test]"           # brings triton==3.4.0 (a test dependency, not a runtime one)
     python benchmarks/triton_offline.py --out /tmp/triton_offline.json
     python benchmarks/triton_offline.py --only sampling --sass-dir /tmp/sass
 
@@ -194,7 +194,8 @@ def main(argv=None):
   try:
     _tools()
   except ImportError:
-    sys.exit("error: this tool needs the standalone Triton compiler: pip install triton==3.4.0")
+    sys.exit("error: this tool needs the standalone Triton compiler: pip install triton==3.4.0 "
+             "(in the test extras: pip install -e '.[test]')")
   rows = []
   for group in args.only:
     for label, f, shapes in GROUPS[group]():

@@ -1,0 +1,87 @@
+"""Every Pallas kernel compiled to Hopper (sm_90) machine code on this CPU-only machine, through
+the standalone Triton compiler (``triton==3.4.0``, a test dependency) as
+``benchmarks/triton_offline.py`` does: a kernel that Triton cannot compile for a GPU fails here,
+not in a lent GPU's time. Also a few facts of the generated code that the kernels' designs rely
+on (counted in the SASS, static counts, no timing).
+
+XLA compiles the same Triton IR with its own Triton build, so passing here is strong evidence,
+not proof, that the GPU compile passes."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+pytest.importorskip("triton", reason="the standalone Triton compiler is a test dependency")
+
+from benchmarks.triton_offline import capture_kernels, compile_report  # noqa: E402
+from kernels.beam_step.gpu import beam_step_gpu  # noqa: E402
+from kernels.decode_attention import gpu as dgpu  # noqa: E402
+from kernels.quantized_matmul import gpu as qgpu  # noqa: E402
+from kernels.sampling.gpu import GpuConfig, sample_gpu  # noqa: E402
+
+S = jax.ShapeDtypeStruct
+
+
+def compiled(f, *shapes):
+  """[report] for each Pallas kernel of ``f(*shapes)``, compiled for sm_90; fails on an error."""
+  rows = [compile_report(*kernel) for kernel in capture_kernels(f, *shapes)]
+  assert rows
+  for row in rows:
+    assert "error" not in row, row
+    assert row["registers"] <= 255 and row["local_bytes"] == 0, row  # no spills
+  return rows
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_sampling_kernels_compile_and_fast_math_halves_the_loop(split):
+  shapes = (S((64, 151936), jnp.float32), S((64,), jnp.uint32))
+  exact = compiled(functools.partial(sample_gpu, top_p=0.9, config=GpuConfig(split=split)),
+                   *shapes)
+  fast = compiled(functools.partial(sample_gpu, top_p=0.9,
+                                    config=GpuConfig(split=split, fast_math=True)), *shapes)
+  assert [r["kernel"] for r in exact] == [r["kernel"] for r in fast]
+  # the drawing kernel (the first): PTX special-function instructions instead of libdevice's
+  # accurate functions, and far fewer instructions per loop iteration
+  assert fast[0]["sass_loop"].get("MUFU", 0) > exact[0]["sass_loop"].get("MUFU", 0)
+  assert fast[0]["loop_instructions"] < 0.7 * exact[0]["loop_instructions"]
+  for settings in (dict(top_k=50, min_p=0.05), dict(temperature=0.8)):
+    compiled(functools.partial(sample_gpu, config=GpuConfig(split=split), **settings), *shapes)
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 128)])
+def test_quantized_matmul_kernels_compile(bits, group):
+  k, n = 4096, 4096
+  loops = {}
+  for m, kernel, reduce in ((1, "dot", "step"), (16, "dot", "step"), (1, "dot_t", "step"),
+                            (1, "fma", "step"), (1, "fma", "end"), (4, "fma", "end")):
+    for unpack in ("shift", "magic"):
+      cfg = dataclasses.replace(
+          qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel=kernel),
+          unpack=unpack, fma_reduce=reduce)
+      shapes = (S((m, k), jnp.bfloat16),
+                S((k // 2, n) if bits == 4 else (k, n), jnp.uint8 if bits == 4 else jnp.int8),
+                S((1 if group is None else k // group, n), jnp.float32))
+      (row,) = compiled(functools.partial(qgpu.quantized_matmul_gpu, bits=bits, group_size=group,
+                                          config=cfg), *shapes)
+      loops[m, kernel, reduce, unpack] = row
+  # the dot kernel runs on the tensor cores; the fma kernel does not
+  assert loops[1, "dot", "step", "shift"]["sass_loop"].get("HMMA", 0) > 0
+  assert not {"HMMA", "HGMMA"} & set(loops[1, "fma", "end", "magic"]["sass_loop"])
+  # the magic unpack leaves no integer-to-float conversion in the fma loop
+  assert not {"I2F", "I2FP"} & set(loops[1, "fma", "end", "magic"]["sass_loop"])
+  # reducing once after the loop: no cross-thread shuffles per step, and a shorter loop
+  end, step = loops[1, "fma", "end", "magic"], loops[1, "fma", "step", "magic"]
+  assert "SHFL" not in end["sass_loop"] and step["sass_loop"].get("SHFL", 0) > 0
+  assert end["loop_instructions"] < step["loop_instructions"]
+
+
+def test_beam_step_and_decode_attention_compile():
+  compiled(lambda x, s: beam_step_gpu(x, s, 8), S((1, 4, 151936), jnp.float32),
+           S((1, 4), jnp.float32))
+  for b, h, kv in ((1, 9, 3), (64, 32, 8)):
+    compiled(dgpu.decode_attention_gpu, S((b, h, 64), jnp.bfloat16),
+             S((b, 4096, kv, 64), jnp.bfloat16), S((b, 4096, kv, 64), jnp.bfloat16),
+             S((b,), jnp.int32))

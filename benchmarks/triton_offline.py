@@ -71,8 +71,13 @@ def capture_kernels(f, *args):
     stages = re.findall(r"num_stages = (\d+) : i32", text)
     warps = re.findall(r"num_warps = (\d+) : i32", text)
     calls = list(zip(names, stages, warps))
+  if len(calls) != len(modules):
+    raise RuntimeError(f"{len(modules)} Triton modules but {len(calls)} kernel calls in the "
+                       "lowered program: cannot pair their warps / stages")
   out = []
-  for (name, ir_text), (_, stages, warps) in zip(modules, calls):
+  for (name, ir_text), (call_name, stages, warps) in zip(modules, calls):
+    if name and name != call_name:  # the calls come in another order than the modules
+      raise RuntimeError(f"kernel {name!r} paired with the call of {call_name!r}")
     out.append((name, ir_text, int(warps), int(stages)))
   return out
 

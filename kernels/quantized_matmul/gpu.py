@@ -127,7 +127,7 @@ def default_config(m: int, k: int, n: int, *, bits: int, group_size: int | None,
   weight in the loop at M = 1, against 11.5 with a reduction per step; docs/benchmarks.md). An
   untimed choice, swept by the benchmark's ``--variants``. "dot_t" takes the "dot" tiling."""
   if kernel == "fma":
-    block_m = _pow2_at_least(m)
+    block_m = pl.next_power_of_2(m)
     num_warps = 8
   else:
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
@@ -152,13 +152,6 @@ def default_config(m: int, k: int, n: int, *, bits: int, group_size: int | None,
     return GpuConfig(block_m, block_n, block_k, split_k, num_warps, 3, unpack="magic",
                      kernel=kernel, fma_reduce="end")
   return GpuConfig(block_m, block_n, block_k, split_k, num_warps, 3, kernel=kernel)
-
-
-def _pow2_at_least(n: int) -> int:
-  p = 1
-  while p < n:
-    p *= 2
-  return p
 
 
 def check_shape(m: int, k: int, n: int, *, bits: int, group_size: int | None, cfg: GpuConfig):
@@ -286,22 +279,25 @@ def _x_columns(x_ref, row: int, i, step: int, bits: int):
           x_ref[r, pl.ds(k0 + 1, half, stride=2)].astype(jnp.float32).T]
 
 
+def _store_rows(o_ref, s_ref, z_ref, accs, xsums, grouped: bool):
+  """The fma kernels' output rows: y_m = acc_m when grouped (scales applied per group), else
+  y_m = s (acc_m - z sum_k x[m, k]) with the per-channel scale and zero point."""
+  for row, (acc, xsum) in enumerate(zip(accs, xsums)):
+    if not grouped:
+      if z_ref is not None:
+        acc = acc - z_ref[0, :] * xsum
+      acc = acc * s_ref[0, :]
+    o_ref[row, :] = acc.astype(o_ref.dtype)
+
+
 def _fma_kernel(x_ref, w_ref, s_ref, *refs, bits: int, step: int, steps: int, grouped: bool,
-                has_zeros: bool, magic: bool, reduce_at_end: bool):
+                has_zeros: bool, magic: bool):
   """The "fma" kernel: per step the codes become float32 once, then every row m of the M tile
   accumulates part_m[n] = sum_k x[m, k] w[k, n] with plain FMAs and a reduction over k (no
-  tensor cores, no layout change of the weights). Scales and zero points as in ``_kernel``.
-
-  ``reduce_at_end`` (``GpuConfig.fma_reduce="end"``): each row keeps a tile-shaped accumulator,
-  acc[k, n] += x[m, k] s_g[n] (q[k, n] - z_g[n]), and reduces over k once after the loop instead
-  of once per step (the per-step reduction crosses threads: shuffles, shared memory, barriers)."""
+  tensor cores, no layout change of the weights). Scales and zero points as in ``_kernel``."""
   z_ref, o_ref = refs if has_zeros else (None, refs[0])
   block_m, block_n = x_ref.shape[0], o_ref.shape[-1]
   f32 = jnp.float32
-  if reduce_at_end:
-    _fma_kernel_reduce_at_end(x_ref, w_ref, s_ref, z_ref, o_ref, bits=bits, step=step,
-                              steps=steps, grouped=grouped, magic=magic)
-    return
 
   def body(i, carry):
     tiles = _codes_f32(w_ref, i, step, bits, magic)
@@ -320,25 +316,22 @@ def _fma_kernel(x_ref, w_ref, s_ref, *refs, bits: int, step: int, steps: int, gr
 
   init = tuple((jnp.zeros((block_n,), f32), jnp.zeros((), f32)) for _ in range(block_m))
   rows = lax.fori_loop(0, steps, body, init)
-  for row, (acc, xsum) in enumerate(rows):
-    if not grouped:
-      if has_zeros:
-        acc = acc - z_ref[0, :] * xsum
-      acc = acc * s_ref[0, :]
-    o_ref[row, :] = acc.astype(o_ref.dtype)
+  _store_rows(o_ref, s_ref, z_ref, [acc for acc, _ in rows], [xsum for _, xsum in rows], grouped)
 
 
-def _fma_kernel_reduce_at_end(x_ref, w_ref, s_ref, z_ref, o_ref, *, bits: int, step: int,
-                              steps: int, grouped: bool, magic: bool):
-  """``_fma_kernel`` with tile-shaped accumulators, one per row and per code tile (int4: the even
-  and the odd rows of K), reduced over k once after the loop. Grouped codes are dequantised per
-  element, (q - z_g) s_g, so the groups can share one accumulator; per-channel scales and zero
-  points are applied after the reduction, as in ``_kernel``."""
+def _fma_kernel_reduce_at_end(x_ref, w_ref, s_ref, *refs, bits: int, step: int, steps: int,
+                              grouped: bool, has_zeros: bool, magic: bool):
+  """The "fma" kernel with ``GpuConfig.fma_reduce="end"``: each row keeps tile-shaped
+  accumulators (int4: one for the even and one for the odd rows of K),
+  acc[k, n] += x[m, k] s_g[n] (q[k, n] - z_g[n]) when grouped (dequantised per element, so the
+  groups share one accumulator), and reduces over k once after the loop instead of once per step
+  (that reduction crosses threads: shuffles, shared memory, barriers). Per-channel scales and
+  zero points are applied after the reduction, as in ``_kernel``."""
+  z_ref, o_ref = refs if has_zeros else (None, refs[0])
   block_m = x_ref.shape[0]
   f32 = jnp.float32
   rows = step // 2 if bits == 4 else step
   n_tiles = 2 if bits == 4 else 1
-  has_zeros = z_ref is not None
 
   def body(i, carry):
     accs, xsums = carry
@@ -362,13 +355,8 @@ def _fma_kernel_reduce_at_end(x_ref, w_ref, s_ref, z_ref, o_ref, *, bits: int, s
                 for _ in range(block_m)),
           tuple(jnp.zeros((), f32) for _ in range(block_m)))
   accs, xsums = lax.fori_loop(0, steps, body, init)
-  for row in range(block_m):
-    acc = sum(jnp.sum(a, axis=0) for a in accs[row])
-    if not grouped:
-      if has_zeros:
-        acc = acc - z_ref[0, :] * xsums[row]
-      acc = acc * s_ref[0, :]
-    o_ref[row, :] = acc.astype(o_ref.dtype)
+  _store_rows(o_ref, s_ref, z_ref, [sum(jnp.sum(a, axis=0) for a in tiles) for tiles in accs],
+              xsums, grouped)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "config", "interpret"))
@@ -415,7 +403,8 @@ def quantized_matmul_gpu(x_MxK, w_q, scales_GxN, zeros_GxN=None, *, bits: int,
   common = dict(bits=bits, step=step, steps=k_split // step, grouped=grouped,
                 has_zeros=zeros_GxN is not None, magic=magic)
   if cfg.kernel == "fma":
-    kernel = functools.partial(_fma_kernel, reduce_at_end=cfg.fma_reduce == "end", **common)
+    kernel = functools.partial(
+        _fma_kernel_reduce_at_end if cfg.fma_reduce == "end" else _fma_kernel, **common)
   else:
     kernel = functools.partial(_kernel, transposed=cfg.kernel == "dot_t", **common)
   compiler_params = None

@@ -40,11 +40,11 @@ both take the smallest index among equal scores):
 * the split path (``split=True``): each row over C programs of ``chunk`` entries (about
   ``programs`` in all). Launch 0 draws round 0 and the statistics per chunk; launch r checks round
   r - 1's candidate and draws round r's in the same pass (the draw is dropped where the check
-  accepts). The per-chunk partials are combined (max / rescaled sums / smallest index of the best
-  score, ``combine_stats`` / ``combine_draws`` / ``advance``) by XLA after launch 0 and after the
-  last launch; in between, every program of a row combines the previous launch's [C] partials
-  itself (all take the same decision; the row's first program writes the state out), so the
-  launches follow each other with no XLA step. After ``split_rounds`` rounds the rows still
+  accepts). Every program of a row combines the previous launch's [C] per-chunk partials itself
+  (max / rescaled sums / smallest index of the best score / the accept test: ``combine_stats`` /
+  ``combine_draws`` / ``advance``; all take the same decision and the row's first program writes
+  the state out), so the launches follow each other with no XLA step; XLA combines once, after
+  the last (and, with min-p, takes the row max between the statistics and the first draw). After ``split_rounds`` rounds the rows still
   rejected (few: the acceptance probability per round is at least p(kept)) continue in the row
   kernel from the last rejected pivot. Not yet timed on a GPU.
 
@@ -178,7 +178,6 @@ def round_key(seed_u32, r_i32):
 # exp / log / log1p (libdevice's accurate expf / logf / log1pf on a GPU); "fast" = the formulas
 # below with jnp.exp2 / jnp.log2 (interpret mode); "ptx" = the same formulas with PTX's
 # ex2.approx / lg2.approx (one special-function instruction each; compiled kernels only).
-MATH_MODES = ("exact", "fast", "ptx")
 _LOG2E, _LN2 = np.float32(1.4426950408889634), np.float32(0.6931471805599453)
 
 
@@ -605,7 +604,7 @@ def _split_call(logits_BxV, seeds_B, *row_inputs, chunk, n_chunks, cfg, settings
   cell = pl.BlockSpec((None, None), lambda i, c: (i, c))
   partials = pl.BlockSpec((None, n_chunks), lambda i, c: (i, 0))
   out_shape = [jax.ShapeDtypeStruct((b, n_chunks), k) for k in kinds]
-  written = ((f32,) * 4 if first else ()) + _STATE_DTYPES if check else ()
+  written = (((f32,) * 4 if first else ()) + _STATE_DTYPES) if check else ()
   out_shape += [jax.ShapeDtypeStruct((b,), k) for k in written]
   out_specs = [cell] * len(kinds) + [row] * len(written)
   compiler_params = None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps,

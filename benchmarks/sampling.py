@@ -241,14 +241,19 @@ def table_points(modes, batches, vocabs):
   return out
 
 
+# the columns a --lean table times: the loop's own cost, the read, the issue's baseline (XLA's
+# sort), generate's XLA sampler below batch 64 (radix), the row kernel and the split + fast_math path
+LEAN_VARIANTS = ("loop", "read", "sort", "radix", "pallas", "split_fast")
+
+
 def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget, copy_bw,
-              reserve_s):
+              reserve_s, rows=slice(None), lean=False):
   common.log(f"{'mode':6s} {'B':>4s} {'V':>7s} | {'read us':>8s} {'sort us':>9s} {'bisect us':>9s} "
              f"{'radix us':>9s} {'pallas us':>9s} {'split us':>9s} {'kernel us':>9s} | "
              f"{'pal/read':>8s} {'sort/pal':>8s} {'spl/read':>8s} {'sort/spl':>8s} {'rounds':>6s} | "
              f"{'loop us':>7s} {'pal/copy':>8s} {'spl/copy':>8s} | {'fast us':>9s} "
              f"{'splfst us':>9s} {'sf/copy':>8s}")
-  for mode, b, v in table_points(modes, batches, vocabs):
+  for mode, b, v in table_points(modes, batches, vocabs)[rows]:
     if budget.over(reserve_s):
       common.log("time limit reached: table stops here")
       results.update(status="time limit")
@@ -288,6 +293,8 @@ def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget,
         "kernel": lambda k, x: sample_gpu(
             x, jax.random.bits(k, (b,), jnp.uint32), interpret=INTERPRET, **settings)[:2],
     }
+    if lean:
+      variants = {k: f for k, f in variants.items() if k in LEAN_VARIANTS}
     for name, fn in variants.items():
       if name in ("pallas", "split", "fast", "split_fast", "kernel") and "kernel_error" in row:
         row[f"{name}_error"] = "skipped: the kernel failed on this shape"
@@ -362,6 +369,15 @@ def run_sweep(results, *, b, v, dtype, scale, repeats, budget, configs):
                f"{us if isinstance(us, str) else f'{us:.1f} us'}")
 
 
+def parse_rows(text):
+  """'START:STOP' (either side may be empty) -> slice of the table's points."""
+  try:
+    start, stop = (int(t) if t.strip() else None for t in text.split(":"))
+  except ValueError:
+    raise SystemExit(f"--rows: expected START:STOP (e.g. 0:5 or 5:), got {text!r}") from None
+  return slice(start, stop)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--batch", type=int, nargs="+", default=list(BATCHES))
@@ -378,6 +394,11 @@ def main(argv=None):
                  choices=list(CHECK_MODES))
   p.add_argument("--check-configs", nargs="+", default=["row"], choices=list(CHECK_CONFIGS),
                  help="kernel settings the check runs (CHECK_CONFIGS)")
+  p.add_argument("--rows", default=":",
+                 help="START:STOP slice of the table's points (table_points order), e.g. 0:5")
+  p.add_argument("--lean", action="store_true",
+                 help=f"time only the columns {', '.join(LEAN_VARIANTS)}")
+  p.add_argument("--no-table", action="store_true")
   p.add_argument("--sweep", action="store_true")
   p.add_argument("--sweep-seconds", type=float, default=40, help="time kept for the sweep")
   p.add_argument("--sweep-blocks", type=int, nargs="+", default=[1024, 2048])
@@ -416,9 +437,11 @@ def main(argv=None):
                            repeats=2 if small_copy else 5)
   results.update(copy_bw_Bps=copy_bw)
   common.log(f"copy bandwidth {copy_bw / 1e12:.3f} TB/s (read + write)")
-  run_table(results, modes=args.modes, batches=args.batch, vocabs=args.vocab, dtype=dtype,
-            scale=args.logit_scale, repeats=args.repeats, budget=budget, copy_bw=copy_bw,
-            reserve_s=args.sweep_seconds if args.sweep else 0)
+  if not args.no_table:
+    run_table(results, modes=args.modes, batches=args.batch, vocabs=args.vocab, dtype=dtype,
+              scale=args.logit_scale, repeats=args.repeats, budget=budget, copy_bw=copy_bw,
+              reserve_s=args.sweep_seconds if args.sweep else 0, rows=parse_rows(args.rows),
+              lean=args.lean)
   if args.sweep:
     run_sweep(results, b=64 if 64 in args.batch else max(args.batch), v=max(args.vocab),
               dtype=dtype, scale=args.logit_scale, repeats=args.repeats, budget=budget,

@@ -31,14 +31,14 @@ Phases:
 
 Timing (as ``benchmarks/quantized_matmul.py``): each executable samples R distinct logits buffers
 (together >= 3x the 50 MB L2 cache, at most 8) in a loop of L iterations inside one jit (L chosen
-so that a call lasts about 3 ms); each iteration changes one entry of every buffer in place
-(0 x the running sum of the outputs, so XLA can hoist nothing out of the loop; the buffers are
-donated, so nothing is copied) and folds the iteration into the key. Time per sample = median over
-``--repeats`` calls / (R L). That loop costs a few launches per call of its own: the ``loop``
-column times it with a body that reads one column of the logits, and the ``*_net_us`` columns
-subtract it (``*_net_over_copy``: net time over the copy floor ``copy_bound_us``, the issue's
-"time to read the logits once"). Prints each row as it goes; writes JSON
-(``benchmarks.common.Results``, with ``environment()``) after each.
+so that a call lasts about 3 ms); each iteration, after sampling from a buffer, changes one entry
+of it in place (0 x the running sum of the outputs, so the next iteration reads a new value and
+XLA can hoist nothing out of the loop; the buffers are donated, so nothing is copied) and folds
+the iteration into the key. Time per sample = median over ``--repeats`` calls / (R L). That loop
+costs a few launches per call of its own: the ``loop`` column times it with a body that reads one
+column of the logits, and the ``*_net_us`` columns subtract it (``*_net_over_copy``: net time over
+the copy floor ``copy_bound_us``, the issue's "time to read the logits once"). Prints each row as
+it goes; writes JSON (``benchmarks.common.Results``, with ``environment()``) after each.
 """
 
 from __future__ import annotations
@@ -193,22 +193,31 @@ def _median_call(f, args, repeats):
   return statistics.median(ts), args
 
 
-def time_sampler(fn, bufs, repeats):
-  """Seconds per ``fn(key, logits) -> arrays`` call (see the module docstring). Returns
-  (seconds, compile seconds, buffers): the buffers are donated and come back updated."""
+def timing_loop(fn):
+  """``run(key, reps, *bufs) -> (acc, bufs)``: ``reps`` iterations, each sampling every buffer
+  with ``fn(key_i, logits)`` and then changing one of its entries in place (module docstring)."""
   def run(key, reps, *bufs):
     def body(i, carry):
       acc, bufs = carry
       out = []
       for r, b in enumerate(bufs):
-        b = b.at[0, 0].add((acc * 0).astype(b.dtype))
         for y in fn(jax.random.fold_in(key, i * len(bufs) + r), b):
           acc = acc + jnp.sum(y.astype(jnp.float32))
-        out.append(b)
+        # changed after the sampler has read it (0 x the outputs): the next iteration reads a new
+        # value, so nothing is hoisted, and the update is in place. Updating before the read let
+        # XLA fuse the update into an XLA reader of the old value, which forced a copy of the
+        # whole buffer per iteration (the 'loop' column's 42 us at B = 64 on 2026-11-26)
+        out.append(b.at[0, 0].add((acc * 0).astype(b.dtype)))
       return acc, tuple(out)
     acc, bufs = jax.lax.fori_loop(0, reps, body, (jnp.float32(0), tuple(bufs)))
     return acc, bufs
+  return run
 
+
+def time_sampler(fn, bufs, repeats):
+  """Seconds per ``fn(key, logits) -> arrays`` call (see the module docstring). Returns
+  (seconds, compile seconds, buffers): the buffers are donated and come back updated."""
+  run = timing_loop(fn)
   f = jax.jit(run, donate_argnums=tuple(range(2, 2 + len(bufs))))
   key = jax.random.key(0)
   t0 = time.perf_counter()

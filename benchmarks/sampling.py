@@ -343,13 +343,13 @@ def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget,
 
 
 def sweep_configs(blocks, warps_list, programs_list):
-  """The row kernel at the best setting of 2026-11-26's sweep and at the default, then the split
-  path over programs x blocks x warps."""
-  out = [GpuConfig(block=1024, num_warps=16), GpuConfig()]
+  """The row kernel at the best setting of 2026-11-26's first sweep, the default, then the split
+  path over programs x blocks x warps; each exact and with fast_math."""
+  out = [GpuConfig(split=False, block=1024, num_warps=16), GpuConfig()]
   out += [GpuConfig(split=True, programs=n, block=block, num_warps=warps)
           for n in programs_list for block in blocks for warps in warps_list]
-  # each again with fast_math (PTX approximate exp / log), interleaved so a cut sweep has pairs
-  return [c for cfg in out for c in (cfg, dataclasses.replace(cfg, fast_math=True))]
+  # each exact and with fast_math (PTX approximate exp / log), interleaved so a cut sweep has pairs
+  return [dataclasses.replace(cfg, fast_math=fast) for cfg in out for fast in (False, True)]
 
 
 def run_sweep(results, *, b, v, dtype, scale, repeats, budget, configs):

@@ -40,9 +40,13 @@ def test_sampling_benchmark_interpret(tmp_path):
   assert row["split_net_over_copy"] == row["split_net_us"] / row["copy_bound_us"]
   assert row["split_over_read"] == row["split_us"] / row["read_us"]
   assert row["mean_rounds"] >= 1
-  row_fast, _, default, _, split, split_fm = doc["sweep"]  # each setting, then with fast_math
-  assert (row_fast["config"]["block"], row_fast["config"]["num_warps"]) == (1024, 16)
-  assert default["default"] and not default["config"]["split"] and default["chunks"] == 1
+  # each setting exact, then with fast_math: the row kernel, the default, the split grid
+  row, row_fm, exact_default, default, split, split_fm = doc["sweep"]
+  assert (row["config"]["block"], row["config"]["num_warps"]) == (1024, 16)
+  assert not row["config"]["split"] and row["chunks"] == 1
+  assert not row["config"]["fast_math"] and row_fm["config"] == dict(row["config"], fast_math=True)
+  assert default["default"] and not exact_default["default"]
+  assert default["config"]["split"] and default["config"]["fast_math"]
   assert split["config"]["split"] and split["config"]["block"] == 512 and split["chunks"] == 3
   assert split_fm["config"] == dict(split["config"], fast_math=True)
   assert all(s["us"] > 0 for s in doc["sweep"])

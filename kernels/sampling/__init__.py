@@ -71,13 +71,13 @@ def _check_args(logits, temperature, top_k, top_p, min_p, impl, config):
     check_config(config)
 
 
-# Measured on one H100 on 2026-11-26 (benchmarks/sampling.py, docs/benchmarks.md): the
-# one-program-per-row kernel beats XLA's sort and its threshold searches for top-p and top-k from
-# batch 16 on (B = 64, V = 152k, top-p: 424 us against 1390 us bisection, 2277 us sort); at
-# batch 1 XLA's radix search is faster (112 vs 209 us), and for min-p alone the bisection is
-# (162 vs 271 us at B = 64). "auto" follows that table.
+# Measured on one H100 (benchmarks/sampling.py, docs/benchmarks.md). Second run, 2026-11-26, with
+# the default GpuConfig (split path, fast_math): top-p at V = 152k, 31 / 61 / 155 / 476 us at
+# B = 1 / 16 / 64 / 256 against XLA's best (radix search 98 us at B = 1, sort 767 / 2246 / 4491
+# us above); the kernel was fastest at every top-p point (B 1-256, V 32k-152k), for top-k at
+# B = 1 / 16 / 64 / 256 and for min-p alone at B = 64 (87 vs 133 us). "auto" follows that table.
 GPU_MEASURED = True
-KERNEL_MIN_BATCH = 16
+KERNEL_MIN_BATCH = 1
 
 
 def choose_impl(v: int, *, temperature: float, top_k: int | None = None,
@@ -85,15 +85,16 @@ def choose_impl(v: int, *, temperature: float, top_k: int | None = None,
                 platform: str | None = None, batch: int | None = None) -> str:
   """Resolve ``impl`` to "xla" or "pallas_gpu" for these settings and this platform.
 
-  "auto" picks the kernel on a single GPU for top-k or top-p (not both) at ``batch`` >=
-  ``KERNEL_MIN_BATCH`` (None: assumed large enough), XLA elsewhere: CPUs, meshes, greedy
-  (temperature 0: XLA's argmax), min-p alone, small batches, top-k with top-p. These are where the
-  kernel was measured faster (``GPU_MEASURED``; ``benchmarks/sampling.py``).
+  "auto" picks the kernel on a single GPU for top-k, top-p or min-p (not top-k with top-p) at
+  ``batch`` >= ``KERNEL_MIN_BATCH`` (None: assumed large enough), XLA elsewhere: CPUs, meshes,
+  greedy (temperature 0: XLA's argmax), plain temperature sampling (one Gumbel-max pass),
+  top-k with top-p. These are where the kernel was measured faster (``GPU_MEASURED``;
+  ``benchmarks/sampling.py``).
   "pallas" / "pallas_gpu" with top-k and top-p together raise ``KernelShapeError``.
   """
   if impl == "xla" or temperature == 0:
     return "xla"
-  top_k, top_p, _ = _active(v, top_k, top_p, None)
+  top_k, top_p, min_p = _active(v, top_k, top_p, min_p)
   if impl in ("pallas", "pallas_gpu"):
     if top_k is not None and top_p is not None:
       raise KernelShapeError("sample: top_k together with top_p is not a kernel case (the top-p "
@@ -102,7 +103,9 @@ def choose_impl(v: int, *, temperature: float, top_k: int | None = None,
   platform = platform or jax.default_backend()
   if not GPU_MEASURED or platform not in ("gpu", "cuda", "rocm") or jax.device_count() > 1:
     return "xla"
-  if (top_k is None) == (top_p is None):  # both (not a kernel case) or neither (min-p / plain)
+  if top_k is not None and top_p is not None:  # not a kernel case
+    return "xla"
+  if top_k is None and top_p is None and min_p is None:  # plain: XLA's one-pass Gumbel-max
     return "xla"
   if batch is not None and batch < KERNEL_MIN_BATCH:
     return "xla"

@@ -10,6 +10,7 @@ the same counts are far above it for an off-by-one top-p boundary, top-k keeping
 temperature and min-p taken before the temperature.
 """
 
+import dataclasses
 import functools
 import importlib
 
@@ -330,12 +331,16 @@ def test_choose_impl(monkeypatch):
     one_device.setattr(jax, "device_count", lambda: 1)
     assert choose_impl(1000, platform="gpu", **kw) == "pallas_gpu"
     assert choose_impl(1000, platform="gpu", batch=64, temperature=0.7, top_k=50) == "pallas_gpu"
-    # where XLA was measured faster: small batches, min-p alone, no truncation
-    assert choose_impl(1000, platform="gpu", batch=1, **kw) == "xla"
+    # the split + fast_math kernel was measured faster at every batch, and for min-p alone
+    assert choose_impl(1000, platform="gpu", batch=1, **kw) == "pallas_gpu"
+    assert choose_impl(1000, platform="gpu", batch=64, temperature=1.0, min_p=0.1) == "pallas_gpu"
+    # no truncation at all (p = 1, min_p = 0, k >= V): XLA's one-pass Gumbel-max
+    assert choose_impl(1000, platform="gpu", batch=64, temperature=1.0, top_p=1.0) == "xla"
+    assert choose_impl(1000, platform="gpu", batch=64, temperature=1.0, min_p=0.0,
+                       top_k=1000) == "xla"
+    monkeypatch.setattr(module, "KERNEL_MIN_BATCH", 16)  # a batch floor still applies if set
     assert choose_impl(1000, platform="gpu", batch=15, **kw) == "xla"
     assert choose_impl(1000, platform="gpu", batch=16, **kw) == "pallas_gpu"
-    assert choose_impl(1000, platform="gpu", batch=64, temperature=1.0, min_p=0.1) == "xla"
-    assert choose_impl(1000, platform="gpu", batch=64, temperature=1.0, top_p=1.0) == "xla"
   assert choose_impl(1000, temperature=0.0, top_p=0.9, impl="pallas") == "xla"
   # top-k with top-p: XLA under auto, an error when the kernel is forced (unless k >= V)
   assert choose_impl(1000, temperature=1.0, top_k=5, top_p=0.9, platform="gpu") == "xla"
@@ -488,13 +493,15 @@ def test_no_rounds_cap_means_no_data_dependent_branch():
 def test_kernel_lowers_to_triton_for_a_gpu():
   """The kernel lowers for CUDA on this CPU-only machine (the Triton IR is built at lowering, and
   MLIR's verifier runs on every module: an ill-typed module fails here, not in the GPU compile)."""
+  assert GpuConfig().split and GpuConfig().fast_math  # the defaults timed fastest on an H100
+  exact = GpuConfig(fast_math=False)
   for settings in (dict(temperature=0.7, top_p=0.9), dict(top_k=50, min_p=0.05), dict()):
-    f = functools.partial(sample_gpu, **settings)
+    f = functools.partial(sample_gpu, config=dataclasses.replace(exact, split=False), **settings)
     text = cuda_lowering(f, jax.ShapeDtypeStruct((64, 151936), jnp.bfloat16),
                          jax.ShapeDtypeStruct((64,), jnp.uint32))
     assert "__gpu$xla.gpu.triton" in text and "grid_x = 64" in text
     # the split path: launches over (row, chunk) grids, here 64 x 15
-    split = functools.partial(sample_gpu, config=GpuConfig(split=True), **settings)
+    split = functools.partial(sample_gpu, config=exact, **settings)
     text = cuda_lowering(split, jax.ShapeDtypeStruct((64, 151936), jnp.bfloat16),
                          jax.ShapeDtypeStruct((64,), jnp.uint32))
     assert "grid_x = 64" in text and "grid_y = 15" in text

@@ -343,8 +343,8 @@ def run_sweep(results, out, repeats, deadline, sweep_ms=(1, 16, 64, 128, 512)):
   for m in sweep_ms:
     for bits in (8, 4):
       group = None if bits == 8 else 128
-      base = qgpu.default_config(m, k, n, bits=bits, group_size=group)
-      variants = {base}
+      base = qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel="dot")
+      variants = {base, qgpu.default_config(m, k, n, bits=bits, group_size=group)}
       for bn in (64, 256):
         variants.add(dataclasses.replace(base, block_n=bn))
       for sk in (base.split_k * 2, max(1, base.split_k // 2)):
@@ -356,7 +356,7 @@ def run_sweep(results, out, repeats, deadline, sweep_ms=(1, 16, 64, 128, 512)):
       # the exponent-trick unpack, alone and with 8 warps
       variants.add(dataclasses.replace(base, unpack="magic"))
       variants.add(dataclasses.replace(base, unpack="magic", num_warps=8))
-      if m <= qgpu.FMA_MAX_ROWS:  # the GEMV kernel's tiling around its (untimed) default
+      if m <= qgpu.FMA_MAX_ROWS:  # the GEMV kernel's tiling around its default
         fma = qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel="fma")
         variants |= {fma, dataclasses.replace(fma, num_warps=4),
                      dataclasses.replace(fma, block_n=64), dataclasses.replace(fma, block_n=256),

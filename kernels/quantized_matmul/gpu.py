@@ -56,14 +56,18 @@ class GpuConfig:
       "dot_t": the same product with the weights as the dot's left operand, W^T [bn, k] @ x^T
         [k, bm] -> y^T (the "swap AB" arrangement of small-M mixed-precision GEMMs: the converted
         operand is the one the tensor-core instruction can take from registers); y^T is
-        transposed back in registers before the store. Not yet timed.
+        transposed back in registers before the store. Timed on an H100 at M = 1 and 16: slower
+        than "dot" at every shape (e.g. int8 57.1 vs 33.4 us at 4096 x 14336, M = 1).
       "fma": no tensor cores, for block_m <= 8 rows: each code is converted to float32 once and
         multiplied into every row, y[m, n] += sum_k x[m, k] w[k, n] (a GEMV that reads the
-        weights once and spends one FMA per weight and row). Not yet timed.
+        weights once and spends one FMA per weight and row). Timed on an H100 at M = 1: the
+        fastest int4 kernel at all four shapes (1.06-1.23x "dot"), slower than "dot" for int8
+        (``default_kernel``).
     fma_reduce: where the "fma" kernel reduces over k: "step" (each step's [k, n] products
       summed over k at once: a reduction across threads per step) or "end" (tile-shaped
       accumulators, dequantised per element, reduced once after the loop: no per-step
-      shuffles or barriers, more registers per row, so for a row or two). Not yet timed.
+      shuffles or barriers, more registers per row, so for a row or two). On an H100 at M = 1,
+      int4: "end" 2.1-2.3x faster than "step"; int8: within 10% either way.
   """
   block_m: int = 16
   block_n: int = 128
@@ -116,16 +120,28 @@ def _pow2_at_most(n: int, cap: int) -> int:
   return p
 
 
+def default_kernel(m: int, bits: int) -> str:
+  """The kernel ``default_config`` picks: "fma" for int4 at M = 1, else "dot".
+
+  Measured on an H100 (``benchmarks/quantized_matmul.py --variants``, 2026-11-26, M = 1,
+  K x N = 4096 x 4096 / 4096 x 14336 / 14336 x 4096 / 8192 x 8192): int4 with "fma" (shift
+  unpack, one reduction at the end) 13.0 / 30.5 / 28.3 / 31.3 us against "dot" 13.8 / 37.6 / 33.8
+  / 38.4 us; int8 "dot" stayed the fastest (12.6 / 33.4 / 30.9 / 34.5 us, "fma" 14.3 / 40.4 / 40.1
+  / 41.2 at its best); "dot_t" lost everywhere. M = 2..8 are unmeasured for "fma": "dot"."""
+  return "fma" if bits == 4 and m == 1 else "dot"
+
+
 def default_config(m: int, k: int, n: int, *, bits: int, group_size: int | None,
-                   kernel: str = "dot") -> GpuConfig:
+                   kernel: str | None = None) -> GpuConfig:
   """Tiling heuristic: small M streams weights (narrow M tile, K split to fill the SMs), large M is
   a tiled matmul (128 x 128 tiles). Tuned by ``benchmarks/quantized_matmul.py``.
 
-  ``kernel="fma"`` (M <= 8) takes an M tile of the next power of two >= M, 8 warps, and up to
-  4 rows the tile-shaped accumulators with the float32 exponent-trick unpack: the fewest
-  instructions per weight in the sm_90 code of ``benchmarks/triton_offline.py`` (6.8 per int4
-  weight in the loop at M = 1, against 11.5 with a reduction per step; docs/benchmarks.md). An
-  untimed choice, swept by the benchmark's ``--variants``. "dot_t" takes the "dot" tiling."""
+  ``kernel`` None: ``default_kernel(m, bits)``. ``kernel="fma"`` (M <= 8) takes an M tile of the
+  next power of two >= M, 8 warps, the shift unpack (faster than the exponent trick on the H100
+  for int4 at all four shapes: 30.5 vs 34.9 us at 4096 x 14336, though its sm_90 loop has more
+  instructions) and, up to 4 rows, tile-shaped accumulators reduced once at the end (int4 at
+  4096 x 14336: 34.9 vs 72.2 us with a reduction per step). "dot_t" takes the "dot" tiling."""
+  kernel = kernel or default_kernel(m, bits)
   if kernel == "fma":
     block_m = pl.next_power_of_2(m)
     num_warps = 8
@@ -149,8 +165,8 @@ def default_config(m: int, k: int, n: int, *, bits: int, group_size: int | None,
          and steps // (split_k * 2) >= 2):
     split_k *= 2
   if kernel == "fma" and block_m <= 4:
-    return GpuConfig(block_m, block_n, block_k, split_k, num_warps, 3, unpack="magic",
-                     kernel=kernel, fma_reduce="end")
+    return GpuConfig(block_m, block_n, block_k, split_k, num_warps, 3, kernel=kernel,
+                     fma_reduce="end")
   return GpuConfig(block_m, block_n, block_k, split_k, num_warps, 3, kernel=kernel)
 
 

@@ -142,11 +142,15 @@ def test_kernel_variants_refuse_tilings_they_cannot_run():
                      cfg=GpuConfig(block_m=1, kernel="fma", fma_reduce="tree"))
   fma = qgpu.default_config(3, 4096, 4096, bits=4, group_size=128, kernel="fma")
   assert fma.kernel == "fma" and fma.block_m == 4 and fma.split_k > 1
-  assert (fma.fma_reduce, fma.unpack) == ("end", "magic")  # fewest sm_90 instructions per weight
+  assert (fma.fma_reduce, fma.unpack) == ("end", "shift")  # fastest on the H100 (int4, M = 1)
   assert qgpu.default_config(7, 4096, 4096, bits=4, group_size=128, kernel="fma").fma_reduce == (
       "step")  # 8 rows of tile-shaped accumulators do not fit the registers
   qgpu.check_shape(3, 4096, 4096, bits=4, group_size=128, cfg=fma)
+  # the measured choice (H100, M = 1): int8 "dot", int4 "fma"; M > 1 "dot" (fma unmeasured there)
   assert qgpu.default_config(1, 4096, 4096, bits=8, group_size=None).kernel == "dot"
+  int4 = qgpu.default_config(1, 4096, 4096, bits=4, group_size=128)
+  assert (int4.kernel, int4.block_m, int4.unpack, int4.fma_reduce) == ("fma", 1, "shift", "end")
+  assert qgpu.default_config(2, 4096, 4096, bits=4, group_size=128).kernel == "dot"
 
 
 @pytest.mark.parametrize("kernel", ["dot", "dot_t", "fma"])
@@ -276,7 +280,7 @@ def test_bad_arguments_name_the_field():
 
 
 def test_default_gpu_config_splits_k_for_decode_and_not_for_prefill():
-  decode = qgpu.default_config(1, 4096, 4096, bits=4, group_size=128)
+  decode = qgpu.default_config(1, 4096, 4096, bits=4, group_size=128, kernel="dot")
   prefill = qgpu.default_config(2048, 4096, 4096, bits=4, group_size=128)
   assert decode.split_k > 1 and decode.block_m == 16
   assert prefill.split_k == 1 and prefill.block_m == 128

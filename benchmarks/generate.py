@@ -354,7 +354,8 @@ def parse_args(argv=None):
   parser.add_argument("--new-tokens", type=int, default=64)
   parser.add_argument("--top-p", type=float, default=0.9, help="1.0 = plain sampling")
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--decode-attention", nargs="+", default=["xla"], choices=["xla", "pallas"],
+  parser.add_argument("--decode-attention", nargs="+", default=["auto"],
+                      choices=["auto", "xla", "pallas"],
                       help="attention over the KV cache per decode step (ModelConfig."
                            "decode_attention_impl): the first gives the row's postrl_* numbers; "
                            "each other adds postrl_attention_<impl>_* fields")

@@ -207,7 +207,8 @@ class Attention(nnx.Module):
     if kv is None and prefix_kv is None and self.attention_impl != "xla":
       out = fused_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS,
                             implementation=self.attention_impl)
-    elif kv is not None and prefix_kv is None and T == 1 and self.decode_attention_impl != "xla":
+    elif kv is not None and prefix_kv is None and T == 1 and _decode_kernel(
+        self.decode_attention_impl):
       # one cached step: the cache mask of ``hidden_states`` is slot <= position, so row b's
       # valid slots are 0 .. position; the kernel reads only those
       from kernels.decode_attention import decode_attention  # pylint: disable=import-outside-toplevel
@@ -216,6 +217,15 @@ class Attention(nnx.Module):
     else:
       out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS)
     return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), kv
+
+
+def _decode_kernel(impl: str) -> bool:
+  """Whether a cached one-token step runs ``kernels.decode_attention``'s kernel: "pallas" always,
+  "auto" on one GPU (``kernels.decode_attention.choose_impl``), "xla" never."""
+  if impl == "xla":
+    return False
+  from kernels.decode_attention import choose_impl  # pylint: disable=import-outside-toplevel
+  return choose_impl(impl) == "pallas"
 
 
 def write_slots(cache_BxSxKxD, slots_BxT, x_BxTxKxD):

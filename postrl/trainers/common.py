@@ -96,15 +96,15 @@ def model_kwargs(config) -> dict:
   optional runtime options of ``postrl.models.ModelConfig``: ``attention_impl`` ("xla" by
   default; "cudnn" on an NVIDIA GPU in bf16: fused flash attention for every full-sequence
   forward), ``remat`` ("none" by default; "full" / "dots": recompute each block's activations
-  in the backward pass) and ``decode_attention_impl`` ("xla" by default; "pallas": the
-  flash-decoding kernel for rollouts' cached steps, one GPU)."""
+  in the backward pass) and ``decode_attention_impl`` ("auto" by default: the flash-decoding
+  kernel for rollouts' cached steps on one GPU, XLA elsewhere; "xla"; "pallas")."""
   attention_impl = config.get("attention_impl", "xla")
   if attention_impl == "cudnn" and jax.default_backend() != "gpu":  # fail before the model loads
     raise ConfigError(f"config.attention_impl='cudnn' needs an NVIDIA GPU; this run's JAX backend "
                       f"is {jax.default_backend()!r} (use 'xla')")
   return dict(param_dtype=config.param_dtype, dtype=config.dtype, attention_impl=attention_impl,
               remat=config.get("remat", "none"),
-              decode_attention_impl=config.get("decode_attention_impl", "xla"))
+              decode_attention_impl=config.get("decode_attention_impl", "auto"))
 
 
 def start(config, *, model: str | None = None) -> Run:

@@ -109,9 +109,14 @@ def test_default_chunks_and_bad_shapes():
       decode_attention(q, kc, vc, jnp.array([3]), impl="pallas")
 
 
-def test_auto_is_xla_until_measured():
-  assert choose_impl("auto") == "xla" and choose_impl("pallas") == "pallas"
-  assert choose_impl("auto", platform="gpu") == "xla"  # GPU_MEASURED is False
+def test_auto_is_the_kernel_on_one_gpu(monkeypatch):
+  assert choose_impl("auto") == "xla" and choose_impl("pallas") == "pallas"  # CPU
+  # several devices (the test session has 8 CPU devices): XLA partitions, the kernel would not
+  assert jax.device_count() > 1 and choose_impl("auto", platform="gpu") == "xla"
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  assert choose_impl("auto", platform="gpu") == "pallas"  # measured faster on an H100
+  monkeypatch.setattr(importlib.import_module("kernels.decode_attention"), "GPU_MEASURED", False)
+  assert choose_impl("auto", platform="gpu") == "xla"
 
 
 def test_kernel_lowers_to_triton_for_a_gpu():
@@ -147,7 +152,7 @@ def test_model_decode_with_the_kernel_generates_the_same_tokens(monkeypatch):
   np.testing.assert_allclose(np.asarray(got.model_logps_BxN), np.asarray(want.model_logps_BxN),
                              atol=1e-4)
   assert (kernel_model.config.decode_attention_impl, model.config.decode_attention_impl) == (
-      "pallas", "xla")
+      "pallas", "auto")  # "auto" is XLA on this CPU
 
 
 def test_model_config_refuses_an_unknown_decode_attention():

@@ -135,7 +135,7 @@ def test_job_config_options_reach_the_model_and_fail_early():
   config = ml_collections.ConfigDict(dict(param_dtype="float32", dtype="bfloat16", remat="dots"))
   assert model_kwargs(config) == dict(param_dtype="float32", dtype="bfloat16",
                                       attention_impl="xla", remat="dots",
-                                      decode_attention_impl="xla")
+                                      decode_attention_impl="auto")
   config.decode_attention_impl = "pallas"
   assert model_kwargs(config)["decode_attention_impl"] == "pallas"
   del config["decode_attention_impl"]

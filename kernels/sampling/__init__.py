@@ -9,17 +9,19 @@ interpret) -> (token_B, model_logp_B)``, model_logp = log_softmax(logits)[token]
 no truncation: the plain model's log-prob that trainers use). Implementations (same distribution):
 
 * ``reference.sample_reference``: ``process_logits`` (bisection thresholds) +
-  ``jax.random.categorical`` (``impl="xla"``; the path on CPU, for top-k with top-p, and greedy).
+  ``jax.random.categorical`` (``impl="xla"``; the path on CPU, for top-k with top-p, plain
+  temperature sampling and greedy).
 * ``gpu.sample_gpu``: Pallas on the Triton backend, rejection sampling with a rising pivot
   (Gumbel-max draw + one check pass per round, see ``gpu``); rows that exhaust the rounds cap are
   sampled again by the reference, so the output distribution stays exact.
 * ``reference.sort_sample``: the classic sort + cumulative-sum sampler (benchmark baseline only).
 
-``impl="auto"`` runs the kernel on a single-device GPU when temperature > 0 and top-k and top-p are
-not both set, XLA elsewhere (CPU, several devices, top-k with top-p, greedy). Not yet measured on a
-GPU (``benchmarks/sampling.py``). The kernel does not return the sampling log-prob (the truncated
-distribution's normaliser needs the exact threshold): use ``postrl.sampling.generate.sample_token``
-where that is needed.
+``impl="auto"`` runs the kernel on a single-device GPU at every batch for top-k, top-p or min-p
+(not top-k with top-p), where an H100 measured it the fastest sampler at every point
+(``GPU_MEASURED``; ``benchmarks/sampling.py``), XLA elsewhere (CPU, several devices, top-k with
+top-p, plain temperature sampling, greedy). The kernel does not return the sampling log-prob (the
+truncated distribution's normaliser needs the exact threshold): use
+``postrl.sampling.generate.sample_token`` where that is needed.
 """
 
 from __future__ import annotations

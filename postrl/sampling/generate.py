@@ -25,8 +25,9 @@ Each sampled token comes with two log-probs:
 over the float bits, 32 one-bit passes or on a GPU below batch 64 eight 4-bit passes
 (``default_bits_per_pass``), then ``jax.random.categorical``), "pallas" (the sort-free Triton
 kernel ``kernels.sampling.sample``: exact rejection sampling, the same distribution), or "auto",
-the default (``kernels.sampling.choose_impl``: the kernel on one GPU for top-k or top-p from batch
-16, where it was measured faster; XLA elsewhere, so CPU runs are those of "xla"). The kernel
+the default (``kernels.sampling.choose_impl``: the kernel on one GPU at every batch for top-k,
+top-p or min-p, not top-k with top-p, where it was measured the fastest sampler; XLA elsewhere:
+CPUs, meshes, greedy, plain temperature sampling, so CPU runs are those of "xla"). The kernel
 never computes the truncated distribution's normaliser, so with it ``logps`` is NaN wherever top-k
 or top-p truncate (the plain model's ``model_logps``, what trainers use, is always computed).
 """
@@ -271,10 +272,10 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
     eos_ids: tokens that end a row (default: the model config's EOS ids).
     pad_id: written after a row ends.
     sampling_impl: "auto" (default) | "xla" | "pallas" (module doc). "auto" is XLA on CPUs and
-      meshes (the same tokens as "xla") and the sort-free kernel on one GPU for top-k or top-p
-      from batch 16. With the kernel ``logps`` is NaN where top-k / top-p truncate (its
-      normaliser is never computed); ``model_logps``, what trainers use, is always exact. Pass
-      "xla" for the truncated distribution's log-probs.
+      meshes (the same tokens as "xla") and the sort-free kernel on one GPU at every batch for
+      top-k, top-p or min-p (not top-k with top-p). With the kernel ``logps`` is NaN where
+      top-k / top-p truncate (its normaliser is never computed); ``model_logps``, what trainers
+      use, is always exact. Pass "xla" for the truncated distribution's log-probs.
     interpret: run the Pallas sampling kernel in interpret mode (CPU tests of "pallas").
     split_rows: split the rows over the parameters' mesh (above) when B allows it.
     gather_weights: decode from weights replicated over the batch axes (above); False decodes

@@ -15,10 +15,9 @@ Implementations (same results up to float rounding; the same tie rule):
   not change a row's order); XLA then merges the W x K row candidates of each batch row (tiny).
 
 ``impl="auto"`` takes the kernel on a single GPU when k <= 32 and XLA elsewhere (a kernel call
-inside a sharded program would gather its operands). It is not yet measured on a GPU
-(``benchmarks/beam_step.py``), so "auto" is a guess that a one-pass kernel beats XLA's
-log_softmax (two passes) + top_k (a third) over W x V.
-"""
+inside a sharded program would gather its operands). Measured on an H100 at one shape
+(``benchmarks/beam_step.py``, 2026-11-26: B = 1, W = 4, V = 152k, 44 vs 494 us, the same picks);
+the other shapes are still to be timed."""
 
 from __future__ import annotations
 

@@ -151,6 +151,9 @@ def sampling_configs():
       yield (f"sampling top_p=0.9 split={split} fast_math={fast}",
              functools.partial(sample_gpu, top_p=0.9, config=cfg),
              (_s((64, 151936), jnp.float32), _s((64,), jnp.uint32)))
+  yield ("sampling top_p=0.9 split=True fast_math=True draw=cdf",
+         functools.partial(sample_gpu, top_p=0.9, config=GpuConfig(draw="cdf")),
+         (_s((64, 151936), jnp.float32), _s((64,), jnp.uint32)))
 
 
 def qmm_configs():

@@ -117,6 +117,17 @@ class GpuConfig:
       tokens drawn for a seed may differ from the exact path's. Interpret mode computes the same
       formulas with ``jnp.exp2`` / ``jnp.log2``. Default True (measured faster on an H100:
       155 vs 188 us with the split path at B = 64, V = 152k); False for libdevice's functions.
+    draw: how the split path draws a round's candidate from p restricted to R_r.
+      "gumbel" (default): Gumbel-max, g_v = hash noise per entry, in the same pass as the
+      statistics or the previous check (per entry: the hash and two logs). "cdf": inverse
+      transform sampling (``_locate_kernel``): one uniform u per row and round, the chunk where
+      the cumulative mass sum_c w_c crosses u sum_c w_c (w_c: the chunk's mass in R_r, from the
+      statistics or the previous check), then that chunk alone scanned for the token where its
+      running sum crosses the rest. Per entry only an exp and a compare, at the cost of one
+      small launch per round (a program per row reading one chunk); the other passes check a
+      candidate and give the next round's w_c in the same pass. The distribution is the same
+      (up to float rounding in the sums), the tokens for a seed differ from "gumbel"'s. Not yet
+      timed on a GPU.
   """
   block: int = 2048
   split: bool = True
@@ -127,6 +138,10 @@ class GpuConfig:
   num_warps: int = 8
   num_stages: int = 2
   fast_math: bool = True
+  draw: str = "gumbel"
+
+
+DRAWS = ("gumbel", "cdf")
 
 
 class KernelShapeError(ValueError):
@@ -145,6 +160,8 @@ def check_config(cfg: GpuConfig):
     raise KernelShapeError(f"split_rounds={cfg.split_rounds}: needs at least one round")
   if cfg.max_rounds is not None and cfg.max_rounds < 1:
     raise KernelShapeError(f"max_rounds={cfg.max_rounds}: needs at least one round (or None)")
+  if cfg.draw not in DRAWS:
+    raise KernelShapeError(f"draw={cfg.draw!r}: expected one of {DRAWS}")
 
 
 def chunks_per_row(b: int, v: int, cfg: GpuConfig) -> tuple[int, int]:
@@ -673,8 +690,20 @@ def _sample_split(logits_BxV, seeds_B, *, chunk, n_chunks, cfg, settings, interp
     state = out[-7:]  # the state this launch combined (before its own partials)
     parts = tuple(out[:2]) if last else tuple(out[4:6]) + tuple(out[:4])
     row_inputs = (m, s, *state)
+  return _finish_split(logits_BxV, seeds_B, state, parts[0], parts[1], s, m1, s1, n_split,
+                       cfg=cfg, settings=settings, interpret=interpret)
+
+
+def _finish_split(logits_BxV, seeds_B, state, count_BxC, mass_BxC, s, m1, s1, n_split, *, cfg,
+                  settings, interpret):
+  """After the split launches (either draw): check the last candidate (XLA, on the last launch's
+  [B, C] partials); rows still rejected continue in ``_row_kernel`` from round ``n_split`` and the
+  last rejected pivot, unless ``max_rounds`` is reached."""
+  b = logits_BxV.shape[0]
+  i32 = jnp.int32
   state = SplitState(state[0] != 0, *state[1:])
-  state = advance(state, i32(n_split), parts[0], parts[1], None, s, top_k=top_k, top_p=top_p)
+  state = advance(state, i32(n_split), count_BxC, mass_BxC, None, s, top_k=settings["top_k"],
+                  top_p=settings["top_p"])
   logp = state.result_x - m1 - jnp.log(s1)
   if cfg.max_rounds is not None and n_split >= cfg.max_rounds:  # the cap is reached here
     return (jnp.where(state.done, state.result, -1), logp,
@@ -684,6 +713,202 @@ def _sample_split(logits_BxV, seeds_B, *, chunk, n_chunks, cfg, settings, interp
       cfg=cfg, settings=settings, interpret=interpret)
   return (jnp.where(state.done, state.result, row_tok), jnp.where(state.done, logp, row_logp),
           jnp.where(state.done, state.rounds, row_rounds))
+
+
+def round_uniform(seed_u32, r_i32):
+  """u uniform on (0, 1) per (row seed, round) for the "cdf" draw: the top 24 bits of a further
+  hash of ``round_key``, (h + 1/2) 2^-24."""
+  h = fmix32(round_key(seed_u32, r_i32) ^ _u32(0x5BD1E995))
+  return ((h >> _u32(8)).astype(jnp.int32).astype(jnp.float32) + np.float32(0.5)) * np.float32(
+      2.0**-24)
+
+
+def _in_set(z, pivot, m, log_min_p):
+  """R = {z > pivot} (∩ {z - m >= log min_p}): the tokens a round may draw."""
+  cand = z > pivot
+  if log_min_p is not None:
+    cand = cand & (z - m >= jnp.float32(log_min_p))
+  return cand
+
+
+def _mass_kernel(x_ref, done_ref, pivot_ref, m_ref, count_ref, mass_ref, *, vocab: int,
+                 block: int, chunk: int, temperature: float, top_k: int | None,
+                 log_min_p: float | None, math: str):
+  """One (row, chunk) program of the "cdf" draw: over the chunk, #{v in R} (with top-k) and
+  w_c = sum_{v in R} exp(z_v - m), R = ``_in_set(z, pivot)``. With the pivot = the candidate's z
+  this is its check (the count and mass above it) and, at once, the chunk's mass in the next
+  round's set; with pivot -inf and min-p, the first round's masses. Rows marked done (the state's
+  ``done``, read as written by the locate launch) read nothing."""
+  f32, i32 = jnp.float32, jnp.int32
+  lane = lax.broadcasted_iota(i32, (block,), 0)
+  start = pl.program_id(1) * chunk
+  active, pivot, m = done_ref[...] == 0, pivot_ref[...], m_ref[...]
+
+  def body(i, c):
+    _, _, z = _load_block(x_ref, start + i * block, lane, vocab=vocab, temperature=temperature)
+    cand = _in_set(z, pivot, m, log_min_p)
+    count = c[0] + cand.astype(i32) if top_k is not None else c[0]
+    return count, c[1] + jnp.where(cand, _exp(z - m, math), f32(0.0))
+
+  trips = jnp.where(active, i32(chunk // block), i32(0))
+  count, mass = lax.fori_loop(0, trips, body, (jnp.zeros((block,), i32),
+                                               jnp.zeros((block,), f32)))
+  count_ref[...] = jnp.sum(count)
+  mass_ref[...] = jnp.sum(mass)
+
+
+def _locate_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n_chunks: int,
+                   temperature: float, top_k: int | None, top_p: float | None,
+                   log_min_p: float | None, math: str, rnd: int, first: bool):
+  """One row's program of the "cdf" draw for round ``rnd``.
+
+  Round 0 (``first``) combines the statistics launch's [C] partials into m, S, m1, S1 (written
+  out) and takes w_c = s_c exp(m_c - m) (or, with min-p, the masses of the floor set). A later
+  round takes the state and the previous check's [C] partials, ``advance``s the state (accept the
+  candidate iff its count and mass pass), and for a row still rejected takes w_c = the mass above
+  the rejected candidate. Then t = u sum_c w_c (u = ``round_uniform``): c* = the first chunk whose
+  cumulative mass reaches t, and that chunk's entries of R in index order, summing exp(z - m),
+  until the running sum reaches t - sum_{c < c*} w_c: that token is the candidate (the chunk's
+  last entry of R if rounding leaves the sum short). Writes the state (the candidate unchecked).
+  """
+  f32, i32 = jnp.float32, jnp.int32
+  ninf = f32(-jnp.inf)
+  width = pl.next_power_of_2(n_chunks)
+  clane = lax.broadcasted_iota(i32, (width,), 0)
+  written = ()
+  if first:
+    parts = [_load_partials(r, n_chunks, ident) for r, ident in zip(refs[:4], (-jnp.inf, 0.0) * 2)]
+    refs = refs[4:]
+    m, s = combine_stats(parts[0], parts[1])
+    written = (m, s) + combine_stats(parts[2], parts[3])
+    if log_min_p is not None:
+      w = _load_partials(refs[0], n_chunks, 0.0)
+      refs = refs[1:]
+    else:
+      w = jnp.where(parts[0] == -jnp.inf, f32(0.0), parts[1] * jnp.exp(parts[0] - m))
+    state = SplitState(jnp.bool_(False), i32(-1), ninf, i32(0), i32(-1), ninf, ninf)
+  else:
+    m_ref, s_ref, *refs = refs
+    state = SplitState(*(r[...] for r in refs[:7]))
+    state = state._replace(done=state.done != 0)
+    count, w = _load_partials(refs[7], n_chunks, 0), _load_partials(refs[8], n_chunks, 0.0)
+    refs = refs[9:]
+    m = m_ref[...]
+    state = advance(state, i32(rnd), count, w, None, s_ref[...], top_k=top_k, top_p=top_p)
+  pivot = state.ztok if not first else ninf
+  t = round_uniform(seed_ref[...], i32(rnd)) * jnp.sum(w)
+  cum = jnp.cumsum(w)
+  cstar = jnp.min(jnp.where((cum >= t) & (w > 0), clane, width))
+  last = jnp.max(jnp.where(w > 0, clane, -1))
+  cstar = jnp.where(cstar < width, cstar, last)  # rounding: t past the last cumulative sum
+  t_in = t - jnp.sum(jnp.where(clane < cstar, w, f32(0.0)))
+  start = jnp.maximum(cstar, 0) * chunk
+  lane = lax.broadcasted_iota(i32, (block,), 0)
+
+  def pick_at(offs, index, *values):
+    return tuple(jnp.max(jnp.where(offs == index, v, ninf)) for v in values)
+
+  def body(i, c):
+    acc, tok, ztok, xtok, ltok, lz, lx = c
+    offs, x, z = _load_block(x_ref, start + i * block, lane, vocab=vocab, temperature=temperature)
+    cand = _in_set(z, pivot, m, log_min_p)
+    e = jnp.where(cand, _exp(z - m, math), f32(0.0))
+    crossed = cand & (acc + jnp.cumsum(e) >= t_in)
+    hit = jnp.min(jnp.where(crossed, offs, vocab))
+    new = (tok < 0) & (hit < vocab)
+    hz, hx = pick_at(offs, hit, z, x)
+    li = jnp.max(jnp.where(cand, offs, -1))
+    lzb, lxb = pick_at(offs, li, z, x)
+    seen = li >= 0
+    return (acc + jnp.sum(e), jnp.where(new, hit, tok), jnp.where(new, hz, ztok),
+            jnp.where(new, hx, xtok), jnp.where(seen, li, ltok), jnp.where(seen, lzb, lz),
+            jnp.where(seen, lxb, lx))
+
+  draw = (last >= 0) if first else ~state.done & (last >= 0)
+  trips = jnp.where(draw, i32(chunk // block), i32(0))
+  _, tok, ztok, xtok, ltok, lz, lx = lax.fori_loop(
+      0, trips, body, (f32(0.0), i32(-1), ninf, ninf, i32(-1), ninf, ninf))
+  short = tok < 0
+  tok, ztok, xtok = (jnp.where(short, ltok, tok), jnp.where(short, lz, ztok),
+                     jnp.where(short, lx, xtok))
+  if first:
+    state = first_state(tok, ztok, xtok)
+  else:
+    keep = state.done
+    state = state._replace(done=keep | (tok < 0), tok=jnp.where(keep, state.tok, tok),
+                           ztok=jnp.where(keep, state.ztok, ztok),
+                           xtok=jnp.where(keep, state.xtok, xtok))
+  values = written + tuple(state._replace(done=state.done.astype(i32)))
+  for ref, value in zip(refs, values):
+    ref[...] = value
+
+
+def _mass_call(logits_BxV, done_B, pivot_B, m_B, *, chunk, n_chunks, cfg, settings, interpret):
+  """One launch of ``_mass_kernel`` over the grid (B, C) -> (count_BxC, mass_BxC)."""
+  b, v = logits_BxV.shape
+  kernel = functools.partial(_mass_kernel, vocab=v, block=cfg.block, chunk=chunk,
+                             temperature=settings["temperature"], top_k=settings["top_k"],
+                             log_min_p=settings["log_min_p"], math=settings["math"])
+  row = pl.BlockSpec((None,), lambda i, c: (i,))
+  cell = pl.BlockSpec((None, None), lambda i, c: (i, c))
+  compiler_params = None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps,
+                                                                 num_stages=cfg.num_stages)
+  return pl.pallas_call(
+      kernel, grid=(b, n_chunks),
+      out_shape=(jax.ShapeDtypeStruct((b, n_chunks), jnp.int32),
+                 jax.ShapeDtypeStruct((b, n_chunks), jnp.float32)),
+      in_specs=[pl.BlockSpec((None, v), lambda i, c: (i, 0)), row, row, row],
+      out_specs=(cell, cell), compiler_params=compiler_params, interpret=interpret,
+      name="sample_cdf_mass")(logits_BxV, done_B, pivot_B, m_B)
+
+
+def _locate_call(logits_BxV, seeds_B, *inputs, chunk, n_chunks, cfg, settings, rnd, first,
+                 interpret):
+  """One launch of ``_locate_kernel`` (a program per row) -> round 0 (``first``; ``inputs`` = the
+  statistics launch's four [B, C] partials, and with min-p the floor set's masses): m, S, m1, S1
+  and the ``SplitState``; a later round (``inputs`` = m, S, the state, the check's count and mass
+  partials): the state."""
+  b, v = logits_BxV.shape
+  f32 = jnp.float32
+  kernel = functools.partial(_locate_kernel, vocab=v, block=cfg.block, chunk=chunk,
+                             n_chunks=n_chunks, rnd=rnd, first=first, **settings)
+  row = pl.BlockSpec((None,), lambda i: (i,))
+  partials = pl.BlockSpec((None, n_chunks), lambda i: (i, 0))
+  specs = [row if x.ndim == 1 else partials for x in inputs]
+  written = ((f32,) * 4 if first else ()) + _STATE_DTYPES
+  compiler_params = None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps,
+                                                                 num_stages=cfg.num_stages)
+  return pl.pallas_call(
+      kernel, grid=(b,), out_shape=[jax.ShapeDtypeStruct((b,), k) for k in written],
+      in_specs=[pl.BlockSpec((None, v), lambda i: (i, 0)), row] + specs,
+      out_specs=[row] * len(written), compiler_params=compiler_params, interpret=interpret,
+      name=f"sample_cdf_locate{'_first' * first}")(logits_BxV, seeds_B, *inputs)
+
+
+def _sample_split_cdf(logits_BxV, seeds_B, *, chunk, n_chunks, cfg, settings, interpret):
+  """The split path with the "cdf" draw: a statistics launch over B x C programs, then per round
+  a locate launch (a program per row: decide the previous candidate, draw the next) and a mass
+  launch over B x C (check the candidate, the next round's per-chunk masses). XLA combines only
+  after the last mass launch; rows still rejected continue in ``_row_kernel``."""
+  b, _ = logits_BxV.shape
+  f32, i32 = jnp.float32, jnp.int32
+  kw = dict(chunk=chunk, n_chunks=n_chunks, cfg=cfg, settings=settings, interpret=interpret)
+  ones, ninf = jnp.ones((b,), i32), jnp.full((b,), -jnp.inf, f32)
+  st = tuple(_split_call(logits_BxV, seeds_B, ones, ninf, jnp.zeros((b,), f32), stats=True, **kw))
+  if settings["log_min_p"] is not None:  # the first round's set is the min-p floor's
+    st += (_mass_call(logits_BxV, 0 * ones, ninf, combine_stats(st[0], st[1])[0], **kw)[1],)
+  m, s, m1, s1, *state = _locate_call(logits_BxV, seeds_B, *st, rnd=0, first=True, **kw)
+  if settings["top_k"] is None and settings["top_p"] is None:  # every first draw is accepted
+    tok, xtok = state[4], state[6]
+    return tok, xtok - m1 - jnp.log(s1), ones
+  n_split = min(cfg.split_rounds, cfg.max_rounds or cfg.split_rounds)
+  for r in range(1, n_split + 1):
+    count, mass = _mass_call(logits_BxV, state[0], state[5], m, **kw)
+    if r < n_split:
+      state = _locate_call(logits_BxV, seeds_B, m, s, *state, count, mass, rnd=r, first=False,
+                           **kw)
+  return _finish_split(logits_BxV, seeds_B, state, count, mass, s, m1, s1, n_split, cfg=cfg,
+                       settings=settings, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p", "min_p", "config",
@@ -725,8 +950,9 @@ def sample_gpu(logits_BxV, seeds_B, *, temperature: float = 1.0, top_k: int | No
   seeds_B = seeds_B.astype(jnp.uint32)
   chunk, n_chunks = chunks_per_row(b, v, cfg)
   if cfg.split and n_chunks > 1:
-    return _sample_split(logits_BxV, seeds_B, chunk=chunk, n_chunks=n_chunks, cfg=cfg,
-                         settings=settings, interpret=interpret)
+    split = _sample_split_cdf if cfg.draw == "cdf" else _sample_split
+    return split(logits_BxV, seeds_B, chunk=chunk, n_chunks=n_chunks, cfg=cfg, settings=settings,
+                 interpret=interpret)
   return _row_call(logits_BxV, seeds_B, jnp.full((b,), -jnp.inf, jnp.float32),
                    jnp.zeros((b,), jnp.int32), jnp.ones((b,), jnp.int32), cfg=cfg,
                    settings=settings, interpret=interpret)

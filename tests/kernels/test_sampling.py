@@ -433,6 +433,71 @@ def test_split_path_samples_the_exact_truncated_distribution():
     assert_matches(np.bincount(token, minlength=37), exact_probs(ROW37, **SETTINGS[name]))
 
 
+CDF = GpuConfig(block=16, chunk=32, split=True, draw="cdf", split_rounds=2)
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_cdf_draw_samples_the_exact_truncated_distribution(name):
+  """The "cdf" draw (inverse transform sampling: the chunk, then the token where the running mass
+  crosses u times the round's mass) over 2 chunks of ROW37 (two blocks, then a ragged block of 5),
+  two split rounds, then the row kernel
+  for the rows still rejected (top-k 5 needs more rounds): the frequencies are the exact truncated
+  distribution, and the log-prob is the model's."""
+  x = jnp.tile(jnp.asarray(ROW37, jnp.float32), (2048, 1))
+  seeds = jax.random.bits(jax.random.key(25), (2048,), jnp.uint32)
+  assert sgpu.chunks_per_row(2048, 37, CDF) == (32, 2)
+  token, logp, rounds = sample_gpu(x, seeds, interpret=True, config=CDF, **SETTINGS[name])
+  token, rounds = np.asarray(token), np.asarray(rounds)
+  assert np.all(token >= 0) and np.all(rounds >= 1)
+  assert_matches(np.bincount(token, minlength=37), exact_probs(ROW37, **SETTINGS[name]))
+  np.testing.assert_allclose(np.asarray(logp), np.asarray(jax.nn.log_softmax(x[0]))[token],
+                             rtol=1e-5, atol=1e-5)
+  if name == "top_k":
+    assert rounds.max() > 2  # rows handed to the row kernel after the two split rounds
+
+
+def test_cdf_draw_differs_from_gumbel_but_keeps_every_rule():
+  """Larger rows over 5 chunks (the last ragged), a rejection-heavy top-k, -inf logits and a row
+  whose only finite logit holds all the mass: every token in the kept set, logp the model's; and
+  the draw is not the Gumbel-max one (different tokens for the same seeds)."""
+  x = np.array(_random_rows(48, 300, seed=31)) * 0.6
+  x[0, :100] = -np.inf
+  x[1, :] = -np.inf
+  x[1, 77] = 0.0
+  xs = jnp.asarray(x)
+  seeds = jax.random.bits(jax.random.key(32), (48,), jnp.uint32)
+  cfg = GpuConfig(block=16, chunk=64, split=True, draw="cdf", split_rounds=1)
+  for settings in (dict(temperature=0.8, top_p=0.9), dict(top_k=2), dict(top_k=20, min_p=0.05)):
+    token, logp, _ = sample_gpu(xs, seeds, config=cfg, interpret=True, **settings)
+    token = np.asarray(token)
+    assert np.all(token >= 0) and token[1] == 77 and token[0] >= 100
+    assert np.asarray(kept_mask(xs, **settings))[np.arange(48), token].all()
+    ref = np.asarray(jax.nn.log_softmax(xs, axis=-1))[np.arange(48), token]
+    np.testing.assert_allclose(np.asarray(logp), ref, rtol=1e-5, atol=1e-5)
+    gumbel = np.asarray(sample_gpu(xs, seeds, config=dataclasses.replace(cfg, draw="gumbel"),
+                                   interpret=True, **settings)[0])
+    assert (gumbel != token).mean() > 0.2
+  with pytest.raises(KernelShapeError, match="draw='sort'"):
+    sgpu.check_config(GpuConfig(draw="sort"))
+
+
+def test_cdf_launches():
+  """The "cdf" draw's launches: statistics, then per round a locate launch (a program per row)
+  and a mass launch (B x C), back to back; XLA only after the last, before the leftover rows'
+  kernel."""
+  x = jax.ShapeDtypeStruct((64, 151936), jnp.float32)
+  seeds = jax.ShapeDtypeStruct((64,), jnp.uint32)
+  f = functools.partial(sample_gpu, top_p=0.9, config=GpuConfig(draw="cdf"))
+  eqns = jax.make_jaxpr(f)(x, seeds).jaxpr.eqns[0].params["jaxpr"].jaxpr.eqns
+  calls = [(i, e.params["name"]) for i, e in enumerate(eqns) if e.primitive.name == "pallas_call"]
+  names = [n for _, n in calls]
+  assert names == ["sample_split_s", "sample_cdf_locate_first", "sample_cdf_mass",
+                   "sample_cdf_locate", "sample_cdf_mass", "sample_cdf_locate",
+                   "sample_cdf_mass", "sample_top_k_top_p_min_p"]
+  index = [i for i, _ in calls]
+  assert index[:7] == list(range(index[0], index[0] + 7))
+
+
 def test_split_launches_follow_each_other_with_no_xla_step():
   """Each split launch combines the previous launch's per-chunk partials itself: the launch 0 ..
   R kernels are consecutive operations (on a GPU no XLA kernel between them); XLA combines once,
@@ -506,6 +571,10 @@ def test_kernel_lowers_to_triton_for_a_gpu():
                          jax.ShapeDtypeStruct((64,), jnp.uint32))
     assert "grid_x = 64" in text and "grid_y = 15" in text
     assert "approx" not in text and "__nv_log1pf" in text  # libdevice's accurate functions
+    cdf = functools.partial(sample_gpu, config=GpuConfig(draw="cdf"), **settings)
+    text = cuda_lowering(cdf, jax.ShapeDtypeStruct((64, 151936), jnp.bfloat16),
+                         jax.ShapeDtypeStruct((64,), jnp.uint32))
+    assert "grid_x = 64" in text and "grid_y = 15" in text  # MLIR-verified, as above
   # fast_math: the per-element exp and logs become PTX special-function instructions (the Triton
   # IR in the custom call keeps the inline assembly's text); log1p is gone
   for split in (False, True):

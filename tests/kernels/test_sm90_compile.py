@@ -51,6 +51,20 @@ def test_sampling_kernels_compile_and_fast_math_halves_the_loop(split):
     compiled(functools.partial(sample_gpu, config=GpuConfig(split=split), **settings), *shapes)
 
 
+def test_cdf_draw_compiles_and_streams_with_a_fraction_of_the_gumbel_work():
+  """The "cdf" draw's launches compile without spills; its full passes (statistics, mass) carry
+  no hash or noise: the statistics pass's loop has < 0.4x the instructions of the Gumbel path's
+  launch 0 (statistics + draw; both with fast_math) and no integer multiplies of the hash."""
+  shapes = (S((64, 151936), jnp.float32), S((64,), jnp.uint32))
+  cdf = compiled(functools.partial(sample_gpu, top_p=0.9, config=GpuConfig(draw="cdf")), *shapes)
+  names = [r["kernel"] for r in cdf]
+  assert names[:3] == ["sample_split_s", "sample_cdf_locate_first", "sample_cdf_mass"]
+  gumbel = compiled(functools.partial(sample_gpu, top_p=0.9, config=GpuConfig()), *shapes)
+  assert gumbel[0]["kernel"] == "sample_split_sd"
+  assert cdf[0]["loop_instructions"] < 0.4 * gumbel[0]["loop_instructions"]
+  assert cdf[0]["sass_loop"].get("IMAD", 0) < 0.1 * gumbel[0]["sass_loop"]["IMAD"]
+
+
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 128)])
 def test_quantized_matmul_kernels_compile(bits, group):
   k, n = 4096, 4096

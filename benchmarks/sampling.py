@@ -7,27 +7,31 @@ sampler (``generate.sample_token``) vs the Pallas (Triton) rejection sampler
 
 Phases:
 
-1. check (compiled kernel, before any timing; for each ``--check-configs`` setting: the row
-   kernel, the split path, each with and without fast_math): frequencies of N draws from N identical rows
-   (V = 1000) against the exact truncated distribution (float64), by a chi-squared statistic with
-   a 1e-5 threshold, for every mode; then at full size (B = 64, V = 151936, float32 and bf16)
-   every token in ``process_logits``'s kept set, model log-prob = log_softmax(logits)[token], the
-   mean number of rounds and the rows handed to the XLA fallback.
+1. check (compiled kernel, before any timing; for each ``--check-configs`` setting of
+   ``CHECK_CONFIGS``: the row kernel, the split path, each with and without fast_math, and the
+   split path's inverse-CDF draw): frequencies of N draws from N identical rows (V = 1000)
+   against the exact truncated distribution (float64), by a chi-squared statistic with a 1e-5
+   threshold, for every mode; then at full size (B = 64, V = 151936, float32 and bf16) every
+   token in ``process_logits``'s kept set, model log-prob = log_softmax(logits)[token], the mean
+   number of rounds and the rows handed to the XLA fallback.
 2. the copy bandwidth of the device (read + write, ``benchmarks/quantized_matmul.copy_bandwidth``)
    in the same run.
 3. the table: for each (mode, batch, vocab), microseconds per call of
    read (``jnp.max`` over the logits: reading them once), sort (``reference.sort_sample``),
    bisect (``generate.sample_token``: 32 passes over V), radix (the same with
-   ``bits_per_pass=4``: 8 passes, each testing 15 thresholds; same tokens), pallas
-   (``kernels.sampling.sample(impl="pallas")``: the one-program-per-row kernel; before
-   2026-11-26's change to no rounds cap this included the XLA fallback's ``lax.cond``), split
-   (the same with ``GpuConfig(split=True)``: each row over several programs, the same tokens),
-   fast and split_fast (the two with ``fast_math=True``: PTX approximate exp / log for the
-   per-element work) and kernel (``sample_gpu`` alone), and the ratio pallas / read. Logits are ``--logit-scale`` x N(0, 1) per row (scale 4 over 152k tokens:
-   top-1 probability ~0.12, top-p 0.9 keeps ~750 tokens, top-50 holds ~65% of the mass).
+   ``bits_per_pass=4``: 8 passes, each testing 15 thresholds; same tokens), then
+   ``kernels.sampling.sample(impl="pallas")`` with the settings of ``KERNEL_COLUMNS``: pallas
+   (one program per row, exact math; before 2026-11-26's change to no rounds cap this included
+   the XLA fallback's ``lax.cond``), split (each row over several programs, the same tokens),
+   fast and split_fast (the two with ``fast_math=True``: PTX approximate exp / log; split_fast
+   is the default), split_cdf (split_fast with ``draw="cdf"``: inverse transform sampling,
+   no per-entry noise), and kernel (``sample_gpu`` alone, default settings); ratios over read,
+   the sort and the copy floor. Logits are ``--logit-scale`` x N(0, 1) per row (scale 4 over
+   152k tokens: top-1 probability ~0.12, top-p 0.9 keeps ~750 tokens, top-50 holds ~65% of the
+   mass).
 4. ``--sweep``: kernel settings at (64, 151936), top-p: the row kernel at block 1024 / 16 warps
    and the default, then the split path over ``--sweep-programs`` x ``--sweep-blocks`` x
-   ``--sweep-warps``.
+   ``--sweep-warps``, each exact and with fast_math, the split ones also with the cdf draw.
 
 Timing (as ``benchmarks/quantized_matmul.py``): each executable samples R distinct logits buffers
 (together >= 3x the 50 MB L2 cache, at most 8) in a loop of L iterations inside one jit (L chosen
@@ -71,9 +75,18 @@ CHECK_MODES = dict(MODES, top_p_min_p_t08=dict(temperature=0.8, top_p=0.9, min_p
                    plain_t12=dict(temperature=1.2))
 # kernel settings the check runs (the split path with small chunks, so that the V = 1000 rows are
 # split too) and fast_math (PTX approximate exp / log)
-CHECK_CONFIGS = {"row": GpuConfig(), "split": GpuConfig(split=True, block=256, chunk=256),
-                 "row_fast": GpuConfig(fast_math=True),
-                 "split_fast": GpuConfig(split=True, block=256, chunk=256, fast_math=True)}
+_ROW, _SPLIT = GpuConfig(split=False, fast_math=False), GpuConfig(split=True, fast_math=False)
+CHECK_CONFIGS = {"row": _ROW, "split": dataclasses.replace(_SPLIT, block=256, chunk=256),
+                 "row_fast": dataclasses.replace(_ROW, fast_math=True),
+                 "split_fast": dataclasses.replace(_SPLIT, block=256, chunk=256, fast_math=True),
+                 "split_cdf": dataclasses.replace(_SPLIT, block=256, chunk=256, fast_math=True,
+                                                  draw="cdf")}
+# the table's kernel columns (``sample(impl="pallas", config=...)``): one program per row, the
+# split path, each exact and with fast_math, and the split path's inverse-CDF draw
+KERNEL_COLUMNS = {"pallas": _ROW, "split": _SPLIT,
+                  "fast": dataclasses.replace(_ROW, fast_math=True),
+                  "split_fast": dataclasses.replace(_SPLIT, fast_math=True),
+                  "split_cdf": dataclasses.replace(_SPLIT, fast_math=True, draw="cdf")}
 L2_BYTES = 50 * 2**20
 TARGET_S = 3e-3
 INTERPRET = False  # --interpret: kernels in interpret mode (CPU smoke test)
@@ -251,8 +264,9 @@ def table_points(modes, batches, vocabs):
 
 
 # the columns a --lean table times: the loop's own cost, the read, the issue's baseline (XLA's
-# sort), generate's XLA sampler below batch 64 (radix), the row kernel and the split + fast_math path
-LEAN_VARIANTS = ("loop", "read", "sort", "radix", "pallas", "split_fast")
+# sort), generate's XLA sampler below batch 64 (radix), the row kernel, the split + fast_math path
+# (the default) and its inverse-CDF draw
+LEAN_VARIANTS = ("loop", "read", "sort", "radix", "pallas", "split_fast", "split_cdf")
 
 
 def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget, copy_bw,
@@ -261,7 +275,7 @@ def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget,
              f"{'radix us':>9s} {'pallas us':>9s} {'split us':>9s} {'kernel us':>9s} | "
              f"{'pal/read':>8s} {'sort/pal':>8s} {'spl/read':>8s} {'sort/spl':>8s} {'rounds':>6s} | "
              f"{'loop us':>7s} {'pal/copy':>8s} {'spl/copy':>8s} | {'fast us':>9s} "
-             f"{'splfst us':>9s} {'sf/copy':>8s}")
+             f"{'splfst us':>9s} {'sf/copy':>8s} | {'cdf us':>9s} {'sort/cdf':>8s} {'cdf/copy':>8s}")
   for mode, b, v in table_points(modes, batches, vocabs)[rows]:
     if budget.over(reserve_s):
       common.log("time limit reached: table stops here")
@@ -291,21 +305,16 @@ def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget,
         "radix": lambda k, x: sample_token(k, x, temperature=1.0, top_k=settings.get("top_k"),
                                            top_p=settings.get("top_p"),
                                            min_p=settings.get("min_p"), bits_per_pass=4)[::2],
-        "pallas": lambda k, x: sample(k, x, impl="pallas", interpret=INTERPRET, **settings),
-        "split": lambda k, x: sample(k, x, impl="pallas", interpret=INTERPRET,
-                                     config=GpuConfig(split=True), **settings),
-        "fast": lambda k, x: sample(k, x, impl="pallas", interpret=INTERPRET,
-                                    config=GpuConfig(fast_math=True), **settings),
-        "split_fast": lambda k, x: sample(k, x, impl="pallas", interpret=INTERPRET,
-                                          config=GpuConfig(split=True, fast_math=True),
-                                          **settings),
+        **{name: functools.partial(
+            lambda k, x, cfg: sample(k, x, impl="pallas", interpret=INTERPRET, config=cfg,
+                                     **settings), cfg=cfg) for name, cfg in KERNEL_COLUMNS.items()},
         "kernel": lambda k, x: sample_gpu(
             x, jax.random.bits(k, (b,), jnp.uint32), interpret=INTERPRET, **settings)[:2],
     }
     if lean:
       variants = {k: f for k, f in variants.items() if k in LEAN_VARIANTS}
     for name, fn in variants.items():
-      if name in ("pallas", "split", "fast", "split_fast", "kernel") and "kernel_error" in row:
+      if (name in KERNEL_COLUMNS or name == "kernel") and "kernel_error" in row:
         row[f"{name}_error"] = "skipped: the kernel failed on this shape"
         continue
       try:
@@ -315,7 +324,7 @@ def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget,
         row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         bufs = [make_logits(b, v, dtype, 1000 + i, scale) for i in range(r)]
     if "loop_us" in row:  # net of the loop's own cost, and over the copy floor
-      for name in ("read", "sort", "pallas", "split", "fast", "split_fast", "kernel"):
+      for name in ("read", "sort", *KERNEL_COLUMNS, "kernel"):
         if f"{name}_us" in row:
           row[f"{name}_net_us"] = row[f"{name}_us"] - row["loop_us"]
           row[f"{name}_net_over_copy"] = row[f"{name}_net_us"] / row["copy_bound_us"]
@@ -323,6 +332,11 @@ def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget,
       row["pallas_over_read"] = row["pallas_us"] / row["read_us"]
     if "pallas_us" in row and "sort_us" in row:
       row["sort_over_pallas"] = row["sort_us"] / row["pallas_us"]
+    for name in ("split_fast", "split_cdf"):  # gross time over the copy floor, and the sort's
+      if f"{name}_us" in row:
+        row[f"{name}_over_copy"] = row[f"{name}_us"] / row["copy_bound_us"]
+        if "sort_us" in row:
+          row[f"sort_over_{name}"] = row["sort_us"] / row[f"{name}_us"]
     if "split_us" in row and "read_us" in row:
       row["split_over_read"] = row["split_us"] / row["read_us"]
       row["sort_over_split"] = row.get("sort_us", float("nan")) / row["split_us"]
@@ -339,17 +353,20 @@ def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget,
                f"{fmt('sort_over_split', 8, '.1f')} {fmt('mean_rounds', 6, '.2f')} | "
                f"{fmt('loop_us', 7)} {fmt('pallas_net_over_copy', 8, '.1f')} "
                f"{fmt('split_net_over_copy', 8, '.1f')} | {fmt('fast_us')} {fmt('split_fast_us')} "
-               f"{fmt('split_fast_net_over_copy', 8, '.1f')}")
+               f"{fmt('split_fast_net_over_copy', 8, '.1f')} | {fmt('split_cdf_us')} "
+               f"{fmt('sort_over_split_cdf', 8, '.1f')} {fmt('split_cdf_over_copy', 8, '.1f')}")
 
 
 def sweep_configs(blocks, warps_list, programs_list):
   """The row kernel at the best setting of 2026-11-26's first sweep, the default, then the split
-  path over programs x blocks x warps; each exact and with fast_math."""
+  path over programs x blocks x warps; each exact and with fast_math, and the split settings also
+  with the inverse-CDF draw (fast_math), interleaved so that a cut sweep keeps whole groups."""
   out = [GpuConfig(split=False, block=1024, num_warps=16), GpuConfig()]
   out += [GpuConfig(split=True, programs=n, block=block, num_warps=warps)
           for n in programs_list for block in blocks for warps in warps_list]
-  # each exact and with fast_math (PTX approximate exp / log), interleaved so a cut sweep has pairs
-  return [dataclasses.replace(cfg, fast_math=fast) for cfg in out for fast in (False, True)]
+  return [c for cfg in out for c in (
+      dataclasses.replace(cfg, fast_math=False), dataclasses.replace(cfg, fast_math=True))
+          + ((dataclasses.replace(cfg, fast_math=True, draw="cdf"),) if cfg.split else ())]
 
 
 def run_sweep(results, *, b, v, dtype, scale, repeats, budget, configs):
@@ -374,7 +391,7 @@ def run_sweep(results, *, b, v, dtype, scale, repeats, budget, configs):
                                  default=cfg == GpuConfig()))
     common.log(f"sweep B={b} V={v} split={cfg.split!s:5} programs {cfg.programs:4d} chunks "
                f"{n_chunks if cfg.split else 1:3d} block {cfg.block:5d} warps {cfg.num_warps:2d} "
-               f"fast_math {cfg.fast_math!s:5}: "
+               f"fast_math {cfg.fast_math!s:5} draw {cfg.draw:6s}: "
                f"{us if isinstance(us, str) else f'{us:.1f} us'}")
 
 

@@ -18,7 +18,7 @@ def test_sampling_benchmark_interpret(tmp_path):
   proc = subprocess.run(
       [sys.executable, "benchmarks/sampling.py", "--interpret", "--batch", "2", "--vocab", "3000",
        "--modes", "top_p", "--check-modes", "top_p", "--check-draws", "512", "--repeats", "1",
-       "--check-configs", "row", "split_fast",
+       "--check-configs", "row", "split_fast", "split_cdf",
        "--sweep", "--sweep-blocks", "512", "--sweep-warps", "4", "--sweep-programs", "8",
        "--out", str(out)],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -27,12 +27,13 @@ def test_sampling_benchmark_interpret(tmp_path):
   assert doc["status"] == "complete" and doc["check_passed"] is True
   assert doc["versions"]["jax"] and doc["copy_bw_Bps"] > 0
   kinds = [(c["config"], c["kind"], c.get("dtype")) for c in doc["check"]]
-  assert kinds == [(config, kind, dtype) for config in ("row", "split_fast") for kind, dtype in
+  assert kinds == [(config, kind, dtype) for config in ("row", "split_fast", "split_cdf")
+                   for kind, dtype in
                    (("frequency", None), ("support", "float32"), ("support", "bfloat16"))]
   (row,) = doc["table"]
   assert (row["mode"], row["batch"], row["vocab"], row["top_p"]) == ("top_p", 2, 3000, 0.9)
   for name in ("loop", "read", "sort", "bisect", "radix", "pallas", "split", "fast", "split_fast",
-               "kernel"):
+               "split_cdf", "kernel"):
     assert row[f"{name}_us"] > 0, row
   assert row["pallas_over_read"] == row["pallas_us"] / row["read_us"]
   # net of the timing loop's own cost, over the copy floor
@@ -40,8 +41,11 @@ def test_sampling_benchmark_interpret(tmp_path):
   assert row["split_net_over_copy"] == row["split_net_us"] / row["copy_bound_us"]
   assert row["split_over_read"] == row["split_us"] / row["read_us"]
   assert row["mean_rounds"] >= 1
-  # each setting exact, then with fast_math: the row kernel, the default, the split grid
-  row, row_fm, exact_default, default, split, split_fm = doc["sweep"]
+  # each setting exact, then with fast_math (split settings also with the cdf draw): the row
+  # kernel, the default, the split grid
+  row, row_fm, exact_default, default, default_cdf, split, split_fm, split_cdf = doc["sweep"]
+  assert default_cdf["config"] == dict(default["config"], draw="cdf")
+  assert split_cdf["config"] == dict(split["config"], draw="cdf", fast_math=True)
   assert (row["config"]["block"], row["config"]["num_warps"]) == (1024, 16)
   assert not row["config"]["split"] and row["chunks"] == 1
   assert not row["config"]["fast_math"] and row_fm["config"] == dict(row["config"], fast_math=True)

@@ -383,8 +383,8 @@ def test_split_path_draws_what_the_row_kernel_draws(settings):
   the row kernel, resumed at round 1 from the rejected pivot."""
   x = jnp.asarray(_random_rows(24, 300, seed=21)) * 0.6  # flat rows: several rounds for top-k 2
   seeds = jax.random.bits(jax.random.key(22), (24,), jnp.uint32)
-  want = [np.asarray(a) for a in sample_gpu(x, seeds, config=GpuConfig(block=16), interpret=True,
-                                            **settings)]
+  want = [np.asarray(a) for a in sample_gpu(x, seeds, config=GpuConfig(block=16, split=False),
+                                            interpret=True, **settings)]
   assert np.all(want[0] >= 0)
   for extra in (dict(), dict(split_rounds=1)):
     cfg = GpuConfig(block=16, chunk=64, split=True, **extra)
@@ -401,7 +401,8 @@ def test_split_path_draws_what_the_row_kernel_draws_with_fast_math():
   x = jnp.asarray(_random_rows(24, 300, seed=27)) * 0.6
   seeds = jax.random.bits(jax.random.key(28), (24,), jnp.uint32)
   settings = dict(temperature=0.7, top_p=0.8)
-  want = sample_gpu(x, seeds, config=GpuConfig(block=16, fast_math=True), interpret=True,
+  want = sample_gpu(x, seeds, config=GpuConfig(block=16, split=False, fast_math=True),
+                    interpret=True,
                     **settings)
   got = sample_gpu(x, seeds, config=GpuConfig(block=16, chunk=64, split=True, fast_math=True),
                    interpret=True, **settings)
@@ -413,7 +414,7 @@ def test_split_path_keeps_the_rounds_cap():
   x = jnp.asarray(_random_rows(16, 300, seed=23)) * 0.3
   seeds = jax.random.bits(jax.random.key(24), (16,), jnp.uint32)
   for cap, split_rounds in ((1, 3), (2, 1), (2, 3), (4, 2)):
-    want = sample_gpu(x, seeds, top_k=2, config=GpuConfig(block=16, max_rounds=cap),
+    want = sample_gpu(x, seeds, top_k=2, config=GpuConfig(block=16, split=False, max_rounds=cap),
                       interpret=True)
     got = sample_gpu(x, seeds, top_k=2, interpret=True, config=GpuConfig(
         block=16, chunk=32, split=True, max_rounds=cap, split_rounds=split_rounds))

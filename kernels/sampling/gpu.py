@@ -120,13 +120,16 @@ class GpuConfig:
     draw: how the split path draws a round's candidate from p restricted to R_r.
       "gumbel" (default): Gumbel-max, g_v = hash noise per entry, in the same pass as the
       statistics or the previous check (per entry: the hash and two logs). "cdf": inverse
-      transform sampling (``_locate_kernel``): one uniform u per row and round, the chunk where
-      the cumulative mass sum_c w_c crosses u sum_c w_c (w_c: the chunk's mass in R_r, from the
-      statistics or the previous check), then that chunk alone scanned for the token where its
-      running sum crosses the rest. Per entry only an exp and a compare, at the cost of one
+      transform sampling (``_locate_kernel``): the chunk where the cumulative mass crosses u_1
+      sum_c w_c (w_c: the chunk's mass in R_r, from the statistics or the previous check), then
+      that chunk alone scanned for the block and, in it, the entry where the running sums cross
+      u_2 w_c* and u_3 (block sum). Per entry only an exp and a compare, at the cost of one
       small launch per round (a program per row reading one chunk); the other passes check a
-      candidate and give the next round's w_c in the same pass. The distribution is the same
-      (up to float rounding in the sums), the tokens for a seed differ from "gumbel"'s. Not yet
+      candidate and give the next round's w_c in the same pass. The distribution is the same up
+      to float rounding: the draw runs in three levels (chunk, block, entry), each with its own
+      23-bit uniform, so each level rounds probabilities to 2^-23 of its own total, about
+      n 2^-25 in total variation for a level of n entries (< 1e-4 in all at block 2048; a single
+      level over V = 152k would be ~2e-3). The tokens for a seed differ from "gumbel"'s. Not yet
       timed on a GPU.
   """
   block: int = 2048
@@ -715,12 +718,13 @@ def _finish_split(logits_BxV, seeds_B, state, count_BxC, mass_BxC, s, m1, s1, n_
           jnp.where(state.done, state.rounds, row_rounds))
 
 
-def round_uniform(seed_u32, r_i32):
-  """u uniform on (0, 1) per (row seed, round) for the "cdf" draw: the top 24 bits of a further
-  hash of ``round_key``, (h + 1/2) 2^-24."""
-  h = fmix32(round_key(seed_u32, r_i32) ^ _u32(0x5BD1E995))
-  return ((h >> _u32(8)).astype(jnp.int32).astype(jnp.float32) + np.float32(0.5)) * np.float32(
-      2.0**-24)
+def round_uniform(seed_u32, r_i32, level: int):
+  """u uniform on (0, 1) per (row seed, round, level) for the "cdf" draw's three levels (chunk,
+  block, token): 23 bits of a further hash of ``round_key``, (k + 1/2) 2^-23, exact in float32
+  (never 0 or 1)."""
+  h = fmix32(round_key(seed_u32, r_i32) ^ _u32((0x5BD1E995 * (level + 1)) % 2**32))
+  return ((h >> _u32(9)).astype(jnp.int32).astype(jnp.float32) + np.float32(0.5)) * np.float32(
+      2.0**-23)
 
 
 def _in_set(z, pivot, m, log_min_p):
@@ -766,10 +770,15 @@ def _locate_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n
   out) and takes w_c = s_c exp(m_c - m) (or, with min-p, the masses of the floor set). A later
   round takes the state and the previous check's [C] partials, ``advance``s the state (accept the
   candidate iff its count and mass pass), and for a row still rejected takes w_c = the mass above
-  the rejected candidate. Then t = u sum_c w_c (u = ``round_uniform``): c* = the first chunk whose
-  cumulative mass reaches t, and that chunk's entries of R in index order, summing exp(z - m),
-  until the running sum reaches t - sum_{c < c*} w_c: that token is the candidate (the chunk's
-  last entry of R if rounding leaves the sum short). Writes the state (the candidate unchecked).
+  the rejected candidate. Then the candidate is drawn in three levels, each with its own uniform
+  (``round_uniform``), so that each level's float32 resolution (2^-23 of its own total) is spent
+  on at most a few thousand entries rather than on the whole row (one level over V = 152k entries
+  would round every token's probability to a multiple of ~1e-7 of the row's mass): the chunk c*
+  whose cumulative mass first reaches u_1 sum_c w_c; in it, the block whose running block sums
+  first reach u_2 w_c*; in that block, the entry whose running sum of e = exp(z - m) over R first
+  reaches u_3 sum(e). Where rounding leaves a running sum short, the last candidate with e > 0
+  (the block's, or the last positive block's) is taken. P(v) = (w_c* / W) (block sum / w_c*)
+  (e_v / block sum) = e_v / W up to rounding. Writes the state (the candidate unchecked).
   """
   f32, i32 = jnp.float32, jnp.int32
   ninf = f32(-jnp.inf)
@@ -796,12 +805,12 @@ def _locate_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n
     m = m_ref[...]
     state = advance(state, i32(rnd), count, w, None, s_ref[...], top_k=top_k, top_p=top_p)
   pivot = state.ztok if not first else ninf
-  t = round_uniform(seed_ref[...], i32(rnd)) * jnp.sum(w)
+  u_chunk, u_block, u_token = (round_uniform(seed_ref[...], i32(rnd), level) for level in range(3))
   cum = jnp.cumsum(w)
-  cstar = jnp.min(jnp.where((cum >= t) & (w > 0), clane, width))
+  cstar = jnp.min(jnp.where((cum >= u_chunk * jnp.sum(w)) & (w > 0), clane, width))
   last = jnp.max(jnp.where(w > 0, clane, -1))
   cstar = jnp.where(cstar < width, cstar, last)  # rounding: t past the last cumulative sum
-  t_in = t - jnp.sum(jnp.where(clane < cstar, w, f32(0.0)))
+  t_block = u_block * jnp.sum(jnp.where(clane == cstar, w, f32(0.0)))
   start = jnp.maximum(cstar, 0) * chunk
   lane = lax.broadcasted_iota(i32, (block,), 0)
 
@@ -809,28 +818,25 @@ def _locate_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n
     return tuple(jnp.max(jnp.where(offs == index, v, ninf)) for v in values)
 
   def body(i, c):
-    acc, tok, ztok, xtok, ltok, lz, lx = c
+    acc, found, tok, ztok, xtok = c
     offs, x, z = _load_block(x_ref, start + i * block, lane, vocab=vocab, temperature=temperature)
-    cand = _in_set(z, pivot, m, log_min_p)
-    e = jnp.where(cand, _exp(z - m, math), f32(0.0))
-    crossed = cand & (acc + jnp.cumsum(e) >= t_in)
-    hit = jnp.min(jnp.where(crossed, offs, vocab))
-    new = (tok < 0) & (hit < vocab)
-    hz, hx = pick_at(offs, hit, z, x)
-    li = jnp.max(jnp.where(cand, offs, -1))
-    lzb, lxb = pick_at(offs, li, z, x)
-    seen = li >= 0
-    return (acc + jnp.sum(e), jnp.where(new, hit, tok), jnp.where(new, hz, ztok),
-            jnp.where(new, hx, xtok), jnp.where(seen, li, ltok), jnp.where(seen, lzb, lz),
-            jnp.where(seen, lxb, lx))
+    e = jnp.where(_in_set(z, pivot, m, log_min_p), _exp(z - m, math), f32(0.0))
+    bsum = jnp.sum(e)
+    # this block's draw: the first entry where its running sum reaches u_3 bsum (else its last
+    # positive entry); taken if this is the block where the chunk's running sum reaches t_block,
+    # and kept as the fallback while no block has (the last positive block's draw)
+    positive = e > 0
+    hit = jnp.min(jnp.where(positive & (jnp.cumsum(e) >= u_token * bsum), offs, vocab))
+    pick = jnp.where(hit < vocab, hit, jnp.max(jnp.where(positive, offs, -1)))
+    pz, px = pick_at(offs, pick, z, x)
+    take = ~found & (bsum > 0)
+    return (acc + bsum, found | (take & (acc + bsum >= t_block)), jnp.where(take, pick, tok),
+            jnp.where(take, pz, ztok), jnp.where(take, px, xtok))
 
   draw = (last >= 0) if first else ~state.done & (last >= 0)
   trips = jnp.where(draw, i32(chunk // block), i32(0))
-  _, tok, ztok, xtok, ltok, lz, lx = lax.fori_loop(
-      0, trips, body, (f32(0.0), i32(-1), ninf, ninf, i32(-1), ninf, ninf))
-  short = tok < 0
-  tok, ztok, xtok = (jnp.where(short, ltok, tok), jnp.where(short, lz, ztok),
-                     jnp.where(short, lx, xtok))
+  _, _, tok, ztok, xtok = lax.fori_loop(0, trips, body,
+                                        (f32(0.0), jnp.bool_(False), i32(-1), ninf, ninf))
   if first:
     state = first_state(tok, ztok, xtok)
   else:

@@ -453,6 +453,12 @@ def test_cdf_draw_samples_the_exact_truncated_distribution(name):
   assert_matches(np.bincount(token, minlength=37), exact_probs(ROW37, **SETTINGS[name]))
   np.testing.assert_allclose(np.asarray(logp), np.asarray(jax.nn.log_softmax(x[0]))[token],
                              rtol=1e-5, atol=1e-5)
+  # the rounds follow the same law as the Gumbel draw's (each round's candidate has the same
+  # distribution): the mean agrees to ~5 standard errors
+  _, _, gumbel_rounds = sample_gpu(x, seeds, interpret=True, config=GpuConfig(block=16,
+                                                                               split=False),
+                                   **SETTINGS[name])
+  assert abs(rounds.mean() - np.asarray(gumbel_rounds).mean()) < 0.12
   if name == "top_k":
     assert rounds.max() > 2  # rows handed to the row kernel after the two split rounds
 

@@ -208,7 +208,7 @@ class Attention(nnx.Module):
       out = fused_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS,
                             implementation=self.attention_impl)
     elif kv is not None and prefix_kv is None and T == 1 and _decode_kernel(
-        self.decode_attention_impl):
+        self.decode_attention_impl, self.num_heads, self.num_kv_heads, self.head_dim):
       # one cached step: the cache mask of ``hidden_states`` is slot <= position, so row b's
       # valid slots are 0 .. position; the kernel reads only those
       from kernels.decode_attention import decode_attention  # pylint: disable=import-outside-toplevel
@@ -219,12 +219,21 @@ class Attention(nnx.Module):
     return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), kv
 
 
-def _decode_kernel(impl: str) -> bool:
-  """Whether a cached one-token step runs ``kernels.decode_attention``'s kernel: "pallas" always,
-  "auto" on one GPU (``kernels.decode_attention.choose_impl``), "xla" never."""
+def _decode_kernel(impl: str, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+  """Whether a cached one-token step runs ``kernels.decode_attention``'s kernel: "pallas" always
+  (a head layout the kernel cannot take is then a clear error), "auto" on one GPU
+  (``kernels.decode_attention.choose_impl``) for head layouts it takes, "xla" never."""
   if impl == "xla":
     return False
-  from kernels.decode_attention import choose_impl  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from kernels.decode_attention import GpuConfig, KernelShapeError, choose_impl
+  from kernels.decode_attention.gpu import check_shapes
+  if impl == "pallas":
+    return True
+  try:
+    check_shapes(num_heads, num_kv_heads, head_dim, GpuConfig())
+  except KernelShapeError:
+    return False
   return choose_impl(impl) == "pallas"
 
 

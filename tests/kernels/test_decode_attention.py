@@ -169,3 +169,18 @@ def test_generate_refuses_the_kernel_on_several_devices():
   with pytest.raises(ValueError, match="decode-attention kernel runs on one device; the "
                                        "parameters span 2"):
     generate((graphdef, params), tokens, lengths, max_new_tokens=2, temperature=0.0)
+
+
+def test_auto_in_the_model_keeps_xla_for_head_layouts_the_kernel_cannot_take(monkeypatch):
+  """The model's "auto" takes the kernel on one GPU only for head layouts it accepts (head_dim a
+  power of two >= 16, at most 16 query heads per key/value head); "pallas" always (an unsupported
+  layout is then the kernel's clear error); "xla" never."""
+  from postrl.models.transformer import _decode_kernel  # pylint: disable=import-outside-toplevel
+  module = importlib.import_module("kernels.decode_attention")
+  monkeypatch.setattr(module, "choose_impl", lambda impl="auto", platform=None: "pallas")
+  assert _decode_kernel("auto", 32, 8, 64) and _decode_kernel("auto", 9, 3, 64)
+  assert not _decode_kernel("auto", 16, 2, 96)  # head_dim 96
+  assert not _decode_kernel("auto", 64, 2, 128)  # 32 query heads per kv head
+  assert _decode_kernel("pallas", 16, 2, 96) and not _decode_kernel("xla", 32, 8, 64)
+  monkeypatch.setattr(module, "choose_impl", lambda impl="auto", platform=None: "xla")
+  assert not _decode_kernel("auto", 32, 8, 64)  # a CPU, or several devices

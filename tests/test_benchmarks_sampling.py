@@ -91,3 +91,26 @@ def test_timing_loop_updates_the_logits_in_place():
         jax.random.key(0), 3, *bufs).compile().as_text()
     copies = [line for line in hlo.splitlines() if "f32[64,4096]" in line and " copy(" in line]
     assert not copies, copies
+
+
+def test_rows_and_lean_pick_the_points_and_columns(tmp_path):
+  """--rows slices the table's points (table_points order) and --lean times only LEAN_VARIANTS,
+  as the one-call device scripts use them (no kernel on a CPU: its columns record the error)."""
+  from benchmarks.sampling import LEAN_VARIANTS, table_points  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "sampling.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/sampling.py", "--no-check", "--lean", "--rows", "1:3",
+       "--batch", "2", "4", "--vocab", "3000", "--modes", "top_p", "top_k", "--repeats", "1",
+       "--copy-mib", "4", "--out", str(out)],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  rows = json.loads(out.read_text())["table"]
+  want = table_points(["top_p", "top_k"], [2, 4], [3000])[1:3]
+  assert [(r["mode"], r["batch"], r["vocab"]) for r in rows] == want
+  for row in rows:
+    timed = {k[:-3] for k in row if k.endswith("_us") and not k.endswith(("_net_us", "bound_us"))}
+    assert timed == {"loop", "read", "sort", "radix"}  # the lean XLA columns; no bisect
+    # the kernel columns of the lean set fail on a CPU; "kernel" is the rounds probe's error
+    assert {k[:-6] for k in row if k.endswith("_error")} == {
+        "kernel", *(set(LEAN_VARIANTS) - {"loop", "read", "sort", "radix"})}

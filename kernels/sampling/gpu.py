@@ -44,9 +44,9 @@ both take the smallest index among equal scores):
   (max / rescaled sums / smallest index of the best score / the accept test: ``combine_stats`` /
   ``combine_draws`` / ``advance``; all take the same decision and the row's first program writes
   the state out), so the launches follow each other with no XLA step; XLA combines once, after
-  the last (and, with min-p, takes the row max between the statistics and the first draw). After ``split_rounds`` rounds the rows still
-  rejected (few: the acceptance probability per round is at least p(kept)) continue in the row
-  kernel from the last rejected pivot. Timed on the same H100 (same run): 188 us exact, 155 us
+  the last (and, with min-p, takes the row max between the statistics and the first draw). After
+  ``split_rounds`` rounds the rows still rejected (few: the acceptance probability per round is at
+  least p(kept)) continue in the row kernel from the last rejected pivot. Timed on the same H100 (same run): 188 us exact, 155 us
   with fast_math at B = 64, V = 152k, top-p (14.5x XLA's sort, 11x the 13.6 us read floor); 31 us
   at B = 1, where it beats every XLA sampler too (docs/benchmarks.md).
 
@@ -281,6 +281,15 @@ def _load_block(x_ref, start, lane, *, vocab: int, temperature: float):
   return offs, x, (x / jnp.float32(temperature) if temperature != 1.0 else x)
 
 
+def _in_set(z, pivot, m, log_min_p):
+  """R = {z > pivot} (∩ {z - m >= log min_p}): the tokens a round may draw (m: the
+  row max, unused without min-p)."""
+  cand = z > pivot
+  if log_min_p is not None:
+    cand = cand & (z - m >= jnp.float32(log_min_p))
+  return cand
+
+
 def _gumbel_max_update(c, score, offs, z, x):
   """Per-lane running Gumbel-max winner (best score, index, z, x) after one more block."""
   best, idx, bz, bx = c
@@ -342,9 +351,7 @@ def _row_kernel(x_ref, seed_ref, pivot_ref, round_ref, active_ref, tok_ref, logp
 
     def body(i, c):
       offs, x, z = load(i)
-      cand = z > pivot
-      if floor is not None:
-        cand = cand & (z - floor[0] >= floor[1])
+      cand = _in_set(z, pivot, floor, log_min_p)
       score = jnp.where(cand, z + gumbel(key, offs, math), ninf)
       out = _gumbel_max_update(c[:4], score, offs, z, x)
       if with_stats:
@@ -383,7 +390,7 @@ def _row_kernel(x_ref, seed_ref, pivot_ref, round_ref, active_ref, tok_ref, logp
     floor = None
     if log_min_p is not None:
       m, s, m1, s1 = stats_pass()
-      floor = (m, f32(log_min_p))
+      floor = m  # the row max: the min-p floor is m + log min_p (``_in_set``)
       tok, ztok, xtok = sample_pass(r0, pivot0, floor, False)
     else:
       tok, ztok, xtok, m, s, m1, s1 = sample_pass(r0, pivot0, None, True)
@@ -534,9 +541,7 @@ def _chunk_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n_
       if scaled:
         c["m1"], c["s1"] = _lane_softmax_update(c["m1"], c["s1"], x, math)
     if sample:
-      cand = z > pivot
-      if log_min_p is not None:
-        cand = cand & (z - m >= f32(log_min_p))
+      cand = _in_set(z, pivot, m, log_min_p)
       score = jnp.where(cand, z + gumbel(key, offs, math), ninf)
       c["best"], c["idx"], c["bz"], c["bx"] = _gumbel_max_update(
           (c["best"], c["idx"], c["bz"], c["bx"]), score, offs, z, x)
@@ -725,14 +730,6 @@ def round_uniform(seed_u32, r_i32, level: int):
   h = fmix32(round_key(seed_u32, r_i32) ^ _u32((0x5BD1E995 * (level + 1)) % 2**32))
   return ((h >> _u32(9)).astype(jnp.int32).astype(jnp.float32) + np.float32(0.5)) * np.float32(
       2.0**-23)
-
-
-def _in_set(z, pivot, m, log_min_p):
-  """R = {z > pivot} (∩ {z - m >= log min_p}): the tokens a round may draw."""
-  cand = z > pivot
-  if log_min_p is not None:
-    cand = cand & (z - m >= jnp.float32(log_min_p))
-  return cand
 
 
 def _mass_kernel(x_ref, done_ref, pivot_ref, m_ref, count_ref, mass_ref, *, vocab: int,

@@ -10,6 +10,8 @@ jit (``looped``: about 3 ms per call, so launch and host overhead are amortised)
 median over repeats of wall time / (R L). Achieved weight bandwidth =
 (codes + scales + x + y bytes) / time, over a device-to-device copy (read + write) measured in the
 same run. Every Pallas entry is checked against the reference first (relative error in float32).
+From M = 128 the table also times ``materialised``: the codes dequantised to bf16 by one fusion,
+then XLA's bf16 dot (the fallback the M >= 512 target allows, when no fused path reaches 0.9x).
 Phases: --check (kernel vs reference on small odd shapes, real compilation, for every kernel in
 --check-kernels), --variants (the three kernels, "dot" / "dot_t" / "fma", with both unpacks, at
 every shape for the --variants-m rows, beside bf16: which kernel wins where), the table (the
@@ -40,11 +42,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels.quantized_matmul import (GpuConfig, quantized_matmul_gpu,  # noqa: E402
                                       quantized_matmul_reference)
+from kernels.quantized_matmul.reference import dequantize as reference_dequantize  # noqa: E402
 from kernels.quantized_matmul import gpu as qgpu  # noqa: E402
 
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 512, 2048)
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192))
 L2_BYTES = 60 * 2**20
+MATERIALISE_MIN_M = 128  # rows from which the table also times ``materialised``
 INTERPRET = False  # --interpret: run the kernels in interpret mode (CPU smoke test)
 
 
@@ -139,6 +143,19 @@ def xla_int4(x, q, s):
   return quantized_matmul_reference(x, q, s, bits=4, group_size=128)
 
 
+def materialised(bits, group):
+  """The dequantise-once path for prefill shapes: the whole kernel dequantised to x's dtype by its
+  own fusion (one read of the codes, one write of W), then XLA's bf16 ``jnp.dot`` on it. The
+  optimisation barrier keeps XLA from fusing the dequantisation into the matmul's operand (what
+  ``xla_int8`` / ``xla_int4`` get). The table times it from M = 128 up (``--materialise-from``): the issue's M >= 512
+  target allows this fallback, and its extra write of W costs too much at decode shapes."""
+  def f(x, q, s):
+    w = reference_dequantize(q, s, bits=bits, group_size=group, k=x.shape[-1]).astype(x.dtype)
+    y = jnp.dot(x, jax.lax.optimization_barrier(w), preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
+  return f
+
+
 def run_check(results, out, kernels=("dot",), unpacks=("shift",)):
   """Kernel vs reference at small odd shapes, compiled for the GPU (not interpret mode): the
   default tiling for "dot" and "dot_t", and for "fma" at M <= 8 (its M tile), with each unpack."""
@@ -192,7 +209,8 @@ def dump(results, out):
     os.replace(out + ".tmp", out)
 
 
-def run_table(results, out, ms, shapes, repeats, deadline, copy_bw):
+def run_table(results, out, ms, shapes, repeats, deadline, copy_bw,
+              materialise_from=MATERIALISE_MIN_M):
   rows = results.setdefault("table", [])
   print(f"{'K':>6} {'N':>6} {'M':>5} | {'bf16 us':>8} | {'xla8 us':>8} {'pal8 us':>8} {'x':>5} "
         f"{'bw%':>4} | {'xla4 us':>8} {'pal4 us':>8} {'x':>5} {'bw%':>4} | err8 err4", flush=True)
@@ -231,6 +249,14 @@ def run_table(results, out, ms, shapes, repeats, deadline, copy_bw):
             lambda x, *a, f=xla_fn: [f(x, a[i], a[i + 1]) for i in range(0, len(a), 2)],
             (x, *flat), repeats, reps)
         row[f"xla_{name}_us"] = 1e6 * t / r
+        if m >= materialise_from:
+          mat = materialised(bits, group)
+          row[f"err_mat_{name}"] = rel_err(jax.jit(mat)(x, *ws[0]).astype(jnp.float32),
+                                           xla_fn(x.astype(jnp.float32), *ws[0]))
+          t, _ = time_many(
+              lambda x, *a, f=mat: [f(x, a[i], a[i + 1]) for i in range(0, len(a), 2)],
+              (x, *flat), repeats, reps)
+          row[f"mat_{name}_us"] = 1e6 * t / r
 
         def pallas(x, *a, bits=bits, group=group, cfg=cfg):
           return [quantized_matmul_gpu(x, a[i], a[i + 1], bits=bits, group_size=group, config=cfg,
@@ -260,11 +286,13 @@ def run_table(results, out, ms, shapes, repeats, deadline, copy_bw):
       def bw(key):
         v = row.get(key)
         return f"{100 * v:4.0f}" if isinstance(v, float) else f"{'-':>4}"
+      mat = (f" | materialised int8 {fmt('mat_int8_us')} ({sp('mat_int8_us')}x) int4 "
+             f"{fmt('mat_int4_us')} ({sp('mat_int4_us')}x)" if m >= materialise_from else "")
       print(f"{k:6d} {n:6d} {m:5d} | {fmt('bf16_us')} | {fmt('xla_int8_us')} "
             f"{fmt('pallas_int8_us')} {sp('pallas_int8_us')} {bw('pallas_int8_bw')} | "
             f"{fmt('xla_int4_us')} {fmt('pallas_int4_us')} {sp('pallas_int4_us')} "
             f"{bw('pallas_int4_bw')} | {row.get('err_int8', float('nan')):.1e} "
-            f"{row.get('err_int4', float('nan')):.1e}", flush=True)
+            f"{row.get('err_int4', float('nan')):.1e}{mat}", flush=True)
 
 
 def kernel_variants(m, k, n, *, bits, group):
@@ -411,6 +439,8 @@ def main():
   p.add_argument("--variants-m", type=int, nargs="+", default=[1, 16])
   p.add_argument("--variants-seconds", type=float, default=150, help="time given to --variants")
   p.add_argument("--skip-table", action="store_true")
+  p.add_argument("--materialise-from", type=int, default=MATERIALISE_MIN_M, metavar="M",
+                 help="rows from which the table also times the dequantise-once path")
   p.add_argument("--interpret", action="store_true", help="CPU smoke test: kernels in interpret "
                  "mode, small copy")
   p.add_argument("--out", default="benchmarks/results/quantized_matmul.json")
@@ -437,7 +467,8 @@ def main():
                  min(deadline, time.time() + args.variants_seconds), copy_bw)
   if not args.skip_table:
     run_table(results, args.out, args.m, shapes, args.repeats,
-              deadline - (args.sweep_seconds if args.sweep else 0), copy_bw)
+              deadline - (args.sweep_seconds if args.sweep else 0), copy_bw,
+              args.materialise_from)
   if args.sweep:
     run_sweep(results, args.out, args.repeats, deadline, args.sweep_m)
   dump(results, args.out)

@@ -468,13 +468,15 @@ def test_quantized_matmul_benchmark_interpret(tmp_path):
   """The GPU benchmark's whole path (weights, XLA baselines, kernel check, JSON) on CPU."""
   out = tmp_path / "qmm.json"
   _run("quantized_matmul.py", "--interpret", "--m", "1", "--shapes", "256x128", "--repeats", "1",
-       "--no-check", "--out", str(out))
+       "--no-check", "--materialise-from", "1", "--out", str(out))
   result = json.loads(out.read_text())
   (row,) = result["table"]
   assert (row["k"], row["n"], row["m"]) == (256, 128, 1)
   for name in ("int8", "int4"):
     assert row[f"pallas_{name}_us"] > 0 and row[f"xla_{name}_us"] > 0
     assert row[f"err_{name}"] < 1e-2  # the kernel agrees with the XLA path it is timed against
+    # the dequantise-once baseline computes the same product (bf16 rounding of W and y only)
+    assert row[f"mat_{name}_us"] > 0 and row[f"err_mat_{name}"] < 1e-2
 
 
 def test_quantized_matmul_benchmark_times_every_kernel_variant(tmp_path):

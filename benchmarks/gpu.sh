@@ -37,10 +37,15 @@ mkdir -p "$out"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 # The GPU image lacks ml_collections (postrl.trainers imports it) and TRL with its dependencies
 # datasets, dill and multiprocess: carry their wheels in .whl/ (name .whl in the device call's
-# carry; see .library/device/README.md) and they are installed here.
+# carry; see .library/device/README.md; benchmarks/fetch_wheels.sh downloads them) and they are
+# installed here.
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+if ! python3 -c "import ml_collections" 2>/dev/null; then
+  echo "gpu.sh: ml_collections is missing (the train and grpo stages import postrl.trainers):" \
+       "run 'bash benchmarks/fetch_wheels.sh' where there is internet and name .whl in carry" >&2
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # A rerun on the same (warm) machine reuses the compiled programs.

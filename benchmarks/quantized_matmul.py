@@ -297,11 +297,14 @@ def run_table(results, out, ms, shapes, repeats, deadline, copy_bw,
 
 def kernel_variants(m, k, n, *, bits, group):
   """The kernels compared by ``--variants``: "dot" and "dot_t" at their default tiling with both
-  unpacks; for M <= 8 the "fma" GEMV at its default and with the other unpack / reduction."""
+  unpacks (int4: also the contiguous x load, ``x_load="split"``); for M <= 8 the "fma" GEMV at its
+  default and with the other unpack / reduction."""
   out = []
   for kernel in ("dot", "dot_t"):
     cfg = qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel=kernel)
     out += [cfg, dataclasses.replace(cfg, unpack="magic")]
+    if bits == 4:
+      out.append(dataclasses.replace(cfg, x_load="split"))
   if m <= qgpu.FMA_MAX_ROWS:
     fma = qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel="fma")
     other = "shift" if fma.unpack == "magic" else "magic"
@@ -356,7 +359,8 @@ def run_variants(results, out, ms, shapes, repeats, deadline, copy_bw):
           except Exception as e:  # noqa: BLE001 - report and continue
             row["error"] = shown = f"{type(e).__name__}: {str(e)[:200]}"
           rows.append(row)
-          reduce = f" reduce {cfg.fma_reduce}" if cfg.kernel == "fma" else ""
+          reduce = (f" reduce {cfg.fma_reduce}" if cfg.kernel == "fma" else
+                    " x split" if cfg.x_load == "split" else "")
           print(f"variants K={k} N={n} M={m} int{bits} {cfg.kernel:5s} {cfg.unpack:5s}{reduce}: "
                 f"{shown}", flush=True)
         dump(results, out)

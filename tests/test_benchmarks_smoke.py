@@ -492,12 +492,13 @@ def test_quantized_matmul_benchmark_times_every_kernel_variant(tmp_path):
   assert {(c["kernel"], c["unpack"], c["m"]) for c in result["check"]} == {("fma", "magic", 1),
                                                                            ("fma", "magic", 3)}
   assert all(c["rel_err"] < 1e-2 for c in result["check"])
-  seen = {(r["bits"], r["cfg"]["kernel"], r["cfg"]["unpack"], r["cfg"]["fma_reduce"])
-          for r in result["variants"]}
-  assert seen == {(b, k, u, "step") for b in (8, 4) for k in ("dot", "dot_t")
-                  for u in ("shift", "magic")} | {(b, "fma", u, red) for b in (8, 4) for u, red in
-                                                  (("shift", "end"), ("magic", "end"),
-                                                   ("shift", "step"))}
+  seen = {(r["bits"], r["cfg"]["kernel"], r["cfg"]["unpack"], r["cfg"]["fma_reduce"],
+           r["cfg"]["x_load"]) for r in result["variants"]}
+  assert seen == {(b, k, u, "step", "strided") for b in (8, 4) for k in ("dot", "dot_t")
+                  for u in ("shift", "magic")} | {
+                      (4, k, "shift", "step", "split") for k in ("dot", "dot_t")} | {
+                          (b, "fma", u, red, "strided") for b in (8, 4) for u, red in
+                          (("shift", "end"), ("magic", "end"), ("shift", "step"))}
   for r in result["variants"]:
     assert r["us"] > 0 and r["err"] < 1e-2 and r["bf16_us"] > 0, r
 

@@ -68,6 +68,14 @@ class GpuConfig:
       accumulators, dequantised per element, reduced once after the loop: no per-step
       shuffles or barriers, more registers per row, so for a row or two). On an H100 at M = 1,
       int4: "end" 2.1-2.3x faster than "step"; int8: within 10% either way.
+    x_load: how the int4 "dot" / "dot_t" kernels read x's even and odd columns of a step (the
+      rows of K that the low and high nibbles hold). "strided": two loads with stride 2 (the
+      measured default). "split": one contiguous [bm, step] load, split into even and odd
+      columns in registers. Compiled for sm_90 at M = 512 (4096 x 14336, block 128 x 128), the
+      strided loads are 64 scalar 16-bit global loads and 64 shared stores per thread per step
+      (no asynchronous copy); split loads x with pipelined ``cp.async`` 16-byte copies and cuts
+      the loop from 694 to 562 instructions (``benchmarks/triton_offline.py``). Not yet timed.
+      int8 and "fma" read x contiguously either way.
   """
   block_m: int = 16
   block_n: int = 128
@@ -78,6 +86,7 @@ class GpuConfig:
   unpack: str = "shift"
   kernel: str = "dot"
   fma_reduce: str = "step"
+  x_load: str = "strided"
 
 
 KERNELS = ("dot", "dot_t", "fma")
@@ -187,10 +196,14 @@ def check_shape(m: int, k: int, n: int, *, bits: int, group_size: int | None, cf
   for name, v in dims:
     if v < 16 or v & (v - 1):
       raise KernelShapeError(f"{name}={v}: the Triton kernel needs powers of two >= 16")
+  if isinstance(cfg.split_k, bool) or not isinstance(cfg.split_k, int) or cfg.split_k < 1:
+    raise KernelShapeError(f"split_k={cfg.split_k!r}: the number of K splits must be an int >= 1")
   if cfg.unpack not in ("shift", "magic"):
     raise KernelShapeError(f"unpack must be 'shift' or 'magic', got {cfg.unpack!r}")
   if cfg.fma_reduce not in ("step", "end"):
     raise KernelShapeError(f"fma_reduce must be 'step' or 'end', got {cfg.fma_reduce!r}")
+  if cfg.x_load not in ("strided", "split"):
+    raise KernelShapeError(f"x_load must be 'strided' or 'split', got {cfg.x_load!r}")
   if bits == 4 and step < 32:
     raise KernelShapeError(f"int4 step of {step} rows: the kernel needs >= 32 (two dots of >= 16)")
   if n % cfg.block_n:
@@ -202,7 +215,7 @@ def check_shape(m: int, k: int, n: int, *, bits: int, group_size: int | None, cf
 
 
 def _kernel(x_ref, w_ref, s_ref, *refs, bits: int, step: int, steps: int, grouped: bool,
-            has_zeros: bool, magic: bool, transposed: bool):
+            has_zeros: bool, magic: bool, transposed: bool, x_split: bool = False):
   """The tensor-core kernels ("dot", and "dot_t" when ``transposed``: the accumulator is y^T)."""
   z_ref, o_ref = refs if has_zeros else (None, refs[0])
   block_m, block_n = x_ref.shape[0], o_ref.shape[-1]
@@ -237,8 +250,11 @@ def _kernel(x_ref, w_ref, s_ref, *refs, bits: int, step: int, steps: int, groupe
         part = part - (17.0 * _MAGIC_BITS[jnp.dtype(x.dtype)][1] + 128.0) * xs
     else:
       half = step // 2
-      x_even = x_ref[:, pl.ds(k0, half, stride=2)]
-      x_odd = x_ref[:, pl.ds(k0 + 1, half, stride=2)]
+      if x_split:  # one contiguous load, the even / odd columns split in registers
+        x_even, x_odd = lax.unstack(x_ref[:, pl.ds(k0, step)].reshape(block_m, half, 2), axis=2)
+      else:
+        x_even = x_ref[:, pl.ds(k0, half, stride=2)]
+        x_odd = x_ref[:, pl.ds(k0 + 1, half, stride=2)]
       p = w_ref[pl.ds(i * half, half), :].astype(jnp.int32)
       if magic:  # tiles hold c + offset exactly; the offset's share is removed below
         lo, hi = _unpack_magic(p, x_even.dtype)
@@ -386,6 +402,8 @@ def quantized_matmul_gpu(x_MxK, w_q, scales_GxN, zeros_GxN=None, *, bits: int,
   """
   m, k = x_MxK.shape
   n = w_q.shape[1]
+  if m == 0 or n == 0:  # an empty grid: nothing to compute
+    return jnp.zeros((m, n), x_MxK.dtype)
   cfg = config or default_config(m, k, n, bits=bits, group_size=group_size)
   check_shape(m, k, n, bits=bits, group_size=group_size, cfg=cfg)
   step = group_size or cfg.block_k
@@ -422,7 +440,8 @@ def quantized_matmul_gpu(x_MxK, w_q, scales_GxN, zeros_GxN=None, *, bits: int,
     kernel = functools.partial(
         _fma_kernel_reduce_at_end if cfg.fma_reduce == "end" else _fma_kernel, **common)
   else:
-    kernel = functools.partial(_kernel, transposed=cfg.kernel == "dot_t", **common)
+    kernel = functools.partial(_kernel, transposed=cfg.kernel == "dot_t",
+                               x_split=cfg.x_load == "split", **common)
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel

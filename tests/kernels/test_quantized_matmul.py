@@ -128,6 +128,22 @@ def test_gpu_transposed_dot_kernel_matches_exact_product(unpack, bits, group, sy
   assert _rel_err(y, x, w_hat) < 8e-3
 
 
+@pytest.mark.parametrize("kernel,unpack", [("dot", "shift"), ("dot", "magic"), ("dot_t", "shift")])
+@pytest.mark.parametrize("group,symmetric", [(32, False), (None, True)])
+def test_gpu_int4_split_x_load_matches_exact_product(kernel, unpack, group, symmetric):
+  # x_load="split": one contiguous x load, even / odd columns split in registers; pairing a
+  # nibble with the wrong column (even <-> odd) gives O(1) errors
+  k, n, m = 256, 64, 17
+  q, s, z, w_hat = _quantize(k, n, 4, group, symmetric, seed=7)
+  x = _x(m, k, seed=13)
+  cfg = GpuConfig(block_m=16, block_n=32, block_k=64, kernel=kernel, unpack=unpack,
+                  x_load="split")
+  y = quantized_matmul(x, q, s, bits=4, group_size=group, zeros=z, impl="pallas_gpu",
+                       interpret=True, config=cfg)
+  assert y.shape == (m, n)
+  assert _rel_err(y, x, w_hat) < 8e-3
+
+
 def test_kernel_variants_refuse_tilings_they_cannot_run():
   with pytest.raises(KernelShapeError, match="kernel must be one of"):
     qgpu.check_shape(1, 256, 64, bits=8, group_size=None, cfg=GpuConfig(kernel="wgmma"))
@@ -137,6 +153,8 @@ def test_kernel_variants_refuse_tilings_they_cannot_run():
     qgpu.check_shape(5, 256, 64, bits=8, group_size=None, cfg=GpuConfig(block_m=4, kernel="fma"))
   with pytest.raises(KernelShapeError, match="block_m=8: the Triton kernel needs powers of two"):
     qgpu.check_shape(5, 256, 64, bits=8, group_size=None, cfg=GpuConfig(block_m=8, kernel="dot_t"))
+  with pytest.raises(KernelShapeError, match="x_load must be"):
+    qgpu.check_shape(16, 256, 64, bits=4, group_size=32, cfg=GpuConfig(x_load="gather"))
   with pytest.raises(KernelShapeError, match="fma_reduce must be"):
     qgpu.check_shape(1, 256, 64, bits=8, group_size=None,
                      cfg=GpuConfig(block_m=1, kernel="fma", fma_reduce="tree"))
@@ -160,8 +178,8 @@ def test_every_kernel_lowers_to_triton_for_cuda(kernel):
   k, n = 4096, 14336
   for bits, group in ((8, None), (4, 128)):
     cfg = qgpu.default_config(1, k, n, bits=bits, group_size=group, kernel=kernel)
-    for unpack in ("shift", "magic"):
-      c = dataclasses.replace(cfg, unpack=unpack)
+    for unpack, x_load in (("shift", "strided"), ("magic", "strided"), ("shift", "split")):
+      c = dataclasses.replace(cfg, unpack=unpack, x_load=x_load)
       args = (jax.ShapeDtypeStruct((1, k), jnp.bfloat16),
               jax.ShapeDtypeStruct((k // 2, n) if bits == 4 else (k, n),
                                    jnp.uint8 if bits == 4 else jnp.int8),

@@ -92,6 +92,26 @@ def test_quantized_matmul_kernels_compile(bits, group):
   assert end["loop_instructions"] < step["loop_instructions"]
 
 
+def test_int4_split_x_load_streams_x_with_async_copies_at_prefill_shapes():
+  """int4 "dot" at M = 512 (block 128 x 128): the strided even / odd x loads compile to scalar
+  global loads and shared stores inside the K loop; the split load (one contiguous load, split in
+  registers) leaves them to cp.async (LDGSTS) copies and shortens the loop."""
+  m, k, n = 512, 4096, 4096
+  rows = {}
+  for x_load in ("strided", "split"):
+    cfg = dataclasses.replace(qgpu.default_config(m, k, n, bits=4, group_size=128),
+                              x_load=x_load)
+    (rows[x_load],) = compiled(functools.partial(qgpu.quantized_matmul_gpu, bits=4,
+                                                 group_size=128, config=cfg),
+                               S((m, k), jnp.bfloat16), S((k // 2, n), jnp.uint8),
+                               S((k // 128, n), jnp.float32))
+  strided, split = rows["strided"]["sass_loop"], rows["split"]["sass_loop"]
+  assert split.get("LDG", 0) < strided["LDG"] / 2 and split.get("STS", 0) < strided["STS"] / 2
+  assert split.get("LDGSTS", 0) > strided.get("LDGSTS", 0)
+  assert rows["split"]["loop_instructions"] < 0.9 * rows["strided"]["loop_instructions"]
+  assert split.get("HGMMA", 0) > 0  # Hopper's wgmma at this tile
+
+
 def test_beam_step_and_decode_attention_compile():
   compiled(lambda x, s: beam_step_gpu(x, s, 8), S((1, 4, 151936), jnp.float32),
            S((1, 4), jnp.float32))

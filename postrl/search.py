@@ -17,10 +17,13 @@ ignores it. Scorers: ``--reward-model`` (an outcome reward model: best-of-N, rew
 self-consistency; σ(r) for the weighted votes), ``--prm`` (a process reward model: step search
 and MCTS), else the task's verifier (roll-outs for step search and MCTS).
 
-Bad input (a missing or empty prompt file, a missing model, a reward model whose tokenizer
-differs from the policy's, a beam wider than the sampler's batch, a record without the field
-the task needs) stops with one ``error: ...`` line and exit status 1. A prompt whose candidates
-hold no extractable answer gets ``"answer": null`` and ``"status": "no_answer"``.
+Bad input (a missing or empty prompt file, a line that is not UTF-8 or not JSON, a record
+without the field the task needs, a missing model, a reward model whose tokenizer differs from
+the policy's or whose ``max_len`` a prompt fills, a beam wider than the sampler's batch, a setting
+out of range, a ``--reward-model`` / ``--prm`` the strategy does not use, an ``--out`` that cannot
+be written) stops with one ``error: ...`` line and exit status 1, before any sampling; ``--out`` is
+written all at once at the end, so a failed run leaves no partial file. A prompt whose
+candidates hold no extractable answer gets ``"answer": null`` and ``"status": "no_answer"``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -47,27 +51,41 @@ class PromptRecord:
   numbers: tuple[int, ...] | None = None
   target: int | None = None
   id: Any = None
+  where: str | None = dataclasses.field(default=None, compare=False)  # "file:line", for errors
 
 
 def read_prompts(path: str, task: str | None) -> list[PromptRecord]:
   """The prompt file's records (module doc); DataError naming file:line:field when malformed."""
   from postrl.data.records import DataError  # pylint: disable=import-outside-toplevel
+  if os.path.isdir(path):
+    raise DataError(f"{path}: is a directory, not a prompt file")
   if not os.path.isfile(path):
     raise DataError(f"{path}: no such file")
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+  if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (editors on Windows write one)
+    raw = raw[3:]
   records = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      if not path.endswith(".jsonl"):
-        records.append(PromptRecord(prompt=line.rstrip("\n")))
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-      records.append(_record(obj, where, task))
+  for lineno, data in enumerate(raw.splitlines(), start=1):  # \n, \r\n or \r, as text mode
+    where = f"{path}:{lineno}"
+    try:
+      line = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise DataError(f"{where}: not UTF-8 text (byte {data[e.start]:#04x} at column "
+                      f"{e.start + 1})") from None
+    if not line.strip():
+      continue
+    if not path.endswith(".jsonl"):
+      records.append(PromptRecord(prompt=line, where=where))
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    records.append(_record(obj, where, task))
   if not records:
     raise DataError(f"{path}: no prompts (the file has no non-blank line)")
   return records
@@ -100,7 +118,7 @@ def _record(obj, where: str, task: str | None) -> PromptRecord:
     answer = target
   return PromptRecord(prompt=prompt, answer=None if answer is None else str(answer),
                       numbers=None if numbers is None else tuple(numbers), target=target,
-                      id=obj.get("id"))
+                      id=obj.get("id"), where=where)
 
 
 def task_functions(task: str | None):
@@ -212,6 +230,10 @@ def _strategy(args, policy, records, key, funcs):
                                        batch_size=args.batch_size,
                                        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
     search.scorers.check_scorer(policy, scorer, "reward model")
+    for record in records:  # before any sampling: the file and line of a prompt it cannot read
+      error = scorer.prompt_error(record.prompt)
+      if error:
+        raise SearchError(f"{record.where}: field 'prompt': {error} (--reward-model)")
   elif name in ("best_of_n", "weighted_best_of_n") and verifier is not None:
     scorer = search.verifier_scorer(verifier)
   if name == "self_consistency":
@@ -235,7 +257,8 @@ def _strategy(args, policy, records, key, funcs):
                       "roll-outs")
   if name == "step_beam_search":
     search.common.check_positive(n=n)
-    width = args.width or max(1, n // 4)
+    width = args.width if args.width is not None else max(1, n // 4)
+    search.common.check_positive(width=width)
     if n % width:
       raise SearchError(f"--n {n} samples per round must be a multiple of --width {width}")
     return lambda: search.step_beam_search(policy, records, value_fn=value, key=key, width=width,
@@ -260,10 +283,14 @@ def _run(args) -> int:
   from postrl.models import load_pretrained, load_tokenizer
   from postrl.sampling.search import Policy
   from postrl.sampling.search.common import SearchError
+  from postrl.sampling.search.policy import check_sampling
   if args.strategy != "greedy" and args.n < 1:
     raise SearchError(f"--n must be >= 1, got {args.n}")
-  if args.out and os.path.isdir(args.out):
-    raise SearchError(f"--out {args.out} is a directory")
+  _check_settings(args)
+  # the settings the policy checks, before minutes of model loading
+  check_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, flags=True)
+  if args.out:
+    _check_out(args.out)
   records = read_prompts(args.prompts, args.task)
   funcs = task_functions(args.task)
   model = load_pretrained(args.model, param_dtype=args.dtype)
@@ -293,16 +320,66 @@ def _run(args) -> int:
   return 0
 
 
+_SCORER_FLAGS = {"reward_model": ("best_of_n", "weighted_best_of_n", "self_consistency"),
+                 "prm": ("step_beam_search", "mcts")}
+
+
+def _check_settings(args) -> None:
+  """SearchError for a setting out of range or a scorer the strategy would silently ignore."""
+  # pylint: disable=import-outside-toplevel
+  from postrl.sampling.search.common import SearchError
+  for name in ("max_new_tokens", "batch_size", "max_step_tokens", "max_steps", "rollouts",
+               "branching", "width"):
+    value = getattr(args, name)
+    if value is not None and value < 1:
+      raise SearchError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+  if not math.isfinite(args.length_penalty):
+    raise SearchError(f"--length-penalty must be a finite number, got {args.length_penalty}")
+  for flag, users in _SCORER_FLAGS.items():
+    if getattr(args, flag) and args.strategy not in users:
+      raise SearchError(f"--{flag.replace('_', '-')} is not used by {args.strategy} (it scores "
+                        f"{', '.join(users)})")
+
+
+def _check_out(path: str) -> None:
+  """SearchError unless ``path`` can be written (its folder is made now), so a run never ends
+  with results it cannot save."""
+  # pylint: disable=import-outside-toplevel
+  from postrl.sampling.search.common import SearchError
+  if os.path.isdir(path):
+    raise SearchError(f"--out {path} is a directory")
+  folder = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    blocker = folder
+    while not os.path.exists(blocker) and os.path.dirname(blocker) != blocker:
+      blocker = os.path.dirname(blocker)
+    why = (f"{blocker} is a file" if os.path.exists(blocker) and not os.path.isdir(blocker)
+           else e.strerror or str(e))
+    raise SearchError(f"--out {path}: cannot create its folder {folder} ({why})") from None
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise SearchError(f"--out {path}: the folder {folder} is not writable")
+
+
 def _write(path: str | None, lines: list[dict]) -> None:
+  """The JSON lines to stdout or, all or nothing, to ``path`` (a temporary file renamed)."""
+  # pylint: disable=import-outside-toplevel
+  from postrl.sampling.search.common import SearchError
   text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
   if path is None:
     sys.stdout.write(text)
     return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise SearchError(f"--out {path}: cannot write the results ({e.strerror or e})") from None
 
 
 def _summary(args, lines: list[dict], seconds: float) -> None:

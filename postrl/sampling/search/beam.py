@@ -187,6 +187,17 @@ def _beam_search(graphdef, params, prompt_BxP, lengths_B, *, width, max_new_toke
   return BeamOutput(tok, lens, top, sums, idx < W, steps_B)
 
 
+def _check_length_penalty(alpha) -> None:
+  """SearchError unless α is a finite number (with a NaN α every score is NaN: no hypothesis
+  would survive and every prompt would read as "no candidates")."""
+  try:
+    ok = np.isfinite(float(alpha))
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise SearchError(f"length_penalty must be a finite number, got {alpha!r}")
+
+
 def beam_search_ids(model, prompt_BxP, lengths_B, *, width: int, max_new_tokens: int,
                     eos_ids: Sequence[int] | None = None, pad_id: int = 0,
                     length_penalty: float = 1.0, length_norm: str = "hf", impl: str = "auto",
@@ -226,6 +237,7 @@ def beam_search_ids(model, prompt_BxP, lengths_B, *, width: int, max_new_tokens:
   check_positive(width=width, max_new_tokens=max_new_tokens)
   if length_norm not in LENGTH_NORMS:
     raise SearchError(f"length_norm must be one of {LENGTH_NORMS}, got {length_norm!r}")
+  _check_length_penalty(length_penalty)
   if 2 * width > config.vocab_size:
     raise SearchError(f"beam width {width} needs 2 x width <= the vocabulary size "
                       f"{config.vocab_size}")

@@ -20,6 +20,7 @@ the method needs. A rule-based verifier costs no tokens.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 STATUS_OK = "ok"
@@ -216,6 +217,19 @@ def check_positive(**values) -> None:
       raise SearchError(f"{name} must be an integer >= 1, got {v!r}")
 
 
+def check_key(key, name: str = "key") -> None:
+  """SearchError unless ``key`` is one JAX PRNG key (``jax.random.key(seed)`` or a legacy
+  ``PRNGKey``): a seed, None or a batch of keys would otherwise fail inside JAX mid-search."""
+  import jax  # pylint: disable=import-outside-toplevel
+  try:
+    jax.random.fold_in(key, 0)
+  except (TypeError, ValueError):
+    shape = getattr(key, "shape", None)
+    got = type(key).__name__ if shape is None else f"{type(key).__name__} of shape {shape}"
+    raise SearchError(f"{name} must be one JAX PRNG key (e.g. jax.random.key(0)), got "
+                      f"{got}") from None
+
+
 # -------------------------------------------------------------------------------- answers
 
 
@@ -269,13 +283,18 @@ def vote(clusters: Sequence[int | None], weights: Sequence[float] | None = None
   Verifier"; Snell et al. 2024, "Scaling LLM Test-Time Compute Optimally ...", §5).
   Ties go to the class that appears first in sampling order (its first member has the lowest
   index): deterministic, and independent of how answers are spelled. Items without a class do
-  not vote; the winner is None when no item has one. Weights must be >= 0.
+  not vote; the winner is None when no item has one. Weights must be finite and >= 0, one per
+  item.
   """
+  if weights is not None and len(weights) != len(clusters):
+    raise SearchError(f"vote got {len(weights)} weights for {len(clusters)} items")
   totals: dict[int, float] = {}
   for i, c in enumerate(clusters):
     if c is None:
       continue
     w = 1.0 if weights is None else float(weights[i])
+    if not math.isfinite(w):
+      raise SearchError(f"weighted voting needs finite scores, got {w} for candidate {i}")
     if w < 0:
       raise SearchError(f"weighted voting needs non-negative scores, got {w} for candidate {i}; "
                         "use probabilities (e.g. RewardModelOutcome(..., sigmoid=True)) or a "

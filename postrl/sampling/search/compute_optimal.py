@@ -87,13 +87,20 @@ def calibrate(runs: Mapping[str, Callable[[list, int], list[SearchResult]]], pro
   if not ns or ns[0] < 1 or not problems or not runs:
     raise SearchError("calibrate needs strategies, calibration problems and N values >= 1")
   points, samples = [], {}
+  def checked(name, results, n):
+    results = list(results) if results is not None else []
+    if len(results) != len(problems):
+      raise SearchError(f"strategy {name!r} at n={n} returned {len(results)} results for "
+                        f"{len(problems)} calibration problems (one SearchResult per problem)")
+    return results
+
   for name, run in runs.items():
-    top = run(problems, ns[-1])
+    top = checked(name, run(problems, ns[-1]), ns[-1])
     if _subsamplable(top, ns[-1]):
       samples[name] = top
       by_n = {n: [subsample(r, n) for r in top] for n in ns}
     else:
-      by_n = {n: top if n == ns[-1] else run(problems, n) for n in ns}
+      by_n = {n: top if n == ns[-1] else checked(name, run(problems, n), n) for n in ns}
     for n in ns:
       results = by_n[n]
       points.append(CalibrationPoint(
@@ -146,6 +153,8 @@ def compute_optimal(runs: Mapping[str, Callable[[list, int], list[SearchResult]]
   """Calibrates every (strategy, N) and picks the compute-optimal one for ``budget`` tokens per
   problem (module doc). With ``bins`` > 0, also the best per difficulty quantile bin (needs one
   strategy that samples i.i.d., e.g. self-consistency, for the pass rates)."""
+  if not isinstance(bins, int) or isinstance(bins, bool) or bins < 0:
+    raise SearchError(f"bins must be an integer >= 0 (0: no difficulty bins), got {bins!r}")
   problems = as_problems(problems)
   points, samples = calibrate(runs, problems, ns, correct=correct)
   by_bin = []

@@ -67,8 +67,8 @@ import jax
 
 from postrl.sampling.search.common import (STATUS_NO_ANSWER, STATUS_NO_CANDIDATES, STATUS_OK,
                                            Candidate, PartialSolution, SearchError, SearchResult,
-                                           TokenCount, as_problems, as_scores, check_positive,
-                                           default_extract)
+                                           TokenCount, as_problems, as_scores, check_key,
+                                           check_positive, default_extract)
 from postrl.sampling.search.scorers import check_scorer
 
 
@@ -232,6 +232,7 @@ def mcts(policy, problems, *, value_fn, key, simulations: int = 16, branching: i
     budget stopped the search.
   """
   check_positive(simulations=simulations, branching=branching, max_depth=max_depth)
+  check_key(key)
   widening = check_widening(widening)
   check_scorer(policy, value_fn, "process reward model")
   problems = as_problems(problems)

@@ -24,6 +24,8 @@ use deterministic fakes.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence
 
 import jax
@@ -52,6 +54,27 @@ def delimiter_ids(tokenizer, delimiter: str, vocab_size: int) -> tuple[int, ...]
   return _DELIMITER_IDS[cache_key]
 
 
+def check_sampling(*, temperature=1.0, top_k=None, top_p=None, min_p=None,
+                   flags: bool = False) -> None:
+  """SearchError naming the setting (as a command-line flag with ``flags``) unless the sampling
+  settings are ones ``generate`` accepts: checked when the policy is built, not at its first
+  sampler call deep inside a search."""
+  def number(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+  def name(setting):
+    return "--" + setting.replace("_", "-") if flags else setting
+
+  if not number(temperature) or temperature < 0:
+    raise SearchError(f"{name('temperature')} must be a finite number >= 0, got {temperature!r}")
+  if top_p is not None and not (number(top_p) and 0.0 < top_p <= 1.0):
+    raise SearchError(f"{name('top_p')} must be in (0, 1], got {top_p!r}")
+  if min_p is not None and not (number(min_p) and 0.0 <= min_p < 1.0):
+    raise SearchError(f"{name('min_p')} must be in [0, 1), got {min_p!r}")
+  if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool)):
+    raise SearchError(f"{name('top_k')} must be an integer (or None), got {top_k!r}")
+
+
 class Policy:
   """A model and tokenizer with sampling settings (module doc).
 
@@ -73,6 +96,7 @@ class Policy:
                max_step_tokens: int = 32, sampling_impl: str = "auto"):
     check_positive(max_new_tokens=max_new_tokens, batch_size=batch_size,
                    max_step_tokens=max_step_tokens)
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     if not delimiter:
       raise SearchError("the step delimiter must be a non-empty string")
     if isinstance(model, tuple):

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 from postrl.sampling.search.common import (STATUS_NO_ANSWER, STATUS_NO_CANDIDATES, STATUS_OK,
                                            Candidate, SearchError, SearchResult, as_problems,
-                                           as_scores, check_positive, cluster_answers,
+                                           as_scores, check_key, check_positive, cluster_answers,
                                            default_equal, default_extract, sum_tokens, vote)
 from postrl.sampling.search.scorers import check_scorer
 
@@ -85,10 +85,19 @@ def subsample(result: SearchResult, n: int) -> SearchResult:
   if rule not in RULES:
     raise SearchError(f"strategy {result.strategy!r} does not select from i.i.d. samples; run it "
                       f"again with n={n} instead of subsampling")
+  check_positive(n=n)
   if n > len(result.candidates):
     raise SearchError(f"cannot subsample {n} of {len(result.candidates)} candidates")
   extra = {k: v for k, v in result.info.items() if k not in ("votes", "chosen", "n", "select")}
   return select(result.prompt, result.strategy, result.candidates[:n], rule, info=extra)
+
+
+def _check_prompts(scorer, problems) -> None:
+  """The scorer's own check of the problems (``RewardModelOutcome.check_prompts``: every prompt
+  fits its ``max_len``), run before any sampling."""
+  check = getattr(scorer, "check_prompts", None)
+  if check is not None:
+    check(problems)
 
 
 def _sample(policy, problems, n: int, key, *, scorer, extract, equal, temperature=None):
@@ -143,10 +152,12 @@ def best_of_n(policy, problems, *, n: int, scorer, key, weighted: bool = False,
     One ``SearchResult`` per problem (``candidates`` in sampling order with their scores).
   """
   check_positive(n=n)
+  check_key(key)
   if scorer is None:
     raise SearchError("best_of_n needs a scorer (a verifier or a reward model)")
   check_scorer(policy, scorer, "reward model")
   problems = as_problems(problems)
+  _check_prompts(scorer, problems)
   strategy = "weighted_best_of_n" if weighted else "best_of_n"
   rule = "weighted_vote" if weighted else "max_score"
   rows = _sample(policy, problems, n, key, scorer=scorer, extract=extract, equal=equal)
@@ -171,9 +182,11 @@ def self_consistency(policy, problems, *, n: int, key, scorer=None,
     scorer: optional outcome scorer for the reward-weighted vote (scores >= 0).
   """
   check_positive(n=n)
+  check_key(key)
   if scorer is not None:
     check_scorer(policy, scorer, "reward model")
   problems = as_problems(problems)
+  _check_prompts(scorer, problems)
   rule = "majority" if scorer is None else "weighted_vote"
   rows = _sample(policy, problems, n, key, scorer=scorer, extract=extract, equal=equal)
   return [select(p.prompt, "self_consistency", row, rule) for p, row in zip(problems, rows)]

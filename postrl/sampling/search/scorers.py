@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from postrl.sampling.search.common import (PartialSolution, Scores, SearchError, TokenCount,
-                                           as_problem, sum_tokens)
+                                           as_problem, check_key, sum_tokens)
 
 # pylint: disable=import-outside-toplevel  # reward models import JAX models only when built
 
@@ -118,6 +118,23 @@ class RewardModelOutcome:
     self.scorer = path_or_scorer
     self.tokenizer = path_or_scorer.tokenizer
     self.sigmoid, self.allow_tokenizer_mismatch = sigmoid, allow_tokenizer_mismatch
+
+  def prompt_error(self, prompt: str) -> str | None:
+    """Why the reward model cannot score replies to ``prompt`` (it leaves no room for a reply
+    in ``max_len``), or None."""
+    try:
+      self.scorer.tokens("", prompt)
+    except ValueError as e:
+      return str(e)
+    return None
+
+  def check_prompts(self, problems) -> None:
+    """SearchError, before any sampling, when a problem's prompt leaves no room for a reply in
+    the reward model's ``max_len`` (scoring would otherwise fail after every sample was drawn)."""
+    for i, p in enumerate(problems):
+      error = self.prompt_error(as_problem(p).prompt)
+      if error:
+        raise SearchError(f"reward model: prompt #{i + 1} of {len(problems)}: {error}")
 
   def __call__(self, problems, texts) -> Scores:
     prompts = [as_problem(p).prompt for p in problems]
@@ -249,8 +266,15 @@ class RolloutValue:
                soft: bool = True, key, max_new_tokens: int | None = None,
                temperature: float | None = None):
     import jax
+    from postrl.sampling.search.policy import check_sampling
     if not isinstance(rollouts, int) or rollouts < 1:
       raise SearchError(f"rollouts must be an integer >= 1, got {rollouts!r}")
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+      raise SearchError(f"max_new_tokens must be an integer >= 1 (or None), got "
+                        f"{max_new_tokens!r}")
+    if temperature is not None:
+      check_sampling(temperature=temperature)
+    check_key(key)
     self.policy, self.reward_fn, self.rollouts, self.soft = policy, reward_fn, rollouts, soft
     self.key, self._calls, self._fold = key, 0, jax.random.fold_in
     self.max_new_tokens, self.temperature = max_new_tokens, temperature

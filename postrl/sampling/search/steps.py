@@ -33,8 +33,9 @@ import jax
 
 from postrl.sampling.search.common import (STATUS_NO_ANSWER, STATUS_NO_CANDIDATES, STATUS_OK,
                                            Candidate, PartialSolution, SearchError, SearchResult,
-                                           TokenCount, as_problems, as_scores, check_positive,
-                                           cluster_answers, default_equal, default_extract, vote)
+                                           TokenCount, as_problems, as_scores, check_key,
+                                           check_positive, cluster_answers, default_equal,
+                                           default_extract, vote)
 from postrl.sampling.search.scorers import check_scorer
 
 SELECT = ("best", "weighted")
@@ -140,6 +141,7 @@ def step_beam_search(policy, problems, *, value_fn, key, width: int = 4, expansi
     ``info["scored"]`` the number of partials scored.
   """
   check_positive(width=width, expansions=expansions, max_steps=max_steps)
+  check_key(key)
   if select not in SELECT:
     raise SearchError(f"select must be one of {SELECT}, got {select!r}")
   check_scorer(policy, value_fn, "process reward model")

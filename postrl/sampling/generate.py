@@ -35,6 +35,7 @@ or top-p truncate (the plain model's ``model_logps``, what trainers use, is alwa
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import NamedTuple, Sequence
 
 import jax
@@ -309,6 +310,13 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
   lengths_np = np.asarray(lengths_B)
   if lengths_np.min() < 1 or lengths_np.max() > prompt_BxP.shape[1]:
     raise ValueError(f"prompt lengths must be in [1, {prompt_BxP.shape[1]}], got {lengths_np}")
+  last_position = int(lengths_np.max()) + max_new_tokens
+  if last_position > config.max_position_embeddings:
+    warnings.warn(
+        f"generate: the longest prompt ({int(lengths_np.max())} tokens) plus max_new_tokens="
+        f"{max_new_tokens} reaches position {last_position}, past the model's "
+        f"max_position_embeddings={config.max_position_embeddings}: it was never trained on "
+        "those positions, so tokens there are unreliable", stacklevel=2)
   eos = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
   mesh = _multi_process_mesh(params)
   rows = row_sharding(params, prompt_BxP.shape[0]) if split_rows else None

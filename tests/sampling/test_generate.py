@@ -1,5 +1,7 @@
 """generate: the log-prob contract with the training path, greedy == uncached argmax, EOS, filters."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,6 +123,17 @@ def test_bad_arguments(model):
     generate(model, tokens, np.array([0, 2, 3]), temperature=0.0)
   with pytest.raises(ValueError, match="at least one token"):
     pad_prompts([[1], []])
+
+
+def test_generating_past_the_trained_context_warns():
+  short = Transformer(tiny_config(max_position_embeddings=12), rngs=nnx.Rngs(0))
+  tokens, lengths = pad_prompts(PROMPTS)  # the longest prompt has 8 tokens
+  with pytest.warns(UserWarning, match="reaches position 13, past the model's "
+                                       "max_position_embeddings=12"):
+    generate(short, tokens, lengths, temperature=0.0, max_new_tokens=5)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # exactly at the limit: no warning
+    generate(short, tokens, lengths, temperature=0.0, max_new_tokens=4)
 
 
 def _sorted_reference(z, top_k=None, top_p=None):

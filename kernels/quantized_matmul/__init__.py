@@ -51,6 +51,17 @@ def _check_args(x, w_q, scales, zeros, bits, group_size, impl):
     raise ValueError(f"quantized_matmul: impl must be one of {IMPLS}, got {impl!r}")
   if bits not in (4, 8):
     raise ValueError(f"quantized_matmul: bits must be 8 or 4, got {bits!r}")
+  if group_size is not None and (isinstance(group_size, bool) or not isinstance(
+      group_size, (int, np.integer)) or group_size < 1):
+    raise ValueError(f"quantized_matmul: group_size must be a positive int (rows of K per scale, "
+                     f"e.g. 32 / 64 / 128) or None (per output channel), got {group_size!r}")
+  if getattr(x, "ndim", 0) < 1:
+    raise ValueError(f"quantized_matmul: x must be an array [..., K], got "
+                     f"{type(x).__name__} of shape {getattr(x, 'shape', None)}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    # the XLA path would cast the dequantised kernel to x's integer dtype: silently wrong
+    raise ValueError(f"quantized_matmul: x must be floating point (bf16 / f16 / f32), got "
+                     f"{x.dtype}")
   if getattr(w_q, "ndim", None) != 2:
     raise ValueError(f"quantized_matmul: w_q must be 2-D [K, N] (int8) or [ceil(K/2), N] (packed "
                      f"int4), got shape {getattr(w_q, 'shape', None)}")
@@ -63,16 +74,54 @@ def _check_args(x, w_q, scales, zeros, bits, group_size, impl):
   if w_q.shape[0] != rows:
     raise ValueError(f"quantized_matmul: x has K={k}, so w_q needs {rows} rows for bits={bits}, "
                      f"got {w_q.shape[0]}")
+  if scales is None:
+    raise ValueError("quantized_matmul: scales are required (float32 [G, N])")
   groups = 1 if group_size is None else -(-k // group_size)
   for name, a in (("scales", scales), ("zeros", zeros)):
-    if a is not None and tuple(a.shape) != (groups, n):
+    if a is None:
+      continue
+    if getattr(a, "ndim", None) is None:
+      raise ValueError(f"quantized_matmul: {name} must be an array [G, N], got "
+                       f"{type(a).__name__}")
+    if tuple(a.shape) != (groups, n):
       raise ValueError(f"quantized_matmul: {name} must be [G, N] = [{groups}, {n}] for K={k}, "
                        f"group_size={group_size}, got {tuple(a.shape)}")
+  if not jnp.issubdtype(scales.dtype, jnp.floating):
+    raise ValueError(f"quantized_matmul: scales must be floating point (float32), got "
+                     f"{scales.dtype} (double-quantized scale codes? pass "
+                     f"QuantizedWeight.scale_values())")
+  if zeros is not None and (zeros.dtype == jnp.bool_ or not (
+      jnp.issubdtype(zeros.dtype, jnp.floating) or jnp.issubdtype(zeros.dtype, jnp.integer))):
+    raise ValueError(f"quantized_matmul: zeros must be float32 (or integer) zero points, got "
+                     f"{zeros.dtype}")
+
+
+def _check_platform(chosen: str, impl: str, interpret: bool, config):
+  """A Pallas kernel forced on a platform it does not compile for, or a config of the wrong kind:
+  say so here instead of failing inside the Pallas lowering."""
+  if config is not None and not isinstance(config, (GpuConfig, TpuConfig)):
+    raise TypeError(f"quantized_matmul: config must be a GpuConfig, a TpuConfig or None, got "
+                    f"{type(config).__name__}")
+  want = {"pallas_gpu": GpuConfig, "pallas_tpu": TpuConfig}.get(chosen)
+  if want is None:
+    return
+  if config is not None and not isinstance(config, want):
+    raise TypeError(f"quantized_matmul: impl={impl!r} runs {chosen} and needs a {want.__name__} "
+                    f"config, got {type(config).__name__}")
+  platform = jax.default_backend()
+  needs = ("gpu", "cuda", "rocm") if chosen == "pallas_gpu" else ("tpu",)
+  if not interpret and platform not in needs:
+    device = "a GPU (Triton)" if chosen == "pallas_gpu" else "a TPU (Mosaic)"
+    raise ValueError(f"quantized_matmul: impl={impl!r} runs the {chosen} kernel, which needs "
+                     f"{device}, but the default backend is {platform!r}; pass interpret=True "
+                     f"(Pallas interpret mode, for tests) or use impl='auto' / 'xla'")
 
 
 def choose_impl(m: int, k: int, n: int, *, bits: int, group_size: int | None, dtype,
                 impl: str = "auto", platform: str | None = None) -> str:
   """Resolve ``impl`` to "xla", "pallas_gpu" or "pallas_tpu" for this shape and platform."""
+  if impl not in IMPLS:
+    raise ValueError(f"choose_impl: impl must be one of {IMPLS}, got {impl!r}")
   platform = platform or jax.default_backend()
   if impl == "xla":
     return "xla"
@@ -155,13 +204,24 @@ def quantized_matmul(x, w_q, scales, *, bits: int = 8, group_size: int | None = 
     config: a ``GpuConfig`` / ``TpuConfig`` tiling (default: the per-shape heuristic).
   Returns:
     [..., N] in x's dtype.
+  Raises:
+    ValueError: an argument that does not fit (named with the shape / dtype it needs): integer x,
+      w_q rows that do not match x's K, scales / zeros not [G, N] or not numbers, a group_size
+      that is not a positive int, a Pallas impl on a platform it does not compile for without
+      ``interpret``. ``KernelShapeError`` (a ValueError): a forced kernel that cannot tile the
+      shape. TypeError: a config of the wrong kind for the kernel.
   """
+  x, w_q, scales, zeros = (jnp.asarray(a) if isinstance(a, (list, tuple)) else a
+                           for a in (x, w_q, scales, zeros))
   _check_args(x, w_q, scales, zeros, bits, group_size, impl)
   lead, k = x.shape[:-1], x.shape[-1]
   m = int(np.prod(lead)) if lead else 1
   n = w_q.shape[1]
   chosen = choose_impl(m, k, n, bits=bits, group_size=group_size, dtype=x.dtype, impl=impl,
                        platform="cpu" if interpret and impl == "auto" else None)
+  _check_platform(chosen, impl, interpret, config)
+  if m == 0 or n == 0:  # nothing to compute; the kernels cannot take an empty grid
+    return jnp.zeros((*lead, n), x.dtype)
   x_MxK = x.reshape(m, k)
   y = _qmm(x_MxK, w_q, scales, zeros, bits, group_size, chosen, interpret, config)
   return y.reshape(*lead, n)

@@ -22,6 +22,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from kernels.quantized_matmul.gpu import KernelShapeError
@@ -46,6 +47,14 @@ def default_config(m: int, k: int, n: int, *, group_size: int | None) -> TpuConf
 
 def check_shape(m, k, n, *, bits, group_size, cfg: TpuConfig):
   """Raise ``KernelShapeError`` naming what this tiling cannot cover."""
+  for name in ("block_m", "block_n", "block_k"):
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+      raise KernelShapeError(f"TpuConfig.{name}={v!r}: must be a positive int")
+  if bits == 4 and cfg.block_k % 2:
+    # a K tile holds block_k / 2 packed rows: an odd tile would drop or shift a row of K
+    raise KernelShapeError(f"int4 needs an even block_k (two rows of K per packed byte), got "
+                           f"{cfg.block_k}")
   if n % cfg.block_n:
     raise KernelShapeError(f"N={n} is not a multiple of block_n={cfg.block_n}")
   if k % cfg.block_k:
@@ -108,6 +117,8 @@ def quantized_matmul_tpu(x_MxK, w_q, scales_GxN, zeros_GxN=None, *, bits: int,
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
   m, k = x_MxK.shape
   n = w_q.shape[1]
+  if m == 0 or n == 0:  # an empty grid: nothing to compute
+    return jnp.zeros((m, n), x_MxK.dtype)
   cfg = config or default_config(m, k, n, group_size=group_size)
   check_shape(m, k, n, bits=bits, group_size=group_size, cfg=cfg)
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k

@@ -213,6 +213,8 @@ def _check_2d(w, name):
   if getattr(w, "ndim", None) != 2:
     raise QuantError(f"{name}: can only quantize a 2-D kernel [K, N], got shape "
                      f"{tuple(getattr(w, 'shape', ()))}")
+  if 0 in w.shape:
+    raise QuantError(f"{name}: cannot quantize an empty kernel of shape {tuple(w.shape)}")
 
 
 # ---------------------------------------------------------------------------- quantization
@@ -399,7 +401,19 @@ class QuantizedWeight(nnx.Module):
     if tuple(scales_GxN.shape) != (G, N):
       raise QuantError(f"{name}: scales of {spec.name} for a [{K}, {N}] kernel must be [{G}, {N}] "
                        f"(G = ceil(K / group_size)), got {list(scales_GxN.shape)}")
-    codes = jnp.asarray(codes_KxN).astype(jnp.int8)
+    codes = jnp.asarray(codes_KxN)
+    if not jnp.issubdtype(codes.dtype, jnp.integer):
+      raise QuantError(f"{name}: codes of {spec.name} must be integers, got {codes.dtype} (round "
+                       f"and cast them; a float would be truncated)")
+    lo, hi = -2 ** (spec.bits - 1), 2 ** (spec.bits - 1) - 1
+    unchecked = spec.bits == 8 and codes.dtype == jnp.int8  # every int8 is a valid int8 code
+    if not isinstance(codes, jax.core.Tracer) and not unchecked:
+      cmin, cmax = int(jnp.min(codes)), int(jnp.max(codes))
+      if cmin < lo or cmax > hi:
+        # int4 keeps the low nibble and int8 wraps: an out-of-range code would be stored as another
+        raise QuantError(f"{name}: codes of {spec.name} must lie in [{lo}, {hi}], got range "
+                         f"[{cmin}, {cmax}]")
+    codes = codes.astype(jnp.int8)
     w_q = pack_int4(codes) if spec.packed else codes
     scales2 = offset = None
     scales = jnp.asarray(scales_GxN, jnp.float32)
@@ -486,6 +500,13 @@ def quantized_dot(x_xK, qw: QuantizedWeight, *, impl: str = "auto"):
   Returns:
     [..., N] in x's dtype.
   """
+  k = qw.shape[0]
+  if getattr(x_xK, "ndim", 0) < 1 or x_xK.shape[-1] != k:
+    raise QuantError(f"quantized_dot: x must be [..., K] with K={k} for the {qw.spec.name} kernel "
+                     f"of shape {list(qw.shape)}, got shape {tuple(getattr(x_xK, 'shape', ()))}")
+  if not jnp.issubdtype(x_xK.dtype, jnp.floating):
+    raise QuantError(f"quantized_dot: x must be floating point (bf16 / f16 / f32), got "
+                     f"{x_xK.dtype} (an integer x would get an integer-rounded kernel)")
   if qw.spec.kind == "nf4":
     return jnp.dot(x_xK, qw.dequantize(jnp.float32).astype(x_xK.dtype))
   from kernels.quantized_matmul import quantized_matmul  # pylint: disable=import-outside-toplevel

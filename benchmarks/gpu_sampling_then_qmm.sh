@@ -5,8 +5,9 @@
 #      min-p at B = 64), a short sweep of the split path.
 #   2. If the issue-8 targets hold at B = 64, V = 152k (the faster of split_fast and split_cdf <= 4x
 #      the read floor, and >= 10x faster than XLA's sort): the rest of the sampling table, lean columns
-#      (sampling_rest.json). Otherwise: issue 7's untimed kernels, compiled check of dot_t / fma and
-#      the kernel-variant timings at M = 1 and 16 (quantized_matmul.json).
+#      (sampling_rest.json). Otherwise: issue 7's untimed variants (quantized_matmul.json): the fma
+#      GEMV against dot at M = 2, 4, 8, and at M = 512 dot / dot_t with the contiguous int4 x load
+#      (x_load="split"), each beside bf16 in the same loop (M = 1 and 16 were timed 2026-11-26).
 # Every script writes its JSON after each row, so a cut run keeps what it measured.
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -35,8 +36,7 @@ if [ "$met" = yes ]; then
     --time-limit "${REST_LIMIT:-235}" --repeats 5 --out "$OUT/sampling_rest.json" 2>&1 \
     | tee "$OUT/sampling_rest.log"
 else
-  timeout "${QMM_TIMEOUT:-250}" python3 benchmarks/quantized_matmul.py --check-kernels dot_t fma \
-    --check-unpacks magic shift --variants --variants-m 1 16 --variants-seconds 170 --skip-table \
-    --sweep-seconds 0 --time-limit "${QMM_LIMIT:-235}" --out "$OUT/quantized_matmul.json" 2>&1 \
-    | tee "$OUT/qmm.log"
+  timeout "${QMM_TIMEOUT:-250}" python3 benchmarks/quantized_matmul.py --no-check --variants \
+    --variants-m 512 2 4 8 --variants-seconds 225 --skip-table --sweep-seconds 0 \
+    --time-limit "${QMM_LIMIT:-235}" --out "$OUT/quantized_matmul.json" 2>&1 | tee "$OUT/qmm.log"
 fi

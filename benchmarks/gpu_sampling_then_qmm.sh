@@ -2,7 +2,7 @@
 # One device call (~9.5 minutes on an H100) that spends a short lease where it settles most:
 #   1. benchmarks/sampling.py: compiled check of the split + fast_math, cdf-draw and row settings, the
 #      table's first five points with every column (top-p at B = 64 / 1 / 256, V = 152k; top-k and
-#      min-p at B = 64), a short sweep of the split path, 4096 programs first: at B = 64 that makes
+#      min-p at B = 64), a short sweep of the split path, 8192 programs first: at B = 64 that makes
 #      a chunk one block, so the cdf draw's locate launch (one program per row, which scans the
 #      chosen chunk block by block, 5 blocks at 1024 programs) reads a single block per round.
 #   2. If the issue-8 targets hold at B = 64, V = 152k (the faster of split_fast and split_cdf <= 4x
@@ -16,7 +16,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
 timeout "${SAMPLING_TIMEOUT:-300}" python3 benchmarks/sampling.py --rows 0:5 \
-  --check-configs split_fast split_cdf row --sweep --sweep-programs 4096 1024 2048 --sweep-blocks 2048 \
+  --check-configs split_fast split_cdf row --sweep --sweep-programs 8192 1024 2048 --sweep-blocks 2048 \
   --sweep-warps 4 8 --sweep-seconds 45 --time-limit "${SAMPLING_LIMIT:-275}" --repeats 5 \
   --out "$OUT/sampling.json" 2>&1 | tee "$OUT/sampling.log"
 met=$(python3 - "$OUT/sampling.json" <<'PY'

@@ -25,13 +25,14 @@ Phases:
    the XLA fallback's ``lax.cond``), split (each row over several programs, the same tokens),
    fast and split_fast (the two with ``fast_math=True``: PTX approximate exp / log; split_fast
    is the default), split_cdf (split_fast with ``draw="cdf"``: inverse transform sampling,
-   no per-entry noise), and kernel (``sample_gpu`` alone, default settings); ratios over read,
+   no per-entry noise; 4 candidates per round, 2 rounds: ``CDF``), and kernel (``sample_gpu`` alone, default settings); ratios over read,
    the sort and the copy floor. Logits are ``--logit-scale`` x N(0, 1) per row (scale 4 over
    152k tokens: top-1 probability ~0.12, top-p 0.9 keeps ~750 tokens, top-50 holds ~65% of the
    mass).
 4. ``--sweep``: kernel settings at (64, 151936), top-p: the row kernel at block 1024 / 16 warps
    and the default, then the split path over ``--sweep-programs`` x ``--sweep-blocks`` x
-   ``--sweep-warps``, each exact and with fast_math, the split ones also with the cdf draw.
+   ``--sweep-warps``, each exact and with fast_math, the split ones also with the cdf draw
+   (one candidate per round, and ``CDF``'s four).
 
 Timing (as ``benchmarks/quantized_matmul.py``): each executable samples R distinct logits buffers
 (together >= 3x the 50 MB L2 cache, at most 8) in a loop of L iterations inside one jit (L chosen
@@ -76,17 +77,20 @@ CHECK_MODES = dict(MODES, top_p_min_p_t08=dict(temperature=0.8, top_p=0.9, min_p
 # kernel settings the check runs (the split path with small chunks, so that the V = 1000 rows are
 # split too) and fast_math (PTX approximate exp / log)
 _ROW, _SPLIT = GpuConfig(split=False, fast_math=False), GpuConfig(split=True, fast_math=False)
+# the inverse-CDF draw as timed: 4 candidates per round, 2 split rounds (a top-p 0.9 round
+# rejects all 4 with probability ~1e-4, so the second round rarely has rows and the row kernel
+# almost never runs; the fewest launches: statistics, then locate + mass per round)
+CDF = dict(fast_math=True, draw="cdf", candidates=4, split_rounds=2)
 CHECK_CONFIGS = {"row": _ROW, "split": dataclasses.replace(_SPLIT, block=256, chunk=256),
                  "row_fast": dataclasses.replace(_ROW, fast_math=True),
                  "split_fast": dataclasses.replace(_SPLIT, block=256, chunk=256, fast_math=True),
-                 "split_cdf": dataclasses.replace(_SPLIT, block=256, chunk=256, fast_math=True,
-                                                  draw="cdf")}
+                 "split_cdf": dataclasses.replace(_SPLIT, block=256, chunk=256, **CDF)}
 # the table's kernel columns (``sample(impl="pallas", config=...)``): one program per row, the
 # split path, each exact and with fast_math, and the split path's inverse-CDF draw
 KERNEL_COLUMNS = {"pallas": _ROW, "split": _SPLIT,
                   "fast": dataclasses.replace(_ROW, fast_math=True),
                   "split_fast": dataclasses.replace(_SPLIT, fast_math=True),
-                  "split_cdf": dataclasses.replace(_SPLIT, fast_math=True, draw="cdf")}
+                  "split_cdf": dataclasses.replace(_SPLIT, **CDF)}
 L2_BYTES = 50 * 2**20
 TARGET_S = 3e-3
 INTERPRET = False  # --interpret: kernels in interpret mode (CPU smoke test)
@@ -360,13 +364,15 @@ def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget,
 def sweep_configs(blocks, warps_list, programs_list):
   """The row kernel at the best setting of 2026-11-26's first sweep, the default, then the split
   path over programs x blocks x warps; each exact and with fast_math, and the split settings also
-  with the inverse-CDF draw (fast_math), interleaved so that a cut sweep keeps whole groups."""
+  with the inverse-CDF draw (fast_math; one candidate per round, and ``CDF``), interleaved so that a
+  cut sweep keeps whole groups."""
   out = [GpuConfig(split=False, block=1024, num_warps=16), GpuConfig()]
   out += [GpuConfig(split=True, programs=n, block=block, num_warps=warps)
           for n in programs_list for block in blocks for warps in warps_list]
   return [c for cfg in out for c in (
       dataclasses.replace(cfg, fast_math=False), dataclasses.replace(cfg, fast_math=True))
-          + ((dataclasses.replace(cfg, fast_math=True, draw="cdf"),) if cfg.split else ())]
+          + ((dataclasses.replace(cfg, fast_math=True, draw="cdf"), dataclasses.replace(cfg, **CDF))
+             if cfg.split else ())]
 
 
 def run_sweep(results, *, b, v, dtype, scale, repeats, budget, configs):

@@ -43,9 +43,12 @@ def test_sampling_benchmark_interpret(tmp_path):
   assert row["mean_rounds"] >= 1
   # each setting exact, then with fast_math (split settings also with the cdf draw): the row
   # kernel, the default, the split grid
-  row, row_fm, exact_default, default, default_cdf, split, split_fm, split_cdf = doc["sweep"]
+  (row, row_fm, exact_default, default, default_cdf, default_cdf4, split, split_fm, split_cdf,
+   split_cdf4) = doc["sweep"]
   assert default_cdf["config"] == dict(default["config"], draw="cdf")
   assert split_cdf["config"] == dict(split["config"], draw="cdf", fast_math=True)
+  for one, four in ((default_cdf, default_cdf4), (split_cdf, split_cdf4)):
+    assert four["config"] == dict(one["config"], candidates=4, split_rounds=2)
   assert (row["config"]["block"], row["config"]["num_warps"]) == (1024, 16)
   assert not row["config"]["split"] and row["chunks"] == 1
   assert not row["config"]["fast_math"] and row_fm["config"] == dict(row["config"], fast_math=True)

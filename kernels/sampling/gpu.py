@@ -131,6 +131,15 @@ class GpuConfig:
       n 2^-25 in total variation for a level of n entries (< 1e-4 in all at block 2048; a single
       level over V = 152k would be ~2e-3). The tokens for a seed differ from "gumbel"'s. Not yet
       timed on a GPU.
+    candidates: K, candidates per round of the "cdf" draw (a power of two <= 8; "gumbel" takes
+      1). Each round draws K i.i.d. candidates from p restricted to R_r, checks all K in one mass
+      pass and accepts the first (in drawing order) that passes: rejection sampling from the
+      proposal p|R_r, exact because R_r contains the kept set. When all K are rejected, the next
+      round's set is above the highest of them (all K are outside the kept set, an upper set of
+      z). A top-p 0.9 round rejects all K with probability ~0.1^K, so K = 4 lets one or two
+      rounds decide nearly every row: fewer launches (3 + 2 per round), the fixed cost of the
+      split path. K = 1 is the one-candidate draw. rounds_B then counts candidates: r K + k + 1
+      for candidate k of round r.
   """
   block: int = 2048
   split: bool = True
@@ -142,6 +151,7 @@ class GpuConfig:
   num_stages: int = 2
   fast_math: bool = True
   draw: str = "gumbel"
+  candidates: int = 1
 
 
 DRAWS = ("gumbel", "cdf")
@@ -165,6 +175,9 @@ def check_config(cfg: GpuConfig):
     raise KernelShapeError(f"max_rounds={cfg.max_rounds}: needs at least one round (or None)")
   if cfg.draw not in DRAWS:
     raise KernelShapeError(f"draw={cfg.draw!r}: expected one of {DRAWS}")
+  if cfg.candidates not in (1, 2, 4, 8) or (cfg.candidates > 1 and cfg.draw != "cdf"):
+    raise KernelShapeError(f"candidates={cfg.candidates}: 1, 2, 4 or 8 candidates per round, "
+                           "more than one with draw='cdf' only")
 
 
 def chunks_per_row(b: int, v: int, cfg: GpuConfig) -> tuple[int, int]:
@@ -704,83 +717,141 @@ def _sample_split(logits_BxV, seeds_B, *, chunk, n_chunks, cfg, settings, interp
 
 def _finish_split(logits_BxV, seeds_B, state, count_BxC, mass_BxC, s, m1, s1, n_split, *, cfg,
                   settings, interpret):
-  """After the split launches (either draw): check the last candidate (XLA, on the last launch's
-  [B, C] partials); rows still rejected continue in ``_row_kernel`` from round ``n_split`` and the
-  last rejected pivot, unless ``max_rounds`` is reached."""
-  b = logits_BxV.shape[0]
+  """After the Gumbel split launches: check the last candidate (XLA, on the last launch's [B, C]
+  partials), then ``_continue_rows``."""
   i32 = jnp.int32
   state = SplitState(state[0] != 0, *state[1:])
   state = advance(state, i32(n_split), count_BxC, mass_BxC, None, s, top_k=settings["top_k"],
                   top_p=settings["top_p"])
+  return _continue_rows(logits_BxV, seeds_B, state, state.ztok, m1, s1, n_split, cfg=cfg,
+                        settings=settings, interpret=interpret)
+
+
+def _continue_rows(logits_BxV, seeds_B, state, pivot_B, m1, s1, n_split, *, cfg, settings,
+                   interpret, candidates: int = 1):
+  """Rows still rejected after the split launches continue in ``_row_kernel`` from round
+  ``n_split`` and ``pivot_B`` (the last rejected candidate's z), unless ``max_rounds`` is reached.
+  -> (token_B, model_logp_B, rounds_B); with K ``candidates`` per split round, the split rounds
+  count K each in rounds_B."""
+  b = logits_BxV.shape[0]
+  i32 = jnp.int32
   logp = state.result_x - m1 - jnp.log(s1)
+  split_count = n_split * candidates
   if cfg.max_rounds is not None and n_split >= cfg.max_rounds:  # the cap is reached here
     return (jnp.where(state.done, state.result, -1), logp,
-            jnp.where(state.done, state.rounds, n_split))
+            jnp.where(state.done, state.rounds, split_count))
   row_tok, row_logp, row_rounds = _row_call(
-      logits_BxV, seeds_B, state.ztok, jnp.full((b,), n_split, i32), (~state.done).astype(i32),
+      logits_BxV, seeds_B, pivot_B, jnp.full((b,), n_split, i32), (~state.done).astype(i32),
       cfg=cfg, settings=settings, interpret=interpret)
   return (jnp.where(state.done, state.result, row_tok), jnp.where(state.done, logp, row_logp),
-          jnp.where(state.done, state.rounds, row_rounds))
+          jnp.where(state.done, state.rounds, row_rounds + (split_count - n_split)))
 
 
 def round_uniform(seed_u32, r_i32, level: int):
   """u uniform on (0, 1) per (row seed, round, level) for the "cdf" draw's three levels (chunk,
-  block, token): 23 bits of a further hash of ``round_key``, (k + 1/2) 2^-23, exact in float32
-  (never 0 or 1)."""
+  block, token; candidate k of a round uses levels 3k, 3k + 1, 3k + 2): 23 bits of a further hash
+  of ``round_key``, (k + 1/2) 2^-23, exact in float32 (never 0 or 1)."""
   h = fmix32(round_key(seed_u32, r_i32) ^ _u32((0x5BD1E995 * (level + 1)) % 2**32))
   return ((h >> _u32(9)).astype(jnp.int32).astype(jnp.float32) + np.float32(0.5)) * np.float32(
       2.0**-23)
 
 
+def advance_candidates(state: SplitState, first_round: int, count_xCxK, mass_xCxK, s, *, top_k,
+                       top_p):
+  """The "cdf" draw's check of a round's K candidates (``state.tok`` / ``ztok`` / ``xtok`` [..., K],
+  numbered ``first_round`` K + k in drawing order): candidate k passes iff #{z > z_k} < top_k and
+  sum_{z > z_k} exp(z - m) / S < top_p (sums over the chunk axis of the [..., C, K] partials); a
+  row still undecided accepts its first passing candidate (rounds = first_round K + k + 1).
+  Returns (state, w_xC, pivot): for a row whose K candidates all failed, the next round's set is
+  {z > pivot}, pivot = the highest candidate z (every z <= it is outside the kept set, an upper
+  set of z), and w_xC its per-chunk masses (that candidate's partials). Runs in XLA on [B, C, K]
+  and inside ``_locate_kernel`` on one row's [C, K] (state fields scalars and [K] there)."""
+  k_count = state.tok.shape[-1]
+  lane = lax.broadcasted_iota(jnp.int32, state.tok.shape, state.tok.ndim - 1)
+  lift = lambda a: a[..., None]
+  ok = (state.tok >= 0) & ~lift(state.done)
+  if top_k is not None:
+    ok = ok & (jnp.sum(count_xCxK, axis=-2) < top_k)
+  if top_p is not None:
+    ok = ok & (jnp.sum(mass_xCxK, axis=-2) / lift(s) < jnp.float32(top_p))
+  first = jnp.min(jnp.where(ok, lane, k_count), axis=-1)
+  accept = first < k_count
+  at_first = lane == lift(first)
+  tok = jnp.max(jnp.where(at_first, state.tok, -1), axis=-1)
+  xtok = jnp.max(jnp.where(at_first, state.xtok, -jnp.inf), axis=-1)
+  state = state._replace(done=state.done | accept, result=jnp.where(accept, tok, state.result),
+                         result_x=jnp.where(accept, xtok, state.result_x),
+                         rounds=jnp.where(accept, first_round * k_count + first + 1,
+                                          state.rounds))
+  valid_z = jnp.where(state.tok >= 0, state.ztok, -jnp.inf)
+  pivot = jnp.max(valid_z, axis=-1)
+  top = jnp.min(jnp.where(valid_z == lift(pivot), lane, k_count), axis=-1)
+  w = jnp.sum(jnp.where((lane == lift(top))[..., None, :], mass_xCxK, 0.0), axis=-1)
+  return state, w, pivot
+
+
 def _mass_kernel(x_ref, done_ref, pivot_ref, m_ref, count_ref, mass_ref, *, vocab: int,
                  block: int, chunk: int, temperature: float, top_k: int | None,
                  log_min_p: float | None, math: str):
-  """One (row, chunk) program of the "cdf" draw: over the chunk, #{v in R} (with top-k) and
-  w_c = sum_{v in R} exp(z_v - m), R = ``_in_set(z, pivot)``. With the pivot = the candidate's z
-  this is its check (the count and mass above it) and, at once, the chunk's mass in the next
-  round's set; with pivot -inf and min-p, the first round's masses. Rows marked done (the state's
-  ``done``, read as written by the locate launch) read nothing."""
+  """One (row, chunk) program of the "cdf" draw: over the chunk, for each of the row's K pivots
+  p_k (``pivot_ref``: [K]), #{v in R_k} (with top-k) and w_ck = sum_{v in R_k} exp(z_v - m),
+  R_k = ``_in_set(z, p_k)``. With the pivots = the candidates' z this is their check (the count
+  and mass above each) and, at once, the chunk's mass in the next round's set; with pivots -inf
+  and min-p, the first round's masses. Rows marked done (the state's ``done``, read as written by
+  the locate launch) read nothing."""
   f32, i32 = jnp.float32, jnp.int32
   lane = lax.broadcasted_iota(i32, (block,), 0)
   start = pl.program_id(1) * chunk
-  active, pivot, m = done_ref[...] == 0, pivot_ref[...], m_ref[...]
+  active, pivots, m = done_ref[...] == 0, pivot_ref[...], m_ref[...]
+  k_count = pivots.shape[0]
 
   def body(i, c):
     _, _, z = _load_block(x_ref, start + i * block, lane, vocab=vocab, temperature=temperature)
-    cand = _in_set(z, pivot, m, log_min_p)
+    cand = _in_set(z[None, :], pivots[:, None], m, log_min_p)  # [K, block]
     count = c[0] + cand.astype(i32) if top_k is not None else c[0]
-    return count, c[1] + jnp.where(cand, _exp(z - m, math), f32(0.0))
+    return count, c[1] + jnp.where(cand, _exp(z - m, math)[None, :], f32(0.0))
 
   trips = jnp.where(active, i32(chunk // block), i32(0))
-  count, mass = lax.fori_loop(0, trips, body, (jnp.zeros((block,), i32),
-                                               jnp.zeros((block,), f32)))
-  count_ref[...] = jnp.sum(count)
-  mass_ref[...] = jnp.sum(mass)
+  count, mass = lax.fori_loop(0, trips, body, (jnp.zeros((k_count, block), i32),
+                                               jnp.zeros((k_count, block), f32)))
+  count_ref[...] = jnp.sum(count, axis=1)
+  mass_ref[...] = jnp.sum(mass, axis=1)
+
+
+def _load_partials_ck(ref, n_chunks: int, k_count: int, identity):
+  """One row's [C, K] per-chunk, per-candidate partials as a [pow2(C), K] tile padded with
+  ``identity``."""
+  width = pl.next_power_of_2(n_chunks)
+  row = lax.broadcasted_iota(jnp.int32, (width, k_count), 0)
+  return plgpu.load(ref.at[pl.ds(0, width), :], mask=row < n_chunks,
+                    other=jnp.array(identity, ref.dtype))
 
 
 def _locate_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n_chunks: int,
                    temperature: float, top_k: int | None, top_p: float | None,
-                   log_min_p: float | None, math: str, rnd: int, first: bool):
+                   log_min_p: float | None, math: str, rnd: int, first: bool, candidates: int):
   """One row's program of the "cdf" draw for round ``rnd``.
 
   Round 0 (``first``) combines the statistics launch's [C] partials into m, S, m1, S1 (written
   out) and takes w_c = s_c exp(m_c - m) (or, with min-p, the masses of the floor set). A later
-  round takes the state and the previous check's [C] partials, ``advance``s the state (accept the
-  candidate iff its count and mass pass), and for a row still rejected takes w_c = the mass above
-  the rejected candidate. Then the candidate is drawn in three levels, each with its own uniform
-  (``round_uniform``), so that each level's float32 resolution (2^-23 of its own total) is spent
-  on at most a few thousand entries rather than on the whole row (one level over V = 152k entries
-  would round every token's probability to a multiple of ~1e-7 of the row's mass): the chunk c*
-  whose cumulative mass first reaches u_1 sum_c w_c; in it, the block whose running block sums
-  first reach u_2 w_c*; in that block, the entry whose running sum of e = exp(z - m) over R first
-  reaches u_3 sum(e). Where rounding leaves a running sum short, the last candidate with e > 0
-  (the block's, or the last positive block's) is taken. P(v) = (w_c* / W) (block sum / w_c*)
-  (e_v / block sum) = e_v / W up to rounding. Writes the state (the candidate unchecked).
+  round takes the state and the previous check's [C, K] partials, ``advance_candidates`` (accept
+  the first passing candidate), and for a row still rejected takes w_c = the mass above the
+  highest rejected candidate. Then each of the K candidates is drawn in three levels, each with
+  its own uniform (``round_uniform``), so that each level's float32 resolution (2^-23 of its own
+  total) is spent on at most a few thousand entries rather than on the whole row (one level over
+  V = 152k entries would round every token's probability to a multiple of ~1e-7 of the row's
+  mass): the chunk c* whose cumulative mass first reaches u_1 sum_c w_c; in it, the block whose
+  running block sums first reach u_2 w_c*; in that block, the entry whose running sum of
+  e = exp(z - m) over R first reaches u_3 sum(e). Where rounding leaves a running sum short, the
+  last candidate with e > 0 (the block's, or the last positive block's) is taken.
+  P(v) = (w_c* / W) (block sum / w_c*) (e_v / block sum) = e_v / W up to rounding. Writes the
+  state (the K candidates unchecked).
   """
   f32, i32 = jnp.float32, jnp.int32
   ninf = f32(-jnp.inf)
   width = pl.next_power_of_2(n_chunks)
   clane = lax.broadcasted_iota(i32, (width,), 0)
+  klane = lax.broadcasted_iota(i32, (candidates,), 0)
   written = ()
   if first:
     parts = [_load_partials(r, n_chunks, ident) for r, ident in zip(refs[:4], (-jnp.inf, 0.0) * 2)]
@@ -792,117 +863,143 @@ def _locate_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n
       refs = refs[1:]
     else:
       w = jnp.where(parts[0] == -jnp.inf, f32(0.0), parts[1] * jnp.exp(parts[0] - m))
-    state = SplitState(jnp.bool_(False), i32(-1), ninf, i32(0), i32(-1), ninf, ninf)
+    done, pivot = jnp.bool_(False), ninf
+    state = SplitState(done, i32(-1), ninf, i32(0), jnp.full((candidates,), -1, i32),
+                       jnp.full((candidates,), -jnp.inf, f32), jnp.full((candidates,), -jnp.inf,
+                                                                         f32))
   else:
     m_ref, s_ref, *refs = refs
     state = SplitState(*(r[...] for r in refs[:7]))
     state = state._replace(done=state.done != 0)
-    count, w = _load_partials(refs[7], n_chunks, 0), _load_partials(refs[8], n_chunks, 0.0)
+    count = _load_partials_ck(refs[7], n_chunks, candidates, 0)
+    mass = _load_partials_ck(refs[8], n_chunks, candidates, 0.0)
     refs = refs[9:]
     m = m_ref[...]
-    state = advance(state, i32(rnd), count, w, None, s_ref[...], top_k=top_k, top_p=top_p)
-  pivot = state.ztok if not first else ninf
-  u_chunk, u_block, u_token = (round_uniform(seed_ref[...], i32(rnd), level) for level in range(3))
+    state, w, pivot = advance_candidates(state, rnd - 1, count, mass, s_ref[...], top_k=top_k,
+                                         top_p=top_p)
   cum = jnp.cumsum(w)
-  cstar = jnp.min(jnp.where((cum >= u_chunk * jnp.sum(w)) & (w > 0), clane, width))
   last = jnp.max(jnp.where(w > 0, clane, -1))
-  cstar = jnp.where(cstar < width, cstar, last)  # rounding: t past the last cumulative sum
-  t_block = u_block * jnp.sum(jnp.where(clane == cstar, w, f32(0.0)))
-  start = jnp.maximum(cstar, 0) * chunk
+  draw = (last >= 0) if first else ~state.done & (last >= 0)
   lane = lax.broadcasted_iota(i32, (block,), 0)
 
   def pick_at(offs, index, *values):
     return tuple(jnp.max(jnp.where(offs == index, v, ninf)) for v in values)
 
-  def body(i, c):
-    acc, found, tok, ztok, xtok = c
-    offs, x, z = _load_block(x_ref, start + i * block, lane, vocab=vocab, temperature=temperature)
-    e = jnp.where(_in_set(z, pivot, m, log_min_p), _exp(z - m, math), f32(0.0))
-    bsum = jnp.sum(e)
-    # this block's draw: the first entry where its running sum reaches u_3 bsum (else its last
-    # positive entry); taken if this is the block where the chunk's running sum reaches t_block,
-    # and kept as the fallback while no block has (the last positive block's draw)
-    positive = e > 0
-    hit = jnp.min(jnp.where(positive & (jnp.cumsum(e) >= u_token * bsum), offs, vocab))
-    pick = jnp.where(hit < vocab, hit, jnp.max(jnp.where(positive, offs, -1)))
-    pz, px = pick_at(offs, pick, z, x)
-    take = ~found & (bsum > 0)
-    return (acc + bsum, found | (take & (acc + bsum >= t_block)), jnp.where(take, pick, tok),
-            jnp.where(take, pz, ztok), jnp.where(take, px, xtok))
+  toks = jnp.full((candidates,), -1, i32)
+  zs = xs = jnp.full((candidates,), -jnp.inf, f32)
+  for k in range(candidates):
+    u_chunk, u_block, u_token = (round_uniform(seed_ref[...], i32(rnd), 3 * k + level)
+                                 for level in range(3))
+    cstar = jnp.min(jnp.where((cum >= u_chunk * jnp.sum(w)) & (w > 0), clane, width))
+    cstar = jnp.where(cstar < width, cstar, last)  # rounding: t past the last cumulative sum
+    t_block = u_block * jnp.sum(jnp.where(clane == cstar, w, f32(0.0)))
+    start = jnp.maximum(cstar, 0) * chunk
 
-  draw = (last >= 0) if first else ~state.done & (last >= 0)
-  trips = jnp.where(draw, i32(chunk // block), i32(0))
-  _, _, tok, ztok, xtok = lax.fori_loop(0, trips, body,
-                                        (f32(0.0), jnp.bool_(False), i32(-1), ninf, ninf))
-  if first:
-    state = first_state(tok, ztok, xtok)
-  else:
-    keep = state.done
-    state = state._replace(done=keep | (tok < 0), tok=jnp.where(keep, state.tok, tok),
-                           ztok=jnp.where(keep, state.ztok, ztok),
-                           xtok=jnp.where(keep, state.xtok, xtok))
+    def body(i, c, start=start, t_block=t_block, u_token=u_token):
+      acc, found, tok, ztok, xtok = c
+      offs, x, z = _load_block(x_ref, start + i * block, lane, vocab=vocab,
+                               temperature=temperature)
+      e = jnp.where(_in_set(z, pivot, m, log_min_p), _exp(z - m, math), f32(0.0))
+      bsum = jnp.sum(e)
+      # this block's draw: the first entry where its running sum reaches u_3 bsum (else its last
+      # positive entry); taken if this is the block where the chunk's running sum reaches
+      # t_block, and kept as the fallback while no block has (the last positive block's draw)
+      positive = e > 0
+      hit = jnp.min(jnp.where(positive & (jnp.cumsum(e) >= u_token * bsum), offs, vocab))
+      pick = jnp.where(hit < vocab, hit, jnp.max(jnp.where(positive, offs, -1)))
+      pz, px = pick_at(offs, pick, z, x)
+      take = ~found & (bsum > 0)
+      return (acc + bsum, found | (take & (acc + bsum >= t_block)), jnp.where(take, pick, tok),
+              jnp.where(take, pz, ztok), jnp.where(take, px, xtok))
+
+    trips = jnp.where(draw, i32(chunk // block), i32(0))
+    _, _, tok, ztok, xtok = lax.fori_loop(0, trips, body,
+                                          (f32(0.0), jnp.bool_(False), i32(-1), ninf, ninf))
+    toks, zs, xs = (jnp.where(klane == k, v, vec) for v, vec in ((tok, toks), (ztok, zs),
+                                                                   (xtok, xs)))
+  empty = jnp.max(toks) < 0  # no entry in the round's set (a row without a finite logit)
+  keep = state.done
+  state = state._replace(done=keep | empty, tok=jnp.where(keep, state.tok, toks),
+                         ztok=jnp.where(keep, state.ztok, zs), xtok=jnp.where(keep, state.xtok, xs))
   values = written + tuple(state._replace(done=state.done.astype(i32)))
   for ref, value in zip(refs, values):
     ref[...] = value
 
 
-def _mass_call(logits_BxV, done_B, pivot_B, m_B, *, chunk, n_chunks, cfg, settings, interpret):
-  """One launch of ``_mass_kernel`` over the grid (B, C) -> (count_BxC, mass_BxC)."""
+def _mass_call(logits_BxV, done_B, pivot_BxK, m_B, *, chunk, n_chunks, cfg, settings,
+               interpret):
+  """One launch of ``_mass_kernel`` over the grid (B, C) -> (count_BxCxK, mass_BxCxK)."""
   b, v = logits_BxV.shape
+  k_count = pivot_BxK.shape[1]
   kernel = functools.partial(_mass_kernel, vocab=v, block=cfg.block, chunk=chunk,
                              temperature=settings["temperature"], top_k=settings["top_k"],
                              log_min_p=settings["log_min_p"], math=settings["math"])
   row = pl.BlockSpec((None,), lambda i, c: (i,))
-  cell = pl.BlockSpec((None, None), lambda i, c: (i, c))
+  cell = pl.BlockSpec((None, None, k_count), lambda i, c: (i, c, 0))
   compiler_params = None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps,
                                                                  num_stages=cfg.num_stages)
   return pl.pallas_call(
       kernel, grid=(b, n_chunks),
-      out_shape=(jax.ShapeDtypeStruct((b, n_chunks), jnp.int32),
-                 jax.ShapeDtypeStruct((b, n_chunks), jnp.float32)),
-      in_specs=[pl.BlockSpec((None, v), lambda i, c: (i, 0)), row, row, row],
+      out_shape=(jax.ShapeDtypeStruct((b, n_chunks, k_count), jnp.int32),
+                 jax.ShapeDtypeStruct((b, n_chunks, k_count), jnp.float32)),
+      in_specs=[pl.BlockSpec((None, v), lambda i, c: (i, 0)), row,
+                pl.BlockSpec((None, k_count), lambda i, c: (i, 0)), row],
       out_specs=(cell, cell), compiler_params=compiler_params, interpret=interpret,
-      name="sample_cdf_mass")(logits_BxV, done_B, pivot_B, m_B)
+      name="sample_cdf_mass")(logits_BxV, done_B, pivot_BxK, m_B)
 
 
 def _locate_call(logits_BxV, seeds_B, *inputs, chunk, n_chunks, cfg, settings, rnd, first,
                  interpret):
   """One launch of ``_locate_kernel`` (a program per row) -> round 0 (``first``; ``inputs`` = the
   statistics launch's four [B, C] partials, and with min-p the floor set's masses): m, S, m1, S1
-  and the ``SplitState``; a later round (``inputs`` = m, S, the state, the check's count and mass
-  partials): the state."""
+  and the state; a later round (``inputs`` = m, S, the state, the check's [B, C, K] count and mass
+  partials): the state. The state's candidates (tok, ztok, xtok) are [B, K]."""
   b, v = logits_BxV.shape
-  f32 = jnp.float32
+  f32, k_count = jnp.float32, cfg.candidates
   kernel = functools.partial(_locate_kernel, vocab=v, block=cfg.block, chunk=chunk,
-                             n_chunks=n_chunks, rnd=rnd, first=first, **settings)
+                             n_chunks=n_chunks, rnd=rnd, first=first, candidates=k_count,
+                             **settings)
   row = pl.BlockSpec((None,), lambda i: (i,))
-  partials = pl.BlockSpec((None, n_chunks), lambda i: (i, 0))
-  specs = [row if x.ndim == 1 else partials for x in inputs]
+  per_k = pl.BlockSpec((None, k_count), lambda i: (i, 0))
+  specs = []
+  for x in inputs:
+    if x.ndim == 1:
+      specs.append(row)
+    elif x.ndim == 3:
+      specs.append(pl.BlockSpec((None, n_chunks, k_count), lambda i: (i, 0, 0)))
+    else:  # [B, C] statistics partials, or the state's [B, K] candidates
+      specs.append(pl.BlockSpec((None, x.shape[1]), lambda i: (i, 0)))
   written = ((f32,) * 4 if first else ()) + _STATE_DTYPES
+  shapes = [(b,)] * (len(written) - 3) + [(b, k_count)] * 3
   compiler_params = None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps,
                                                                  num_stages=cfg.num_stages)
   return pl.pallas_call(
-      kernel, grid=(b,), out_shape=[jax.ShapeDtypeStruct((b,), k) for k in written],
+      kernel, grid=(b,), out_shape=[jax.ShapeDtypeStruct(sh, k) for sh, k in zip(shapes, written)],
       in_specs=[pl.BlockSpec((None, v), lambda i: (i, 0)), row] + specs,
-      out_specs=[row] * len(written), compiler_params=compiler_params, interpret=interpret,
-      name=f"sample_cdf_locate{'_first' * first}")(logits_BxV, seeds_B, *inputs)
+      out_specs=[row] * (len(written) - 3) + [per_k] * 3, compiler_params=compiler_params,
+      interpret=interpret, name=f"sample_cdf_locate{'_first' * first}")(logits_BxV, seeds_B,
+                                                                         *inputs)
 
 
 def _sample_split_cdf(logits_BxV, seeds_B, *, chunk, n_chunks, cfg, settings, interpret):
   """The split path with the "cdf" draw: a statistics launch over B x C programs, then per round
-  a locate launch (a program per row: decide the previous candidate, draw the next) and a mass
-  launch over B x C (check the candidate, the next round's per-chunk masses). XLA combines only
-  after the last mass launch; rows still rejected continue in ``_row_kernel``."""
+  a locate launch (a program per row: decide the previous round's K candidates, draw the next K)
+  and a mass launch over B x C (check the K candidates, the next round's per-chunk masses). XLA
+  combines only after the last mass launch; rows still rejected continue in ``_row_kernel`` from
+  the highest rejected candidate."""
   b, _ = logits_BxV.shape
   f32, i32 = jnp.float32, jnp.int32
+  k_count = cfg.candidates
   kw = dict(chunk=chunk, n_chunks=n_chunks, cfg=cfg, settings=settings, interpret=interpret)
   ones, ninf = jnp.ones((b,), i32), jnp.full((b,), -jnp.inf, f32)
   st = tuple(_split_call(logits_BxV, seeds_B, ones, ninf, jnp.zeros((b,), f32), stats=True, **kw))
   if settings["log_min_p"] is not None:  # the first round's set is the min-p floor's
-    st += (_mass_call(logits_BxV, 0 * ones, ninf, combine_stats(st[0], st[1])[0], **kw)[1],)
+    floor = _mass_call(logits_BxV, 0 * ones, jnp.full((b, k_count), -jnp.inf, f32),
+                       combine_stats(st[0], st[1])[0], **kw)[1]
+    st += (floor[..., 0],)
   m, s, m1, s1, *state = _locate_call(logits_BxV, seeds_B, *st, rnd=0, first=True, **kw)
   if settings["top_k"] is None and settings["top_p"] is None:  # every first draw is accepted
-    tok, xtok = state[4], state[6]
+    tok, xtok = state[4][:, 0], state[6][:, 0]
     return tok, xtok - m1 - jnp.log(s1), ones
   n_split = min(cfg.split_rounds, cfg.max_rounds or cfg.split_rounds)
   for r in range(1, n_split + 1):
@@ -910,8 +1007,10 @@ def _sample_split_cdf(logits_BxV, seeds_B, *, chunk, n_chunks, cfg, settings, in
     if r < n_split:
       state = _locate_call(logits_BxV, seeds_B, m, s, *state, count, mass, rnd=r, first=False,
                            **kw)
-  return _finish_split(logits_BxV, seeds_B, state, count, mass, s, m1, s1, n_split, cfg=cfg,
-                       settings=settings, interpret=interpret)
+  state, _, pivot = advance_candidates(SplitState(state[0] != 0, *state[1:]), n_split - 1, count,
+                                       mass, s, top_k=settings["top_k"], top_p=settings["top_p"])
+  return _continue_rows(logits_BxV, seeds_B, state, pivot, m1, s1, n_split, cfg=cfg,
+                        settings=settings, interpret=interpret, candidates=k_count)
 
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p", "min_p", "config",

@@ -463,7 +463,55 @@ def test_cdf_draw_samples_the_exact_truncated_distribution(name):
     assert rounds.max() > 2  # rows handed to the row kernel after the two split rounds
 
 
-def test_cdf_draw_differs_from_gumbel_but_keeps_every_rule():
+CDF4 = dataclasses.replace(CDF, candidates=4)
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_cdf_draw_with_several_candidates_samples_the_exact_truncated_distribution(name):
+  """K = 4 candidates per round (accept the first that passes; all rejected: the next round's set
+  is above the highest): the frequencies are the exact truncated distribution (top-k 5 needs
+  several rounds and the hand-over to the row kernel), the log-prob is the model's, and rounds_B
+  counts candidates (r K + k + 1)."""
+  x = jnp.tile(jnp.asarray(ROW37, jnp.float32), (2048, 1))
+  seeds = jax.random.bits(jax.random.key(26), (2048,), jnp.uint32)
+  token, logp, rounds = sample_gpu(x, seeds, interpret=True, config=CDF4, **SETTINGS[name])
+  token, rounds = np.asarray(token), np.asarray(rounds)
+  assert np.all(token >= 0) and np.all(rounds >= 1)
+  assert_matches(np.bincount(token, minlength=37), exact_probs(ROW37, **SETTINGS[name]))
+  np.testing.assert_allclose(np.asarray(logp), np.asarray(jax.nn.log_softmax(x[0]))[token],
+                             rtol=1e-5, atol=1e-5)
+  if name in ("plain", "min_p"):  # no check: the first candidate is taken
+    assert np.all(rounds == 1)
+  else:  # later candidates of round 0 are taken too, not only the first of each round
+    assert np.any((rounds > 1) & (rounds <= 4))
+  if name == "top_k":
+    assert set(np.unique(rounds[rounds <= 4])) == {1, 2, 3, 4}
+
+
+def test_several_candidates_decide_more_rows_per_round():
+  """The point of K candidates: with top-k 5 on ROW37 (kept mass ~0.7) far fewer rows are still
+  undecided after the first round (rounds > K) than with one candidate (rounds > 1), and the
+  rounds needed in all shrink (the next pivot is the highest of K rejected candidates)."""
+  x = jnp.tile(jnp.asarray(ROW37, jnp.float32), (1024, 1))
+  seeds = jax.random.bits(jax.random.key(27), (1024,), jnp.uint32)
+  one = np.asarray(sample_gpu(x, seeds, interpret=True, config=CDF, top_k=5)[2])
+  four = np.asarray(sample_gpu(x, seeds, interpret=True, config=CDF4, top_k=5)[2])
+  undecided_one, undecided_four = np.mean(one > 1), np.mean(four > 4)
+  assert undecided_four < 0.5 * undecided_one, (undecided_one, undecided_four)
+  rounds_four = (four - 1) // 4 + 1  # the round (1-based) each row was decided in
+  assert rounds_four.mean() < one.mean()
+
+
+def test_candidates_setting_is_checked():
+  for bad in (3, 0, 16):
+    with pytest.raises(KernelShapeError, match="candidates="):
+      sgpu.check_config(GpuConfig(draw="cdf", candidates=bad))
+  with pytest.raises(KernelShapeError, match="draw='cdf' only"):
+    sgpu.check_config(GpuConfig(candidates=4))
+
+
+@pytest.mark.parametrize("candidates", [1, 4])
+def test_cdf_draw_differs_from_gumbel_but_keeps_every_rule(candidates):
   """Larger rows over 5 chunks (the last ragged), a rejection-heavy top-k, -inf logits and a row
   whose only finite logit holds all the mass: every token in the kept set, logp the model's; and
   the draw is not the Gumbel-max one (different tokens for the same seeds)."""
@@ -473,7 +521,8 @@ def test_cdf_draw_differs_from_gumbel_but_keeps_every_rule():
   x[1, 77] = 0.0
   xs = jnp.asarray(x)
   seeds = jax.random.bits(jax.random.key(32), (48,), jnp.uint32)
-  cfg = GpuConfig(block=16, chunk=64, split=True, draw="cdf", split_rounds=1)
+  cfg = GpuConfig(block=16, chunk=64, split=True, draw="cdf", split_rounds=1,
+                  candidates=candidates)
   for settings in (dict(temperature=0.8, top_p=0.9), dict(top_k=2), dict(top_k=20, min_p=0.05)):
     token, logp, _ = sample_gpu(xs, seeds, config=cfg, interpret=True, **settings)
     token = np.asarray(token)
@@ -481,8 +530,8 @@ def test_cdf_draw_differs_from_gumbel_but_keeps_every_rule():
     assert np.asarray(kept_mask(xs, **settings))[np.arange(48), token].all()
     ref = np.asarray(jax.nn.log_softmax(xs, axis=-1))[np.arange(48), token]
     np.testing.assert_allclose(np.asarray(logp), ref, rtol=1e-5, atol=1e-5)
-    gumbel = np.asarray(sample_gpu(xs, seeds, config=dataclasses.replace(cfg, draw="gumbel"),
-                                   interpret=True, **settings)[0])
+    gumbel = np.asarray(sample_gpu(xs, seeds, config=dataclasses.replace(
+        cfg, draw="gumbel", candidates=1), interpret=True, **settings)[0])
     assert (gumbel != token).mean() > 0.2
   with pytest.raises(KernelShapeError, match="draw='sort'"):
     sgpu.check_config(GpuConfig(draw="sort"))
@@ -503,6 +552,13 @@ def test_cdf_launches():
                    "sample_cdf_mass", "sample_top_k_top_p_min_p"]
   index = [i for i, _ in calls]
   assert index[:7] == list(range(index[0], index[0] + 7))
+  # 4 candidates per round, 2 rounds: two launches fewer
+  f = functools.partial(sample_gpu, top_p=0.9, config=GpuConfig(draw="cdf", candidates=4,
+                                                                  split_rounds=2))
+  eqns = jax.make_jaxpr(f)(x, seeds).jaxpr.eqns[0].params["jaxpr"].jaxpr.eqns
+  assert [e.params["name"] for e in eqns if e.primitive.name == "pallas_call"] == [
+      "sample_split_s", "sample_cdf_locate_first", "sample_cdf_mass", "sample_cdf_locate",
+      "sample_cdf_mass", "sample_top_k_top_p_min_p"]
 
 
 def test_split_launches_follow_each_other_with_no_xla_step():
@@ -578,10 +634,12 @@ def test_kernel_lowers_to_triton_for_a_gpu():
                          jax.ShapeDtypeStruct((64,), jnp.uint32))
     assert "grid_x = 64" in text and "grid_y = 15" in text
     assert "approx" not in text and "__nv_log1pf" in text  # libdevice's accurate functions
-    cdf = functools.partial(sample_gpu, config=GpuConfig(draw="cdf"), **settings)
-    text = cuda_lowering(cdf, jax.ShapeDtypeStruct((64, 151936), jnp.bfloat16),
-                         jax.ShapeDtypeStruct((64,), jnp.uint32))
-    assert "grid_x = 64" in text and "grid_y = 15" in text  # MLIR-verified, as above
+    for candidates in (1, 4):
+      cdf = functools.partial(sample_gpu, config=GpuConfig(draw="cdf", candidates=candidates),
+                              **settings)
+      text = cuda_lowering(cdf, jax.ShapeDtypeStruct((64, 151936), jnp.bfloat16),
+                           jax.ShapeDtypeStruct((64,), jnp.uint32))
+      assert "grid_x = 64" in text and "grid_y = 15" in text  # MLIR-verified, as above
   # fast_math: the per-element exp and logs become PTX special-function instructions (the Triton
   # IR in the custom call keeps the inline assembly's text); log1p is gone
   for split in (False, True):

@@ -63,6 +63,10 @@ def test_cdf_draw_compiles_and_streams_with_a_fraction_of_the_gumbel_work():
   assert gumbel[0]["kernel"] == "sample_split_sd"
   assert cdf[0]["loop_instructions"] < 0.4 * gumbel[0]["loop_instructions"]
   assert cdf[0]["sass_loop"].get("IMAD", 0) < 0.1 * gumbel[0]["sass_loop"]["IMAD"]
+  # 4 candidates per round (the locate launch draws 4, the mass launch checks 4): no spills
+  for settings in (dict(top_p=0.9), dict(top_k=50, min_p=0.05)):
+    compiled(functools.partial(sample_gpu, config=GpuConfig(draw="cdf", candidates=4,
+                                                            split_rounds=2), **settings), *shapes)
 
 
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 128)])

@@ -39,6 +39,6 @@ if [ "$met" = yes ]; then
     | tee "$OUT/sampling_rest.log"
 else
   timeout "${QMM_TIMEOUT:-250}" python3 benchmarks/quantized_matmul.py --no-check --variants \
-    --variants-m 512 2 4 8 --variants-seconds 225 --skip-table --sweep-seconds 0 \
+    --variants-m 2 4 8 512 --variants-seconds 225 --skip-table --sweep-seconds 0 \
     --time-limit "${QMM_LIMIT:-235}" --out "$OUT/quantized_matmul.json" 2>&1 | tee "$OUT/qmm.log"
 fi

@@ -230,10 +230,6 @@ def _strategy(args, policy, records, key, funcs):
                                        batch_size=args.batch_size,
                                        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
     search.scorers.check_scorer(policy, scorer, "reward model")
-    for record in records:  # before any sampling: the file and line of a prompt it cannot read
-      error = scorer.prompt_error(record.prompt)
-      if error:
-        raise SearchError(f"{record.where}: field 'prompt': {error} (--reward-model)")
   elif name in ("best_of_n", "weighted_best_of_n") and verifier is not None:
     scorer = search.verifier_scorer(verifier)
   if name == "self_consistency":
@@ -257,8 +253,7 @@ def _strategy(args, policy, records, key, funcs):
                       "roll-outs")
   if name == "step_beam_search":
     search.common.check_positive(n=n)
-    width = args.width if args.width is not None else max(1, n // 4)
-    search.common.check_positive(width=width)
+    width = args.width if args.width is not None else max(1, n // 4)  # --width >= 1: checked
     if n % width:
       raise SearchError(f"--n {n} samples per round must be a multiple of --width {width}")
     return lambda: search.step_beam_search(policy, records, value_fn=value, key=key, width=width,

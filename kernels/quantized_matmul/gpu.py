@@ -29,6 +29,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -196,7 +197,8 @@ def check_shape(m: int, k: int, n: int, *, bits: int, group_size: int | None, cf
   for name, v in dims:
     if v < 16 or v & (v - 1):
       raise KernelShapeError(f"{name}={v}: the Triton kernel needs powers of two >= 16")
-  if isinstance(cfg.split_k, bool) or not isinstance(cfg.split_k, int) or cfg.split_k < 1:
+  if isinstance(cfg.split_k, bool) or not isinstance(cfg.split_k, (int, np.integer)) or (
+      cfg.split_k < 1):
     raise KernelShapeError(f"split_k={cfg.split_k!r}: the number of K splits must be an int >= 1")
   if cfg.unpack not in ("shift", "magic"):
     raise KernelShapeError(f"unpack must be 'shift' or 'magic', got {cfg.unpack!r}")

@@ -402,12 +402,15 @@ class QuantizedWeight(nnx.Module):
       raise QuantError(f"{name}: scales of {spec.name} for a [{K}, {N}] kernel must be [{G}, {N}] "
                        f"(G = ceil(K / group_size)), got {list(scales_GxN.shape)}")
     codes = jnp.asarray(codes_KxN)
-    if not jnp.issubdtype(codes.dtype, jnp.integer):
-      raise QuantError(f"{name}: codes of {spec.name} must be integers, got {codes.dtype} (round "
-                       f"and cast them; a float would be truncated)")
+    traced = isinstance(codes, jax.core.Tracer)
+    if not jnp.issubdtype(codes.dtype, jnp.integer) and (
+        traced or not bool(jnp.all(codes == jnp.round(codes)))):
+      # integral floats (e.g. rounded codes from another library) are taken as they are
+      raise QuantError(f"{name}: codes of {spec.name} must be integers, got {codes.dtype} values "
+                       f"that are not all whole numbers (round them; a cast would truncate)")
     lo, hi = -2 ** (spec.bits - 1), 2 ** (spec.bits - 1) - 1
     unchecked = spec.bits == 8 and codes.dtype == jnp.int8  # every int8 is a valid int8 code
-    if not isinstance(codes, jax.core.Tracer) and not unchecked:
+    if not traced and not unchecked:
       cmin, cmax = int(jnp.min(codes)), int(jnp.max(codes))
       if cmin < lo or cmax > hi:
         # int4 keeps the low nibble and int8 wraps: an out-of-range code would be stored as another

@@ -295,8 +295,8 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
   if prompt_BxP.ndim != 2 or lengths_B.shape != prompt_BxP.shape[:1]:
     raise ValueError(f"prompt_BxP must be [B, P] and lengths_B [B]; got {prompt_BxP.shape} and "
                      f"{lengths_B.shape}")
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if not temperature >= 0 or not np.isfinite(temperature):  # NaN fails both comparisons
+    raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
   if top_p is not None and not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   if min_p is not None and not 0.0 <= min_p < 1.0:
@@ -310,13 +310,13 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
   lengths_np = np.asarray(lengths_B)
   if lengths_np.min() < 1 or lengths_np.max() > prompt_BxP.shape[1]:
     raise ValueError(f"prompt lengths must be in [1, {prompt_BxP.shape[1]}], got {lengths_np}")
-  last_position = int(lengths_np.max()) + max_new_tokens
-  if last_position > config.max_position_embeddings:
+  positions = int(lengths_np.max()) + max_new_tokens
+  if positions > config.max_position_embeddings:
     warnings.warn(
         f"generate: the longest prompt ({int(lengths_np.max())} tokens) plus max_new_tokens="
-        f"{max_new_tokens} reaches position {last_position}, past the model's "
-        f"max_position_embeddings={config.max_position_embeddings}: it was never trained on "
-        "those positions, so tokens there are unreliable", stacklevel=2)
+        f"{max_new_tokens} needs {positions} positions, more than the model's "
+        f"max_position_embeddings={config.max_position_embeddings} it was trained on: tokens "
+        "past them are unreliable", stacklevel=2)
   eos = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
   mesh = _multi_process_mesh(params)
   rows = row_sharding(params, prompt_BxP.shape[0]) if split_rows else None

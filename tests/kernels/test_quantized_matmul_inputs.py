@@ -55,7 +55,7 @@ def test_scales_and_zeros_dtypes():
     quantized_matmul(x, q, s, bits=4, group_size=32, zeros=z > 0)
   with pytest.raises(ValueError, match="scales are required"):
     quantized_matmul(x, q, None, bits=4, group_size=32, zeros=z)
-  # integer zero points (GPTQ stores them so) are exact in float32: same result
+  # integer zero points (as other libraries store them) are exact in float32: same result
   np.testing.assert_allclose(
       quantized_matmul(x, q, s, bits=4, group_size=32, zeros=z.astype(jnp.int32)),
       quantized_matmul(x, q, s, bits=4, group_size=32, zeros=z), rtol=1e-6)

@@ -27,10 +27,14 @@ def test_from_codes_refuses_codes_the_storage_cannot_hold(spec, code):
   np.testing.assert_array_equal(QuantizedWeight.from_codes(edge, scales, None, spec).codes(), edge)
 
 
-def test_from_codes_refuses_float_codes():
+def test_from_codes_refuses_fractional_float_codes_and_takes_whole_ones():
   # 2.7 was truncated to 2
   with pytest.raises(QuantError, match="codes of int8 must be integers, got float32"):
     QuantizedWeight.from_codes(np.full((64, 8), 2.7, np.float32), np.ones((1, 8), np.float32))
+  # rounded codes handed over as floats (another library's output) are stored exactly
+  whole = np.full((64, 8), -3.0, np.float32)
+  np.testing.assert_array_equal(
+      QuantizedWeight.from_codes(whole, np.ones((1, 8), np.float32)).codes(), whole.astype(int))
 
 
 @pytest.mark.parametrize("spec", ["int8", "int4_g32_asym", "nf4"])

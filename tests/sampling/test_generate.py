@@ -119,6 +119,8 @@ def test_bad_arguments(model):
     generate(model, tokens, lengths, temperature=1.0)
   with pytest.raises(ValueError, match="top_p"):
     generate(model, tokens, lengths, key=jax.random.key(0), top_p=1.5)
+  with pytest.raises(ValueError, match="finite number >= 0, got nan"):
+    generate(model, tokens, lengths, key=jax.random.key(0), temperature=float("nan"))
   with pytest.raises(ValueError, match="prompt lengths"):
     generate(model, tokens, np.array([0, 2, 3]), temperature=0.0)
   with pytest.raises(ValueError, match="at least one token"):
@@ -128,11 +130,11 @@ def test_bad_arguments(model):
 def test_generating_past_the_trained_context_warns():
   short = Transformer(tiny_config(max_position_embeddings=12), rngs=nnx.Rngs(0))
   tokens, lengths = pad_prompts(PROMPTS)  # the longest prompt has 8 tokens
-  with pytest.warns(UserWarning, match="reaches position 13, past the model's "
+  with pytest.warns(UserWarning, match="needs 13 positions, more than the model's "
                                        "max_position_embeddings=12"):
     generate(short, tokens, lengths, temperature=0.0, max_new_tokens=5)
   with warnings.catch_warnings():
-    warnings.simplefilter("error")  # exactly at the limit: no warning
+    warnings.simplefilter("error", UserWarning)  # exactly at the limit: no warning
     generate(short, tokens, lengths, temperature=0.0, max_new_tokens=4)
 
 

@@ -118,6 +118,7 @@ def test_search_command_names_the_line_a_reward_model_cannot_read(tiny_model_dir
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith(f"error: {prompts}:3: field 'prompt': the prompt has "
                                              "23 tokens, no room"), err
+  assert err[0].endswith("(reward model)")
   assert not out.exists()
 
 

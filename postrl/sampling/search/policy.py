@@ -57,8 +57,8 @@ def delimiter_ids(tokenizer, delimiter: str, vocab_size: int) -> tuple[int, ...]
 def check_sampling(*, temperature=1.0, top_k=None, top_p=None, min_p=None,
                    flags: bool = False) -> None:
   """SearchError naming the setting (as a command-line flag with ``flags``) unless the sampling
-  settings are ones ``generate`` accepts: checked when the policy is built, not at its first
-  sampler call deep inside a search."""
+  settings are valid (``generate``'s rules, and top_k an integer): checked when the policy is
+  built, not at its first sampler call deep inside a search."""
   def number(v):
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 

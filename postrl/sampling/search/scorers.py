@@ -130,10 +130,15 @@ class RewardModelOutcome:
 
   def check_prompts(self, problems) -> None:
     """SearchError, before any sampling, when a problem's prompt leaves no room for a reply in
-    the reward model's ``max_len`` (scoring would otherwise fail after every sample was drawn)."""
+    the reward model's ``max_len`` (scoring would otherwise fail after every sample was drawn).
+    A problem with a ``where`` attribute (the command line's records: "file:line") is named by
+    it, else by its position."""
     for i, p in enumerate(problems):
       error = self.prompt_error(as_problem(p).prompt)
       if error:
+        where = getattr(p, "where", None)
+        if where:
+          raise SearchError(f"{where}: field 'prompt': {error} (reward model)")
         raise SearchError(f"reward model: prompt #{i + 1} of {len(problems)}: {error}")
 
   def __call__(self, problems, texts) -> Scores:

@@ -25,7 +25,8 @@ Phases:
    the XLA fallback's ``lax.cond``), split (each row over several programs, the same tokens),
    fast and split_fast (the two with ``fast_math=True``: PTX approximate exp / log; split_fast
    is the default), split_cdf (split_fast with ``draw="cdf"``: inverse transform sampling,
-   no per-entry noise; 4 candidates per round, 2 rounds: ``CDF``), and kernel (``sample_gpu`` alone, default settings); ratios over read,
+   no per-entry noise; 4 candidates per round, 2 rounds, one block per chunk: ``CDF_COLUMN``),
+   and kernel (``sample_gpu`` alone, default settings); ratios over read,
    the sort and the copy floor. Logits are ``--logit-scale`` x N(0, 1) per row (scale 4 over
    152k tokens: top-1 probability ~0.12, top-p 0.9 keeps ~750 tokens, top-50 holds ~65% of the
    mass).
@@ -81,6 +82,10 @@ _ROW, _SPLIT = GpuConfig(split=False, fast_math=False), GpuConfig(split=True, fa
 # rejects all 4 with probability ~1e-4, so the second round rarely has rows and the row kernel
 # almost never runs; the fewest launches: statistics, then locate + mass per round)
 CDF = dict(fast_math=True, draw="cdf", candidates=4, split_rounds=2)
+# the table's column also makes each chunk one block of 2048 (B x 75 programs at V = 152k): the
+# locate launch, one program per row, then scans one block per candidate instead of the 2 / 5 /
+# 19 blocks of a chunk at B = 16 / 64 / 256 with ``programs=1024``
+CDF_COLUMN = dict(CDF, block=2048, chunk=2048)
 CHECK_CONFIGS = {"row": _ROW, "split": dataclasses.replace(_SPLIT, block=256, chunk=256),
                  "row_fast": dataclasses.replace(_ROW, fast_math=True),
                  "split_fast": dataclasses.replace(_SPLIT, block=256, chunk=256, fast_math=True),
@@ -90,7 +95,7 @@ CHECK_CONFIGS = {"row": _ROW, "split": dataclasses.replace(_SPLIT, block=256, ch
 KERNEL_COLUMNS = {"pallas": _ROW, "split": _SPLIT,
                   "fast": dataclasses.replace(_ROW, fast_math=True),
                   "split_fast": dataclasses.replace(_SPLIT, fast_math=True),
-                  "split_cdf": dataclasses.replace(_SPLIT, **CDF)}
+                  "split_cdf": dataclasses.replace(_SPLIT, **CDF_COLUMN)}
 L2_BYTES = 50 * 2**20
 TARGET_S = 3e-3
 INTERPRET = False  # --interpret: kernels in interpret mode (CPU smoke test)

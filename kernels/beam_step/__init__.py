@@ -21,6 +21,7 @@ the other shapes are still to be timed."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -69,9 +70,30 @@ def choose_impl(k: int, *, impl: str = "auto", platform: str | None = None,
   return "pallas"
 
 
+def _as_array(x):
+  """Host data (numpy arrays, nested lists) as a jax array; jax arrays and tracers as they are."""
+  return jnp.asarray(x) if isinstance(x, (np.ndarray, list, tuple)) else x
+
+
+def _kernel_config(config, rows: int, v: int, fn: str):
+  """The kernel's tiling: ``config`` (checked to be a ``GpuConfig``), else ``default_config``
+  with blocks of at least 16 tokens (Triton's smallest; the tail past V is masked), which a
+  vocabulary under 9 tokens would otherwise round down to and then refuse."""
+  if config is not None:
+    if not isinstance(config, GpuConfig):
+      raise ValueError(f"{fn}: config must be a kernels.beam_step.GpuConfig, got {config!r}")
+    return config
+  cfg = default_config(rows, v)
+  if cfg.block_v < 16:
+    cfg = dataclasses.replace(cfg, block_v=16, splits=1)
+  return cfg
+
+
 def _check_common(logits, k, impl, interpret, fn):
   if impl not in IMPLS:
     raise ValueError(f"{fn}: impl must be one of {IMPLS}, got {impl!r}")
+  if not hasattr(logits, "dtype"):
+    raise ValueError(f"{fn}: logits must be an array, got {type(logits).__name__}")
   if not jnp.issubdtype(logits.dtype, jnp.floating):
     raise ValueError(f"{fn}: logits must be a float array (bf16 / f16 / f32), got {logits.dtype}")
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
@@ -92,11 +114,14 @@ def beam_step(logits_BxWxV, scores_BxW, k: int, *, impl: str = "auto", interpret
   One step of token-level beam search (Graves 2012; Wu et al. 2016, GNMT): K = 2W candidates
   keep W alive after EOS candidates finish. Ties go to the smaller flat index w V + v, as
   ``lax.top_k`` on the flattened array. -inf logits (masked tokens) and -inf scores (dead beams)
-  give -inf candidates, ranked after every finite one.
+  give -inf candidates, ranked after every finite one. A NaN or +inf score, or NaN / +inf logits,
+  in any beam of a batch row make all K values of that row NaN (its beams and tokens are then
+  unspecified): the implementations rank NaN differently (``lax.top_k`` first, the kernel's merge
+  drops the beam), and neither may pass a broken model's step for a clean one.
 
   Args:
     logits_BxWxV: next-token logits of each beam (bf16 / f16 / f32; float32 inside).
-    scores_BxW: the beams' summed log-probs S (float32; -inf = dead).
+    scores_BxW: the beams' summed log-probs S (any real dtype, float32 inside; -inf = dead).
     k: candidates kept per batch row, 1 <= k <= W V (<= 32 for the kernel).
     impl: "auto" | "xla" | "pallas" (the Triton kernel; module doc).
     interpret: run the kernel in Pallas interpret mode (CPU tests; with impl="pallas").
@@ -105,21 +130,31 @@ def beam_step(logits_BxWxV, scores_BxW, k: int, *, impl: str = "auto", interpret
     ``BeamStep(values_BxK float32, beam_BxK int32, token_BxK int32, lse_BxW float32)``, best
     first; lse is each beam row's log sum_v exp logits.
   """
+  logits_BxWxV, scores_BxW = _as_array(logits_BxWxV), _as_array(scores_BxW)
   _check_common(logits_BxWxV, k, impl, interpret, "beam_step")
   k = int(k)
   if getattr(logits_BxWxV, "ndim", None) != 3:
     raise ValueError(f"beam_step: logits_BxWxV must be 3-D [B, W, V], got shape "
                      f"{getattr(logits_BxWxV, 'shape', None)}")
   b, w, v = logits_BxWxV.shape
-  if tuple(scores_BxW.shape) != (b, w):
+  if tuple(getattr(scores_BxW, "shape", ())) != (b, w):
     raise ValueError(f"beam_step: scores_BxW must be [B, W] = [{b}, {w}] like the logits, got "
-                     f"{tuple(scores_BxW.shape)}")
+                     f"{tuple(getattr(scores_BxW, 'shape', ()))}")
+  if not (jnp.issubdtype(scores_BxW.dtype, jnp.floating)
+          or jnp.issubdtype(scores_BxW.dtype, jnp.integer)):
+    raise ValueError(f"beam_step: scores_BxW must be real numbers, got {scores_BxW.dtype}")
   if not 1 <= k <= w * v:
     raise ValueError(f"beam_step: k must be in [1, W x V] = [1, {w * v}], got {k}")
-  if choose_impl(k, impl=impl, interpret=interpret) == "xla":
-    return beam_step_reference(logits_BxWxV, scores_BxW, k)
-  return BeamStep(*beam_step_gpu(logits_BxWxV, scores_BxW, k, config=config,
-                                 interpret=interpret))
+  if choose_impl(k, impl=impl, interpret=interpret) == "xla" or b == 0:  # b = 0: no kernel grid
+    out = beam_step_reference(logits_BxWxV, scores_BxW, k)
+  else:
+    out = BeamStep(*beam_step_gpu(logits_BxWxV, scores_BxW, k, interpret=interpret,
+                                  config=_kernel_config(config, b * w, v, "beam_step")))
+  # a NaN / +inf score or log-sum-exp anywhere in a batch row: its values NaN in both paths
+  s = scores_BxW.astype(jnp.float32)
+  bad_B = jnp.any(jnp.isnan(s) | (s == jnp.inf) | jnp.isnan(out.lse_BxW) | (out.lse_BxW == jnp.inf),
+                  axis=1)
+  return out._replace(values_BxK=jnp.where(bad_B[:, None], jnp.nan, out.values_BxK))
 
 
 def log_softmax_topk(logits_RxV, k: int, *, impl: str = "auto", interpret: bool = False,
@@ -127,7 +162,8 @@ def log_softmax_topk(logits_RxV, k: int, *, impl: str = "auto", interpret: bool 
   """The k largest log_softmax(logits)[v] of each row, their token ids and the row's log-sum-exp.
 
   log p(v) = x_v - lse,  lse = log sum_v exp x_v; ties go to the smaller index (``lax.top_k``);
-  a row of -inf logits has lse = -inf and -inf values (token ids 0..k-1).
+  a row of -inf logits has lse = -inf and -inf values (token ids 0..k-1); a row with a NaN or +inf
+  logit has NaN values (token ids 0..k-1), in both implementations.
 
   Args:
     logits_RxV: logits [..., V] (leading dims kept; bf16 / f16 / f32, float32 inside).
@@ -136,6 +172,7 @@ def log_softmax_topk(logits_RxV, k: int, *, impl: str = "auto", interpret: bool 
   Returns:
     ``TopK(values [..., k] float32, index [..., k] int32, lse [...] float32)``.
   """
+  logits_RxV = _as_array(logits_RxV)
   _check_common(logits_RxV, k, impl, interpret, "log_softmax_topk")
   k = int(k)
   if getattr(logits_RxV, "ndim", 0) < 1:
@@ -143,8 +180,15 @@ def log_softmax_topk(logits_RxV, k: int, *, impl: str = "auto", interpret: bool 
   lead, v = logits_RxV.shape[:-1], logits_RxV.shape[-1]
   if not 1 <= k <= v:
     raise ValueError(f"log_softmax_topk: k must be in [1, V] = [1, {v}], got {k}")
-  if choose_impl(k, impl=impl, interpret=interpret) == "xla":
-    return TopK(*log_softmax_topk_reference(logits_RxV, k))
-  values, index, lse = log_softmax_topk_gpu(logits_RxV.reshape(-1, v), k, config=config,
-                                            interpret=interpret)
-  return TopK(values.reshape(*lead, k), index.reshape(*lead, k), lse.reshape(lead))
+  rows = int(np.prod(lead))
+  if choose_impl(k, impl=impl, interpret=interpret) == "xla" or rows == 0:  # 0: no kernel grid
+    values, index, lse = log_softmax_topk_reference(logits_RxV, k)
+  else:
+    values, index, lse = log_softmax_topk_gpu(
+        logits_RxV.reshape(-1, v), k, interpret=interpret,
+        config=_kernel_config(config, rows, v, "log_softmax_topk"))
+    values, index, lse = values.reshape(*lead, k), index.reshape(*lead, k), lse.reshape(lead)
+  # NaN / +inf logits: values NaN, ids 0..k-1 in both paths (the kernel's would be past V)
+  bad = (jnp.isnan(lse) | (lse == jnp.inf))[..., None]
+  return TopK(jnp.where(bad, jnp.nan, values),
+              jnp.where(bad, jnp.arange(k, dtype=jnp.int32), index), lse)

@@ -20,6 +20,8 @@ Used by the model's cached one-token steps through ``ModelConfig.decode_attentio
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from kernels.decode_attention.gpu import GpuConfig, KernelShapeError, decode_attention_gpu
 from kernels.decode_attention.reference import decode_attention_reference
@@ -58,30 +60,57 @@ def decode_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B, *, impl: str = "a
 
   Args:
     q_BxHxD: queries (any float dtype; cast to the cache dtype as the model's einsum does).
-    k_BxSxKxD, v_BxSxKxD: the cache, K key/value heads (H a multiple of K: grouped queries).
-    lengths_B: valid slots per row; slots at or past it are never read by the kernel.
+    k_BxSxKxD, v_BxSxKxD: the float cache (S >= 1 slots), K key/value heads (H a multiple of K:
+      grouped queries).
+    lengths_B: integer valid slots per row, in [1, S]; slots at or past it are never read by the
+      kernel. A row whose length lies outside [1, S] has no valid answer: its output is NaN in
+      both implementations (the kernel never reads past the cache). Lengths are data (traced in
+      a decode loop), so they are not checked on the host.
     impl: "auto" | "xla" | "pallas".
     interpret: run the kernel in Pallas interpret mode (CPU tests).
     config: ``GpuConfig`` (block of slots, chunks per row and head, warps).
   Returns:
     [B, H, D] in the cache dtype.
   """
+  as_array = lambda x: jnp.asarray(x) if isinstance(x, (np.ndarray, list, tuple)) else x
+  q_BxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B = map(as_array, (q_BxHxD, k_BxSxKxD, v_BxSxKxD,
+                                                            lengths_B))
   for name, x, nd in (("q_BxHxD", q_BxHxD, 3), ("k_BxSxKxD", k_BxSxKxD, 4),
                       ("v_BxSxKxD", v_BxSxKxD, 4), ("lengths_B", lengths_B, 1)):
     if getattr(x, "ndim", None) != nd:
       raise ValueError(f"decode_attention: {name} must be {nd}-D, got shape "
                        f"{getattr(x, 'shape', None)}")
+  for name, x in (("q_BxHxD", q_BxHxD), ("k_BxSxKxD", k_BxSxKxD), ("v_BxSxKxD", v_BxSxKxD)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"decode_attention: {name} must be floating point, got {x.dtype}")
+  if not jnp.issubdtype(lengths_B.dtype, jnp.integer):
+    # a float length is compared as a float by the reference and truncated by the kernel
+    raise ValueError(f"decode_attention: lengths_B must be integers, got {lengths_B.dtype}")
   B, H, D = q_BxHxD.shape
   if k_BxSxKxD.shape != v_BxSxKxD.shape or k_BxSxKxD.shape[0] != B or k_BxSxKxD.shape[3] != D:
     raise ValueError(f"decode_attention: q {q_BxHxD.shape}, k {k_BxSxKxD.shape} and v "
                      f"{v_BxSxKxD.shape} do not agree on [B, S, K, D]")
+  S, K = k_BxSxKxD.shape[1:3]
+  if K < 1 or H % K:
+    raise ValueError(f"decode_attention: the {H} query heads of q_BxHxD must be a multiple of the "
+                     f"{K} key/value heads of the cache (grouped queries)")
+  if S < 1:
+    raise ValueError("decode_attention: the cache has no slots (S = 0): lengths must be in [1, S]")
   if lengths_B.shape != (B,):
     raise ValueError(f"decode_attention: lengths_B has shape {lengths_B.shape}, expected ({B},)")
+  if config is not None and not isinstance(config, GpuConfig):
+    raise ValueError(f"decode_attention: config must be a kernels.decode_attention.GpuConfig, got "
+                     f"{config!r}")
   chosen = choose_impl(impl, platform="cpu" if interpret and impl == "auto" else None)
-  if chosen == "xla":
-    return decode_attention_reference(q_BxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B)
-  if not interpret and jax.default_backend() not in ("gpu", "cuda", "rocm"):
-    raise ValueError(f"decode_attention: impl='pallas' runs the Triton kernel, which needs a GPU "
-                     f"(backend is {jax.default_backend()!r}); use interpret=True to run it on CPU")
-  return decode_attention_gpu(q_BxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B, config=config,
-                              interpret=interpret)
+  if chosen == "xla" or B == 0:  # B = 0: no kernel grid
+    out = decode_attention_reference(q_BxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B)
+  else:
+    if not interpret and jax.default_backend() not in ("gpu", "cuda", "rocm"):
+      raise ValueError(f"decode_attention: impl='pallas' runs the Triton kernel, which needs a GPU "
+                       f"(backend is {jax.default_backend()!r}); use interpret=True to run it on "
+                       "CPU")
+    # never past the cache: a length beyond S would read other rows' memory
+    out = decode_attention_gpu(q_BxHxD, k_BxSxKxD, v_BxSxKxD, jnp.clip(lengths_B, 0, S),
+                               config=config, interpret=interpret)
+  valid_B = (lengths_B >= 1) & (lengths_B <= S)
+  return jnp.where(valid_B[:, None, None], out, jnp.nan).astype(out.dtype)

@@ -11,7 +11,8 @@ no truncation: the plain model's log-prob that trainers use). Implementations (s
 * ``reference.sample_reference``: ``process_logits`` (bisection thresholds) +
   ``jax.random.categorical`` (``impl="xla"``; the path on CPU, for top-k with top-p, plain
   temperature sampling and greedy).
-* ``gpu.sample_gpu``: Pallas on the Triton backend, rejection sampling with a rising pivot
+* ``gpu.sample_gpu``: Pallas on the Triton backend (``sample_gpu`` here: the same behind argument
+  checks), rejection sampling with a rising pivot
   (Gumbel-max draw + one check pass per round, see ``gpu``); rows that exhaust the rounds cap are
   sampled again by the reference, so the output distribution stays exact.
 * ``reference.sort_sample``: the classic sort + cumulative-sum sampler (benchmark baseline only).
@@ -31,9 +32,12 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from kernels.sampling.gpu import GpuConfig, KernelShapeError, check_config, sample_gpu
+from kernels.sampling import gpu as _gpu
+from kernels.sampling.gpu import GpuConfig, KernelShapeError, check_config
 from kernels.sampling.reference import kept_mask, sample_reference, sort_sample
+from postrl.sampling.generate import check_key
 
 __all__ = ["sample", "choose_impl", "sample_reference", "sample_gpu", "sort_sample", "kept_mask",
            "GpuConfig", "KernelShapeError"]
@@ -48,29 +52,69 @@ def _active(v: int, top_k, top_p, min_p):
           min_p if min_p is not None and min_p > 0.0 else None)
 
 
-def _check_args(logits, temperature, top_k, top_p, min_p, impl, config):
+def _as_array(x):
+  """Host data (numpy arrays, nested lists) as a jax array; jax arrays, tracers and abstract
+  shapes as they are."""
+  return jnp.asarray(x) if isinstance(x, (np.ndarray, list, tuple)) else x
+
+
+def _check_args(logits, temperature, top_k, top_p, min_p, impl, config, fn="sample"):
   if impl not in IMPLS:
-    raise ValueError(f"sample: impl must be one of {IMPLS}, got {impl!r}")
+    raise ValueError(f"{fn}: impl must be one of {IMPLS}, got {impl!r}")
   if getattr(logits, "ndim", None) != 2:
-    raise ValueError(f"sample: logits_BxV must be 2-D [B, V], got shape "
-                     f"{getattr(logits, 'shape', None)}")
+    raise ValueError(f"{fn}: logits_BxV must be 2-D [B, V], got "
+                     + (f"shape {logits.shape}" if hasattr(logits, "shape")
+                        else type(logits).__name__))
   if not jnp.issubdtype(logits.dtype, jnp.floating):
-    raise ValueError(f"sample: logits_BxV must be floating point, got {logits.dtype}")
+    raise ValueError(f"{fn}: logits_BxV must be floating point, got {logits.dtype}")
   if logits.shape[1] < 1:
-    raise ValueError("sample: logits_BxV has an empty vocabulary (V = 0)")
-  if not isinstance(temperature, numbers.Real) or not temperature >= 0:
-    raise ValueError(f"sample: temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    raise ValueError(f"{fn}: logits_BxV has an empty vocabulary (V = 0)")
+  # a bool is not a temperature; an infinite one makes -inf logits NaN (-inf / inf)
+  if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+      or not 0 <= temperature < float("inf")):
+    raise ValueError(f"{fn}: temperature must be a finite number >= 0 (0 = greedy), got "
+                     f"{temperature!r}")
   if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral)
                             or top_k < 1):
-    raise ValueError(f"sample: top_k must be an integer >= 1 or None, got {top_k!r}")
+    raise ValueError(f"{fn}: top_k must be an integer >= 1 or None, got {top_k!r}")
   if top_p is not None and not (isinstance(top_p, numbers.Real) and 0.0 < top_p <= 1.0):
-    raise ValueError(f"sample: top_p must be in (0, 1] or None, got {top_p!r}")
+    raise ValueError(f"{fn}: top_p must be in (0, 1] or None, got {top_p!r}")
   if min_p is not None and not (isinstance(min_p, numbers.Real) and 0.0 <= min_p < 1.0):
-    raise ValueError(f"sample: min_p must be in [0, 1) or None, got {min_p!r}")
+    raise ValueError(f"{fn}: min_p must be in [0, 1) or None, got {min_p!r}")
   if config is not None:
     if not isinstance(config, GpuConfig):
-      raise ValueError(f"sample: config must be a kernels.sampling.GpuConfig, got {config!r}")
+      raise ValueError(f"{fn}: config must be a kernels.sampling.GpuConfig, got {config!r}")
     check_config(config)
+
+
+def _empty_rows(*dtypes):
+  return tuple(jnp.zeros((0,), d) for d in dtypes)
+
+
+def sample_gpu(logits_BxV, seeds_B, *, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, min_p: float | None = None,
+               config: GpuConfig | None = None, interpret: bool = False):
+  """``gpu.sample_gpu`` (the Triton kernel alone: token_B, model_logp_B, rounds_B) behind the
+  argument checks of ``sample``: [B, V] float logits, one integer seed per row, temperature > 0
+  (greedy is not a kernel case: ``sample`` takes temperature 0), top_k >= 1, top_p in (0, 1],
+  min_p in [0, 1) (k >= V, p = 1, min_p = 0: not applied). B = 0 gives empty outputs. Adds no
+  operation to the kernel's program (``gpu.sample_gpu``'s docstring has the outputs)."""
+  logits_BxV, seeds_B = _as_array(logits_BxV), _as_array(seeds_B)
+  _check_args(logits_BxV, temperature, top_k, top_p, min_p, "pallas", config, fn="sample_gpu")
+  if temperature == 0:
+    raise ValueError("sample_gpu: temperature must be > 0 (greedy is not a kernel case: "
+                     "sample(..., temperature=0) takes the argmax)")
+  b = logits_BxV.shape[0]
+  if (getattr(seeds_B, "shape", None) != (b,)
+      or not jnp.issubdtype(seeds_B.dtype, jnp.integer)):
+    raise ValueError(f"sample_gpu: seeds_B must be [B] = [{b}] integers (uint32 seeds, e.g. "
+                     f"jax.random.bits(key, (B,))), got "
+                     + (f"shape {tuple(seeds_B.shape)} and dtype {seeds_B.dtype}"
+                        if hasattr(seeds_B, "dtype") else type(seeds_B).__name__))
+  if b == 0:
+    return _empty_rows(jnp.int32, jnp.float32, jnp.int32)
+  return _gpu.sample_gpu(logits_BxV, seeds_B, temperature=temperature, top_k=top_k, top_p=top_p,
+                         min_p=min_p, config=config, interpret=interpret)
 
 
 # Measured on one H100 (benchmarks/sampling.py, docs/benchmarks.md). Second run, 2026-11-26, with
@@ -122,8 +166,8 @@ def _sample(key, logits_BxV, *, temperature, top_k, top_p, min_p, impl, interpre
     return sample_reference(key, logits_BxV, **settings)
   key_kernel, key_fallback = jax.random.split(key)
   seeds_B = jax.random.bits(key_kernel, logits_BxV.shape[:1], jnp.uint32)
-  token, model_logp, _ = sample_gpu(logits_BxV, seeds_B, config=config, interpret=interpret,
-                                    **settings)
+  token, model_logp, _ = _gpu.sample_gpu(logits_BxV, seeds_B, config=config,
+                                         interpret=interpret, **settings)
   failed = token < 0
   if config is None or config.max_rounds is None:
     # no rounds cap: -1 only for a row without a finite logit, where the reference's categorical
@@ -149,9 +193,9 @@ def sample(key, logits_BxV, *, temperature: float = 1.0, top_k: int | None = Non
   ``kernels.sampling.gpu``): no sort, about two passes over the row per round.
 
   Args:
-    key: a ``jax.random`` key.
-    logits_BxV: [B, V] logits (bf16 / f16 / f32).
-    temperature: >= 0; 0 = greedy argmax (XLA, whatever ``impl``).
+    key: one ``jax.random`` key (unused when greedy).
+    logits_BxV: [B, V] logits (bf16 / f16 / f32; B = 0 gives empty outputs).
+    temperature: finite, >= 0; 0 = greedy argmax (XLA, whatever ``impl``).
     top_k: integer >= 1 or None (k >= V: no truncation).
     top_p: in (0, 1] or None (1: no truncation).
     min_p: in [0, 1) or None (0: no truncation).
@@ -161,7 +205,10 @@ def sample(key, logits_BxV, *, temperature: float = 1.0, top_k: int | None = Non
   Returns:
     (token_B int32, model_logp_B float32 = log_softmax(logits)[token] at temperature 1).
   """
+  logits_BxV = _as_array(logits_BxV)
   _check_args(logits_BxV, temperature, top_k, top_p, min_p, impl, config)
+  if temperature != 0:
+    check_key("sample", key)
   v = logits_BxV.shape[1]
   chosen = choose_impl(v, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                        impl=impl, platform="cpu" if interpret and impl == "auto" else None,
@@ -171,6 +218,8 @@ def sample(key, logits_BxV, *, temperature: float = 1.0, top_k: int | None = Non
     raise ValueError(f"sample: impl={impl!r} runs the Triton kernel, which needs a GPU (backend is "
                      f"{jax.default_backend()!r}); use interpret=True to run it on CPU")
   top_k, top_p, min_p = _active(v, top_k, top_p, min_p)
+  if chosen == "pallas_gpu" and logits_BxV.shape[0] == 0:  # no rows: no kernel grid
+    return _empty_rows(jnp.int32, jnp.float32)
   return _sample(key, logits_BxV, temperature=float(temperature),
                  top_k=None if top_k is None else int(top_k),
                  top_p=None if top_p is None else float(top_p),

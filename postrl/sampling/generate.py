@@ -35,6 +35,8 @@ or top-p truncate (the plain model's ``model_logps``, what trainers use, is alwa
 from __future__ import annotations
 
 import functools
+import numbers
+import operator
 import warnings
 from typing import NamedTuple, Sequence
 
@@ -54,6 +56,66 @@ class GenerateOutput(NamedTuple):
   logps_BxN: jax.Array  # log-prob under the sampling distribution
   model_logps_BxN: jax.Array  # log-prob under the plain model (temperature 1, no truncation)
   finished_B: jax.Array  # True where an EOS token was produced
+
+
+def _real(x):
+  """``x`` as a float when it is a real number (not a bool, a string or a tracer), else None."""
+  if isinstance(x, (bool, np.bool_, str, bytes)):
+    return None
+  try:
+    return float(x)
+  except Exception:  # pylint: disable=broad-except  # TypeError, ValueError, a tracer's errors
+    return None
+
+
+def _integer(x):
+  """``x`` as an int when it is an integer (not a bool, a float or a tracer), else None."""
+  if isinstance(x, (bool, np.bool_)):
+    return None
+  try:
+    return operator.index(x)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def check_sampling(fn: str, *, temperature, top_k=None, top_p=None, min_p=None,
+                   greedy: bool = True):
+  """ValueError naming the setting unless the sampling settings are valid: temperature a finite
+  number >= 0 (> 0 unless ``greedy``), top_k an integer >= 1 (k >= V: no truncation), top_p in
+  (0, 1], min_p in [0, 1); None turns a filter off. ``fn`` prefixes the message."""
+  t = _real(temperature)
+  if t is None or not np.isfinite(t) or t < 0 or (t == 0 and not greedy):
+    need = "a finite number >= 0" if greedy else "a finite number > 0"
+    raise ValueError(f"{fn}: temperature must be {need}, got {temperature!r}")
+  if top_k is not None and (_integer(top_k) is None or _integer(top_k) < 1):
+    raise ValueError(f"{fn}: top_k must be an integer >= 1 or None (k >= V: no truncation), got "
+                     f"{top_k!r}")
+  if top_p is not None and not (_real(top_p) is not None and 0.0 < _real(top_p) <= 1.0):
+    raise ValueError(f"{fn}: top_p must be in (0, 1] or None, got {top_p!r}")
+  if min_p is not None and not (_real(min_p) is not None and 0.0 <= _real(min_p) < 1.0):
+    raise ValueError(f"{fn}: min_p must be in [0, 1) or None, got {min_p!r}")
+
+
+def check_key(fn: str, key):
+  """ValueError unless ``key`` is one PRNG key: a scalar typed key (``jax.random.key``) or a
+  legacy raw uint32 key (``jax.random.PRNGKey``), not a seed or a batch of keys."""
+  dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
+    return
+  if dtype == np.uint32 and len(shape) == 1:
+    return
+  got = (f"{type(key).__name__} {key!r}" if dtype is None else
+         f"an array of shape {tuple(shape)} and dtype {dtype}")
+  raise ValueError(f"{fn}: key must be one jax.random key (jax.random.key(seed); split or fold_in "
+                   f"it for several draws), got {got}")
+
+
+def _logits_2d(fn: str, logits):
+  """[..., V] logits as [R, V] (and the leading shape to restore)."""
+  if getattr(logits, "ndim", 0) < 1 or logits.shape[-1] < 1:
+    raise ValueError(f"{fn}: logits need a non-empty vocabulary axis [..., V], got shape "
+                     f"{getattr(logits, 'shape', None)}")
+  return logits.reshape(-1, logits.shape[-1]), logits.shape[:-1]
 
 
 def _orderable_uint32(x_f32):
@@ -99,7 +161,16 @@ def process_logits(logits_BxV, *, temperature: float = 1.0, top_k: int | None = 
   top-k keeps tokens with fewer than k tokens strictly above them, top-p those whose strictly
   more probable tokens hold less than p of the mass (ties at the boundary are all kept).
   ``bits_per_pass``: how the thresholds are searched (``_smallest_key_below``; same result).
+  Settings: temperature > 0, top_k >= 1 (k >= V: none), top_p in (0, 1], min_p in [0, 1), None
+  = off (``check_sampling``); logits [B, V] or any [..., V] (each row on its own).
   """
+  check_sampling("process_logits", temperature=temperature, top_k=top_k, top_p=top_p,
+                 min_p=min_p, greedy=False)
+  logits_BxV, lead = _logits_2d("process_logits", jnp.asarray(logits_BxV))
+  if len(lead) != 1:
+    z = process_logits(logits_BxV, temperature=temperature, top_k=top_k, top_p=top_p,
+                       min_p=min_p, bits_per_pass=bits_per_pass)
+    return z.reshape(*lead, z.shape[-1])
   z = logits_BxV.astype(jnp.float32)
   if temperature != 1.0:
     z = z / temperature
@@ -134,7 +205,16 @@ def default_bits_per_pass(batch: int, platform: str | None = None) -> int:
 
 def sample_token(key, logits_BxV, *, temperature, top_k, top_p, min_p, bits_per_pass: int = 1):
   """Samples one token per row -> (token_B, sampling logp_B, plain-model logp_B)
-  (``bits_per_pass``: the threshold search of ``process_logits``)."""
+  (``bits_per_pass``: the threshold search of ``process_logits``; temperature 0 = argmax, the key
+  unused; logits [B, V] or any [..., V], the outputs then [...])."""
+  check_sampling("sample_token", temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+  logits_BxV, lead = _logits_2d("sample_token", jnp.asarray(logits_BxV))
+  if temperature != 0.0:
+    check_key("sample_token", key)
+  if len(lead) != 1:
+    out = sample_token(key, logits_BxV, temperature=temperature, top_k=top_k, top_p=top_p,
+                       min_p=min_p, bits_per_pass=bits_per_pass)
+    return tuple(x.reshape(lead) for x in out)
   model_logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
   if temperature == 0.0:
     token = jnp.argmax(logits_BxV, axis=-1)
@@ -247,6 +327,49 @@ def row_sharding(params, batch: int):
   return None
 
 
+def _int_array(name: str, x, what: str) -> np.ndarray:
+  """``x`` on the host as int64, refusing what a cast would change: ragged lists, non-numbers and
+  fractional values (whole-number floats are taken)."""
+  try:
+    a = to_host(x) if isinstance(x, jax.Array) else np.asarray(x)
+  except ValueError:  # numpy: "inhomogeneous shape" for ragged lists
+    raise ValueError(f"{name} must be {what}, got a ragged sequence") from None
+  if a.dtype.kind in "iu":
+    return a.astype(np.int64)
+  if a.dtype.kind != "f" or not np.all(np.isfinite(a) & (a == np.round(a))):
+    raise ValueError(f"{name} must hold integers ({what}), got dtype {a.dtype}"
+                     + (" with values that are not whole numbers (a cast would truncate them)"
+                        if a.dtype.kind == "f" else ""))
+  if a.size and np.abs(a).max() >= 2**62:
+    raise ValueError(f"{name} must hold integers ({what}), got values out of the int64 range")
+  return a.astype(np.int64)
+
+
+def _check_prompts(prompt_BxP, lengths_B, vocab_size: int):
+  """The prompts and lengths as host int32 arrays, checked: [B, P] and [B] with B >= 1, lengths
+  in [1, P], every real token (position < length) in [0, V). The padding is set to token 0: its
+  keys and values are written to the cache (then overwritten or masked), so an id outside the
+  vocabulary there (NaN from the embedding gather) would reach the rows' attention as 0 * NaN."""
+  prompt = _int_array("prompt_BxP", prompt_BxP, "a [B, P] array of right-padded token ids "
+                      "(pad ragged lists with pad_prompts)")
+  lengths = _int_array("lengths_B", lengths_B, "a [B] array of prompt lengths")
+  if prompt.ndim != 2 or lengths.shape != prompt.shape[:1]:
+    raise ValueError(f"prompt_BxP must be [B, P] and lengths_B [B]; got {prompt.shape} and "
+                     f"{lengths.shape}")
+  B, P = prompt.shape
+  if B == 0:
+    raise ValueError("generate: prompt_BxP has no rows (B = 0): give at least one prompt")
+  if lengths.min() < 1 or lengths.max() > P:
+    raise ValueError(f"prompt lengths must be in [1, {P}], got {lengths}")
+  real = np.arange(P)[None, :] < lengths[:, None]
+  bad = real & ((prompt < 0) | (prompt >= vocab_size))
+  if bad.any():
+    b, t = (int(i[0]) for i in np.nonzero(bad))
+    raise ValueError(f"prompt_BxP: token id {int(prompt[b, t])} (row {b}, position {t}) is outside "
+                     f"the model's vocabulary [0, {vocab_size})")
+  return np.where(real, prompt, 0).astype(np.int32), lengths.astype(np.int32)
+
+
 def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              min_p: float | None = None, eos_ids: Sequence[int] | None = None,
@@ -265,13 +388,15 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
 
   Args:
     model: a ``postrl.models.Transformer`` (or a ``(graphdef, params)`` pair from ``nnx.split``).
-    prompt_BxP: int32 prompt tokens, right-padded.
-    lengths_B: prompt lengths (>= 1).
-    key: PRNG key (required unless temperature == 0).
-    max_new_tokens: N, the number of decode steps at most.
-    temperature, top_k, top_p, min_p: sampling settings; temperature 0 = greedy.
-    eos_ids: tokens that end a row (default: the model config's EOS ids).
-    pad_id: written after a row ends.
+    prompt_BxP: [B, P] integer prompt tokens, right-padded (B >= 1; ``pad_prompts`` pads ragged
+      lists); every real token must lie in [0, V), the padding may hold any id (it is replaced).
+    lengths_B: prompt lengths, in [1, P].
+    key: one PRNG key (required unless temperature == 0).
+    max_new_tokens: N >= 1, the number of decode steps at most.
+    temperature, top_k, top_p, min_p: sampling settings; temperature 0 = greedy, a finite
+      temperature >= 0, top_k >= 1 (k >= V: no truncation), top_p in (0, 1], min_p in [0, 1).
+    eos_ids: token ids in [0, V) that end a row, or one id (default: the model config's EOS ids).
+    pad_id: written after a row ends (any int32).
     sampling_impl: "auto" (default) | "xla" | "pallas" (module doc). "auto" is XLA on CPUs and
       meshes (the same tokens as "xla") and the sort-free kernel on one GPU at every batch for
       top-k, top-p or min-p (not top-k with top-p). With the kernel ``logps`` is NaN where
@@ -290,26 +415,36 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
   else:
     graphdef, params = nnx.split(model)
     config = model.config
-  prompt_BxP = jnp.asarray(prompt_BxP, jnp.int32)
-  lengths_B = jnp.asarray(lengths_B, jnp.int32)
-  if prompt_BxP.ndim != 2 or lengths_B.shape != prompt_BxP.shape[:1]:
-    raise ValueError(f"prompt_BxP must be [B, P] and lengths_B [B]; got {prompt_BxP.shape} and "
-                     f"{lengths_B.shape}")
-  if not temperature >= 0 or not np.isfinite(temperature):  # NaN fails both comparisons
-    raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-  if top_p is not None and not 0.0 < top_p <= 1.0:
-    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-  if min_p is not None and not 0.0 <= min_p < 1.0:
-    raise ValueError(f"min_p must be in [0, 1), got {min_p}")
   if sampling_impl not in ("xla", "auto", "pallas"):
     raise ValueError(f"sampling_impl must be 'xla', 'auto' or 'pallas', got {sampling_impl!r}")
+  check_sampling("generate", temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+  temperature = float(temperature)
+  top_k = None if top_k is None else operator.index(top_k)
+  top_p = None if top_p is None else float(top_p)
+  min_p = None if min_p is None else float(min_p)
+  if _integer(max_new_tokens) is None or max_new_tokens < 1:
+    raise ValueError(f"generate: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+  max_new_tokens = operator.index(max_new_tokens)
   if temperature > 0 and key is None:
     raise ValueError("sampling with temperature > 0 needs a PRNG key (key=jax.random.key(0))")
   if key is None:
     key = jax.random.key(0)
-  lengths_np = np.asarray(lengths_B)
-  if lengths_np.min() < 1 or lengths_np.max() > prompt_BxP.shape[1]:
-    raise ValueError(f"prompt lengths must be in [1, {prompt_BxP.shape[1]}], got {lengths_np}")
+  elif temperature > 0:
+    check_key("generate", key)
+  prompt_np, lengths_np = _check_prompts(prompt_BxP, lengths_B, config.vocab_size)
+  if _integer(pad_id) is None or not -2**31 <= pad_id < 2**31:
+    raise ValueError(f"generate: pad_id must be an int32 integer, got {pad_id!r}")
+  eos = config.eos_token_ids if eos_ids is None else eos_ids
+  if _integer(eos) is not None:  # one id
+    eos = (eos,)
+  elif isinstance(eos, (str, bytes)) or not hasattr(eos, "__iter__"):
+    eos = (eos,)  # refused below, named
+  eos = tuple(eos)
+  if not all(_integer(e) is not None and 0 <= e < config.vocab_size for e in eos):
+    what = "the model config's eos_token_id" if eos_ids is None else "eos_ids"
+    raise ValueError(f"generate: {what} must be token ids in [0, {config.vocab_size}) (the model's "
+                     f"vocabulary; an id outside it never ends a row), got {eos}")
+  eos = tuple(operator.index(e) for e in eos)
   positions = int(lengths_np.max()) + max_new_tokens
   if positions > config.max_position_embeddings:
     warnings.warn(
@@ -317,16 +452,15 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
         f"{max_new_tokens} needs {positions} positions, more than the model's "
         f"max_position_embeddings={config.max_position_embeddings} it was trained on: tokens "
         "past them are unreliable", stacklevel=2)
-  eos = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
+  prompt_BxP, lengths_B = prompt_np, lengths_np
   mesh = _multi_process_mesh(params)
   rows = row_sharding(params, prompt_BxP.shape[0]) if split_rows else None
   if gather_weights and shd.split_over_batch_axes(params):
     params = shd.gather_over_batch_axes(params)
   if mesh is not None:  # params span several processes: inputs become global arrays
-    prompt_np, lengths_np32 = np.asarray(prompt_BxP), lengths_np.astype(np.int32)
     (key_data,) = replicate_inputs(mesh, np.asarray(jax.random.key_data(key)))
     key = jax.random.wrap_key_data(key_data)
-    prompt_BxP, lengths_B = place_inputs(mesh, rows, prompt_np, lengths_np32)
+    prompt_BxP, lengths_B = place_inputs(mesh, rows, prompt_np, lengths_np)
   else:
     prompt_BxP, lengths_B = place_inputs(None, rows, prompt_BxP, lengths_B)
   devices = {d for x in jax.tree.leaves(params) if isinstance(x, jax.Array)
@@ -396,15 +530,37 @@ def to_host(x) -> np.ndarray:
 
 def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int = 0, multiple: int = 1):
   """Right-pads token lists -> (tokens_BxP int32, lengths_B int32); P rounded up to ``multiple``
-  so that prompts of nearby lengths share one compiled program."""
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("every prompt needs at least one token")
-  P = max(len(p) for p in prompts)
-  P = -(-P // multiple) * multiple
-  tokens = np.full((len(prompts), P), pad_id, np.int32)
+  (an integer >= 1) so that prompts of nearby lengths share one compiled program. Token ids must
+  be integers (whole-number floats are taken) that fit int32, as must ``pad_id``."""
+  if _integer(multiple) is None or multiple < 1:
+    raise ValueError(f"pad_prompts: multiple must be an integer >= 1, got {multiple!r}")
+  if _integer(pad_id) is None or not -2**31 <= pad_id < 2**31:
+    raise ValueError(f"pad_prompts: pad_id must be an int32 integer, got {pad_id!r}")
+  if isinstance(prompts, (str, bytes)):
+    raise ValueError("pad_prompts: prompts must be a list of token-id lists, got a string "
+                     "(encode it with the tokenizer first)")
+  if len(prompts) == 0:
+    raise ValueError("pad_prompts: no prompts (every prompt needs at least one token)")
+  rows = []
   for i, p in enumerate(prompts):
-    tokens[i, :len(p)] = p
-  return tokens, np.array([len(p) for p in prompts], np.int32)
+    if isinstance(p, (str, bytes)):
+      raise ValueError(f"pad_prompts: prompt #{i} is a string, not a list of token ids (encode "
+                       "it with the tokenizer first)")
+    row = _int_array(f"pad_prompts: prompt #{i}", p, "a list of token ids")
+    if row.ndim != 1:
+      raise ValueError(f"pad_prompts: prompt #{i} must be a flat list of token ids, got shape "
+                       f"{row.shape}")
+    if row.size == 0:
+      raise ValueError(f"every prompt needs at least one token: prompt #{i} is empty")
+    if row.min() < -2**31 or row.max() >= 2**31:
+      raise ValueError(f"pad_prompts: prompt #{i} holds token ids that do not fit int32")
+    rows.append(row)
+  P = max(len(r) for r in rows)
+  P = -(-P // multiple) * multiple
+  tokens = np.full((len(rows), P), pad_id, np.int32)
+  for i, r in enumerate(rows):
+    tokens[i, :len(r)] = r
+  return tokens, np.array([len(r) for r in rows], np.int32)
 
 
 def stop_and_pad_ids(model, tokenizer) -> tuple[tuple[int, ...], int]:
@@ -415,7 +571,19 @@ def stop_and_pad_ids(model, tokenizer) -> tuple[tuple[int, ...], int]:
 
 def generate_text(model, tokenizer, prompts: Sequence[str], *, chat: bool = True, key=None,
                   max_new_tokens: int = 64, **sampling) -> list[str]:
-  """Strings in, completions out: applies the chat template (when ``chat``), generates, decodes."""
+  """Strings in, completions out: applies the chat template (when ``chat``), generates, decodes.
+  ``prompts`` is a list of strings (one string alone is refused: it is not a batch of its
+  characters)."""
+  if isinstance(prompts, (str, bytes)):
+    raise ValueError("generate_text: prompts must be a list of strings, got one string (pass "
+                     "[prompt])")
+  prompts = list(prompts)
+  if not prompts:
+    raise ValueError("generate_text: prompts is empty: give at least one prompt")
+  if not all(isinstance(p, str) for p in prompts):
+    bad = next(i for i, p in enumerate(prompts) if not isinstance(p, str))
+    raise ValueError(f"generate_text: prompts must be strings, prompt #{bad} is "
+                     f"{type(prompts[bad]).__name__}")
   if chat:
     ids = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
   else:

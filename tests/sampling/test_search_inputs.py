@@ -139,7 +139,8 @@ def test_bad_sampling_settings_are_refused_when_the_policy_is_built():
                     (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
                     (dict(temperature=float("nan")), "temperature must be a finite number"),
                     (dict(min_p=1.0), r"min_p must be in \[0, 1\)"),
-                    (dict(top_k=2.5), "top_k must be an integer")]:
+                    (dict(top_k=2.5), "top_k must be an integer"),
+                    (dict(top_k=0), "top_k must be an integer >= 1")]:
     with pytest.raises(SearchError, match=match):
       Policy(None, None, **kw)
   with pytest.raises(SearchError, match="temperature must be a finite number"):

@@ -57,8 +57,8 @@ def delimiter_ids(tokenizer, delimiter: str, vocab_size: int) -> tuple[int, ...]
 def check_sampling(*, temperature=1.0, top_k=None, top_p=None, min_p=None,
                    flags: bool = False) -> None:
   """SearchError naming the setting (as a command-line flag with ``flags``) unless the sampling
-  settings are valid (``generate``'s rules, and top_k an integer): checked when the policy is
-  built, not at its first sampler call deep inside a search."""
+  settings are valid (``generate``'s rules): checked when the policy is built, not at its first
+  sampler call deep inside a search."""
   def number(v):
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -71,8 +71,9 @@ def check_sampling(*, temperature=1.0, top_k=None, top_p=None, min_p=None,
     raise SearchError(f"{name('top_p')} must be in (0, 1], got {top_p!r}")
   if min_p is not None and not (number(min_p) and 0.0 <= min_p < 1.0):
     raise SearchError(f"{name('min_p')} must be in [0, 1), got {min_p!r}")
-  if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool)):
-    raise SearchError(f"{name('top_k')} must be an integer (or None), got {top_k!r}")
+  if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool)
+                            or top_k < 1):
+    raise SearchError(f"{name('top_k')} must be an integer >= 1 (or None), got {top_k!r}")
 
 
 class Policy:

@@ -14,16 +14,7 @@ from kernels.quantized_matmul import tpu as qtpu
 from postrl.quant import formats
 
 
-def _quantize(k, n, bits, group, symmetric, seed=0):
-  w = jax.random.normal(jax.random.key(seed), (k, n), jnp.float32)
-  spec = formats.QuantSpec(bits=bits, group_size=group, symmetric=symmetric)
-  s, z = formats.quant_params(w, spec)
-  q = formats.quantize_codes(w, s, z, spec)
-  return (formats.pack_int4(q) if bits == 4 else q), s, z, formats.dequantize_codes(q, s, z, spec)
-
-
-def _x(m, k, dtype=jnp.bfloat16, seed=1):
-  return jax.random.normal(jax.random.key(seed), (m, k), jnp.float32).astype(dtype)
+from tests.kernels.test_quantized_matmul import _quantize, _x  # noqa: E402  (shared helpers)
 
 
 @pytest.mark.parametrize("group_size", [0, -32, True, 32.0])

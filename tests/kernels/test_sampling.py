@@ -437,6 +437,20 @@ def test_split_path_samples_the_exact_truncated_distribution():
 CDF = GpuConfig(block=16, chunk=32, split=True, draw="cdf", split_rounds=2)
 
 
+def _exact_cdf_draws(config, seed, settings):
+  """2048 draws from ROW37 with ``config``: every token drawn, the frequencies the exact
+  truncated distribution, the log-prob the model's -> (x, seeds, rounds)."""
+  x = jnp.tile(jnp.asarray(ROW37, jnp.float32), (2048, 1))
+  seeds = jax.random.bits(jax.random.key(seed), (2048,), jnp.uint32)
+  token, logp, rounds = sample_gpu(x, seeds, interpret=True, config=config, **settings)
+  token, rounds = np.asarray(token), np.asarray(rounds)
+  assert np.all(token >= 0) and np.all(rounds >= 1)
+  assert_matches(np.bincount(token, minlength=37), exact_probs(ROW37, **settings))
+  np.testing.assert_allclose(np.asarray(logp), np.asarray(jax.nn.log_softmax(x[0]))[token],
+                             rtol=1e-5, atol=1e-5)
+  return x, seeds, rounds
+
+
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_cdf_draw_samples_the_exact_truncated_distribution(name):
   """The "cdf" draw (inverse transform sampling: the chunk, then the token where the running mass
@@ -444,15 +458,8 @@ def test_cdf_draw_samples_the_exact_truncated_distribution(name):
   two split rounds, then the row kernel
   for the rows still rejected (top-k 5 needs more rounds): the frequencies are the exact truncated
   distribution, and the log-prob is the model's."""
-  x = jnp.tile(jnp.asarray(ROW37, jnp.float32), (2048, 1))
-  seeds = jax.random.bits(jax.random.key(25), (2048,), jnp.uint32)
   assert sgpu.chunks_per_row(2048, 37, CDF) == (32, 2)
-  token, logp, rounds = sample_gpu(x, seeds, interpret=True, config=CDF, **SETTINGS[name])
-  token, rounds = np.asarray(token), np.asarray(rounds)
-  assert np.all(token >= 0) and np.all(rounds >= 1)
-  assert_matches(np.bincount(token, minlength=37), exact_probs(ROW37, **SETTINGS[name]))
-  np.testing.assert_allclose(np.asarray(logp), np.asarray(jax.nn.log_softmax(x[0]))[token],
-                             rtol=1e-5, atol=1e-5)
+  x, seeds, rounds = _exact_cdf_draws(CDF, 25, SETTINGS[name])
   # the rounds follow the same law as the Gumbel draw's (each round's candidate has the same
   # distribution): the mean agrees to ~5 standard errors
   _, _, gumbel_rounds = sample_gpu(x, seeds, interpret=True, config=GpuConfig(block=16,
@@ -472,14 +479,7 @@ def test_cdf_draw_with_several_candidates_samples_the_exact_truncated_distributi
   is above the highest): the frequencies are the exact truncated distribution (top-k 5 needs
   several rounds and the hand-over to the row kernel), the log-prob is the model's, and rounds_B
   counts candidates (r K + k + 1)."""
-  x = jnp.tile(jnp.asarray(ROW37, jnp.float32), (2048, 1))
-  seeds = jax.random.bits(jax.random.key(26), (2048,), jnp.uint32)
-  token, logp, rounds = sample_gpu(x, seeds, interpret=True, config=CDF4, **SETTINGS[name])
-  token, rounds = np.asarray(token), np.asarray(rounds)
-  assert np.all(token >= 0) and np.all(rounds >= 1)
-  assert_matches(np.bincount(token, minlength=37), exact_probs(ROW37, **SETTINGS[name]))
-  np.testing.assert_allclose(np.asarray(logp), np.asarray(jax.nn.log_softmax(x[0]))[token],
-                             rtol=1e-5, atol=1e-5)
+  _, _, rounds = _exact_cdf_draws(CDF4, 26, SETTINGS[name])
   if name in ("plain", "min_p"):  # no check: the first candidate is taken
     assert np.all(rounds == 1)
   else:  # later candidates of round 0 are taken too, not only the first of each round

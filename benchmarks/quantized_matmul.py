@@ -85,13 +85,15 @@ def matmul_tflops(n=8192, reps=10, repeats=5):
 
 def looped(fn, reps):
   """``fn(x, *weights) -> [y_r]`` run ``reps`` times in a loop whose carried x changes in one
-  element each time (by 0 * sum of every output), so XLA can neither hoist nor merge the matmuls
+  element each time (set to 0 * sum of every output), so XLA can neither hoist nor merge the matmuls
   and every output is consumed. The full-output sums cost one read of y (small next to the
   weights at decode shapes; a few % at M=2048), the same for every variant."""
   def run(x, *ws):
     def body(_, xc):
       probe = sum(jnp.sum(y, dtype=jnp.float32) for y in fn(xc, *ws))
-      return xc.at[0, 0].add((probe * 0).astype(xc.dtype))
+      # set, not add: an add reads the old entry inside the update's fusion, which XLA emits as
+      # a pass over all of x (benchmarks/sampling.py ``timing_loop``)
+      return xc.at[0, 0].set((probe * 0).astype(xc.dtype))
     return jax.lax.fori_loop(0, reps, body, x)
   return run
 

@@ -24,22 +24,26 @@ Phases:
    (one program per row, exact math; before 2026-11-26's change to no rounds cap this included
    the XLA fallback's ``lax.cond``), split (each row over several programs, the same tokens),
    fast and split_fast (the two with ``fast_math=True``: PTX approximate exp / log; split_fast
-   is the default), split_cdf (split_fast with ``draw="cdf"``: inverse transform sampling,
-   no per-entry noise; 4 candidates per round, 2 rounds, one block per chunk: ``CDF_COLUMN``),
-   and kernel (``sample_gpu`` alone, default settings); ratios over read,
+   is the default below B = 64 and for min-p alone), split_cdf (split_fast with ``draw="cdf"``:
+   inverse transform sampling, no per-entry noise; one candidate per round, one block per chunk,
+   4 warps: ``CDF_COLUMN``, the default for top-k / top-p at B >= 64), and kernel
+   (``sample_gpu`` alone, default settings: ``kernels.sampling.default_config``); ratios over read,
    the sort and the copy floor. Logits are ``--logit-scale`` x N(0, 1) per row (scale 4 over
    152k tokens: top-1 probability ~0.12, top-p 0.9 keeps ~750 tokens, top-50 holds ~65% of the
    mass).
 4. ``--sweep``: kernel settings at (64, 151936), top-p: the row kernel at block 1024 / 16 warps
    and the default, then the split path over ``--sweep-programs`` x ``--sweep-blocks`` x
    ``--sweep-warps``, each exact and with fast_math, the split ones also with the cdf draw
-   (one candidate per round, and ``CDF``'s four).
+   (one candidate per round with three rounds, then ``CDF``'s two rounds with four, one and two
+   candidates).
 
 Timing (as ``benchmarks/quantized_matmul.py``): each executable samples R distinct logits buffers
 (together >= 3x the 50 MB L2 cache, at most 8) in a loop of L iterations inside one jit (L chosen
 so that a call lasts about 3 ms); each iteration, after sampling from a buffer, changes one entry
-of it in place (0 x the running sum of the outputs, so the next iteration reads a new value and
-XLA can hoist nothing out of the loop; the buffers are donated, so nothing is copied) and folds
+of it in place (sets it to 0 x the running sum of the outputs, so the next iteration reads a new
+value and XLA can hoist nothing out of the loop; the buffers are donated, so nothing is copied;
+before 2026-11-27 the entry was added to, which made the update a pass over the whole buffer, in
+every gross time of the earlier tables: see ``timing_loop``) and folds
 the iteration into the key. Time per sample = median over ``--repeats`` calls / (R L). That loop
 costs a few launches per call of its own: the ``loop`` column times it with a body that reads one
 column of the logits, and the ``*_net_us`` columns subtract it (``*_net_over_copy``: net time over
@@ -67,7 +71,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from benchmarks.quantized_matmul import copy_bandwidth  # noqa: E402
 from kernels.sampling import GpuConfig, kept_mask, sample, sample_gpu, sort_sample  # noqa: E402
-from kernels.sampling.gpu import chunks_per_row  # noqa: E402
+from kernels.sampling.gpu import CDF_MEASURED_FASTEST, chunks_per_row, default_config  # noqa: E402
 from postrl.sampling.generate import sample_token  # noqa: E402
 
 BATCHES = (1, 16, 64, 256)
@@ -82,14 +86,19 @@ _ROW, _SPLIT = GpuConfig(split=False, fast_math=False), GpuConfig(split=True, fa
 # rejects all 4 with probability ~1e-4, so the second round rarely has rows and the row kernel
 # almost never runs; the fewest launches: statistics, then locate + mass per round)
 CDF = dict(fast_math=True, draw="cdf", candidates=4, split_rounds=2)
-# the table's column also makes each chunk one block of 2048 (B x 75 programs at V = 152k): the
-# locate launch, one program per row, then scans one block per candidate instead of the 2 / 5 /
-# 19 blocks of a chunk at B = 16 / 64 / 256 with ``programs=1024``
-CDF_COLUMN = dict(CDF, block=2048, chunk=2048)
+# the sweep also times CDF's two rounds with one and two candidates (the H200 sweep of 2026-11-26
+# found K = 4 slower than K = 1 with three rounds: is it the fourfold check or the rounds?)
+CDF_FEWER = (1, 2)
+# the table's column: the cdf draw as ``default_config`` takes it for top-k / top-p at B >= 64
+# (one candidate per round, one block of 2048 per chunk, 4 warps: the fastest of the H200 sweep of
+# 2026-11-26, where four candidates were slower at every launch setting), at every point
+CDF_COLUMN = dict(fast_math=True, **CDF_MEASURED_FASTEST)
 CHECK_CONFIGS = {"row": _ROW, "split": dataclasses.replace(_SPLIT, block=256, chunk=256),
                  "row_fast": dataclasses.replace(_ROW, fast_math=True),
                  "split_fast": dataclasses.replace(_SPLIT, block=256, chunk=256, fast_math=True),
-                 "split_cdf": dataclasses.replace(_SPLIT, block=256, chunk=256, **CDF)}
+                 "split_cdf": dataclasses.replace(_SPLIT, **dict(CDF_COLUMN, block=256,
+                                                                  chunk=256)),
+                 "split_cdf4": dataclasses.replace(_SPLIT, block=256, chunk=256, **CDF)}
 # the table's kernel columns (``sample(impl="pallas", config=...)``): one program per row, the
 # split path, each exact and with fast_math, and the split path's inverse-CDF draw
 KERNEL_COLUMNS = {"pallas": _ROW, "split": _SPLIT,
@@ -226,10 +235,12 @@ def timing_loop(fn):
         for y in fn(jax.random.fold_in(key, i * len(bufs) + r), b):
           acc = acc + jnp.sum(y.astype(jnp.float32))
         # changed after the sampler has read it (0 x the outputs): the next iteration reads a new
-        # value, so nothing is hoisted, and the update is in place. Updating before the read let
-        # XLA fuse the update into an XLA reader of the old value, which forced a copy of the
-        # whole buffer per iteration (the 'loop' column's 42 us at B = 64 on 2026-11-26)
-        out.append(b.at[0, 0].add((acc * 0).astype(b.dtype)))
+        # value, so nothing is hoisted. The entry is *set*, not added to: ``.at[0, 0].add`` reads
+        # the old entry inside the update's fusion, which XLA then emits as a loop over the whole
+        # buffer (read + write of every entry: 5 ms per 39 MB buffer on this CPU against 4 us for
+        # ``.set``; on the H200 the 'loop' column's 36 us at B = 64, V = 152k, 2026-11-26,
+        # included in every gross time until then). Updating before the read was worse still.
+        out.append(b.at[0, 0].set((acc * 0).astype(b.dtype)))
       return acc, tuple(out)
     acc, bufs = jax.lax.fori_loop(0, reps, body, (jnp.float32(0), tuple(bufs)))
     return acc, bufs
@@ -377,6 +388,7 @@ def sweep_configs(blocks, warps_list, programs_list):
   return [c for cfg in out for c in (
       dataclasses.replace(cfg, fast_math=False), dataclasses.replace(cfg, fast_math=True))
           + ((dataclasses.replace(cfg, fast_math=True, draw="cdf"), dataclasses.replace(cfg, **CDF))
+             + tuple(dataclasses.replace(cfg, **dict(CDF, candidates=k)) for k in CDF_FEWER)
              if cfg.split else ())]
 
 
@@ -399,7 +411,7 @@ def run_sweep(results, *, b, v, dtype, scale, repeats, budget, configs):
     chunk, n_chunks = chunks_per_row(b, v, cfg)
     results.append("sweep", dict(batch=b, vocab=v, config=dataclasses.asdict(cfg),
                                  chunks=n_chunks if cfg.split else 1, us=us,
-                                 default=cfg == GpuConfig()))
+                                 default=cfg == default_config(b, top_p=0.9)))
     common.log(f"sweep B={b} V={v} split={cfg.split!s:5} programs {cfg.programs:4d} chunks "
                f"{n_chunks if cfg.split else 1:3d} block {cfg.block:5d} warps {cfg.num_warps:2d} "
                f"fast_math {cfg.fast_math!s:5} draw {cfg.draw:6s}: "

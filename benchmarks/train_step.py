@@ -246,9 +246,11 @@ def parse_args(argv=None):
                       help="default: bfloat16 on GPU/TPU, float32 on CPU")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                       help="activations and matmuls; default: bfloat16 on GPU/TPU, float32 on CPU")
-  parser.add_argument("--attention", nargs="+", choices=["xla", "cudnn"], default=["xla"],
+  parser.add_argument("--attention", nargs="+", choices=["auto", "xla", "cudnn"],
+                      default=["auto"],
                       help="attention implementations to time, each with both jobs "
-                           "(postrl.models.ModelConfig.attention_impl; cudnn: GPU, bf16)")
+                           "(postrl.models.ModelConfig.attention_impl; cudnn: GPU, bf16; auto, "
+                           "the default: cudnn on one GPU in bf16, else xla)")
   parser.add_argument("--remat", choices=["none", "full", "dots"], default="none",
                       help="block rematerialisation (postrl.models.ModelConfig.remat)")
   parser.add_argument("--vocab-chunk", type=int, default=None,
@@ -356,6 +358,9 @@ def main(argv=None):
           else:
             record = dict(job=job, sequences_per_step=rows, error=failure["error"])
       record["attention"] = impl
+      # what "auto" resolved to for this shape (postrl.models.transformer.full_attention_impl)
+      from postrl.models.transformer import full_attention_impl  # pylint: disable=import-outside-toplevel
+      record["attention_used"] = full_attention_impl(impl, cfg.dtype, cfg.dim_per_head, args.seq)
       if "tokens_per_s" in record:
         add_mfu(record, fpt, fpt_causal, peaks)
         fits = rows

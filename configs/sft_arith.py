@@ -29,7 +29,7 @@ def get_config():
   config.model = "smollm2-135m-instruct"
   config.param_dtype = "float32"
   config.dtype = "float32"            # compute dtype ("bfloat16" on GPU/TPU)
-  config.attention_impl = "xla"       # "cudnn": fused flash attention (NVIDIA GPU, bfloat16)
+  config.attention_impl = "auto"      # cuDNN flash attention on one GPU in bf16, else "xla"
   config.remat = "none"               # "full" / "dots": recompute block activations (memory)
   config.seed = 0
   config.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))

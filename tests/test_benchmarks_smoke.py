@@ -42,6 +42,7 @@ def test_train_step_tiny(tmp_path):
   assert all("attention_impl='cudnn' needs dtype bfloat16" in j["error"] for j in cudnn)
   assert doc["status"] == "failed jobs ['sft/cudnn', 'dpo/cudnn']"
   doc["jobs"] = [j for j in doc["jobs"] if j["attention"] == "xla"]
+  assert {j["attention_used"] for j in doc["jobs"]} == {"xla"}
   assert doc["device_count"] == 1 and doc["mesh"]["data"] == 1
   assert doc["model"]["random_weights"] and doc["versions"]["jax"] and doc["date"]
 

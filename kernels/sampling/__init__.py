@@ -13,7 +13,8 @@ no truncation: the plain model's log-prob that trainers use). Implementations (s
   temperature sampling and greedy).
 * ``gpu.sample_gpu``: Pallas on the Triton backend (``sample_gpu`` here: the same behind argument
   checks), rejection sampling with a rising pivot
-  (Gumbel-max draw + one check pass per round, see ``gpu``); rows that exhaust the rounds cap are
+  (a Gumbel-max or inverse-CDF draw + one check pass per round, see ``gpu``; the launch settings
+  by batch and rule: ``default_config``); rows that exhaust the rounds cap are
   sampled again by the reference, so the output distribution stays exact.
 * ``reference.sort_sample``: the classic sort + cumulative-sum sampler (benchmark baseline only).
 
@@ -35,12 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.sampling import gpu as _gpu
-from kernels.sampling.gpu import GpuConfig, KernelShapeError, check_config
+from kernels.sampling.gpu import GpuConfig, KernelShapeError, check_config, default_config
 from kernels.sampling.reference import kept_mask, sample_reference, sort_sample
 from postrl.sampling.generate import check_key
 
 __all__ = ["sample", "choose_impl", "sample_reference", "sample_gpu", "sort_sample", "kept_mask",
-           "GpuConfig", "KernelShapeError"]
+           "GpuConfig", "KernelShapeError", "default_config"]
 
 IMPLS = ("auto", "xla", "pallas", "pallas_gpu")
 
@@ -201,7 +202,7 @@ def sample(key, logits_BxV, *, temperature: float = 1.0, top_k: int | None = Non
     min_p: in [0, 1) or None (0: no truncation).
     impl: "auto" | "xla" | "pallas" (= "pallas_gpu", the Triton kernel).
     interpret: run the kernel in Pallas interpret mode (CPU tests; "auto" then picks XLA).
-    config: ``GpuConfig`` of the kernel (block, max_rounds, warps).
+    config: ``GpuConfig`` of the kernel (block, max_rounds, warps); None: ``default_config``.
   Returns:
     (token_B int32, model_logp_B float32 = log_softmax(logits)[token] at temperature 1).
   """

@@ -23,7 +23,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DECODE_ATTENTION_IMPLS = ("auto", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
 
@@ -72,8 +72,11 @@ class ModelConfig:
   # runtime choice like ``dtype``, never written to config.json. "xla": postrl's einsum softmax
   # (every backend; keeps the [T, S] scores of each layer for the backward pass). "cudnn":
   # cuDNN's fused flash attention through ``jax.nn.dot_product_attention`` (NVIDIA GPU, bfloat16
-  # / float16 only; no [T, S] scores in memory). Cached decoding always uses "xla".
-  attention_impl: str = "xla"
+  # / float16 only; no [T, S] scores in memory). "auto" (default): "cudnn" on one NVIDIA GPU in
+  # bfloat16 / float16 for shapes cuDNN's flash kernel takes (head dim a multiple of 8 up to 128,
+  # even sequence length; measured 2.2x faster SFT / DPO steps on an H200), "xla" elsewhere
+  # (``transformer.full_attention_impl``). Cached decoding always uses "xla".
+  attention_impl: str = "auto"
   # Activation rematerialisation of each decoder block in full-sequence forwards (training):
   # "none" keeps every intermediate for the backward pass; "full" keeps only each block's input
   # and recomputes the block in the backward pass (~1/3 more FLOPs); "dots" also keeps the

@@ -1,4 +1,4 @@
-"""PEFT through the config: apply a method, split trainable from frozen, merge, export, save.
+r"""PEFT through the config: apply a method, split trainable from frozen, merge, export, save.
 
     config.peft = peft.default_config()        # method "none" | "lora" | "qlora" | "dora" |
                                                #        "prompt" | "prefix"

@@ -93,12 +93,12 @@ class Run:
 
 def model_kwargs(config) -> dict:
   """``load_pretrained`` keyword arguments from a job config: ``param_dtype``, ``dtype`` and the
-  optional runtime options of ``postrl.models.ModelConfig``: ``attention_impl`` ("xla" by
-  default; "cudnn" on an NVIDIA GPU in bf16: fused flash attention for every full-sequence
-  forward), ``remat`` ("none" by default; "full" / "dots": recompute each block's activations
+  optional runtime options of ``postrl.models.ModelConfig``: ``attention_impl`` ("auto" by
+  default: cuDNN's fused flash attention for every full-sequence forward on one NVIDIA GPU in
+  bf16 / f16, XLA's einsum elsewhere; "xla"; "cudnn", which needs a GPU), ``remat`` ("none" by default; "full" / "dots": recompute each block's activations
   in the backward pass) and ``decode_attention_impl`` ("auto" by default: the flash-decoding
   kernel for rollouts' cached steps on one GPU, XLA elsewhere; "xla"; "pallas")."""
-  attention_impl = config.get("attention_impl", "xla")
+  attention_impl = config.get("attention_impl", "auto")
   if attention_impl == "cudnn" and jax.default_backend() != "gpu":  # fail before the model loads
     raise ConfigError(f"config.attention_impl='cudnn' needs an NVIDIA GPU; this run's JAX backend "
                       f"is {jax.default_backend()!r} (use 'xla')")

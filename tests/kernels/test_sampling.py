@@ -565,6 +565,29 @@ def test_cdf_launches():
       "sample_cdf_mass", "sample_top_k_top_p_min_p"]
 
 
+def test_default_config_takes_the_cdf_draw_where_it_was_timed_faster():
+  """``sample_gpu`` without a config: the cdf draw (one block per chunk, one candidate, 4 warps)
+  for top-k / top-p at B >= 64, the Gumbel ``GpuConfig()`` at small batches and for min-p alone
+  (where the H200 timed each faster); the settings are resolved after k >= V / p = 1 drop out."""
+  cdf = sgpu.default_config(64, top_p=0.9)
+  assert (cdf.draw, cdf.candidates, cdf.chunk, cdf.block, cdf.num_warps) == ("cdf", 1, 2048,
+                                                                             2048, 4)
+  assert cdf.split and cdf.fast_math and cdf.max_rounds is None
+  assert sgpu.default_config(256, top_k=50) == cdf
+  for batch, rules in ((63, dict(top_p=0.9)), (1, dict(top_k=50)), (64, dict()), (256, dict())):
+    assert sgpu.default_config(batch, **rules) == GpuConfig(), (batch, rules)
+  def launches(batch=64, **settings):
+    f = functools.partial(sample_gpu, **settings)
+    eqns = jax.make_jaxpr(f)(jax.ShapeDtypeStruct((batch, 151936), jnp.float32),
+                             jax.ShapeDtypeStruct((batch,), jnp.uint32)).jaxpr.eqns
+    return [e.params["name"] for e in eqns[0].params["jaxpr"].jaxpr.eqns
+            if e.primitive.name == "pallas_call"]
+  assert "sample_cdf_mass" in launches(top_p=0.9) and "sample_cdf_mass" in launches(top_k=50)
+  for batch, settings in ((64, dict(min_p=0.05)), (64, dict(top_p=1.0, min_p=0.05)),
+                          (63, dict(top_p=0.9))):  # p = 1 is not a top-p rule
+    assert not any("cdf" in n for n in launches(batch, **settings)), (batch, settings)
+
+
 def test_split_launches_follow_each_other_with_no_xla_step():
   """Each split launch combines the previous launch's per-chunk partials itself: the launch 0 ..
   R kernels are consecutive operations (on a GPU no XLA kernel between them); XLA combines once,

@@ -91,6 +91,51 @@ def test_cudnn_needs_gpu_and_half_precision():
       model(jnp.zeros((1, 4), jnp.int32))
 
 
+def test_auto_attention_takes_cudnn_only_on_one_gpu_for_shapes_it_takes(monkeypatch):
+  """attention_impl='auto' (the default): cuDNN's flash attention on one GPU in bf16 / f16 with a
+  head dim of 8..128 in steps of 8 and an even sequence length; XLA for everything else."""
+  assert tiny_config().attention_impl == "auto"
+  impl = tfm.full_attention_impl
+  for name in ("xla", "cudnn"):
+    assert impl(name, "float32", 7, 3) == name  # explicit choices are kept
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  assert impl("auto", "bfloat16", 64, 2048) == "cudnn"
+  assert impl("auto", "float16", 128, 10) == "cudnn"
+  for dtype, head_dim, seq in (("float32", 64, 2048), ("bfloat16", 60, 2048),
+                               ("bfloat16", 256, 2048), ("bfloat16", 64, 2047)):
+    assert impl("auto", dtype, head_dim, seq) == "xla", (dtype, head_dim, seq)
+  monkeypatch.setattr(jax, "device_count", lambda: 2)
+  assert impl("auto", "bfloat16", 64, 2048) == "xla"
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert impl("auto", "bfloat16", 64, 2048) == "xla"
+
+
+def test_auto_attention_routes_the_model_through_the_fused_call_on_a_gpu(monkeypatch):
+  """The model resolves 'auto' per call: on a (pretended) single GPU in bf16 an even-length
+  forward goes through ``fused_attention`` and gives the same logits as 'xla'; an odd length
+  and cached decoding stay on the einsum."""
+  calls = []
+  reference = tfm.fused_attention
+
+  def fake_cudnn(q, k, v, mask, *, implementation):
+    calls.append(implementation)
+    return reference(q, k, v, mask, implementation="xla")
+
+  monkeypatch.setattr(tfm, "fused_attention", fake_cudnn)
+  auto, plain = _model("auto"), _model("xla")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, 101)
+  np.testing.assert_allclose(np.asarray(auto(tokens), np.float32),
+                             np.asarray(plain(tokens), np.float32), rtol=2e-2, atol=2e-2)
+  assert calls and set(calls) == {"cudnn"}
+  n = len(calls)
+  auto(tokens[:, :9])
+  assert len(calls) == n  # odd length: the einsum
+
+
 @pytest.mark.parametrize("policy", ["full", "dots"])
 def test_remat_gives_the_same_loss_and_gradients(policy):
   """Rematerialised blocks compute the same function: loss and gradients match remat='none', and
@@ -134,7 +179,7 @@ def test_job_config_options_reach_the_model_and_fail_early():
   from postrl.trainers.common import model_kwargs  # pylint: disable=import-outside-toplevel
   config = ml_collections.ConfigDict(dict(param_dtype="float32", dtype="bfloat16", remat="dots"))
   assert model_kwargs(config) == dict(param_dtype="float32", dtype="bfloat16",
-                                      attention_impl="xla", remat="dots",
+                                      attention_impl="auto", remat="dots",
                                       decode_attention_impl="auto")
   config.decode_attention_impl = "pallas"
   assert model_kwargs(config)["decode_attention_impl"] == "pallas"

@@ -150,7 +150,7 @@ def test_bad_sampling_settings_are_refused_when_the_policy_is_built():
 @pytest.mark.parametrize("key", [None, 0, jax.random.split(KEY, 2)])
 def test_a_key_that_is_not_one_prng_key_is_a_clear_error(key):
   policy = FakePolicy(["so 1"], tree=lambda prefix: [("so 1", True)])
-  match = "key must be one JAX PRNG key"
+  match = "search: key must be one jax.random key"
   with pytest.raises(SearchError, match=match):
     self_consistency(policy, ["q"], n=2, key=key)
   with pytest.raises(SearchError, match=match):

@@ -217,17 +217,15 @@ def check_positive(**values) -> None:
       raise SearchError(f"{name} must be an integer >= 1, got {v!r}")
 
 
-def check_key(key, name: str = "key") -> None:
+def check_key(key) -> None:
   """SearchError unless ``key`` is one JAX PRNG key (``jax.random.key(seed)`` or a legacy
-  ``PRNGKey``): a seed, None or a batch of keys would otherwise fail inside JAX mid-search."""
-  import jax  # pylint: disable=import-outside-toplevel
+  ``PRNGKey``): a seed, None or a batch of keys would otherwise fail inside JAX mid-search. The
+  rule is ``postrl.sampling.generate.check_key``'s (the sampler the search calls)."""
+  from postrl.sampling.generate import check_key as check_one_key  # pylint: disable=import-outside-toplevel
   try:
-    jax.random.fold_in(key, 0)
-  except (TypeError, ValueError):
-    shape = getattr(key, "shape", None)
-    got = type(key).__name__ if shape is None else f"{type(key).__name__} of shape {shape}"
-    raise SearchError(f"{name} must be one JAX PRNG key (e.g. jax.random.key(0)), got "
-                      f"{got}") from None
+    check_one_key("search", key)
+  except ValueError as e:
+    raise SearchError(str(e)) from None
 
 
 # -------------------------------------------------------------------------------- answers

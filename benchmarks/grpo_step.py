@@ -554,6 +554,14 @@ def run(args) -> dict:
       shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _attention_used(cfg, args) -> str:
+  """How postrl's full-sequence forwards (log-probs, update) attend: the jobs' default
+  ``attention_impl="auto"`` resolved for prompt + completion tokens on this machine."""
+  from postrl.models.transformer import full_attention_impl  # pylint: disable=import-outside-toplevel
+  return full_attention_impl("auto", args.dtype, cfg.dim_per_head,
+                             args.prompt_len + args.new_tokens)
+
+
 def _run(args, budget, child, workdir):
   import jax  # pylint: disable=import-outside-toplevel
   args.dtype = args.dtype or common.default_dtype()
@@ -576,7 +584,7 @@ def _run(args, budget, child, workdir):
                     prompt_tokens=args.prompt_len, new_tokens=args.new_tokens, eos="ignored",
                     sampling="temperature 1, no top-k / top-p", kl_coef=args.kl_coef,
                     updates_per_rollout=mu, old_logprobs=mu > 1, reward="boxed_format",
-                    dtype=args.dtype),
+                    dtype=args.dtype, attention_used=_attention_used(cfg, args)),
       trl={"skipped": "--no-trl"} if child is None else {})
   common.log(f"{env['device']} ({env['backend']}), jax {jax.__version__}; {args.config}: "
              f"{cfg.num_params() / 1e6:.1f}M params, {args.dtype}; {args.prompts} prompts x "

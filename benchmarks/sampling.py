@@ -377,8 +377,17 @@ def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget,
                f"{fmt('sort_over_split_cdf', 8, '.1f')} {fmt('split_cdf_over_copy', 8, '.1f')}")
 
 
+def same_launch(a: GpuConfig, b: GpuConfig, batch: int, vocab: int) -> bool:
+  """Whether two settings launch the same kernels at (batch, vocab): equal once ``chunk=None``
+  is resolved through ``programs`` (8192 programs at B = 64 is the default's one block per chunk)."""
+  def resolved(c):
+    return dataclasses.replace(c, chunk=chunks_per_row(batch, vocab, c)[0], programs=0)
+  return resolved(a) == resolved(b)
+
+
 def sweep_configs(blocks, warps_list, programs_list):
-  """The row kernel at the best setting of 2026-11-26's first sweep, the default, then the split
+  """The row kernel at the best setting of 2026-11-26's first sweep, ``GpuConfig()`` (the default
+  below B = 64 and for min-p alone), then the split
   path over programs x blocks x warps; each exact and with fast_math, and the split settings also
   with the inverse-CDF draw (fast_math; one candidate per round, and ``CDF``), interleaved so that a
   cut sweep keeps whole groups."""
@@ -411,7 +420,7 @@ def run_sweep(results, *, b, v, dtype, scale, repeats, budget, configs):
     chunk, n_chunks = chunks_per_row(b, v, cfg)
     results.append("sweep", dict(batch=b, vocab=v, config=dataclasses.asdict(cfg),
                                  chunks=n_chunks if cfg.split else 1, us=us,
-                                 default=cfg == default_config(b, top_p=0.9)))
+                                 default=same_launch(cfg, default_config(b, top_p=0.9), b, v)))
     common.log(f"sweep B={b} V={v} split={cfg.split!s:5} programs {cfg.programs:4d} chunks "
                f"{n_chunks if cfg.split else 1:3d} block {cfg.block:5d} warps {cfg.num_warps:2d} "
                f"fast_math {cfg.fast_math!s:5} draw {cfg.draw:6s}: "

@@ -383,6 +383,7 @@ def test_grpo_step_tiny_postrl_only(tmp_path):
   assert doc["status"] == "complete" and doc["trl"] == {"skipped": "--no-trl"}
   assert doc["ratio_trl_over_postrl"] is None and doc["versions"]["jax"] and doc["date"]
   assert doc["workload"]["completions_per_step"] == 64 and doc["workload"]["kl_coef"] == 0.04
+  assert doc["workload"]["attention_used"] == "xla"  # CPU: "auto" keeps the einsum
   assert doc["postrl"]["prompt_tokens"] == 16  # the 16-word prompts are 16 tokens
   config = doc["postrl"]["config"]
   assert config["rollout"]["group_size"] == 8 and config["loss"]["kl_coef"] == 0.04

@@ -142,7 +142,8 @@ class GpuConfig:
       rounds decide nearly every row: fewer launches (3 + 2 per round), the fixed cost of the
       split path. K = 1 is the one-candidate draw. rounds_B then counts candidates: r K + k + 1
       for candidate k of round r. Measured on an H200 (B = 64, V = 152k, top-p): K = 4 was
-      slower than K = 1 at all four launch settings timed (105-125 vs 88-107 us): checking four
+      slower than K = 1 at four of the five launch settings swept (105-125 vs 88-107 us; within
+      the run-to-run spread at the fifth): checking four
       pivots per entry costs the mass pass more than the launches it saves.
   """
   block: int = 2048

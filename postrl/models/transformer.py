@@ -264,6 +264,17 @@ def dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
 CUDNN_HEAD_DIMS = range(8, 129, 8)  # head dims cuDNN's flash attention takes, fwd and bwd
 
 
+def _flash_capable(device) -> bool:
+  """An NVIDIA GPU of compute capability >= 8.0 (Ampere on), where cuDNN's flash attention runs;
+  older NVIDIA GPUs and ROCm devices keep the einsum."""
+  try:
+    cuda = "cuda" in device.client.platform_version.lower()
+    capability = tuple(int(x) for x in str(device.compute_capability).split(".")[:2])
+  except (AttributeError, ValueError):
+    return False
+  return cuda and capability >= (8, 0)
+
+
 def full_attention_impl(impl: str, dtype: str, head_dim: int, seq_len: int) -> str:
   """How a full-sequence forward of ``seq_len`` tokens attends, for ``ModelConfig.attention_impl``.
 
@@ -277,7 +288,8 @@ def full_attention_impl(impl: str, dtype: str, head_dim: int, seq_len: int) -> s
   """
   if impl != "auto":
     return impl
-  on_one_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
+  on_one_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1 and _flash_capable(
+      jax.devices()[0])
   half = jnp.dtype(dtype_from_name(dtype)) in (jnp.bfloat16, jnp.float16)
   fits = head_dim in CUDNN_HEAD_DIMS and seq_len % 2 == 0
   return "cudnn" if on_one_gpu and half and fits else "xla"

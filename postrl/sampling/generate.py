@@ -103,7 +103,11 @@ def check_key(fn: str, key):
   if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
     return
   if dtype == np.uint32 and len(shape) == 1:
-    return
+    try:  # a raw key has the default PRNG implementation's shape ((2,) for threefry)
+      jax.random.wrap_key_data(key)
+      return
+    except (TypeError, ValueError):
+      pass
   got = (f"{type(key).__name__} {key!r}" if dtype is None else
          f"an array of shape {tuple(shape)} and dtype {dtype}")
   raise ValueError(f"{fn}: key must be one jax.random key (jax.random.key(seed); split or fold_in "

@@ -28,6 +28,7 @@ from postrl import sharding as shd
 from postrl.data.tasks import arithmetic_problems, countdown_problems
 from postrl.metrics import model_flops_per_token
 from postrl.models import ConfigError, load_pretrained, load_tokenizer
+from postrl.models.config import EXECUTION_OPTIONS
 
 TASKS = {"arithmetic": arithmetic_problems, "countdown": countdown_problems}
 
@@ -177,11 +178,21 @@ def task_eval_fn(run: Run, config, *, extra: Callable[[Any, int], dict] | None =
   return eval_fn
 
 
+def model_fingerprint(model_cfg) -> dict:
+  """A ``ModelConfig``'s fields as JSON values, less its execution options (``EXECUTION_OPTIONS``:
+  how it computes, not what)."""
+  fields = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in EXECUTION_OPTIONS}
+  return json.loads(json.dumps(fields, default=str))
+
+
 def fingerprint(config, model_cfg, *keys: str, sections=("data", "optim", "peft")) -> dict:
   """What a checkpoint must match to be resumed: the model, the config ``sections`` and ``keys``.
   ``steps`` may change (a run can be extended), as may logging and evaluation settings. (With
-  PEFT, ``fit`` adds the frozen base's digest.)"""
-  out = dict(model=dataclasses.asdict(model_cfg), param_dtype=config.get("param_dtype"),
+  PEFT, ``fit`` adds the frozen base's digest.) The model's execution options
+  (``postrl.models.config.EXECUTION_OPTIONS``: attention implementation, remat, decode attention)
+  compute the same function and are left out, so a run resumes after changing them (or on a
+  machine where ``attention_impl="auto"`` resolves differently)."""
+  out = dict(model=model_fingerprint(model_cfg), param_dtype=config.get("param_dtype"),
              seed=config.get("seed"))
   for s in sections:
     if s in config:

@@ -938,5 +938,5 @@ def run_fingerprint(config, student_cfg, teacher_cfg) -> dict:
   optimizer (``steps`` may change, as may logging and evaluation settings)."""
   out = common.fingerprint(config, student_cfg, "batch_size", "accum_steps", "seq_len", "teacher",
                            sections=("data", "optim", "loss", "student", "peft"))
-  out["teacher_model"] = json.loads(json.dumps(dataclasses.asdict(teacher_cfg), default=str))
+  out["teacher_model"] = common.model_fingerprint(teacher_cfg)
   return out

@@ -47,10 +47,9 @@ def _model(attention_impl):
   return Transformer(cfg, rngs=nnx.Rngs(0))
 
 
-def test_model_with_fused_attention_matches_xla(monkeypatch):
-  """attention_impl='cudnn' routes full-sequence attention through ``fused_attention`` (here
-  JAX's reference of the same call) and gives the same logits and gradients as 'xla'; cached
-  decoding keeps the einsum path."""
+def _record_fused_calls(monkeypatch) -> list:
+  """Swap JAX's reference of the same call in for cuDNN; the list collects each call's
+  ``implementation``."""
   calls = []
   reference = tfm.fused_attention
 
@@ -59,6 +58,14 @@ def test_model_with_fused_attention_matches_xla(monkeypatch):
     return reference(q, k, v, mask, implementation="xla")
 
   monkeypatch.setattr(tfm, "fused_attention", fake_cudnn)
+  return calls
+
+
+def test_model_with_fused_attention_matches_xla(monkeypatch):
+  """attention_impl='cudnn' routes full-sequence attention through ``fused_attention`` (here
+  JAX's reference of the same call) and gives the same logits and gradients as 'xla'; cached
+  decoding keeps the einsum path."""
+  calls = _record_fused_calls(monkeypatch)
   fused, plain = _model("cudnn"), _model("xla")
   tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, 101)
   seg = jnp.array([[1] * 4 + [2] * 6, [1] * 7 + [0] * 3])
@@ -91,15 +98,24 @@ def test_cudnn_needs_gpu_and_half_precision():
       model(jnp.zeros((1, 4), jnp.int32))
 
 
+def _pretend_one_gpu(monkeypatch, capability="9.0", platform="PJRT C API\ncuda 12080"):
+  """JAX as if on one NVIDIA GPU of ``capability`` (H100 / H200: 9.0)."""
+  client = type("Client", (), {"platform_version": platform})()
+  device = type("Device", (), {"compute_capability": capability, "client": client})()
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  monkeypatch.setattr(jax, "devices", lambda *a, **k: [device])
+
+
 def test_auto_attention_takes_cudnn_only_on_one_gpu_for_shapes_it_takes(monkeypatch):
-  """attention_impl='auto' (the default): cuDNN's flash attention on one GPU in bf16 / f16 with a
-  head dim of 8..128 in steps of 8 and an even sequence length; XLA for everything else."""
+  """attention_impl='auto' (the default): cuDNN's flash attention on one NVIDIA GPU of compute
+  capability >= 8.0 in bf16 / f16 with a head dim of 8..128 in steps of 8 and an even sequence
+  length; XLA for everything else (CPU, several GPUs, a V100, ROCm, float32, odd lengths)."""
   assert tiny_config().attention_impl == "auto"
   impl = tfm.full_attention_impl
   for name in ("xla", "cudnn"):
     assert impl(name, "float32", 7, 3) == name  # explicit choices are kept
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  _pretend_one_gpu(monkeypatch)
   assert impl("auto", "bfloat16", 64, 2048) == "cudnn"
   assert impl("auto", "float16", 128, 10) == "cudnn"
   for dtype, head_dim, seq in (("float32", 64, 2048), ("bfloat16", 60, 2048),
@@ -107,7 +123,10 @@ def test_auto_attention_takes_cudnn_only_on_one_gpu_for_shapes_it_takes(monkeypa
     assert impl("auto", dtype, head_dim, seq) == "xla", (dtype, head_dim, seq)
   monkeypatch.setattr(jax, "device_count", lambda: 2)
   assert impl("auto", "bfloat16", 64, 2048) == "xla"
-  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  for capability, platform in (("7.0", "cuda 12080"), ("9.0", "rocm 60300")):  # V100; ROCm
+    _pretend_one_gpu(monkeypatch, capability, platform)
+    assert impl("auto", "bfloat16", 64, 2048) == "xla", (capability, platform)
+  _pretend_one_gpu(monkeypatch)
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert impl("auto", "bfloat16", 64, 2048) == "xla"
 
@@ -115,18 +134,10 @@ def test_auto_attention_takes_cudnn_only_on_one_gpu_for_shapes_it_takes(monkeypa
 def test_auto_attention_routes_the_model_through_the_fused_call_on_a_gpu(monkeypatch):
   """The model resolves 'auto' per call: on a (pretended) single GPU in bf16 an even-length
   forward goes through ``fused_attention`` and gives the same logits as 'xla'; an odd length
-  and cached decoding stay on the einsum."""
-  calls = []
-  reference = tfm.fused_attention
-
-  def fake_cudnn(q, k, v, mask, *, implementation):
-    calls.append(implementation)
-    return reference(q, k, v, mask, implementation="xla")
-
-  monkeypatch.setattr(tfm, "fused_attention", fake_cudnn)
+  stays on the einsum."""
+  calls = _record_fused_calls(monkeypatch)
   auto, plain = _model("auto"), _model("xla")
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  _pretend_one_gpu(monkeypatch)
   tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, 101)
   np.testing.assert_allclose(np.asarray(auto(tokens), np.float32),
                              np.asarray(plain(tokens), np.float32), rtol=2e-2, atol=2e-2)

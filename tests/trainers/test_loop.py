@@ -126,3 +126,18 @@ def test_incompatible_checkpoint_is_an_error(tmp_path, mesh):
   with pytest.raises(CheckpointError, match="fingerprint differs"):
     fit(loss_fn, params, tx, Batches(), mesh=mesh, total_steps=6, workdir=str(tmp_path),
         save_every=2, progress=False, fingerprint={"model": "other"})
+
+
+def test_fingerprint_ignores_how_the_model_computes_but_not_what():
+  """A checkpoint resumes after the execution options change (attention implementation, remat,
+  decode attention: the same function; ``attention_impl="auto"`` resolves per machine), not after
+  the architecture or the dtype changes."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from postrl.trainers.common import fingerprint  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict(dict(param_dtype="float32", seed=0))
+  base = fingerprint(config, tiny_config())
+  assert "attention_impl" not in base["model"] and base["model"]["hidden_size"] == 64
+  for same in (dict(attention_impl="xla"), dict(remat="full"), dict(decode_attention_impl="xla")):
+    assert fingerprint(config, tiny_config(**same)) == base, same
+  for other in (dict(hidden_size=32, num_attention_heads=2), dict(dtype="bfloat16")):
+    assert fingerprint(config, tiny_config(**other)) != base, other

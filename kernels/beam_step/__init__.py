@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import as_array
 from kernels.beam_step.gpu import (MAX_K, GpuConfig, beam_step_gpu, default_config,
                                    log_softmax_topk_gpu, topk_partials_gpu)
 from kernels.beam_step.reference import BeamStep, beam_step_reference, log_softmax_topk_reference
@@ -68,11 +69,6 @@ def choose_impl(k: int, *, impl: str = "auto", platform: str | None = None,
       or k > MAX_K):
     return "xla"
   return "pallas"
-
-
-def _as_array(x):
-  """Host data (numpy arrays, nested lists) as a jax array; jax arrays and tracers as they are."""
-  return jnp.asarray(x) if isinstance(x, (np.ndarray, list, tuple)) else x
 
 
 def _kernel_config(config, rows: int, v: int, fn: str):
@@ -130,7 +126,7 @@ def beam_step(logits_BxWxV, scores_BxW, k: int, *, impl: str = "auto", interpret
     ``BeamStep(values_BxK float32, beam_BxK int32, token_BxK int32, lse_BxW float32)``, best
     first; lse is each beam row's log sum_v exp logits.
   """
-  logits_BxWxV, scores_BxW = _as_array(logits_BxWxV), _as_array(scores_BxW)
+  logits_BxWxV, scores_BxW = as_array(logits_BxWxV), as_array(scores_BxW)
   _check_common(logits_BxWxV, k, impl, interpret, "beam_step")
   k = int(k)
   if getattr(logits_BxWxV, "ndim", None) != 3:
@@ -172,7 +168,7 @@ def log_softmax_topk(logits_RxV, k: int, *, impl: str = "auto", interpret: bool 
   Returns:
     ``TopK(values [..., k] float32, index [..., k] int32, lse [...] float32)``.
   """
-  logits_RxV = _as_array(logits_RxV)
+  logits_RxV = as_array(logits_RxV)
   _check_common(logits_RxV, k, impl, interpret, "log_softmax_topk")
   k = int(k)
   if getattr(logits_RxV, "ndim", 0) < 1:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from kernels import as_array
 from kernels.decode_attention.gpu import GpuConfig, KernelShapeError, decode_attention_gpu
 from kernels.decode_attention.reference import decode_attention_reference
 
@@ -72,7 +72,6 @@ def decode_attention(q_BxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B, *, impl: str = "a
   Returns:
     [B, H, D] in the cache dtype.
   """
-  as_array = lambda x: jnp.asarray(x) if isinstance(x, (np.ndarray, list, tuple)) else x
   q_BxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B = map(as_array, (q_BxHxD, k_BxSxKxD, v_BxSxKxD,
                                                             lengths_B))
   for name, x, nd in (("q_BxHxD", q_BxHxD, 3), ("k_BxSxKxD", k_BxSxKxD, 4),

@@ -33,8 +33,8 @@ import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from kernels import as_array
 from kernels.sampling import gpu as _gpu
 from kernels.sampling.gpu import GpuConfig, KernelShapeError, check_config, default_config
 from kernels.sampling.reference import kept_mask, sample_reference, sort_sample
@@ -51,12 +51,6 @@ def _active(v: int, top_k, top_p, min_p):
   return (top_k if top_k is not None and top_k < v else None,
           top_p if top_p is not None and top_p < 1.0 else None,
           min_p if min_p is not None and min_p > 0.0 else None)
-
-
-def _as_array(x):
-  """Host data (numpy arrays, nested lists) as a jax array; jax arrays, tracers and abstract
-  shapes as they are."""
-  return jnp.asarray(x) if isinstance(x, (np.ndarray, list, tuple)) else x
 
 
 def _check_args(logits, temperature, top_k, top_p, min_p, impl, config, fn="sample"):
@@ -100,7 +94,7 @@ def sample_gpu(logits_BxV, seeds_B, *, temperature: float = 1.0, top_k: int | No
   (greedy is not a kernel case: ``sample`` takes temperature 0), top_k >= 1, top_p in (0, 1],
   min_p in [0, 1) (k >= V, p = 1, min_p = 0: not applied). B = 0 gives empty outputs. Adds no
   operation to the kernel's program (``gpu.sample_gpu``'s docstring has the outputs)."""
-  logits_BxV, seeds_B = _as_array(logits_BxV), _as_array(seeds_B)
+  logits_BxV, seeds_B = as_array(logits_BxV), as_array(seeds_B)
   _check_args(logits_BxV, temperature, top_k, top_p, min_p, "pallas", config, fn="sample_gpu")
   if temperature == 0:
     raise ValueError("sample_gpu: temperature must be > 0 (greedy is not a kernel case: "
@@ -206,7 +200,7 @@ def sample(key, logits_BxV, *, temperature: float = 1.0, top_k: int | None = Non
   Returns:
     (token_B int32, model_logp_B float32 = log_softmax(logits)[token] at temperature 1).
   """
-  logits_BxV = _as_array(logits_BxV)
+  logits_BxV = as_array(logits_BxV)
   _check_args(logits_BxV, temperature, top_k, top_p, min_p, impl, config)
   if temperature != 0:
     check_key("sample", key)

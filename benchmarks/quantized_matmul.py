@@ -13,8 +13,10 @@ same run. Every Pallas entry is checked against the reference first (relative er
 From M = 128 the table also times ``materialised``: the codes dequantised to bf16 by one fusion,
 then XLA's bf16 dot (the fallback the M >= 512 target allows, when no fused path reaches 0.9x).
 Phases: --check (kernel vs reference on small odd shapes, real compilation, for every kernel in
---check-kernels), --variants (the three kernels, "dot" / "dot_t" / "fma", with both unpacks, at
-every shape for the --variants-m rows, beside bf16: which kernel wins where), the table (the
+--check-kernels / --check-unpacks / --check-layouts), --variants (the three kernels, "dot" /
+"dot_t" / "fma", with each unpack and code layout, at every shape for the --variants-m rows,
+beside bf16: which kernel wins where; --variant-set layouts: only the dot kernel with the codes as
+stored and transposed, and the default fma kernel), the table (the
 default kernel and the XLA baselines; --skip-table leaves it out) and --sweep (alternative tilings
 at one shape, for the "dot" kernel and, at M <= 8, the "fma" kernel). Prints each row as it goes;
 writes JSON after each.
@@ -158,13 +160,16 @@ def materialised(bits, group):
   return f
 
 
-def run_check(results, out, kernels=("dot",), unpacks=("shift",)):
+def run_check(results, out, kernels=("dot",), unpacks=("shift",), layouts=("kn",),
+              ms=(1, 3, 16, 17, 128)):
   """Kernel vs reference at small odd shapes, compiled for the GPU (not interpret mode): the
-  default tiling for "dot" and "dot_t", and for "fma" at M <= 8 (its M tile), with each unpack."""
+  default tiling for "dot" and "dot_t", and for "fma" at M <= 8 (its M tile), with each unpack
+  and code layout that applies (``prmt``: int4 dot kernels; ``nk``: dot kernels, codes
+  transposed before the call)."""
   rows = []
   formats = [(8, None, False), (8, None, True), (8, 32, False), (4, 32, False), (4, 64, True),
              (4, 128, False), (4, None, False)]
-  for m in (1, 3, 16, 17, 128):
+  for m in ms:
     for bits, group, zeros in formats:
       for dt in (jnp.bfloat16, jnp.float16):
         k, n = 512, 256
@@ -180,20 +185,22 @@ def run_check(results, out, kernels=("dot",), unpacks=("shift",)):
         z = jnp.round(jax.random.uniform(kd, (g, n), jnp.float32, -3, 3)) if zeros else None
         ref = quantized_matmul_reference(x.astype(jnp.float32), q, s, bits=bits, group_size=group,
                                          zeros_GxN=z)
-        for kernel, unpack in itertools.product(kernels, unpacks):
-          if kernel == "fma" and m > qgpu.FMA_MAX_ROWS:
+        for kernel, unpack, layout in itertools.product(kernels, unpacks, layouts):
+          if kernel == "fma" and (m > qgpu.FMA_MAX_ROWS or layout == "nk"):
+            continue
+          if unpack == "prmt" and (bits == 8 or kernel == "fma"):
             continue
           cfg = dataclasses.replace(
               qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel=kernel),
-              unpack=unpack)
+              unpack=unpack, w_layout=layout)
           try:
-            y = quantized_matmul_gpu(x, q, s, z, bits=bits, group_size=group, config=cfg,
-                                     interpret=INTERPRET)
+            y = quantized_matmul_gpu(x, q.T if layout == "nk" else q, s, z, bits=bits,
+                                     group_size=group, config=cfg, interpret=INTERPRET)
             err = rel_err(y.astype(jnp.float32), ref)
           except Exception as e:  # noqa: BLE001 - report and continue
             err = f"{type(e).__name__}: {str(e)[:200]}"
           rows.append(dict(m=m, bits=bits, group=group, zeros=zeros, dtype=jnp.dtype(dt).name,
-                           kernel=kernel, unpack=unpack, rel_err=err))
+                           kernel=kernel, unpack=unpack, w_layout=layout, rel_err=err))
   bad = [r for r in rows if not isinstance(r["rel_err"], float) or not r["rel_err"] < 1e-2]
   print(f"check: {len(rows)} cases, {len(bad)} failing", flush=True)
   for r in bad[:20]:
@@ -297,25 +304,38 @@ def run_table(results, out, ms, shapes, repeats, deadline, copy_bw,
             f"{row.get('err_int4', float('nan')):.1e}{mat}", flush=True)
 
 
-def kernel_variants(m, k, n, *, bits, group):
-  """The kernels compared by ``--variants``: "dot" and "dot_t" at their default tiling with both
-  unpacks (int4: also the contiguous x load, ``x_load="split"``); for M <= 8 the "fma" GEMV at its
-  default and with the other unpack / reduction."""
+def kernel_variants(m, k, n, *, bits, group, variant_set="all"):
+  """The kernels compared by ``--variants``. "all": "dot" and "dot_t" at their default tiling with
+  both unpacks (int4: also the contiguous x load, ``x_load="split"``); for M <= 8 the "fma" GEMV
+  at its default and with the other unpack / reduction; and the "dot" kernel with the codes
+  transposed (``w_layout="nk"``) and, for int4, with the "prmt" unpack in both layouts.
+  "layouts": only the "dot" kernel in the two layouts (int4: with the shift and the prmt unpack)
+  and, for M <= 8, the default "fma" kernel."""
   out = []
-  for kernel in ("dot", "dot_t"):
-    cfg = qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel=kernel)
-    out += [cfg, dataclasses.replace(cfg, unpack="magic")]
-    if bits == 4:
-      out.append(dataclasses.replace(cfg, x_load="split"))
+  dot = qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel="dot")
+  if variant_set == "all":
+    for kernel in ("dot", "dot_t"):
+      cfg = qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel=kernel)
+      out += [cfg, dataclasses.replace(cfg, unpack="magic")]
+      if bits == 4:
+        out.append(dataclasses.replace(cfg, x_load="split"))
+  else:
+    out.append(dot)
+  out.append(dataclasses.replace(dot, w_layout="nk"))
+  if bits == 4:
+    out += [dataclasses.replace(dot, unpack="prmt"),
+            dataclasses.replace(dot, unpack="prmt", w_layout="nk")]
   if m <= qgpu.FMA_MAX_ROWS:
     fma = qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel="fma")
-    other = "shift" if fma.unpack == "magic" else "magic"
-    out += [fma, dataclasses.replace(fma, unpack=other),
-            dataclasses.replace(fma, fma_reduce="step" if fma.fma_reduce == "end" else "end")]
+    out.append(fma)
+    if variant_set == "all":
+      other = "shift" if fma.unpack == "magic" else "magic"
+      out += [dataclasses.replace(fma, unpack=other),
+              dataclasses.replace(fma, fma_reduce="step" if fma.fma_reduce == "end" else "end")]
   return out
 
 
-def run_variants(results, out, ms, shapes, repeats, deadline, copy_bw):
+def run_variants(results, out, ms, shapes, repeats, deadline, copy_bw, variant_set="all"):
   """Every kernel variant at every shape for the rows ``ms``, with bf16 ``jnp.dot`` timed in the
   same loop: one line per (shape, M, format, variant) with time, speed-up over bf16, share of the
   copy bandwidth and the error against the XLA path."""
@@ -338,7 +358,8 @@ def run_variants(results, out, ms, shapes, repeats, deadline, copy_bw):
         ws = [b[1] if bits == 8 else b[2] for b in bufs]
         flat = [a for qs in ws for a in qs]
         ref = xla_fn(x.astype(jnp.float32), *ws[0])
-        for cfg in kernel_variants(m, k, n, bits=bits, group=group):
+        flat_nk = None  # the codes transposed once, outside the timed loop (w_layout="nk")
+        for cfg in kernel_variants(m, k, n, bits=bits, group=group, variant_set=variant_set):
           if time.time() > deadline:
             print("time limit reached: variants stop here", flush=True)
             return
@@ -350,9 +371,15 @@ def run_variants(results, out, ms, shapes, repeats, deadline, copy_bw):
                                          config=cfg, interpret=INTERPRET)
                     for i in range(0, len(a), 2)]
           try:
-            y = jax.jit(pallas)(x, *flat[:2])[0]
+            args = flat
+            if cfg.w_layout == "nk":
+              if flat_nk is None:
+                flat_nk = [jax.block_until_ready(jnp.asarray(a.T)) if i % 2 == 0 else a
+                           for i, a in enumerate(flat)]
+              args = flat_nk
+            y = jax.jit(pallas)(x, *args[:2])[0]
             row["err"] = rel_err(y.astype(jnp.float32), ref)
-            t, c = time_many(pallas, (x, *flat), repeats, loop_reps(m, k, n, nbytes, r))
+            t, c = time_many(pallas, (x, *args), repeats, loop_reps(m, k, n, nbytes, r))
             row["us"], row["compile_s"] = 1e6 * t / r, c
             row["vs_bf16"] = bf16_us / row["us"]
             row["bw"] = (nbytes + io) / (t / r) / copy_bw
@@ -363,9 +390,11 @@ def run_variants(results, out, ms, shapes, repeats, deadline, copy_bw):
           rows.append(row)
           reduce = (f" reduce {cfg.fma_reduce}" if cfg.kernel == "fma" else
                     " x split" if cfg.x_load == "split" else "")
+          reduce += " nk" if cfg.w_layout == "nk" else ""
           print(f"variants K={k} N={n} M={m} int{bits} {cfg.kernel:5s} {cfg.unpack:5s}{reduce}: "
                 f"{shown}", flush=True)
         dump(results, out)
+        del flat_nk
       del bufs
 
 
@@ -438,11 +467,17 @@ def main():
   p.add_argument("--sweep-seconds", type=float, default=90, help="time kept for the sweep")
   p.add_argument("--check-kernels", nargs="+", default=list(qgpu.KERNELS),
                  choices=list(qgpu.KERNELS), help="kernels the --check phase compiles and checks")
-  p.add_argument("--check-unpacks", nargs="+", default=["shift"], choices=["shift", "magic"],
-                 help="unpacks the --check phase runs with each kernel")
+  p.add_argument("--check-unpacks", nargs="+", default=["shift"], choices=list(qgpu.UNPACKS),
+                 help="unpacks the --check phase runs with each kernel (prmt: int4 dot kernels)")
+  p.add_argument("--check-layouts", nargs="+", default=["kn"], choices=list(qgpu.W_LAYOUTS),
+                 help="code layouts the --check phase runs (nk: dot kernels)")
+  p.add_argument("--check-m", type=int, nargs="+", default=[1, 3, 16, 17, 128])
   p.add_argument("--variants", action="store_true", help="time every kernel variant (before the "
                  "table)")
   p.add_argument("--variants-m", type=int, nargs="+", default=[1, 16])
+  p.add_argument("--variant-set", choices=["all", "layouts"], default="all",
+                 help="all: every kernel / unpack / layout variant; layouts: the dot kernel with "
+                 "the codes as stored and transposed (int4: shift and prmt unpack), fma at M <= 8")
   p.add_argument("--variants-seconds", type=float, default=150, help="time given to --variants")
   p.add_argument("--skip-table", action="store_true")
   p.add_argument("--materialise-from", type=int, default=MATERIALISE_MIN_M, metavar="M",
@@ -462,7 +497,8 @@ def main():
                  command=" ".join(sys.argv))
   print(f"{dev.device_kind} jax {jax.__version__}", flush=True)
   if not args.no_check:
-    run_check(results, args.out, args.check_kernels, args.check_unpacks)
+    run_check(results, args.out, args.check_kernels, args.check_unpacks, args.check_layouts,
+              args.check_m)
   results["copy_bw_Bps"] = copy_bw = copy_bandwidth(2**24 if args.interpret else 2**30)
   results["matmul_tflops"] = matmul_tflops(512 if args.interpret else 8192)
   print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write); bf16 8192^3 matmul "
@@ -470,7 +506,7 @@ def main():
   dump(results, args.out)
   if args.variants:
     run_variants(results, args.out, args.variants_m, shapes, args.repeats,
-                 min(deadline, time.time() + args.variants_seconds), copy_bw)
+                 min(deadline, time.time() + args.variants_seconds), copy_bw, args.variant_set)
   if not args.skip_table:
     run_table(results, args.out, args.m, shapes, args.repeats,
               deadline - (args.sweep_seconds if args.sweep else 0), copy_bw,

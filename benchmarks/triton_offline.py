@@ -44,7 +44,7 @@ from jax._src.pallas.triton import pallas_call_registration  # noqa: E402
 # instruction classes worth counting in a kernel's SASS (opcode before the first '.')
 WATCH = ("MUFU", "I2F", "I2FP", "F2F", "F2FP", "HMMA", "HGMMA", "IMMA", "LDS", "STS", "LDSM",
          "LDG", "LDGSTS", "STG", "SHFL", "BAR", "FFMA", "FADD", "FMUL", "IMAD", "LOP3", "SHF",
-         "PRMT")
+         "PRMT", "HFMA2", "HADD2")
 
 
 def capture_kernels(f, *args):
@@ -160,25 +160,32 @@ def sampling_configs():
 def qmm_configs():
   from kernels.quantized_matmul import gpu as qgpu  # pylint: disable=import-outside-toplevel
   k, n = 4096, 14336
+  variants = (("shift", "strided", "kn"), ("magic", "strided", "kn"), ("shift", "split", "kn"),
+              ("prmt", "strided", "kn"), ("shift", "strided", "nk"), ("prmt", "strided", "nk"))
   for m, kernels in ((1, ("dot", "dot_t", "fma", "fma_end")), (16, ("dot", "dot_t")),
                      (512, ("dot", "dot_t"))):
     for bits, group in ((8, None), (4, 128)):
       for kernel in kernels:
-        for unpack, x_load in (("shift", "strided"), ("magic", "strided"), ("shift", "split")):
-          if x_load == "split" and (bits == 8 or kernel.startswith("fma")):
-            continue  # the x load only differs for the int4 dot kernels
+        for unpack, x_load, w_layout in variants:
+          if (x_load == "split" or unpack == "prmt") and (bits == 8 or kernel.startswith("fma")):
+            continue  # the x load and the prmt unpack are for the int4 dot kernels only
+          if w_layout == "nk" and kernel.startswith("fma"):
+            continue
           if m == 512 and unpack == "magic":
             continue
           cfg = dataclasses.replace(
               qgpu.default_config(m, k, n, bits=bits, group_size=group,
                                   kernel=kernel.removesuffix("_end")),
               unpack=unpack, fma_reduce="end" if kernel.endswith("_end") else "step",
-              x_load=x_load)
+              x_load=x_load, w_layout=w_layout)
+          rows = k // 2 if bits == 4 else k
           args = (_s((m, k), jnp.bfloat16),
-                  _s((k // 2, n) if bits == 4 else (k, n), jnp.uint8 if bits == 4 else jnp.int8),
+                  _s((n, rows) if w_layout == "nk" else (rows, n),
+                     jnp.uint8 if bits == 4 else jnp.int8),
                   _s((1 if group is None else k // group, n), jnp.float32))
           yield (f"quantized_matmul M={m} int{bits} kernel={kernel} unpack={unpack}"
-                 f"{' x_load=split' if x_load == 'split' else ''}",
+                 f"{' x_load=split' if x_load == 'split' else ''}"
+                 f"{' w_layout=nk' if w_layout == 'nk' else ''}",
                  functools.partial(qgpu.quantized_matmul_gpu, bits=bits, group_size=group,
                                    config=cfg), args)
 

@@ -495,14 +495,40 @@ def test_quantized_matmul_benchmark_times_every_kernel_variant(tmp_path):
                                                                            ("fma", "magic", 3)}
   assert all(c["rel_err"] < 1e-2 for c in result["check"])
   seen = {(r["bits"], r["cfg"]["kernel"], r["cfg"]["unpack"], r["cfg"]["fma_reduce"],
-           r["cfg"]["x_load"]) for r in result["variants"]}
-  assert seen == {(b, k, u, "step", "strided") for b in (8, 4) for k in ("dot", "dot_t")
+           r["cfg"]["x_load"], r["cfg"]["w_layout"]) for r in result["variants"]}
+  assert seen == {(b, k, u, "step", "strided", "kn") for b in (8, 4) for k in ("dot", "dot_t")
                   for u in ("shift", "magic")} | {
-                      (4, k, "shift", "step", "split") for k in ("dot", "dot_t")} | {
-                          (b, "fma", u, red, "strided") for b in (8, 4) for u, red in
-                          (("shift", "end"), ("magic", "end"), ("shift", "step"))}
+                      (4, k, "shift", "step", "split", "kn") for k in ("dot", "dot_t")} | {
+                          (b, "fma", u, red, "strided", "kn") for b in (8, 4) for u, red in
+                          (("shift", "end"), ("magic", "end"), ("shift", "step"))} | {
+                              (8, "dot", "shift", "step", "strided", "nk")} | {
+                                  (4, "dot", u, "step", "strided", lay) for u, lay in
+                                  (("shift", "nk"), ("prmt", "kn"), ("prmt", "nk"))}
   for r in result["variants"]:
     assert r["us"] > 0 and r["err"] < 1e-2 and r["bf16_us"] > 0, r
+
+
+def test_quantized_matmul_benchmark_checks_and_times_the_code_layouts(tmp_path):
+  """--variant-set layouts: the dot kernel with the codes as stored and transposed (int4 with the
+  shift and prmt unpacks) and the default fma kernel; --check-layouts / --check-unpacks check
+  the transposed layout and the prmt unpack on the odd shapes (prmt only where it applies)."""
+  out = tmp_path / "qmm_layouts.json"
+  _run("quantized_matmul.py", "--interpret", "--variants", "--variant-set", "layouts",
+       "--variants-m", "1", "--skip-table", "--shapes", "256x128", "--repeats", "1",
+       "--check-kernels", "dot", "--check-unpacks", "shift", "prmt", "--check-layouts", "kn",
+       "nk", "--check-m", "3", "--out", str(out))
+  result = json.loads(out.read_text())
+  checked = {(c["bits"], c["unpack"], c["w_layout"]) for c in result["check"]}
+  assert checked == {(8, "shift", "kn"), (8, "shift", "nk")} | {
+      (4, u, lay) for u in ("shift", "prmt") for lay in ("kn", "nk")}
+  assert all(c["rel_err"] < 1e-2 for c in result["check"]), result["check"]
+  seen = {(r["bits"], r["cfg"]["kernel"], r["cfg"]["unpack"], r["cfg"]["w_layout"])
+          for r in result["variants"]}
+  assert seen == {(8, "dot", "shift", "kn"), (8, "dot", "shift", "nk"), (8, "fma", "shift", "kn"),
+                  (4, "fma", "shift", "kn")} | {
+                      (4, "dot", u, lay) for u in ("shift", "prmt") for lay in ("kn", "nk")}
+  for r in result["variants"]:
+    assert r["us"] > 0 and r["err"] < 1e-2, r
 
 
 def test_generate_times_other_samplers(tmp_path):

@@ -102,6 +102,10 @@ def _check_platform(chosen: str, impl: str, interpret: bool, config):
   if config is not None and not isinstance(config, (GpuConfig, TpuConfig)):
     raise TypeError(f"quantized_matmul: config must be a GpuConfig, a TpuConfig or None, got "
                     f"{type(config).__name__}")
+  if isinstance(config, GpuConfig) and config.w_layout != "kn":
+    raise ValueError(f"quantized_matmul: w_q comes as stored ([K, N] / [K / 2, N]); "
+                     f"w_layout={config.w_layout!r} (codes transposed once, K contiguous) is a "
+                     f"layout of kernels.quantized_matmul.gpu.quantized_matmul_gpu only")
   want = {"pallas_gpu": GpuConfig, "pallas_tpu": TpuConfig}.get(chosen)
   if want is None:
     return

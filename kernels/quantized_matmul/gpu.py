@@ -77,6 +77,20 @@ class GpuConfig:
       (no asynchronous copy); split loads x with pipelined ``cp.async`` 16-byte copies and cuts
       the loop from 694 to 562 instructions (``benchmarks/triton_offline.py``). Not yet timed.
       int8 and "fma" read x contiguously either way.
+    w_layout: how the codes are laid out in memory. "kn": as stored by ``postrl.quant``, [K, N]
+      (int8) or [K / 2, N] (int4), N contiguous. "nk": transposed, [N, K] or [N, K / 2], K
+      contiguous (a one-time repack of the weights, as mixed-input GEMM libraries do at load
+      time; "dot" / "dot_t" only). A tensor-core operand's thread holds neighbouring rows of K,
+      which are 1 byte apart in "nk" but a whole row apart in "kn": compiled for sm_90 at
+      M = 16 (4096 x 14336), the "kn" int8 loop reads shared memory one byte per weight (128
+      ``LDS.U8`` per thread per step, 802 instructions) and "nk" with matrix loads (8 ``LDSM`` +
+      16 ``LDS.64``, 493 instructions); int4 411 -> 383 (``benchmarks/triton_offline.py``).
+      Not yet timed.
+
+  ``unpack="prmt"`` (int4, "dot" / "dot_t", bf16 / f16 activations): the nibbles become floats
+  two per instruction through inline PTX (``prmt_unpack_asm``), with no integer-to-float
+  conversion; compiled for sm_90 at M = 16 its loop has 357 instructions ("kn") or 281 ("nk")
+  and no ``I2F``, against the shift unpack's 411 with 64 quarter-rate ``I2F``. Not yet timed.
   """
   block_m: int = 16
   block_n: int = 128
@@ -88,9 +102,12 @@ class GpuConfig:
   kernel: str = "dot"
   fma_reduce: str = "step"
   x_load: str = "strided"
+  w_layout: str = "kn"
 
 
 KERNELS = ("dot", "dot_t", "fma")
+UNPACKS = ("shift", "magic", "prmt")
+W_LAYOUTS = ("kn", "nk")
 FMA_MAX_ROWS = 8  # the "fma" kernel spends block_m FMAs per weight: a GEMV for a few rows only
 
 
@@ -114,6 +131,53 @@ def _unpack_magic(p_int32, dtype):
   """Packed bytes (int32 holding 0..255) -> (lo, hi) tiles of c + 8 + MAGIC in ``dtype``."""
   u = p_int32 ^ 0x88
   return _magic_float(u & 0xF, dtype), _magic_float(u >> 4, dtype)
+
+
+# unpack="prmt": int4 -> bf16 / f16 without an integer-to-float conversion, two codes per
+# instruction (the "lop3" dequantisation of FasterTransformer-style mixed-input GEMMs, here for the
+# plain byte layout). A 32-bit register holds 4 packed bytes (4 neighbouring codes' bytes of one
+# packed row); XOR 0x88888888 makes every nibble u = c + 8; PRMT moves bytes (0, 1) (or (2, 3))
+# into the low bytes of the two 16-bit halves; LOP3 computes (t & 0x000F000F) | MAGIC2: two floats
+# MAGIC + u at once (bf16 MAGIC = 128 = 0x4300, f16 1024 = 0x6400: the mantissa's unit is 1); one
+# packed FMA, t * 1 + (-(MAGIC + 8)), leaves c exactly. The high nibbles take the same path after a
+# 4-bit right shift. Per 8 codes: 2 XOR, 1 SHR, 4 PRMT, 4 LOP3, 4 HFMA2, all full-rate (the shift
+# unpack spends 8 I2F, a quarter-rate conversion, plus sign extensions).
+_PRMT_CONSTANTS = {jnp.dtype(jnp.bfloat16): ("bf16x2", 0x43004300, 0x3F803F80, 0xC308C308),
+                   jnp.dtype(jnp.float16): ("f16x2", 0x64006400, 0x3C003C00, 0xE408E408)}
+
+
+def prmt_unpack_asm(dtype, high: bool) -> str:
+  """PTX of one half of the "prmt" unpack: $2 = 4 packed bytes; $0 = the low (``high``: the high)
+  nibbles of bytes 0 and 1 as a pair of ``dtype`` values (byte 0's in the low half), $1 = those of
+  bytes 2 and 3. PTX's packed FMA takes no immediates, so its constants go through registers."""
+  kind, magic, one, neg_offset = _PRMT_CONSTANTS[jnp.dtype(dtype)]
+  lines = ["{", ".reg .b32 u, t, one, off;", f"mov.b32 one, {one:#010x};",
+           f"mov.b32 off, {neg_offset:#010x};", "xor.b32 u, $2, 0x88888888;"]
+  if high:
+    lines.append("shr.u32 u, u, 4;")
+  for out, selector in enumerate(("0x0100", "0x0302")):
+    lines += [f"prmt.b32 t, u, u, {selector};",
+              f"lop3.b32 t, t, 0x000F000F, {magic:#010x}, 0xEA;",  # 0xEA: (a & b) | c
+              f"fma.rn.{kind} ${out}, t, one, off;"]
+  return "\n".join(lines + ["}"])
+
+
+def _unpack_prmt(p_uint8, dtype, interpret: bool):
+  """Packed int4 bytes [r, c] (uint8) -> (lo, hi) [r, c] codes in ``dtype`` (bf16 / f16), exact,
+  through ``prmt_unpack_asm``. Interpret mode cannot run PTX: there the same bit operations
+  (``_unpack_magic``, then the offset removed in ``dtype``) stand in; ``tests/kernels`` runs the
+  PTX itself through an instruction-level emulator."""
+  if interpret:
+    offset = _MAGIC_BITS[jnp.dtype(dtype)][1] + 8.0
+    return tuple(t - jnp.asarray(offset, dtype) for t in _unpack_magic(p_uint8.astype(jnp.int32),
+                                                                        dtype))
+  from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
+  shape = jax.ShapeDtypeStruct(p_uint8.shape, dtype)
+  # two single-result calls: JAX's lowering of a multi-result inline asm returns one value
+  return tuple(plgpu.elementwise_inline_asm(prmt_unpack_asm(dtype, high), args=[p_uint8],
+                                            constraints="=r,=r,r", pack=4,
+                                            result_shape_dtypes=[shape])[0]
+               for high in (False, True))
 
 
 class KernelShapeError(ValueError):
@@ -200,8 +264,15 @@ def check_shape(m: int, k: int, n: int, *, bits: int, group_size: int | None, cf
   if isinstance(cfg.split_k, bool) or not isinstance(cfg.split_k, (int, np.integer)) or (
       cfg.split_k < 1):
     raise KernelShapeError(f"split_k={cfg.split_k!r}: the number of K splits must be an int >= 1")
-  if cfg.unpack not in ("shift", "magic"):
-    raise KernelShapeError(f"unpack must be 'shift' or 'magic', got {cfg.unpack!r}")
+  if cfg.unpack not in UNPACKS:
+    raise KernelShapeError(f"unpack must be one of {UNPACKS}, got {cfg.unpack!r}")
+  if cfg.unpack == "prmt" and (bits != 4 or cfg.kernel == "fma"):
+    raise KernelShapeError(f"unpack='prmt' is for int4 codes in the 'dot' / 'dot_t' kernels, got "
+                           f"bits={bits}, kernel={cfg.kernel!r}")
+  if cfg.w_layout not in W_LAYOUTS:
+    raise KernelShapeError(f"w_layout must be one of {W_LAYOUTS}, got {cfg.w_layout!r}")
+  if cfg.w_layout == "nk" and cfg.kernel == "fma":
+    raise KernelShapeError("w_layout='nk' is for the 'dot' / 'dot_t' kernels, not 'fma'")
   if cfg.fma_reduce not in ("step", "end"):
     raise KernelShapeError(f"fma_reduce must be 'step' or 'end', got {cfg.fma_reduce!r}")
   if cfg.x_load not in ("strided", "split"):
@@ -217,16 +288,23 @@ def check_shape(m: int, k: int, n: int, *, bits: int, group_size: int | None, cf
 
 
 def _kernel(x_ref, w_ref, s_ref, *refs, bits: int, step: int, steps: int, grouped: bool,
-            has_zeros: bool, magic: bool, transposed: bool, x_split: bool = False):
-  """The tensor-core kernels ("dot", and "dot_t" when ``transposed``: the accumulator is y^T)."""
+            has_zeros: bool, magic: bool, transposed: bool, x_split: bool = False,
+            prmt: bool = False, nk: bool = False, interpret: bool = False):
+  """The tensor-core kernels ("dot", and "dot_t" when ``transposed``: the accumulator is y^T).
+  ``nk``: the codes come as [N, K'] (``GpuConfig.w_layout="nk"``), so each step's tile is
+  [bn, kk] and the dots contract its second axis."""
   z_ref, o_ref = refs if has_zeros else (None, refs[0])
   block_m, block_n = x_ref.shape[0], o_ref.shape[-1]
   f32 = jnp.float32
+  w_axis = 1 if nk else 0  # the tile axis that runs along K
 
-  def mm(x, w):  # x [bm, kk] . w [kk, bn], in the accumulator's orientation
+  def mm(x, w):  # x [bm, kk] . w [kk, bn] (or [bn, kk] when nk), in the accumulator's orientation
     if transposed:
-      return lax.dot_general(w, x, (((0,), (1,)), ((), ())), preferred_element_type=f32)
-    return jnp.dot(x, w, preferred_element_type=f32)
+      return lax.dot_general(w, x, (((w_axis,), (1,)), ((), ())), preferred_element_type=f32)
+    return lax.dot_general(x, w, (((1,), (w_axis,)), ((), ())), preferred_element_type=f32)
+
+  def w_tile(start, size):  # rows [start, start + size) of the codes along K, as stored
+    return w_ref[:, pl.ds(start, size)] if nk else w_ref[pl.ds(start, size), :]
 
   def x_sum(x):  # sum_k x[:, k] as a column [bm, 1] (or a row [1, bm] when transposed)
     sums = jnp.sum(x.astype(f32), axis=1)
@@ -241,11 +319,11 @@ def _kernel(x_ref, w_ref, s_ref, *refs, bits: int, step: int, steps: int, groupe
     if bits == 8:
       x = x_ref[:, pl.ds(k0, step)]
       if magic:  # u = c + 128 = 16 hi + lo: two nibble tiles, both through the exponent trick
-        u = (w_ref[pl.ds(k0, step), :].astype(jnp.int32) & 0xFF) ^ 0x80
+        u = (w_tile(k0, step).astype(jnp.int32) & 0xFF) ^ 0x80
         lo, hi = _unpack_magic(u ^ 0x88, x.dtype)  # undo _unpack_magic's XOR: plain nibbles
         part = 16.0 * mm(x, hi) + mm(x, lo)
       else:
-        part = mm(x, w_ref[pl.ds(k0, step), :].astype(x.dtype))
+        part = mm(x, w_tile(k0, step).astype(x.dtype))
       if has_zeros or magic:
         xs = x_sum(x)
       if magic:  # tiles hold nibble + MAGIC: 17 MAGIC + 128 per unit of sum(x) to remove
@@ -257,10 +335,13 @@ def _kernel(x_ref, w_ref, s_ref, *refs, bits: int, step: int, steps: int, groupe
       else:
         x_even = x_ref[:, pl.ds(k0, half, stride=2)]
         x_odd = x_ref[:, pl.ds(k0 + 1, half, stride=2)]
-      p = w_ref[pl.ds(i * half, half), :].astype(jnp.int32)
-      if magic:  # tiles hold c + offset exactly; the offset's share is removed below
-        lo, hi = _unpack_magic(p, x_even.dtype)
+      p = w_tile(i * half, half)
+      if prmt:  # exact codes, two per instruction (``prmt_unpack_asm``)
+        lo, hi = _unpack_prmt(p, x_even.dtype, interpret)
+      elif magic:  # tiles hold c + offset exactly; the offset's share is removed below
+        lo, hi = _unpack_magic(p.astype(jnp.int32), x_even.dtype)
       else:
+        p = p.astype(jnp.int32)
         lo = ((p << 28) >> 28).astype(x_even.dtype)  # low nibble, sign-extended: row 2j
         hi = ((p << 24) >> 28).astype(x_even.dtype)  # high nibble: row 2j + 1
       part = mm(x_even, lo) + mm(x_odd, hi)
@@ -400,10 +481,16 @@ def quantized_matmul_gpu(x_MxK, w_q, scales_GxN, zeros_GxN=None, *, bits: int,
   """y = x Ŵ through the Triton kernel; x [M, K] bf16 / f16, returns [M, N] in x's dtype.
 
   Shapes the tiling cannot cover raise ``KernelShapeError`` (M is padded to block_m; N and K are
-  not padded, since padding would copy the whole weight on every call).
+  not padded, since padding would copy the whole weight on every call). With a config of
+  ``w_layout="nk"``, ``w_q`` is the transposed codes, [N, K] (int8) or [N, K / 2] (int4).
   """
   m, k = x_MxK.shape
-  n = w_q.shape[1]
+  nk = config is not None and config.w_layout == "nk"
+  n = w_q.shape[0] if nk else w_q.shape[1]
+  k_rows = k // 2 if bits == 4 else k
+  if nk and w_q.shape[1] != k_rows:
+    raise KernelShapeError(f"w_layout='nk' needs codes [N, {k_rows}] for K={k}, bits={bits}; got "
+                           f"{tuple(w_q.shape)}")
   if m == 0 or n == 0:  # an empty grid: nothing to compute
     return jnp.zeros((m, n), x_MxK.dtype)
   cfg = config or default_config(m, k, n, bits=bits, group_size=group_size)
@@ -420,6 +507,7 @@ def quantized_matmul_gpu(x_MxK, w_q, scales_GxN, zeros_GxN=None, *, bits: int,
   else:
     s_spec = pl.BlockSpec((1, bn), lambda i, j, s: (0, j))
   in_specs = [pl.BlockSpec((bm, k_split), lambda i, j, s: (i, s)),
+              pl.BlockSpec((bn, w_rows), lambda i, j, s: (j, s)) if nk else
               pl.BlockSpec((w_rows, bn), lambda i, j, s: (s, j)), s_spec]
   args = [x, w_q, scales_GxN.astype(jnp.float32)]
   if zeros_GxN is not None:
@@ -432,10 +520,10 @@ def quantized_matmul_gpu(x_MxK, w_q, scales_GxN, zeros_GxN=None, *, bits: int,
     out_shape = jax.ShapeDtypeStruct((splits, m_pad, n), jnp.float32)
     out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
   magic = cfg.unpack == "magic"
-  if magic and cfg.kernel != "fma" and jnp.dtype(x.dtype) not in (jnp.dtype(jnp.bfloat16),
-                                                                   jnp.dtype(jnp.float16)):
+  if cfg.unpack != "shift" and cfg.kernel != "fma" and jnp.dtype(x.dtype) not in (
+      jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     # the dot kernels' tiles hold MAGIC + u in x's dtype: exact for bf16 / f16 only
-    raise KernelShapeError(f"unpack='magic' needs bf16 or f16 activations, got {x.dtype}")
+    raise KernelShapeError(f"unpack={cfg.unpack!r} needs bf16 or f16 activations, got {x.dtype}")
   common = dict(bits=bits, step=step, steps=k_split // step, grouped=grouped,
                 has_zeros=zeros_GxN is not None, magic=magic)
   if cfg.kernel == "fma":
@@ -443,7 +531,8 @@ def quantized_matmul_gpu(x_MxK, w_q, scales_GxN, zeros_GxN=None, *, bits: int,
         _fma_kernel_reduce_at_end if cfg.fma_reduce == "end" else _fma_kernel, **common)
   else:
     kernel = functools.partial(_kernel, transposed=cfg.kernel == "dot_t",
-                               x_split=cfg.x_load == "split", **common)
+                               x_split=cfg.x_load == "split", prmt=cfg.unpack == "prmt",
+                               nk=nk, interpret=interpret, **common)
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel

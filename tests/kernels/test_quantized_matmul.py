@@ -144,6 +144,137 @@ def test_gpu_int4_split_x_load_matches_exact_product(kernel, unpack, group, symm
   assert _rel_err(y, x, w_hat) < 8e-3
 
 
+@pytest.mark.parametrize("kernel", ["dot", "dot_t"])
+@pytest.mark.parametrize("unpack,layout,bits,group,symmetric", [
+    (unpack, layout, *fmt) for unpack, layout in (("shift", "nk"), ("prmt", "kn"), ("prmt", "nk"))
+    for fmt in ((4, 32, False), (4, None, True), (8, None, False), (8, 32, True))
+    if unpack == "shift" or fmt[0] == 4])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_transposed_codes_and_prmt_unpack_match_exact_product(kernel, unpack, layout, bits,
+                                                                  group, symmetric, dtype):
+  # w_layout="nk": codes [N, K'] (K contiguous), tiles [bn, kk] contracted on their second axis; a
+  # tile read along the wrong axis or a dot contracting N gives O(1) errors. unpack="prmt" (int4):
+  # interpret mode runs the same bit operations as its PTX (which the emulator test below runs)
+  k, n, m = 256, 64, 17
+  q, s, z, w_hat = _quantize(k, n, bits, group, symmetric, seed=9)
+  x = _x(m, k, dtype, seed=15)
+  cfg = GpuConfig(block_m=16, block_n=32, block_k=64, split_k=2, kernel=kernel, unpack=unpack,
+                  w_layout=layout)
+  y = qgpu.quantized_matmul_gpu(x, q.T if layout == "nk" else q, s, z, bits=bits,
+                                group_size=group, config=cfg, interpret=True)
+  assert y.shape == (m, n) and y.dtype == dtype
+  assert _rel_err(y, x, w_hat) < (8e-3 if dtype == jnp.bfloat16 else 1e-3)
+
+
+def _run_ptx(asm: str, word_u32: np.ndarray) -> list:
+  """Emulate the straight-line PTX of ``qgpu.prmt_unpack_asm`` on 32-bit words ($2): returns the
+  output registers ($0, $1) as uint32 arrays. Implements only the instructions it uses, from the
+  PTX ISA: mov, xor, shr.u32, prmt (default mode), lop3 and fma.rn.{bf16x2, f16x2}."""
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  regs = {"$2": word_u32.astype(np.uint64)}
+  mask32 = np.uint64(0xFFFFFFFF)
+
+  def val(tok):
+    tok = tok.strip()
+    return np.uint64(int(tok, 0)) if tok[0].isdigit() else regs[tok]
+
+  def halves(v, kind):  # a .b32 register as two floats (low half first)
+    lo, hi = (v & np.uint64(0xFFFF)).astype(np.uint16), (v >> np.uint64(16)).astype(np.uint16)
+    if kind == "bf16x2":
+      return [h.view(ml_dtypes.bfloat16).astype(np.float64) for h in (lo, hi)]
+    return [h.view(np.float16).astype(np.float64) for h in (lo, hi)]
+
+  def pack(lo, hi, kind):
+    dt = ml_dtypes.bfloat16 if kind == "bf16x2" else np.float16
+    bits = [np.asarray(h).astype(dt).view(np.uint16).astype(np.uint64) for h in (lo, hi)]
+    return bits[0] | (bits[1] << np.uint64(16))
+
+  for line in asm.splitlines():
+    line = line.strip().rstrip(";")
+    if line in ("{", "}") or line.startswith(".reg"):
+      continue
+    op, rest = line.split(None, 1)
+    d, *src = [t.strip() for t in rest.split(",")]
+    if op == "mov.b32":
+      out = val(src[0]) * np.ones_like(word_u32, np.uint64)
+    elif op == "xor.b32":
+      out = val(src[0]) ^ val(src[1])
+    elif op == "shr.u32":
+      out = val(src[0]) >> val(src[1])
+    elif op == "prmt.b32":
+      both, sel, out = val(src[0]) | (val(src[1]) << np.uint64(32)), int(src[2], 0), 0
+      for byte in range(4):
+        nib = (sel >> (4 * byte)) & 0xF
+        b = (both >> np.uint64(8 * (nib & 7))) & np.uint64(0xFF)
+        if nib & 8:  # sign replicate
+          b = np.where(b & np.uint64(0x80), np.uint64(0xFF), np.uint64(0))
+        out = out | (b << np.uint64(8 * byte))
+    elif op == "lop3.b32":
+      a, b, c, lut = val(src[0]), val(src[1]), val(src[2]), int(src[3], 0)
+      out = np.zeros_like(a)
+      for bit in range(32):
+        sh = np.uint64(bit)
+        idx = (((a >> sh) & np.uint64(1)) << np.uint64(2)) | (((b >> sh) & np.uint64(1)) <<
+                                                             np.uint64(1)) | ((c >> sh) & np.uint64(1))
+        out = out | (((np.uint64(lut) >> idx) & np.uint64(1)) << sh)
+    elif op.startswith("fma.rn."):
+      kind = op.split(".")[2]
+      a, b, c = (halves(val(t), kind) for t in src)
+      out = pack(a[0] * b[0] + c[0], a[1] * b[1] + c[1], kind)
+    else:
+      raise AssertionError(f"instruction the emulator does not know: {line}")
+    regs[d] = out & mask32
+  return [regs["$0"], regs["$1"]]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("high", [False, True])
+def test_prmt_unpack_ptx_gives_the_signed_nibbles(dtype, high):
+  """The inline PTX of unpack="prmt", run by an instruction-level emulator on every byte value in
+  every byte position: $0 holds the codes of bytes 0 and 1 (byte 0 in the low half), $1 those of
+  bytes 2 and 3, each the sign-extended low (high) nibble, exact in bf16 / f16. A wrong PRMT
+  selector swaps neighbouring codes, a wrong magic constant or offset shifts every code, a
+  missing XOR breaks the sign."""
+  rng = np.random.default_rng(0)
+  words = [np.arange(256, dtype=np.uint64) << np.uint64(8 * pos) for pos in range(4)]
+  words.append(rng.integers(0, 2**32, 4096, dtype=np.uint64))
+  w = np.concatenate(words)
+  out = _run_ptx(qgpu.prmt_unpack_asm(dtype, high), w)
+  np_dtype = np.dtype(jnp.dtype(dtype))
+  got = np.stack([((r >> np.uint64(16 * h)) & np.uint64(0xFFFF)).astype(np.uint16).view(np_dtype)
+                  .astype(np.float64) for r in out for h in (0, 1)], axis=1)  # [words, 4 bytes]
+  nibble = np.stack([(w >> np.uint64(8 * b + (4 if high else 0))) & np.uint64(0xF)
+                     for b in range(4)], axis=1).astype(np.int64)
+  want = np.where(nibble >= 8, nibble - 16, nibble)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_prmt_unpack_and_nk_layout_refuse_what_they_cannot_run():
+  with pytest.raises(KernelShapeError, match="unpack='prmt' is for int4 codes"):
+    qgpu.check_shape(16, 256, 64, bits=8, group_size=None, cfg=GpuConfig(unpack="prmt"))
+  with pytest.raises(KernelShapeError, match="unpack='prmt' is for int4 codes"):
+    qgpu.check_shape(1, 256, 64, bits=4, group_size=32,
+                     cfg=GpuConfig(block_m=1, kernel="fma", unpack="prmt"))
+  with pytest.raises(KernelShapeError, match="w_layout must be one of"):
+    qgpu.check_shape(16, 256, 64, bits=4, group_size=32, cfg=GpuConfig(w_layout="kn8"))
+  with pytest.raises(KernelShapeError, match="w_layout='nk' is for the 'dot' / 'dot_t'"):
+    qgpu.check_shape(1, 256, 64, bits=4, group_size=32,
+                     cfg=GpuConfig(block_m=1, kernel="fma", w_layout="nk"))
+  q, s, _, _ = _quantize(256, 64, 4, 32, True)
+  x = _x(3, 256)
+  # the codes as stored, [K / 2, N], passed where the transposed layout is configured
+  with pytest.raises(KernelShapeError, match=r"w_layout='nk' needs codes \[N, 128\]"):
+    qgpu.quantized_matmul_gpu(x, q, s, bits=4, group_size=32, interpret=True,
+                              config=GpuConfig(block_n=32, block_k=64, w_layout="nk"))
+  with pytest.raises(KernelShapeError, match="unpack='prmt' needs bf16 or f16 activations"):
+    qgpu.quantized_matmul_gpu(x.astype(jnp.float32), q, s, bits=4, group_size=32, interpret=True,
+                              config=GpuConfig(block_n=32, block_k=64, unpack="prmt"))
+  # the public entry point takes the codes as stored; the transposed layout is kernel-level
+  with pytest.raises(ValueError, match="w_layout='nk'"):
+    quantized_matmul(x, q, s, bits=4, group_size=32, impl="pallas_gpu", interpret=True,
+                     config=GpuConfig(block_n=32, block_k=64, w_layout="nk"))
+
+
 def test_kernel_variants_refuse_tilings_they_cannot_run():
   with pytest.raises(KernelShapeError, match="kernel must be one of"):
     qgpu.check_shape(1, 256, 64, bits=8, group_size=None, cfg=GpuConfig(kernel="wgmma"))

@@ -96,6 +96,40 @@ def test_quantized_matmul_kernels_compile(bits, group):
   assert end["loop_instructions"] < step["loop_instructions"]
 
 
+def test_transposed_codes_and_prmt_unpack_compile_and_shorten_the_decode_loop():
+  """At a decode shape (M = 16, "dot"): codes stored K-contiguous (w_layout="nk") reach the
+  tensor-core operand through matrix loads instead of one shared-memory load per int8 weight, and
+  the int4 "prmt" unpack's inline PTX assembles (no ``I2F`` left, packed ``HFMA2`` instead) in
+  both layouts; each shortens the K loop. Also compiled: "dot_t" with both, and M = 1 / 512."""
+  k, n = 4096, 4096
+  rows = {}
+  for m, kernel in ((16, "dot"), (1, "dot"), (16, "dot_t"), (512, "dot")):
+    for bits, group in ((8, None), (4, 128)):
+      for unpack, layout in (("shift", "kn"), ("shift", "nk"), ("prmt", "kn"), ("prmt", "nk")):
+        if unpack == "prmt" and bits == 8:
+          continue
+        cfg = dataclasses.replace(
+            qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel=kernel),
+            unpack=unpack, w_layout=layout)
+        kk = k // 2 if bits == 4 else k
+        (rows[m, kernel, bits, unpack, layout],) = compiled(
+            functools.partial(qgpu.quantized_matmul_gpu, bits=bits, group_size=group, config=cfg),
+            S((m, k), jnp.bfloat16),
+            S((n, kk) if layout == "nk" else (kk, n), jnp.uint8 if bits == 4 else jnp.int8),
+            S((1 if group is None else k // group, n), jnp.float32))
+  kn8, nk8 = rows[16, "dot", 8, "shift", "kn"], rows[16, "dot", 8, "shift", "nk"]
+  assert nk8["sass_loop"].get("LDS", 0) < kn8["sass_loop"]["LDS"] / 4
+  assert nk8["sass_loop"].get("LDSM", 0) > 0
+  assert nk8["loop_instructions"] < 0.75 * kn8["loop_instructions"]
+  shift4 = rows[16, "dot", 4, "shift", "kn"]
+  assert shift4["sass_loop"].get("I2F", 0) > 0
+  for layout in ("kn", "nk"):
+    prmt4 = rows[16, "dot", 4, "prmt", layout]
+    assert not {"I2F", "I2FP"} & set(prmt4["sass_loop"]), prmt4["sass_loop"]
+    assert prmt4["sass_loop"].get("HFMA2", 0) > 0
+    assert prmt4["loop_instructions"] < 0.9 * shift4["loop_instructions"]
+
+
 def test_int4_split_x_load_streams_x_with_async_copies_at_prefill_shapes():
   """int4 "dot" at M = 512 (block 128 x 128): the strided even / odd x loads compile to scalar
   global loads and shared stores inside the K loop; the split load (one contiguous load, split in

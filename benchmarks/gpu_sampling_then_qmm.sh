@@ -9,10 +9,11 @@
 #      times are the kernels' own.
 #   2. If the issue-8 targets hold at B = 64, V = 152k (the fastest of split_fast, split_cdf and the
 #      default kernel call <= 4x the read floor, and >= 10x faster than XLA's sort): the rest of the
-#      sampling table, lean columns (sampling_rest.json). Otherwise: issue 7's untimed variant
-#      (quantized_matmul.json): at M = 512 dot / dot_t with the contiguous int4 x load
-#      (x_load="split") beside the strided one and bf16 in the same loop (M = 1, 2, 4, 16 were
-#      timed on 2026-11-26).
+#      sampling table, lean columns (sampling_rest.json). Otherwise: issue 7's untimed decode
+#      variants (quantized_matmul.json, the same as benchmarks/gpu_qmm_layouts.sh, shorter): the
+#      "dot" kernel with the codes transposed once (w_layout="nk") and the int4 "prmt" unpack
+#      (inline PTX), checked on odd shapes first, then timed at M = 1 and 16 beside the layout as
+#      stored, the fma kernel and bf16 in the same loop.
 # Every script writes its JSON after each row, so a cut run keeps what it measured.
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -41,7 +42,9 @@ if [ "$met" = yes ]; then
     --time-limit "${REST_LIMIT:-235}" --repeats 5 --out "$OUT/sampling_rest.json" 2>&1 \
     | tee "$OUT/sampling_rest.log"
 else
-  timeout "${QMM_TIMEOUT:-250}" python3 benchmarks/quantized_matmul.py --no-check --variants \
-    --variants-m 512 --variants-seconds 225 --skip-table --sweep-seconds 0 \
-    --time-limit "${QMM_LIMIT:-235}" --out "$OUT/quantized_matmul.json" 2>&1 | tee "$OUT/qmm.log"
+  timeout "${QMM_TIMEOUT:-250}" python3 benchmarks/quantized_matmul.py --check-kernels dot \
+    --check-unpacks shift prmt --check-layouts kn nk --check-m 1 17 --variants \
+    --variant-set layouts --variants-m 1 16 --shapes 8192x8192,4096x14336 --variants-seconds 225 \
+    --skip-table --time-limit "${QMM_LIMIT:-235}" --out "$OUT/quantized_matmul.json" 2>&1 \
+    | tee "$OUT/qmm.log"
 fi

@@ -398,16 +398,25 @@ def run_variants(results, out, ms, shapes, repeats, deadline, copy_bw, variant_s
       del bufs
 
 
-def run_sweep(results, out, repeats, deadline, sweep_ms=(1, 16, 64, 128, 512)):
-  """Alternative tilings around the heuristic at a few shapes (to tune ``default_config``)."""
+def run_sweep(results, out, repeats, deadline, sweep_ms=(1, 16, 64, 128, 512), layout="kn",
+              int4_unpack="shift", shape=(4096, 14336)):
+  """Alternative tilings around the heuristic at a few shapes (to tune ``default_config``).
+  ``layout="nk"`` / ``int4_unpack="prmt"``: the "dot" kernel's tilings with the codes transposed
+  (transposed once, before timing) and the int4 codes through the prmt unpack; the fma and
+  exponent-trick variants are left out then."""
   rows = results.setdefault("sweep", [])
-  k, n = 4096, 14336
+  k, n = shape
   bufs = [make_weights(k, n, jax.random.key(100 + i)) for i in range(4)]
+  plain = layout == "kn" and int4_unpack == "shift"
   for m in sweep_ms:
     for bits in (8, 4):
       group = None if bits == 8 else 128
-      base = qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel="dot")
-      variants = {base, qgpu.default_config(m, k, n, bits=bits, group_size=group)}
+      base = dataclasses.replace(
+          qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel="dot"),
+          w_layout=layout, unpack=int4_unpack if bits == 4 else "shift")
+      variants = {base}
+      if plain:
+        variants.add(qgpu.default_config(m, k, n, bits=bits, group_size=group))
       for bn in (64, 256):
         variants.add(dataclasses.replace(base, block_n=bn))
       for sk in (base.split_k * 2, max(1, base.split_k // 2)):
@@ -416,10 +425,10 @@ def run_sweep(results, out, repeats, deadline, sweep_ms=(1, 16, 64, 128, 512)):
       variants.add(dataclasses.replace(base, num_stages=4))
       if bits == 8:
         variants.add(dataclasses.replace(base, block_k=64 if base.block_k == 128 else 128))
-      # the exponent-trick unpack, alone and with 8 warps
-      variants.add(dataclasses.replace(base, unpack="magic"))
-      variants.add(dataclasses.replace(base, unpack="magic", num_warps=8))
-      if m <= qgpu.FMA_MAX_ROWS:  # the GEMV kernel's tiling around its default
+      if plain:  # the exponent-trick unpack, alone and with 8 warps
+        variants.add(dataclasses.replace(base, unpack="magic"))
+        variants.add(dataclasses.replace(base, unpack="magic", num_warps=8))
+      if plain and m <= qgpu.FMA_MAX_ROWS:  # the GEMV kernel's tiling around its default
         fma = qgpu.default_config(m, k, n, bits=bits, group_size=group, kernel="fma")
         variants |= {fma, dataclasses.replace(fma, num_warps=4),
                      dataclasses.replace(fma, block_n=64), dataclasses.replace(fma, block_n=256),
@@ -432,6 +441,8 @@ def run_sweep(results, out, repeats, deadline, sweep_ms=(1, 16, 64, 128, 512)):
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
       ws = [b[1] if bits == 8 else b[2] for b in bufs]
       flat = [a for qs in ws for a in qs]
+      if layout == "nk":  # transposed once, outside the timed loop
+        flat = [jnp.asarray(a.T) if i % 2 == 0 else a for i, a in enumerate(flat)]
       for cfg in sorted(variants, key=str):
         if time.time() > deadline:
           print("time limit reached: sweep stops here", flush=True)
@@ -465,6 +476,11 @@ def main():
   p.add_argument("--sweep", action="store_true")
   p.add_argument("--sweep-m", type=int, nargs="+", default=[1, 16, 64, 128, 512])
   p.add_argument("--sweep-seconds", type=float, default=90, help="time kept for the sweep")
+  p.add_argument("--sweep-shape", default="4096x14336", help="K x N of the sweep")
+  p.add_argument("--sweep-layout", choices=list(qgpu.W_LAYOUTS), default="kn",
+                 help="code layout of the swept dot-kernel tilings (nk: transposed once)")
+  p.add_argument("--sweep-int4-unpack", choices=["shift", "prmt"], default="shift",
+                 help="int4 unpack of the swept dot-kernel tilings")
   p.add_argument("--check-kernels", nargs="+", default=list(qgpu.KERNELS),
                  choices=list(qgpu.KERNELS), help="kernels the --check phase compiles and checks")
   p.add_argument("--check-unpacks", nargs="+", default=["shift"], choices=list(qgpu.UNPACKS),
@@ -512,7 +528,8 @@ def main():
               deadline - (args.sweep_seconds if args.sweep else 0), copy_bw,
               args.materialise_from)
   if args.sweep:
-    run_sweep(results, args.out, args.repeats, deadline, args.sweep_m)
+    run_sweep(results, args.out, args.repeats, deadline, args.sweep_m, args.sweep_layout,
+              args.sweep_int4_unpack, tuple(int(v) for v in args.sweep_shape.split("x")))
   dump(results, args.out)
 
 

@@ -516,7 +516,8 @@ def test_quantized_matmul_benchmark_checks_and_times_the_code_layouts(tmp_path):
   _run("quantized_matmul.py", "--interpret", "--variants", "--variant-set", "layouts",
        "--variants-m", "1", "--skip-table", "--shapes", "256x128", "--repeats", "1",
        "--check-kernels", "dot", "--check-unpacks", "shift", "prmt", "--check-layouts", "kn",
-       "nk", "--check-m", "3", "--out", str(out))
+       "nk", "--check-m", "3", "--sweep", "--sweep-m", "1", "--sweep-shape", "256x128",
+       "--sweep-layout", "nk", "--sweep-int4-unpack", "prmt", "--out", str(out))
   result = json.loads(out.read_text())
   checked = {(c["bits"], c["unpack"], c["w_layout"]) for c in result["check"]}
   assert checked == {(8, "shift", "kn"), (8, "shift", "nk")} | {
@@ -529,6 +530,13 @@ def test_quantized_matmul_benchmark_checks_and_times_the_code_layouts(tmp_path):
                       (4, "dot", u, lay) for u in ("shift", "prmt") for lay in ("kn", "nk")}
   for r in result["variants"]:
     assert r["us"] > 0 and r["err"] < 1e-2, r
+  # the sweep around the transposed layout: dot-kernel tilings only, all with the codes
+  # transposed and int4 through prmt; the base tiling was timed
+  sweep = result["sweep"]
+  assert {r["cfg"]["kernel"] for r in sweep} == {"dot"}
+  assert {r["cfg"]["w_layout"] for r in sweep} == {"nk"}
+  assert {r["cfg"]["unpack"] for r in sweep if r["bits"] == 4} == {"prmt"}
+  assert all(isinstance(r["us"], float) for r in sweep if r["default"])
 
 
 def test_generate_times_other_samplers(tmp_path):

@@ -16,7 +16,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # shell loop variables of the scripts, set to values the loops take
 LOOP_VALUES = {"model": "smollm2-135m", "top_p": "0.9", "LIMIT": "40", "name": "run",
-               "OUT": "/tmp/out"}
+               "OUT": "/tmp/out", "m": "16", "variants": "4:dot:prmt:nk 8:dot:shift:nk",
+               "LOG": "/tmp/out/log"}
 # run a benchmark script with argparse stopped after a successful parse (exit 0) or a failed one
 # (argparse's own exit 2 with its message)
 RUNNER = """
@@ -35,7 +36,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def _expand(command: str) -> list:
   """Shell words of one command line with the scripts' parameter expansions resolved: ${V:-d} -> d
   (split into words when unquoted), $V -> LOOP_VALUES[V], "$@" and redirections dropped."""
-  command = re.split(r"\s(?:2>&1|\|)", command)[0]
+  command = re.split(r"\s(?:2>&1|\||\d?>)", command)[0]
   command = command.replace('"$@"', "")
   command = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", command)
   command = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: LOOP_VALUES[m.group(1) or m.group(2)],
@@ -69,7 +70,8 @@ COMMANDS = _commands()
 
 def test_the_prepared_commands_are_found():
   sources = {source for source, _ in COMMANDS}
-  assert {"gpu_qmm_layouts.sh", "gpu_sampling_then_qmm.sh", "README.md"} <= sources
+  assert {"gpu_qmm_layouts.sh", "gpu_qmm_profile.sh", "gpu_sampling_then_qmm.sh",
+          "README.md"} <= sources
   assert len(COMMANDS) >= 8
 
 

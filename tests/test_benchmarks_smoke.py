@@ -553,3 +553,41 @@ def test_generate_times_other_samplers(tmp_path):
   # 32-pass bisection, default_bits_per_pass)
   assert row["postrl_sampling_impl"] == "xla" and row["postrl_sampler"] == "xla (1 bits a pass)"
   assert "GPU" in row["postrl_pallas_error"] and "postrl_pallas_tokens_per_s" not in row
+
+
+def test_qmm_profile_runs_every_variant_and_summarises_an_ncu_csv(tmp_path):
+  """benchmarks/qmm_profile.py: the run half launches each variant (interpret mode here) and
+  records what ran; the summarise half reads ncu's raw CSV (lines before the header skipped,
+  durations in ns -> us, the stall reasons sorted by share) and refuses a file with no header."""
+  manifest = tmp_path / "variants.json"
+  _run("qmm_profile.py", "--interpret", "--m", "3", "--k", "256", "--n", "128", "--calls", "1",
+       "--variants", "4:dot:prmt:nk", "8:dot:shift:nk", "4:fma:shift:kn", "--manifest",
+       str(manifest))
+  ran = json.loads(manifest.read_text())["variants"]
+  assert [(v["bits"], v["kernel"], v["unpack"], v["layout"]) for v in ran] == [
+      (4, "dot", "prmt", "nk"), (8, "dot", "shift", "nk"), (4, "fma", "shift", "kn")]
+  names = ["ID", "Kernel Name", "Grid Size", "gpu__time_duration.sum",
+           "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
+           "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",
+           "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio"]
+  units = ["", "", "", "nsecond", "%", "inst", "inst"]
+  rows = [["0", "quantized_matmul_int4_dot", "(512, 1, 2)", "38,700", "30.5", "4.2", "9.1"],
+          ["1", "quantized_matmul_int8_dot", "(64, 1, 2)", "21000", "70", "1.5", "0.5"]]
+  text = "==PROF== Connected to process 1\n" + "\n".join(
+      ",".join(f'"{v}"' for v in line) for line in [names, units] + rows) + "\n==PROF== done\n"
+  raw = tmp_path / "ncu_raw.csv"
+  raw.write_text(text)
+  out_json = tmp_path / "summary.json"
+  printed = _run("qmm_profile.py", "--summarise", str(raw), "--manifest", str(manifest),
+                 "--summary-json", str(out_json))
+  summary = json.loads(out_json.read_text())
+  first, second = summary["launches"]
+  assert first["duration_us"] == pytest.approx(38.7) and first["dram_pct"] == 30.5
+  assert [k for k, _ in first["stalls"]] == ["barrier", "long_scoreboard"]
+  assert [k for k, _ in second["stalls"]] == ["long_scoreboard", "barrier"]
+  assert summary["run"]["variants"][0]["unpack"] == "prmt"
+  assert "4:dot:prmt:nk" in printed and "barrier 9.1" in printed
+  raw.write_text("==PROF== No kernels were profiled.\n")
+  proc = subprocess.run([sys.executable, "benchmarks/qmm_profile.py", "--summarise", str(raw)],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0 and "no ncu CSV header" in proc.stderr

@@ -52,6 +52,11 @@ class GpuConfig:
       kernels int8 codes are split into two nibbles, 16 hi + lo, and cost two dots; measured
       slower on the H100 there). In the "fma" kernel "magic" builds float32 values
       (2^23 + u) - (2^23 + offset): an OR and a subtraction, both at full rate.
+      "prmt" (int4, "dot" / "dot_t", bf16 / f16 activations): the nibbles become exact floats
+      two per instruction through inline PTX (``prmt_unpack_asm``), with no integer-to-float
+      conversion and no offset left to remove; compiled for sm_90 at M = 16 the loop has 357
+      instructions ("kn") or 282 ("nk") and no ``I2F``, against the shift unpack's 411 with 64
+      ``I2F``. Not yet timed.
     kernel: how a step's product is formed.
       "dot": x [bm, k] @ W [k, bn] on the tensor cores (measured, the default).
       "dot_t": the same product with the weights as the dot's left operand, W^T [bn, k] @ x^T
@@ -86,11 +91,6 @@ class GpuConfig:
       ``LDS.U8`` per thread per step, 802 instructions) and "nk" with matrix loads (8 ``LDSM`` +
       16 ``LDS.64``, 493 instructions); int4 411 -> 383 (``benchmarks/triton_offline.py``).
       Not yet timed.
-
-  ``unpack="prmt"`` (int4, "dot" / "dot_t", bf16 / f16 activations): the nibbles become floats
-  two per instruction through inline PTX (``prmt_unpack_asm``), with no integer-to-float
-  conversion; compiled for sm_90 at M = 16 its loop has 357 instructions ("kn") or 281 ("nk")
-  and no ``I2F``, against the shift unpack's 411 with 64 quarter-rate ``I2F``. Not yet timed.
   """
   block_m: int = 16
   block_n: int = 128
@@ -141,7 +141,7 @@ def _unpack_magic(p_int32, dtype):
 # MAGIC + u at once (bf16 MAGIC = 128 = 0x4300, f16 1024 = 0x6400: the mantissa's unit is 1); one
 # packed FMA, t * 1 + (-(MAGIC + 8)), leaves c exactly. The high nibbles take the same path after a
 # 4-bit right shift. Per 8 codes: 2 XOR, 1 SHR, 4 PRMT, 4 LOP3, 4 HFMA2, all full-rate (the shift
-# unpack spends 8 I2F, a quarter-rate conversion, plus sign extensions).
+# unpack spends 8 I2F, conversions at 16 per clock per SM on Hopper, plus sign extensions).
 _PRMT_CONSTANTS = {jnp.dtype(jnp.bfloat16): ("bf16x2", 0x43004300, 0x3F803F80, 0xC308C308),
                    jnp.dtype(jnp.float16): ("f16x2", 0x64006400, 0x3C003C00, 0xE408E408)}
 

@@ -35,6 +35,11 @@ against two peaks: the datasheet dense bf16 peak (``postrl.metrics.peak_flops``:
 Recomputation is not counted (vocabulary chunks under ``jax.checkpoint`` when ``--vocab-chunk``
 is set do recompute the output projection).
 
+``--breakdown`` also times parts of each step alone (``step_breakdown``): the forward, the forward
+and backward, the update as the difference to the step, the model's attention call (forward and
+backward, all layers) and the linear layers at the measured matmul rate: where the step's time
+goes without a profiler (Nsight Systems cannot make a report on the lent machines).
+
 The JSON (device, versions, date) is rewritten after every measurement and each step is printed
 as it ends, so a killed run keeps what it had; ``--time-limit`` stops early and still writes it.
 A step that runs out of device memory is retried with half the batch (recorded).
@@ -204,7 +209,91 @@ def run_job(job: str, trainer: Trainer, args, budget, rows: int) -> dict:
     record["stopped"] = f"time limit: {steps} of {args.steps} steps timed"
   common.log(f"[{job}] {steps} steps in {elapsed:.3f} s: {record['step_s']} s/step, "
              f"{record['tokens_per_s']:,.0f} tokens/s")
+  if args.breakdown and not budget.over(4 * record["warmup_step_s"]):
+    from postrl.models.transformer import full_attention_impl  # pylint: disable=import-outside-toplevel
+    try:
+      record["breakdown"] = step_breakdown(
+          loss_fn_for(job, trainer.graphdef, args.vocab_chunk), state.params, batch, cfg,
+          full_attention_impl(cfg.attention_impl, cfg.dtype, cfg.dim_per_head, seq), rows, seq,
+          elapsed / steps, args.matmul_flops_per_s, max(1, min(steps, 5)))
+      common.log(f"[{job}] breakdown (s per step): {json.dumps(record['breakdown'])}")
+    except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: keep the step)
+      record["breakdown"] = dict(error=_first_line(e))
+      common.log(f"[{job}] breakdown failed: {record['breakdown']['error']}")
   return record
+
+
+def _time_back_to_back(f, args, reps: int) -> float:
+  """Seconds per call of the jitted ``f(*args)``: one warm-up (compile) call, then ``reps`` calls
+  dispatched back to back with one ``block_until_ready`` at the end."""
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.block_until_ready(f(*args))
+  t0 = time.perf_counter()
+  out = None
+  for _ in range(reps):
+    out = f(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / reps
+
+
+def attention_args(cfg, rows: int, seq: int):
+  """Random q, k, v [rows, seq, heads, head_dim] in the compute dtype and the causal mask, the
+  shapes one decoder layer's attention sees in the step."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from postrl.models.config import dtype_from_name  # pylint: disable=import-outside-toplevel
+  dt = dtype_from_name(cfg.dtype)
+  kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+  d = cfg.dim_per_head
+  q = jax.random.normal(kq, (rows, seq, cfg.num_attention_heads, d), jnp.float32).astype(dt)
+  k = jax.random.normal(kk, (rows, seq, cfg.num_key_value_heads, d), jnp.float32).astype(dt)
+  v = jax.random.normal(kv, (rows, seq, cfg.num_key_value_heads, d), jnp.float32).astype(dt)
+  mask = jnp.broadcast_to(jnp.tril(jnp.ones((seq, seq), bool)), (rows, seq, seq))
+  return q, k, v, mask
+
+
+def step_breakdown(loss_fn, params, batch, cfg, impl_used: str, rows: int, seq: int,
+                   step_s: float, matmul_flops_per_s: float, reps: int) -> dict:
+  """Where the step's time goes, by timing parts of it alone (no profiler needed; what a profile
+  would attribute, measured by leaving stages out):
+
+    forward_s            the loss alone (jit of ``loss_fn``)
+    forward_backward_s   loss and gradients (``jax.value_and_grad``), no clipping / optimizer
+    update_s             step_s - forward_backward_s: clipping, AdamW, the NaN guard, the
+                         state's bookkeeping
+    attention_s          the attention call the model makes (``fused_attention`` for cuDNN,
+                         ``dot_product_attention`` for XLA), forward and backward, at one layer's
+                         shapes, times the number of layers
+    matmul_ideal_s       6 N tokens / the measured matmul rate: the linear layers (and output
+                         projection) if they ran at the rate of the large matmul
+    other_s              forward_backward_s - attention_s - matmul_ideal_s: norms, RoPE,
+                         activations, the loss, and the linear layers' shortfall from that rate
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from postrl.models import transformer  # pylint: disable=import-outside-toplevel
+  from postrl.trainers.common import model_flops  # pylint: disable=import-outside-toplevel
+  forward = jax.jit(lambda p, b: loss_fn(p, b)[0])
+  forward_backward = jax.jit(lambda p, b: jax.value_and_grad(lambda q: loss_fn(q, b)[0])(p))
+  out = dict(forward_s=_time_back_to_back(forward, (params, batch), reps))
+  out["forward_backward_s"] = _time_back_to_back(forward_backward, (params, batch), reps)
+  out["update_s"] = step_s - out["forward_backward_s"]
+  q, k, v, mask = attention_args(cfg, rows, seq)
+  if impl_used == "xla":
+    attend = lambda q, k, v: transformer.dot_product_attention(q, k, v, mask)  # noqa: E731
+  else:
+    attend = lambda q, k, v: transformer.fused_attention(  # noqa: E731
+        q, k, v, mask, implementation=impl_used)
+
+  def attention_fwd_bwd(q, k, v):
+    y, vjp = jax.vjp(attend, q, k, v)
+    return vjp(y)
+  layer = _time_back_to_back(jax.jit(attention_fwd_bwd), (q, k, v), reps)
+  out["attention_s"] = layer * cfg.num_hidden_layers
+  attention_flops = 12.0 * cfg.num_hidden_layers * cfg.hidden_size * seq
+  linear_flops = model_flops(cfg, seq) - attention_flops  # 6 N per token
+  out["matmul_ideal_s"] = linear_flops * rows * seq / matmul_flops_per_s
+  out["other_s"] = out["forward_backward_s"] - out["attention_s"] - out["matmul_ideal_s"]
+  return {key: round(value, 7) for key, value in out.items()}
 
 
 def _memory_analysis(compiled) -> dict:
@@ -257,6 +346,9 @@ def parse_args(argv=None):
                       help="log-prob vocabulary chunk (None: full [B, T, V] logits)")
   parser.add_argument("--matmul-n", type=int, default=None,
                       help="size of the measured-peak matmul (default 16384 on GPU, 512 on CPU)")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also time the forward, forward + backward and the attention alone "
+                      "(where the step's time goes; step_breakdown)")
   parser.add_argument("--time-limit", type=float, default=None,
                       help="seconds for the whole run; stops early and still writes the JSON")
   parser.add_argument("--jax-mem-fraction", type=float, default=0.9,
@@ -318,6 +410,7 @@ def main(argv=None):
   n = args.matmul_n or (512 if on_cpu else 16384)
   measured = matmul_flops(n, args.dtype)
   peaks = dict(datasheet=peak_flops(jax.devices()[0]), measured=measured)
+  args.matmul_flops_per_s = measured
   results.update(peak_flops_datasheet=peaks["datasheet"], peak_flops_measured=measured,
                  matmul=dict(n=n, dtype=args.dtype, flops_per_s=measured))
   sheet = "-" if not peaks["datasheet"] else f"{peaks['datasheet'] / 1e12:.0f}"

@@ -34,7 +34,8 @@ def _tiny_cfg():
 
 def test_train_step_tiny(tmp_path):
   out = tmp_path / "train_step.json"
-  stdout = _run("train_step.py", "--tiny", "--attention", "xla", "cudnn", "--out", str(out))
+  stdout = _run("train_step.py", "--tiny", "--attention", "xla", "cudnn", "--breakdown", "--out",
+                str(out))
   doc = json.loads(out.read_text())
   # cuDNN attention cannot be built here (float32 on CPU): both its rows say why, in one line
   cudnn = [j for j in doc["jobs"] if j["attention"] == "cudnn"]
@@ -58,6 +59,16 @@ def test_train_step_tiny(tmp_path):
   jobs = {j["job"]: j for j in doc["jobs"]}
   assert set(jobs) == {"sft", "dpo"}
   for job in jobs.values():
+    # --breakdown: every part timed; the update and "other" are differences of the timed parts
+    parts = job["breakdown"]
+    assert all(parts[k] > 0 for k in ("forward_s", "forward_backward_s", "attention_s",
+                                      "matmul_ideal_s")), parts
+    assert parts["update_s"] == pytest.approx(job["step_s"] - parts["forward_backward_s"],
+                                              abs=2e-4)
+    assert parts["other_s"] == pytest.approx(
+        parts["forward_backward_s"] - parts["attention_s"] - parts["matmul_ideal_s"], abs=1e-6)
+    assert parts["matmul_ideal_s"] == pytest.approx(
+        (doc["flops_per_token"] - 12 * L * d * T) * 4 * T / doc["peak_flops_measured"], rel=1e-3)
     assert job["sequences_per_step"] == 4 and job["tokens_per_step"] == 4 * T
     assert job["timed_steps"] == 2 and job["finite"] == 1.0
     assert job["tokens_per_s"] == pytest.approx(4 * T / job["step_s"], rel=0.02)

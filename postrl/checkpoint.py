@@ -38,7 +38,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -140,6 +140,12 @@ class Checkpointer:
       raise ValueError(f"keep must be >= 1 or None, got {keep}")
     directory = os.fspath(directory)
     self.directory = directory if "://" in directory else os.path.abspath(directory)
+    if "://" not in directory:  # a file in the way fails here, not deep inside orbax
+      try:
+        os.makedirs(self.directory, exist_ok=True)
+      except OSError as e:
+        raise CheckpointError(f"{self.directory}: cannot create the checkpoint directory "
+                              f"({e.strerror or e}). Use another workdir.") from None
     self.save_every = save_every
     # The JSON round trip makes tuples lists, as they come back from disk.
     self.fingerprint = None if fingerprint is None else json.loads(json.dumps(fingerprint))
@@ -217,8 +223,8 @@ class Checkpointer:
           f"{self.directory}: no checkpoint at step {step} (saved steps: {steps}).")
     where = f"{self.directory} step {step}"
     if self.fingerprint is not None:
-      stored = self._manager.restore(
-          step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore()))["fingerprint"]
+      stored = self._read(where, step, lambda: self._manager.restore(
+          step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore()))["fingerprint"])
       diff = _fingerprint_diff(stored or {}, self.fingerprint)
       if diff is not None:
         raise CheckpointError(
@@ -227,12 +233,25 @@ class Checkpointer:
     abstract_state = jax.tree_util.tree_map_with_path(
         lambda p, x: _abstract(_path_str(p), x), abstract_state)
     self._check_tree(where, step, abstract_state)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
+    restored = self._read(where, step, lambda: self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore())))
     return restored["state"], restored["extra"]
 
+  def _read(self, where: str, step: int, read: Callable[[], Any]):
+    """``read()``, its failure a ``CheckpointError`` naming the step: a damaged checkpoint (a file
+    missing, truncated or not parseable) fails in orbax, TensorStore or json, each with its own
+    kind of error and a long trace."""
+    try:
+      return read()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      detail = (str(e).strip().splitlines() or [""])[0][:300]
+      raise CheckpointError(
+          f"{where} cannot be read ({type(e).__name__}: {detail}). If it is damaged (a file "
+          f"missing or truncated), delete {self.directory}/{step} to resume from an earlier "
+          f"checkpoint (saved steps: {self.all_steps()}), or use a new workdir.") from e
+
   def _check_tree(self, where: str, step: int, abstract_state):
-    metadata = self._manager.item_metadata(step)["state"]
+    metadata = self._read(where, step, lambda: self._manager.item_metadata(step)["state"])
     stored = _flat(getattr(metadata, "tree", metadata))
     wanted = _flat(abstract_state)
     problem = None

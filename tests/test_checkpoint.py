@@ -1,6 +1,7 @@
 """Checkpointer: sharded bitwise round trips, pruning, checks on restore, crash safety, signals."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -228,6 +229,47 @@ def test_hand_made_tmp_dir_is_ignored(tmp_path):
     ckpt.save(1, {"w": jnp.zeros(1)}, {})
   (tmp_path / "5.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
   assert Checkpointer(tmp_path, save_every=1).latest_step() == 1
+
+
+def test_directory_in_the_way_is_a_checkpoint_error(tmp_path):
+  (tmp_path / "checkpoints").write_text("not a directory")
+  with pytest.raises(CheckpointError, match="checkpoints: cannot create the checkpoint directory"):
+    Checkpointer(tmp_path / "checkpoints", save_every=1)
+  with pytest.raises(CheckpointError, match="cannot create"):  # a file where a parent should be
+    Checkpointer(tmp_path / "checkpoints" / "sub", save_every=1)
+
+
+def _damage(step_dir, how):
+  if how == "extra":  # a JSON item cut short
+    (step_dir / "extra" / "metadata").write_text('{"s": ')
+  elif how == "state_item":  # the arrays' item gone
+    shutil.rmtree(step_dir / "state")
+  elif how == "array_data":  # the array bytes truncated, the metadata intact
+    for f in (step_dir / "state").rglob("*"):
+      if f.is_file() and f.parent.name == "d":
+        with open(f, "r+b") as fh:
+          fh.truncate(8)
+
+
+@pytest.mark.parametrize("how", ["extra", "state_item", "array_data"])
+def test_damaged_checkpoint_names_the_step_and_the_way_back(tmp_path, how):
+  """A truncated or missing file is a CheckpointError naming the step (not a json, KeyError or
+  TensorStore trace); deleting that step, as it advises, resumes from the one before."""
+  fp = {"model": "tiny"}
+  with Checkpointer(tmp_path, save_every=1, fingerprint=fp) as ckpt:
+    for s in (1, 2):
+      ckpt.save(s, {"w": jnp.full((64,), s, jnp.float32)}, {"s": s})
+  assert (tmp_path / "2" / "extra" / "metadata").exists()
+  _damage(tmp_path / "2", how)
+  abstract = {"w": jax.ShapeDtypeStruct((64,), jnp.float32)}
+  ckpt = Checkpointer(tmp_path, save_every=1, fingerprint=fp)
+  with pytest.raises(CheckpointError, match=rf"{tmp_path} step 2 cannot be read .* delete "
+                                            rf"{tmp_path}/2 .*saved steps: \[1, 2\]"):
+    ckpt.restore(None, abstract)
+  ckpt.close()
+  shutil.rmtree(tmp_path / "2")
+  state, extra = Checkpointer(tmp_path, save_every=1, fingerprint=fp).restore(None, abstract)
+  assert extra == {"s": 1} and state["w"].tolist() == [1.0] * 64
 
 
 def test_preemption_guard_sets_flag_and_restores_handler():

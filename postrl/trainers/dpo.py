@@ -58,6 +58,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
+import numbers
 import os
 
 import jax
@@ -205,6 +207,12 @@ def check_loss_config(config) -> None:
   if loss_cfg.reference not in REFERENCE_MODES:
     raise ConfigError(f"config.loss.reference: expected one of {REFERENCE_MODES}, got "
                       f"{loss_cfg.reference!r}")
+  beta = loss_cfg.get("beta")
+  if loss_cfg.name != "orpo" and not (isinstance(beta, numbers.Real) and math.isfinite(beta)
+                                      and beta > 0):
+    # β = 0 gives the loss no gradient, β < 0 trains toward the rejected response: both silently
+    raise ConfigError(f"config.loss.beta: must be a finite number > 0 for {loss_cfg.name!r}, "
+                      f"got {beta!r}")
   check_data_config(config.data)
   if loss_cfg.name in PAIRWISE and config.data.kind != "pairs":
     raise ConfigError(f"config.loss.name={loss_cfg.name!r} trains on pairs; set "

@@ -111,8 +111,11 @@ def settings(loss_cfg, *, max_new_tokens: int) -> GRPOSettings:
       # Dr. GRPO divides by a constant: the generation budget
       norm_len=float(max_new_tokens) if preset["variant"] == "dr_grpo" else None,
       tis_cap=loss_cfg.get("tis_cap"))
-  if out.kl_coef < 0 or out.clip_eps_low < 0 or out.clip_eps_high < 0:
+  if not (out.kl_coef >= 0 and out.clip_eps_low >= 0 and out.clip_eps_high >= 0):  # NaN too
     raise ConfigError(f"config.loss: kl_coef and clip ranges must be >= 0, got {out}")
+  if out.max_sampling_rounds < 1 or not (out.tis_cap is None or out.tis_cap > 0):
+    raise ConfigError(f"config.loss: max_sampling_rounds must be >= 1 and tis_cap > 0 (or "
+                      f"None), got {out.max_sampling_rounds}, {out.tis_cap}")
   if out.overlong_cache >= max_new_tokens:
     raise ConfigError(f"config.loss.overlong_cache={out.overlong_cache} must be below "
                       f"rollout.max_new_tokens={max_new_tokens}")

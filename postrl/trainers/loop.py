@@ -11,15 +11,17 @@ What it does, in order:
    checkpoint is an error, never a silent fresh start).
 3. Runs the jitted, donated step (``postrl.trainers.step``); metrics of step s are fetched after
    step s+1 has been dispatched, so the host never stalls the device.
-4. Stops with ``NonFiniteError`` naming the step if a loss or gradient is NaN/Inf (that update is
-   not applied, and no checkpoint is written after it).
+4. Stops with ``NonFiniteError`` naming the step if a loss, gradient or update is NaN/Inf (that
+   update is not applied, and no checkpoint is written after it).
 5. Saves every ``save_every`` steps, at the end, and when SIGTERM or Ctrl-C arrives (pod
    pre-emption): the run then exits cleanly and ``fit`` returns with ``preempted=True``.
+   If the batches run out before ``total_steps``, it saves the steps done and raises ``DataError``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import time
 from typing import Any, Callable, Iterator
@@ -31,12 +33,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from postrl import sharding as shd
 from postrl.checkpoint import CheckpointError, Checkpointer, PreemptionGuard, should_stop
+from postrl.data.records import DataError
 from postrl.metrics import MetricsLogger, mfu, peak_flops
+from postrl.models.config import ConfigError
 from postrl.trainers.step import LossFn, TrainState, init_train_state, make_train_step
 
 
 class NonFiniteError(FloatingPointError):
-  """A NaN or Inf loss or gradient; names the step. The update was not applied."""
+  """A NaN or Inf loss, gradient or update; names the step. The update was not applied."""
 
 
 @dataclasses.dataclass
@@ -117,6 +121,8 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
       on the same base). ``loss_fn``, ``eval_fn`` and ``next_batch`` get the full parameters
       (``postrl.peft.combine``).
   """
+  if not (isinstance(total_steps, numbers.Integral) and total_steps >= 1):
+    raise ConfigError(f"total_steps (config.steps) must be an integer >= 1, got {total_steps!r}")
   is_main = jax.process_index() == 0
   combine, frozen_shardings = None, None
   if frozen is not None:
@@ -159,7 +165,7 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
   history: list[dict] = []
   pending = None  # (step, device metrics, host extras) of the previous step
   last_saved = start_step if resumed_from is not None else None
-  preempted = False
+  preempted = exhausted = False
 
   def data_state():
     return batches.get_state() if hasattr(batches, "get_state") else None
@@ -170,11 +176,16 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
     m = _to_host(dev_metrics)
     if m.get("step/finite", 1.0) != 1.0:
       where = f"; last checkpoint: step {last_saved}" if last_saved is not None else ""
+      loss, grad_norm = m.get("loss"), m.get("optim/grad_norm")
+      if np.isfinite(loss) and np.isfinite(grad_norm):  # the optimizer made the NaN
+        raise NonFiniteError(
+            f"step {step}: non-finite optimizer update from a finite loss ({loss}) and gradient "
+            f"(grad_norm={grad_norm}). The update was not applied and no checkpoint was written "
+            f"after it{where}. Check the optimizer's settings (learning rate, eps).")
       raise NonFiniteError(
-          f"step {step}: non-finite loss or gradient (loss={m.get('loss')}, grad_norm="
-          f"{m.get('optim/grad_norm')}). The update was not applied and no checkpoint was written "
-          f"after it{where}. Lower the learning rate, check the data of this step, or use "
-          f"float32 params.")
+          f"step {step}: non-finite loss or gradient (loss={loss}, grad_norm={grad_norm}). The "
+          f"update was not applied and no checkpoint was written after it{where}. Lower the "
+          f"learning rate, check the data of this step, or use float32 params.")
     # Steps run back to back on the device and step s's metrics are ready when it ends, so the
     # time between two fetches is one step (the first one includes compilation).
     now = time.perf_counter()
@@ -208,8 +219,12 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
     with PreemptionGuard(sigint=True) as guard:
       while step < total_steps:
         # an on-policy source (RL rollouts, on-policy distillation) samples with the current params
-        host_batch = (batches.next_batch(full(state.params), step)
-                      if hasattr(batches, "next_batch") else next(batches))
+        try:
+          host_batch = (batches.next_batch(full(state.params), step)
+                        if hasattr(batches, "next_batch") else next(batches))
+        except StopIteration:
+          exhausted = True
+          break
         source_metrics = batches.pop_metrics() if hasattr(batches, "pop_metrics") else {}
         rows = len(next(iter(host_batch.values()))) * jax.process_count()
         if rows % divisor:
@@ -247,6 +262,14 @@ def fit(loss_fn: LossFn, params, tx: optax.GradientTransformation, batches: Iter
           break
       if pending is not None:
         finish(pending)
+      if exhausted:  # keep the steps done so far, then say so
+        if ckpt is not None and step > start_step and step != last_saved:
+          ckpt.save(step, state, {"data": data_state()}, force=True)
+          last_saved = step
+        where = f"; last checkpoint: step {last_saved}" if last_saved is not None else ""
+        raise DataError(f"the batches ran out at step {step + 1} of total_steps={total_steps}"
+                        f"{where}. The data holds fewer batches than the run needs: repeat it "
+                        f"(more epochs) or train for fewer steps.")
       if ckpt is not None:
         ckpt.wait()  # the final checkpoint is complete before the (long) final evaluation
       if eval_fn is not None and not preempted:

@@ -104,7 +104,8 @@ class PPOSettings:
 
 
 def settings(loss_cfg) -> PPOSettings:
-  """``config.loss`` -> ``PPOSettings``; ConfigError for γ or λ outside [0, 1] or negative β, c_v."""
+  """``config.loss`` -> ``PPOSettings``; ConfigError for γ or λ outside [0, 1], negative (or NaN)
+  β, c_v or clip ranges."""
   s = PPOSettings(
       clip_eps_low=float(loss_cfg.clip_eps_low), clip_eps_high=float(loss_cfg.clip_eps_high),
       vf_coef=float(loss_cfg.vf_coef),
@@ -114,9 +115,12 @@ def settings(loss_cfg) -> PPOSettings:
       whiten_advantages=bool(loss_cfg.whiten_advantages))
   if not (0 <= s.gamma <= 1 and 0 <= s.lam <= 1):
     raise ConfigError(f"config.loss: gamma and lam must be in [0, 1], got {s.gamma}, {s.lam}")
-  if s.kl_coef < 0 or s.vf_coef < 0:
+  if not (s.kl_coef >= 0 and s.vf_coef >= 0):  # NaN too
     raise ConfigError(f"config.loss: kl_coef and vf_coef must be >= 0, got {s.kl_coef}, "
                       f"{s.vf_coef}")
+  if not (s.clip_eps_low >= 0 and s.clip_eps_high >= 0 and (s.vf_clip is None or s.vf_clip > 0)):
+    raise ConfigError(f"config.loss: clip_eps_low and clip_eps_high must be >= 0 and vf_clip > 0 "
+                      f"(or None), got {s.clip_eps_low}, {s.clip_eps_high}, {s.vf_clip}")
   return s
 
 

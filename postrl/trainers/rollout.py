@@ -30,6 +30,7 @@ processes; each process then keeps its own contiguous share of the rows, as
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
 from typing import Callable, Sequence
 
@@ -40,11 +41,17 @@ from postrl import sharding as shd
 from postrl.logprobs import token_logps
 from postrl.rewards import combine_rewards
 from postrl.sampling.generate import generate, to_host
+from postrl.trainers.loop import NonFiniteError
 
 
 def rows_per_rollout(rollout_cfg) -> int:
-  """prompts x group_size, checked to split into ``minibatches`` (ConfigError otherwise)."""
+  """prompts x group_size, checked to split into ``minibatches`` (ConfigError otherwise, or when
+  prompts, group_size, minibatches or epochs is not a positive integer)."""
   from postrl.models import ConfigError  # pylint: disable=import-outside-toplevel
+  for key in ("prompts", "group_size", "minibatches", "epochs"):
+    value = rollout_cfg.get(key, 1)
+    if not (isinstance(value, numbers.Integral) and value >= 1):
+      raise ConfigError(f"config.rollout.{key} must be an integer >= 1, got {value!r}")
   rows = rollout_cfg.prompts * rollout_cfg.group_size
   if rows % rollout_cfg.minibatches:
     raise ConfigError(f"config.rollout: prompts x group_size = {rows} rows do not split into "
@@ -101,7 +108,8 @@ def score_completions(texts: Sequence[str], problems: Sequence, lengths, *, weig
   """Rewards of sampled completions: ``postrl.rewards.combine_rewards`` over the named rewards
   (the problem's fields and ``num_tokens`` fill their arguments) plus, with ``reward_model``
   (``postrl.rewards.make_reward_model_reward``), ``reward_model_weight`` x its score, computed
-  in batches. Returns (total [B] float32, per-name arrays, "reward_model" included)."""
+  in batches. Returns (total [B] float32, per-name arrays, "reward_model" included); a reward
+  that is NaN or Inf is a ``NonFiniteError`` naming it and the completion."""
   inputs = []
   for p, n in zip(problems, lengths):
     fields = dataclasses.asdict(p) if dataclasses.is_dataclass(p) else dict(p)
@@ -112,8 +120,21 @@ def score_completions(texts: Sequence[str], problems: Sequence, lengths, *, weig
   per_name = {k: np.array(v, np.float32) for k, v in per_name.items()}
   if reward_model is not None:
     scores = np.array(reward_model.batch(list(texts), [p.prompt for p in problems]), np.float32)
+    if scores.shape != total.shape:  # numpy would broadcast a [1] or [B, 1] silently
+      raise ValueError(f"the reward model returned scores of shape {scores.shape} for "
+                       f"{len(texts)} completions; expected ({len(texts)},)")
     per_name["reward_model"] = scores
     total = total + reward_model_weight * scores
+  # a NaN reward would only surface later as a NaN loss (or, with DAPO's dynamic sampling, a
+  # silently dropped group): name the reward and the completion here
+  for name, values in list(per_name.items()) + [("total (weighted sum)", total)]:
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+      i = int(bad[0])
+      raise NonFiniteError(f"reward {name!r} is {values[i]} for completion {i} of the rollout "
+                           f"(prompt {getattr(problems[i], 'prompt', None)!r}, completion "
+                           f"{texts[i][:200]!r}); "
+                           f"{bad.size} of {len(values)} rewards are not finite")
   return total, per_name
 
 

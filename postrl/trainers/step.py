@@ -4,9 +4,9 @@ A trainer supplies only ``loss_fn(params, batch) -> (loss, metrics)``. This modu
 
 * the optimizer: AdamW with linear warmup + cosine decay and global-norm clipping (``make_optimizer``);
 * exact gradient accumulation over ``accum_steps`` micro-batches inside one jitted step;
-* a NaN/Inf guard: a step whose loss or gradient is not finite is *not applied* (the state is
-  returned unchanged) and is flagged in the metrics (``step/finite`` = 0), so the loop can stop with
-  an error naming the step before anything of it reaches a checkpoint;
+* a NaN/Inf guard: a step whose loss, gradient or optimizer update is not finite is *not applied*
+  (the state is returned unchanged) and is flagged in the metrics (``step/finite`` = 0), so the
+  loop can stop with an error naming the step before anything of it reaches a checkpoint;
 * donated state (the old parameters and optimizer state are updated in place in device memory).
 
 Exact accumulation. ``loss_fn`` returns the *mean* loss over its micro-batch and may report in
@@ -24,11 +24,15 @@ its loss (a token-mean KL, a sequence-mean reward); ``loss_weight`` itself comes
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from postrl.models.config import ConfigError
 
 LossFn = Callable[[Any, dict], tuple[jax.Array, dict]]
 
@@ -45,6 +49,24 @@ class OptimizerConfig:
   eps: float = 1e-8
   weight_decay: float = 0.0
   clip_norm: float | None = 1.0    # global gradient norm; None = no clipping
+
+  def __post_init__(self):
+    # each of these would train silently wrong rather than fail: lr <= 0 takes no or reversed
+    # steps, a negative min_lr_ratio turns the end of the schedule into gradient ascent, eps = 0
+    # makes Adam's update 0/0 = NaN wherever a gradient is 0 (e.g. unused embedding rows), and
+    # b1, b2 outside [0, 1) make its bias correction divide by zero
+    number = lambda x: isinstance(x, numbers.Real) and math.isfinite(x)  # noqa: E731
+    bad = [f"{k}={getattr(self, k)!r} (need a finite number > 0)" for k in ("lr", "eps")
+           if not (number(getattr(self, k)) and getattr(self, k) > 0)]
+    bad += [f"{k}={getattr(self, k)!r} (need a finite number >= 0)"
+            for k in ("min_lr_ratio", "weight_decay", "warmup_steps")
+            if not (number(getattr(self, k)) and getattr(self, k) >= 0)]
+    bad += [f"{k}={getattr(self, k)!r} (need 0 <= {k} < 1)" for k in ("b1", "b2")
+            if not (number(getattr(self, k)) and 0 <= getattr(self, k) < 1)]
+    if self.clip_norm is not None and not (number(self.clip_norm) and self.clip_norm > 0):
+      bad.append(f"clip_norm={self.clip_norm!r} (need a number > 0, or None: no clipping)")
+    if bad:
+      raise ConfigError(f"config.optim: {'; '.join(bad)}")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
@@ -164,8 +186,8 @@ def train_step(loss_fn: LossFn, tx: optax.GradientTransformation, state: TrainSt
   trainable arrays; ``loss_fn`` gets ``combine(params, frozen, rng)`` (the full parameters, e.g.
   ``postrl.peft.combine``) and only ``state.params`` is differentiated and updated.
 
-  Returns the new state (or the old one, untouched, when the loss or gradients are not finite)
-  and metrics: the loss_fn's (weighted) metrics plus ``loss``, ``loss_weight`` (summed over
+  Returns the new state (or the old one, untouched, when the loss, gradients or update are not
+  finite) and metrics: the loss_fn's (weighted) metrics plus ``loss``, ``loss_weight`` (summed over
   micro-batches), ``optim/grad_norm`` (before clipping), ``optim/param_norm`` and ``step/finite``.
   """
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -175,8 +197,10 @@ def train_step(loss_fn: LossFn, tx: optax.GradientTransformation, state: TrainSt
   loss, metrics, grads, w = loss_and_grads(loss_fn, state.params, batch, rng,
                                            accum_steps=accum_steps, micro_sharding=micro_sharding)
   grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  # a finite gradient can still give a NaN update (a NaN or inf learning rate, 0/0 in Adam with
+  # eps=0): that must not reach the parameters (and a checkpoint) either
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
   new_params = optax.apply_updates(state.params, updates)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = TrainState(step=state.step + finite.astype(jnp.int32),

@@ -93,19 +93,42 @@ def default_workdir(config_path: str) -> str:
   return os.path.join("runs", stem)
 
 
+def workdir_problem(workdir: str) -> str | None:
+  """Why ``workdir`` cannot hold a run's outputs, or None: checked before any work, so a run
+  never ends with results, metrics or checkpoints it cannot write."""
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):  # the folder is made later: its nearest existing parent counts
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    return f"{path} is a file, not a folder"
+  if not os.access(path, os.W_OK | os.X_OK):
+    return f"{path} is not writable"
+  return None
+
+
 def main(argv):
   del argv
+  config_file = config_flags.get_config_filename(FLAGS["config"])
+  path = config_file.split(":")[0]  # "file.py:arg" passes arg to get_config
+  if not os.path.isfile(path):  # ml_collections would raise two chained tracebacks
+    print(f"error: --config {path}: {'is a folder' if os.path.isdir(path) else 'no such file'}",
+          file=sys.stderr)
+    return 2
   config = FLAGS.config
   if "job" not in config or config.job not in JOBS:
     print(f"error: config.job must be one of {list(JOBS)}, got {config.get('job')!r}",
           file=sys.stderr)
+    return 2
+  workdir = FLAGS.workdir or default_workdir(config_file)
+  problem = workdir_problem(workdir)
+  if problem:
+    print(f"error: --workdir {workdir}: {problem}", file=sys.stderr)
     return 2
   jax = initialize_jax()
   if jax.process_count() > 1:
     print(f"process {jax.process_index()} of {jax.process_count()}: "
           f"{jax.local_device_count()} local / {jax.device_count()} global devices")
   run = _job(config.job)
-  workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
   if jax.process_index() == 0:
     print(f"workdir: {workdir}")
   try:

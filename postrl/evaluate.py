@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from postrl.data.tasks import arithmetic_problems
 from postrl.logprobs import model_apply_fn, token_logps
-from postrl.models import load_pretrained, load_tokenizer
+from postrl.models import ConfigError, TokenizerError, load_pretrained, load_tokenizer
 from postrl.rewards.math import exact_match, extract_last_number
 from postrl.sampling.generate import generate, pad_prompts, stop_and_pad_ids, to_host
 
@@ -129,15 +129,35 @@ def perplexity(model, tokens_BxT, *, batch_size: int, mask_BxT=None, chunk: int 
   return float(np.exp(total / count))
 
 
+def _task_problems(config) -> list:
+  """``config.task``'s problems; a bad setting is a ``ConfigError`` naming the key (checked
+  before the model loads)."""
+  for key, value in (("batch_size", config.batch_size), ("max_new_tokens", config.max_new_tokens),
+                     ("task.num_problems", config.task.num_problems)):
+    if value < 1:
+      raise ConfigError(f"config.{key} must be >= 1, got {value}")
+  if not 0.0 <= config.temperature < float("inf"):
+    raise ConfigError(f"config.temperature must be a finite number >= 0, got {config.temperature}")
+  if config.task.name not in TASKS:
+    raise ConfigError(f"config.task.name: unknown task {config.task.name!r}; "
+                      f"known: {sorted(TASKS)}")
+  try:
+    return TASKS[config.task.name](config.task.num_problems, seed=config.task.seed,
+                                   digits=config.task.digits, ops=config.task.ops)
+  except ValueError as e:
+    raise ConfigError(f"config.task: {e}") from None
+
+
 def run(config, workdir: str | None) -> dict:
   """Loads ``config.model``, evaluates it on ``config.task`` and writes results.json."""
   t0 = time.perf_counter()
+  problems = _task_problems(config)
   model = load_pretrained(config.model, param_dtype=config.param_dtype)
   tokenizer = load_tokenizer(config.model)
-  if config.task.name not in TASKS:
-    raise ValueError(f"config.task.name: unknown task {config.task.name!r}; known: {sorted(TASKS)}")
-  problems = TASKS[config.task.name](config.task.num_problems, seed=config.task.seed,
-                                     digits=config.task.digits, ops=config.task.ops)
+  if tokenizer.vocab_size > model.config.vocab_size:
+    raise TokenizerError(f"{config.model}: the tokenizer has {tokenizer.vocab_size} tokens, more "
+                         f"than the model's vocabulary of {model.config.vocab_size}: they do not "
+                         f"belong together")
   t1 = time.perf_counter()
   accuracy, records, n_tokens = evaluate_task(
       model, tokenizer, problems, batch_size=config.batch_size,
@@ -155,7 +175,9 @@ def run(config, workdir: str | None) -> dict:
         f"{accuracy:.1%} ({n_tokens} tokens generated in {seconds:.1f}s)")
   if workdir:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
+    path = os.path.join(workdir, "results.json")
+    with open(f"{path}.tmp", "w") as f:  # renamed when complete: never half a results file
       json.dump(dict(summary, records=records), f, indent=1)
-    print(f"wrote {os.path.join(workdir, 'results.json')}")
+    os.replace(f"{path}.tmp", path)
+    print(f"wrote {path}")
   return summary

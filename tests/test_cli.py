@@ -2,12 +2,19 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
 import pytest
+from flax import nnx
 
+from configs import eval_arith
+from postrl import evaluate
 from postrl import generate as generate_cli
+from postrl.models import ConfigError, TokenizerError, Transformer, save_pretrained
+from tests.conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,3 +68,50 @@ def test_launch_without_arguments_runs_the_main_job_config(tmp_path):
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert "workdir: runs/grpo_arith" in proc.stdout
   assert "config.loss.algorithm: unknown 'nope'" in proc.stderr
+
+
+def test_launch_bad_config_path_is_one_line_not_a_trace():
+  proc = _launch("--config", "configs/no_such.py", timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip() == "error: --config configs/no_such.py: no such file"
+
+
+def test_launch_workdir_under_a_file_fails_before_any_work(tmp_path):
+  blocker = tmp_path / "results.json"
+  blocker.write_text("{}")
+  proc = _launch("--config", "configs/eval_arith.py", "--workdir", str(blocker / "run"),
+                 timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip() == (f"error: --workdir {blocker / 'run'}: {blocker} is a file, "
+                                 "not a folder")
+  assert "workdir:" not in proc.stdout  # stopped before JAX started or the model loaded
+
+
+def _eval_config(**overrides):
+  config = eval_arith.get_config()
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"task.name": "nope"}, "config.task.name: unknown task 'nope'"),
+    ({"task.digits": 0}, "config.task: need n >= 0 and digits >= 1"),
+    ({"task.num_problems": 0}, "config.task.num_problems must be >= 1, got 0"),
+    ({"batch_size": 0}, "config.batch_size must be >= 1, got 0"),
+    ({"temperature": -1.0}, "config.temperature must be a finite number >= 0, got -1.0"),
+])
+def test_eval_job_config_errors_name_the_key_before_the_model_loads(overrides, message):
+  config = _eval_config(model="/no/such/model", **overrides)  # loading it would fail differently
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    evaluate.run(config, None)
+
+
+def test_eval_job_tokenizer_larger_than_the_model_vocabulary(tiny_model_dir, tmp_path):
+  save_pretrained(Transformer(tiny_config(), rngs=nnx.Rngs(0)), str(tmp_path))  # vocab 101
+  for name in ("tokenizer.json", "tokenizer_config.json"):  # SmolLM2's: 49152 tokens
+    shutil.copy(os.path.join(tiny_model_dir, name), tmp_path / name)
+  config = _eval_config(model=str(tmp_path), **{"task.num_problems": 1, "batch_size": 1})
+  with pytest.raises(TokenizerError, match="the tokenizer has 49152 tokens, more than the "
+                                           "model's vocabulary of 101"):
+    evaluate.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()

@@ -30,11 +30,12 @@ Another record type gets its own ``tokenize_*`` function of the same shape and r
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from postrl.data.records import SFTRecord
+from postrl.data.records import DataError, SFTRecord
 
 _KEYS = ("tokens", "segment_ids", "loss_mask")
 
@@ -115,6 +116,27 @@ def sft_length_stats(records: Sequence, tokenizer, *, max_len: int,
           "mean_completion_length": float(np.mean(completions)) if completions else 0.0}
 
 
+def _check_lengths(records: Sequence, tokenizer, *, seq_len: int, chat: bool, warn: bool) -> None:
+  """``sft_length_stats`` before training: a ``DataError`` if a record keeps no completion token
+  within ``seq_len`` (its prompt fills the row, so it would silently train on nothing), and a
+  warning counting the records whose completion is cut."""
+  stats = sft_length_stats(records, tokenizer, max_len=seq_len, chat=chat)
+  if stats["num_without_loss"]:
+    first = next(i for i, r in enumerate(records)
+                 if not any(_sft_ids(r, tokenizer, chat=chat)[1][:seq_len]))
+    where = (records._where(first) if hasattr(records, "_where")  # pylint: disable=protected-access
+             else f"SFT record {first} (0-based)")
+    ids, mask = _sft_ids(records[first], tokenizer, chat=chat)
+    raise DataError(
+        f"{where}: no completion token fits in seq_len={seq_len} (its prompt alone is "
+        f"{len(ids) - sum(mask)} tokens; {stats['num_without_loss']} of {stats['num_records']} "
+        f"records are like this): raise seq_len or shorten those prompts")
+  if stats["num_truncated"] and warn:
+    warnings.warn(f"{stats['num_truncated']} of {stats['num_records']} SFT records are longer "
+                  f"than seq_len={seq_len} (the longest has {stats['max_length']} tokens): their "
+                  f"completions are cut")
+
+
 def _pad_example(example: Mapping[str, np.ndarray], *, seq_len: int, pad_id: int) -> dict:
   """One example right-padded to ``seq_len`` as a row with segment id 1 (0 on padding)."""
   n = len(example["tokens"])
@@ -191,7 +213,8 @@ def sft_dataset(records: Sequence, tokenizer, *, batch_size: int, seq_len: int, 
     raise ValueError(f"global batch_size {batch_size} must be a positive multiple of the "
                      f"{count} processes")
   if len(records) == 0:
-    raise ValueError("sft_dataset needs at least one record")
+    raise DataError("sft_dataset needs at least one record")
+  _check_lengths(records, tokenizer, seq_len=seq_len, chat=chat, warn=index == 0)
   pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
   ds = grain.MapDataset.source(records).shuffle(seed=seed).repeat(num_epochs)
   ds = ds.map(functools.partial(tokenize_sft, tokenizer=tokenizer, max_len=seq_len, chat=chat))
@@ -217,7 +240,8 @@ def sft_batches(records: Sequence, tokenizer, *, batch_size: int, seq_len: int, 
     tokenizer: a ``postrl.models.Tokenizer``; see ``tokenize_sft``.
     batch_size: the global batch (rows over all processes); each process yields
       ``batch_size // shard_count`` rows.
-    seq_len: T; longer examples are truncated to it.
+    seq_len: T; longer examples are truncated to it (with a warning that counts them). A
+      record that keeps no completion token within T is a ``DataError`` before any batch.
     pack: several examples per row (first-fit) instead of one per row.
     seed: the shuffle seed (same seed, same order; each epoch is a new permutation).
     num_epochs: passes over the data; None repeats forever.

@@ -44,7 +44,8 @@ import numpy as np
 
 from postrl.data.pipeline import _shard, tokenize_sft  # one process-sharding rule for all batches
 from postrl.data.records import (DataError, Message, PreferenceRecord, RankingRecord, SFTRecord,
-                                 read_jsonl, write_jsonl)
+                                 _check_str, _check_strs, _read_json_lines, read_jsonl,
+                                 write_jsonl)
 
 OVERFLOW_MODES = ("truncate", "error")
 KINDS = ("pairs", "rankings")
@@ -215,10 +216,9 @@ class StepRecord:
     for key in ("prompt", "steps", "labels"):
       if key not in obj:
         raise ValueError(f"missing field {key!r}")
-    if not isinstance(obj["prompt"], str):
-      raise ValueError("field 'prompt': expected a string")
-    steps, labels = obj["steps"], obj["labels"]
-    if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
+    _check_str(obj["prompt"], "prompt")
+    steps, labels = _check_strs(obj["steps"], "steps"), obj["labels"]
+    if not steps:
       raise ValueError("field 'steps': expected a non-empty list of strings")
     if not isinstance(labels, list) or len(labels) != len(steps):
       raise ValueError(f"field 'labels': expected a list of {len(steps)} numbers (one per step)")
@@ -234,24 +234,9 @@ class StepRecord:
 def read_step_jsonl(path: str | os.PathLike, *, skip_malformed: bool = False
                     ) -> tuple[list[StepRecord], int]:
   """Reads step-labelled records; a malformed line is a ``DataError`` naming file:line (or is
-  skipped and counted with ``skip_malformed``). Returns ``(records, num_skipped)``."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise DataError(f"{path}: no such file")
-  records, skipped = [], 0
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        records.append(StepRecord.from_json(json.loads(line)))
-      except ValueError as e:  # json.JSONDecodeError is a ValueError
-        if not skip_malformed:
-          raise DataError(f"{path}:{lineno}: {e}") from None
-        skipped += 1
-  if not records:
-    raise DataError(f"{path}: no valid records ({skipped} malformed lines skipped)")
-  return records, skipped
+  skipped and counted with ``skip_malformed``), as ``read_jsonl``. Returns
+  ``(records, num_skipped)``."""
+  return _read_json_lines(path, StepRecord.from_json, skip_malformed=skip_malformed)
 
 
 @dataclasses.dataclass

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any, ClassVar, Iterable, Sequence
 
 
@@ -45,9 +46,16 @@ def _json_type(value: Any) -> str:
           dict: "object"}.get(type(value), type(value).__name__)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _check_str(value: Any, field: str) -> str:
   if not isinstance(value, str):
     raise FieldError(field, f"expected a string, got {_json_type(value)}")
+  bad = _SURROGATE.search(value)
+  if bad:  # JSON's "\ud83d" escape alone (an emoji cut in half): no tokenizer can encode it
+    raise FieldError(field, f"invalid Unicode: a lone surrogate U+{ord(bad.group()):04X} at "
+                     f"character {bad.start()}")
   return value
 
 
@@ -275,14 +283,24 @@ def read_jsonl(path: str | os.PathLike, schema: str | type, *,
     DataError: the file is missing or holds no valid record, or (unless ``skip_malformed``) a
       line is malformed: ``path:LINE: field 'x': expected a string, got int``.
   """
-  path = os.fspath(path)
   cls = schema_class(schema)
+  return _read_json_lines(path, lambda obj: parse_record(obj, cls),
+                          skip_malformed=skip_malformed)
+
+
+def _read_json_lines(path: str | os.PathLike, parse, *,
+                     skip_malformed: bool = False) -> tuple[list, int]:
+  """``read_jsonl`` with any ``parse(json_value) -> record`` that raises ``ValueError`` naming
+  the field (e.g. ``StepRecord.from_json``); the same errors, UTF-8 handling and skipping."""
+  path = os.fspath(path)
   try:
     f = open(path, "rb")  # decoded line by line, so a bad byte is reported with its line
   except FileNotFoundError:
     raise DataError(f"{path}: no such file") from None
   except IsADirectoryError:
     raise DataError(f"{path}: is a directory, not a JSONL file") from None
+  except OSError as e:  # permission denied, a name too long, ...
+    raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
   records, skipped, first_error = [], 0, None
   with f:
     for lineno, raw in enumerate(f, start=1):
@@ -297,7 +315,7 @@ def read_jsonl(path: str | os.PathLike, schema: str | type, *,
           obj = json.loads(line)
         except json.JSONDecodeError as e:
           raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-        records.append(parse_record(obj, cls))
+        records.append(parse(obj))
       except ValueError as e:
         error = DataError(f"{path}:{lineno}: {e}")
         if not skip_malformed:
@@ -391,8 +409,19 @@ class ArrayRecordRecords:
     for p in self.paths:
       if not os.path.exists(p):
         raise DataError(f"{p}: no such file")
+      if os.path.isdir(p):
+        raise DataError(f"{p}: is a directory, not an array_record file")
     self.schema = schema_class(schema)
-    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    try:
+      self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    except RuntimeError:  # array_record's reader names neither the file nor, often, the problem
+      for p in self.paths:
+        try:
+          grain.sources.ArrayRecordDataSource([p])
+        except RuntimeError as e:
+          raise DataError(f"{p}: not a readable array_record file (write_array_record writes "
+                          f"one): {e}") from None
+      raise
 
   def __len__(self) -> int:
     return len(self._source)

@@ -132,9 +132,11 @@ def test_packed_equals_unpacked(fake_tokenizer):
 
 
 def test_truncated_examples_still_fit(fake_tokenizer):
-  long = [SFTRecord(prompt="x" * 100, completion="y" * (10 * i)) for i in range(5)]
+  # chat prompts of 25 tokens, completions of 1 to 41: all but the first are cut at 32
+  long = [SFTRecord(prompt="x" * 6, completion="y" * (10 * i)) for i in range(5)]
   for pack in (True, False):
-    segs = _segments(_batches(fake_tokenizer, long, seq_len=32, pack=pack))
+    with pytest.warns(UserWarning, match="4 of 5 SFT records are longer than seq_len=32"):
+      segs = _segments(_batches(fake_tokenizer, long, seq_len=32, pack=pack))
     assert sorted(segs) == sorted(_example(fake_tokenizer, r, 32) for r in long)
 
 

@@ -1,0 +1,79 @@
+"""Bad input to the data layer: a DataError naming the file, line or record and the field, never
+a trace from inside a decoder, grain or array_record, and no record silently trained on nothing."""
+
+import json
+
+import pytest
+
+from postrl.data import ArrayRecordRecords, DataError, SFTRecord, read_jsonl, sft_batches
+from postrl.data.preference import StepRecord, read_step_jsonl
+
+STEP = {"prompt": "q", "steps": ["a = 1", "b"], "labels": [1, 0]}
+
+
+def test_step_jsonl_reads_like_read_jsonl(tmp_path):
+  good = json.dumps(STEP).encode()
+  path = tmp_path / "steps.jsonl"
+  path.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + good[:-2] + b"\xff]}\n")  # BOM, bad byte
+  with pytest.raises(DataError, match=rf"{path}:2: invalid UTF-8"):
+    read_step_jsonl(path)
+  assert read_step_jsonl(path, skip_malformed=True) == ([StepRecord.from_json(STEP)], 1)
+  with pytest.raises(DataError, match=f"{tmp_path}: is a directory"):
+    read_step_jsonl(tmp_path)
+  (tmp_path / "empty.jsonl").write_text("")
+  with pytest.raises(DataError, match=r"empty.jsonl: no records \(the file is empty\)"):
+    read_step_jsonl(tmp_path / "empty.jsonl")
+
+
+def test_lone_surrogate_names_line_and_field(tmp_path):
+  # JSON allows "\ud83d" alone (an emoji cut in half); no tokenizer can encode the string
+  path = tmp_path / "train.jsonl"
+  path.write_text('{"prompt": "p", "completion": "ok"}\n'
+                  '{"prompt": "p", "completion": "so \\ud83d"}\n')
+  with pytest.raises(DataError, match=rf"{path}:2: field 'completion': invalid Unicode: a lone "
+                                      r"surrogate U\+D83D at character 3"):
+    read_jsonl(path, "sft")
+  steps = tmp_path / "steps.jsonl"
+  steps.write_text(json.dumps(dict(STEP, steps=["a", "b\ud800"])) + "\n")
+  with pytest.raises(DataError, match=r"steps.jsonl:1: field 'steps\[1\]': invalid Unicode"):
+    read_step_jsonl(steps)
+
+
+def test_unreadable_path_is_a_data_error(tmp_path):
+  path = str(tmp_path / ("x" * 300 + ".jsonl"))  # longer than a file name may be
+  with pytest.raises(DataError, match=r"\.jsonl: cannot be read \(File name too long\)"):
+    read_jsonl(path, "sft")
+
+
+def test_array_record_path_that_is_not_one(tmp_path):
+  jsonl = tmp_path / "train.array_record"
+  jsonl.write_text('{"prompt": "p", "completion": "c"}\n')
+  with pytest.raises(DataError, match=f"{jsonl}: not a readable array_record file"):
+    ArrayRecordRecords(str(jsonl), "sft")
+  folder = tmp_path / "shards.array_record"
+  folder.mkdir()
+  with pytest.raises(DataError, match=f"{folder}: is a directory"):
+    ArrayRecordRecords(str(folder), "sft")
+
+
+def _batches(records, tok, seq_len):
+  return sft_batches(records, tok, batch_size=2, seq_len=seq_len, num_epochs=1, shard_index=0,
+                     shard_count=1)
+
+
+def test_prompt_that_fills_seq_len_is_an_error_not_a_silent_zero_loss(fake_tokenizer):
+  # the chat prompt of "x" * 40 is 59 tokens: at seq_len 32 not one completion token is left
+  records = [SFTRecord(prompt="q", completion="a"), SFTRecord(prompt="x" * 40, completion="a")]
+  with pytest.raises(DataError, match=r"SFT record 1 \(0-based\): no completion token fits in "
+                                      r"seq_len=32 \(its prompt alone is 59 tokens; 1 of 2"):
+    _batches(records, fake_tokenizer, 32)
+  with pytest.raises(DataError, match="no completion token fits in seq_len=0"):
+    _batches(records[:1], fake_tokenizer, 0)
+
+
+def test_truncation_is_counted_in_a_warning(fake_tokenizer):
+  records = [SFTRecord(prompt="q", completion="a"), SFTRecord(prompt="q", completion="y" * 40)]
+  with pytest.warns(UserWarning, match=r"1 of 2 SFT records are longer than seq_len=32 \(the "
+                                       r"longest has 61 tokens\)"):
+    batches = list(_batches(records, fake_tokenizer, 32))
+  assert sum(int(b["loss_mask"].sum()) for b in batches) > 0

@@ -51,7 +51,8 @@ _ADVICE = "Use a new workdir, or the config this checkpoint was written with."
 
 
 class CheckpointError(ValueError):
-  """A checkpoint is missing or does not match the state of this run."""
+  """A checkpoint is missing, damaged or does not match the state of this run, or the checkpoint
+  settings (directory, ``save_every``, ``keep``) cannot work."""
 
 
 def _path_str(keypath) -> str:
@@ -135,9 +136,9 @@ class Checkpointer:
   def __init__(self, directory: str, *, save_every: int, keep: int | None = 3,
                fingerprint: dict | None = None):
     if save_every < 1:
-      raise ValueError(f"save_every must be >= 1, got {save_every}")
+      raise CheckpointError(f"save_every must be >= 1, got {save_every}")
     if keep is not None and keep < 1:
-      raise ValueError(f"keep must be >= 1 or None, got {keep}")
+      raise CheckpointError(f"keep must be >= 1 or None, got {keep}")
     directory = os.fspath(directory)
     self.directory = directory if "://" in directory else os.path.abspath(directory)
     if "://" not in directory:  # a file in the way fails here, not deep inside orbax

@@ -351,3 +351,11 @@ def test_two_processes_save_restore_and_agree_to_stop(tmp_path):
   for i, (p, out) in enumerate(zip(procs, outs)):
     assert p.returncode == 0 and f"ok {i}" in out, out[-3000:]
   assert os.listdir(tmp_path / "ckpt") == ["5"]
+
+
+@pytest.mark.parametrize("settings,message", [(dict(save_every=0), "save_every must be >= 1"),
+                                              (dict(save_every=1, keep=0), "keep must be >= 1")])
+def test_checkpoint_settings_that_cannot_work_are_checkpoint_errors(tmp_path, settings, message):
+  # a CheckpointError is one of launch.py's user errors: one line, not a trace
+  with pytest.raises(CheckpointError, match=message):
+    Checkpointer(str(tmp_path / "ckpt"), **settings)

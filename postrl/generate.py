@@ -33,13 +33,18 @@ def main(argv=None) -> int:
                       help="run twice and report the speed of the second (compiled) call")
   args = parser.parse_args(argv)
 
-  from postrl.models import WeightsError, load_pretrained, load_tokenizer  # pylint: disable=import-outside-toplevel
+  from postrl.models import (TokenizerError, WeightsError, load_pretrained,  # pylint: disable=import-outside-toplevel
+                             load_tokenizer)
   from postrl.sampling.generate import generate_text  # pylint: disable=import-outside-toplevel
 
   try:
     t0 = time.perf_counter()
     model = load_pretrained(args.model, param_dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
+    if tokenizer.vocab_size > model.config.vocab_size:  # its ids would index other embeddings
+      raise TokenizerError(f"{args.model}: the tokenizer has {tokenizer.vocab_size} tokens, more "
+                           f"than the model's vocabulary of {model.config.vocab_size}: they do not "
+                           f"belong together")
   except (WeightsError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -49,7 +54,12 @@ def main(argv=None) -> int:
                   min_p=args.min_p, max_new_tokens=args.max_new_tokens)
   key = jax.random.key(args.seed)
   t0 = time.perf_counter()
-  completions = generate_text(model, tokenizer, args.prompt, chat=not args.raw, key=key, **sampling)
+  try:  # bad sampling flags or prompts are ValueErrors naming the flag: one line, not a trace
+    completions = generate_text(model, tokenizer, args.prompt, chat=not args.raw, key=key,
+                                **sampling)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   run = first = time.perf_counter() - t0
   if args.timing:
     t0 = time.perf_counter()

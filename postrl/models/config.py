@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from typing import Any
 
@@ -32,6 +34,14 @@ EXECUTION_OPTIONS = ("attention_impl", "remat", "decode_attention_impl")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+_POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                        "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+_FLAG_FIELDS = ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias")
+# rope_scaling type -> the keys its inverse frequencies read (``transformer.rope_inv_freq``)
+_ROPE_SCALING_KEYS = {"linear": ("factor",), "default": (),
+                      "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                 "original_max_position_embeddings")}
+
 
 class ConfigError(ValueError):
   """A model config that postrl cannot build (names the file and the field)."""
@@ -44,6 +54,11 @@ def dtype_from_name(name: str | Any):
       raise ConfigError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
     return _DTYPES[name]
   return name
+
+
+def _check_positive_int(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +109,26 @@ class ModelConfig:
   decode_attention_impl: str = "auto"
 
   def __post_init__(self):
+    # Types and ranges first: a bad value fails here, named, not as a shape error inside JAX.
+    for name in _POSITIVE_INT_FIELDS:
+      _check_positive_int(name, getattr(self, name))
+    if self.head_dim is not None:
+      _check_positive_int("head_dim", self.head_dim)
+    for name in ("rms_norm_eps", "rope_theta"):  # RMSNorm's eps and RoPE's base: finite, > 0
+      value = getattr(self, name)
+      if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+          or not math.isfinite(value) or value <= 0):
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+    for name in _FLAG_FIELDS:
+      if not isinstance(getattr(self, name), bool):
+        raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+    if self.model_type not in SUPPORTED_ARCHITECTURES.values():
+      raise ConfigError(f"unsupported model_type {self.model_type!r}; expected one of "
+                        f"{sorted(SUPPORTED_ARCHITECTURES.values())}")
+    for name in ("bos_token_id", "pad_token_id"):
+      value = getattr(self, name)
+      if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        raise ConfigError(f"{name} must be an integer token id or null, got {value!r}")
     if self.hidden_size % self.num_attention_heads and self.head_dim is None:
       raise ConfigError(
           f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
@@ -102,18 +137,43 @@ class ModelConfig:
       raise ConfigError(
           f"num_attention_heads={self.num_attention_heads} must be a multiple of "
           f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)")
+    if self.dim_per_head % 2:
+      raise ConfigError(f"head dimension {self.dim_per_head} is odd; RoPE rotates pairs of "
+                        f"dimensions, so head_dim (or hidden_size / num_attention_heads) must be even")
     if isinstance(self.rope_scaling, dict):  # frozen so that configs hash (jit static arguments)
       object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
     if isinstance(self.eos_token_id, list):
       object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    eos = self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+    if any(e is not None and (isinstance(e, bool) or not isinstance(e, numbers.Integral))
+           for e in eos):
+      raise ConfigError(f"eos_token_id must be an integer token id, a list of them or null, got "
+                        f"{self.eos_token_id!r}")
     if self.rope_scaling is not None:
-      scaling = dict(self.rope_scaling)
+      try:
+        scaling = dict(self.rope_scaling)
+      except (TypeError, ValueError):
+        raise ConfigError(f"rope_scaling must be a dict such as {{'rope_type': 'linear', "
+                          f"'factor': 2.0}}, got {self.rope_scaling!r}") from None
       kind = scaling.get("rope_type", scaling.get("type"))
-      if kind not in ("llama3", "linear", "default"):
+      if kind not in _ROPE_SCALING_KEYS:
         raise ConfigError(f"unsupported rope_scaling type {kind!r}; postrl supports "
                           "'llama3', 'linear' and 'default'")
-    dtype_from_name(self.param_dtype)
-    dtype_from_name(self.dtype)
+      for key in _ROPE_SCALING_KEYS[kind]:
+        value = scaling.get(key)
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value) or value <= 0):
+          raise ConfigError(f"rope_scaling of type {kind!r} needs {key} > 0, got "
+                            f"{'nothing' if key not in scaling else repr(value)}")
+      if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ConfigError(f"rope_scaling of type 'llama3' needs high_freq_factor > "
+                          f"low_freq_factor, got {scaling['high_freq_factor']} <= "
+                          f"{scaling['low_freq_factor']}")
+    for name in ("param_dtype", "dtype"):
+      try:
+        dtype_from_name(getattr(self, name))
+      except ConfigError as e:
+        raise ConfigError(f"{name}: {e}") from None
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ConfigError(f"attention_impl={self.attention_impl!r}; expected one of "
                         f"{list(ATTENTION_IMPLS)}")
@@ -170,9 +230,15 @@ class ModelConfig:
       try:
         with open(path) as f:
           config = json.load(f)
-      except json.JSONDecodeError as e:
+      except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+      raise ConfigError(f"{source}: expected a JSON object of config fields, got "
+                        f"{type(config).__name__}")
     archs = config.get("architectures") or []
+    if not isinstance(archs, list):
+      raise ConfigError(f"{source}: field 'architectures' must be a list of class names, got "
+                        f"{archs!r}")
     model_type = config.get("model_type")
     if archs and archs[0] not in SUPPORTED_ARCHITECTURES:
       raise ConfigError(f"{source}: unsupported architecture {archs[0]!r}; postrl supports "
@@ -184,6 +250,10 @@ class ModelConfig:
     if missing:
       raise ConfigError(f"{source}: missing field(s) {missing}")
     is_qwen = model_type == "qwen2"
+    for key in ("rope_scaling", "rope_parameters"):
+      if config.get(key) is not None and not isinstance(config[key], dict):
+        raise ConfigError(f"{source}: field {key!r} must be an object (or null), got "
+                          f"{config[key]!r}")
     rope_scaling = config.get("rope_scaling")
     rope_theta = config.get("rope_theta")
     # transformers >= 5 folds rope_theta and scaling into rope_parameters.
@@ -195,29 +265,43 @@ class ModelConfig:
     if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
       rope_scaling = None
     eos = config.get("eos_token_id")
+    rope_theta = 10000.0 if rope_theta is None else rope_theta
+    if isinstance(rope_theta, int) and not isinstance(rope_theta, bool):
+      rope_theta = float(rope_theta)
+
+    def flag(key):  # bool() would read the string "false" as True
+      value = config.get(key)
+      if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"{source}: field {key!r} must be true or false, got {value!r}")
+      return bool(value)
+
+    kv_heads = config.get("num_key_value_heads")
     kwargs = dict(
         vocab_size=config["vocab_size"],
         hidden_size=config["hidden_size"],
         intermediate_size=config["intermediate_size"],
         num_hidden_layers=config["num_hidden_layers"],
         num_attention_heads=config["num_attention_heads"],
-        num_key_value_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+        num_key_value_heads=config["num_attention_heads"] if kv_heads is None else kv_heads,
         head_dim=config.get("head_dim"),
         rms_norm_eps=config.get("rms_norm_eps", 1e-6 if is_qwen else 1e-5),
-        rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+        rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         max_position_embeddings=config.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        qkv_bias=True if is_qwen else bool(config.get("attention_bias", False)),
-        o_bias=False if is_qwen else bool(config.get("attention_bias", False)),
-        mlp_bias=bool(config.get("mlp_bias", False)),
+        tie_word_embeddings=flag("tie_word_embeddings"),
+        qkv_bias=True if is_qwen else flag("attention_bias"),
+        o_bias=False if is_qwen else flag("attention_bias"),
+        mlp_bias=flag("mlp_bias"),
         model_type=model_type,
         bos_token_id=config.get("bos_token_id"),
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         pad_token_id=config.get("pad_token_id"),
     )
     kwargs.update(overrides)
-    return cls(**kwargs)
+    try:
+      return cls(**kwargs)
+    except ConfigError as e:  # a field's range or type: name the file it came from
+      raise ConfigError(f"{source}: {e}") from None
 
   def to_hf(self) -> dict:
     """The transformers ``config.json`` dict for this config."""

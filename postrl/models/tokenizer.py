@@ -139,7 +139,10 @@ def _from_gguf(path: str) -> Tokenizer:
   from tokenizers import AddedToken, decoders, models, pre_tokenizers, Regex  # pylint: disable=import-outside-toplevel
   from tokenizers import Tokenizer as HFTokenizer  # pylint: disable=import-outside-toplevel
 
-  reader = gguf.GGUFReader(path)
+  try:
+    reader = gguf.GGUFReader(path)
+  except Exception as e:  # the gguf package raises bare ValueError/struct errors on bad files
+    raise TokenizerError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
   def field(key, default=None):
     f = reader.fields.get(key)
@@ -199,16 +202,28 @@ def _special_id(tok, config: dict, key: str):
   return None if value is None else tok.token_to_id(value)
 
 
+def _read_tokenizer_config(config_path: str | None) -> dict:
+  """tokenizer_config.json as a dict ({} when absent), a TokenizerError naming it when broken."""
+  if not config_path or not os.path.exists(config_path):
+    return {}
+  try:
+    with open(config_path) as f:
+      config = json.load(f)
+  except (OSError, ValueError) as e:  # unreadable, JSONDecodeError, UnicodeDecodeError
+    raise TokenizerError(f"{config_path}: not a valid tokenizer_config.json ({e})") from None
+  if not isinstance(config, dict):
+    raise TokenizerError(f"{config_path}: not a valid tokenizer_config.json (a JSON "
+                         f"{type(config).__name__}, not an object)")
+  return config
+
+
 def _from_tokenizer_json(path: str, config_path: str | None) -> Tokenizer:
   from tokenizers import Tokenizer as HFTokenizer  # pylint: disable=import-outside-toplevel
   try:
     tok = HFTokenizer.from_file(path)
   except Exception as e:
     raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from None
-  config = {}
-  if config_path and os.path.exists(config_path):
-    with open(config_path) as f:
-      config = json.load(f)
+  config = _read_tokenizer_config(config_path)
   template = config.get("chat_template")
   if isinstance(template, list):  # named templates: take the default one
     template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -245,10 +260,8 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
           return _from_tokenizer_json(os.path.join(path, candidate),
                                       os.path.join(path, "tokenizer_config.json"))
         tok = _from_sentencepiece(os.path.join(path, candidate))
-        config_path = os.path.join(path, "tokenizer_config.json")
-        if os.path.exists(config_path):
-          with open(config_path) as f:
-            tok.chat_template = json.load(f).get("chat_template")
+        config = _read_tokenizer_config(os.path.join(path, "tokenizer_config.json"))
+        tok.chat_template = config.get("chat_template")
         return tok
     ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
     if ggufs:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import numbers
 import os
 import shutil
 import struct
@@ -74,6 +75,8 @@ _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """Reads a .safetensors file (memory-mapped) into numpy arrays, validating sizes."""
+  if not os.path.isfile(path):
+    raise WeightsError(f"{path}: not a file")
   size = os.path.getsize(path)
   with open(path, "rb") as f:
     head = f.read(8)
@@ -84,12 +87,16 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
       raise WeightsError(f"{path}: truncated safetensors file (header of {n} bytes, file {size})")
     try:
       header = json.loads(f.read(n))
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
       raise WeightsError(f"{path}: corrupt safetensors header ({e})") from None
+  if not isinstance(header, dict):
+    raise WeightsError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not "
+                       "an object of tensors)")
   header.pop("__metadata__", None)
   data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
   out = {}
   for name, info in header.items():
+    _check_header_entry(path, name, info)
     if info["dtype"] not in _ST_DTYPES:
       raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
     dt = np.dtype(_ST_DTYPES[info["dtype"]])
@@ -103,6 +110,29 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
                          f"needs {expected}")
     out[name] = data[begin:end].view(dt).reshape(info["shape"])
   return out
+
+
+def _check_header_entry(path: str, name: str, info) -> None:
+  """WeightsError unless ``info`` is {"dtype": str, "shape": [int >= 0, ...],
+  "data_offsets": [begin, end]} with 0 <= begin <= end."""
+
+  def is_int(x):
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0
+
+  problem = None
+  if not isinstance(info, dict):
+    problem = f"an entry {info!r}, not an object"
+  elif not isinstance(info.get("dtype"), str):
+    problem = f"dtype {info.get('dtype')!r}"
+  elif not isinstance(info.get("shape"), list) or not all(map(is_int, info["shape"])):
+    problem = f"shape {info.get('shape')!r}"
+  else:
+    offsets = info.get("data_offsets")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(is_int, offsets))
+        or offsets[0] > offsets[1]):
+      problem = f"data_offsets {offsets!r}"
+  if problem is not None:
+    raise WeightsError(f"{path}: corrupt safetensors header: tensor {name!r} has {problem}")
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
@@ -133,8 +163,13 @@ def read_hf_tensors(directory: str) -> dict[str, np.ndarray]:
   if os.path.exists(single):
     return read_safetensors(single)
   if os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
+    try:
+      with open(index) as f:
+        weight_map = json.load(f).get("weight_map")
+    except (ValueError, AttributeError) as e:  # bad JSON, or JSON that is not an object
+      raise WeightsError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+      raise WeightsError(f"{index}: no 'weight_map' object of tensor name -> shard file")
     tensors = {}
     for shard in sorted(set(weight_map.values())):
       shard_path = os.path.join(directory, shard)
@@ -192,13 +227,18 @@ def model_from_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], source:
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   pdt = dtype_from_name(cfg.param_dtype)
+  used = set()
   for path, var in nnx.to_flat_state(state):
     name, transpose = hf_name(path)
     if name == "lm_head.weight" and name not in tensors:
       raise WeightsError(f"{source}: tensor {name!r} missing (config says tie_word_embeddings=False)")
     if name not in tensors:
       raise WeightsError(f"{source}: tensor {name!r} missing")
+    used.add(name)
     arr = np.asarray(tensors[name])
+    if arr.dtype.kind in "biu":  # a cast would load e.g. a quantized checkpoint's packed ints
+      raise WeightsError(f"{source}: tensor {name!r} has dtype {arr.dtype}, not a floating-point "
+                         "weight")
     if transpose:
       arr = arr.T
     expected = tuple(var.get_value().shape)
@@ -206,7 +246,31 @@ def model_from_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], source:
       raise WeightsError(f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, the "
                          f"config needs {expected[::-1] if transpose else expected}")
     var.set_value(jnp.asarray(arr, dtype=pdt))
+  _check_unused_tensors(cfg, tensors, used, source)
   return nnx.merge(graphdef, state)
+
+
+def _check_unused_tensors(cfg: ModelConfig, tensors, used: set, source: str) -> None:
+  """WeightsError for a decoder tensor the config has no place for (more layers, biases, an
+  untied head), which would otherwise be dropped and give a different model. Tensors outside
+  the decoder (a reward model's ``score.*``) are left to their own loaders; the rotary tables
+  older Llama checkpoints store are recomputed."""
+  if cfg.tie_word_embeddings and "lm_head.weight" in tensors:
+    embed, head = tensors["model.embed_tokens.weight"], tensors["lm_head.weight"]
+    if head.shape != embed.shape or not np.array_equal(head, embed):
+      raise WeightsError(f"{source}: tensor 'lm_head.weight' differs from "
+                         "'model.embed_tokens.weight' but the config says tie_word_embeddings=True "
+                         "(the head would be dropped); set tie_word_embeddings to false")
+    used = used | {"lm_head.weight"}
+  extra = sorted(n for n in tensors if n not in used and n.startswith(("model.", "lm_head."))
+                 and not n.endswith(".rotary_emb.inv_freq"))
+  if extra:
+    more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+    raise WeightsError(f"{source}: tensor {extra[0]!r}{more} not used by the config "
+                       f"({cfg.num_hidden_layers} layers, qkv_bias={cfg.qkv_bias}, "
+                       f"o_bias={cfg.o_bias}, mlp_bias={cfg.mlp_bias}, "
+                       f"tie_word_embeddings={cfg.tie_word_embeddings}): the config does not "
+                       "describe these weights")
 
 
 def load_hf(directory: str, **config_overrides) -> Transformer:
@@ -245,33 +309,47 @@ def read_gguf(path: str):
   def meta(key, default=None):
     return _gguf_field(reader, f"{arch}.{key}", default)
 
-  n_heads, n_kv = meta("attention.head_count"), meta("attention.head_count_kv")
-  n_kv = n_kv or n_heads
+  def count(key, default=None):  # a positive integer field (required unless a default is given)
+    value = meta(key, default)
+    if value is None:
+      raise WeightsError(f"{path}: GGUF metadata {arch}.{key} missing")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+      raise WeightsError(f"{path}: GGUF metadata {arch}.{key} must be one positive integer, got "
+                         f"{value!r}")
+    return int(value)
+
+  n_heads = count("attention.head_count")
+  n_kv = count("attention.head_count_kv", n_heads)
   tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
   names = {t.name for t in reader.tensors}
   embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
   if embd is None:
     raise WeightsError(f"{path}: tensor 'token_embd.weight' missing")
-  vocab = meta("vocab_size") or (len(tokens) if tokens else int(embd.shape[1]))
-  hidden = meta("embedding_length")
-  cfg = ModelConfig(
-      vocab_size=int(vocab),
-      hidden_size=int(hidden),
-      intermediate_size=int(meta("feed_forward_length")),
-      num_hidden_layers=int(meta("block_count")),
-      num_attention_heads=int(n_heads),
-      num_key_value_heads=int(n_kv),
-      head_dim=int(meta("attention.key_length") or meta("rope.dimension_count") or hidden // n_heads),
-      rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
-      rope_theta=float(meta("rope.freq_base", 10000.0)),
-      max_position_embeddings=int(meta("context_length", 2048)),
-      tie_word_embeddings="output.weight" not in names,
-      qkv_bias=arch == "qwen2",
-      model_type=arch,
-      bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-      eos_token_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id"),
-      pad_token_id=_gguf_field(reader, "tokenizer.ggml.padding_token_id"),
-  )
+  vocab = count("vocab_size", len(tokens) if tokens else int(embd.shape[1]))
+  hidden = count("embedding_length")
+  head_dim = (count("attention.key_length") if meta("attention.key_length") is not None else
+              count("rope.dimension_count", hidden // n_heads or None))
+  try:
+    cfg = ModelConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=count("feed_forward_length"),
+        num_hidden_layers=count("block_count"),
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        head_dim=head_dim,
+        rms_norm_eps=meta("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=meta("rope.freq_base", 10000.0),
+        max_position_embeddings=count("context_length", 2048),
+        tie_word_embeddings="output.weight" not in names,
+        qkv_bias=arch == "qwen2",
+        model_type=arch,
+        bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=_gguf_field(reader, "tokenizer.ggml.padding_token_id"),
+    )
+  except ConfigError as e:
+    raise WeightsError(f"{path}: GGUF metadata: {e}") from None
   tensors = {}
   for t in reader.tensors:
     name = gguf_to_hf_name(t.name)
@@ -288,9 +366,10 @@ def read_gguf(path: str):
       raise WeightsError(f"{path}: tensor {t.name!r} ({t.tensor_type.name}) is unreadable: "
                          f"{type(e).__name__}: {e}") from None
     arr = np.asarray(arr, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
-    if arch == "llama" and ".self_attn.q_proj." in name:
+    # (rows that do not fit the config are left as they are: model_from_tensors names the shape)
+    if arch == "llama" and ".self_attn.q_proj." in name and arr.shape[0] == n_heads * head_dim:
       arr = _unpermute_rope_rows(arr, n_heads)
-    elif arch == "llama" and ".self_attn.k_proj." in name:
+    elif arch == "llama" and ".self_attn.k_proj." in name and arr.shape[0] == n_kv * head_dim:
       arr = _unpermute_rope_rows(arr, n_kv)
     tensors[name] = arr
   return cfg, tensors, reader
@@ -344,13 +423,24 @@ def save_pretrained(model: Transformer, directory: str, *, dtype: str | None = N
   """Writes ``config.json`` + ``model.safetensors`` that transformers loads.
 
   The directory is written to a temporary sibling and renamed into place, so an interrupted save
-  never leaves a half-written checkpoint behind.
+  never leaves a half-written checkpoint behind. An existing model folder (one with a
+  ``config.json``) is replaced whole; any other non-empty directory, or a file, is refused.
   """
   cfg = model.config
   if dtype is not None:
     cfg = cfg.replace(param_dtype=dtype)
   parent = os.path.dirname(os.path.abspath(directory))
-  os.makedirs(parent, exist_ok=True)
+  if os.path.lexists(directory) and not os.path.isdir(directory):
+    raise WeightsError(f"{directory}: exists and is not a directory; cannot save a model there")
+  if (os.path.isdir(directory) and os.listdir(directory)
+      and not os.path.isfile(os.path.join(directory, "config.json"))):
+    raise WeightsError(f"{directory}: a non-empty directory that is not a model folder (no "
+                       "config.json); save_pretrained replaces its target whole, so refusing "
+                       "to delete its contents: pick a new or empty directory")
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except (FileExistsError, NotADirectoryError):
+    raise WeightsError(f"{directory}: a parent of this path is a file") from None
   tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
   try:
     with open(os.path.join(tmp, "config.json"), "w") as f:

@@ -24,6 +24,7 @@ Arithmetic", "DARE + TIES"); ``ties(..., density=1.0, dare_p=p)`` is mergekit's 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Sequence
 
 import jax
@@ -123,14 +124,50 @@ def _names(prefix: str, n: int) -> list[str]:
   return [f"{prefix}[{i}]" for i in range(n)]
 
 
+def _finite(value, what: str) -> float:
+  """``value`` as a finite float (a NaN / inf coefficient would make every merged weight NaN)."""
+  try:
+    if isinstance(value, (str, bytes)):
+      raise TypeError
+    x = float(value)
+  except (TypeError, ValueError):
+    raise MergeError(f"{what} must be a number, got {value!r}") from None
+  if not np.isfinite(x):
+    raise MergeError(f"{what} must be finite, got {x}")
+  return x
+
+
 def _per_task(value, n: int, what: str) -> list[float]:
-  """A scalar (same for every task) or one value per task."""
-  if np.ndim(value) == 0:
-    return [float(value)] * n
-  values = [float(v) for v in value]
+  """A scalar (same for every task) or one value per task, each finite."""
+  if isinstance(value, str) or np.ndim(value) == 0:
+    return [_finite(value, what)] * n
+  if np.ndim(value) != 1:
+    raise MergeError(f"{what}: expected a number or one number per model, got shape "
+                     f"{np.shape(value)}")
+  values = [_finite(v, f"{what}[{i}]") for i, v in enumerate(value)]
   if len(values) != n:
     raise MergeError(f"{what}: expected one value per model ({n}), got {len(values)}")
   return values
+
+
+def _tree_list(trees, what: str) -> list:
+  """``trees`` as a list of pytrees; one tree (a dict / ``nnx.State``) passed in its place would
+  otherwise be iterated over its keys and "merged" into a key name."""
+  if isinstance(trees, Mapping) or not isinstance(trees, Iterable):
+    raise MergeError(f"{what} must be a list of parameter trees, got one "
+                     f"{type(trees).__name__} (wrap a single tree in a list)")
+  return list(trees)
+
+
+def _check_key(key, who: str):
+  """A JAX PRNG key (``jax.random.key(seed)`` or a legacy uint32 [2] ``PRNGKey``)."""
+  ok = isinstance(key, jax.Array) and (
+      jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ()
+      or key.dtype == jnp.uint32 and key.shape == (2,))
+  if not ok:
+    raise MergeError(f"{who} needs a PRNG key (key=jax.random.key(seed)), got "
+                     f"{type(key).__name__} {getattr(key, 'dtype', '')}"
+                     f"{list(np.shape(key)) if hasattr(key, 'shape') else ''}".rstrip())
 
 
 # -------------------------------------------------------------------------------- model soups
@@ -151,7 +188,7 @@ def linear(trees: Sequence[PyTree], *, weights: Sequence[float] | None = None,
     weights: N weights (default uniform).
     normalize: divide by Σ_i w_i (which must then be nonzero).
   """
-  trees = list(trees)
+  trees = _tree_list(trees, "trees")
   if not trees:
     raise MergeError("nothing to merge: no trees given")
   w = _per_task(1.0 if weights is None else weights, len(trees), "weights")
@@ -182,14 +219,16 @@ def greedy_soup(trees: Sequence[PyTree], score_fn: Callable[[PyTree], float], *,
   Returns:
     (the soup, the indices of ``trees`` it averages, in the order they were added).
   """
-  trees = list(trees)
+  trees = _tree_list(trees, "trees")
   _flatten(trees, _names("trees", len(trees)))
   sign = 1.0 if higher_is_better else -1.0
-  scores = [sign * float(score_fn(t)) for t in trees]
+  # a NaN score would sort arbitrarily and compare False: the soup would silently stop growing
+  scores = [sign * _finite(score_fn(t), f"score_fn(trees[{i}])") for i, t in enumerate(trees)]
   order = sorted(range(len(trees)), key=lambda i: -scores[i])
   chosen, best = [order[0]], scores[order[0]]
   for i in order[1:]:
-    score = sign * float(score_fn(linear([trees[k] for k in chosen + [i]])))
+    score = sign * _finite(score_fn(linear([trees[k] for k in chosen + [i]])),
+                           f"score_fn(soup of trees {chosen + [i]})")
     if score >= best:
       chosen.append(i)
       best = score
@@ -201,7 +240,7 @@ def greedy_soup(trees: Sequence[PyTree], score_fn: Callable[[PyTree], float], *,
 
 def task_vectors(base: PyTree, models: Sequence[PyTree]) -> list[PyTree]:
   """τ_t = θ_t - θ_0 for each fine-tuned model (Ilharco et al. 2023), in float32 or wider."""
-  models = list(models)
+  models = _tree_list(models, "models")
   if not models:
     raise MergeError("nothing to merge: no fine-tuned models given (models=[])")
   names = ["base"] + _names("models", len(models))
@@ -233,6 +272,7 @@ def dare(delta: PyTree, *, p: float, key) -> PyTree:
     return delta
   if key is None:
     raise MergeError("dare: p > 0 needs a PRNG key (key=jax.random.key(seed))")
+  _check_key(key, "dare")
   leaves, treedef = jax.tree_util.tree_flatten(delta)
   out = []
   for j, x in enumerate(leaves):
@@ -256,6 +296,7 @@ def _dare_all(taus: list[PyTree], dare_p: float, key) -> list[PyTree]:
     return taus
   if key is None:
     raise MergeError("dare_p > 0 needs a PRNG key (key=jax.random.key(seed))")
+  _check_key(key, "dare_p > 0")
   return [dare(tau, p=dare_p, key=jax.random.fold_in(key, t)) for t, tau in enumerate(taus)]
 
 
@@ -281,7 +322,7 @@ def task_arithmetic(base: PyTree, models: Sequence[PyTree], *, lam: float | Sequ
     dare_p: DARE drop probability (0: no dropping).
     key: PRNG key for DARE (model t uses ``fold_in(key, t)``).
   """
-  models = list(models)
+  models = _tree_list(models, "models")
   lams = _per_task(lam, len(models), "lam")
   taus = _dare_all(task_vectors(base, models), dare_p, key)
   return _merge_deltas(base, taus, lambda j, path, ts: sum(l * t for l, t in zip(lams, ts)),
@@ -348,9 +389,11 @@ def ties(base: PyTree, models: Sequence[PyTree], *, density: float = 0.2, lam: f
     dare_p: DARE drop probability (0: none).
     key: PRNG key for DARE.
   """
+  density = _finite(density, "ties: density")  # a float: it is a static (hashed) jit argument
   if not 0.0 <= density <= 1.0:
     raise MergeError(f"ties: density must be in [0, 1], got {density}")
-  models = list(models)
+  lam = _finite(lam, "ties: lam (one scalar for the merged task vector)")
+  models = _tree_list(models, "models")
   taus = _dare_all(task_vectors(base, models), dare_p, key)
 
   def merge(j, path, ts):
@@ -404,7 +447,7 @@ def slerp(a: PyTree, b: PyTree, *, t: float | Callable[[str], float] = 0.5,
   t_of = t if callable(t) else (lambda path: t)
 
   def merge(j, path, xs):
-    tj = float(t_of(path))
+    tj = _finite(t_of(path), f"slerp: t for {path!r}")
     return slerp_tensor(tj, xs[0], xs[1], dot_threshold=dot_threshold, eps=eps)
 
   return _leafwise(merge, [a, b], ["a", "b"])

@@ -68,6 +68,7 @@ def check_config(peft_cfg) -> None:
   unknown = sorted(set(peft_cfg.keys()) - set(default_config().keys()))
   if unknown:
     raise PEFTError(f"config.peft: unknown key(s) {unknown}; known: {sorted(default_config())}")
+  lora._check_seed(_get(peft_cfg, "seed"))
   if method in ("prompt", "prefix"):
     n = _get(peft_cfg, "num_virtual_tokens")
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
@@ -254,19 +255,34 @@ def load_adapters(model, directory: str):
   if not os.path.exists(path):
     raise PEFTError(f"{path}: no adapter config (expected {ADAPTER_CONFIG} beside "
                     f"{ADAPTER_FILE})")
-  with open(path) as f:
-    cfg = json.load(f)
+  try:
+    with open(path) as f:
+      cfg = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise PEFTError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(cfg, dict):
+    raise PEFTError(f"{path}: expected a JSON object of PEFT settings, got "
+                    f"{type(cfg).__name__}")
   cfg.pop("layout", None)
-  apply_peft(model, ml_collections.ConfigDict(cfg))
+  # read (and fail on) the arrays before the model is changed in place
   tensors = read_safetensors(os.path.join(directory, ADAPTER_FILE))
+  try:
+    apply_peft(model, ml_collections.ConfigDict(cfg))
+  except PEFTError as e:
+    raise PEFTError(f"{path}: {e}") from None
   flat = nnx.to_flat_state(nnx.state(model, AdapterParam))
-  for p, var in flat:
-    name = ".".join(str(x) for x in p)
+  names = [".".join(str(x) for x in p) for p, _ in flat]
+  for name, (_, var) in zip(names, flat):
     if name not in tensors:
       raise PEFTError(f"{directory}/{ADAPTER_FILE}: adapter tensor {name!r} missing")
     if tuple(tensors[name].shape) != tuple(var.get_value().shape):
       raise PEFTError(f"{directory}/{ADAPTER_FILE}: tensor {name!r} has shape "
                       f"{list(tensors[name].shape)}, the model needs {list(var.get_value().shape)}")
+  unused = sorted(set(tensors) - set(names))
+  if unused:  # e.g. adapters of layers this model does not have: they would be dropped silently
+    raise PEFTError(f"{directory}/{ADAPTER_FILE}: tensor {unused[0]!r} has no place in the model "
+                    f"({len(unused)} such tensors; saved from a model with other layers?)")
+  for name, (_, var) in zip(names, flat):
     var.set_value(jnp.asarray(tensors[name], var.get_value().dtype))
   nnx.update(model, nnx.from_flat_state(flat))
   return model

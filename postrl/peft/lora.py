@@ -30,6 +30,7 @@ Adapter arrays are ``AdapterParam`` (a subclass of ``nnx.LoRAParam``, so of ``nn
 from __future__ import annotations
 
 import math
+import numbers
 import re
 
 import jax
@@ -135,14 +136,25 @@ def lora_layers(model: nnx.Module) -> dict[str, Linear]:
           if getattr(lin, "lora", None) is not None}
 
 
+def _real(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def _check(rank, alpha, dropout):
   if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
     raise PEFTError(f"config.peft.rank must be a positive integer, got {rank!r}")
-  if not alpha > 0:
-    raise PEFTError(f"config.peft.alpha must be > 0 (the update is scaled by alpha / rank), "
-                    f"got {alpha!r}")
-  if not 0.0 <= dropout < 1.0:
-    raise PEFTError(f"config.peft.dropout must be in [0, 1), got {dropout!r}")
+  # inf would make the scale inf and the output inf * 0 = NaN already at initialisation (B = 0)
+  if not _real(alpha) or not 0 < alpha < math.inf:
+    raise PEFTError(f"config.peft.alpha must be a finite number > 0 (the update is scaled by "
+                    f"alpha / rank), got {alpha!r}")
+  if not _real(dropout) or not 0.0 <= dropout < 1.0:
+    raise PEFTError(f"config.peft.dropout must be a number in [0, 1), got {dropout!r}")
+
+
+def _check_seed(seed):
+  """An int seed (``jax.random.key`` fails deep inside JAX on None, strings or floats)."""
+  if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+    raise PEFTError(f"config.peft.seed must be an integer, got {seed!r}")
 
 
 def _targeted(model, targets: str) -> dict[str, Linear]:
@@ -180,6 +192,7 @@ def apply_lora(model: nnx.Module, *, rank: int, alpha: float, targets: str,
       (the message names the regex).
   """
   _check(rank, alpha, dropout)
+  _check_seed(seed)
   chosen = _targeted(model, targets)
   key = jax.random.key(seed)
   for i, lin in enumerate(chosen.values()):
@@ -202,6 +215,7 @@ def apply_qlora(model: nnx.Module, *, quant: str = "nf4_dq", rank: int, alpha: f
   # pylint: disable-next=import-outside-toplevel
   from postrl.quant import DEFAULT_TARGETS, quantize_model
   _check(rank, alpha, dropout)
+  _check_seed(seed)
   _targeted(model, targets)  # a regex that matches nothing fails before the slow quantization
   quantize_model(model, quant, targets=quant_targets or DEFAULT_TARGETS)
   return apply_lora(model, rank=rank, alpha=alpha, targets=targets, dropout=dropout, seed=seed)

@@ -36,7 +36,7 @@ from flax import nnx
 
 from postrl.models.config import dtype_from_name
 from postrl.models.transformer import Transformer, rope_inv_freq
-from postrl.peft.lora import AdapterParam, PEFTError
+from postrl.peft.lora import AdapterParam, PEFTError, _check_seed
 
 
 class PromptEmbeddings(nnx.Module):
@@ -63,7 +63,7 @@ class PrefixKV(nnx.Module):
     return self.k[...][None], self.v[...][None]
 
 
-def _check(model, num_virtual_tokens):
+def _check(model, num_virtual_tokens, seed):
   if not isinstance(model, Transformer):
     raise PEFTError(f"prompt / prefix tuning needs a postrl Transformer, got "
                     f"{type(model).__name__}")
@@ -71,6 +71,13 @@ def _check(model, num_virtual_tokens):
       or num_virtual_tokens <= 0):
     raise PEFTError(f"config.peft.num_virtual_tokens must be a positive integer, got "
                     f"{num_virtual_tokens!r}")
+  max_positions = model.config.max_position_embeddings
+  # prompt tuning puts the real tokens at positions P, P+1, ...; both methods initialise by
+  # running the P virtual tokens through the model at positions 0..P-1
+  if num_virtual_tokens >= max_positions:
+    raise PEFTError(f"config.peft.num_virtual_tokens={num_virtual_tokens} leaves no position for "
+                    f"the real tokens: the model has max_position_embeddings={max_positions}")
+  _check_seed(seed)
   if getattr(model, "prompt", None) is not None or any(
       getattr(layer.self_attn, "prefix", None) is not None for layer in model.layers):
     raise PEFTError("the model already has prompt or prefix adapters")
@@ -85,7 +92,7 @@ def _sampled_vocab_embeddings(model: Transformer, num_virtual_tokens: int, seed:
 def apply_prompt_tuning(model: Transformer, *, num_virtual_tokens: int,
                         seed: int = 0) -> Transformer:
   """Adds ``num_virtual_tokens`` trainable input embeddings (module docstring), in place."""
-  _check(model, num_virtual_tokens)
+  _check(model, num_virtual_tokens, seed)
   model.prompt = nnx.data(PromptEmbeddings(
       _sampled_vocab_embeddings(model, num_virtual_tokens, seed)))
   return model
@@ -94,7 +101,7 @@ def apply_prompt_tuning(model: Transformer, *, num_virtual_tokens: int,
 def apply_prefix_tuning(model: Transformer, *, num_virtual_tokens: int,
                         seed: int = 0) -> Transformer:
   """Adds trainable per-layer key/value prefixes (module docstring), in place."""
-  _check(model, num_virtual_tokens)
+  _check(model, num_virtual_tokens, seed)
   emb = _sampled_vocab_embeddings(model, num_virtual_tokens, seed)
   kvs = model.virtual_kv(emb[None].astype(dtype_from_name(model.config.dtype)),
                          rope_inv_freq(model.config))

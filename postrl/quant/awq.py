@@ -70,6 +70,21 @@ def output_mse(dw_KxN, hessian_KxK):
   return jnp.sum(dw_KxN * jnp.dot(hessian_KxK, dw_KxN, precision=_HI)) / (2 * dw_KxN.shape[1])
 
 
+def _check_grid(n_grid):
+  # n_grid = 0 divides by zero in the clip grid (a NaN kernel); 2.5 gives a grid of odd steps
+  if not isinstance(n_grid, int) or isinstance(n_grid, bool) or n_grid < 1:
+    raise QuantError(f"AWQ n_grid must be an integer >= 1, got {n_grid!r}")
+
+
+def _check_layer(w_KxN, hessian_KxK, name, mean_abs_K=None):
+  """``gptq.check_layer`` (2-D kernel, [K, K] Hessian, finite) and s_X of shape [K]."""
+  from postrl.quant.gptq import check_layer  # pylint: disable=import-outside-toplevel
+  check_layer(w_KxN, hessian_KxK, name)
+  if mean_abs_K is not None and np.shape(mean_abs_K) != (np.shape(w_KxN)[0],):
+    raise QuantError(f"{name}: AWQ needs one activation scale per input channel "
+                     f"({np.shape(w_KxN)[0]}), got shape {np.shape(mean_abs_K)}")
+
+
 def grid_scales(mean_abs_K, alpha):
   """s = s_X^α (s_X clamped at 1e-4 as in the reference), normalised by sqrt(max s · min s)."""
   s = jnp.maximum(jnp.asarray(mean_abs_K, jnp.float32), 1e-4) ** alpha
@@ -103,8 +118,8 @@ def awq_search_scale(w_KxN, hessian_KxK, mean_abs_K, spec: QuantSpec | str = "in
     (s_K float32, α*, losses [n_grid] as float64 numpy: the output MSE of each α).
   """
   spec = parse_spec(spec)
-  if n_grid < 1:
-    raise QuantError(f"AWQ n_grid must be >= 1, got {n_grid}")
+  _check_grid(n_grid)
+  _check_layer(w_KxN, hessian_KxK, "awq_search_scale", mean_abs_K)
   w = jnp.asarray(w_KxN, jnp.float32)
   losses = np.asarray(_scale_losses(w, jnp.asarray(hessian_KxK, jnp.float32),
                                     jnp.asarray(mean_abs_K, jnp.float32), spec=spec,
@@ -156,8 +171,10 @@ def awq_clip(w_KxN, hessian_KxK, spec: QuantSpec | str = "int4_g128", *, n_grid:
     The clipped kernel [K, N] (to be quantized by RTN with ``spec``).
   """
   spec = parse_spec(spec)
+  _check_grid(n_grid)
   if not 0 <= max_shrink < 1:
     raise QuantError(f"AWQ max_shrink must be in [0, 1), got {max_shrink}")
+  _check_layer(w_KxN, hessian_KxK, "awq_clip")
   w = jnp.asarray(w_KxN, jnp.float32)
   K = w.shape[0]
   c = _clip_values(w, jnp.asarray(hessian_KxK, jnp.float32), spec=spec, n_grid=n_grid,
@@ -176,6 +193,7 @@ def awq_quantize(w_KxN, hessian_KxK, mean_abs_K, spec: QuantSpec | str = "int4_g
   produces x; ``awq_quantize_model`` does this for the decoder blocks).
   """
   spec = parse_spec(spec)
+  _check_layer(w_KxN, hessian_KxK, name, mean_abs_K)
   s, _, _ = awq_search_scale(w_KxN, hessian_KxK, mean_abs_K, spec, n_grid=n_grid)
   w = jnp.asarray(w_KxN, jnp.float32) * s[:, None]
   if clip:
@@ -226,9 +244,21 @@ def fold_scale(model, block_index: int, kind: str, s_K) -> None:
   """
   if kind not in FOLD_READERS:
     raise QuantError(f"fold_scale: kind must be one of {sorted(FOLD_READERS)}, got {kind!r}")
+  num_blocks = len(model.layers)
+  if not isinstance(block_index, (int, np.integer)) or not 0 <= block_index < num_blocks:
+    raise QuantError(f"fold_scale: block_index must be in [0, {num_blocks}), got {block_index!r}")
   block = model.layers[block_index]
   cfg = model.config
   s = jnp.asarray(s_K, jnp.float32)
+  readers = block_linears(model, block_index)
+  first = readers[f"layers.{block_index}.{FOLD_READERS[kind][0]}"]
+  if first.quantized:
+    raise QuantError(f"fold_scale: layers.{block_index}.{FOLD_READERS[kind][0]} is quantized; "
+                     f"fold scales into float kernels (before quantizing)")
+  K = first.kernel[...].shape[0]
+  if s.shape != (K,):
+    raise QuantError(f"fold_scale: the scale of layers.{block_index} {kind} must have one value "
+                     f"per input channel ({K}), got shape {tuple(s.shape)}")
   if kind == "qkv":
     _scale_param(block.input_layernorm.weight, 1.0 / s, 0)
   elif kind == "gate_up":
@@ -332,8 +362,7 @@ def awq_quantize_model(model, calib_tokens_BxT, spec: QuantSpec | str = "int4_g1
     {layer name: chosen α}.
   """
   spec = parse_spec(spec)
-  if n_grid < 1:
-    raise QuantError(f"AWQ n_grid must be >= 1, got {n_grid}")
+  _check_grid(n_grid)
   if not 0 <= max_shrink < 1:
     raise QuantError(f"AWQ max_shrink must be in [0, 1), got {max_shrink}")
   chosen = target_layers(model, targets, "awq_quantize_model")

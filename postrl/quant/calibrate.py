@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import numbers
 import re
 import threading
 from typing import Callable
@@ -152,7 +153,13 @@ def _check_inputs(model, tokens_BxT, segment_ids_BxT, batch_size):
   if not hasattr(model, "layers") or not hasattr(model, "embed_tokens"):
     raise QuantError(f"calibration needs a postrl Transformer (with .layers and .embed_tokens), "
                      f"got {type(model).__name__}")
-  tokens = np.asarray(tokens_BxT)
+  if tokens_BxT is None:
+    raise QuantError("no calibration data: pass calibration tokens, an int array [B, T]")
+  try:
+    tokens = np.asarray(tokens_BxT)
+  except ValueError:  # ragged rows
+    raise QuantError("calibration tokens must be a rectangular int array [B, T] (rows of equal "
+                     "length: pad them and mark the padding with segment_ids_BxT = 0)") from None
   if tokens.ndim != 2 or tokens.size == 0:
     raise QuantError(f"calibration tokens must be a non-empty int array [B, T], got shape "
                      f"{tokens.shape}")
@@ -162,11 +169,27 @@ def _check_inputs(model, tokens_BxT, segment_ids_BxT, batch_size):
   if tokens.min() < 0 or tokens.max() >= vocab:
     raise QuantError(f"calibration token ids must lie in [0, {vocab}), got range "
                      f"[{tokens.min()}, {tokens.max()}]")
-  if segment_ids_BxT is not None and np.shape(segment_ids_BxT) != tokens.shape:
-    raise QuantError(f"segment_ids_BxT shape {np.shape(segment_ids_BxT)} != tokens shape "
-                     f"{tokens.shape}")
-  if batch_size < 1:
-    raise QuantError(f"batch_size must be >= 1, got {batch_size}")
+  if segment_ids_BxT is not None:
+    if np.shape(segment_ids_BxT) != tokens.shape:
+      raise QuantError(f"segment_ids_BxT shape {np.shape(segment_ids_BxT)} != tokens shape "
+                       f"{tokens.shape}")
+    seg = np.asarray(segment_ids_BxT)
+    if not (np.issubdtype(seg.dtype, np.integer) or seg.dtype == bool) or seg.min() < 0:
+      raise QuantError(f"segment_ids_BxT must be integers >= 0 (0 = padding), got dtype "
+                       f"{seg.dtype}, min {seg.min()}")
+  if (not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool)
+      or batch_size < 1):
+    raise QuantError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+  max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+  if max_positions is not None and tokens.shape[1] > max_positions:
+    longest = tokens.shape[1]
+    if segment_ids_BxT is not None:  # positions restart in every packed segment
+      positions = np.asarray(positions_from_segments(jnp.asarray(seg, jnp.int32)))
+      longest = int(positions[seg > 0].max(initial=-1)) + 1
+    if longest > max_positions:
+      raise QuantError(f"calibration sequences of {longest} tokens are longer than the model's "
+                       f"max_position_embeddings={max_positions}: the statistics would come "
+                       f"from positions it was never trained on (cut the sequences)")
   return tokens
 
 
@@ -245,8 +268,9 @@ def calibrate_sequential(model, tokens_BxT, compress_block: CompressFn | None = 
 def _run_blocks(model, tokens_BxT, callback, recompute: bool, *, segment_ids_BxT, batch_size,
                 with_hessian, keep_inputs, seed):
   tokens = _check_inputs(model, tokens_BxT, segment_ids_BxT, batch_size)
-  if keep_inputs < 0:
-    raise QuantError(f"keep_inputs must be >= 0, got {keep_inputs}")
+  if not isinstance(keep_inputs, numbers.Integral) or isinstance(keep_inputs, bool) or (
+      keep_inputs < 0):
+    raise QuantError(f"keep_inputs must be an integer >= 0, got {keep_inputs!r}")
   chunks = _chunks(model, tokens, segment_ids_BxT, batch_size)
   inv_freq = rope_inv_freq(model.config)
   rng = np.random.default_rng(seed)

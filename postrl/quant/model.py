@@ -44,7 +44,7 @@ def quantized_layers(model: nnx.Module) -> dict[str, QuantizedWeight]:
 def _compile_targets(targets: str):
   try:
     return re.compile(targets)
-  except re.error as e:
+  except (re.error, TypeError) as e:
     raise QuantError(f"quantize_model: targets {targets!r} is not a valid regex ({e})") from None
 
 

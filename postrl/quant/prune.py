@@ -34,6 +34,7 @@ block i is calibrated on the outputs of the already pruned blocks < i, as both r
 from __future__ import annotations
 
 import functools
+import numbers
 import re
 
 import jax
@@ -51,7 +52,8 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 
 def parse_pattern(pattern: str, sparsity: float):
   """"unstructured" -> None; "n:m" -> (n, m) zeros per group of m (checked against sparsity)."""
-  if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
+  if (not isinstance(sparsity, numbers.Real) or isinstance(sparsity, bool)
+      or not 0.0 <= float(sparsity) < 1.0):
     raise QuantError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
   if pattern == "unstructured":
     return None
@@ -84,6 +86,9 @@ def _nm_mask(score_KxN, n, m, name="weight"):
 
 def _prune_by_score(w_KxN, score_KxN, sparsity, pattern, per_output, name):
   nm = parse_pattern(pattern, sparsity)
+  if np.ndim(w_KxN) != 2:
+    raise QuantError(f"{name}: can only prune a 2-D kernel [K, N], got shape {np.shape(w_KxN)}")
+  sparsity = float(sparsity)
   w = jnp.asarray(w_KxN)
   K, N = w.shape
   if nm is not None:

@@ -28,6 +28,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from postrl.quant.awq import FOLD_READERS, fold_scale
 from postrl.quant.calibrate import block_linears, calibrate, target_layers
@@ -46,6 +47,9 @@ def smoothing_scales(max_abs_x_K, w_KxN, *, alpha: float = 0.5):
   """
   if not 0.0 <= alpha <= 1.0:
     raise QuantError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
+  if np.ndim(w_KxN) != 2 or np.shape(max_abs_x_K) != (np.shape(w_KxN)[0],):
+    raise QuantError(f"SmoothQuant: need max|X| of shape [K] and kernels [K, N], got "
+                     f"{np.shape(max_abs_x_K)} and {np.shape(w_KxN)}")
   x = jnp.maximum(jnp.asarray(max_abs_x_K, jnp.float32), 1e-5)
   w = jnp.maximum(jnp.max(jnp.abs(jnp.asarray(w_KxN, jnp.float32)), axis=1), 1e-5)
   return x ** alpha / w ** (1.0 - alpha)

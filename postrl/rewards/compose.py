@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
@@ -89,10 +90,24 @@ def combine_rewards(completions: Sequence[str], references: Sequence[Any] | None
   Raises:
     ValueError: unknown reward names (in ``weights`` or options), options for a reward not in
       ``weights`` or not among its parameters, a required argument no source provides, or
-      ``references`` / ``problems`` whose length differs from ``completions``.
+      ``references`` / ``problems`` whose length differs from ``completions``, a weight that
+      is not a finite number, or a reward's own ValueError on a malformed example (prefixed
+      with the reward's name and the example's index).
   """
+  if not isinstance(weights, Mapping):
+    raise ValueError(f"weights must be a mapping reward name -> weight (e.g. {{'math': 1.0}}), "
+                     f"got {type(weights).__name__}")
   if not weights:
     raise ValueError(f"weights is empty; known rewards: {sorted(registry)}")
+  for name, w in weights.items():  # a NaN weight would make every total NaN
+    try:
+      finite = math.isfinite(float(w))
+    except (TypeError, ValueError):
+      finite = False
+    if not finite:
+      raise ValueError(f"weights[{name!r}] must be a finite number, got {w!r}")
+  if isinstance(completions, (str, bytes)):  # would be scored character by character
+    raise ValueError("completions must be a sequence of completion texts, got one string")
   unknown = sorted(set(weights) - set(registry))
   if unknown:
     raise ValueError(f"unknown reward name(s) {unknown}; known: {sorted(registry)}")
@@ -107,7 +122,11 @@ def combine_rewards(completions: Sequence[str], references: Sequence[Any] | None
 
   per_name: dict[str, list[float]] = {}
   for name in weights:
-    fn, options = registry[name], dict(options_by_name.get(name) or {})
+    options = options_by_name.get(name) or {}
+    if not isinstance(options, Mapping):
+      raise ValueError(f"options for reward {name!r} must be a dict of keyword options "
+                       f"({name}={{...}}), got {options!r}")
+    fn, options = registry[name], dict(options)
     params = _parameters(fn)
     bad = sorted(set(options) - {p.name for p in params})
     if bad:
@@ -130,7 +149,10 @@ def combine_rewards(completions: Sequence[str], references: Sequence[Any] | None
           raise ValueError(f"reward {name!r} needs {p.name!r} for example {i}: give it in "
                            f"{name}={{...}} options, references (for 'reference') or "
                            f"problems[i] (a mapping or object with that field)")
-      values.append(float(fn(completion, **kwargs)))
+      try:
+        values.append(float(fn(completion, **kwargs)))
+      except ValueError as e:  # a malformed example (e.g. a Countdown problem without numbers)
+        raise ValueError(f"reward {name!r}, example {i}: {e}") from e
     per_name[name] = values
   total = [sum(float(weights[name]) * per_name[name][i] for name in weights) for i in range(n)]
   return total, per_name

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import ast
 import collections
+import collections.abc
+import numbers
 import operator
 import re
 from fractions import Fraction
@@ -33,6 +35,34 @@ _CLAIM = re.compile(r"^-?\d+(?:\.0+)?$")
 
 class _Invalid(Exception):
   pass
+
+
+def _integer(x) -> int | None:
+  """``x`` as an int if it is an integer (or an integral float), else None."""
+  if isinstance(x, bool):
+    return None
+  if isinstance(x, numbers.Integral):
+    return int(x)
+  if isinstance(x, numbers.Real) and float(x).is_integer():
+    return int(x)
+  return None
+
+
+def _check_numbers(numbers_: Sequence[int]) -> list[int]:
+  """The problem's numbers as ints; ValueError naming the field for a malformed problem (which
+  would otherwise score every completion 0, or truncate 2.5 to 2)."""
+  if isinstance(numbers_, (str, bytes)) or not isinstance(numbers_, collections.abc.Iterable):
+    raise ValueError(f"countdown: field 'numbers' must be a list of non-negative integers, got "
+                     f"{numbers_!r}")
+  values = list(numbers_)
+  if not values:
+    raise ValueError("countdown: field 'numbers' is empty (a problem needs at least one number)")
+  ints = [_integer(x) for x in values]
+  bad = [x for x, i in zip(values, ints) if i is None or i < 0]
+  if bad:
+    raise ValueError(f"countdown: field 'numbers' must hold non-negative integers (the only "
+                     f"literals an answer may use), got {bad[0]!r} in {values!r}")
+  return ints
 
 
 def extract_countdown_answer(completion: str) -> tuple[str, str | None] | None:
@@ -65,13 +95,14 @@ def evaluate_countdown_expression(expression: str, numbers: Sequence[int]) -> Fr
   Valid: non-negative integer literals, binary + - * /, parentheses; every literal one of
   ``numbers`` and used at most as often as it appears there. None if invalid or dividing by zero.
   """
+  numbers = _check_numbers(numbers)
   if not isinstance(expression, str) or not expression.strip() or len(expression) > _MAX_CHARS:
     return None
   try:
     tree = ast.parse(expression.strip(), mode="eval")
   except (SyntaxError, ValueError, RecursionError, MemoryError):
     return None
-  available = collections.Counter(int(x) for x in numbers)
+  available = collections.Counter(_check_numbers(numbers))
   used = collections.Counter()
   for node in ast.walk(tree):  # check every node before evaluating anything
     if isinstance(node, ast.Constant):
@@ -114,7 +145,13 @@ def countdown_reward(completion: str, numbers: Sequence[int], target: int) -> fl
     completion: the model's text.
     numbers: the given numbers (a multiset: a number given twice may be used twice).
     target: the integer to reach.
+  Raises:
+    ValueError: a malformed problem (``numbers`` empty or not non-negative integers, ``target``
+      not an integer); a malformed completion only scores 0.
   """
+  numbers = _check_numbers(numbers)
+  if _integer(target) is None:  # "63" or None would score every completion 0
+    raise ValueError(f"countdown: field 'target' must be an integer, got {target!r}")
   found = extract_countdown_answer(completion)
   if found is None:
     return 0.0

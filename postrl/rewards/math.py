@@ -54,6 +54,7 @@ from __future__ import annotations
 import ast
 import functools
 import math
+import numbers
 import operator
 import random
 import re
@@ -78,8 +79,21 @@ def _value(s: str) -> Fraction | None:
     return None
 
 
+def _check_reference(reference, who: str, field: str):
+  """A reference answer must be a non-blank string or a number: a missing one (None, "") would
+  otherwise score every completion 0 without a word."""
+  if reference is None or isinstance(reference, bool) or not isinstance(
+      reference, (str, numbers.Real)):
+    raise ValueError(f"{who}: {field} (the reference answer) must be a non-empty string or a "
+                     f"number, got {reference!r}")
+  if isinstance(reference, str) and not reference.strip():
+    raise ValueError(f"{who}: {field} (the reference answer) is blank: {reference!r}")
+
+
 def exact_match(completion: str, answer: str) -> bool:
-  """1 if the last number of ``completion`` equals ``answer`` numerically ("42.0" == "42")."""
+  """1 if the last number of ``completion`` equals ``answer`` numerically ("42.0" == "42").
+  ValueError if ``answer`` is missing (None or blank)."""
+  _check_reference(answer, "exact_match", "answer")
   got = extract_last_number(completion)
   if got is None:
     return False
@@ -403,8 +417,8 @@ def answers_equal(predicted: str, reference: str) -> bool:
   presentation stripped ("$42$", "\\$42", "42 dollars", "\\text{...}", "x = 5"), percent signs
   dropped ("50%" == "50", "50%" != "0.5"), simple symbolic equivalence by exact rational
   arithmetic or evaluation at fixed points ("2\\sqrt{2}" == "\\sqrt{8}"), tuples and intervals
-  item by item. Never raises: garbage and non-string inputs (other than int / float, which are
-  formatted with ``str``) give False.
+  item by item. Never raises: garbage and non-string inputs (other than numbers, Python or
+  numpy, which are formatted with ``str``) give False.
 
   Args:
     predicted: the extracted answer (see ``extract_answer``).
@@ -412,7 +426,7 @@ def answers_equal(predicted: str, reference: str) -> bool:
   """
   texts = []
   for x in (predicted, reference):
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
+    if isinstance(x, numbers.Real) and not isinstance(x, bool):  # numpy scalars too
       x = str(x)
     if not isinstance(x, str):
       return False
@@ -726,6 +740,10 @@ def math_reward(completion: str, reference: str, *, method: str = "auto",
     completion: the model's text.
     reference: the reference final answer (not a full solution).
     method, pattern: see ``extract_answer``.
+  Raises:
+    ValueError: ``reference`` missing (None, blank) or not a string / number; a bad method or
+      pattern.
   """
+  _check_reference(reference, "math_reward", "reference")
   answer = extract_answer(completion, method=method, pattern=pattern)
   return 1.0 if answer is not None and answers_equal(answer, reference) else 0.0

@@ -30,6 +30,7 @@ see score differences, so b gets no gradient); a process-reward model learns it.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from typing import Sequence
 
@@ -134,6 +135,10 @@ class RewardModelScorer:
   def __init__(self, path: str, *, batch_size: int = 16, max_len: int | None = None,
                system_prompt: str | None = None, param_dtype: str = "float32",
                dtype: str | None = None):
+    for key, value in (("batch_size", batch_size), ("max_len", max_len)):
+      if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                or value < 1):  # batch_size < 0 scored nothing, silently
+        raise ValueError(f"RewardModelScorer: {key} must be a positive integer, got {value!r}")
     import jax
     from flax import nnx
     from postrl.data.preference import prompt_and_response_ids

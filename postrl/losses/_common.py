@@ -23,7 +23,8 @@ def aggregate(values_BxT, mask_BxT, *, mode: str = "token_mean", norm_len: float
                                                                              a constant, not the length)
 
   Rows with no valid token count as zero in the ``seq_mean_*`` modes (and still count in B), and
-  the token mean of a fully masked batch is 0, so gradients stay finite.
+  the token mean of a fully masked batch is 0, so gradients stay finite. A fractional mask is a
+  weight, exactly as in the formulas (also when a row's or the batch's weights sum to less than 1).
 
   Args:
     values_BxT: per-token values (e.g. -ratio * advantage).
@@ -35,10 +36,12 @@ def aggregate(values_BxT, mask_BxT, *, mode: str = "token_mean", norm_len: float
   """
   mask = mask_BxT.astype(jnp.float32)
   v = jnp.where(mask > 0, values_BxT.astype(jnp.float32), 0.0) * mask
+  # Guard only the empty case: max(sum m, 1) would also rescale fractional weights summing to < 1.
+  nonzero = lambda den: jnp.where(den > 0, den, 1.0)
   if mode == "token_mean":
-    return v.sum() / jnp.maximum(mask.sum(), 1.0)
+    return v.sum() / nonzero(mask.sum())
   if mode == "seq_mean_token_mean":
-    return jnp.mean(v.sum(-1) / jnp.maximum(mask.sum(-1), 1.0))
+    return jnp.mean(v.sum(-1) / nonzero(mask.sum(-1)))
   if mode == "seq_mean_token_sum":
     return jnp.mean(v.sum(-1))
   if mode == "seq_mean_token_sum_norm":

@@ -100,7 +100,8 @@ def ppo_clip_per_token(logps_BxT, old_logps_BxT, advantages_BxT, mask_BxT, *,
 
   Args:
     logps_BxT: log π_θ(y_t) of the sampled tokens (differentiated).
-    old_logps_BxT: log π_θold(y_t), the policy that sampled / the start of this update (data).
+    old_logps_BxT: log π_θold(y_t), the policy that sampled / the start of this update (data,
+      stop-gradient: the current log-probs may be passed for a single on-policy update).
     advantages_BxT: A_t (data; e.g. from ``gae``).
     mask_BxT: 1 on response tokens that count, 0 elsewhere.
     clip_eps_low, clip_eps_high: the clip range [1 - eps_low, 1 + eps_high].
@@ -110,7 +111,8 @@ def ppo_clip_per_token(logps_BxT, old_logps_BxT, advantages_BxT, mask_BxT, *,
   """
   _check_dual_clip(dual_clip)
   valid = valid_mask(mask_BxT)
-  logps, old = _clean(logps_BxT, valid), _clean(old_logps_BxT, valid)
+  logps = _clean(logps_BxT, valid)
+  old = _clean(jax.lax.stop_gradient(old_logps_BxT), valid)
   adv = _clean(jax.lax.stop_gradient(advantages_BxT), valid)
   ratio = jnp.exp(_log_ratio(logps, old))
   loss, _, _ = _clipped_surrogate(ratio, adv, clip_eps_low, clip_eps_high, dual_clip)
@@ -131,7 +133,8 @@ def ppo_clip(logps_BxT, old_logps_BxT, advantages_BxT, mask_BxT, *,
 
   Args:
     logps_BxT: log π_θ(y_t) [B, T] (differentiated).
-    old_logps_BxT: log π_θold(y_t) [B, T] (data).
+    old_logps_BxT: log π_θold(y_t) [B, T] (data, stop-gradient: passing the current log-probs
+      gives ratio 1 and the plain policy gradient).
     advantages_BxT: A_t [B, T] (data).
     mask_BxT: [B, T], 1 on tokens that count.
     clip_eps_low, clip_eps_high: clip range [1 - eps_low, 1 + eps_high].
@@ -147,7 +150,8 @@ def ppo_clip(logps_BxT, old_logps_BxT, advantages_BxT, mask_BxT, *,
   """
   _check_dual_clip(dual_clip)
   valid = valid_mask(mask_BxT)
-  logps, old = _clean(logps_BxT, valid), _clean(old_logps_BxT, valid)
+  logps = _clean(logps_BxT, valid)
+  old = _clean(jax.lax.stop_gradient(old_logps_BxT), valid)
   adv = _clean(jax.lax.stop_gradient(advantages_BxT), valid)
   log_ratio = _log_ratio(logps, old)
   ratio = jnp.exp(log_ratio)

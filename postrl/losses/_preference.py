@@ -273,11 +273,12 @@ def listwise_dpo(logps_BxK, ref_logps_BxK, *, beta: float = 0.1, mask_BxK=None):
 
       ℓ = -Σ_{k=1}^{K'} [ r_k - log Σ_{j=k}^{K'} exp(r_j) ]       loss = 1/B Σ_b ℓ_b
 
-  (the denominator runs over the suffix j ≥ k, as Plackett-Luce requires). For K = 2 this is
-  -log σ(r_1 - r_2), i.e. ``dpo(variant="sigmoid")``. Masked responses are absent from the ranking:
-  a row's ranking is its valid responses in column order, whatever their positions, and their
-  values (even nan/inf) never reach the loss or its gradient. A row with fewer than two valid
-  responses contributes 0 and still counts in B (so accumulating micro-batches is exact).
+  (the denominator runs over the suffix j ≥ k, as Plackett-Luce requires; the seed-001 survey's
+  multi-sample comparison, §3.2.9, prints an unqualified Σ_j, which we do not follow). For K = 2
+  this is -log σ(r_1 - r_2), i.e. ``dpo(variant="sigmoid")``. Masked responses are absent from the
+  ranking: a row's ranking is its valid responses in column order, whatever their positions, and
+  their values (even nan/inf) never reach the loss or its gradient. A row with fewer than two
+  valid responses contributes 0 and still counts in B (so accumulating micro-batches is exact).
 
   Args:
     logps_BxK: log π_θ(y_k|x) summed over response tokens, column 0 the best, [B, K].
@@ -424,7 +425,8 @@ def simpo(chosen_avg_logps_B, rejected_avg_logps_B, *, beta: float = 2.0, gamma:
 
       loss = -1/B Σ_b log σ( β a_w - β a_l - γ ),   a = (1/|y|) log π_θ(y|x)
 
-  γ is the absolute margin (TRL's CPOTrainer takes γ/β as ``simpo_gamma``).
+  γ is the absolute margin, the same number as TRL's CPOTrainer ``simpo_gamma`` (which TRL
+  divides by β internally); the SimPO authors' code takes γ/β instead (``gamma_beta_ratio``).
 
   Args:
     chosen_avg_logps_B: length-averaged log π_θ(y_w|x), [B].

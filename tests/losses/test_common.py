@@ -69,6 +69,24 @@ def test_aggregate_token_mean_weights_every_token_equally():
   np.testing.assert_allclose(res["seq_mean_token_mean"][0], (1 + 4 + 0) / 3, rtol=1e-6)
 
 
+
+def test_aggregate_fractional_mask_is_a_weight():
+  # A float mask weights each token (cross_entropy documents "float values act as weights"):
+  # sum m v / sum m, not an unweighted mean over the tokens where m > 0.
+  v = np.array([[1.0, 3.0, 5.0], [2.0, 4.0, 6.0]], np.float32)
+  m = np.array([[0.5, 1.0, 0.0], [0.25, 0.0, 0.0]], np.float32)
+  res = _agg_all(v, m)
+  np.testing.assert_allclose(res["token_mean"][0], (0.5 + 3.0 + 0.5) / 1.75, rtol=1e-6)
+  np.testing.assert_allclose(res["seq_mean_token_mean"][0], (3.5 / 1.5 + 0.5 / 0.25) / 2,
+                             rtol=1e-6)
+  np.testing.assert_allclose(res["seq_mean_token_sum"][0], (3.5 + 0.5) / 2, rtol=1e-6)
+  np.testing.assert_allclose(res["token_mean"][1], m / 1.75, rtol=1e-6)
+  # weights summing to < 1 are not rescaled (only an empty row or batch is guarded)
+  light = np.array([[0.25, 0.0, 0.0], [0.0, 0.0, 0.0]], np.float32)
+  np.testing.assert_allclose(_agg_all(v, light)["token_mean"][0], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(_agg_all(v, light)["seq_mean_token_mean"][0], (1.0 + 0.0) / 2,
+                             rtol=1e-6)
+
 # ---------------------------------------------------------------- kl_penalty
 
 PI_LOGITS = np.array([1.0, 0.2, -0.5, 0.7], np.float32)

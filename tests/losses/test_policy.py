@@ -190,6 +190,10 @@ def test_value_loss_hand_values():
   np.testing.assert_allclose(m["vf/value_mean"], 1.625, **F32)
   _, m0 = value_loss(v, old, np.ones_like(v), mask)
   assert m0["vf/explained_variance"] == 0 and m0["vf/clipfrac"] == 0
+  # agg / norm_len reach the aggregation: token sums over a constant 8
+  loss8, _ = value_loss(v, old, ret, mask, clip_eps=0.2, agg="seq_mean_token_sum_norm",
+                        norm_len=8.0)
+  np.testing.assert_allclose(loss8, (0.32 + 0.125 + 0.32 + 0.5) / 8, **F32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,6 +286,13 @@ def test_group_advantages_scales():
   with pytest.raises(ValueError):
     group_advantages(r, group_size=4, scale="bogus")
 
+
+
+def test_group_advantages_eps_is_added_to_the_std():
+  # (r - mean) / (std + eps): [1, 0, 1, 0] has std 0.5, so eps = 0.5 gives ±0.5 / 1.0 exactly
+  # (eps inside the square root, (r - mean) / sqrt(var + eps), would give ±0.5 / sqrt(0.75)).
+  a = group_advantages(np.array([1.0, 0.0, 1.0, 0.0], np.float32), group_size=4, eps=0.5)
+  np.testing.assert_allclose(a, [0.5, -0.5, 0.5, -0.5], **F32)
 
 def test_group_advantages_ties_are_zero():
   # float32 mean([2.2] * 3) != 2.2 (off by 2.4e-7), and std = 2.4e-7: without exact tie handling
@@ -476,6 +487,85 @@ def test_grpo_per_token_advantages_equal_broadcast():
     b, _ = grpo(LP, OLD, REF, np.broadcast_to(ADV_B[:, None], LP.shape), MASK, variant=variant)
     np.testing.assert_allclose(a, b, **F32)
 
+
+
+def test_gspo_token_gradient_with_per_token_advantages():
+  # GSPO-token (Zheng et al. 2025): token t carries the value of the sequence ratio s_i and the
+  # gradient of its own log-prob, so d loss / d logp_{i,t} = -s_i A_{i,t} / (|o_i| B) when s_i is
+  # inside the clip range. Differentiating s_i itself (sequence-level GSPO) would give every
+  # token -s_i mean_t(A_{i,t}) / (|o_i| B): the same only when A is constant along the sequence.
+  old = np.full((2, 3), -1.0, np.float32)
+  lp = old + np.array([[0.05, -0.02, 0.03], [0.01, 0.03, 5.0]], np.float32)   # both s = e^0.02
+  mask = np.array([[1, 1, 1], [1, 1, 0]], np.float32)
+  adv = np.array([[1.0, -2.0, 3.0], [-1.0, 2.0, 7.0]], np.float32)
+  fn = lambda x: grpo(x, old, None, adv, mask, variant="gspo", kl_coef=0.0)[0]
+  loss, g = jax.value_and_grad(fn)(jnp.asarray(lp))
+  s = np.exp(0.02)
+  np.testing.assert_allclose(loss, -s * (2.0 / 3 + 1.0 / 2) / 2, **COMP)
+  want = -s * adv * mask / (mask.sum(-1, keepdims=True) * 2)
+  np.testing.assert_allclose(g, want, **COMP)
+
+
+def test_tis_weights_the_policy_term_not_the_kl():
+  # One token: ratio 1, A = 1, old - rollout = 1 (w = e), log(π_ref / π) = log 2, β = 1:
+  # l = -w A + β k3 = -e + (1 - log 2); weighting the KL too would give -e + e (1 - log 2).
+  lp = np.array([[-1.0]], np.float32)
+  ref = lp + np.float32(np.log(2.0))
+  roll = lp - 1.0
+  loss, m = grpo(lp, lp, ref, np.array([1.0], np.float32), np.ones_like(lp), kl_coef=1.0,
+                 rollout_logps_BxT=roll)
+  np.testing.assert_allclose(loss, -np.e + (1.0 - np.log(2.0)), **COMP)
+  np.testing.assert_allclose(m["pg/loss"], -np.e, **COMP)
+  np.testing.assert_allclose(m["tis/weight_mean"], np.e, **COMP)
+
+
+def test_grpo_clipfrac_and_approx_kl_metrics():
+  # ratios [1.5, 0.5, 1.1] with eps 0.2, A = 1: CISPO clips the weight of the first two (2/3);
+  # PPO-style GRPO selects the clipped term only for r = 1.5 (A > 0: r = 0.5 stays unclipped).
+  # approx_kl is the k3 estimate of KL(π_old ‖ π_θ), (r - 1) - log r, averaged over tokens
+  # (mean r != 1 here, so it differs from the k1 mean of -log r).
+  r = np.array([[1.5, 0.5, 1.1]])
+  lp = np.log(r).astype(np.float32)
+  old, mask, adv = np.zeros_like(lp), np.ones_like(lp), np.array([1.0], np.float32)
+  k3 = np.mean((r - 1) - np.log(r))
+  _, m = grpo(lp, old, None, adv, mask, variant="cispo", kl_coef=0.0)
+  np.testing.assert_allclose(m["pg/clipfrac"], 2 / 3, **F32)
+  np.testing.assert_allclose(m["pg/approx_kl"], k3, **COMP)
+  _, m = grpo(lp, old, None, adv, mask, kl_coef=0.0)
+  np.testing.assert_allclose(m["pg/clipfrac"], 1 / 3, **F32)
+  np.testing.assert_allclose(m["pg/approx_kl"], k3, **COMP)
+
+
+def test_data_inputs_get_no_gradient():
+  # Old log-probs, advantages, reference / rollout log-probs, returns and old values are data:
+  # a loss built on them (e.g. advantages from a critic in the same graph) must not send
+  # gradients into them. Every case below has clipping active and a non-zero KL.
+  adv_t = np.broadcast_to(ADV_B[:, None] * 2.0, LP.shape).astype(np.float32)
+
+  def check(fn, *args):
+    grads = jax.grad(fn, argnums=tuple(range(1, len(args))))(*map(jnp.asarray, args))
+    for i, g in enumerate(grads):
+      assert np.all(np.asarray(g) == 0), (fn, i + 1)
+
+  check(lambda lp, old, adv: ppo_clip(lp, old, adv, MASK, clip_eps_low=0.05,
+                                      clip_eps_high=0.05)[0], LP, OLD, adv_t)
+  check(lambda lp, old, adv: ppo_clip_per_token(lp, old, adv, MASK, clip_eps_low=0.05,
+                                                clip_eps_high=0.05).sum(), LP, OLD, adv_t)
+  # so a single on-policy update may pass the same traced log-probs as old (ratio 1) and still
+  # get the policy gradient -A / n (without the stop-gradient it would be exactly 0)
+  for fn in (lambda x: ppo_clip(x, x, adv_t, MASK)[0],
+             lambda x: ppo_clip_per_token(x, x, adv_t, MASK).sum() / MASK.sum()):
+    np.testing.assert_allclose(jax.grad(fn)(jnp.asarray(LP)), -adv_t * MASK / MASK.sum(), **F32)
+  v = np.array([[1.5, 1.5, 0.5, 3.0]], np.float32)
+  old_v = np.array([[1.0, 1.0, 1.0, 3.0]], np.float32)
+  ret = np.array([[2.0, 1.0, 0.0, 2.0]], np.float32)
+  one = np.ones_like(v)
+  check(lambda x, o, r: value_loss(x, o, r, one, clip_eps=0.2)[0], v, old_v, ret)
+  check(lambda x, o, r: value_loss_per_token(x, o, r, one, clip_eps=0.2).sum(), v, old_v, ret)
+  for variant in GRPO_VARIANTS:
+    check(lambda lp, old, ref, adv, roll: grpo(
+        lp, old, ref, adv, MASK, variant=variant, kl_coef=0.1, rollout_logps_BxT=roll,
+        clip_eps_low=0.05, clip_eps_high=0.05)[0], LP, OLD, REF, ADV_B, ROLL)
 
 # ----------------------------------------------------------------------------------------------
 # Invariances shared by every token loss: masked == sliced, jit, vmap, finite gradients

@@ -460,6 +460,14 @@ def test_kto_hand_values():
   np.testing.assert_allclose(one, 1 - 1 / (1 + np.exp(-0.4)), **F32)
 
 
+
+def test_kto_weights_scale_the_whole_term():
+  # ℓ = λ_y (1 - σ(·)) (the paper's λ_y - v with v = λ_y σ(·)), not λ_y - σ(·): with λ_D = 2,
+  # λ_U = 3, r = 1, z = 0.2, β = 0.5 the two examples give 2 (1 - σ(0.4)) and 3 (1 - σ(-0.4)).
+  loss, _ = kto(jnp.array([-4.0, -4.0]), jnp.array([-5.0, -5.0]), jnp.array([True, False]), 0.2,
+                beta=0.5, desirable_weight=2.0, undesirable_weight=3.0)
+  np.testing.assert_allclose(loss, (2 * (1 - sig(0.4)) + 3 * (1 - sig(-0.4))) / 2, **F32)
+
 def test_kto_ref_kl_clamped_and_stop_gradient():
   args = (jnp.asarray(KTO_L), jnp.asarray(KTO_REF), jnp.asarray(KTO_D))
   np.testing.assert_allclose(_kto(*args, -3.0)[0], _kto(*args, 0.0)[0], **F32)

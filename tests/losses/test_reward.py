@@ -183,6 +183,15 @@ def test_process_reward_hard_and_soft_labels_by_hand():
   np.testing.assert_allclose(g, 0.0, atol=1e-7)
 
 
+
+def test_process_reward_accuracy_rounds_a_half_label_down():
+  # The documented rule compares z > 0 with y > 0.5: a soft label of exactly 0.5 counts as 0, so
+  # z = -1 and z = -2 are right (a y >= 0.5 rule would count both wrong: 1/3).
+  z = np.array([[-1.0, -2.0, 3.0]], np.float32)
+  y = np.array([[0.5, 0.5, 0.51]], np.float32)
+  _, m, _ = _prm(z, y, np.ones_like(z))
+  np.testing.assert_allclose(m["prm/accuracy"], 1.0, rtol=1e-6)
+
 def test_process_reward_masked_equals_sliced():
   rng = np.random.default_rng(4)
   z = rng.normal(size=(2, 3)).astype(np.float32)

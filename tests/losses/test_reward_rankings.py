@@ -57,6 +57,16 @@ def test_hand_values_direction_and_per_ranking_normalisation():
   np.testing.assert_allclose(_btr(np.zeros_like(s), mask)[0], np.log(2.0), rtol=1e-6)
 
 
+
+def test_tied_scores_are_not_a_win():
+  # Row [1, 1, 0]: the tied pair (0, 1) is not ordered, (0, 2) and (1, 2) are: accuracy 2/3.
+  # The best-ranked response shares the top score; ties resolve to the lower index: top1 = 1.
+  s = np.array([[1.0, 1.0, 0.0]], np.float32)
+  loss, m, _ = _btr(s, np.ones_like(s))
+  np.testing.assert_allclose(m["rm/accuracy"], 2 / 3, rtol=1e-6)
+  np.testing.assert_allclose(m["rm/top1_accuracy"], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(loss, (np.log(2.0) + 2 * _softplus(-1.0)) / 3, rtol=1e-6)
+
 def test_k2_equals_bradley_terry_and_plackett_luce():
   rng = np.random.default_rng(0)
   s = (rng.normal(size=(6, 2)) * 3).astype(np.float32)

@@ -72,6 +72,16 @@ def test_label_smoothing_and_z_loss_hand_values():
   np.testing.assert_allclose(loss, (1 - eps) * 1.5 * ln2 + eps * smooth + 4e-2, rtol=1e-6)
 
 
+
+def test_accuracy_by_hand():
+  # argmax of every token is id 1; the targets hit it on 2 of the 3 valid tokens (the masked
+  # token also hits it and must not count). Random targets would rarely tell argmax from argmin.
+  logits = np.tile(np.array([0.0, 3.0, -1.0, 0.5], np.float32), (1, 4, 1))
+  targets = np.array([[1, 2, 1, 1]], np.int32)
+  mask = np.array([[1, 1, 1, 0]], np.float32)
+  _, metrics, _ = _ce(logits, targets, mask)
+  np.testing.assert_allclose(metrics["ce/accuracy"], 2 / 3, rtol=1e-6)
+
 def test_per_token_form_matches_loss():
   logits, targets, mask = _inputs(1)
   per_tok = np.asarray(jax.jit(functools.partial(

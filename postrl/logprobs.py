@@ -14,11 +14,14 @@ the largest logits block alive is [B, C, K].
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from postrl.models.config import ConfigError
 
 # apply_fn(params, tokens_BxT, segment_ids_BxT) -> (hidden_BxTxD, unembed_DxV)
 ApplyFn = Callable[..., tuple[jax.Array, jax.Array]]
@@ -81,9 +84,17 @@ def _target_logps_vocab_chunked(h_BxTxD, w_NxDxC, vocab_size: int, targets_BxT):
 
   init = (jnp.full((B, T), -jnp.inf, jnp.float32), jnp.zeros((B, T), jnp.float32),
           jnp.zeros((B, T), jnp.float32))
-  starts = jnp.arange(n, dtype=targets_BxT.dtype) * vocab_chunk
+  # int32 whatever the ids' dtype: in uint8 the chunk starts would wrap at 256 (wrong columns)
+  starts = jnp.arange(n, dtype=jnp.int32) * vocab_chunk
   (m, s, picked), _ = jax.lax.scan(body, init, (w_NxDxC, starts))
   return picked - (m + jnp.log(s))
+
+
+def _check_chunk(name: str, value) -> None:
+  """A chunk size is None or an integer >= 1 (checked at trace time: Python values only)."""
+  if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                            or value < 1):
+    raise ConfigError(f"{name} must be an integer >= 1 or None (no chunking), got {value!r}")
 
 
 def logps_from_hidden(h_BxTxD, w_DxV, targets_BxT, *, chunk: int | None = None,
@@ -100,6 +111,16 @@ def logps_from_hidden(h_BxTxD, w_DxV, targets_BxT, *, chunk: int | None = None,
     [B, T] float32 log-probs. With both chunks set, the largest logits block alive at once is
     [B, chunk, vocab_chunk], forward and backward.
   """
+  _check_chunk("chunk", chunk)
+  _check_chunk("vocab_chunk", vocab_chunk)
+  if (jnp.ndim(h_BxTxD) != 3 or jnp.ndim(w_DxV) != 2 or jnp.shape(targets_BxT) !=
+      jnp.shape(h_BxTxD)[:2] or jnp.shape(w_DxV)[0] != jnp.shape(h_BxTxD)[2]):
+    raise ValueError(f"logps_from_hidden: needs h_BxTxD [B, T, D], w_DxV [D, V] and targets_BxT "
+                     f"[B, T]; got {jnp.shape(h_BxTxD)}, {jnp.shape(w_DxV)} and "
+                     f"{jnp.shape(targets_BxT)}")
+  if not jnp.issubdtype(jnp.result_type(targets_BxT), jnp.integer):
+    raise ValueError(f"logps_from_hidden: targets_BxT must be integer token ids, got dtype "
+                     f"{jnp.result_type(targets_BxT)}")
   V = w_DxV.shape[1]
   if vocab_chunk is None or vocab_chunk >= V:
     w = w_DxV
@@ -138,6 +159,20 @@ def token_logps(apply_fn: ApplyFn, params, tokens_BxT, mask_BxT=None, *, chunk: 
   Returns:
     logps_BxT float32, zero where the mask is zero and at t = 0.
   """
+  tokens_BxT = jnp.asarray(tokens_BxT)
+  shape = tokens_BxT.shape
+  if len(shape) != 2 or shape[1] < 1:
+    raise ValueError(f"token_logps: tokens_BxT must be [B, T] with T >= 1, got shape {shape}")
+  if not jnp.issubdtype(tokens_BxT.dtype, jnp.integer):
+    raise ValueError(f"token_logps: tokens_BxT must be integer token ids, got dtype "
+                     f"{tokens_BxT.dtype}")
+  for name, a in (("mask_BxT", mask_BxT), ("segment_ids_BxT", segment_ids_BxT)):
+    # [B, T], or [1, T] / [B, 1] broadcast over the batch / positions; never [B, T - 1] (the
+    # targets' shape) or [B] (which would broadcast over positions when B == T)
+    if a is not None and (jnp.ndim(a) != 2 or any(
+        d not in (1, n) for d, n in zip(jnp.shape(a), shape))):
+      raise ValueError(f"token_logps: {name} must be [B, T] like tokens_BxT {shape}, got shape "
+                       f"{jnp.shape(a)}")
   h, w = apply_fn(params, tokens_BxT, segment_ids_BxT)
   logps = logps_from_hidden(h[:, :-1], w, tokens_BxT[:, 1:], chunk=chunk,
                             vocab_chunk=vocab_chunk)

@@ -17,9 +17,10 @@ import json
 import logging
 import math
 import numbers
+import operator
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -41,6 +42,11 @@ def _json_value(key: str, v) -> Any:
     v = float(v)
     return v if math.isfinite(v) else None
   a = np.asarray(v)  # numpy / jax scalars and one-element arrays
+  if a.size == 1 and a.dtype.kind == "V" and a.dtype.names is None:
+    try:  # bfloat16 / float8 (ml_dtypes) are kind "V" to numpy
+      a = a.astype(np.float32)
+    except (TypeError, ValueError):
+      pass
   if a.size != 1 or a.dtype.kind not in "biuf":
     raise TypeError(f"metric {key!r} must be a scalar, got {type(v).__name__} of shape {a.shape}")
   return _json_value(key, a.reshape(()).item())
@@ -51,7 +57,8 @@ def read_metrics(path) -> list[dict]:
   records = []
   if not os.path.exists(path):
     return records
-  with open(path, encoding="utf-8") as f:
+  # undecodable bytes (a damaged file) make that line unreadable JSON, skipped like a torn line
+  with open(path, encoding="utf-8", errors="replace") as f:
     for line in f:
       line = line.strip()
       if not line:
@@ -113,6 +120,9 @@ class MetricsLogger:
     if not enabled:
       return
     if self.workdir is not None:
+      if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
+        raise NotADirectoryError(f"MetricsLogger: workdir {self.workdir} is a file, not a "
+                                 f"folder")
       os.makedirs(self.workdir, exist_ok=True)
       path = os.path.join(self.workdir, METRICS_FILE)
       if os.path.exists(path):
@@ -135,7 +145,13 @@ class MetricsLogger:
     """Logs one record of scalars (floats, ints, numpy/jax scalars; NaN/inf -> null in JSON)."""
     if not self.enabled:
       return
-    step = int(step)
+    try:  # ints, numpy / jax integer scalars; never a float silently truncated
+      step = operator.index(step)
+    except TypeError:
+      raise TypeError(f"MetricsLogger.write: step must be an integer, got {step!r}") from None
+    if not isinstance(metrics, Mapping):
+      raise TypeError(f"MetricsLogger.write: metrics must be a dict of scalars, got "
+                      f"{type(metrics).__name__}")
     record = {"step": step}
     record.update({k: _json_value(k, v) for k, v in metrics.items() if k != "step"})
     if self._file is not None:
@@ -187,6 +203,7 @@ def plot_metrics(metrics_jsonl_path, png_path, keys: Sequence[str] = ("loss",)) 
   Uses matplotlib's object API with the Agg canvas: no display, no pyplot state.
   """
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  keys = (keys,) if isinstance(keys, str) else tuple(keys)  # "loss", not "l", "o", "s", "s"
   records = read_metrics(metrics_jsonl_path)
   present = {k for r in records for k, v in r.items() if isinstance(v, (int, float))
              and not isinstance(v, bool)}
@@ -215,8 +232,15 @@ def plot_metrics(metrics_jsonl_path, png_path, keys: Sequence[str] = ("loss",)) 
       ax.grid(alpha=0.3)
       ax.legend(loc="best", fontsize="small")
     axes[-1].set_xlabel("step")
+  png_path = os.fspath(png_path)
   os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-  fig.savefig(png_path, dpi=100)
+  tmp = f"{png_path}.tmp-{os.getpid()}"  # a crash never leaves half a PNG
+  try:
+    fig.savefig(tmp, dpi=100, format=os.path.splitext(png_path)[1][1:] or "png")
+    os.replace(tmp, png_path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def model_flops_per_token(*, num_params_non_embedding: int, num_layers: int, hidden_size: int,

@@ -21,6 +21,7 @@ those output shardings, so each device only ever holds its shard.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Sequence
 
 import jax
@@ -42,17 +43,35 @@ RULES: tuple[tuple[str, Any], ...] = (
 
 
 class ShardingError(ValueError):
-  """A mesh that does not fit the devices, or a rule that names an unknown mesh axis."""
+  """A mesh that does not fit the devices or the rules, a logical axis without a rule, or a batch
+  whose rows do not split over the mesh."""
 
 
-def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None, *,
+              rules=RULES) -> Mesh:
   """A device mesh from ``[(name, size), ...]``; one size may be -1 (= the remaining devices).
 
   Axis types are set explicitly to ``Auto`` (the compiler propagates shardings from the inputs
-  and the constraints we place).
+  and the constraints we place). An axis of size > 1 that no rule of ``rules`` maps to (a typo
+  such as "tensr") is an error: every array would be replicated over it, each of its devices
+  doing the same work; ``rules=None`` allows any names.
   """
   devices = list(jax.devices() if devices is None else devices)
-  names = [str(a) for a, _ in axes]
+  if not devices:
+    raise ShardingError("make_mesh: no devices")
+  if len(set(devices)) != len(devices):
+    raise ShardingError(f"make_mesh: a device appears more than once in {devices}")
+  if isinstance(axes, (str, dict)) or not all(
+      isinstance(a, (tuple, list)) and len(a) == 2 for a in axes):
+    raise ShardingError(f"a mesh is a list of (name, size) pairs, e.g. [('data', -1), "
+                        f"('tensor', 2)], got {axes!r}")
+  for name, size in axes:
+    if not isinstance(name, str) or not name:
+      raise ShardingError(f"mesh axis names must be non-empty strings, got {name!r} in {axes!r}")
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+      raise ShardingError(f"mesh axis {name!r}: the size must be an integer (-1 = the remaining "
+                          f"devices), got {size!r}")
+  names = [a for a, _ in axes]
   sizes = [int(s) for _, s in axes]
   if len(set(names)) != len(names):
     raise ShardingError(f"mesh axis names must be distinct, got {names}")
@@ -68,6 +87,13 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | N
   if math.prod(sizes) != len(devices):
     raise ShardingError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, "
                         f"there are {len(devices)}")
+  if rules is not None:
+    ruled = {a for _, value in rules for a in _mesh_axes(value)}
+    unused = [f"{n!r} (size {s})" for n, s in zip(names, sizes) if s > 1 and n not in ruled]
+    if unused:
+      raise ShardingError(f"mesh {dict(zip(names, sizes))}: axis {', '.join(unused)} is in no "
+                          f"sharding rule, so every array would be replicated over it (each of "
+                          f"its devices doing the same work); the rules use {sorted(ruled)}")
   device_array = np.asarray(devices, dtype=object).reshape(sizes)
   if len(devices) == jax.device_count() and devices == list(jax.devices()):
     # jax's own ordering puts mesh neighbours on physically close devices (ICI / NVLink).
@@ -92,6 +118,9 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
   by an earlier dimension, and axes the dimension is not divisible by (those dims replicate).
   """
   rule_map = dict(rules)
+  if len(names) != len(shape):
+    raise ShardingError(f"logical axis names {tuple(names)} do not match an array of shape "
+                        f"{tuple(shape)} (one name, or None, per dimension)")
   used: set[str] = set()
   spec = []
   for name, dim in zip(names, shape):
@@ -126,14 +155,17 @@ def state_shardings(abstract_state, mesh: Mesh, rules=RULES):
   Variables without names (and non-Variable leaves) are replicated.
   """
 
-  def one(leaf):
+  def one(path, leaf):
     if _is_variable(leaf):
       value = leaf.get_value()
-      spec = logical_to_spec(_logical_names(leaf, value.ndim), value.shape, mesh, rules)
+      try:
+        spec = logical_to_spec(_logical_names(leaf, value.ndim), value.shape, mesh, rules)
+      except ShardingError as e:
+        raise ShardingError(f"{jax.tree_util.keystr(path)}: {e}") from None
       return leaf.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, P())
 
-  return jax.tree.map(one, abstract_state, is_leaf=_is_variable)
+  return jax.tree_util.tree_map_with_path(one, abstract_state, is_leaf=_is_variable)
 
 
 def batch_sharding(mesh: Mesh, rules=RULES) -> NamedSharding:
@@ -244,5 +276,13 @@ def put_batch(batch: dict, mesh: Mesh, rules=RULES) -> dict:
   single-process run this is the whole batch.
   """
   sharding = batch_sharding(mesh, rules)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  shards, processes = batch_shards(mesh, rules), jax.process_count()
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    if v.ndim == 0 or (v.shape[0] * processes) % shards:
+      raise ShardingError(f"batch[{k!r}] of shape {v.shape}: its rows (dimension 0, x "
+                          f"{processes} processes) must split evenly over the {shards} batch "
+                          f"shards of mesh {dict(mesh.shape)}")
+    out[k] = jax.make_array_from_process_local_data(sharding, v)
+  return out

@@ -109,3 +109,67 @@ def test_logps_from_hidden_uneven_chunks():
   np.testing.assert_allclose(logps_from_hidden(h, w, t, vocab_chunk=4), ref, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(logps_from_hidden(h, w, t, chunk=3, vocab_chunk=5), ref, rtol=1e-5,
                              atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(chunk=0), "^chunk must be an integer >= 1 or None .*, got 0$"),  # ZeroDivisionError
+    (dict(chunk=-3), "^chunk must be an integer >= 1 or None .*, got -3$"),
+    (dict(chunk=2.5), "^chunk must be an integer >= 1 or None .*, got 2.5$"),
+    (dict(vocab_chunk=0), "^vocab_chunk must be an integer >= 1 or None .*, got 0$"),
+    (dict(vocab_chunk=-1), "^vocab_chunk must be an integer >= 1 or None .*, got -1$"),
+])
+def test_bad_chunk_sizes_are_config_errors(kwargs, message):
+  from postrl.models import ConfigError  # pylint: disable=import-outside-toplevel
+  h, w, t = jnp.zeros((2, 7, 8)), jnp.zeros((8, 11)), jnp.zeros((2, 7), jnp.int32)
+  with pytest.raises(ConfigError, match=message):
+    logps_from_hidden(h, w, t, **kwargs)
+
+
+def test_logps_from_hidden_refuses_mismatched_shapes():
+  rng = np.random.RandomState(1)
+  h = jnp.asarray(rng.randn(2, 7, 8), jnp.float32)
+  w = jnp.asarray(rng.randn(8, 11), jnp.float32)
+  t = jnp.asarray(rng.randint(0, 11, (2, 7)))
+  # one row of targets used to broadcast over both rows of h: a silently wrong result
+  for h_, w_, t_ in ((h, w, t[:1]), (h, w, t[:, :5]), (h, w[:5], t), (h[0], w, t[0])):
+    with pytest.raises(ValueError, match="needs h_BxTxD \\[B, T, D\\], w_DxV \\[D, V\\]"):
+      logps_from_hidden(h_, w_, t_)
+  with pytest.raises(ValueError, match="targets_BxT must be integer token ids, got dtype float32"):
+    logps_from_hidden(h, w, t.astype(jnp.float32))
+
+
+def test_vocab_chunks_with_narrow_integer_targets():
+  """uint8 ids (V > 256) once gave chunk starts that wrapped at 256 and picked wrong columns."""
+  rng = np.random.RandomState(3)
+  h = jnp.asarray(rng.randn(2, 7, 8), jnp.float32)
+  w = jnp.asarray(rng.randn(8, 300), jnp.float32)
+  t = rng.randint(0, 200, (2, 7))
+  ref = logps_from_hidden(h, w, jnp.asarray(t))
+  for dtype in (np.uint8, np.int16, np.uint16):
+    np.testing.assert_allclose(logps_from_hidden(h, w, jnp.asarray(t.astype(dtype)),
+                                                 vocab_chunk=64), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_token_logps_refuses_bad_shapes(setup):
+  _, apply_fn, params, tokens = setup
+  B, T = tokens.shape
+  # the targets' shape [B, T - 1] (an off-by-one) and [B] (broadcast over positions when B == T)
+  for mask in (jnp.ones((B, T - 1)), jnp.ones((B,)), jnp.ones((T,)), jnp.ones((B, T, 1))):
+    with pytest.raises(ValueError,
+                       match=f"mask_BxT must be \\[B, T\\] like tokens_BxT \\({B}, {T}\\)"):
+      token_logps(apply_fn, params, tokens, mask)
+  with pytest.raises(ValueError, match="segment_ids_BxT must be \\[B, T\\]"):
+    token_logps(apply_fn, params, tokens, segment_ids_BxT=jnp.ones((B, T - 1), jnp.int32))
+  # T = 0 returned [B, 1] (the shift's padding column), not [B, 0]
+  with pytest.raises(ValueError, match="must be \\[B, T\\] with T >= 1, got shape \\(3, 0\\)"):
+    token_logps(apply_fn, params, tokens[:, :0])
+  with pytest.raises(ValueError, match="must be \\[B, T\\] with T >= 1, got shape \\(13,\\)"):
+    token_logps(apply_fn, params, tokens[0])
+  with pytest.raises(ValueError, match="tokens_BxT must be integer token ids, got dtype float32"):
+    token_logps(apply_fn, params, tokens.astype(jnp.float32))
+  # bool / int / float masks, and [1, T] / [B, 1] masks broadcast, all give the same values
+  full = token_logps(apply_fn, params, tokens)
+  m = (jnp.arange(T)[None] >= 4) & jnp.ones((B, 1), bool)
+  for mask in (m, m.astype(jnp.int32), m.astype(jnp.float32), m[:1]):
+    np.testing.assert_array_equal(token_logps(apply_fn, params, tokens, mask), full * m)
+  np.testing.assert_array_equal(token_logps(apply_fn, params, tokens, jnp.ones((B, 1))), full)

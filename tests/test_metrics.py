@@ -164,3 +164,74 @@ def test_peak_flops_and_mfu():
   assert mfu(1000.0, 9072.0, None) is None
   assert math.isclose(mfu(1e4, 6e9, 989e12), 6e13 / 989e12)
   assert math.isclose(mfu(8e4, 6e9, 989e12, num_devices=8), 6e13 / 989e12)
+
+
+def test_bfloat16_scalars_are_logged(tmp_path):
+  """A bf16 jax / numpy scalar (an eval_fn's metric in a bfloat16 run) raised 'must be a scalar'."""
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  with MetricsLogger(tmp_path, total_steps=2, progress=False) as logger:
+    logger.write(1, {"eval/loss": jnp.bfloat16(1.5), "kl": np.array(0.25, ml_dtypes.bfloat16),
+                     "nan": jnp.array(jnp.nan, jnp.bfloat16)})
+  assert read_metrics(tmp_path / "metrics.jsonl") == [
+      {"step": 1, "eval/loss": 1.5, "kl": 0.25, "nan": None}]
+  assert _scalars(tmp_path / "tensorboard")["eval/loss"] == [(1, 1.5)]
+
+
+def test_write_refuses_non_integer_steps_and_non_dicts(tmp_path):
+  with MetricsLogger(tmp_path, total_steps=2, progress=False, tensorboard=False) as logger:
+    for step in (1.5, float("nan"), "3"):  # 1.5 was logged as step 1, "3" as 3
+      with pytest.raises(TypeError, match="step must be an integer, got"):
+        logger.write(step, {"loss": 1.0})
+    with pytest.raises(TypeError, match="metrics must be a dict of scalars, got list"):
+      logger.write(1, [("loss", 1.0)])
+    logger.write(np.int64(1), {"loss": 1.0})
+    logger.write(jnp.int32(2), {"loss": 2.0})
+  assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_workdir_that_is_a_file(tmp_path):
+  (tmp_path / "run").write_text("not a folder")
+  with pytest.raises(NotADirectoryError, match="workdir .*run is a file, not a folder"):
+    MetricsLogger(tmp_path / "run", total_steps=1, progress=False)
+
+
+def test_damaged_bytes_skip_the_line_not_the_file(tmp_path):
+  """A line with bytes that are not UTF-8 made read_metrics (and so a resume) raise."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_bytes(b'{"step": 1, "loss": 1.0}\n\xff\xfe\x00{"st\n{"step": 2, "loss": 2.0}\n')
+  assert read_metrics(path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]
+  with MetricsLogger(tmp_path, total_steps=3, progress=False, tensorboard=False,
+                     start_step=2) as logger:
+    logger.write(3, {"loss": 3.0})
+  assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+
+
+def test_plot_metrics_one_key_string_and_atomic_write(tmp_path, monkeypatch):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps({"step": s, "reward": s / 10}) + "\n" for s in range(1, 5)))
+  png = tmp_path / "reward.png"
+  plot_metrics(path, png, keys="reward")  # was read as the keys "r", "e", "w", ...
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  panels = []
+  real = Figure.savefig
+
+  def spy(fig, *args, **kwargs):
+    panels.append([ax.get_ylabel() for ax in fig.axes])
+    return real(fig, *args, **kwargs)
+
+  monkeypatch.setattr(Figure, "savefig", spy)
+  plot_metrics(path, png, keys="reward")
+  assert panels == [["reward"]]
+  good = png.read_bytes()
+
+  def torn(fig, fname, **kwargs):  # a crash half-way through writing the PNG
+    del fig, kwargs
+    with open(fname, "wb") as f:
+      f.write(b"\x89PNG")
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(Figure, "savefig", torn)
+  with pytest.raises(KeyboardInterrupt):
+    plot_metrics(path, png, keys="reward")
+  assert png.read_bytes() == good  # the old plot is intact, and no temporary file is left
+  assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "reward.png"]

@@ -34,6 +34,60 @@ def test_make_mesh_errors(axes, message):
     sharding.make_mesh(axes)
 
 
+@pytest.mark.parametrize("axes,message", [
+    # 2.5 was truncated to 2, True read as 1
+    ([("data", 2.5), ("fsdp", -1)], "'data': the size must be an integer"),
+    ([("data", 2.0), ("fsdp", -1)], "'data': the size must be an integer"),
+    ([("data", None)], "'data': the size must be an integer"),
+    ([("data", float("nan"))], "'data': the size must be an integer"),
+    ([("data", True), ("fsdp", -1)], "'data': the size must be an integer"),
+    ([("data", 8, 1)], "list of \\(name, size\\) pairs"),
+    ({"data": 8}, "list of \\(name, size\\) pairs"),
+    ("data", "list of \\(name, size\\) pairs"),
+    ([(None, 8)], "names must be non-empty strings"),
+    # a typo replicates everything over the axis: every device of it does the same work
+    ([("data", 2), ("tensr", 4)], "'tensr' \\(size 4\\) is in no sharding rule"),
+])
+def test_make_mesh_refuses_bad_specs(axes, message):
+  with pytest.raises(sharding.ShardingError, match=message):
+    sharding.make_mesh(axes)
+
+
+def test_make_mesh_devices_and_rules():
+  with pytest.raises(sharding.ShardingError, match="no devices"):
+    sharding.make_mesh([("data", -1)], devices=[])  # was a mesh of size 0
+  with pytest.raises(sharding.ShardingError, match="more than once"):
+    sharding.make_mesh([("data", 2)], devices=[jax.devices()[0]] * 2)
+  # an axis of size 1 outside the rules is harmless; rules=None allows any names
+  assert dict(sharding.make_mesh([("data", -1), ("extra", 1)]).shape) == {"data": 8, "extra": 1}
+  assert dict(sharding.make_mesh([("x", 2), ("y", -1)], rules=None).shape) == {"x": 2, "y": 4}
+
+
+def test_logical_names_must_match_the_rank():
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+  # zip() used to drop the extra name or leave the extra dimension unnamed
+  for names in (("embed",), ("embed", "mlp", "vocab")):
+    with pytest.raises(sharding.ShardingError,
+                       match="do not match an array of shape \\(64, 96\\)"):
+      sharding.logical_to_spec(names, (64, 96), mesh)
+  params = nnx.split(Transformer(CFG, rngs=nnx.Rngs(0)))[1]
+  q = params["layers"][0]["self_attn"]["q_proj"]["kernel"]
+  q.set_metadata("sharding_names", ("embed",))
+  with pytest.raises(sharding.ShardingError, match="q_proj.*kernel.*\\('embed',\\) do not match"):
+    sharding.state_shardings(params, mesh)
+
+
+def test_put_batch_rows_must_split_over_the_batch_shards():
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+  ok = sharding.put_batch({"tokens": np.zeros((8, 3), np.int32)}, mesh)
+  assert ok["tokens"].shape == (8, 3)
+  with pytest.raises(sharding.ShardingError,
+                     match="batch\\['mask'\\] of shape \\(6, 3\\).*4 batch shards"):
+    sharding.put_batch({"tokens": np.zeros((8, 3), np.int32), "mask": np.ones((6, 3))}, mesh)
+  with pytest.raises(sharding.ShardingError, match="batch\\['n'\\] of shape \\(\\)"):
+    sharding.put_batch({"n": np.float32(3)}, mesh)
+
+
 def test_logical_to_spec_rules():
   mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
   assert sharding.logical_to_spec(("embed", "mlp"), (64, 96), mesh) == P("fsdp", "tensor")

@@ -16,8 +16,9 @@ the whole model (``postrl.quant.model_nbytes``) and of the compressed Linear lay
 Pruned models are stored dense (zeros kept); for 2:4 the bytes of the compressed 2:4 format
 (half the values + a 2-bit index per kept value) are *computed*, not measured.
 
-Results go to ``--out/results.json`` after every method; methods already there are reused
-(``--rerun`` recomputes them). Then a markdown table and ``--out/compression.png``.
+Results go to ``--out/results.json`` (atomically) after every method; methods already there are
+reused (``--rerun`` recomputes them; the other model size's results there are an error, not
+overwritten). Then a markdown table and ``--out/compression.png``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from experiments import common
 from postrl import quant
 from postrl.data.text import champ_windows
 from postrl.evaluate import perplexity
@@ -263,16 +265,23 @@ def main(argv=None):
   args = parser.parse_args(argv)
   names = [m for m in args.methods.split(",") if m]
   unknown = sorted(set(names) - set(ALL))
-  if unknown:
-    parser.error(f"unknown methods {unknown}; known: {sorted(ALL)}")
+  if unknown or not names:
+    parser.error(f"unknown methods {unknown}; known: {sorted(ALL)}" if names else
+                 f"--methods names no method; known: {sorted(ALL)}")
+  common.check_at_least(parser, 1, batch_size=args.batch_size)
+  common.check_out(parser, args.out)
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, "results.json")
   saved = {}
   if os.path.exists(path) and not args.rerun:
-    with open(path) as f:
-      saved = json.load(f)
-    if saved.get("tiny") != args.tiny:
-      saved = {}
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+    except ValueError as e:
+      parser.error(f"{path} is not valid JSON ({e}); delete it or pass --rerun")
+    if saved.get("tiny") != args.tiny:  # never overwrite the other size's results
+      parser.error(f"{path} holds the {'tiny' if saved.get('tiny') else 'full-size'} model's "
+                   f"results; use another --out (or --rerun to replace them)")
 
   t_start = time.perf_counter()
   base_model, _, calib, held = load(args.tiny)
@@ -290,9 +299,8 @@ def main(argv=None):
                 fp32=base, methods=dict(saved.get("methods", {})),
                 calls=list(saved.get("calls", [])))
 
-  def save():
-    with open(path, "w") as f:
-      json.dump(record, f, indent=1)
+  def save():  # atomically: a crash or Ctrl-C in a long run keeps the methods saved so far
+    common.write_json(path, record, indent=1)
 
   save()
   computed = []

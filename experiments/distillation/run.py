@@ -9,7 +9,7 @@ The teacher is SmolLM2-135M-Instruct after ``configs/sft_arith.py`` (40 SFT step
 exported as a HF folder. Each student starts from that teacher's embeddings, head and 15 evenly
 spaced layers and is distilled on the same worked answers (``configs/distill_arith.py``: 30 steps
 of 16 packed rows); only the divergence changes (``METHODS``). Runs already finished in ``--out``
-are reused (delete a folder to rerun it).
+with the same flags are reused (other flags are an error: delete a folder to rerun it).
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+
+from experiments import common  # pylint: disable=wrong-import-position
 
 # name -> overrides of configs/distill_arith.py
 METHODS = {
@@ -33,11 +34,9 @@ METHODS = {
 }
 
 
-def launch(config: str, workdir: str, flags: list[str]) -> None:
-  cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--config", config, "--workdir", workdir,
-         *flags]
-  print(" ".join(cmd), flush=True)
-  subprocess.run(cmd, cwd=ROOT, check=True)
+def launch(name: str, workdir: str, flags: list[str]) -> None:
+  common.launch(name, [sys.executable, os.path.join(ROOT, "launch.py"), "--workdir", workdir,
+                       *flags], ROOT)
 
 
 def teacher(out: str, extra: list[str]) -> str:
@@ -45,7 +44,8 @@ def teacher(out: str, extra: list[str]) -> str:
   workdir = os.path.join(out, "teacher")
   model = os.path.join(workdir, "model")
   if not os.path.exists(os.path.join(model, "config.json")):
-    launch("configs/sft_arith.py", workdir, ["--config.save_model=True", *extra])
+    launch("teacher", workdir, ["--config", "configs/sft_arith.py", "--config.save_model=True",
+                                *extra])
   else:
     print(f"teacher: reusing {model}")
   return model
@@ -53,12 +53,10 @@ def teacher(out: str, extra: list[str]) -> str:
 
 def run_method(name: str, out: str, teacher_dir: str, extra: list[str]) -> str:
   workdir = os.path.join(out, name)
-  if os.path.exists(os.path.join(workdir, "results.json")):
-    print(f"{name}: reusing {workdir}")
-    return workdir
-  launch("configs/distill_arith.py", workdir,
-         [f"--config.teacher={teacher_dir}", "--config.eval.every=15",
-          "--config.checkpoint.every=1000", *METHODS[name], *extra])
+  flags = ["--config", "configs/distill_arith.py", f"--config.teacher={teacher_dir}",
+           "--config.eval.every=15", "--config.checkpoint.every=1000", *METHODS[name], *extra]
+  if not common.reuse(name, workdir, flags):
+    launch(name, workdir, flags)
   return workdir
 
 
@@ -77,22 +75,23 @@ def summarise(workdir: str) -> dict:
               num_eval_problems=results.get("num_eval_problems"))
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--methods", default="forward_kl,reverse_kl,jsd")
   parser.add_argument("--out", default=os.path.join(ROOT, "runs", "distillation"))
   parser.add_argument("--extra", action="append", default=[],
                       help="more launch.py flags for every student run")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   names = [m for m in args.methods.split(",") if m]
   unknown = sorted(set(names) - set(METHODS))
-  if unknown:
-    parser.error(f"unknown methods {unknown}; known: {sorted(METHODS)}")
+  if unknown or not names:  # checked before the teacher trains
+    parser.error(f"unknown methods {unknown}; known: {sorted(METHODS)}" if names else
+                 f"--methods names no method; known: {sorted(METHODS)}")
+  common.check_out(parser, args.out)
   teacher_dir = teacher(args.out, [])
   results = {name: summarise(run_method(name, args.out, teacher_dir, args.extra))
              for name in names}
-  with open(os.path.join(args.out, "summary.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  common.write_json(os.path.join(args.out, "summary.json"), results, indent=1)
 
   first = next(iter(results.values()))
   print(f"teacher exact match: {100 * first['teacher_accuracy']:.1f}% "

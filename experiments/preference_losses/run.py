@@ -8,19 +8,20 @@ Every loss trains ``configs/dpo_arith.py``'s model on the same pairs in the same
 run samples them (SmolLM2-135M-Instruct answering 1-digit arithmetic problems, scored by the
 task's verifier) and caches them in its workdir; the others read that file
 (``--config.data.path``). Only the loss and its own hyper-parameters change (``METHODS``).
-Runs already finished in ``--out`` are reused (delete a folder to rerun it).
+Runs already finished in ``--out`` with the same flags are reused (other flags are an error:
+delete a folder to rerun it).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+
+from experiments import common  # pylint: disable=wrong-import-position
 
 CONFIG = "configs/dpo_arith.py"
 # name -> overrides of configs/dpo_arith.py. Hyper-parameters follow each paper's recommendation
@@ -36,20 +37,19 @@ DATA_FILES = ("data/train_pairs.jsonl", "data/eval_pairs.jsonl")
 
 
 def run_method(name: str, out: str, data_dir: str | None, extra: list[str]) -> str:
-  """Run one loss into ``out/name`` (reused when its results.json exists)."""
+  """Run one loss into ``out/name`` (reused when finished with the same flags)."""
   workdir = os.path.join(out, name)
-  if os.path.exists(os.path.join(workdir, "results.json")):
-    print(f"{name}: reusing {workdir}")
+  # the data flags are left out of the comparison: whichever run comes first samples the pairs
+  flags = ["--config", CONFIG, "--config.eval.every=15", "--config.checkpoint.every=1000",
+           *METHODS[name], *extra]
+  if common.reuse(name, workdir, flags):
     return workdir
   data = []
   if data_dir is not None:
     train, held = (os.path.join(data_dir, f) for f in DATA_FILES)
     data = [f"--config.data.path={train}", f"--config.data.eval_path={held}"]
-  cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--config", CONFIG, "--workdir", workdir,
-         "--config.eval.every=15", "--config.checkpoint.every=1000", *METHODS[name], *data,
-         *extra]
-  print(" ".join(cmd), flush=True)
-  subprocess.run(cmd, cwd=ROOT, check=True)
+  common.launch(name, [sys.executable, os.path.join(ROOT, "launch.py"), "--workdir", workdir,
+                       *flags, *data], ROOT)
   return workdir
 
 
@@ -59,34 +59,35 @@ def summarise(workdir: str) -> dict:
   records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
   evals = [r for r in records if "eval/accuracy" in r]
   secs = sorted(r["perf/step_seconds"] for r in records if "perf/step_seconds" in r)
-  last_train = [r for r in records if "loss" in r][-1]
+  last_train = ([r for r in records if "loss" in r] or [{}])[-1]  # {}: no step logged
   curve = {key: {r["step"]: r[f"eval/{key}"] for r in evals if f"eval/{key}" in r}
            for key in ("accuracy", "pref_accuracy", "logp_accuracy", "avg_logp_accuracy",
                        "pref_margin")}
   return dict(curve=curve, seconds_per_step=secs[len(secs) // 2] if secs else None,
-              final_train_loss=last_train["loss"],
+              final_train_loss=last_train.get("loss"),
               final_train_reward_accuracy=last_train.get("rewards/accuracy"))
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--methods", default=",".join(METHODS))
   parser.add_argument("--out", default=os.path.join(ROOT, "runs", "preference_losses"))
   parser.add_argument("--extra", action="append", default=[],
                       help="more launch.py flags for every run, e.g. --extra=--config.seed=1")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   names = [m for m in args.methods.split(",") if m]
   unknown = sorted(set(names) - set(METHODS))
-  if unknown:
-    parser.error(f"unknown methods {unknown}; known: {sorted(METHODS)}")
+  if unknown or not names:
+    parser.error(f"unknown methods {unknown}; known: {sorted(METHODS)}" if names else
+                 f"--methods names no method; known: {sorted(METHODS)}")
+  common.check_out(parser, args.out)
   results, data_dir = {}, None
   for name in names:
     workdir = run_method(name, args.out, data_dir, args.extra)
     if data_dir is None and all(os.path.exists(os.path.join(workdir, f)) for f in DATA_FILES):
       data_dir = workdir  # the first run's verifier-made pairs feed every later run
     results[name] = summarise(workdir)
-  with open(os.path.join(args.out, "summary.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  common.write_json(os.path.join(args.out, "summary.json"), results, indent=1)
 
   def pct(curve, step):
     return f"{100 * curve[step]:.1f}%" if step in curve else ""
@@ -97,12 +98,13 @@ def main():
   print("|---|---|---|---|---|---|---|")
   for name, r in results.items():
     c = r["curve"]
-    steps = sorted(c["accuracy"])
+    steps = sorted(c["accuracy"]) or [None]  # no evaluation (--extra=--config.eval.every=0)
     first, last = steps[0], steps[-1]
+    sps = f"{r['seconds_per_step']:.1f}" if r["seconds_per_step"] else ""
     print(f"| {name} | {pct(c['accuracy'], first)} | {pct(c['accuracy'], last)} | "
           f"{pct(c['pref_accuracy'], last)} | {pct(c['logp_accuracy'], first)} -> "
           f"{pct(c['logp_accuracy'], last)} | {pct(c['avg_logp_accuracy'], first)} -> "
-          f"{pct(c['avg_logp_accuracy'], last)} | {r['seconds_per_step']:.1f} |")
+          f"{pct(c['avg_logp_accuracy'], last)} | {sps} |")
 
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   fig = Figure(figsize=(10, 3.6), layout="constrained")

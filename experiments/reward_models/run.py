@@ -18,8 +18,8 @@ grows: every model is trained on the same prompts and evaluated on the same held
    pairs of each ranking (InstructGPT) and Plackett-Luce; K = 2 is one run (the two losses are
    the same there). Same steps, batch of rankings, seed and data order for all; every model is
    evaluated on the same held-out rankings of K_max (pairwise accuracy over all C(K_max, 2)
-   pairs, top-1 and full-order accuracy). Runs finished in ``--out`` are reused (delete a folder
-   to rerun it).
+   pairs, top-1 and full-order accuracy). Runs finished in ``--out`` with the same flags are
+   reused (other flags are an error: delete a folder to rerun it).
 
 Writes ``<out>/summary.json``, prints a markdown table (with 90% intervals from a bootstrap over
 the held-out rankings, read from each run's ``eval/scores_step{steps}.npz``, and the paired
@@ -35,11 +35,12 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+
+from experiments import common  # pylint: disable=wrong-import-position
 
 TASK = dict(name="arithmetic", digits=1, ops="+-")
 LOSSES = ("bradley_terry", "plackett_luce")
@@ -67,9 +68,8 @@ def sample(args, data_dir: str) -> dict:
                        f"another --out or delete {data_dir}")
     print(f"reusing the samples in {data_dir}")
   else:
-    meta = _sample_now(args, settings, paths)
-    with open(meta_path, "w") as f:
-      json.dump(meta, f, indent=1)
+    meta = _sample_now(args, settings, paths)  # the meta file, written last, marks them done
+    common.write_json(meta_path, meta, indent=1)
   out = {"meta": meta}
   for split, path in paths.items():
     groups = collections.OrderedDict()
@@ -205,19 +205,17 @@ def training_files(data_dir: str, ks, seed: int) -> dict[int, str]:
 def run_one(name: str, k: int, loss: str, args, train_path: str, eval_path: str,
             before: bool) -> str:
   workdir = os.path.join(args.out, name)
-  if os.path.exists(os.path.join(workdir, "results.json")):
-    print(f"{name}: reusing {workdir}")
-    return workdir
-  cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--config", "configs/rm_arith.py",
-         "--workdir", workdir, f"--config.model={args.model}", f"--config.loss.name={loss}",
-         "--config.data.kind=rankings", "--config.data.reward=graded", f"--config.data.k={k}",
-         f"--config.data.path={train_path}", f"--config.data.eval_path={eval_path}",
-         f"--config.steps={args.steps}", f"--config.batch_size={args.batch_size}",
-         f"--config.seq_len={args.seq_len}", f"--config.seed={args.seed}",
-         f"--config.optim.lr={args.lr}", f"--config.eval.before={before}",
-         "--config.save_model=False", f"--config.checkpoint.every={args.steps}", *args.extra]
-  print(" ".join(cmd), flush=True)
-  subprocess.run(cmd, cwd=ROOT, check=True)
+  flags = ["--config", "configs/rm_arith.py", f"--config.model={args.model}",
+           f"--config.loss.name={loss}", "--config.data.kind=rankings",
+           "--config.data.reward=graded", f"--config.data.k={k}",
+           f"--config.data.path={train_path}", f"--config.data.eval_path={eval_path}",
+           f"--config.steps={args.steps}", f"--config.batch_size={args.batch_size}",
+           f"--config.seq_len={args.seq_len}", f"--config.seed={args.seed}",
+           f"--config.optim.lr={args.lr}", f"--config.eval.before={before}",
+           "--config.save_model=False", f"--config.checkpoint.every={args.steps}", *args.extra]
+  if not common.reuse(name, workdir, flags):
+    common.launch(name, [sys.executable, os.path.join(ROOT, "launch.py"), "--workdir", workdir,
+                         *flags], ROOT)
   return workdir
 
 
@@ -356,7 +354,7 @@ def plot(results: dict, path: str, eval_k: int) -> None:
   fig.savefig(path, dpi=120)
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--ks", default="2,4,8",
                       help="K values (the largest is the held-out K), or 'auto' (choose_ks)")
@@ -379,7 +377,22 @@ def main():
                       help="sample, print the statistics, write the rankings, stop")
   parser.add_argument("--extra", action="append", default=[],
                       help="more launch.py flags for every run, e.g. --extra=--config.seed=1")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  # every flag is checked before the (long) sampling
+  common.check_at_least(parser, 1, steps=args.steps, batch_size=args.batch_size,
+                        seq_len=args.seq_len, num_prompts=args.num_prompts,
+                        num_eval_prompts=args.num_eval_prompts,
+                        max_new_tokens=args.max_new_tokens,
+                        min_train=args.min_train, min_eval=args.min_eval)
+  if not (math.isfinite(args.lr) and args.lr > 0):
+    parser.error(f"--lr must be a positive number, got {args.lr}")
+  if args.ks != "auto":
+    ks = sorted(set(common.int_list(parser, "ks", args.ks, minimum=2)))
+    if not ks:
+      parser.error("--ks: give K values >= 2 (or 'auto')")
+  common.check_at_least(parser, 2 if args.ks == "auto" else max(ks),
+                        num_samples=args.num_samples)  # a ranking of K needs K samples
+  common.check_out(parser, args.out)
   data_dir = os.path.join(args.out, "data")
   samples = sample(args, data_dir)
   stats = {split: data_stats(samples[split]) for split in ("train", "eval")}
@@ -390,15 +403,10 @@ def main():
   if args.ks == "auto":
     ks = choose_ks(stats, min_train=args.min_train, min_eval=args.min_eval)
     print(f"--ks auto: K = {ks}")
-  else:
-    ks = sorted({int(k) for k in args.ks.split(",") if k})
-    if not ks or ks[0] < 2:
-      parser.error("--ks: K values >= 2")
   k_max = max(ks)
   counts = write_rankings(samples, k_max, args.seed, data_dir)
   print(f"rankings of K={k_max}: {counts['train']} train, {counts['eval']} held-out", flush=True)
-  with open(os.path.join(data_dir, "choice.json"), "w") as f:
-    json.dump(dict(ks=ks, rankings=counts), f)
+  common.write_json(os.path.join(data_dir, "choice.json"), dict(ks=ks, rankings=counts))
   if counts["train"] < args.batch_size or not counts["eval"]:
     raise SystemExit(f"too few rankings of K={k_max}: lower the largest K or sample more prompts")
   if args.sample_only:
@@ -413,9 +421,9 @@ def main():
     if i == 0:
       per["untrained"] = per_ranking(os.path.join(workdir, "eval", "scores_step0.npz"))
   boot = bootstrap(per)
-  with open(os.path.join(args.out, "summary.json"), "w") as f:
-    json.dump(dict(ks=ks, rankings=counts, data=samples["meta"], stats=stats, runs=results,
-                   bootstrap=boot), f, indent=1)
+  common.write_json(os.path.join(args.out, "summary.json"),
+                    dict(ks=ks, rankings=counts, data=samples["meta"], stats=stats, runs=results,
+                         bootstrap=boot), indent=1)
   print(table(results, k_max, counts["eval"], boot))
   print()
   print(differences_table(boot))

@@ -7,19 +7,20 @@ steps, one run per method through ``launch.py``, then a table (README) and a plo
 Each method runs ``configs/grpo_arith.py`` (or ``configs/ppo_arith.py``) with only the algorithm
 changed: the same prompts per step, samples per prompt, reward, learning rate and evaluation
 (greedy exact match on the same held-out problems every ``--eval_every`` steps). Runs already
-finished in ``--out`` are reused (delete a folder to rerun it).
+finished in ``--out`` with the same flags are reused (another ``--steps`` or ``--extra`` is an
+error: delete a folder to rerun it).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+
+from experiments import common  # pylint: disable=wrong-import-position
 
 # name -> (config, overrides). Every method trains on 32 sampled completions per optimizer step:
 # 4 prompts x 8 samples for the group methods, 8 prompts x 4 samples (one update each) for PPO.
@@ -39,15 +40,13 @@ METHODS = {
 
 def run_method(name: str, out: str, steps: int, eval_every: int, extra: list[str]) -> str:
   workdir = os.path.join(out, name)
-  if os.path.exists(os.path.join(workdir, "results.json")):
-    print(f"{name}: reusing {workdir}")
-    return workdir
   config, overrides = METHODS[name]
-  cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--config", config, "--workdir", workdir,
-         f"--config.steps={steps}", f"--config.eval.every={eval_every}",
-         f"--config.checkpoint.every={steps}", *overrides, *extra]
-  print(" ".join(cmd), flush=True)
-  subprocess.run(cmd, cwd=ROOT, check=True)
+  flags = ["--config", config, f"--config.steps={steps}", f"--config.eval.every={eval_every}",
+           f"--config.checkpoint.every={steps}", *overrides, *extra]
+  if common.reuse(name, workdir, flags):
+    return workdir
+  common.launch(name, [sys.executable, os.path.join(ROOT, "launch.py"), "--workdir", workdir,
+                       *flags], ROOT)
   return workdir
 
 
@@ -61,7 +60,7 @@ def curves(workdir: str) -> dict:
               seconds_per_step=sorted(secs)[len(secs) // 2] if secs else None)
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--methods", default="grpo,dr_grpo,dapo,rloo,ppo")
   parser.add_argument("--steps", type=int, default=12)
@@ -69,16 +68,18 @@ def main():
   parser.add_argument("--out", default=os.path.join(ROOT, "runs", "rl_algorithms"))
   parser.add_argument("--extra", action="append", default=[],
                       help="more launch.py flags for every run, e.g. --extra=--config.seed=1")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   names = [m for m in args.methods.split(",") if m]
   unknown = sorted(set(names) - set(METHODS))
-  if unknown:
-    parser.error(f"unknown methods {unknown}; known: {sorted(METHODS)}")
+  if unknown or not names:
+    parser.error(f"unknown methods {unknown}; known: {sorted(METHODS)}" if names else
+                 f"--methods names no method; known: {sorted(METHODS)}")
+  common.check_at_least(parser, 1, steps=args.steps, eval_every=args.eval_every)
+  common.check_out(parser, args.out)
   results = {}
   for name in names:
     results[name] = curves(run_method(name, args.out, args.steps, args.eval_every, args.extra))
-  with open(os.path.join(args.out, "summary.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  common.write_json(os.path.join(args.out, "summary.json"), results, indent=1)
 
   steps = sorted({s for r in results.values() for s in r["accuracy"]})
   print("| method | " + " | ".join(f"step {s}" for s in steps) + " | s/step (median) |")

@@ -70,13 +70,14 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+
+from experiments import common  # pylint: disable=wrong-import-position
 
 STAGES = ("greedy", "sample", "beam", "reward_model", "step_beam", "mcts")
 TASK_NAMES = ("arithmetic", "countdown")
@@ -361,8 +362,7 @@ def train_reward_model(args) -> str:
   cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--config", "configs/rm_arith.py",
          "--workdir", workdir, f"--config.model={args.model}", f"--config.steps={args.rm_steps}",
          f"--config.checkpoint.every={args.rm_steps}", "--config.save_model=True", *data]
-  print(" ".join(cmd), flush=True)
-  subprocess.run(cmd, cwd=ROOT, check=True)
+  common.launch("reward model", cmd, ROOT)
   return model_dir
 
 
@@ -753,10 +753,11 @@ def parse(argv):
     args.widened_simulations, args.widening = "3", "2,0.5"
   args.tasks = [t for t in args.tasks.split(",") if t]
   args.stages = [s for s in args.stages.split(",") if s]
-  args.widths = [int(w) for w in args.widths.split(",") if w]
-  args.step_widths = [int(w) for w in args.step_widths.split(",") if w]
-  args.simulations = [int(s) for s in args.simulations.split(",") if s]
-  args.widened_simulations = [int(s) for s in args.widened_simulations.split(",") if s]
+  # every flag is checked here, before a model loads or a stage runs
+  args.widths = common.int_list(p, "widths", args.widths)
+  args.step_widths = common.int_list(p, "step_widths", args.step_widths)
+  args.simulations = common.int_list(p, "simulations", args.simulations)
+  args.widened_simulations = common.int_list(p, "widened_simulations", args.widened_simulations)
   try:
     c, alpha = (float(x) for x in args.widening.split(","))
   except ValueError:
@@ -764,15 +765,36 @@ def parse(argv):
   if not (c > 0 and 0 <= alpha <= 1):
     p.error(f"--widening C,ALPHA needs C > 0 and 0 <= ALPHA <= 1, got {args.widening!r}")
   args.widening = (c, alpha)
-  args.budgets = [int(b) for b in args.budgets.split(",") if b]
+  args.budgets = common.int_list(p, "budgets", args.budgets)
   args.rm_tasks = [t for t in args.rm_tasks.split(",") if t]
   args.search_tasks = [t for t in args.search_tasks.split(",") if t]
   args.rm_data = [x for x in args.rm_data.split(",") if x]
-  bad = sorted(set(args.tasks) - set(TASK_NAMES)) + sorted(set(args.stages) - set(STAGES))
-  if bad:
-    p.error(f"unknown tasks / stages {bad}; tasks: {TASK_NAMES}, stages: {STAGES}")
-  if args.n & (args.n - 1):
-    p.error("--n must be a power of 2 (the curve uses n = 1, 2, 4, ..., N)")
+  bad = sorted(set(args.tasks + args.rm_tasks + args.search_tasks) - set(TASK_NAMES)) + sorted(
+      set(args.stages) - set(STAGES))
+  if bad or not args.tasks:
+    p.error(f"unknown tasks / stages {bad}; tasks: {TASK_NAMES}, stages: {STAGES}" if bad else
+            f"--tasks names no task; tasks: {TASK_NAMES}")
+  if args.n < 1 or args.n & (args.n - 1):
+    p.error(f"--n must be a power of 2 (the curve uses n = 1, 2, 4, ..., N), got {args.n}")
+  # cross-fitting splits the problems into two halves
+  common.check_at_least(p, 2, num_problems=args.num_problems)
+  common.check_at_least(p, 1, batch_size=args.batch_size, rm_steps=args.rm_steps,
+                        rm_max_len=args.rm_max_len, search_problems=args.search_problems,
+                        search_batch_size=args.search_batch_size,
+                        step_expansions=args.step_expansions, branching=args.branching,
+                        max_steps=args.max_steps, max_step_tokens=args.max_step_tokens,
+                        rollouts=args.rollouts)
+  if args.max_new_tokens is not None:
+    common.check_at_least(p, 1, max_new_tokens=args.max_new_tokens)
+  if not (math.isfinite(args.temperature) and args.temperature > 0):
+    p.error(f"--temperature must be a positive number (the samples are drawn at it), got "
+            f"{args.temperature}")
+  for path in args.rm_data:
+    if not os.path.isfile(path):
+      p.error(f"--rm_data {path}: no such file")
+  if args.reward_model and not os.path.isdir(args.reward_model):
+    p.error(f"--reward_model {args.reward_model}: no such folder")
+  common.check_out(p, args.out)
   return args
 
 
@@ -839,8 +861,7 @@ def main(argv=None) -> dict:
   summary = dict(settings={k: v for k, v in vars(args).items()}, reward_model=rm_dir,
                  reward_model_training=rm_info, tasks=results,
                  run_seconds=round(time.perf_counter() - t_start, 1))
-  with open(os.path.join(args.out, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  common.write_json(os.path.join(args.out, "summary.json"), summary, indent=1)
   path = os.path.join(args.out, "test_time_scaling.png")
   plot(results, path)
   print(f"wrote {path}")

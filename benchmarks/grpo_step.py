@@ -225,7 +225,7 @@ def run_postrl(args, model_dir: str, prompts: list[str], budget, results) -> lis
   from postrl.trainers.loop import create_state  # pylint: disable=import-outside-toplevel
   from postrl.trainers.rollout import RolloutSource  # pylint: disable=import-outside-toplevel
   # pylint: disable-next=import-outside-toplevel
-  from postrl.trainers.step import OptimizerConfig, make_optimizer, make_train_step
+  from postrl.trainers.step import make_optimizer, make_train_step
 
   config = grpo_config(args, model_dir)
   r = config.rollout
@@ -236,7 +236,7 @@ def run_postrl(args, model_dir: str, prompts: list[str], budget, results) -> lis
   rollouts.eos = ()  # EOS ignored: every completion has exactly max_new_tokens tokens
   source = RolloutSource(rollouts, rows_per_rollout=r.prompts * r.group_size,
                          minibatches=r.minibatches, epochs=r.epochs, seed=config.seed)
-  tx = make_optimizer(OptimizerConfig(total_steps=config.steps, **config.optim.to_dict()))
+  tx = make_optimizer(trainer_common.optimizer_config(config))
   state, shardings = create_state(run_.params, tx, seed=config.seed, mesh=run_.mesh)
   loss_fn = grpo.grpo_loss_fn(model_apply_fn(run_.graphdef), s,
                               chunk=config.get("logprob_chunk"), vocab_chunk=config.vocab_chunk)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import numbers
 import os
 from typing import Sequence
 
@@ -26,6 +27,10 @@ _LLAMA3_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}
                  r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 _QWEN2_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
                 r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+# Where recent transformers save a folder's chat template (read before tokenizer_config.json's).
+JINJA_TEMPLATE_FILE = "chat_template.jinja"
 
 
 class TokenizerError(ValueError):
@@ -131,6 +136,34 @@ def _compiled_template(template: str):
   return env.from_string(template)
 
 
+def _checked_template(value, where: str) -> str | None:
+  """The chat template stored as ``value`` (a Jinja string, or transformers' list of named
+  templates, of which the default is taken), compiled now so that a syntax error names the file
+  and field (``where``) at load rather than surfacing at the first render. None stays None."""
+  import jinja2  # pylint: disable=import-outside-toplevel
+  if isinstance(value, list):  # named templates: the default, as transformers picks it
+    if not all(isinstance(t, dict) and isinstance(t.get("name"), str)
+               and isinstance(t.get("template"), str) for t in value):
+      raise TokenizerError(f"{where}: must be a Jinja string or a list of {{'name': ..., "
+                           f"'template': ...}} objects, got {value!r:.80}")
+    named = {t["name"]: t["template"] for t in value}
+    if "default" not in named:
+      raise TokenizerError(f"{where}: named templates {sorted(named)} and none is 'default' "
+                           "(transformers, too, refuses to pick one)")
+    value = named["default"]
+  if value is None:
+    return None
+  if not isinstance(value, str):
+    raise TokenizerError(f"{where}: must be a Jinja string or a list of named templates, got "
+                         f"{type(value).__name__}")
+  try:
+    _compiled_template(value)
+  except jinja2.TemplateSyntaxError as e:
+    raise TokenizerError(f"{where}: not a valid Jinja template (line {e.lineno}: "
+                         f"{e.message})") from None
+  return value
+
+
 # --------------------------------------------------------------------------- loaders
 
 
@@ -155,12 +188,32 @@ def _from_gguf(path: str) -> Tokenizer:
                          "tokenizer.model instead")
   tokens = field("tokenizer.ggml.tokens")
   merges = field("tokenizer.ggml.merges")
-  types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
   if not tokens or merges is None:
     raise TokenizerError(f"{path}: GGUF metadata has no tokenizer.ggml.tokens / merges")
+  types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
+  if len(types) != len(tokens):  # zip would drop the special tokens past the shorter list
+    raise TokenizerError(f"{path}: GGUF metadata tokenizer.ggml.token_type has {len(types)} "
+                         f"entries for {len(tokens)} tokens")
+  pairs = [tuple(m.split(" ", 1)) for m in merges]
+  bad = next((i for i, p in enumerate(pairs) if len(p) != 2), None)
+  if bad is not None:
+    raise TokenizerError(f"{path}: GGUF metadata tokenizer.ggml.merges entry {bad} "
+                         f"{merges[bad]!r} is not two tokens separated by a space")
+
+  def token_id(key):  # a special token's id: None when absent, else a token of the vocabulary
+    i = field(key)
+    if i is not None and (isinstance(i, bool) or not isinstance(i, numbers.Integral)
+                          or not 0 <= i < len(tokens)):
+      raise TokenizerError(f"{path}: GGUF metadata {key} = {i!r} is not a token id (the "
+                           f"vocabulary has {len(tokens)} tokens)")
+    return None if i is None else int(i)
+
   vocab = {t: i for i, t in enumerate(tokens)}
-  bpe = models.BPE(vocab, [tuple(m.split(" ", 1)) for m in merges], fuse_unk=False,
-                   ignore_merges=False)
+  try:
+    bpe = models.BPE(vocab, pairs, fuse_unk=False, ignore_merges=False)
+  except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of unknown tokens
+    raise TokenizerError(f"{path}: GGUF metadata tokenizer.ggml.tokens / merges do not make a BPE "
+                         f"tokenizer ({e})") from None
   tok = HFTokenizer(bpe)
   pre = field("tokenizer.ggml.pre", "default")
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -187,19 +240,30 @@ def _from_gguf(path: str) -> Tokenizer:
   tok.add_special_tokens(special)
   return Tokenizer(
       backend=tok,
-      bos_id=field("tokenizer.ggml.bos_token_id"),
-      eos_id=field("tokenizer.ggml.eos_token_id"),
-      pad_id=field("tokenizer.ggml.padding_token_id"),
-      chat_template=field("tokenizer.chat_template"),
+      bos_id=token_id("tokenizer.ggml.bos_token_id"),
+      eos_id=token_id("tokenizer.ggml.eos_token_id"),
+      pad_id=token_id("tokenizer.ggml.padding_token_id"),
+      chat_template=_checked_template(field("tokenizer.chat_template"),
+                                      f"{path}: GGUF metadata tokenizer.chat_template"),
       add_bos=bool(field("tokenizer.ggml.add_bos_token", False)),
       source=path)
 
 
-def _special_id(tok, config: dict, key: str):
+def _special_id(tok, config: dict, key: str, config_path: str, path: str) -> int | None:
+  """The id of special token ``key`` ("bos_token", ...) of tokenizer_config.json: None when the
+  field is absent or null; a TokenizerError when it names a token the vocabulary lacks."""
   value = config.get(key)
-  if isinstance(value, dict):
-    value = value.get("content")
-  return None if value is None else tok.token_to_id(value)
+  if isinstance(value, dict):  # a serialised AddedToken
+    value = value.get("content", value)
+  if value is None:
+    return None
+  if not isinstance(value, str):
+    raise TokenizerError(f"{config_path}: {key} must be a token string (or an object with its "
+                         f"'content'), got {value!r}")
+  i = tok.token_to_id(value)
+  if i is None:
+    raise TokenizerError(f"{config_path}: {key} {value!r} is not in the vocabulary of {path}")
+  return i
 
 
 def _read_tokenizer_config(config_path: str | None) -> dict:
@@ -217,6 +281,22 @@ def _read_tokenizer_config(config_path: str | None) -> dict:
   return config
 
 
+def _config_chat_template(config: dict, config_path: str | None) -> str | None:
+  """The chat template of an HF tokenizer folder: ``chat_template.jinja`` beside
+  tokenizer_config.json if there is one (where recent transformers save it, and read it first),
+  else tokenizer_config.json's ``chat_template``."""
+  if config_path:
+    jinja_path = os.path.join(os.path.dirname(config_path), JINJA_TEMPLATE_FILE)
+    if os.path.exists(jinja_path):
+      try:
+        with open(jinja_path, encoding="utf-8") as f:
+          template = f.read()
+      except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{jinja_path}: unreadable ({e})") from None
+      return _checked_template(template, jinja_path)
+  return _checked_template(config.get("chat_template"), f"{config_path}: chat_template")
+
+
 def _from_tokenizer_json(path: str, config_path: str | None) -> Tokenizer:
   from tokenizers import Tokenizer as HFTokenizer  # pylint: disable=import-outside-toplevel
   try:
@@ -224,12 +304,13 @@ def _from_tokenizer_json(path: str, config_path: str | None) -> Tokenizer:
   except Exception as e:
     raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from None
   config = _read_tokenizer_config(config_path)
-  template = config.get("chat_template")
-  if isinstance(template, list):  # named templates: take the default one
-    template = next((t["template"] for t in template if t.get("name") == "default"), None)
-  return Tokenizer(backend=tok, bos_id=_special_id(tok, config, "bos_token"),
-                   eos_id=_special_id(tok, config, "eos_token"),
-                   pad_id=_special_id(tok, config, "pad_token"), chat_template=template,
+  add_bos = config.get("add_bos_token")
+  if add_bos is not None and not isinstance(add_bos, bool):  # bool("false") would be True
+    raise TokenizerError(f"{config_path}: add_bos_token must be true or false, got {add_bos!r}")
+  return Tokenizer(backend=tok, bos_id=_special_id(tok, config, "bos_token", config_path, path),
+                   eos_id=_special_id(tok, config, "eos_token", config_path, path),
+                   pad_id=_special_id(tok, config, "pad_token", config_path, path),
+                   chat_template=_config_chat_template(config, config_path),
                    add_bos=bool(config.get("add_bos_token", False)), source=path)
 
 
@@ -260,8 +341,8 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
           return _from_tokenizer_json(os.path.join(path, candidate),
                                       os.path.join(path, "tokenizer_config.json"))
         tok = _from_sentencepiece(os.path.join(path, candidate))
-        config = _read_tokenizer_config(os.path.join(path, "tokenizer_config.json"))
-        tok.chat_template = config.get("chat_template")
+        config_path = os.path.join(path, "tokenizer_config.json")
+        tok.chat_template = _config_chat_template(_read_tokenizer_config(config_path), config_path)
         return tok
     ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
     if ggufs:
@@ -288,3 +369,10 @@ def save_tokenizer(tok: Tokenizer, directory: str) -> None:
             "tokenizer_class": "PreTrainedTokenizerFast"}
   with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
     json.dump(config, f, indent=2)
+  jinja_path = os.path.join(directory, JINJA_TEMPLATE_FILE)
+  if os.path.exists(jinja_path):  # it would be read before tokenizer_config.json's template
+    if tok.chat_template is None:
+      os.remove(jinja_path)
+    else:
+      with open(jinja_path, "w", encoding="utf-8") as f:
+        f.write(tok.chat_template)

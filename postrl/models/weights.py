@@ -424,7 +424,8 @@ def save_pretrained(model: Transformer, directory: str, *, dtype: str | None = N
 
   The directory is written to a temporary sibling and renamed into place, so an interrupted save
   never leaves a half-written checkpoint behind. An existing model folder (one with a
-  ``config.json``) is replaced whole; any other non-empty directory, or a file, is refused.
+  ``config.json``) is replaced whole, and kept until the new one is in place; any other non-empty
+  directory, or a file, is refused.
   """
   cfg = model.config
   if dtype is not None:
@@ -446,9 +447,25 @@ def save_pretrained(model: Transformer, directory: str, *, dtype: str | None = N
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(cfg.to_hf(), f, indent=2)
     write_safetensors(os.path.join(tmp, "model.safetensors"), state_dict(model, dtype))
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    _move_into_place(tmp, directory)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def _move_into_place(tmp: str, directory: str) -> None:
+  """Renames ``tmp`` to ``directory``, replacing an existing ``directory`` without a moment where
+  neither exists: the old folder is renamed to a backup sibling first, renamed back if the new one
+  cannot be moved in, and deleted only once the new one is in place. (A crash between the two
+  renames leaves the old model whole in the ``<tmp>-old`` sibling.)"""
+  if not os.path.exists(directory):
+    os.replace(tmp, directory)
+    return
+  backup = tmp + "-old"  # tmp is unique (mkdtemp), so is this
+  os.replace(directory, backup)
+  try:
+    os.replace(tmp, directory)
+  except BaseException:
+    os.replace(backup, directory)
+    raise
+  shutil.rmtree(backup, ignore_errors=True)

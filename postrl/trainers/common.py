@@ -29,6 +29,7 @@ from postrl.data.tasks import arithmetic_problems, countdown_problems
 from postrl.metrics import model_flops_per_token
 from postrl.models import ConfigError, load_pretrained, load_tokenizer
 from postrl.models.config import EXECUTION_OPTIONS
+from postrl.trainers.step import OptimizerConfig
 
 TASKS = {"arithmetic": arithmetic_problems, "countdown": countdown_problems}
 
@@ -73,6 +74,21 @@ def model_flops(model_cfg, seq_len: int) -> float:
   return model_flops_per_token(num_params_non_embedding=non_embedding,
                                num_layers=model_cfg.num_hidden_layers,
                                hidden_size=model_cfg.hidden_size, seq_len=seq_len)
+
+
+def optimizer_config(config) -> OptimizerConfig:
+  """The ``OptimizerConfig`` of ``config.optim`` with ``total_steps=config.steps``. Trainers call
+  it before the (slow) model load; a key that is not a field (``learning_rate`` for ``lr``) is a
+  ConfigError naming it and the valid fields, as is ``total_steps`` (``config.steps`` sets it)."""
+  optim = config.optim.to_dict() if hasattr(config.optim, "to_dict") else dict(config.optim)
+  valid = [f.name for f in dataclasses.fields(OptimizerConfig) if f.name != "total_steps"]
+  if "total_steps" in optim:
+    raise ConfigError("config.optim.total_steps: set by config.steps, not in config.optim")
+  unknown = sorted(k for k in optim if k not in valid)
+  if unknown:
+    raise ConfigError(f"config.optim: unknown key{'s' if len(unknown) > 1 else ''} "
+                      f"{', '.join(map(repr, unknown))}; the fields are {', '.join(valid)}")
+  return OptimizerConfig(total_steps=config.steps, **optim)
 
 
 @dataclasses.dataclass

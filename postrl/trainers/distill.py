@@ -98,7 +98,7 @@ from postrl.sampling.generate import generate, pad_prompts, to_host
 from postrl.trainers import common
 from postrl.trainers.loop import fit
 from postrl.trainers.sft import training_records
-from postrl.trainers.step import OptimizerConfig, learning_rate_schedule, make_optimizer
+from postrl.trainers.step import learning_rate_schedule, make_optimizer
 
 LOSSES = ("distill", "distill_topk")
 LAYER_SELECTIONS = ("spaced", "first", "last")
@@ -823,6 +823,7 @@ def run(config, workdir: str | None) -> dict:
   """Distils ``config.teacher`` into ``config.student`` on ``config.data``; evaluates before and
   after (student accuracy, held-out KL) and the teacher once."""
   s = check_config(config)  # cheap checks first: config, data, then the (slow) model loads
+  optim = common.optimizer_config(config)
   records = training_records(config.data, common.eval_problems(config))
   teacher = common.start(without_peft(config), model=config.teacher)  # never adapted
   mesh, tok = teacher.mesh, teacher.tokenizer
@@ -893,7 +894,6 @@ def run(config, workdir: str | None) -> dict:
   eval_fn = common.task_eval_fn(student_run, config, extra=eval_extra,
                                 to_model=lambda p: nnx.merge(student_graphdef, p["student"]))
 
-  optim = OptimizerConfig(total_steps=config.steps, **config.optim.to_dict())
   params = {"student": student_params}
   tx = make_optimizer(optim)
   frozen = {}  # not trained, not checkpointed: the teacher, and with PEFT the student's base

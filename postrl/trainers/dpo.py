@@ -80,7 +80,7 @@ from postrl.models import ConfigError
 from postrl.sampling.generate import to_host
 from postrl.trainers import common
 from postrl.trainers.loop import fit
-from postrl.trainers.step import OptimizerConfig, learning_rate_schedule, make_optimizer
+from postrl.trainers.step import learning_rate_schedule, make_optimizer
 
 LOSS_NAMES = ("dpo", "listwise_dpo", "kto", "orpo", "simpo", "cpo")
 REFERENCE_FREE = ("orpo", "simpo", "cpo")
@@ -486,6 +486,7 @@ def run(config, workdir: str | None) -> dict:
   """Preference-optimises ``config.model`` on ``config.data`` with ``config.loss``; evaluates
   task accuracy and held-out preference accuracy before and after."""
   check_loss_config(config)               # cheap checks first: config, data files, then the model
+  optim = common.optimizer_config(config)
   files = read_preference_files(config.data)
   run_ = common.start(config)
   train_records, held_records, info = preference_records(config, run_, workdir, files)
@@ -522,7 +523,6 @@ def run(config, workdir: str | None) -> dict:
   extra = (preference_eval(seq_fn, held, ref["eval"], beta=loss_cfg.beta,
                            batch_size=config.batch_size, mesh=run_.mesh)
            if held is not None else None)
-  optim = OptimizerConfig(total_steps=config.steps, **config.optim.to_dict())
   result = fit(
       preference_loss_fn(apply_fn, loss_cfg, **chunks), run_.params, make_optimizer(optim),
       batches, mesh=run_.mesh, total_steps=config.steps, workdir=workdir, seed=config.seed,

@@ -59,7 +59,7 @@ from postrl.trainers.loop import fit
 from postrl.trainers.rollout import (RolloutSource, assemble_rows, encode_prompts,
                                      load_reward_model_reward, logps_fn, rows_per_rollout,
                                      sample, score_completions, trim_rows)
-from postrl.trainers.step import OptimizerConfig, learning_rate_schedule, make_optimizer
+from postrl.trainers.step import learning_rate_schedule, make_optimizer
 
 # Each method's loss variant, advantage estimator and the hyper-parameters its paper uses.
 ALGORITHMS = {
@@ -329,6 +329,7 @@ class _config_holder:  # pylint: disable=invalid-name
 
 def run(config, workdir: str | None) -> dict:
   """GRPO-family training of ``config.model`` on ``config.data``; evaluates before and after."""
+  optim = common.optimizer_config(config)  # cheap checks first, the (slow) model load last
   r = config.rollout
   s = settings(config.loss, max_new_tokens=r.max_new_tokens)
   if r.group_size < 2:
@@ -343,7 +344,6 @@ def run(config, workdir: str | None) -> dict:
                               ref_params_host=run_.params if run_.frozen is None else None)
   source = RolloutSource(make_rollout, rows_per_rollout=rows, minibatches=r.minibatches,
                          epochs=r.epochs, seed=config.seed)
-  optim = OptimizerConfig(total_steps=config.steps, **config.optim.to_dict())
   seq_len = make_rollout.prompt_len + r.max_new_tokens
   result = fit(
       grpo_loss_fn(model_apply_fn(run_.graphdef), s, chunk=config.get("logprob_chunk"),

@@ -54,7 +54,7 @@ from postrl.trainers.loop import fit
 from postrl.trainers.rollout import (RolloutSource, assemble_rows, encode_prompts,
                                      load_reward_model_reward, logps_fn, rows_per_rollout,
                                      sample, score_completions, trim_rows)
-from postrl.trainers.step import OptimizerConfig, learning_rate_schedule, make_optimizer
+from postrl.trainers.step import learning_rate_schedule, make_optimizer
 
 
 # the parameters PEFT trains in full next to the adapters: the new value head of either layout
@@ -285,6 +285,7 @@ class PPORollouts:
 
 def run(config, workdir: str | None) -> dict:
   """PPO training of ``config.model``; evaluates the policy before and after."""
+  optim = common.optimizer_config(config)  # cheap checks first, the (slow) model load last
   s = settings(config.loss)
   r = config.rollout
   rows = rows_per_rollout(r)
@@ -317,7 +318,6 @@ def run(config, workdir: str | None) -> dict:
   make_rollout.ref_host = ref_host if s.kl_coef > 0 else None
   source = RolloutSource(make_rollout, rows_per_rollout=rows, minibatches=r.minibatches,
                          epochs=r.epochs, seed=config.seed)
-  optim = OptimizerConfig(total_steps=config.steps, **config.optim.to_dict())
   policy_of = lambda p: nnx.merge(graphdef, p).policy
   result = fit(
       ppo_loss_fn(graphdef, s, chunk=config.get("logprob_chunk"),

@@ -79,7 +79,7 @@ from postrl.trainers.dpo import (apply_over_dataset, before_after, preference_re
                                  read_preference_files, response_masks, seconds_per_step,
                                  tokenized, verifier_data_source)
 from postrl.trainers.loop import fit
-from postrl.trainers.step import OptimizerConfig, learning_rate_schedule, make_optimizer
+from postrl.trainers.step import learning_rate_schedule, make_optimizer
 
 LOSS_NAMES = ("bradley_terry", "plackett_luce", "process_reward")
 HEAD = r"^head\."  # trained in full next to the PEFT adapters (the head is new)
@@ -369,6 +369,7 @@ def run(config, workdir: str | None) -> dict:
   """Trains a reward model on ``config.data`` with ``config.loss``; evaluates on held-out data
   before and after; saves it with ``config.save_model``."""
   check_config(config)                    # cheap checks first: config, data files, then the model
+  optim = common.optimizer_config(config)
   steps = config.data.kind == "steps"
   if steps:
     _read_step_files_early(config.data)
@@ -407,7 +408,6 @@ def run(config, workdir: str | None) -> dict:
     extra = sequence_eval(jax.jit(lambda p, b: {"scores": sequence_scores(graphdef, p, b)}),
                           held, batch_size=config.batch_size, mesh=run_.mesh,
                           scores_dir=os.path.join(workdir, "eval") if workdir else None)
-  optim = OptimizerConfig(total_steps=config.steps, **config.optim.to_dict())
   result = fit(
       reward_loss_fn(graphdef, config.loss, config.data.kind), params, make_optimizer(optim),
       record_batches(train, batch_size=config.batch_size, seed=config.seed), mesh=run_.mesh,

@@ -23,7 +23,7 @@ from postrl.logprobs import model_apply_fn, token_logps
 from postrl.losses import aggregate
 from postrl.trainers import common
 from postrl.trainers.loop import fit
-from postrl.trainers.step import OptimizerConfig, learning_rate_schedule, make_optimizer
+from postrl.trainers.step import learning_rate_schedule, make_optimizer
 
 
 def sft_loss_fn(apply_fn, *, chunk: int | None = None, vocab_chunk: int | None = None):
@@ -58,12 +58,12 @@ def training_records(data_cfg, eval_problems):
 
 def run(config, workdir: str | None) -> dict:
   """Fine-tunes ``config.model`` on ``config.data``; evaluates before and after."""
-  # cheap checks first: data, then the mesh, then the (slow) model load
+  # cheap checks first: the optimizer, data, then the mesh, then the (slow) model load
+  optim = common.optimizer_config(config)
   records = training_records(config.data, common.eval_problems(config))
   run_ = common.start(config)
   batches = sft_batches(records, run_.tokenizer, batch_size=config.batch_size,
                         seq_len=config.seq_len, pack=config.data.pack, seed=config.seed)
-  optim = OptimizerConfig(total_steps=config.steps, **config.optim.to_dict())
   result = fit(
       sft_loss_fn(model_apply_fn(run_.graphdef), chunk=config.get("logprob_chunk"),
                   vocab_chunk=config.get("vocab_chunk")),

@@ -3,6 +3,7 @@ types, corrupt safetensors headers and indexes, weights the config does not desc
 metadata, export targets, tokenizer configs, and the generate CLI."""
 
 import json
+import os
 import struct
 
 import numpy as np
@@ -11,7 +12,8 @@ from flax import nnx
 
 from postrl import generate as generate_cli
 from postrl.models import (ConfigError, ModelConfig, TokenizerError, Transformer, WeightsError,
-                           load_pretrained, load_tokenizer, save_pretrained, state_dict)
+                           load_pretrained, load_tokenizer, save_pretrained, save_tokenizer,
+                           state_dict)
 from postrl.models.weights import read_hf_tensors, read_safetensors, write_safetensors
 from tests.conftest import tiny_config
 
@@ -284,6 +286,39 @@ def test_save_into_a_non_model_directory_does_not_delete_it(tiny_model, tmp_path
       state_dict(tiny_model).keys()
 
 
+def test_replacing_a_model_keeps_the_old_one_if_the_new_cannot_be_moved_in(tiny_model, tmp_path,
+                                                                             monkeypatch):
+  """The old folder is moved aside, not deleted, until the new one is in place: a failure of
+  the rename that puts the new folder in place leaves the old model where it was, loadable."""
+  target = tmp_path / "model"
+  save_pretrained(tiny_model, str(target))
+  before = (target / "model.safetensors").read_bytes()
+  real_rename, real_replace = os.rename, os.replace
+  moved_out = set()  # where the old folder went: moving it back in must work
+
+  def failing(real):
+    def move(src, dst, *a, **k):
+      if str(src) == str(target):
+        moved_out.add(str(dst))
+      elif str(dst) == str(target) and str(src) not in moved_out:  # the new folder moving in
+        raise OSError("rename failed")
+      return real(src, dst, *a, **k)
+    return move
+
+  monkeypatch.setattr(os, "rename", failing(real_rename))
+  monkeypatch.setattr(os, "replace", failing(real_replace))
+  other = Transformer(tiny_config(), rngs=nnx.Rngs(1))
+  with pytest.raises(OSError, match="rename failed"):
+    save_pretrained(other, str(target))
+  monkeypatch.undo()
+  assert (target / "model.safetensors").read_bytes() == before
+  assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary or backup left
+  assert state_dict(load_pretrained(str(target))).keys() == state_dict(tiny_model).keys()
+  save_pretrained(other, str(target))  # and a save that succeeds leaves no backup either
+  assert [p.name for p in tmp_path.iterdir()] == ["model"]
+  assert (target / "model.safetensors").read_bytes() != before
+
+
 # ------------------------------------------------------------------------------ tokenizers
 
 
@@ -303,6 +338,129 @@ def test_bad_tokenizer_config_names_the_file(tmp_path):
   (tmp_path / "tokenizer_config.json").write_text("[1]")
   with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: .*a JSON list"):
     load_tokenizer(str(tmp_path))
+
+
+def _tokenizer_config(directory, **fields):
+  (directory / "tokenizer_config.json").write_text(json.dumps(fields))
+
+
+@pytest.mark.parametrize("key", ["bos_token", "eos_token", "pad_token"])
+def test_special_token_missing_from_the_vocabulary_is_named(tmp_path, key):
+  """A special token the config names but the vocabulary lacks was silently None (no BOS added,
+  no EOS to stop on); an absent or null field is None."""
+  _word_tokenizer_dir(tmp_path, 10)
+  _tokenizer_config(tmp_path, **{key: "w3"})
+  assert getattr(load_tokenizer(str(tmp_path)), key.replace("_token", "_id")) == 3
+  _tokenizer_config(tmp_path, **{key: None})
+  assert getattr(load_tokenizer(str(tmp_path)), key.replace("_token", "_id")) is None
+  for value in ("<s>", {"content": "<s>", "special": True}):
+    _tokenizer_config(tmp_path, **{key: value})
+    with pytest.raises(TokenizerError, match=rf"tokenizer_config\.json: {key} '<s>' is not in the "
+                                             r"vocabulary of .*tokenizer\.json"):
+      load_tokenizer(str(tmp_path))
+  _tokenizer_config(tmp_path, **{key: 5})
+  with pytest.raises(TokenizerError, match=rf"tokenizer_config\.json: {key} must be a token "
+                                           r"string .*, got 5"):
+    load_tokenizer(str(tmp_path))
+
+
+def test_add_bos_token_must_be_a_bool(tmp_path):
+  _word_tokenizer_dir(tmp_path, 10)
+  _tokenizer_config(tmp_path, add_bos_token="false")  # bool("false") is True
+  with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: add_bos_token must be true or "
+                                           r"false, got 'false'"):
+    load_tokenizer(str(tmp_path))
+
+
+def test_bad_jinja_chat_template_is_named_at_load(tmp_path):
+  """A template that does not compile failed at the first render, naming no file."""
+  _word_tokenizer_dir(tmp_path, 10)
+  _tokenizer_config(tmp_path, chat_template="{% for m in messages %}{{ m.content }")
+  with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: chat_template: not a valid "
+                                           r"Jinja template \(line 1: unexpected '}'\)"):
+    load_tokenizer(str(tmp_path))
+  for bad in (["{{ x }}"], [{"name": "default"}]):  # a default without its template: not ChatML
+    _tokenizer_config(tmp_path, chat_template=bad)
+    with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: chat_template: must be a "
+                                             r"Jinja string or a list of"):
+      load_tokenizer(str(tmp_path))
+  _tokenizer_config(tmp_path, chat_template=7)
+  with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: chat_template: must be a "
+                                           r"Jinja string .*got int"):
+    load_tokenizer(str(tmp_path))
+
+
+def test_named_chat_templates_without_a_default_are_refused(tmp_path):
+  """transformers refuses to pick among named templates with no 'default'; postrl silently fell
+  back to ChatML."""
+  _word_tokenizer_dir(tmp_path, 10)
+  _tokenizer_config(tmp_path, chat_template=[{"name": "tool_use", "template": "{{ 1 }}"}])
+  with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: chat_template: named "
+                                           r"templates \['tool_use'\] and none is 'default'"):
+    load_tokenizer(str(tmp_path))
+  _tokenizer_config(tmp_path, chat_template=[{"name": "tool_use", "template": "{{ 1 }}"},
+                                             {"name": "default", "template": "{{ 2 }}"}])
+  assert load_tokenizer(str(tmp_path)).chat_template == "{{ 2 }}"
+
+
+def test_chat_template_jinja_file_is_read_first(tmp_path):
+  """Recent transformers save the template as chat_template.jinja, not in tokenizer_config.json
+  (and read it first): it was ignored, and ChatML silently used instead."""
+  _word_tokenizer_dir(tmp_path, 10)
+  _tokenizer_config(tmp_path, chat_template="{{ 'old' }}")
+  (tmp_path / "chat_template.jinja").write_text("{{ bos_token }}{{ messages[0]['content'] }}")
+  tok = load_tokenizer(str(tmp_path))
+  assert tok.chat_template == "{{ bos_token }}{{ messages[0]['content'] }}"
+  save_tokenizer(tok, str(tmp_path))  # the saved template is the one loaded back
+  tok.chat_template = "{{ 'new' }}"
+  save_tokenizer(tok, str(tmp_path))
+  assert load_tokenizer(str(tmp_path)).chat_template == "{{ 'new' }}"
+  (tmp_path / "chat_template.jinja").write_text("{% if %}")
+  with pytest.raises(TokenizerError, match=r"chat_template\.jinja: not a valid Jinja template "
+                                           r"\(line 1: Expected an expression"):
+    load_tokenizer(str(tmp_path))
+
+
+def _write_gguf_tokenizer(path, *, tokens=("a", "b", "ab", "<s>"), merges=("a b",), types=None,
+                          bos=None, template=None):
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_tokenizer_model("gpt2")
+  if tokens is not None:
+    w.add_token_list(list(tokens))
+  w.add_token_merges(list(merges))
+  if types is not None:
+    w.add_token_types(list(types))
+  if bos is not None:
+    w.add_bos_token_id(bos)
+  if template is not None:
+    w.add_chat_template(template)
+  w.add_tensor("x", np.zeros(2, np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+def test_gguf_tokenizer_metadata_problems_are_named(tmp_path):
+  path = tmp_path / "t.gguf"
+  _write_gguf_tokenizer(path, bos=3, template="{{ bos_token }}", types=[1, 1, 1, 3])
+  tok = load_tokenizer(str(path))
+  assert (tok.bos_id, tok.bos_token, tok.encode("ab")) == (3, "<s>", [2])
+  for kwargs, message in [
+      (dict(bos=9), r"GGUF metadata tokenizer\.ggml\.bos_token_id = 9 is not a token id \(the "
+                    r"vocabulary has 4 tokens\)"),
+      (dict(template="{% if %}"), r"GGUF metadata tokenizer\.chat_template: not a valid Jinja "
+                                  r"template \(line 1: Expected an expression"),
+      (dict(tokens=None), r"GGUF metadata has no tokenizer\.ggml\.tokens / merges"),
+      (dict(types=[1, 1]), r"GGUF metadata tokenizer\.ggml\.token_type has 2 entries for 4 tokens"),
+      (dict(merges=["ab"]), r"GGUF metadata tokenizer\.ggml\.merges entry 0 'ab' is not two "
+                            r"tokens"),
+      (dict(merges=["a z"]), r"GGUF metadata tokenizer\.ggml\.tokens / merges do not make a "
+                             r"BPE tokenizer \(.*`z` out of vocabulary"),
+  ]:
+    _write_gguf_tokenizer(path, **kwargs)
+    with pytest.raises(TokenizerError, match=r"t\.gguf: " + message):
+      load_tokenizer(str(path))
 
 
 def test_garbage_gguf_tokenizer_names_the_file(tmp_path):

@@ -85,6 +85,44 @@ def test_optimizer_config_rejects_values_that_train_wrong(field, value):
     OptimizerConfig(**{field: value})
 
 
+@pytest.mark.parametrize("config_name,module", [
+    ("sft_arith", "sft"), ("dpo_arith", "dpo"), ("grpo_arith", "grpo"), ("ppo_arith", "ppo"),
+    ("rm_arith", "reward_model"), ("distill_arith", "distill")])
+def test_unknown_optim_key_is_named_before_the_model_loads(config_name, module, monkeypatch):
+  """``--config.optim.learning_rate`` (the field is ``lr``): one ConfigError naming the key and
+  the fields, raised before any model is loaded (a bad optimizer setting costs no model load)."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  config = importlib.import_module(f"configs.{config_name}").get_config()
+  trainer = importlib.import_module(f"postrl.trainers.{module}")
+
+  def no_load(*a, **k):
+    raise AssertionError("the model was loaded before the optimizer config was checked")
+
+  for mod in ("postrl.trainers.common", f"postrl.trainers.{module}"):
+    for name in ("load_pretrained", "load_tokenizer"):
+      monkeypatch.setattr(f"{mod}.{name}", no_load, raising=False)
+  config.optim.learning_rate = 1e-5
+  with pytest.raises(ConfigError, match=r"config\.optim: unknown key 'learning_rate'; the fields "
+                                        r"are lr, warmup_steps, min_lr_ratio"):
+    trainer.run(config, None)
+  del config.optim["learning_rate"]
+  config.optim.lr = -1.0  # a bad value, too, fails before the model load
+  with pytest.raises(ConfigError, match=r"config\.optim: lr=-1\.0"):
+    trainer.run(config, None)
+
+
+def test_optimizer_config_from_a_config_dict():
+  from postrl.trainers.common import optimizer_config  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict(dict(steps=7, optim=dict(lr=1e-3, warmup_steps=2)))
+  assert optimizer_config(config) == OptimizerConfig(lr=1e-3, warmup_steps=2, total_steps=7)
+  config.optim.update(weight_dacay=0.1, beta1=0.9)
+  with pytest.raises(ConfigError, match="unknown keys 'beta1', 'weight_dacay'; the fields are lr,"):
+    optimizer_config(config)
+  config = ml_collections.ConfigDict(dict(steps=7, optim=dict(lr=1e-3, total_steps=9)))
+  with pytest.raises(ConfigError, match=r"config\.optim\.total_steps: set by config\.steps"):
+    optimizer_config(config)
+
+
 @pytest.mark.parametrize("name", ["dpo", "simpo", "kto"])
 @pytest.mark.parametrize("beta", [0.0, -0.1, float("nan")])
 def test_preference_beta_must_be_positive(name, beta):

@@ -11,11 +11,11 @@ interpret)``. Implementations (same signature, same result up to float rounding)
   K split across programs at decode shapes.
 * ``tpu.quantized_matmul_tpu``: Pallas Mosaic, weight tiles dequantised in VMEM.
 
-``impl="auto"`` picks the kernel on a single-device GPU or TPU for the shapes where it was measured
+``impl="auto"`` picks the kernel on a single-device GPU for the shapes where it was measured
 faster than XLA (``benchmarks/quantized_matmul.py``, ``docs/benchmarks.md``) and XLA elsewhere:
-CPU, several devices (XLA partitions the dequantise-then-dot over a mesh; a custom call would gather
-its operands), NF4 / float32 / shapes the tiling does not cover. ``impl="pallas"`` forces the
-platform's kernel and raises ``KernelShapeError`` when it cannot run the shape.
+a TPU (the Mosaic kernel has not run on one yet: ``TPU_MEASURED``), CPU, several devices (XLA
+partitions the dequantise-then-dot over a mesh; a custom call would gather its operands), NF4 /
+float32 / shapes the tiling does not cover. ``impl="pallas"`` forces the platform's kernel and raises ``KernelShapeError`` when it cannot run the shape.
 
 Gradients: a custom VJP gives d/dx = dy Ŵᵀ (and d/ds, d/dz) through the XLA reference, so QLoRA
 can back-propagate through a frozen quantized base; codes get no gradient (they are integers).
@@ -44,6 +44,10 @@ _KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
 # M = 1 and lost by 1-15% at M = 16 (the crossover in between is unmeasured; 8 is a guess); int4
 # beat XLA's int4 path up to M = 128 and lost at 2048 (512 unmeasured).
 GPU_MAX_M = {8: 8, 4: 128}
+# The Mosaic TPU kernel is tested in interpret mode only: it has never been compiled or timed on a
+# TPU, so ``auto`` keeps XLA there until a TPU run measures it (then set True, as the GPU kernels
+# did after their first GPU run).
+TPU_MEASURED = False
 
 
 def _check_args(x, w_q, scales, zeros, bits, group_size, impl):
@@ -139,6 +143,8 @@ def choose_impl(m: int, k: int, n: int, *, bits: int, group_size: int | None, dt
     return "xla"
   try:
     if platform == "tpu":
+      if not TPU_MEASURED:
+        return "xla"
       from kernels.quantized_matmul import tpu  # pylint: disable=import-outside-toplevel
       tpu.check_shape(m, k, n, bits=bits, group_size=group_size,
                       cfg=tpu.default_config(m, k, n, group_size=group_size))

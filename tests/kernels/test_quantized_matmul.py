@@ -395,6 +395,16 @@ def test_auto_uses_xla_on_cpu_and_for_unsupported_shapes():
                      platform="tpu") == "pallas_tpu"
 
 
+def test_auto_keeps_xla_on_a_tpu_until_the_kernel_is_measured(monkeypatch):
+  import kernels.quantized_matmul as qmm  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  args = dict(bits=8, group_size=None, dtype=jnp.bfloat16, platform="tpu")
+  assert not qmm.TPU_MEASURED
+  assert choose_impl(1, 4096, 4096, **args) == "xla"
+  monkeypatch.setattr(qmm, "TPU_MEASURED", True)
+  assert choose_impl(1, 4096, 4096, **args) == "pallas_tpu"
+
+
 def test_shapes_the_tiling_cannot_cover_raise_clear_errors():
   q, s, _, _ = _quantize(96, 48, 8, None, True)
   x = _x(2, 96)

@@ -31,6 +31,7 @@ EXTRAS_REQUIRE = {
     # torch 2.13.0 is the CPU build; an unpinned torch pulls a multi-GB CUDA build.
     "test": [
         "pytest==9.0.3",
+        "pytest-xdist==3.8.0",  # the README's test command runs the suite on 2 worker processes
         "absl-py==2.5.1",
         "torch==2.13.0",
         "transformers==5.24.0",

@@ -15,16 +15,11 @@ RUN_FLAGS = "run_flags.json"  # the launch.py flags of a runner's run, beside it
 
 
 def out_problem(path: str) -> str | None:
-  """Why ``path`` cannot be an output folder, or None (as ``launch.workdir_problem``): the folder
-  is made later, so its nearest existing parent counts."""
-  path = os.path.abspath(path)
-  while not os.path.exists(path):
-    path = os.path.dirname(path)
-  if not os.path.isdir(path):
-    return f"{path} is a file, not a folder"
-  if not os.access(path, os.W_OK | os.X_OK):
-    return f"{path} is not writable"
-  return None
+  """Why ``path`` cannot be an output folder, or None: ``launch.workdir_problem``, the check every
+  ``launch.py`` run makes of its workdir (the folder is made later, so its nearest existing parent
+  counts)."""
+  import launch  # pylint: disable=import-outside-toplevel  # light: absl flags, no JAX
+  return launch.workdir_problem(path)
 
 
 def check_out(parser, out: str) -> None:

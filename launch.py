@@ -23,6 +23,7 @@ import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -108,6 +109,10 @@ def workdir_problem(workdir: str) -> str | None:
 
 def main(argv):
   del argv
+  if not FLAGS["verbosity"].present:
+    # warnings and errors only: orbax and JAX log dozens of INFO lines per run (checkpoint
+    # manager set-up, every save); --verbosity=0 shows them
+    absl_logging.set_verbosity(absl_logging.WARNING)
   config_file = config_flags.get_config_filename(FLAGS["config"])
   path = config_file.split(":")[0]  # "file.py:arg" passes arg to get_config
   if not os.path.isfile(path):  # ml_collections would raise two chained tracebacks

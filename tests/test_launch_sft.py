@@ -4,6 +4,7 @@ SmolLM2 tokenizer keeps each run to seconds of compute."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -54,6 +55,8 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
   one = subprocess.run(_args(tiny_model_dir, tmp_path / "one", "--cpu_devices=8", *extra),
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
+  # absl INFO lines (orbax's checkpoint manager, every save) only with --verbosity=0
+  assert not re.search(r"^I\d{4} ", one.stderr, re.M), one.stderr[-3000:]
   port = _free_port()
   procs = [subprocess.Popen(
       _args(tiny_model_dir, tmp_path / "two", "--cpu_devices=4", *extra,

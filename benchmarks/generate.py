@@ -144,38 +144,58 @@ def resolved_sampler(vocab: int, batch: int, top_p: float, impl: str) -> str:
   """What ``generate``'s sampler ``impl`` runs at this batch on this backend: "pallas_gpu" (the
   kernel) or "xla (N bits a pass)" (the threshold search, ``default_bits_per_pass``)."""
   from kernels import sampling as sampling_kernels  # pylint: disable=import-outside-toplevel
-  from postrl.sampling.generate import default_bits_per_pass  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from postrl.sampling.generate import (  # pylint: disable=import-outside-toplevel
+      default_bits_per_pass, min_decode_rows)
+  rows = min_decode_rows(batch, jax.default_backend(), jax.device_count())
   chosen = "xla" if impl == "xla" else sampling_kernels.choose_impl(
-      vocab, temperature=1.0, top_p=top_p, impl=impl, batch=batch)
-  return chosen if chosen != "xla" else f"xla ({default_bits_per_pass(batch)} bits a pass)"
+      vocab, temperature=1.0, top_p=top_p, impl=impl, batch=rows)
+  return chosen if chosen != "xla" else f"xla ({default_bits_per_pass(rows)} bits a pass)"
 
 
 def decode_step_hlo(model, batch, prompt_len, new_tokens, top_p,
-                    sampling_impl: str = "auto") -> str:
+                    sampling_impl: str = "auto", *, platform: str | None = None,
+                    num_devices: int | None = None, place=None, context=None,
+                    min_rows: int | None = None) -> str:
   """The optimised HLO text of the program ``time_postrl`` runs (``common.loop_launches`` reads
   what one decode step launches from it).
 
-  Compiles ``postrl.sampling.generate``'s jitted body again with the same arguments (the
-  persistent compilation cache, when set, makes this a cache hit).
+  Compiles ``postrl.sampling.generate``'s jitted body again with the arguments ``generate``
+  gives it (the persistent compilation cache, when set, makes this a cache hit): the sampler,
+  the bits per pass and the rows decoded (``min_decode_rows``) for ``platform`` (default: JAX's
+  backend) and ``num_devices`` (default: JAX's device count). ``model`` may be abstract
+  (``nnx.eval_shape``) when ``place`` maps each input array to what ``lower`` takes (e.g. a
+  ``jax.ShapeDtypeStruct`` on a compile-only device: ``benchmarks/xla_gpu_offline.py``), and
+  ``context`` (a context-manager factory) wraps the lowering and compilation only. ``min_rows``
+  overrides the rows decoded (e.g. ``batch``: the program without ``generate``'s padding).
   """
+  import contextlib  # pylint: disable=import-outside-toplevel
   import importlib  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   gen = importlib.import_module("postrl.sampling.generate")  # the module, not the function
+  platform = platform or jax.default_backend()
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  place = place or (lambda x: x)
   graphdef, params = nnx.split(model)
-  tokens = np.full((batch, prompt_len), 100, np.int32)
-  lengths = np.full((batch,), prompt_len, np.int32)
+  params = jax.tree.map(place, params)
+  tokens = place(np.full((batch, prompt_len), 100, np.int32))
+  lengths = place(np.full((batch,), prompt_len, np.int32))
+  rows = gen.min_decode_rows(batch, platform, num_devices) if min_rows is None else min_rows
   impl = sampling_impl
   if impl == "auto":
     from kernels import sampling as sampling_kernels  # pylint: disable=import-outside-toplevel
     impl = sampling_kernels.choose_impl(model.config.vocab_size, temperature=1.0, top_k=None,
-                                        top_p=top_p, min_p=None, impl="auto", batch=batch)
-  lowered = gen._generate.lower(  # pylint: disable=protected-access
-      graphdef, params, tokens, lengths, jax.random.key(0), max_new_tokens=new_tokens,
-      temperature=1.0, top_k=None, top_p=top_p, min_p=None, eos_ids=(), pad_id=0,
-      sampling_impl=impl, interpret=False,
-      bits_per_pass=gen.default_bits_per_pass(batch))  # as ``generate`` picks it
-  return lowered.compile().as_text()
+                                        top_p=top_p, min_p=None, impl="auto", batch=rows,
+                                        platform=platform)
+  key = place(jax.random.key(0))
+  with (context or contextlib.nullcontext)():
+    lowered = gen._generate.lower(  # pylint: disable=protected-access
+        graphdef, params, tokens, lengths, key, max_new_tokens=new_tokens,
+        temperature=1.0, top_k=None, top_p=top_p, min_p=None, eos_ids=(), pad_id=0,
+        sampling_impl=impl, interpret=False, min_rows=rows,
+        bits_per_pass=gen.default_bits_per_pass(rows, platform))  # as ``generate`` picks them
+    return lowered.compile().as_text()
 
 
 def decode_step_launches(model, batch, prompt_len, new_tokens, top_p,
@@ -364,6 +384,10 @@ def parse_args(argv=None):
                       help="samplers to time: the first gives the row's postrl_* numbers (default "
                            "'auto', generate's default); each other adds postrl_<impl>_* fields")
   parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
+  parser.add_argument("--no-row-padding", action="store_true",
+                      help="decode exactly --batch rows: turns off generate's second row for "
+                           "one prompt on one GPU (postrl.sampling.generate.min_decode_rows), "
+                           "for an A/B of it")
   parser.add_argument("--launches", action="store_true",
                       help="also count the operations one decode step launches (compiles the "
                            "program once more and reads its optimised HLO)")
@@ -433,6 +457,10 @@ def _run(args, budget, baseline):
     model = load_pretrained(args.model, param_dtype=args.dtype, dtype=args.dtype)
     cfg = model.config
   model = with_decode_attention(model, args.decode_attention[0])
+  if args.no_row_padding:  # generate and decode_step_hlo both read the module's function
+    import importlib  # pylint: disable=import-outside-toplevel
+    gen_module = importlib.import_module("postrl.sampling.generate")
+    gen_module.min_decode_rows = lambda batch, platform, num_devices: batch
   settings = {k: v for k, v in vars(args).items() if k != "hf_worker"}
   results = common.Results(args.out, **env, settings=settings, model=dict(
       name=args.config or args.model, random_weights=bool(args.config),

@@ -30,6 +30,12 @@ top-p or min-p, not top-k with top-p, where it was measured the fastest sampler;
 CPUs, meshes, greedy, plain temperature sampling, so CPU runs are those of "xla"). The kernel
 never computes the truncated distribution's normaliser, so with it ``logps`` is NaN wherever top-k
 or top-p truncate (the plain model's ``model_logps``, what trainers use, is always computed).
+
+One prompt on one GPU decodes as two rows, the second a copy of the first, dropped from the
+outputs (``min_decode_rows``): XLA compiles a one-row matmul of a small model into a multiply
+that writes a weight-sized product and a reduction that reads it back, a two-row one into a GEMM.
+The tokens are then those of row 0 of the prompt given twice (the draws of a [2, V] sample), a
+different stream from a one-row call on a CPU with the same key.
 """
 
 from __future__ import annotations
@@ -249,12 +255,42 @@ def kernel_sample_token(key, logits_BxV, *, temperature, top_k, top_p, min_p, im
   return token, logp, model_logp
 
 
+def min_decode_rows(batch: int, platform: str, num_devices: int) -> int:
+  """How many rows ``generate`` decodes for ``batch`` prompts: 2 for one prompt on one GPU, else
+  ``batch``. The second row repeats the first and is dropped from the outputs.
+
+  Why: XLA's GPU compiler rewrites a vector x matrix product (one row of activations) whose
+  operands hold fewer than 10M elements as an elementwise multiply and a reduction
+  (``GpuAlgebraicSimplifier::ShouldStrengthReduceDotToReduce``), and fuses the producer of the
+  vector (RMSNorm) into the multiply. So at batch 1 every projection of a small model writes a
+  weight-sized [K, N] product to memory and reads it back: three times the weight bytes and two
+  launches per matmul. With two rows the product is a matrix product: one Triton GEMM that reads
+  the weights once, and XLA merges the q / k / v and gate / up GEMMs that share their input.
+  Compiled for an H100 (``benchmarks/xla_gpu_offline.py``), one SmolLM2-135M decode step launches
+  749 operations at batch 1 and 483 at batch 2. Several devices are left alone (each holds B /
+  shards rows of its own)."""
+  if batch == 1 and num_devices == 1 and platform in ("gpu", "cuda", "rocm"):
+    return 2
+  return batch
+
+
 @functools.partial(jax.jit, static_argnames=(
     "graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "eos_ids", "pad_id",
-    "sampling_impl", "interpret", "rows", "cache_sharding", "bits_per_pass"))
+    "sampling_impl", "interpret", "rows", "cache_sharding", "bits_per_pass", "min_rows"))
 def _generate(graphdef, params, prompt_BxP, lengths_B, key, *, max_new_tokens, temperature, top_k,
               top_p, min_p, eos_ids, pad_id, sampling_impl="xla", interpret=False, rows=None,
-              cache_sharding=None, bits_per_pass=1):
+              cache_sharding=None, bits_per_pass=1, min_rows=1):
+  B = prompt_BxP.shape[0]
+  if B < min_rows:  # decode min_rows rows, the extra ones repeating row 0 (``min_decode_rows``)
+    extra = min_rows - B
+    prompt_BxP = jnp.concatenate([prompt_BxP, jnp.repeat(prompt_BxP[:1], extra, axis=0)])
+    lengths_B = jnp.concatenate([lengths_B, jnp.repeat(lengths_B[:1], extra, axis=0)])
+    out = _generate(graphdef, params, prompt_BxP, lengths_B, key, max_new_tokens=max_new_tokens,
+                    temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    eos_ids=eos_ids, pad_id=pad_id, sampling_impl=sampling_impl,
+                    interpret=interpret, rows=rows, cache_sharding=cache_sharding,
+                    bits_per_pass=bits_per_pass)
+    return GenerateOutput(*(x[:B] for x in out))
   model = nnx.merge(graphdef, params)
   B, P = prompt_BxP.shape
   N = max_new_tokens
@@ -472,20 +508,22 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
   if config.decode_attention_impl == "pallas" and (mesh is not None or len(devices) > 1):
     raise ValueError("decode_attention_impl='pallas': the decode-attention kernel runs on one "
                      f"device; the parameters span {len(devices)} (use 'xla')")
+  platform = next(iter(devices)).platform if devices else jax.default_backend()
+  rows_decoded = min_decode_rows(int(prompt_BxP.shape[0]), platform, len(devices))
   impl = "xla"
   if sampling_impl != "xla":  # kernels.sampling imports this module: imported here
     from kernels import sampling as sampling_kernels  # pylint: disable=import-outside-toplevel
     impl = sampling_kernels.choose_impl(config.vocab_size, temperature=float(temperature),
                                         top_k=top_k, top_p=top_p, min_p=min_p,
-                                        impl=sampling_impl, batch=int(prompt_BxP.shape[0]))
+                                        impl=sampling_impl, batch=rows_decoded)
     if impl != "xla" and (mesh is not None or len(devices) > 1):
       raise ValueError(f"sampling_impl={sampling_impl!r}: the sampling kernel runs on one device; "
                        f"the parameters span {len(devices)} (use 'xla' or 'auto')")
   return _generate(graphdef, params, prompt_BxP, lengths_B, key, max_new_tokens=int(max_new_tokens),
                    temperature=float(temperature), top_k=top_k, top_p=top_p, min_p=min_p,
                    eos_ids=eos, pad_id=int(pad_id), sampling_impl=impl,
-                   interpret=bool(interpret), rows=rows,
-                   bits_per_pass=default_bits_per_pass(int(prompt_BxP.shape[0])),
+                   interpret=bool(interpret), rows=rows, min_rows=rows_decoded,
+                   bits_per_pass=default_bits_per_pass(rows_decoded, platform),
                    cache_sharding=None if rows is None else cache_sharding_for(
                        rows, config, prompt_BxP.shape[0],
                        prompt_BxP.shape[1] + int(max_new_tokens)))

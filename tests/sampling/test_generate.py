@@ -328,3 +328,53 @@ def test_default_bits_per_pass_follows_the_gpu_measurement():
   assert default_bits_per_pass(1, "cuda") == 4 and default_bits_per_pass(1, "cpu") == 1
   if jax.default_backend() == "cpu":
     assert default_bits_per_pass(1) == 1
+
+
+def test_min_decode_rows_pads_one_prompt_on_one_gpu_only():
+  """One prompt on one GPU decodes as two rows (XLA's GPU compiler turns a one-row matmul into a
+  multiply + reduction that writes the weight-sized product); anything else is left alone."""
+  from postrl.sampling.generate import min_decode_rows  # pylint: disable=import-outside-toplevel
+  assert [min_decode_rows(1, p, 1) for p in ("gpu", "cuda", "rocm")] == [2, 2, 2]
+  assert min_decode_rows(1, "cpu", 1) == 1 and min_decode_rows(1, "tpu", 1) == 1
+  assert min_decode_rows(1, "gpu", 2) == 1  # a mesh: each device decodes its own rows
+  assert [min_decode_rows(b, "gpu", 1) for b in (2, 3, 64)] == [2, 3, 64]
+
+
+@pytest.mark.parametrize("eos_ids", [(), (4,)])
+def test_padded_single_row_decodes_row_zero_of_a_duplicated_batch(model, eos_ids):
+  """``min_rows=2`` at B = 1 returns exactly row 0 of the same call on the prompt given twice
+  (same key, same draws), with [1, ...] outputs; ``generate`` on a CPU does not pad (B = 1 and an
+  explicit B = 1 compile give the same tokens)."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  gen = importlib.import_module("postrl.sampling.generate")
+  graphdef, params = nnx.split(model)
+  tokens, lengths = pad_prompts([PROMPTS[0]])
+  kw = dict(max_new_tokens=10, temperature=1.0, top_k=None, top_p=0.9, min_p=None,
+            eos_ids=eos_ids, pad_id=0)
+  key = jax.random.key(7)
+  padded = gen._generate(graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths), key,  # pylint: disable=protected-access
+                         min_rows=2, **kw)
+  twice = gen._generate(graphdef, params, jnp.asarray(np.repeat(tokens, 2, 0)),  # pylint: disable=protected-access
+                        jnp.asarray(np.repeat(lengths, 2, 0)), key, **kw)
+  for got, want in zip(padded, twice):
+    assert got.shape[0] == 1
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want)[:1])
+  plain = gen._generate(graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths), key, **kw)  # pylint: disable=protected-access
+  out = generate(model, tokens, lengths, key=key, max_new_tokens=10, top_p=0.9, eos_ids=eos_ids)
+  np.testing.assert_array_equal(np.asarray(out.tokens_BxN), np.asarray(plain.tokens_BxN))
+
+
+def test_generate_passes_the_padded_rows_through(model, monkeypatch):
+  """``generate`` decodes the rows ``min_decode_rows`` asks for and returns the caller's B: with
+  the GPU answer forced on this CPU, B = 1 gives [1, N] outputs equal to row 0 of the prompt
+  given twice."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  gen = importlib.import_module("postrl.sampling.generate")
+  tokens, lengths = pad_prompts([PROMPTS[2]])
+  kw = dict(key=jax.random.key(11), max_new_tokens=9, temperature=0.8, top_k=9, eos_ids=())
+  twice = generate(model, np.repeat(tokens, 2, 0), np.repeat(lengths, 2, 0), **kw)
+  monkeypatch.setattr(gen, "min_decode_rows", lambda batch, platform, devices: max(batch, 2))
+  out = generate(model, tokens, lengths, **kw)
+  for got, want in zip(out, twice):
+    assert got.shape[0] == 1
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want)[:1])

@@ -1,0 +1,251 @@
+r"""Compile postrl's decode program for an H100 on a machine without a GPU, and report what XLA made
+of one decode step: the operations it launches and the bytes they write.
+
+    pip install "jax-cuda13-plugin==$(python -c 'import jax; print(jax.__version__)')" \
+        "jax-cuda13-pjrt==$(python -c 'import jax; print(jax.__version__)')"
+    JAX_PLATFORMS=cpu python benchmarks/xla_gpu_offline.py --config smollm2-135m llama-1b \
+        --batch 1 2 16 --decode-attention xla pallas --out /tmp/offline.json --dump-dir /tmp/hlo
+
+How: JAX's deviceless ahead-of-time compilation (``jax.experimental.topologies.get_topology_desc``
+with ``platform="cuda"`` and a target description of the GPU: ``target_config``) gives a
+compile-only CUDA device. The program is ``benchmarks/generate.py``'s ``decode_step_hlo`` (the
+jitted body of ``postrl.sampling.generate`` with the arguments ``generate`` gives it on one GPU),
+lowered with abstract parameters (``jax.ShapeDtypeStruct`` on that device: no weights are made),
+then compiled by the CUDA plugin's XLA: the same HLO passes, fusion decisions and Triton
+lowering of the Pallas kernels as on the GPU. The library's platform checks read
+``jax.default_backend()``; while lowering it answers "gpu" here, so the program is the one a
+one-GPU run builds (decode-attention kernel, sampling kernel, bits per pass, rows decoded).
+
+What it tells and what it does not: the per-step launch count and the kind of every launched
+operation (``common.loop_launch_list``) -- on 2026-11-27 this reproduced exactly the 749 launches
+per step that the H100 run of 2026-11-26 counted from its own compiled program (SmolLM2-135M
+shape, batch 1, top-p 1.0, XLA attention) -- and the bytes each launched operation writes (its
+output's size; in-place cache updates, whose output is the whole cache but which write one slot,
+are left out and counted apart). It cannot autotune (no GPU to time candidates), so GEMM tilings,
+split-K choices and cuBLAS-vs-Triton picks may differ from a GPU compile; and it times nothing.
+Times come only from the ``benchmarks/*.py`` device runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if sys.path[0] != ROOT:
+  sys.path.insert(0, ROOT)
+
+from benchmarks import common  # pylint: disable=wrong-import-position
+
+# The H100 SXM5 (80 GB HBM3) as XLA's GPU compiler sees it: NVIDIA's datasheet and CUDA's
+# device-query figures (compute capability 9.0, 132 SMs, 50 MiB L2, 228 KiB shared memory per SM
+# of which 227 KiB per block when opted in, 48 KiB by default, 64K 32-bit registers per SM and
+# per block, 2048 threads per SM, 1.98 GHz boost clock, 3.35 TB/s HBM3).
+H100 = dict(
+    threads_per_block_limit=1024, threads_per_warp=32, shared_memory_per_block=48 * 1024,
+    shared_memory_per_core=228 * 1024, shared_memory_per_block_optin=227 * 1024,
+    threads_per_core_limit=2048, core_count=132, fpus_per_core=128,
+    block_dim_limit_x=2**31 - 1, block_dim_limit_y=65535, block_dim_limit_z=65535,
+    memory_bandwidth=3_352_320_000_000, l2_cache_size=50 * 2**20, clock_rate_ghz=1.98,
+    device_memory_size=80 * 10**9, registers_per_core_limit=65536,
+    registers_per_block_limit=65536)
+GPUS = {"h100": (H100, (9, 0), "NVIDIA H100 80GB HBM3")}
+
+
+def target_config(gpu: str = "h100") -> str:
+  """The ``GpuTargetConfigProto`` text of ``gpu`` (``GPUS``) that deviceless compilation takes."""
+  info, (major, minor), name = GPUS[gpu]
+  fields = "\n".join(f"  {k}: {v}" for k, v in info.items())
+  return (f"gpu_device_info {{\n{fields}\n"
+          f"  cuda_compute_capability {{ major: {major} minor: {minor} }}\n}}\n"
+          f'platform_name: "CUDA"\n'
+          f"dnn_version_info {{ major: 9 minor: 10 patch: 0 }}\n"
+          f'device_description_str: "{name}"\n')
+
+
+def compile_only_sharding(gpu: str = "h100"):
+  """A replicated ``NamedSharding`` on one compile-only CUDA device described by ``gpu``."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  try:
+    topology = topologies.get_topology_desc(platform="cuda", target_config=target_config(gpu),
+                                            topology="1x1x1")
+  except Exception as e:  # pylint: disable=broad-except
+    raise SystemExit(
+        "xla_gpu_offline: no compile-only CUDA device (" + str(e).splitlines()[0][:200] + "). "
+        "It needs the CUDA plugin of this JAX version: pip install "
+        f"jax-cuda13-plugin=={jax.__version__} jax-cuda13-pjrt=={jax.__version__}, and "
+        "JAX_PLATFORMS=cpu") from None
+  mesh = topologies.make_mesh(topo=topology, mesh_shape=(1,), axis_names=("x",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+@contextlib.contextmanager
+def backend_reads_gpu(sharding):
+  """Inside, ``jax.default_backend()`` answers "gpu" (the library's platform checks read it) and
+  the default device is ``sharding``'s compile-only one (Pallas's Triton lowering reads the GPU
+  generation from it)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  real = jax.default_backend
+  jax.default_backend = lambda: "gpu"
+  try:
+    with jax.default_device(next(iter(sharding.device_set))):
+      yield
+  finally:
+    jax.default_backend = real
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s4": 1, "u4": 1, "bf16": 2, "f16": 2, "s16": 2,
+                "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8,
+                "f8e4m3fn": 1, "f8e5m2": 1}
+_IN_PLACE = ("dynamic-update-slice", "scatter")
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape string such as ``bf16[576,192]`` or ``(f32[2], s32[2])``."""
+  total = 0
+  for dtype, dims in re.findall(r"([a-z][a-z0-9]*)\[([0-9,]*)\]", shape):
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    total += n * _DTYPE_BYTES.get(dtype, 4)
+  return total
+
+
+def step_summary(hlo_text: str) -> dict:
+  """Launches and written bytes of one iteration of ``hlo_text``'s main loop.
+
+  ``bytes_written``: the outputs of the launched operations, times their launches per step;
+  those that update a buffer in place (a fused ``dynamic-update-slice`` / ``scatter``, e.g. the
+  KV cache write, whose output shape is the whole buffer) are left out and their number given as
+  ``in_place_updates``. ``largest``: the five launched operations writing the most bytes per step
+  (kind, output shape, source, bytes x launches)."""
+  entries = common.loop_launch_list(hlo_text)
+  counted, in_place = [], 0
+  for e in entries:
+    if not e["count"]:
+      continue
+    if any(op in e["fused"] or op.replace("-", "_") in e["name"] for op in _IN_PLACE) or (
+        e["key"] in _IN_PLACE):
+      in_place += e["count"]
+      continue
+    counted.append((shape_bytes(e["shape"]) * e["count"], e))
+  counted.sort(key=lambda be: -be[0])
+  by_kind = {}
+  for e in entries:
+    by_kind[e["kind"]] = by_kind.get(e["kind"], 0) + e["count"]
+  return dict(launches=sum(e["count"] for e in entries),
+              by_kind=dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+              bytes_written=sum(b for b, _ in counted), in_place_updates=in_place,
+              largest=[dict(kind=e["kind"], shape=e["shape"], source=e["source"],
+                            launches=e["count"], bytes=b) for b, e in counted[:5]])
+
+
+def decode_program(preset: str, batch: int, *, decode_attention: str, top_p: float,
+                   sampling_impl: str, prompt_len: int, new_tokens: int, sharding,
+                   pad_rows: bool = True) -> str:
+  """Optimised HLO of ``generate``'s program for a one-GPU run of ``preset`` (bf16, random-weight
+  shapes) at ``batch``, compiled for ``sharding``'s compile-only device; ``pad_rows=False``
+  decodes exactly ``batch`` rows (``generate`` decodes 2 for one prompt: ``min_decode_rows``)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from benchmarks import generate as gen_bench  # pylint: disable=import-outside-toplevel
+  from postrl.models import Transformer  # pylint: disable=import-outside-toplevel
+  cfg = common.model_config(preset, param_dtype="bfloat16", dtype="bfloat16")
+  cfg = dataclasses.replace(cfg, decode_attention_impl=decode_attention)
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+  return gen_bench.decode_step_hlo(model, batch, prompt_len, new_tokens, top_p, sampling_impl,
+                                   platform="gpu", num_devices=1, place=place,
+                                   context=lambda: backend_reads_gpu(sharding),
+                                   min_rows=None if pad_rows else batch)
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", nargs="+", default=["smollm2-135m"],
+                      choices=sorted(common.PRESETS))
+  parser.add_argument("--batch", nargs="+", type=int, default=[1, 2, 16])
+  parser.add_argument("--decode-attention", nargs="+", default=["auto"],
+                      choices=["auto", "xla", "pallas"],
+                      help="ModelConfig.decode_attention_impl ('auto' = the kernel, as on one GPU)")
+  parser.add_argument("--sampling-impl", default="auto", choices=["auto", "xla", "pallas"])
+  parser.add_argument("--top-p", type=float, default=0.9)
+  parser.add_argument("--prompt-len", type=int, default=64)
+  parser.add_argument("--new-tokens", type=int, default=256)
+  parser.add_argument("--no-row-padding", action="store_true",
+                      help="decode exactly --batch rows (generate decodes 2 rows for 1 prompt on "
+                           "one GPU: postrl.sampling.generate.min_decode_rows)")
+  parser.add_argument("--row-padding-both", action="store_true",
+                      help="compile each shape with and without generate's row padding")
+  parser.add_argument("--gpu", default="h100", choices=sorted(GPUS))
+  parser.add_argument("--dump-dir", default=None,
+                      help="write each program's optimised HLO and its decode step's launch list")
+  parser.add_argument("--out", default=None, help="JSON of every row")
+  args = parser.parse_args(argv)
+  if any(b < 1 for b in args.batch):
+    parser.error(f"--batch: sizes must be >= 1, got {args.batch}")
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  import jax  # pylint: disable=import-outside-toplevel
+  sharding = compile_only_sharding(args.gpu)
+  paddings = [True, False] if args.row_padding_both else [not args.no_row_padding]
+  rows = []
+  for preset in args.config:
+    for attention in args.decode_attention:
+      for batch, pad in [(b, p) for b in args.batch for p in paddings]:
+        t0 = time.perf_counter()
+        hlo = decode_program(preset, batch, decode_attention=attention, top_p=args.top_p,
+                             sampling_impl=args.sampling_impl, prompt_len=args.prompt_len,
+                             new_tokens=args.new_tokens, sharding=sharding, pad_rows=pad)
+        row = dict(config=preset, batch=batch, row_padding=pad, decode_attention=attention,
+                   top_p=args.top_p, sampling_impl=args.sampling_impl,
+                   compile_s=round(time.perf_counter() - t0, 1), **step_summary(hlo))
+        rows.append(row)
+        common.log(f"{preset} batch {batch}{'' if pad else ' (no row padding)'} attention "
+                   f"{attention}: {row['launches']} launches / "
+                   f"step, {row['bytes_written'] / 1e6:.1f} MB written / step "
+                   f"({row['in_place_updates']} in-place updates left out); largest: "
+                   + "; ".join(f"{x['shape']} x{x['launches']} ({x['source'][:60]})"
+                               for x in row["largest"][:3]))
+        if args.dump_dir:
+          stem = f"{preset}_b{batch}_{attention}" + ("" if pad else "_nopad")
+          os.makedirs(args.dump_dir, exist_ok=True)
+          with open(os.path.join(args.dump_dir, stem + ".hlo.txt"), "w") as f:
+            f.write(hlo)
+          with open(os.path.join(args.dump_dir, stem + ".fusions.txt"), "w") as f:
+            f.write(common.format_launch_list(common.loop_launch_list(hlo), stem))
+  common.log(f"{'config':>14} {'batch':>6} {'padded':>7} {'attention':>10} {'launches':>9} "
+             f"{'MB written':>11}")
+  for r in rows:
+    common.log(f"{r['config']:>14} {r['batch']:>6} {str(r['row_padding']):>7} "
+               f"{r['decode_attention']:>10} {r['launches']:>9} "
+               f"{r['bytes_written'] / 1e6:>11.1f}")
+  if args.out:
+    result = dict(tool="benchmarks/xla_gpu_offline.py", gpu=args.gpu, jax=jax.__version__,
+                  target_config=target_config(args.gpu), rows=rows,
+                  date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    _write(args.out, result)
+  return rows
+
+
+def _write(path: str, result: dict):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=1)
+  os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,108 @@
+"""benchmarks/xla_gpu_offline.py without the CUDA plugin: the target description, the byte count
+of HLO shapes and the per-step summary (on a decode program compiled here for the CPU). The
+compile for an H100 itself needs ``jax-cuda13-pjrt`` of this JAX version, which is not a test
+dependency (installed, it prints a plugin error at every ``import jax`` that has no
+``JAX_PLATFORMS``): its counts are in docs/benchmarks.md with the command."""
+
+import re
+
+import jax
+import numpy as np
+from flax import nnx
+
+from benchmarks import common
+from benchmarks import generate as gen_bench
+from benchmarks import xla_gpu_offline as offline
+
+
+def test_target_config_describes_an_h100():
+  text = offline.target_config("h100")
+  assert "core_count: 132" in text and "l2_cache_size: 52428800" in text
+  assert "cuda_compute_capability { major: 9 minor: 0 }" in text
+  assert 'platform_name: "CUDA"' in text and text.count("{") == text.count("}")
+  fields = dict(re.findall(r"^  (\w+): (\S+)$", text, re.M))
+  assert fields["shared_memory_per_block_optin"] == str(227 * 1024)
+  assert int(fields["memory_bandwidth"]) == 3_352_320_000_000
+
+
+def test_shape_bytes():
+  assert offline.shape_bytes("bf16[576,192]") == 576 * 192 * 2
+  assert offline.shape_bytes("(f32[2,128], s32[2,128])") == 2 * 128 * 8
+  assert offline.shape_bytes("pred[]") == 1 and offline.shape_bytes("f32[]") == 4
+  assert offline.shape_bytes("(bf16[576,1536], bf16[576,1536])") == 2 * 576 * 1536 * 2
+
+
+_LOOP_HLO = """HloModule m
+
+%fused_mul (p0: bf16[8,4], p1: bf16[8]) -> bf16[8,4] {
+  %p0 = bf16[8,4]{1,0} parameter(0)
+  %p1 = bf16[8]{0} parameter(1)
+  %b = bf16[8,4]{1,0} broadcast(%p1), dimensions={0}
+  ROOT %m = bf16[8,4]{1,0} multiply(%p0, %b)
+}
+
+%fused_dus (c: bf16[2,16,4], u: bf16[2,1,4], i: s32[]) -> bf16[2,16,4] {
+  %c = bf16[2,16,4]{2,1,0} parameter(0)
+  %u = bf16[2,1,4]{2,1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %z = s32[] constant(0)
+  ROOT %d = bf16[2,16,4]{2,1,0} dynamic-update-slice(%c, %u, %z, %i, %z)
+}
+
+%body (s: (s32[], bf16[8,4], bf16[8], bf16[2,16,4])) -> (s32[], bf16[8,4], bf16[8], bf16[2,16,4]) {
+  %s = (s32[], bf16[8,4]{1,0}, bf16[8]{0}, bf16[2,16,4]{2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %w = bf16[8,4]{1,0} get-tuple-element(%s), index=1
+  %x = bf16[8]{0} get-tuple-element(%s), index=2
+  %c = bf16[2,16,4]{2,1,0} get-tuple-element(%s), index=3
+  %mul = bf16[8,4]{1,0} fusion(%w, %x), kind=kLoop, calls=%fused_mul
+  %u = bf16[2,1,4]{2,1,0} slice(%c), slice={[0:2], [0:1], [0:4]}
+  %loop_dynamic_update_slice_fusion = bf16[2,16,4]{2,1,0} fusion(%c, %u, %i), kind=kLoop, calls=%fused_dus
+  ROOT %t = (s32[], bf16[8,4]{1,0}, bf16[8]{0}, bf16[2,16,4]{2,1,0}) tuple(%i, %mul, %x, %loop_dynamic_update_slice_fusion)
+}
+
+%cond (s: (s32[], bf16[8,4], bf16[8], bf16[2,16,4])) -> pred[] {
+  %s = (s32[], bf16[8,4]{1,0}, bf16[8]{0}, bf16[2,16,4]{2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %n = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (a: (s32[], bf16[8,4], bf16[8], bf16[2,16,4])) -> (s32[], bf16[8,4], bf16[8], bf16[2,16,4]) {
+  %a = (s32[], bf16[8,4]{1,0}, bf16[8]{0}, bf16[2,16,4]{2,1,0}) parameter(0)
+  ROOT %w = (s32[], bf16[8,4]{1,0}, bf16[8]{0}, bf16[2,16,4]{2,1,0}) while(%a), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
+}
+"""
+
+
+def test_step_summary_counts_written_bytes_and_leaves_in_place_updates_out():
+  """The multiply writes its whole [8, 4] output; the slice writes [2, 1, 4]; the cache update
+  (output: the whole cache) is an in-place update, counted apart."""
+  got = offline.step_summary(_LOOP_HLO)
+  assert got["launches"] == common.loop_launches(_LOOP_HLO)["launches"] == 3
+  assert got["in_place_updates"] == 1
+  assert got["bytes_written"] == 8 * 4 * 2 + 2 * 1 * 4 * 2
+  assert got["largest"][0]["shape"] == "bf16[8,4]" and got["largest"][0]["bytes"] == 64
+  assert got["by_kind"] == {"fusion:kLoop": 2, "slice": 1}
+
+
+def test_decode_step_hlo_rows_and_placement_on_cpu():
+  """``decode_step_hlo`` with abstract parameters (``place``) and a ``min_rows`` override compiles
+  the program ``generate`` runs; two rows for one prompt give [2, ...] arrays inside the loop and
+  [1, N] outputs. The step summary reads it."""
+  cfg = common.model_config("tiny", param_dtype="float32", dtype="float32")
+  from postrl.models import Transformer  # pylint: disable=import-outside-toplevel
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  place = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype)  # noqa: E731
+  hlo = {rows: gen_bench.decode_step_hlo(model, 1, 4, 3, 0.9, "xla", platform="cpu",
+                                         num_devices=1, place=place, min_rows=rows)
+         for rows in (1, 2)}
+  assert "s32[2,3]" in hlo[2] and "s32[2,3]" not in hlo[1]  # the tokens buffer of the loop
+  for text in hlo.values():
+    summary = offline.step_summary(text)
+    assert summary["launches"] == common.loop_launches(text)["launches"] > 0
+    assert summary["bytes_written"] > 0
+  # no override: generate's own choice on this CPU (one prompt, one row)
+  default = gen_bench.decode_step_hlo(model, 1, 4, 3, 0.9, "xla", platform="cpu", num_devices=1,
+                                      place=place)
+  assert "s32[2,3]" not in default

@@ -56,6 +56,7 @@ H100 = dict(
     device_memory_size=80 * 10**9, registers_per_core_limit=65536,
     registers_per_block_limit=65536)
 GPUS = {"h100": (H100, (9, 0), "NVIDIA H100 80GB HBM3")}
+FORMATS = ("bf16", "int8", "int4_g128")  # as benchmarks/decode.py
 
 
 def target_config(gpu: str = "h100") -> str:
@@ -149,17 +150,27 @@ def step_summary(hlo_text: str) -> dict:
 
 def decode_program(preset: str, batch: int, *, decode_attention: str, top_p: float,
                    sampling_impl: str, prompt_len: int, new_tokens: int, sharding,
-                   pad_rows: bool = True) -> str:
+                   pad_rows: bool = True, fmt: str = "bf16") -> str:
   """Optimised HLO of ``generate``'s program for a one-GPU run of ``preset`` (bf16, random-weight
-  shapes) at ``batch``, compiled for ``sharding``'s compile-only device; ``pad_rows=False``
-  decodes exactly ``batch`` rows (``generate`` decodes 2 for one prompt: ``min_decode_rows``)."""
+  shapes; ``fmt`` "int8" / "int4_g128": every block's Linear quantized, as
+  ``benchmarks/decode.py``) at ``batch``, compiled for ``sharding``'s compile-only device;
+  ``pad_rows=False`` decodes exactly ``batch`` rows (``generate`` decodes 2 for one prompt:
+  ``min_decode_rows``)."""
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from benchmarks import generate as gen_bench  # pylint: disable=import-outside-toplevel
   from postrl.models import Transformer  # pylint: disable=import-outside-toplevel
+  from postrl.quant import quantize_model  # pylint: disable=import-outside-toplevel
   cfg = common.model_config(preset, param_dtype="bfloat16", dtype="bfloat16")
   cfg = dataclasses.replace(cfg, decode_attention_impl=decode_attention)
-  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+  def build():
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    if fmt != "bf16":
+      quantize_model(model, fmt)
+    return model
+
+  model = nnx.eval_shape(build)  # shapes only: no weights are made or quantized
   place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
   return gen_bench.decode_step_hlo(model, batch, prompt_len, new_tokens, top_p, sampling_impl,
                                    platform="gpu", num_devices=1, place=place,
@@ -177,6 +188,8 @@ def parse_args(argv=None):
                       choices=["auto", "xla", "pallas"],
                       help="ModelConfig.decode_attention_impl ('auto' = the kernel, as on one GPU)")
   parser.add_argument("--sampling-impl", default="auto", choices=["auto", "xla", "pallas"])
+  parser.add_argument("--formats", nargs="+", default=["bf16"], choices=list(FORMATS),
+                      help="weights: bf16, or every block's Linear quantized (postrl.quant)")
   parser.add_argument("--top-p", type=float, default=0.9)
   parser.add_argument("--prompt-len", type=int, default=64)
   parser.add_argument("--new-tokens", type=int, default=256)
@@ -201,34 +214,38 @@ def main(argv=None):
   sharding = compile_only_sharding(args.gpu)
   paddings = [True, False] if args.row_padding_both else [not args.no_row_padding]
   rows = []
-  for preset in args.config:
-    for attention in args.decode_attention:
-      for batch, pad in [(b, p) for b in args.batch for p in paddings]:
-        t0 = time.perf_counter()
-        hlo = decode_program(preset, batch, decode_attention=attention, top_p=args.top_p,
-                             sampling_impl=args.sampling_impl, prompt_len=args.prompt_len,
-                             new_tokens=args.new_tokens, sharding=sharding, pad_rows=pad)
-        row = dict(config=preset, batch=batch, row_padding=pad, decode_attention=attention,
-                   top_p=args.top_p, sampling_impl=args.sampling_impl,
-                   compile_s=round(time.perf_counter() - t0, 1), **step_summary(hlo))
-        rows.append(row)
-        common.log(f"{preset} batch {batch}{'' if pad else ' (no row padding)'} attention "
-                   f"{attention}: {row['launches']} launches / "
-                   f"step, {row['bytes_written'] / 1e6:.1f} MB written / step "
-                   f"({row['in_place_updates']} in-place updates left out); largest: "
-                   + "; ".join(f"{x['shape']} x{x['launches']} ({x['source'][:60]})"
-                               for x in row["largest"][:3]))
-        if args.dump_dir:
-          stem = f"{preset}_b{batch}_{attention}" + ("" if pad else "_nopad")
-          os.makedirs(args.dump_dir, exist_ok=True)
-          with open(os.path.join(args.dump_dir, stem + ".hlo.txt"), "w") as f:
-            f.write(hlo)
-          with open(os.path.join(args.dump_dir, stem + ".fusions.txt"), "w") as f:
-            f.write(common.format_launch_list(common.loop_launch_list(hlo), stem))
-  common.log(f"{'config':>14} {'batch':>6} {'padded':>7} {'attention':>10} {'launches':>9} "
-             f"{'MB written':>11}")
+  shapes = [(preset, fmt, attention, batch, pad) for preset in args.config
+            for fmt in args.formats for attention in args.decode_attention
+            for batch in args.batch for pad in paddings]
+  for preset, fmt, attention, batch, pad in shapes:
+    t0 = time.perf_counter()
+    hlo = decode_program(preset, batch, decode_attention=attention, top_p=args.top_p,
+                         sampling_impl=args.sampling_impl, prompt_len=args.prompt_len,
+                         new_tokens=args.new_tokens, sharding=sharding, pad_rows=pad,
+                         fmt=fmt)
+    row = dict(config=preset, format=fmt, batch=batch, row_padding=pad,
+               decode_attention=attention, top_p=args.top_p,
+               sampling_impl=args.sampling_impl,
+               compile_s=round(time.perf_counter() - t0, 1), **step_summary(hlo))
+    rows.append(row)
+    common.log(f"{preset} {fmt} batch {batch}{'' if pad else ' (no row padding)'} attention "
+               f"{attention}: {row['launches']} launches / "
+               f"step, {row['bytes_written'] / 1e6:.1f} MB written / step "
+               f"({row['in_place_updates']} in-place updates left out); largest: "
+               + "; ".join(f"{x['shape']} x{x['launches']} ({x['source'][:60]})"
+                           for x in row["largest"][:3]))
+    if args.dump_dir:
+      stem = (f"{preset}_{fmt}_b{batch}_{attention}" if fmt != "bf16" else
+              f"{preset}_b{batch}_{attention}") + ("" if pad else "_nopad")
+      os.makedirs(args.dump_dir, exist_ok=True)
+      with open(os.path.join(args.dump_dir, stem + ".hlo.txt"), "w") as f:
+        f.write(hlo)
+      with open(os.path.join(args.dump_dir, stem + ".fusions.txt"), "w") as f:
+        f.write(common.format_launch_list(common.loop_launch_list(hlo), stem))
+  common.log(f"{'config':>14} {'format':>10} {'batch':>6} {'padded':>7} {'attention':>10} "
+             f"{'launches':>9} {'MB written':>11}")
   for r in rows:
-    common.log(f"{r['config']:>14} {r['batch']:>6} {str(r['row_padding']):>7} "
+    common.log(f"{r['config']:>14} {r['format']:>10} {r['batch']:>6} {str(r['row_padding']):>7} "
                f"{r['decode_attention']:>10} {r['launches']:>9} "
                f"{r['bytes_written'] / 1e6:>11.1f}")
   if args.out:

@@ -5,8 +5,11 @@
 Public entry point: ``quantized_matmul(x, w_q, scales, *, bits, group_size, zeros, impl,
 interpret)``. Implementations (same signature, same result up to float rounding):
 
-* ``reference.quantized_matmul_reference``: dequantise the kernel with XLA, then ``jnp.dot``
-  (``impl="xla"``; the only path on CPU).
+* ``reference.quantized_matmul_reference``: dequantise the kernel with XLA, then ``jnp.dot``: the
+  definition every path is tested against.
+* ``xla.quantized_matmul_xla`` (``impl="xla"``; the only path on CPU): the same function with
+  per-channel scales applied after the matmul of the codes, so XLA reads the codes once instead
+  of writing and re-reading a dequantised [K, N] copy; group-wise scales take the reference.
 * ``gpu.quantized_matmul_gpu``: Pallas on the Triton backend, dequantisation fused in the K loop,
   K split across programs at decode shapes.
 * ``tpu.quantized_matmul_tpu``: Pallas Mosaic, weight tiles dequantised in VMEM.
@@ -17,7 +20,7 @@ a TPU (the Mosaic kernel has not run on one yet: ``TPU_MEASURED``), CPU, several
 partitions the dequantise-then-dot over a mesh; a custom call would gather its operands), NF4 /
 float32 / shapes the tiling does not cover. ``impl="pallas"`` forces the platform's kernel and raises ``KernelShapeError`` when it cannot run the shape.
 
-Gradients: a custom VJP gives d/dx = dy Ŵᵀ (and d/ds, d/dz) through the XLA reference, so QLoRA
+Gradients: a custom VJP gives d/dx = dy Ŵᵀ (and d/ds, d/dz) through the XLA path, so QLoRA
 can back-propagate through a frozen quantized base; codes get no gradient (they are integers).
 """
 
@@ -33,8 +36,10 @@ from kernels.quantized_matmul.gpu import (GpuConfig, KernelShapeError, default_c
                                           quantized_matmul_gpu)
 from kernels.quantized_matmul.reference import dequantize, quantized_matmul_reference
 from kernels.quantized_matmul.tpu import TpuConfig, quantized_matmul_tpu
+from kernels.quantized_matmul.xla import quantized_matmul_xla
 
-__all__ = ["quantized_matmul", "quantized_matmul_reference", "quantized_matmul_gpu",
+__all__ = ["quantized_matmul", "quantized_matmul_reference", "quantized_matmul_xla",
+           "quantized_matmul_gpu",
            "quantized_matmul_tpu", "GpuConfig", "TpuConfig", "KernelShapeError", "dequantize",
            "choose_impl"]
 
@@ -161,8 +166,8 @@ def choose_impl(m: int, k: int, n: int, *, bits: int, group_size: int | None, dt
 
 def _forward(x_MxK, w_q, scales, zeros, *, bits, group_size, impl, interpret, config):
   if impl == "xla":
-    return quantized_matmul_reference(x_MxK, w_q, scales, bits=bits, group_size=group_size,
-                                      zeros_GxN=zeros)
+    return quantized_matmul_xla(x_MxK, w_q, scales, bits=bits, group_size=group_size,
+                                zeros_GxN=zeros)
   if impl == "pallas_gpu":
     return quantized_matmul_gpu(x_MxK, w_q, scales, zeros, bits=bits, group_size=group_size,
                                 config=config, interpret=interpret)
@@ -184,7 +189,7 @@ def _qmm_fwd(x, w_q, scales, zeros, bits, group_size, impl, interpret, config):
 def _qmm_bwd(bits, group_size, impl, interpret, config, res, dy):
   del impl, interpret, config
   x, w_q, scales, zeros = res
-  ref = functools.partial(lambda x_, s_, z_: quantized_matmul_reference(
+  ref = functools.partial(lambda x_, s_, z_: quantized_matmul_xla(
       x_, w_q, s_, bits=bits, group_size=group_size, zeros_GxN=z_))
   _, vjp = jax.vjp(ref, x, scales, zeros)
   dx, ds, dz = vjp(dy)

@@ -416,9 +416,11 @@ def test_shapes_the_tiling_cannot_cover_raise_clear_errors():
                      config=GpuConfig(block_m=16, block_n=16, block_k=64))
   with pytest.raises(KernelShapeError, match="powers of two"):
     qgpu.check_shape(1, 96, 48, bits=8, group_size=None, cfg=GpuConfig(block_k=48))
-  # the same call through auto falls back to XLA and is exact
+  # the same call through auto falls back to XLA: the reference to float32 rounding (the XLA path
+  # scales after the sum over K, the reference before)
   y = quantized_matmul(x.astype(jnp.float32), q, s, bits=8)
-  np.testing.assert_allclose(y, quantized_matmul_reference(x.astype(jnp.float32), q, s, bits=8))
+  ref = quantized_matmul_reference(x.astype(jnp.float32), q, s, bits=8)
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6 * float(jnp.abs(ref).max()))
 
 
 def test_bad_arguments_name_the_field():
@@ -444,3 +446,83 @@ def test_default_gpu_config_splits_k_for_decode_and_not_for_prefill():
   assert decode.split_k > 1 and decode.block_m == 16
   assert prefill.split_k == 1 and prefill.block_m == 128
   qgpu.check_shape(1, 4096, 4096, bits=4, group_size=128, cfg=decode)
+
+
+@pytest.mark.parametrize("bits,group,symmetric", FORMATS)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_xla_path_matches_the_exact_product_and_the_reference(bits, group, symmetric, dtype):
+  """``impl="xla"`` (``quantized_matmul_xla``): per-channel scales after the matmul of the codes,
+  group-wise ones through the reference. Within x's rounding of the exact product; float32 x
+  agrees with the reference to float32 rounding (a dropped zero-point term or a scale applied
+  twice is O(1))."""
+  from kernels.quantized_matmul import quantized_matmul_xla  # pylint: disable=import-outside-toplevel
+  k, n = 96, 40
+  q, s, z, w_hat = _quantize(k, n, bits, group, symmetric)
+  x = _x(5, k, dtype) * 3.0
+  y = quantized_matmul(x, q, s, bits=bits, group_size=group, zeros=z, impl="xla")
+  assert y.shape == (5, n) and y.dtype == dtype
+  assert _rel_err(y, x, w_hat) < (1e-5 if dtype == jnp.float32 else 8e-3)
+  direct = quantized_matmul_xla(x, q, s, bits=bits, group_size=group, zeros_GxN=z)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(direct, np.float32))
+  if dtype == jnp.float32:
+    ref = quantized_matmul_reference(x, q, s, bits=bits, group_size=group, zeros_GxN=z)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+
+
+def _dot_weight_operands(fn, *args):
+  """For each dot_general in ``fn``'s jaxpr (nested jaxprs included) whose operand is a
+  ``convert_element_type``: what the converted value is made by ("input" for a jaxpr input or a
+  constant, else the primitive's name). The codes enter as constants of ``fn``."""
+  found = []
+
+  def walk(jx):
+    made_by = {}
+    for eqn in jx.eqns:
+      if eqn.primitive.name == "dot_general":
+        for v in eqn.invars:
+          if made_by.get(v, ("input", None))[0] == "convert_element_type":
+            found.append(made_by.get(made_by[v][1], ("input", None))[0])
+      for out in eqn.outvars:
+        made_by[out] = (eqn.primitive.name, eqn.invars[0] if eqn.invars else None)
+      for param in eqn.params.values():
+        inner = getattr(param, "jaxpr", param)
+        if hasattr(inner, "eqns"):
+          walk(inner)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_xla_path_multiplies_the_codes_and_scales_the_output():
+  """Per-channel int8: the matmul's weight operand is the codes converted to x's dtype, not a
+  scaled copy (what lets XLA's GPU GEMM read the int8 codes and write no dequantised [K, N]
+  kernel), in the forward and in the custom VJP's d/dx; the reference converts the product s * q.
+  """
+  q, s, _, _ = _quantize(64, 32, 8, None, True)
+  x = _x(16, 64)
+  fwd = lambda x_: quantized_matmul(x_, q, s, bits=8, impl="xla")  # noqa: E731
+  assert _dot_weight_operands(fwd, x) == ["input"]
+  ref = lambda x_: quantized_matmul_reference(x_, q, s, bits=8)  # noqa: E731
+  assert _dot_weight_operands(ref, x) == ["mul"]
+  bwd = lambda x_: jax.grad(lambda a: jnp.sum(fwd(a).astype(jnp.float32)))(x_)  # noqa: E731
+  assert set(_dot_weight_operands(bwd, x)) == {"input"}
+
+
+def test_xla_path_gradients_match_the_reference():
+  """The custom VJP through the XLA path: d/dx, d/ds and d/dz equal those of the reference (float32
+  x, per-channel asymmetric int8 and group-wise int4)."""
+  for bits, group in ((8, None), (4, 32)):
+    q, s, z, _ = _quantize(64, 24, bits, group, False)
+    x = _x(4, 64, jnp.float32)
+    dy = jax.random.normal(jax.random.key(9), (4, 24))
+
+    def loss(f, x_, s_, z_):
+      return jnp.sum(f(x_, s_, z_) * dy)
+
+    xla = lambda x_, s_, z_: quantized_matmul(x_, q, s_, bits=bits, group_size=group, zeros=z_,  # noqa: E731
+                                              impl="xla")
+    ref = lambda x_, s_, z_: quantized_matmul_reference(x_, q, s_, bits=bits, group_size=group,  # noqa: E731
+                                                        zeros_GxN=z_)
+    g = jax.grad(functools.partial(loss, xla), argnums=(0, 1, 2))(x, s, z)
+    g_ref = jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2))(x, s, z)
+    for a, b in zip(g, g_ref):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))

@@ -117,7 +117,8 @@ def test_tilings_that_would_divide_by_zero_or_drop_a_row_are_refused():
   with pytest.raises(KernelShapeError, match="int4 needs an even block_k .* got 255"):
     quantized_matmul(_x(3, k), q, s, bits=4, impl="pallas_tpu", interpret=True,
                      config=TpuConfig(8, 128, 255))
-  # the same call through XLA is right
+  # the same call through XLA is right (to float32 rounding: it scales after the sum over K)
   x = _x(3, k, jnp.float32)
-  np.testing.assert_allclose(quantized_matmul(x, q, s, bits=4),
-                             quantized_matmul_reference(x, q, s, bits=4), rtol=1e-6)
+  ref = quantized_matmul_reference(x, q, s, bits=4)
+  np.testing.assert_allclose(quantized_matmul(x, q, s, bits=4), ref, rtol=1e-5,
+                             atol=1e-6 * float(jnp.abs(ref).max()))

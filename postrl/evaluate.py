@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from postrl.data.tasks import arithmetic_problems
 from postrl.logprobs import model_apply_fn, token_logps
-from postrl.models import ConfigError, TokenizerError, load_pretrained, load_tokenizer
+from postrl.models import ConfigError, check_fits, load_pretrained, load_tokenizer
 from postrl.rewards.math import exact_match, extract_last_number
 from postrl.sampling.generate import generate, pad_prompts, stop_and_pad_ids, to_host
 
@@ -153,11 +153,7 @@ def run(config, workdir: str | None) -> dict:
   t0 = time.perf_counter()
   problems = _task_problems(config)
   model = load_pretrained(config.model, param_dtype=config.param_dtype)
-  tokenizer = load_tokenizer(config.model)
-  if tokenizer.vocab_size > model.config.vocab_size:
-    raise TokenizerError(f"{config.model}: the tokenizer has {tokenizer.vocab_size} tokens, more "
-                         f"than the model's vocabulary of {model.config.vocab_size}: they do not "
-                         f"belong together")
+  tokenizer = check_fits(load_tokenizer(config.model), model.config.vocab_size, config.model)
   t1 = time.perf_counter()
   accuracy, records, n_tokens = evaluate_task(
       model, tokenizer, problems, batch_size=config.batch_size,

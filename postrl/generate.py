@@ -33,18 +33,14 @@ def main(argv=None) -> int:
                       help="run twice and report the speed of the second (compiled) call")
   args = parser.parse_args(argv)
 
-  from postrl.models import (TokenizerError, WeightsError, load_pretrained,  # pylint: disable=import-outside-toplevel
+  from postrl.models import (WeightsError, check_fits, load_pretrained,  # pylint: disable=import-outside-toplevel
                              load_tokenizer)
   from postrl.sampling.generate import generate_text  # pylint: disable=import-outside-toplevel
 
   try:
     t0 = time.perf_counter()
     model = load_pretrained(args.model, param_dtype=args.dtype)
-    tokenizer = load_tokenizer(args.model)
-    if tokenizer.vocab_size > model.config.vocab_size:  # its ids would index other embeddings
-      raise TokenizerError(f"{args.model}: the tokenizer has {tokenizer.vocab_size} tokens, more "
-                           f"than the model's vocabulary of {model.config.vocab_size}: they do not "
-                           f"belong together")
+    tokenizer = check_fits(load_tokenizer(args.model), model.config.vocab_size, args.model)
   except (WeightsError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -275,7 +275,7 @@ def _strategy(args, policy, records, key, funcs):
 def _run(args) -> int:
   # pylint: disable=import-outside-toplevel
   import jax
-  from postrl.models import load_pretrained, load_tokenizer
+  from postrl.models import check_fits, load_pretrained, load_tokenizer
   from postrl.sampling.search import Policy
   from postrl.sampling.search.common import SearchError
   from postrl.sampling.search.policy import check_sampling
@@ -289,7 +289,7 @@ def _run(args) -> int:
   records = read_prompts(args.prompts, args.task)
   funcs = task_functions(args.task)
   model = load_pretrained(args.model, param_dtype=args.dtype)
-  tokenizer = load_tokenizer(args.model)
+  tokenizer = check_fits(load_tokenizer(args.model), model.config.vocab_size, args.model)
   policy = Policy(model, tokenizer, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                   batch_size=args.batch_size, system_prompt=args.system_prompt,

@@ -5,4 +5,5 @@ from postrl.models.heads import ScalarHead, ScoredTransformer
 from postrl.models.transformer import KVCache, Transformer
 from postrl.models.weights import (SHIPPED_MODELS, WeightsError, load_pretrained, save_pretrained,
                                    state_dict)
-from postrl.models.tokenizer import (Tokenizer, TokenizerError, load_tokenizer, save_tokenizer)
+from postrl.models.tokenizer import (Tokenizer, TokenizerError, check_fits, load_tokenizer,
+                                      save_tokenizer)

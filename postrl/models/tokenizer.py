@@ -357,6 +357,16 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
   raise TokenizerError(f"{path}: unknown tokenizer file type (expected .gguf, .json or .model)")
 
 
+def check_fits(tok: Tokenizer, vocab_size: int, source: str) -> Tokenizer:
+  """``tok`` when its ids index the model's embedding (its vocabulary <= the model's
+  ``vocab_size``; models often pad theirs); else a ``TokenizerError`` naming ``source``: ids past
+  the model's vocabulary would read no embedding row (NaN) or another token's."""
+  if tok.vocab_size > vocab_size:
+    raise TokenizerError(f"{source}: the tokenizer has {tok.vocab_size} tokens, more than the "
+                         f"model's vocabulary of {vocab_size}: they do not belong together")
+  return tok
+
+
 def save_tokenizer(tok: Tokenizer, directory: str) -> None:
   """Writes tokenizer.json + tokenizer_config.json (HF-style) for a ``tokenizers`` backend."""
   if tok.is_sentencepiece:

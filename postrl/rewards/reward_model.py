@@ -96,7 +96,7 @@ def load_reward_model(path: str, *, param_dtype: str = "float32", dtype: str | N
   written by ``save_reward_model``."""
   import jax.numpy as jnp
   from flax import nnx
-  from postrl.models import ScoredTransformer, load_pretrained, load_tokenizer
+  from postrl.models import ScoredTransformer, check_fits, load_pretrained, load_tokenizer
   from postrl.models.weights import WeightsError, read_safetensors
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
@@ -117,7 +117,7 @@ def load_reward_model(path: str, *, param_dtype: str = "float32", dtype: str | N
   pdt = model.head.kernel[...].dtype
   model.head.kernel.set_value(jnp.asarray(weight.T, pdt))
   model.head.bias.set_value(jnp.asarray(bias, pdt))
-  return model, load_tokenizer(path), meta
+  return model, check_fits(load_tokenizer(path), backbone.config.vocab_size, path), meta
 
 
 class RewardModelScorer:

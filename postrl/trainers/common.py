@@ -27,7 +27,7 @@ from flax import nnx
 from postrl import sharding as shd
 from postrl.data.tasks import arithmetic_problems, countdown_problems
 from postrl.metrics import model_flops_per_token
-from postrl.models import ConfigError, load_pretrained, load_tokenizer
+from postrl.models import ConfigError, check_fits, load_pretrained, load_tokenizer
 from postrl.models.config import EXECUTION_OPTIONS
 from postrl.trainers.step import OptimizerConfig
 
@@ -140,7 +140,7 @@ def start(config, *, model: str | None = None) -> Run:
   mesh = shd.make_mesh([tuple(a) for a in config.mesh])
   name = model or config.model
   module = load_pretrained(name, **model_kwargs(config))
-  tokenizer = load_tokenizer(name)
+  tokenizer = check_fits(load_tokenizer(name), module.config.vocab_size, name)
   frozen = None
   if use_peft:
     peft.apply_peft(module, peft_cfg)

@@ -183,3 +183,27 @@ def test_reward_model_of_wrong_shape_or_nan_is_named():
                                            rf"{problems[2].prompt}"):
     score(_RewardModel([0.0, 1.0, float("nan"), 3.0]))
 
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(tmp_path):
+  """A model folder whose tokenizer has more ids than the model's embedding (a mismatched pair):
+  ``trainers.common.start`` refuses it naming both sizes, before any step (its ids would read
+  past the embedding: NaN or another token's row)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from postrl.models import (Transformer, TokenizerError, check_fits,  # pylint: disable=import-outside-toplevel
+                             load_tokenizer, save_pretrained, save_tokenizer)
+  from postrl.trainers import common  # pylint: disable=import-outside-toplevel
+  from tests.conftest import tiny_config  # pylint: disable=import-outside-toplevel
+  import configs.sft_arith  # pylint: disable=import-outside-toplevel
+  tok = load_tokenizer("smollm2-135m-instruct")
+  assert check_fits(tok, 49152, "x") is tok  # equal sizes fit, as do padded model vocabularies
+  with pytest.raises(TokenizerError, match=r"x: the tokenizer has 49152 tokens, more than the "
+                                           r"model's vocabulary of 101"):
+    check_fits(tok, 101, "x")
+  folder = tmp_path / "mismatched"
+  save_pretrained(Transformer(tiny_config(), rngs=nnx.Rngs(0)), str(folder))
+  save_tokenizer(tok, str(folder))
+  config = configs.sft_arith.get_config()
+  with pytest.raises(TokenizerError, match=r"mismatched: the tokenizer has 49152 tokens, more "
+                                           r"than the model's vocabulary of 101"):
+    common.start(config, model=str(folder))

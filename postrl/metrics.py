@@ -263,6 +263,7 @@ def model_flops_per_token(*, num_params_non_embedding: int, num_layers: int, hid
 # Datasheet dense bf16 peaks per chip (no sparsity), matched against ``device.device_kind``.
 _PEAKS = (
     (r"h100.*pcie", 756e12),
+    (r"h100.*nvl", 835e12),  # 1,671 TFLOP/s with 2:4 sparsity on the datasheet: half is dense
     (r"h100|h200", 989e12),  # H100 SXM, H200, GH200
     (r"a100", 312e12),
     (r"tpu v6", 918e12),  # v6e, Trillium

@@ -153,6 +153,7 @@ def test_model_flops_per_token_hand_computed():
 def test_peak_flops_and_mfu():
   assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
   assert peak_flops("NVIDIA H100 PCIe") == 756e12
+  assert peak_flops("NVIDIA H100 NVL") == 835e12  # not the SXM figure
   assert peak_flops("NVIDIA H200") == 989e12
   assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
   assert peak_flops("TPU v4") == 275e12

@@ -177,6 +177,29 @@ def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
   return index, count
 
 
+def _check_example(example: Mapping[str, np.ndarray], *, seq_len: int) -> Mapping[str, np.ndarray]:
+  """``example`` unchanged if it has 1-D ``tokens`` and ``loss_mask`` of one length in
+  [1, seq_len]; a ``DataError`` otherwise (packing put a longer mask's extra 1s on padding, and
+  a longer example failed deep inside grain or numpy)."""
+  for key in ("tokens", "loss_mask"):
+    if key not in example:
+      raise DataError(f"batch_examples: an example is missing key {key!r} (has "
+                      f"{sorted(example)})")
+  shapes = [np.shape(example[key]) for key in ("tokens", "loss_mask")]
+  if any(len(shape) != 1 for shape in shapes):
+    raise DataError(f"batch_examples: an example has tokens of shape {shapes[0]} and loss_mask "
+                    f"of shape {shapes[1]}; both must be 1-D")
+  (n,), (m,) = shapes
+  if n != m:
+    raise DataError(f"batch_examples: an example has {n} tokens but {m} loss_mask entries")
+  if n == 0:
+    raise DataError("batch_examples: an example has no tokens")
+  if n > seq_len:
+    raise DataError(f"batch_examples: an example has {n} tokens, longer than seq_len={seq_len} "
+                    f"(truncate it first, e.g. tokenize_sft's max_len)")
+  return example
+
+
 def batch_examples(examples, *, batch_size: int, seq_len: int, pack: bool, pad_id: int = 0,
                    seed: int = 0, num_packing_bins: int | None = None,
                    drop_remainder: bool = False):
@@ -187,9 +210,12 @@ def batch_examples(examples, *, batch_size: int, seq_len: int, pack: bool, pad_i
   goes into the first of ``num_packing_bins`` open rows (default ``batch_size``) with room for it;
   when one fits nowhere, the open rows are emitted. No example is split across rows.
   ``pack=False``: one example per row, right-padded with ``pad_id``.
-  The last short batch is filled with empty rows unless ``drop_remainder``.
+  The last short batch is filled with empty rows unless ``drop_remainder``. An example whose
+  ``tokens`` and ``loss_mask`` differ in length, or are empty or longer than ``seq_len``, is a
+  ``DataError``.
   """
   import grain  # pylint: disable=import-outside-toplevel
+  examples = examples.map(functools.partial(_check_example, seq_len=seq_len))
   if pack:
     rows = grain.experimental.FirstFitPackIterDataset(
         examples, length_struct={"tokens": seq_len, "loss_mask": seq_len},

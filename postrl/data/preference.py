@@ -201,7 +201,7 @@ def pad_record(example: TokenizedRecord, *, seq_len: int, k: int, pad_id: int) -
 class StepRecord:
   """A solution split into reasoning steps with a correctness label in [0, 1] per step
   (PRM800K-style hard labels or Math-Shepherd-style soft ones): one JSONL line
-  ``{"prompt": str, "steps": [str, ...], "labels": [number, ...]}``."""
+  ``{"prompt": str, "steps": [str, ...], "labels": [number, ...]}`` (steps non-blank)."""
   prompt: str
   steps: tuple[str, ...]
   labels: tuple[float, ...]
@@ -220,6 +220,10 @@ class StepRecord:
     steps, labels = _check_strs(obj["steps"], "steps"), obj["labels"]
     if not steps:
       raise ValueError("field 'steps': expected a non-empty list of strings")
+    for i, step in enumerate(steps):  # its score is read at its last token: it needs one
+      if not step.strip():
+        raise ValueError(f"field 'steps[{i}]': blank step (steps are non-blank lines, as "
+                         f"split_steps makes them)")
     if not isinstance(labels, list) or len(labels) != len(steps):
       raise ValueError(f"field 'labels': expected a list of {len(steps)} numbers (one per step)")
     for i, y in enumerate(labels):
@@ -302,7 +306,10 @@ def tokenize_steps(records: Sequence[StepRecord], tokenizer, *, seq_len: int, ma
     response, ends = [], []
     for s, step in enumerate(r.steps):
       text = step + ("\n" if s < len(r.steps) - 1 else "")
-      response += list(tokenizer.encode(text, add_bos=False))
+      step_ids = list(tokenizer.encode(text, add_bos=False))
+      if not step_ids:  # its label would land on the previous step's last token
+        raise DataError(f"{source}: record {i}: step {s} ({step!r}) encodes to no token")
+      response += step_ids
       ends.append(len(prompt_ids) + len(response) - 1)
     response.append(tokenizer.eos_id)
     fitted, cut = _fit_response(prompt_ids, response, seq_len=seq_len, overflow=overflow,

@@ -91,8 +91,9 @@ def combine_rewards(completions: Sequence[str], references: Sequence[Any] | None
     ValueError: unknown reward names (in ``weights`` or options), options for a reward not in
       ``weights`` or not among its parameters, a required argument no source provides, or
       ``references`` / ``problems`` whose length differs from ``completions``, a weight that
-      is not a finite number, or a reward's own ValueError on a malformed example (prefixed
-      with the reward's name and the example's index).
+      is not a finite number, a reward's own ValueError on a malformed example, or a reward
+      value that is not a finite number (bool, numpy and JAX scalars count as numbers); the last
+      two prefixed with the reward's name and the example's index.
   """
   if not isinstance(weights, Mapping):
     raise ValueError(f"weights must be a mapping reward name -> weight (e.g. {{'math': 1.0}}), "
@@ -150,9 +151,20 @@ def combine_rewards(completions: Sequence[str], references: Sequence[Any] | None
                            f"{name}={{...}} options, references (for 'reference') or "
                            f"problems[i] (a mapping or object with that field)")
       try:
-        values.append(float(fn(completion, **kwargs)))
+        value = fn(completion, **kwargs)
       except ValueError as e:  # a malformed example (e.g. a Countdown problem without numbers)
         raise ValueError(f"reward {name!r}, example {i}: {e}") from e
+      # float() alone would read "1" or [1.0] as 1.0, and a NaN would make the total (and
+      # every advantage of its group) NaN; numpy / JAX scalars are numbers
+      number = None
+      if not isinstance(value, (str, bytes)) and getattr(value, "shape", ()) == ():
+        try:
+          number = float(value)
+        except (TypeError, ValueError):
+          pass
+      if number is None or not math.isfinite(number):
+        raise ValueError(f"reward {name!r}, example {i}: returned {value!r}, not a finite number")
+      values.append(number)
     per_name[name] = values
   total = [sum(float(weights[name]) * per_name[name][i] for name in weights) for i in range(n)]
   return total, per_name

@@ -90,15 +90,32 @@ def _check_reference(reference, who: str, field: str):
     raise ValueError(f"{who}: {field} (the reference answer) is blank: {reference!r}")
 
 
+def _number(answer) -> Fraction | None:
+  """A reference number (a string read as ``extract_last_number`` reads one: "1,234", "−5",
+  "3/4", "2.50"; or a finite Python / numpy number) as an exact ``Fraction``, or None."""
+  if isinstance(answer, numbers.Integral):
+    return Fraction(int(answer))
+  if isinstance(answer, numbers.Real):
+    return Fraction(float(answer)) if math.isfinite(float(answer)) else None
+  text = answer.strip().translate(_MINUS)
+  if not _NUMBER.fullmatch(text):
+    return None
+  return _value(text.replace(",", ""))
+
+
 def exact_match(completion: str, answer: str) -> bool:
   """1 if the last number of ``completion`` equals ``answer`` numerically ("42.0" == "42").
-  ValueError if ``answer`` is missing (None or blank)."""
+
+  The reference is read like the completion's number (thousands separators and unicode minus
+  signs allowed: "1,234", "−5"). ValueError if ``answer`` is missing (None or blank) or is not
+  a number (no completion could match it; ``math_reward`` compares symbolic answers)."""
   _check_reference(answer, "exact_match", "answer")
-  got = extract_last_number(completion)
-  if got is None:
-    return False
-  a, b = _value(got), _value(answer)
-  return a is not None and a == b
+  b = _number(answer)
+  if b is None:
+    raise ValueError(f"exact_match: answer {answer!r} is not a number (a plain number such as "
+                     f"'42', '-1,234', '2.5' or '3/4'); use math_reward for other answers")
+  got = extract_last_number(completion) if isinstance(completion, str) else None
+  return got is not None and _value(got) == b
 
 
 # ------------------------------------------------------------------------------------ extraction

@@ -162,7 +162,10 @@ class RewardModelScorer:
     return np.concatenate([p_ids, r_ids[:room]]).astype(np.int32)
 
   def score(self, completions: Sequence[str], prompts: Sequence[str]) -> list[float]:
-    """r(prompt_i, completion_i) for every i, as floats."""
+    """r(prompt_i, completion_i) for every i, as floats (one pair: ``scorer(c, p)``)."""
+    if any(isinstance(x, (str, bytes)) for x in (completions, prompts)):  # scored char by char
+      raise ValueError("completions and prompts must be sequences of texts, got a single string; "
+                       "score one pair with scorer(completion, prompt)")
     if len(completions) != len(prompts):
       raise ValueError(f"{len(completions)} completions but {len(prompts)} prompts")
     rows = [self.tokens(c, p) for c, p in zip(completions, prompts)]

@@ -3,10 +3,12 @@ a trace from inside a decoder, grain or array_record, and no record silently tra
 
 import json
 
+import numpy as np
 import pytest
 
-from postrl.data import ArrayRecordRecords, DataError, SFTRecord, read_jsonl, sft_batches
-from postrl.data.preference import StepRecord, read_step_jsonl
+from postrl.data import (ArrayRecordRecords, DataError, SFTRecord, batch_examples, read_jsonl,
+                         sft_batches)
+from postrl.data.preference import StepRecord, read_step_jsonl, tokenize_steps
 
 STEP = {"prompt": "q", "steps": ["a = 1", "b"], "labels": [1, 0]}
 
@@ -77,3 +79,35 @@ def test_truncation_is_counted_in_a_warning(fake_tokenizer):
                                        r"longest has 61 tokens\)"):
     batches = list(_batches(records, fake_tokenizer, 32))
   assert sum(int(b["loss_mask"].sum()) for b in batches) > 0
+
+
+def test_blank_step_is_refused(tmp_path, fake_tokenizer):
+  # an empty last step encoded to no token: its label was read at the previous step's last
+  # token, which then carried two contradicting labels
+  path = tmp_path / "steps.jsonl"
+  path.write_text(json.dumps(STEP) + "\n" + json.dumps(dict(STEP, steps=["a = 1", ""])) + "\n")
+  with pytest.raises(DataError, match=rf"{path}:2: field 'steps\[1\]': blank step"):
+    read_step_jsonl(path)
+  record = StepRecord("q", ("a = 1", ""), (1.0, 0.0))  # built directly, bypassing from_json
+  with pytest.raises(DataError, match=r"records: record 0: step 1 .* no token"):
+    tokenize_steps([record], fake_tokenizer, seq_len=64, max_steps=4)
+
+
+def _examples(*examples):
+  import grain  # pylint: disable=import-outside-toplevel
+  return grain.MapDataset.source(list(examples)).to_iter_dataset()
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_batch_examples_checks_each_example(pack):
+  # tokens 4, loss_mask 5: packed, the extra mask entry landed on padding (loss on a pad token)
+  ok = {"tokens": np.arange(1, 4, dtype=np.int32), "loss_mask": np.array([0, 1, 1], np.int32)}
+  bad = [({"tokens": np.arange(1, 5), "loss_mask": np.ones(5)}, r"4 tokens but 5 loss_mask"),
+         ({"tokens": np.arange(1, 11), "loss_mask": np.ones(10)}, r"10 tokens, longer than "
+                                                                  r"seq_len=8"),
+         ({"tokens": np.arange(1, 5)}, r"missing key 'loss_mask'"),
+         ({"tokens": np.zeros((0,)), "loss_mask": np.zeros((0,))}, "no tokens"),
+         ({"tokens": np.ones((2, 2)), "loss_mask": np.ones((2, 2))}, "1-D")]
+  for example, match in bad:
+    with pytest.raises(DataError, match=r"batch_examples: an example .*" + match):
+      list(batch_examples(_examples(ok, example), batch_size=2, seq_len=8, pack=pack))

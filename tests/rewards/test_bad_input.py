@@ -85,3 +85,48 @@ def test_reward_model_sizes_are_checked_before_loading(tmp_path, kwargs):
   # batch_size=-1 scored nothing: score() returned [] for any number of completions
   with pytest.raises(ValueError, match="must be a positive integer"):
     RewardModelScorer(str(tmp_path / "missing"), **kwargs)
+
+
+@pytest.mark.parametrize("reference", ["1,234", "\u22121234", " 1234 ", 1234, 1234.0])
+def test_exact_match_reads_the_reference_like_the_completion(reference):
+  # "1,234" and "−1234" (U+2212) could never be matched: every completion scored 0
+  sign = "-" if isinstance(reference, str) and "\u2212" in reference else ""
+  assert exact_match(f"so it is {sign}1,234", reference)
+  assert exact_match(f"so it is {sign}1234", reference)
+  assert not exact_match(f"so it is {sign}1235", reference)
+
+
+@pytest.mark.parametrize("reference", ["$42", "forty-two", "\\frac{1}{2}", math.nan, "1/0"])
+def test_exact_match_refuses_a_reference_that_is_not_a_number(reference):
+  # was 0 for every completion, without a word
+  with pytest.raises(ValueError, match="exact_match: answer .* is not a number"):
+    exact_match("42", reference)
+
+
+@pytest.mark.parametrize("value, match", [(None, "returned None"), ("1", "returned '1'"),
+                                          (math.nan, "returned nan"), ([1.0], r"returned \[1.0\]"),
+                                          (np.ones(1), r"returned array\(\[1.\]\)")])
+def test_combine_refuses_a_reward_that_is_not_a_finite_number(value, match):
+  # None was a bare TypeError from float(); "1" and [1.0] were silently read as 1.0, NaN made
+  # the total (and every GRPO advantage of the group) NaN
+  registry = {"mine": lambda completion: value}
+  with pytest.raises(ValueError, match=rf"reward 'mine', example 0: {match}, not a finite number"):
+    combine_rewards(["42"], weights={"mine": 1.0}, registry=registry)
+
+
+def test_combine_accepts_bool_and_numpy_rewards():
+  registry = {"b": lambda completion: completion == "42", "n": lambda completion: np.float32(0.5),
+              "a": lambda completion: np.array(0.25)}
+  total, per_name = combine_rewards(["42", "7"], weights={"b": 1.0, "n": 2.0, "a": 4.0},
+                                    registry=registry)
+  assert per_name == {"b": [1.0, 0.0], "n": [0.5, 0.5], "a": [0.25, 0.25]}
+  assert total == [3.0, 2.0]
+
+
+def test_reward_model_score_refuses_one_string():
+  # score("ab", "cd") scored the characters: [r("c", "a"), r("d", "b")]
+  scorer = object.__new__(RewardModelScorer)  # the check comes before any model is needed
+  with pytest.raises(ValueError, match="completions and prompts must be sequences of texts"):
+    scorer.score("ab", "cd")
+  with pytest.raises(ValueError, match="completions and prompts must be sequences of texts"):
+    scorer.score(["ab", "cd"], "xy")

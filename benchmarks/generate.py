@@ -147,7 +147,7 @@ def resolved_sampler(vocab: int, batch: int, top_p: float, impl: str) -> str:
   import jax  # pylint: disable=import-outside-toplevel
   from postrl.sampling.generate import (  # pylint: disable=import-outside-toplevel
       default_bits_per_pass, min_decode_rows)
-  rows = min_decode_rows(batch, jax.default_backend(), jax.device_count())
+  rows = min_decode_rows(batch, jax.default_backend(), jax.device_count())  # a float model
   chosen = "xla" if impl == "xla" else sampling_kernels.choose_impl(
       vocab, temperature=1.0, top_p=top_p, impl=impl, batch=rows)
   return chosen if chosen != "xla" else f"xla ({default_bits_per_pass(rows)} bits a pass)"
@@ -181,7 +181,8 @@ def decode_step_hlo(model, batch, prompt_len, new_tokens, top_p,
   params = jax.tree.map(place, params)
   tokens = place(np.full((batch, prompt_len), 100, np.int32))
   lengths = place(np.full((batch,), prompt_len, np.int32))
-  rows = gen.min_decode_rows(batch, platform, num_devices) if min_rows is None else min_rows
+  rows = (gen.min_decode_rows(batch, platform, num_devices, gen.has_small_float_matmuls(params))
+          if min_rows is None else min_rows)
   impl = sampling_impl
   if impl == "auto":
     from kernels import sampling as sampling_kernels  # pylint: disable=import-outside-toplevel
@@ -460,7 +461,7 @@ def _run(args, budget, baseline):
   if args.no_row_padding:  # generate and decode_step_hlo both read the module's function
     import importlib  # pylint: disable=import-outside-toplevel
     gen_module = importlib.import_module("postrl.sampling.generate")
-    gen_module.min_decode_rows = lambda batch, platform, num_devices: batch
+    gen_module.min_decode_rows = lambda batch, platform, num_devices, small=True: batch
   settings = {k: v for k, v in vars(args).items() if k != "hf_worker"}
   results = common.Results(args.out, **env, settings=settings, model=dict(
       name=args.config or args.model, random_weights=bool(args.config),

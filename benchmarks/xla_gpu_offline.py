@@ -154,8 +154,8 @@ def decode_program(preset: str, batch: int, *, decode_attention: str, top_p: flo
   """Optimised HLO of ``generate``'s program for a one-GPU run of ``preset`` (bf16, random-weight
   shapes; ``fmt`` "int8" / "int4_g128": every block's Linear quantized, as
   ``benchmarks/decode.py``) at ``batch``, compiled for ``sharding``'s compile-only device;
-  ``pad_rows=False`` decodes exactly ``batch`` rows (``generate`` decodes 2 for one prompt:
-  ``min_decode_rows``)."""
+  ``pad_rows=False`` decodes exactly ``batch`` rows (``generate`` decodes 2 for one prompt of a
+  float model: ``min_decode_rows``). Returns (HLO text, rows decoded)."""
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from benchmarks import generate as gen_bench  # pylint: disable=import-outside-toplevel
@@ -171,11 +171,15 @@ def decode_program(preset: str, batch: int, *, decode_attention: str, top_p: flo
     return model
 
   model = nnx.eval_shape(build)  # shapes only: no weights are made or quantized
+  import importlib  # pylint: disable=import-outside-toplevel
+  gen = importlib.import_module("postrl.sampling.generate")  # the module, not the function
+  rows = (gen.min_decode_rows(batch, "gpu", 1, gen.has_small_float_matmuls(nnx.state(model)))
+          if pad_rows else batch)
   place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
-  return gen_bench.decode_step_hlo(model, batch, prompt_len, new_tokens, top_p, sampling_impl,
-                                   platform="gpu", num_devices=1, place=place,
-                                   context=lambda: backend_reads_gpu(sharding),
-                                   min_rows=None if pad_rows else batch)
+  hlo = gen_bench.decode_step_hlo(model, batch, prompt_len, new_tokens, top_p, sampling_impl,
+                                  platform="gpu", num_devices=1, place=place,
+                                  context=lambda: backend_reads_gpu(sharding), min_rows=rows)
+  return hlo, rows
 
 
 def parse_args(argv=None):
@@ -219,11 +223,11 @@ def main(argv=None):
             for batch in args.batch for pad in paddings]
   for preset, fmt, attention, batch, pad in shapes:
     t0 = time.perf_counter()
-    hlo = decode_program(preset, batch, decode_attention=attention, top_p=args.top_p,
-                         sampling_impl=args.sampling_impl, prompt_len=args.prompt_len,
-                         new_tokens=args.new_tokens, sharding=sharding, pad_rows=pad,
-                         fmt=fmt)
-    row = dict(config=preset, format=fmt, batch=batch, row_padding=pad,
+    hlo, rows_decoded = decode_program(
+        preset, batch, decode_attention=attention, top_p=args.top_p,
+        sampling_impl=args.sampling_impl, prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens, sharding=sharding, pad_rows=pad, fmt=fmt)
+    row = dict(config=preset, format=fmt, batch=batch, row_padding=pad, rows=rows_decoded,
                decode_attention=attention, top_p=args.top_p,
                sampling_impl=args.sampling_impl,
                compile_s=round(time.perf_counter() - t0, 1), **step_summary(hlo))
@@ -242,10 +246,10 @@ def main(argv=None):
         f.write(hlo)
       with open(os.path.join(args.dump_dir, stem + ".fusions.txt"), "w") as f:
         f.write(common.format_launch_list(common.loop_launch_list(hlo), stem))
-  common.log(f"{'config':>14} {'format':>10} {'batch':>6} {'padded':>7} {'attention':>10} "
+  common.log(f"{'config':>14} {'format':>10} {'batch':>6} {'rows':>5} {'attention':>10} "
              f"{'launches':>9} {'MB written':>11}")
   for r in rows:
-    common.log(f"{r['config']:>14} {r['format']:>10} {r['batch']:>6} {str(r['row_padding']):>7} "
+    common.log(f"{r['config']:>14} {r['format']:>10} {r['batch']:>6} {r['rows']:>5} "
                f"{r['decode_attention']:>10} {r['launches']:>9} "
                f"{r['bytes_written'] / 1e6:>11.1f}")
   if args.out:

@@ -32,8 +32,9 @@ never computes the truncated distribution's normaliser, so with it ``logps`` is 
 or top-p truncate (the plain model's ``model_logps``, what trainers use, is always computed).
 
 One prompt on one GPU decodes as two rows, the second a copy of the first, dropped from the
-outputs (``min_decode_rows``): XLA compiles a one-row matmul of a small model into a multiply
-that writes a weight-sized product and a reduction that reads it back, a two-row one into a GEMM.
+outputs (``min_decode_rows``), unless every block matmul is quantized: XLA compiles a one-row
+matmul of a small model into a multiply that writes a weight-sized product and a reduction that
+reads it back, a two-row one into a GEMM.
 The tokens are then those of row 0 of the prompt given twice (the draws of a [2, V] sample), a
 different stream from a one-row call on a CPU with the same key.
 """
@@ -255,8 +256,31 @@ def kernel_sample_token(key, logits_BxV, *, temperature, top_k, top_p, min_p, im
   return token, logp, model_logp
 
 
-def min_decode_rows(batch: int, platform: str, num_devices: int) -> int:
-  """How many rows ``generate`` decodes for ``batch`` prompts: 2 for one prompt on one GPU, else
+# XLA's GPU compiler strength-reduces a vector x matrix product whose operands hold fewer elements
+# than this (``GpuAlgebraicSimplifier::ShouldStrengthReduceDotToReduce``, K + K N < 10M).
+STRENGTH_REDUCED_BELOW = 10_000_000
+
+
+def has_small_float_matmuls(params) -> bool:
+  """Whether ``params`` (an ``nnx.State``) holds a float ``nnx.Param`` matrix [K, N] with
+  K + K N < ``STRENGTH_REDUCED_BELOW``: a matmul that one row of activations would turn into a
+  multiply + reduction on a GPU (``min_decode_rows``). Quantized storage (``postrl.quant``) is not
+  an ``nnx.Param``: its matmuls are the Pallas kernels, which take one row as it is."""
+  leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  for leaf in leaves:
+    if not isinstance(leaf, nnx.Param):
+      continue
+    shape, dtype = getattr(leaf, "shape", ()), getattr(leaf, "dtype", None)
+    if len(shape) == 2 and dtype is not None and jnp.issubdtype(dtype, jnp.floating) and (
+        shape[0] + shape[0] * shape[1] < STRENGTH_REDUCED_BELOW):
+      return True
+  return False
+
+
+def min_decode_rows(batch: int, platform: str, num_devices: int,
+                    small_float_matmuls: bool = True) -> int:
+  """How many rows ``generate`` decodes for ``batch`` prompts: 2 for one prompt on one GPU when
+  the model has float matmuls XLA would strength-reduce (``has_small_float_matmuls``), else
   ``batch``. The second row repeats the first and is dropped from the outputs.
 
   Why: XLA's GPU compiler rewrites a vector x matrix product (one row of activations) whose
@@ -268,8 +292,10 @@ def min_decode_rows(batch: int, platform: str, num_devices: int) -> int:
   the weights once, and XLA merges the q / k / v and gate / up GEMMs that share their input.
   Compiled for an H100 (``benchmarks/xla_gpu_offline.py``), one SmolLM2-135M decode step launches
   749 operations at batch 1 and 483 at batch 2. Several devices are left alone (each holds B /
-  shards rows of its own)."""
-  if batch == 1 and num_devices == 1 and platform in ("gpu", "cuda", "rocm"):
+  shards rows of its own), and so is a model whose block matmuls are all quantized: its Pallas
+  kernels take one row as it is (the int4 GEMV kernel runs only at one row)."""
+  if (batch == 1 and num_devices == 1 and platform in ("gpu", "cuda", "rocm")
+      and small_float_matmuls):
     return 2
   return batch
 
@@ -509,7 +535,8 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
     raise ValueError("decode_attention_impl='pallas': the decode-attention kernel runs on one "
                      f"device; the parameters span {len(devices)} (use 'xla')")
   platform = next(iter(devices)).platform if devices else jax.default_backend()
-  rows_decoded = min_decode_rows(int(prompt_BxP.shape[0]), platform, len(devices))
+  rows_decoded = min_decode_rows(int(prompt_BxP.shape[0]), platform, len(devices),
+                                 has_small_float_matmuls(params))
   impl = "xla"
   if sampling_impl != "xla":  # kernels.sampling imports this module: imported here
     from kernels import sampling as sampling_kernels  # pylint: disable=import-outside-toplevel

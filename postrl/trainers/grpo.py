@@ -162,6 +162,22 @@ def grpo_loss_fn(apply_fn, s: GRPOSettings, *, chunk: int | None = None,
   return loss_fn
 
 
+def _check_answers(problems, config):
+  """A blank ``answer`` is refused at load when a configured reward compares against it (a
+  ``reference`` parameter, e.g. ``math``): found at rollout it ended the run mid-training without
+  naming the file. Reward-model-only runs may leave answers blank."""
+  from postrl.rewards.compose import REWARDS, _parameters  # pylint: disable=import-outside-toplevel
+  users = sorted(name for name in dict(config.get("rewards") or {}) if name in REWARDS and any(
+      p.name == "reference" for p in _parameters(REWARDS[name])))
+  if not users:
+    return
+  for i, problem in enumerate(problems):
+    if not str(problem.answer).strip():
+      raise ConfigError(f"config.data.path: {config.data.path}: problem {i} (prompt "
+                        f"{problem.prompt[:60]!r}) has a blank 'answer', which reward(s) {users} "
+                        f"compare completions against")
+
+
 def _training_problems(config, eval_problems):
   if config.data.get("path"):
     problems, skipped = read_jsonl(config.data.path, "rl",
@@ -170,6 +186,7 @@ def _training_problems(config, eval_problems):
       print(f"skipped {skipped} malformed records in {config.data.path}")
     if not problems:
       raise ConfigError(f"config.data.path: {config.data.path} holds no problems")
+    _check_answers(problems, config)
     return problems
   return common.held_out_train_problems(config.data.task, config.data.num_train,
                                         config.data.train_seed, eval_problems)

@@ -338,6 +338,29 @@ def test_min_decode_rows_pads_one_prompt_on_one_gpu_only():
   assert min_decode_rows(1, "cpu", 1) == 1 and min_decode_rows(1, "tpu", 1) == 1
   assert min_decode_rows(1, "gpu", 2) == 1  # a mesh: each device decodes its own rows
   assert [min_decode_rows(b, "gpu", 1) for b in (2, 3, 64)] == [2, 3, 64]
+  assert min_decode_rows(1, "gpu", 1, small_float_matmuls=False) == 1  # quantized blocks
+
+
+def test_small_float_matmuls_are_found_and_quantized_storage_is_not():
+  """A SmolLM2-135M-shaped model has float projections far below XLA's 10M-element threshold;
+  quantized to int8 its block matmuls are kernels and only the 28M-element embedding (the tied
+  output projection) is float. A small model's embedding alone counts."""
+  from benchmarks import common  # pylint: disable=import-outside-toplevel
+  from postrl.quant import quantize_model  # pylint: disable=import-outside-toplevel
+  from postrl.sampling.generate import has_small_float_matmuls  # pylint: disable=import-outside-toplevel
+  cfg = common.model_config("smollm2-135m", param_dtype="bfloat16", dtype="bfloat16")
+
+  def quantized():
+    m = Transformer(cfg, rngs=nnx.Rngs(0))
+    quantize_model(m, "int8")
+    return m
+
+  float_params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  assert has_small_float_matmuls(float_params)
+  assert not has_small_float_matmuls(nnx.state(nnx.eval_shape(quantized)))
+  tiny = Transformer(tiny_config(), rngs=nnx.Rngs(0))
+  quantize_model(tiny, "int8")
+  assert has_small_float_matmuls(nnx.state(tiny))  # its [101, 64] embedding
 
 
 @pytest.mark.parametrize("eos_ids", [(), (4,)])
@@ -373,7 +396,8 @@ def test_generate_passes_the_padded_rows_through(model, monkeypatch):
   tokens, lengths = pad_prompts([PROMPTS[2]])
   kw = dict(key=jax.random.key(11), max_new_tokens=9, temperature=0.8, top_k=9, eos_ids=())
   twice = generate(model, np.repeat(tokens, 2, 0), np.repeat(lengths, 2, 0), **kw)
-  monkeypatch.setattr(gen, "min_decode_rows", lambda batch, platform, devices: max(batch, 2))
+  monkeypatch.setattr(gen, "min_decode_rows",
+                      lambda batch, platform, devices, small=True: max(batch, 2))
   out = generate(model, tokens, lengths, **kw)
   for got, want in zip(out, twice):
     assert got.shape[0] == 1

@@ -207,3 +207,22 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(tmp_path):
   with pytest.raises(TokenizerError, match=r"mismatched: the tokenizer has 49152 tokens, more "
                                            r"than the model's vocabulary of 101"):
     common.start(config, model=str(folder))
+
+
+def test_blank_answers_are_refused_at_load_when_a_reward_compares_against_them(tmp_path):
+  """An rl JSONL record with a blank answer: refused when the problems are read if a configured
+  reward takes the reference (``math``), naming the file and the problem; accepted for a run
+  whose rewards never read it (reward-model or format rewards only)."""
+  import json  # pylint: disable=import-outside-toplevel
+  import configs.grpo_arith  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "rl.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in (
+      {"prompt": "1 + 1 =", "answer": "2"}, {"prompt": "2 + 5 =", "answer": "  "})) + "\n")
+  config = configs.grpo_arith.get_config()
+  config.data.path = str(path)
+  config.rewards = {"math": 1.0}
+  with pytest.raises(ConfigError, match=r"rl\.jsonl: problem 1 \(prompt '2 \+ 5 ='\) has a blank "
+                                        r"'answer', which reward\(s\) \['math'\] compare"):
+    grpo._training_problems(config, [])  # pylint: disable=protected-access
+  config.rewards = {"format": 1.0}
+  assert len(grpo._training_problems(config, [])) == 2  # pylint: disable=protected-access

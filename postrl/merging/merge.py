@@ -7,7 +7,9 @@ structure; ``nnx.merge(graphdef, merged)`` turns it back into a model. A mismatc
 
 The arithmetic runs in float32 (or wider) and each result is cast back to the dtype of the
 corresponding leaf of the first tree (``base`` where there is one). Leaves that are not floating
-point (integer counters, PRNG keys) are not merged: they are copied from the first tree.
+point (integer counters, PRNG keys) are not merged: they are copied from the first tree, and must
+be equal in every tree unless they are scalars or keys (quantized codes cannot be averaged:
+dequantize first). A NaN / inf weight in any model is a ``MergeError`` naming the model and path.
 
   linear / soup      θ = Σ_i w_i θ_i / Σ_i w_i                          Wortsman et al. 2022
   greedy_soup        add ingredients in order of held-out score while it does not drop  (same)
@@ -64,8 +66,39 @@ def _shape(x) -> tuple[int, ...]:
   return tuple(np.shape(x))
 
 
-def _flatten(trees: Sequence[PyTree], names: Sequence[str]):
-  """Checks that all trees share structure and leaf shapes -> (treedef, paths, leaves per tree)."""
+def _check_values(paths, all_leaves, names):
+  """Refuses leaves that no merge can use (skipped inside ``jit``, where values are abstract):
+
+  - a NaN / inf weight (a diverged model): the mean and SLERP would turn it into NaN weights, and
+    the TIES trim would drop it silently (NaN >= threshold is False), hiding the broken model;
+  - integer / bool arrays that differ between the trees (quantized codes ``w_q``): they cannot
+    be averaged and copying the first tree's codes under the merged float scales is a wrong
+    model. Equal ones (a shared quantized base), scalars (step counters) and PRNG keys pass.
+  """
+  leaves = [x for xs in all_leaves for x in xs]
+  if any(isinstance(x, jax.core.Tracer) for x in leaves):
+    return
+  for j, path in enumerate(paths):
+    xs = [xs_[j] for xs_ in all_leaves]
+    if _is_float(xs[0]):
+      finite = jax.device_get([jnp.all(jnp.isfinite(jnp.asarray(x))) for x in xs])
+      for name, ok in zip(names, finite):
+        if not ok:
+          raise MergeError(f"{name} has a non-finite (NaN / inf) value in {path!r}: a diverged "
+                           "model cannot be merged")
+    elif np.ndim(xs[0]) > 0 and not jnp.issubdtype(jnp.asarray(xs[0]).dtype,
+                                                   jax.dtypes.prng_key):
+      for name, x in zip(names[1:], xs[1:]):
+        if not np.array_equal(np.asarray(jax.device_get(xs[0])), np.asarray(jax.device_get(x))):
+          raise MergeError(f"{path!r} is {jnp.asarray(xs[0]).dtype} (not floating point) and "
+                           f"differs between {names[0]} and {name}: integer leaves such as "
+                           "quantized codes cannot be averaged (dequantize the models first, "
+                           "postrl.quant.dequantize_model)")
+
+
+def _flatten(trees: Sequence[PyTree], names: Sequence[str], *, check_values: bool = True):
+  """Checks that all trees share structure and leaf shapes (and, with ``check_values``, usable
+  values: ``_check_values``) -> (treedef, paths, leaves per tree)."""
   if not trees:
     raise MergeError("nothing to merge: no trees given")
   ref, treedef = jax.tree_util.tree_flatten_with_path(trees[0])
@@ -92,6 +125,8 @@ def _flatten(trees: Sequence[PyTree], names: Sequence[str]):
       if _shape(a) != _shape(b):
         raise MergeError(f"{path!r}: shape {_shape(b)} in {name} but {_shape(a)} in {names[0]}")
     all_leaves.append(leaves)
+  if check_values:
+    _check_values(paths, all_leaves, names)
   return treedef, paths, all_leaves
 
 
@@ -104,10 +139,11 @@ def _compute_dtype(x):
   return jnp.promote_types(jnp.asarray(x).dtype, jnp.float32)
 
 
-def _leafwise(fn: Callable, trees: Sequence[PyTree], names: Sequence[str]) -> PyTree:
+def _leafwise(fn: Callable, trees: Sequence[PyTree], names: Sequence[str], *,
+              check_values: bool = True) -> PyTree:
   """``fn(index, path, [x_0, x_1, ...]) -> merged leaf`` over the floating leaves (as float32+);
   the result is cast to the first tree's leaf dtype; other leaves are the first tree's."""
-  treedef, paths, all_leaves = _flatten(trees, names)
+  treedef, paths, all_leaves = _flatten(trees, names, check_values=check_values)
   out = []
   for j, path in enumerate(paths):
     xs = [leaves[j] for leaves in all_leaves]
@@ -301,8 +337,10 @@ def _dare_all(taus: list[PyTree], dare_p: float, key) -> list[PyTree]:
 
 
 def _merge_deltas(base: PyTree, taus: list[PyTree], fn: Callable, names: list[str]) -> PyTree:
-  """θ_0 + fn(index, path, [τ_1, ..., τ_T]) leaf by leaf, in the base's dtypes."""
-  return _leafwise(lambda j, path, xs: xs[0] + fn(j, path, xs[1:]), [base] + taus, names)
+  """θ_0 + fn(index, path, [τ_1, ..., τ_T]) leaf by leaf, in the base's dtypes (the values were
+  checked by ``task_vectors``)."""
+  return _leafwise(lambda j, path, xs: xs[0] + fn(j, path, xs[1:]), [base] + taus, names,
+                   check_values=False)
 
 
 def task_arithmetic(base: PyTree, models: Sequence[PyTree], *, lam: float | Sequence[float] = 1.0,

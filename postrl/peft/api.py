@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 
@@ -32,7 +33,8 @@ from flax import nnx
 
 from postrl.peft import lora
 from postrl.peft.lora import (AdapterParam, DropoutKey, PEFTError, apply_dora, apply_lora,
-                              apply_qlora, lora_layers, merge_lora, strip_lora)
+                              apply_qlora, linear_layers, lora_layers, merge_lora,
+                              strip_lora)
 from postrl.peft.prompt import apply_prefix_tuning, apply_prompt_tuning
 
 METHODS = ("none", "lora", "qlora", "dora", "prompt", "prefix")
@@ -232,13 +234,59 @@ def adapter_tensors(model_or_state) -> dict[str, np.ndarray]:
           for path, var in nnx.to_flat_state(state)}
 
 
+def _check_describes(model, cfg: dict) -> None:
+  """PEFTError unless ``cfg`` (what ``load_adapters`` applies) rebuilds the adapters of ``model``.
+  alpha is in no tensor: a wrong one would load without error and scale every update wrongly."""
+  method = cfg["method"]
+  layers = lora_layers(model)
+  prompt = getattr(model, "prompt", None)
+  prefixes = [layer.self_attn.prefix for layer in getattr(model, "layers", ())
+              if getattr(layer.self_attn, "prefix", None) is not None]
+  kinds = ((["DoRA" if any(lin.lora.dora for lin in layers.values()) else "LoRA"] if layers
+            else []) + (["prompt"] if prompt is not None else [])
+           + (["prefix"] if prefixes else []))
+  want = dict(lora="LoRA", qlora="LoRA", dora="DoRA", prompt="prompt", prefix="prefix").get(method)
+  if kinds != ([want] if want else []):
+    raise PEFTError(f"save_adapters: the model has {' + '.join(kinds) or 'no'} adapters but "
+                    f"config.peft.method={method!r}: the saved config would not rebuild them")
+  if want in ("prompt", "prefix"):
+    n = (prompt or prefixes[0]).num_virtual_tokens
+    if n != cfg["num_virtual_tokens"]:
+      raise PEFTError(f"save_adapters: the model has {n} virtual tokens but "
+                      f"config.peft.num_virtual_tokens={cfg['num_virtual_tokens']!r}")
+  elif want:
+    for name, lin in layers.items():
+      ad = lin.lora
+      if (ad.rank != cfg["rank"] or ad.dora != (method == "dora")
+          or not math.isclose(ad.alpha, float(cfg["alpha"]))):
+        raise PEFTError(f"save_adapters: layer {name} has a {'DoRA' if ad.dora else 'LoRA'} "
+                        f"adapter of rank {ad.rank} and alpha {ad.alpha}, but config.peft has "
+                        f"method={method!r}, rank={cfg['rank']!r}, alpha={cfg['alpha']!r}")
+    targets = cfg["targets"]
+    try:
+      targeted = {n for n in linear_layers(model) if re.search(targets, n)}
+    except (re.error, TypeError) as e:
+      raise PEFTError(f"config.peft.targets {targets!r} is not a valid regex ({e})") from None
+    extra, missing = sorted(set(layers) - targeted), sorted(targeted - set(layers))
+    if extra:
+      raise PEFTError(f"save_adapters: layer {extra[0]} has an adapter but config.peft.targets "
+                      f"{targets!r} does not match it")
+    if missing:
+      raise PEFTError(f"save_adapters: layer {missing[0]} matches config.peft.targets "
+                      f"{targets!r} but has no adapter")
+
+
 def save_adapters(model_or_state, directory: str, peft_cfg) -> None:
   """Writes ``adapter.safetensors`` (adapter arrays in postrl's [in, out] layout: A [K, r],
-  B [r, N], ΔW = (alpha / rank) A B) and ``adapter_config.json`` (the method and its settings)."""
+  B [r, N], ΔW = (alpha / rank) A B) and ``adapter_config.json`` (the method and its settings).
+  Given a model, PEFTError if ``peft_cfg`` does not describe its adapters (method, rank, alpha,
+  targets, virtual tokens): ``load_adapters`` rebuilds them from it."""
   from postrl.models.weights import write_safetensors  # pylint: disable=import-outside-toplevel
-  os.makedirs(directory, exist_ok=True)
   cfg = (peft_cfg.to_dict() if hasattr(peft_cfg, "to_dict") else dict(peft_cfg))
   cfg = dict(default_config().to_dict(), **cfg)
+  if isinstance(model_or_state, nnx.Module):
+    _check_describes(model_or_state, cfg)
+  os.makedirs(directory, exist_ok=True)
   cfg["layout"] = ("postrl [in, out]: lora.a [K, r], lora.b [r, N], delta W = alpha / rank * "
                    "a @ b; dora: lora.magnitude [N]; prompt.embeddings [P, D]; "
                    "self_attn.prefix.k / .v [P, Hkv, Dh]")
@@ -249,7 +297,8 @@ def save_adapters(model_or_state, directory: str, peft_cfg) -> None:
 
 def load_adapters(model, directory: str):
   """Applies the method of ``directory/adapter_config.json`` to ``model`` (a base model, in
-  place) and loads the saved adapter arrays into it. Returns the model."""
+  place) and loads the saved adapter arrays into it. Returns the model. On a PEFTError (a bad
+  config, a missing, extra or misshapen tensor) the model is left without the new adapters."""
   from postrl.models.weights import read_safetensors  # pylint: disable=import-outside-toplevel
   path = os.path.join(directory, ADAPTER_CONFIG)
   if not os.path.exists(path):
@@ -266,12 +315,65 @@ def load_adapters(model, directory: str):
   cfg.pop("layout", None)
   # read (and fail on) the arrays before the model is changed in place
   tensors = read_safetensors(os.path.join(directory, ADAPTER_FILE))
+  cfg = ml_collections.ConfigDict(cfg)
+  if cfg.get("method") == "qlora":
+    # quantizing the base cannot be undone: check names and shapes on LoRA adapters first (the
+    # same A and B shapes), then remove them and quantize
+    _, undo = _attach(model, ml_collections.ConfigDict(dict(cfg.to_dict(), method="lora")),
+                      tensors, path, directory)
+    undo()
+  flat, _ = _attach(model, cfg, tensors, path, directory)
+  for (_, var), name in zip(flat, _names(flat)):
+    var.set_value(jnp.asarray(tensors[name], var.get_value().dtype))
+  nnx.update(model, nnx.from_flat_state(flat))
+  return model
+
+
+def _names(flat) -> list[str]:
+  return [".".join(str(x) for x in p) for p, _ in flat]
+
+
+def _undo_new_adapters(model):
+  """A function that deletes the adapters added to ``model`` after this call."""
+  lora_before = set(lora_layers(model))
+  had_prompt = getattr(model, "prompt", None) is not None
+  layers = list(getattr(model, "layers", ()))
+  prefix_before = [getattr(layer.self_attn, "prefix", None) is not None for layer in layers]
+
+  def undo():
+    for name, lin in lora_layers(model).items():
+      if name not in lora_before:
+        del lin.lora
+    if not had_prompt and getattr(model, "prompt", None) is not None:
+      del model.prompt
+    for layer, had in zip(layers, prefix_before):
+      if not had and getattr(layer.self_attn, "prefix", None) is not None:
+        del layer.self_attn.prefix
+
+  return undo
+
+
+def _attach(model, cfg, tensors, path, directory):
+  """Applies ``cfg`` and checks that ``tensors`` fit the adapters exactly -> (their flat state,
+  undo). On a mismatch the new adapters are removed again before the PEFTError (a failed load
+  leaves the model as it was, so that the right folder can be loaded next)."""
+  undo = _undo_new_adapters(model)
   try:
-    apply_peft(model, ml_collections.ConfigDict(cfg))
+    apply_peft(model, cfg)
   except PEFTError as e:
+    undo()
     raise PEFTError(f"{path}: {e}") from None
-  flat = nnx.to_flat_state(nnx.state(model, AdapterParam))
-  names = [".".join(str(x) for x in p) for p, _ in flat]
+  try:
+    flat = nnx.to_flat_state(nnx.state(model, AdapterParam))
+    _check_tensors(flat, tensors, directory)
+  except PEFTError:
+    undo()
+    raise
+  return flat, undo
+
+
+def _check_tensors(flat, tensors, directory) -> None:
+  names = _names(flat)
   for name, (_, var) in zip(names, flat):
     if name not in tensors:
       raise PEFTError(f"{directory}/{ADAPTER_FILE}: adapter tensor {name!r} missing")
@@ -282,10 +384,6 @@ def load_adapters(model, directory: str):
   if unused:  # e.g. adapters of layers this model does not have: they would be dropped silently
     raise PEFTError(f"{directory}/{ADAPTER_FILE}: tensor {unused[0]!r} has no place in the model "
                     f"({len(unused)} such tensors; saved from a model with other layers?)")
-  for name, (_, var) in zip(names, flat):
-    var.set_value(jnp.asarray(tensors[name], var.get_value().dtype))
-  nnx.update(model, nnx.from_flat_state(flat))
-  return model
 
 
 __all__ = ["METHODS", "DEFAULT_TARGETS", "default_config", "enabled", "check_config", "apply_peft",

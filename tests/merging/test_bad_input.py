@@ -76,3 +76,57 @@ def test_dare_key_must_be_a_prng_key(call):
 def test_legacy_and_new_keys_both_work():
   for key in (jax.random.key(0), jax.random.PRNGKey(0)):
     M.dare(A, p=0.5, key=key)
+
+
+@pytest.mark.parametrize("call, who", [
+    (lambda bad: M.linear([A, bad]), r"trees\[1\]"),
+    (lambda bad: M.greedy_soup([A, bad], lambda t: 0.0), r"trees\[1\]"),
+    (lambda bad: M.task_arithmetic(A, [B, bad]), r"models\[1\]"),
+    (lambda bad: M.ties(A, [B, bad]), r"models\[1\]"),
+    (lambda bad: M.ties(bad, [B, C], density=1.0), "base"),
+    (lambda bad: M.slerp(A, bad), "b"),
+])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_weights_of_a_model_are_refused(call, who, value):
+  # a diverged model: linear / SLERP returned NaN weights, and the TIES trim silently dropped the
+  # NaN entries (NaN >= threshold is False), so the merge looked fine
+  bad = {"w": C["w"].at[1, 0].set(value), "b": C["b"]}
+  with pytest.raises(M.MergeError, match=who + r" has a non-finite .* in 'w'"):
+    call(bad)
+
+
+def _quantized(codes, scale):
+  return {"kernel": {"w_q": jnp.asarray(codes, jnp.int8), "scales": jnp.full((1, 2), scale)},
+          "step": jnp.array(int(scale), jnp.int32)}
+
+
+def test_integer_weights_that_differ_are_refused():
+  # int8 codes were copied from the first model while the float scales were averaged:
+  # a silently wrong model (quantized models must be dequantised before merging)
+  a, b = _quantized([[1, 2]], 1.0), _quantized([[3, -4]], 2.0)
+  for call in (lambda: M.linear([a, b]), lambda: M.task_arithmetic(a, [b]),
+               lambda: M.ties(a, [b]), lambda: M.slerp(a, b)):
+    with pytest.raises(M.MergeError, match=r"'kernel/w_q' is int8 .* differs between .*dequantize"):
+      call()
+  # the same codes (adapters trained on one quantized base) and scalar counters are copied
+  out = M.linear([a, _quantized([[1, 2]], 3.0)])
+  assert jnp.array_equal(out["kernel"]["w_q"], a["kernel"]["w_q"]) and int(out["step"]) == 1
+  assert jnp.allclose(out["kernel"]["scales"], 2.0)
+
+
+def test_quantized_models_are_refused_naming_the_codes():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from postrl.models import Transformer  # pylint: disable=import-outside-toplevel
+  from postrl.quant import quantize_model  # pylint: disable=import-outside-toplevel
+  from tests.conftest import tiny_config  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config(vocab_size=37, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                    num_key_value_heads=1)
+  s0, s1 = (nnx.split(quantize_model(Transformer(cfg, rngs=nnx.Rngs(i)), "int8"))[1]
+            for i in range(2))
+  with pytest.raises(M.MergeError, match=r"'layers/0/.*/kernel/w_q' is int8"):
+    M.linear([s0, s1])
+
+
+def test_merging_inside_jit_still_works():
+  got = jax.jit(lambda a, b: M.linear([a, b]))(A, B)
+  assert jnp.allclose(got["w"], 1.5) and jnp.allclose(got["b"], 0.5)

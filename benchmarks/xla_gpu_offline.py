@@ -16,6 +16,13 @@ lowering of the Pallas kernels as on the GPU. The library's platform checks read
 ``jax.default_backend()``; while lowering it answers "gpu" here, so the program is the one a
 one-GPU run builds (decode-attention kernel, sampling kernel, bits per pass, rows decoded).
 
+``--train sft dpo`` compiles the training step instead (``benchmarks/train_step.py``'s job:
+``postrl.trainers.step.make_train_step`` around the trainers' loss functions, the state from
+``postrl.trainers.loop.abstract_state``, cuDNN or XLA attention, ``--seq`` x ``--rows``) and
+summarises the whole program: launches and bytes written by kind, and the largest writers by
+source line. No cuDNN library is needed: the cuDNN version check answers 9.10 while lowering
+(``pretend_cudnn``) and XLA emits the cuDNN custom calls without building their graphs.
+
 What it tells and what it does not: the per-step launch count and the kind of every launched
 operation (``common.loop_launch_list``) -- on 2026-11-27 this reproduced exactly the 749 launches
 per step that the H100 run of 2026-11-26 counted from its own compiled program (SmolLM2-135M
@@ -148,6 +155,107 @@ def step_summary(hlo_text: str) -> dict:
                             launches=e["count"], bytes=b) for b, e in counted[:5]])
 
 
+def _walk_program(hlo_text: str) -> list[dict]:
+  """Every launched instruction of the ENTRY computation (``common._launch`` entries): a while
+  body counted its known trip count times, a call's callee once, a conditional's largest branch."""
+  comps, entry = common._computations(hlo_text)  # pylint: disable=protected-access
+  frames = common._stack_frames(hlo_text)  # pylint: disable=protected-access
+  out = []
+
+  def visit(name, scale, where):
+    total = []
+    for opcode, rest, inst, shape in comps.get(name, ()):
+      if opcode == "while":
+        trip = re.search(r'known_trip_count"?:\{"n":"(\d+)"', rest)
+        body = re.search(r"body=%?([\w.\-]+)", rest).group(1)
+        total += visit(body, scale * (int(trip.group(1)) if trip else 1), where + [inst])
+      elif opcode == "call" and re.search(r"to_apply=%?([\w.\-]+)", rest):
+        total += visit(re.search(r"to_apply=%?([\w.\-]+)", rest).group(1), scale, where)
+      elif opcode == "conditional":
+        branches = re.findall(r"%?([\w.\-]+)", rest.split("branch_computations={", 1)[1]
+                              .split("}", 1)[0]) if "branch_computations={" in rest else re.findall(
+                                  r"(?:true|false)_computation=%?([\w.\-]+)", rest)
+        runs = [visit(b, scale, where + [inst]) for b in branches]
+        total += max(runs, key=lambda r: sum(e["count"] for e in r), default=[])
+      elif opcode not in common._NO_LAUNCH:  # pylint: disable=protected-access
+        total.append(common._launch(comps, frames, opcode, rest, inst, shape, scale,  # pylint: disable=protected-access
+                                    where))
+    return total
+
+  out = visit(entry, 1, [])
+  return out
+
+
+def program_summary(hlo_text: str, top: int = 12) -> dict:
+  """Launches and bytes written (output sizes x launches) of a whole compiled program, by kind,
+  and its ``top`` largest writers grouped by (kind, source line, fused ops)."""
+  entries = _walk_program(hlo_text)
+  by_kind, writers = {}, {}
+  for e in entries:
+    nbytes = shape_bytes(e["shape"]) * e["count"]
+    kind = by_kind.setdefault(e["kind"], dict(launches=0, bytes=0))
+    kind["launches"] += e["count"]
+    kind["bytes"] += nbytes
+    key = (e["kind"], e["source"], e["fused"])
+    w = writers.setdefault(key, dict(kind=e["kind"], source=e["source"], fused=e["fused"],
+                                     launches=0, bytes=0))
+    w["launches"] += e["count"]
+    w["bytes"] += nbytes
+  return dict(launches=sum(e["count"] for e in entries),
+              bytes_written=sum(k["bytes"] for k in by_kind.values()),
+              by_kind=dict(sorted(by_kind.items(), key=lambda kv: -kv[1]["bytes"])),
+              largest=sorted(writers.values(), key=lambda w: -w["bytes"])[:top])
+
+
+@contextlib.contextmanager
+def pretend_cudnn(version: int = 91000):
+  """JAX's cuDNN attention checks the installed cuDNN and the device's compute capability while
+  lowering; inside, they answer ``version`` and Hopper (this machine has neither)."""
+  from jax._src.cudnn import fused_attention_stablehlo as fa  # pylint: disable=import-outside-toplevel
+  saved = (fa.check_cudnn_version, fa.check_compute_capability,
+           fa.is_cuda_compute_capability_equal)
+  fa.check_cudnn_version = lambda: version
+  fa.check_compute_capability = lambda capability: True
+  fa.is_cuda_compute_capability_equal = lambda capability: capability == "9.0"
+  try:
+    yield
+  finally:
+    (fa.check_cudnn_version, fa.check_compute_capability,
+     fa.is_cuda_compute_capability_equal) = saved
+
+
+def train_program(preset: str, job: str, *, attention: str, rows: int, seq: int,
+                  sharding) -> str:
+  """Optimised HLO of the one-GPU training step of ``benchmarks/train_step.py`` (``job`` "sft" or
+  "dpo", bf16, AdamW, ``rows`` sequences of ``seq`` tokens), compiled for ``sharding``'s
+  compile-only device."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from benchmarks import train_step as ts  # pylint: disable=import-outside-toplevel
+  from postrl.models import Transformer  # pylint: disable=import-outside-toplevel
+  from postrl.trainers.loop import abstract_state  # pylint: disable=import-outside-toplevel
+  from postrl.trainers.step import (OptimizerConfig, make_optimizer,  # pylint: disable=import-outside-toplevel
+                                    make_train_step)
+  cfg = common.model_config(preset, param_dtype="bfloat16", dtype="bfloat16").replace(
+      attention_impl=attention)
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  tx = make_optimizer(OptimizerConfig(lr=1e-5, total_steps=1000))
+  mesh = jax.sharding.Mesh(np.array(list(sharding.device_set)).reshape(1, 1, 1),
+                           ("data", "fsdp", "tensor"))  # train_step.py's MESH on one device
+  state, shardings = abstract_state(params, tx, seed=0, mesh=mesh)
+  rng = np.random.RandomState(0)
+  host = (ts.sft_batch(rng, rows, seq, cfg.vocab_size) if job == "sft"
+          else ts.dpo_batch(rng, rows // 2, seq, cfg.vocab_size))
+  rows_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows_sharding)
+           for k, v in host.items()}
+  step = make_train_step(ts.loss_fn_for(job, graphdef, None), tx, state_shardings=shardings,
+                         batch_sharding=rows_sharding, mesh=mesh)
+  with backend_reads_gpu(sharding), pretend_cudnn():
+    return step.lower(state, batch).compile().as_text()
+
+
 def decode_program(preset: str, batch: int, *, decode_attention: str, top_p: float,
                    sampling_impl: str, prompt_len: int, new_tokens: int, sharding,
                    pad_rows: bool = True, fmt: str = "bf16") -> str:
@@ -202,6 +310,12 @@ def parse_args(argv=None):
                            "one GPU: postrl.sampling.generate.min_decode_rows)")
   parser.add_argument("--row-padding-both", action="store_true",
                       help="compile each shape with and without generate's row padding")
+  parser.add_argument("--train", nargs="+", default=None, choices=["sft", "dpo"],
+                      help="compile these training steps instead of generate (module docstring)")
+  parser.add_argument("--attention", nargs="+", default=["cudnn"], choices=["cudnn", "xla"],
+                      help="--train: attention_impl of the model")
+  parser.add_argument("--seq", type=int, default=2048, help="--train: tokens per sequence")
+  parser.add_argument("--rows", type=int, default=4, help="--train: sequences per step")
   parser.add_argument("--gpu", default="h100", choices=sorted(GPUS))
   parser.add_argument("--dump-dir", default=None,
                       help="write each program's optimised HLO and its decode step's launch list")
@@ -216,6 +330,8 @@ def main(argv=None):
   args = parse_args(argv)
   import jax  # pylint: disable=import-outside-toplevel
   sharding = compile_only_sharding(args.gpu)
+  if args.train:
+    return _main_train(args, sharding)
   paddings = [True, False] if args.row_padding_both else [not args.no_row_padding]
   rows = []
   shapes = [(preset, fmt, attention, batch, pad) for preset in args.config
@@ -257,6 +373,36 @@ def main(argv=None):
                   target_config=target_config(args.gpu), rows=rows,
                   date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     _write(args.out, result)
+  return rows
+
+
+def _main_train(args, sharding):
+  import jax  # pylint: disable=import-outside-toplevel
+  rows = []
+  for preset in args.config:
+    for attention in args.attention:
+      for job in args.train:
+        t0 = time.perf_counter()
+        hlo = train_program(preset, job, attention=attention, rows=args.rows, seq=args.seq,
+                            sharding=sharding)
+        row = dict(config=preset, job=job, attention=attention, rows=args.rows, seq=args.seq,
+                   compile_s=round(time.perf_counter() - t0, 1), **program_summary(hlo))
+        rows.append(row)
+        common.log(f"{preset} {job} ({attention} attention, {args.rows} x {args.seq} tokens): "
+                   f"{row['launches']} launches, {row['bytes_written'] / 1e9:.2f} GB written")
+        for kind, k in row["by_kind"].items():
+          common.log(f"  {kind:<48} {k['launches']:>6} launches {k['bytes'] / 1e9:>8.2f} GB")
+        for w in row["largest"]:
+          common.log(f"  {w['bytes'] / 1e9:>7.2f} GB x{w['launches']:<4} {w['kind'][:30]:<30} "
+                     f"{w['source'][:70]} | {w['fused'][:50]}")
+        if args.dump_dir:
+          os.makedirs(args.dump_dir, exist_ok=True)
+          with open(os.path.join(args.dump_dir, f"{preset}_{job}_{attention}.hlo.txt"), "w") as f:
+            f.write(hlo)
+  if args.out:
+    _write(args.out, dict(tool="benchmarks/xla_gpu_offline.py --train", gpu=args.gpu,
+                          jax=jax.__version__, target_config=target_config(args.gpu), rows=rows,
+                          date=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
   return rows
 
 

@@ -106,3 +106,22 @@ def test_decode_step_hlo_rows_and_placement_on_cpu():
   default = gen_bench.decode_step_hlo(model, 1, 4, 3, 0.9, "xla", platform="cpu", num_devices=1,
                                       place=place)
   assert "s32[2,3]" not in default
+
+
+def test_program_summary_counts_the_whole_program():
+  """--train's summary: every launched instruction of the program, a loop body its trip count
+  times (4 here), in-place updates included; by kind and largest writers add up."""
+  got = offline.program_summary(_LOOP_HLO)
+  assert got["launches"] == 3 * 4
+  per_step = 8 * 4 * 2 + 2 * 1 * 4 * 2 + 2 * 16 * 4 * 2
+  assert got["bytes_written"] == 4 * per_step
+  assert sum(k["launches"] for k in got["by_kind"].values()) == 12
+  assert sum(w["bytes"] for w in got["largest"]) == got["bytes_written"]
+
+
+def test_pretend_cudnn_restores_the_checks():
+  from jax._src.cudnn import fused_attention_stablehlo as fa  # pylint: disable=import-outside-toplevel
+  before = fa.check_cudnn_version
+  with offline.pretend_cudnn(91000):
+    assert fa.check_cudnn_version() == 91000 and fa.check_compute_capability("9.0")
+  assert fa.check_cudnn_version is before

@@ -535,7 +535,8 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
     raise ValueError("decode_attention_impl='pallas': the decode-attention kernel runs on one "
                      f"device; the parameters span {len(devices)} (use 'xla')")
   platform = next(iter(devices)).platform if devices else jax.default_backend()
-  rows_decoded = min_decode_rows(int(prompt_BxP.shape[0]), platform, len(devices),
+  rows_decoded = min_decode_rows(int(prompt_BxP.shape[0]), platform,
+                                 len(devices) or 1,  # host arrays: jit runs on one device
                                  has_small_float_matmuls(params))
   impl = "xla"
   if sampling_impl != "xla":  # kernels.sampling imports this module: imported here

@@ -115,6 +115,17 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s4": 1, "u4": 1, "bf16": 2, "f16":
 _IN_PLACE = ("dynamic-update-slice", "scatter")
 
 
+def _launches_and_bytes(e: dict) -> tuple[int, int]:
+  """(launches, bytes written) of one ``loop_launch_list`` entry. An asynchronous pair
+  (``fusion-start`` / ``fusion-done``, ``all-gather-start`` / ...) is one launch: the start's
+  output tuple holds its operands, so its bytes come from the done's output, which is no launch."""
+  if e["key"].endswith("-start"):
+    return e["count"], 0
+  if e["key"].endswith("-done"):
+    return 0, shape_bytes(e["shape"]) * e["count"]
+  return e["count"], shape_bytes(e["shape"]) * e["count"]
+
+
 def shape_bytes(shape: str) -> int:
   """Bytes of an HLO shape string such as ``bf16[576,192]`` or ``(f32[2], s32[2])``."""
   total = 0
@@ -143,7 +154,7 @@ def step_summary(hlo_text: str) -> dict:
         e["key"] in _IN_PLACE):
       in_place += e["count"]
       continue
-    counted.append((shape_bytes(e["shape"]) * e["count"], e))
+    counted.append((_launches_and_bytes(e)[1], e))
   counted.sort(key=lambda be: -be[0])
   by_kind = {}
   for e in entries:
@@ -188,20 +199,23 @@ def _walk_program(hlo_text: str) -> list[dict]:
 
 def program_summary(hlo_text: str, top: int = 12) -> dict:
   """Launches and bytes written (output sizes x launches) of a whole compiled program, by kind,
-  and its ``top`` largest writers grouped by (kind, source line, fused ops)."""
+  and its ``top`` largest writers grouped by (kind, source line, fused ops); an asynchronous
+  start / done pair is one launch (``_launches_and_bytes``)."""
   entries = _walk_program(hlo_text)
   by_kind, writers = {}, {}
+  total = 0
   for e in entries:
-    nbytes = shape_bytes(e["shape"]) * e["count"]
+    launches, nbytes = _launches_and_bytes(e)
+    total += launches
     kind = by_kind.setdefault(e["kind"], dict(launches=0, bytes=0))
-    kind["launches"] += e["count"]
+    kind["launches"] += launches
     kind["bytes"] += nbytes
     key = (e["kind"], e["source"], e["fused"])
     w = writers.setdefault(key, dict(kind=e["kind"], source=e["source"], fused=e["fused"],
                                      launches=0, bytes=0))
-    w["launches"] += e["count"]
+    w["launches"] += launches
     w["bytes"] += nbytes
-  return dict(launches=sum(e["count"] for e in entries),
+  return dict(launches=total,
               bytes_written=sum(k["bytes"] for k in by_kind.values()),
               by_kind=dict(sorted(by_kind.items(), key=lambda kv: -kv[1]["bytes"])),
               largest=sorted(writers.values(), key=lambda w: -w["bytes"])[:top])
@@ -225,7 +239,7 @@ def pretend_cudnn(version: int = 91000):
 
 
 def train_program(preset: str, job: str, *, attention: str, rows: int, seq: int,
-                  sharding) -> str:
+                  sharding, vocab_chunk: int | None = None) -> str:
   """Optimised HLO of the one-GPU training step of ``benchmarks/train_step.py`` (``job`` "sft" or
   "dpo", bf16, AdamW, ``rows`` sequences of ``seq`` tokens), compiled for ``sharding``'s
   compile-only device."""
@@ -250,7 +264,8 @@ def train_program(preset: str, job: str, *, attention: str, rows: int, seq: int,
   rows_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows_sharding)
            for k, v in host.items()}
-  step = make_train_step(ts.loss_fn_for(job, graphdef, None), tx, state_shardings=shardings,
+  step = make_train_step(ts.loss_fn_for(job, graphdef, vocab_chunk), tx,
+                         state_shardings=shardings,
                          batch_sharding=rows_sharding, mesh=mesh)
   with backend_reads_gpu(sharding), pretend_cudnn():
     return step.lower(state, batch).compile().as_text()
@@ -315,6 +330,9 @@ def parse_args(argv=None):
   parser.add_argument("--attention", nargs="+", default=["cudnn"], choices=["cudnn", "xla"],
                       help="--train: attention_impl of the model")
   parser.add_argument("--seq", type=int, default=2048, help="--train: tokens per sequence")
+  parser.add_argument("--vocab-chunk", type=int, nargs="+", default=[0],
+                      help="--train: vocabulary chunks of the loss (0: none, as train_step.py's "
+                           "default; the configs use 8192)")
   parser.add_argument("--rows", type=int, default=4, help="--train: sequences per step")
   parser.add_argument("--gpu", default="h100", choices=sorted(GPUS))
   parser.add_argument("--dump-dir", default=None,
@@ -379,26 +397,29 @@ def main(argv=None):
 def _main_train(args, sharding):
   import jax  # pylint: disable=import-outside-toplevel
   rows = []
-  for preset in args.config:
-    for attention in args.attention:
-      for job in args.train:
-        t0 = time.perf_counter()
-        hlo = train_program(preset, job, attention=attention, rows=args.rows, seq=args.seq,
-                            sharding=sharding)
-        row = dict(config=preset, job=job, attention=attention, rows=args.rows, seq=args.seq,
-                   compile_s=round(time.perf_counter() - t0, 1), **program_summary(hlo))
-        rows.append(row)
-        common.log(f"{preset} {job} ({attention} attention, {args.rows} x {args.seq} tokens): "
-                   f"{row['launches']} launches, {row['bytes_written'] / 1e9:.2f} GB written")
-        for kind, k in row["by_kind"].items():
-          common.log(f"  {kind:<48} {k['launches']:>6} launches {k['bytes'] / 1e9:>8.2f} GB")
-        for w in row["largest"]:
-          common.log(f"  {w['bytes'] / 1e9:>7.2f} GB x{w['launches']:<4} {w['kind'][:30]:<30} "
-                     f"{w['source'][:70]} | {w['fused'][:50]}")
-        if args.dump_dir:
-          os.makedirs(args.dump_dir, exist_ok=True)
-          with open(os.path.join(args.dump_dir, f"{preset}_{job}_{attention}.hlo.txt"), "w") as f:
-            f.write(hlo)
+  for preset, attention, job, chunk in [(p, a, j, c) for p in args.config
+                                         for a in args.attention for j in args.train
+                                         for c in args.vocab_chunk]:
+    t0 = time.perf_counter()
+    hlo = train_program(preset, job, attention=attention, rows=args.rows, seq=args.seq,
+                        sharding=sharding, vocab_chunk=chunk or None)
+    row = dict(config=preset, job=job, attention=attention, rows=args.rows, seq=args.seq,
+               vocab_chunk=chunk or None, compile_s=round(time.perf_counter() - t0, 1),
+               **program_summary(hlo))
+    rows.append(row)
+    common.log(f"{preset} {job} ({attention} attention, {args.rows} x {args.seq} tokens, "
+               f"vocab chunk {chunk or 'none'}): {row['launches']} launches, "
+               f"{row['bytes_written'] / 1e9:.2f} GB written")
+    for kind, k in row["by_kind"].items():
+      common.log(f"  {kind:<48} {k['launches']:>6} launches {k['bytes'] / 1e9:>8.2f} GB")
+    for w in row["largest"]:
+      common.log(f"  {w['bytes'] / 1e9:>7.2f} GB x{w['launches']:<4} {w['kind'][:30]:<30} "
+                 f"{w['source'][:70]} | {w['fused'][:50]}")
+    if args.dump_dir:
+      os.makedirs(args.dump_dir, exist_ok=True)
+      name = f"{preset}_{job}_{attention}" + (f"_vc{chunk}" if chunk else "")
+      with open(os.path.join(args.dump_dir, name + ".hlo.txt"), "w") as f:
+        f.write(hlo)
   if args.out:
     _write(args.out, dict(tool="benchmarks/xla_gpu_offline.py --train", gpu=args.gpu,
                           jax=jax.__version__, target_config=target_config(args.gpu), rows=rows,

@@ -125,3 +125,13 @@ def test_pretend_cudnn_restores_the_checks():
   with offline.pretend_cudnn(91000):
     assert fa.check_cudnn_version() == 91000 and fa.check_compute_capability("9.0")
   assert fa.check_cudnn_version is before
+
+
+def test_an_async_pair_is_one_launch_and_writes_its_done_output():
+  """``fusion-start`` carries its operands in its output tuple: the bytes come from the done."""
+  start = dict(key="fusion-start", count=2, shape="((bf16[1024,1024]), bf16[8,8], u32[])")
+  done = dict(key="fusion-done", count=2, shape="bf16[8,8]")
+  plain = dict(key="fusion", count=3, shape="f32[4]")
+  assert offline._launches_and_bytes(start) == (2, 0)  # pylint: disable=protected-access
+  assert offline._launches_and_bytes(done) == (0, 2 * 8 * 8 * 2)  # pylint: disable=protected-access
+  assert offline._launches_and_bytes(plain) == (3, 3 * 16)  # pylint: disable=protected-access

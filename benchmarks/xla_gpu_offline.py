@@ -6,6 +6,12 @@ of one decode step: the operations it launches and the bytes they write.
     JAX_PLATFORMS=cpu python benchmarks/xla_gpu_offline.py --config smollm2-135m llama-1b \
         --batch 1 2 16 --decode-attention xla pallas --out /tmp/offline.json --dump-dir /tmp/hlo
 
+Install the plugin in a virtual environment of its own (with postrl's dependencies and
+``PYTHONPATH`` at the repository): beside the test environment it prints a plugin error at every
+``import jax`` that has no ``JAX_PLATFORMS=cpu``, which is why it is not a test dependency. The
+counts in docs/benchmarks.md used jax / jaxlib / jax-cuda13-pjrt 0.11.2 and flax 0.12.10 on
+Python 3.12, the versions of the lent GPUs' image.
+
 How: JAX's deviceless ahead-of-time compilation (``jax.experimental.topologies.get_topology_desc``
 with ``platform="cuda"`` and a target description of the GPU: ``target_config``) gives a
 compile-only CUDA device. The program is ``benchmarks/generate.py``'s ``decode_step_hlo`` (the

@@ -177,7 +177,6 @@ def _walk_program(hlo_text: str) -> list[dict]:
   body counted its known trip count times, a call's callee once, a conditional's largest branch."""
   comps, entry = common._computations(hlo_text)  # pylint: disable=protected-access
   frames = common._stack_frames(hlo_text)  # pylint: disable=protected-access
-  out = []
 
   def visit(name, scale, where):
     total = []
@@ -199,8 +198,7 @@ def _walk_program(hlo_text: str) -> list[dict]:
                                     where))
     return total
 
-  out = visit(entry, 1, [])
-  return out
+  return visit(entry, 1, [])
 
 
 def program_summary(hlo_text: str, top: int = 12) -> dict:

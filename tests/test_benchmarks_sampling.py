@@ -119,10 +119,11 @@ def test_rows_and_lean_pick_the_points_and_columns(tmp_path):
   assert [(r["mode"], r["batch"], r["vocab"]) for r in rows] == want
   for row in rows:
     timed = {k[:-3] for k in row if k.endswith("_us") and not k.endswith(("_net_us", "bound_us"))}
-    assert timed == {"loop", "read", "sort", "radix"}  # the lean XLA columns; no bisect
+    assert timed == {"loop", "read", "sort"}  # the lean XLA columns; no bisect, no radix
     # the kernel columns of the lean set fail on a CPU; "kernel" is the rounds probe's error
     assert {k[:-6] for k in row if k.endswith("_error")} == {
-        "kernel", *(set(LEAN_VARIANTS) - {"loop", "read", "sort", "radix"})}
+        "kernel", *(set(LEAN_VARIANTS) - {"loop", "read", "sort"})}
+    assert "default_us" not in row  # no kernel timing, no default column
 
 
 def test_timing_loops_set_the_changed_entry_instead_of_adding_to_it():

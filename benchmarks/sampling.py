@@ -26,9 +26,12 @@ Phases:
    fast and split_fast (the two with ``fast_math=True``: PTX approximate exp / log; split_fast
    is the default below B = 64 and for min-p alone), split_cdf (split_fast with ``draw="cdf"``:
    inverse transform sampling, no per-entry noise; one candidate per round, one block per chunk,
-   4 warps: ``CDF_COLUMN``, the default for top-k / top-p at B >= 64), and kernel
-   (``sample_gpu`` alone, default settings: ``kernels.sampling.default_config``); ratios over read,
-   the sort and the copy floor. Logits are ``--logit-scale`` x N(0, 1) per row (scale 4 over
+   4 warps: ``CDF_COLUMN``, the default for top-k / top-p from B x V = 16 x 49,152),
+   split_fast_xla_finish and split_cdf_xla_finish (the two with ``fused_finish=False``: XLA
+   decides the last candidates, then the leftover-row launch, as before 2026-11-27), and kernel
+   (``sample_gpu`` alone, default settings: ``kernels.sampling.default_config``); default_us is
+   the column of the setting ``default_config`` picks at that point; ratios over read, the sort
+   and the copy floor. Logits are ``--logit-scale`` x N(0, 1) per row (scale 4 over
    152k tokens: top-1 probability ~0.12, top-p 0.9 keeps ~750 tokens, top-50 holds ~65% of the
    mass).
 4. ``--sweep``: kernel settings at (64, 151936), top-p: the row kernel at block 1024 / 16 warps
@@ -89,7 +92,8 @@ CDF = dict(fast_math=True, draw="cdf", candidates=4, split_rounds=2)
 # the sweep also times CDF's two rounds with one and two candidates (the H200 sweep of 2026-11-26
 # found K = 4 slower than K = 1 with three rounds: is it the fourfold check or the rounds?)
 CDF_FEWER = (1, 2)
-# the table's column: the cdf draw as ``default_config`` takes it for top-k / top-p at B >= 64
+# the table's column: the cdf draw as ``default_config`` takes it (top-k / top-p from B x V =
+# 16 x 49,152)
 # (one candidate per round, one block of 2048 per chunk, 4 warps: the fastest of the H200 sweep of
 # 2026-11-26, where four candidates were slower at every launch setting), at every point
 CDF_COLUMN = dict(fast_math=True, **CDF_MEASURED_FASTEST)
@@ -104,7 +108,13 @@ CHECK_CONFIGS = {"row": _ROW, "split": dataclasses.replace(_SPLIT, block=256, ch
 KERNEL_COLUMNS = {"pallas": _ROW, "split": _SPLIT,
                   "fast": dataclasses.replace(_ROW, fast_math=True),
                   "split_fast": dataclasses.replace(_SPLIT, fast_math=True),
-                  "split_cdf": dataclasses.replace(_SPLIT, **CDF_COLUMN)}
+                  "split_cdf": dataclasses.replace(_SPLIT, **CDF_COLUMN),
+                  # the same two with the finish as it was until 2026-11-27 (XLA decides the last
+                  # candidates, then the leftover-row launch): the A/B of GpuConfig.fused_finish
+                  "split_fast_xla_finish": dataclasses.replace(_SPLIT, fast_math=True,
+                                                               fused_finish=False),
+                  "split_cdf_xla_finish": dataclasses.replace(_SPLIT, **CDF_COLUMN,
+                                                              fused_finish=False)}
 L2_BYTES = 50 * 2**20
 TARGET_S = 3e-3
 INTERPRET = False  # --interpret: kernels in interpret mode (CPU smoke test)
@@ -348,7 +358,8 @@ def run_table(results, *, modes, batches, vocabs, dtype, scale, repeats, budget,
         if f"{name}_us" in row:
           row[f"{name}_net_us"] = row[f"{name}_us"] - row["loop_us"]
           row[f"{name}_net_over_copy"] = row[f"{name}_net_us"] / row["copy_bound_us"]
-    default = default_config(b, top_k=settings.get("top_k"), top_p=settings.get("top_p"))
+    default = default_config(b, v, top_k=settings.get("top_k"), top_p=settings.get("top_p"),
+                             min_p=settings.get("min_p"))
     picked = [n for n in ("split_fast", "split_cdf")
               if same_launch(KERNEL_COLUMNS[n], default, b, v) and f"{n}_us" in row]
     if picked:  # the column of what ``sample(impl="pallas")`` runs at this point by default
@@ -428,7 +439,7 @@ def run_sweep(results, *, b, v, dtype, scale, repeats, budget, configs):
     chunk, n_chunks = chunks_per_row(b, v, cfg)
     results.append("sweep", dict(batch=b, vocab=v, config=dataclasses.asdict(cfg),
                                  chunks=n_chunks if cfg.split else 1, us=us,
-                                 default=same_launch(cfg, default_config(b, top_p=0.9), b, v)))
+                                 default=same_launch(cfg, default_config(b, v, top_p=0.9), b, v)))
     common.log(f"sweep B={b} V={v} split={cfg.split!s:5} programs {cfg.programs:4d} chunks "
                f"{n_chunks if cfg.split else 1:3d} block {cfg.block:5d} warps {cfg.num_warps:2d} "
                f"fast_math {cfg.fast_math!s:5} draw {cfg.draw:6s}: "

@@ -132,7 +132,7 @@ class GpuConfig:
       level over V = 152k would be ~2e-3). The tokens for a seed differ from "gumbel"'s. Timed on
       an H200 (2026-11-26, B = 64, V = 152k, top-p): 88 us with one block per chunk and 4 warps
       against 140-216 us for "gumbel" over the same sweep; the default for top-k / top-p at
-      B >= 64 (``default_config``).
+      B x V >= 16 x 49,152 (``default_config``).
     candidates: K, candidates per round of the "cdf" draw (a power of two <= 8; "gumbel" takes
       1). Each round draws K i.i.d. candidates from p restricted to R_r, checks all K in one mass
       pass and accepts the first (in drawing order) that passes: rejection sampling from the
@@ -145,6 +145,12 @@ class GpuConfig:
       slower than K = 1 at four of the five launch settings swept (105-125 vs 88-107 us; within
       the run-to-run spread at the fifth): checking four
       pivots per entry costs the mass pass more than the launches it saves.
+    fused_finish: True (default): after the split path's last check launch, one launch (a
+      program per row, ``_finish_kernel``) decides the last candidates and continues the rows
+      still rejected. False: XLA decides them on the [B, C] partials (a reduction and a few
+      elementwise kernels), then the leftover-row launch (``_continue_rows``), about four more
+      launches per call (compiled for an H100: 15 -> 8 launches at B = 64, top-p, with
+      the launch-0 constants below). The tokens are the same either way (tested). Not yet timed.
   """
   block: int = 2048
   split: bool = True
@@ -157,6 +163,7 @@ class GpuConfig:
   fast_math: bool = True
   draw: str = "gumbel"
   candidates: int = 1
+  fused_finish: bool = True
 
 
 DRAWS = ("gumbel", "cdf")
@@ -164,24 +171,34 @@ DRAWS = ("gumbel", "cdf")
 # one run: 88 us against 140-216 us for the Gumbel draw at every programs x warps point of the
 # sweep; docs/benchmarks.md): one block per chunk, one candidate per round, 4 warps.
 CDF_MEASURED_FASTEST = dict(draw="cdf", candidates=1, chunk=2048, num_warps=4)
-CDF_MIN_BATCH = 64  # the smallest batch where the cdf draw was timed faster (B = 1: slower)
+# The fewest logits (B x V) at which the cdf draw was timed faster than the Gumbel draw, for
+# top-k / top-p (H200, 2026-11-27, one run, both with the XLA finish): B = 16 x V = 49,152, 30 vs
+# 40 us; every larger point of the table too (B = 16 at V = 128k / 152k, 41 vs 55 / 70 us; B = 64
+# and 256 at every vocabulary); slower at B = 16 x V = 32,000 (37 vs 33 us) and at B = 1 (28-41 vs
+# 27-38 us at every vocabulary).
+CDF_MIN_LOGITS = 16 * 49152
+# min-p alone: the cdf draw (the first draw is always accepted: statistics, the floor's masses,
+# one locate) timed faster at B = 64, V = 152k (52 vs 78 us, the same run); not timed elsewhere
+CDF_MIN_LOGITS_MIN_P = 64 * 151936
 
 
-def default_config(batch: int, *, top_k: int | None = None,
-                   top_p: float | None = None) -> GpuConfig:
+def default_config(batch: int, vocab: int, *, top_k: int | None = None,
+                   top_p: float | None = None, min_p: float | None = None) -> GpuConfig:
   """The launch settings ``sample_gpu`` uses when ``config`` is None.
 
-  With top-k or top-p at B >= ``CDF_MIN_BATCH``: the split path with the inverse-CDF draw, one
-  block per chunk, one candidate per round, 4 warps (``CDF_MEASURED_FASTEST``), timed on an H200
-  at B = 64, V = 152k, top-p: 88 us against 157 us for ``GpuConfig()`` in the same sweep; with
-  four candidates per round, top-p at B = 256 (390 vs 454 us) and top-k at B = 64 (138 vs 182 us)
-  were faster than ``GpuConfig()`` too. Everywhere else ``GpuConfig()`` (the Gumbel draw): faster
-  at B = 1 (38 vs 46 us) and for min-p alone (86 vs 102 us), where a round is always accepted and
-  the cdf draw's extra locate launch is pure cost. Both draws are exact (the same distribution).
+  The split path with the inverse-CDF draw, one block per chunk, one candidate per round, 4 warps
+  (``CDF_MEASURED_FASTEST``) where the logits hold at least ``CDF_MIN_LOGITS`` entries with top-k
+  or top-p (B >= 16 at V = 49k - 152k, B >= 64 at V = 32k) or ``CDF_MIN_LOGITS_MIN_P`` with min-p
+  alone; ``GpuConfig()`` (the Gumbel draw) elsewhere, where the cdf draw's extra locate launch
+  costs more than its cheaper passes save. Measured on an H200 (2026-11-27, the table of
+  docs/benchmarks.md): B = 64, V = 152k, top-p: 74 vs 126 us; B = 16, V = 152k: 41 vs 70 us;
+  B = 1: 41 vs 38 us. Both draws are exact (the same distribution); the tokens for a seed differ.
   """
-  if (top_k is not None or top_p is not None) and batch >= CDF_MIN_BATCH:
-    return GpuConfig(**CDF_MEASURED_FASTEST)
-  return GpuConfig()
+  if top_k is None and top_p is None:
+    cdf = min_p is not None and batch * vocab >= CDF_MIN_LOGITS_MIN_P
+  else:
+    cdf = batch * vocab >= CDF_MIN_LOGITS
+  return GpuConfig(**CDF_MEASURED_FASTEST) if cdf else GpuConfig()
 
 
 class KernelShapeError(ValueError):
@@ -349,17 +366,16 @@ def _gumbel_max_reduce(best, idx, bz, bx, vocab: int):
           jnp.max(jnp.where(hit, bx, ninf)))
 
 
-def _row_kernel(x_ref, seed_ref, pivot_ref, round_ref, active_ref, tok_ref, logp_ref, rounds_ref, *,
-                vocab: int, block: int, temperature: float, top_k: int | None, top_p: float | None,
-                log_min_p: float | None, max_rounds: int | None, math: str):
-  """One row: statistics, rejection rounds from round ``round_ref`` and pivot ``pivot_ref`` on,
-  outputs. Every pass keeps per-lane accumulators of shape [block] and reduces them once at its end
-  (no reduction per block). A row with ``active_ref`` 0 reads nothing (token -1)."""
+def _row_rounds(x_ref, seed, r0, pivot0, *, vocab: int, block: int, temperature: float,
+                top_k: int | None, top_p: float | None, log_min_p: float | None,
+                max_rounds: int | None, math: str):
+  """One row inside a kernel: statistics and rejection rounds from round ``r0`` and pivot
+  ``pivot0`` on -> (token or -1, model log-prob, rounds). Every pass keeps per-lane accumulators
+  of shape [block] and reduces them once at its end (no reduction per block)."""
   f32, i32 = jnp.float32, jnp.int32
   ninf = f32(-jnp.inf)
   nblocks = pl.cdiv(vocab, block)
   lane = lax.broadcasted_iota(i32, (block,), 0)
-  seed = seed_ref[...]
   scaled = temperature != 1.0
   full = lambda v, dtype=f32: jnp.full((block,), v, dtype)
 
@@ -424,45 +440,50 @@ def _row_kernel(x_ref, seed_ref, pivot_ref, round_ref, active_ref, tok_ref, logp
     return ok
 
   cap = _NO_CAP if max_rounds is None else max_rounds
+  floor = None
+  if log_min_p is not None:
+    m, s, m1, s1 = stats_pass()
+    floor = m  # the row max: the min-p floor is m + log min_p (``_in_set``)
+    tok, ztok, xtok = sample_pass(r0, pivot0, floor, False)
+  else:
+    tok, ztok, xtok, m, s, m1, s1 = sample_pass(r0, pivot0, None, True)
+  found = tok >= 0
+  rounds = r0 + 1
+  if top_k is not None or top_p is not None:
+    ok = found & accepts(ztok, m, s)
 
-  def run():
-    r0, pivot0 = round_ref[...], pivot_ref[...]
-    floor = None
-    if log_min_p is not None:
-      m, s, m1, s1 = stats_pass()
-      floor = m  # the row max: the min-p floor is m + log min_p (``_in_set``)
-      tok, ztok, xtok = sample_pass(r0, pivot0, floor, False)
-    else:
-      tok, ztok, xtok, m, s, m1, s1 = sample_pass(r0, pivot0, None, True)
-    found = tok >= 0
-    rounds = r0 + 1
-    if top_k is not None or top_p is not None:
+    def cond(c):
+      r, done = c[0], c[1]
+      return (r < cap) & ~done
+
+    def body(c):
+      r, _, _, ztok_prev, _ = c
+      tok, ztok, xtok = sample_pass(r, ztok_prev, floor, False)
+      found = tok >= 0
       ok = found & accepts(ztok, m, s)
+      return r + 1, ok | ~found, jnp.where(ok, tok, i32(-1)), ztok, xtok
 
-      def cond(c):
-        r, done = c[0], c[1]
-        return (r < cap) & ~done
+    rounds, _, tok, ztok, xtok = lax.while_loop(
+        cond, body, (rounds, ok | ~found, jnp.where(ok, tok, i32(-1)), ztok, xtok))
+  return tok, xtok - m1 - jnp.log(s1), rounds
 
-      def body(c):
-        r, _, _, ztok_prev, _ = c
-        tok, ztok, xtok = sample_pass(r, ztok_prev, floor, False)
-        found = tok >= 0
-        ok = found & accepts(ztok, m, s)
-        return r + 1, ok | ~found, jnp.where(ok, tok, i32(-1)), ztok, xtok
 
-      rounds, _, tok, ztok, xtok = lax.while_loop(
-          cond, body, (rounds, ok | ~found, jnp.where(ok, tok, i32(-1)), ztok, xtok))
-    tok_ref[...] = tok
-    logp_ref[...] = xtok - m1 - jnp.log(s1)
-    rounds_ref[...] = rounds
-
+def _row_kernel(x_ref, seed_ref, pivot_ref, round_ref, active_ref, tok_ref, logp_ref, rounds_ref,
+                **settings):
+  """One program per row: ``_row_rounds`` from round ``round_ref`` and pivot ``pivot_ref``. A row
+  with ``active_ref`` 0 reads nothing (token -1, log-prob NaN)."""
   active = active_ref[...] != 0
-  pl.when(active)(run)
+
+  @pl.when(active)
+  def _run():
+    tok, logp, rounds = _row_rounds(x_ref, seed_ref[...], round_ref[...], pivot_ref[...],
+                                    **settings)
+    tok_ref[...], logp_ref[...], rounds_ref[...] = tok, logp, rounds
 
   @pl.when(~active)
   def _skip():
-    tok_ref[...] = i32(-1)
-    logp_ref[...] = f32(jnp.nan)
+    tok_ref[...] = jnp.int32(-1)
+    logp_ref[...] = jnp.float32(jnp.nan)
     rounds_ref[...] = round_ref[...]
 
 
@@ -523,7 +544,7 @@ def _load_partials(ref, n_chunks: int, identity):
 def _chunk_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n_chunks: int,
                   temperature: float, top_k: int | None, top_p: float | None,
                   log_min_p: float | None, math: str, rnd: int, stats: bool, sample: bool,
-                  check: bool, first: bool):
+                  check: bool, first: bool, with_m: bool):
   """One (row, chunk) program of the split path: over v in [c chunk, (c + 1) chunk) it computes
   any of (per-lane accumulators, one reduction at the end; an inactive row reads nothing and
   writes the identities):
@@ -532,7 +553,8 @@ def _chunk_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n_
     sample: Gumbel-max of round ``rnd`` over {z > pivot, z - m >= log min_p}: score, index, z, x
     check:  #{z > pivot} and sum_{z > pivot} exp(z - m)   (the candidate of the previous round)
 
-  Launch 0 (stats / sample) takes (active, pivot, m) per row. Later launches (check) combine the
+  Launch 0 (stats / sample) runs every row from pivot -inf; with min-p it takes the row max m
+  (``with_m``), else m is unused. Later launches (check) combine the
   previous launch's per-chunk partials themselves (every program of the row takes the same
   decision, so no XLA step sits between the launches) and the row's first program writes what
   they combined: launch 1 (``first``) takes launch 0's statistics and draw partials and writes
@@ -566,9 +588,11 @@ def _chunk_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n_
     state = advance(state, i32(rnd - 1), parts[0], parts[1], parts[2:], s_ref[...],
                     top_k=top_k, top_p=top_p)
     active, pivot = ~state.done, state.ztok
-  else:
-    active_ref, pivot_ref, m_ref, *refs = refs
-    active, pivot, m = active_ref[...] != 0, pivot_ref[...], m_ref[...]
+  elif with_m:  # launch 0 after XLA took the row max (min-p): every row active, no pivot
+    m_ref, *refs = refs
+    active, pivot, m = jnp.bool_(True), ninf, m_ref[...]
+  else:  # launch 0: constants, not inputs (an input would be one more XLA kernel to fill it)
+    active, pivot, m = jnp.bool_(True), ninf, f32(0.0)
   out_refs = refs
   key = round_key(seed_ref[...], i32(rnd))
 
@@ -668,9 +692,11 @@ def _split_call(logits_BxV, seeds_B, *row_inputs, chunk, n_chunks, cfg, settings
   first = check and len(prev_parts) == 8
   kinds = ([f32] * 4 if stats else []) + ([f32, i32, f32, f32] if sample else []) + (
       [i32, f32] if check else [])
+  if not check and len(row_inputs) > 1:
+    raise ValueError("launch 0 takes at most the row max m (every row active, pivot -inf)")
   kernel = functools.partial(_chunk_kernel, vocab=v, block=cfg.block, chunk=chunk,
                              n_chunks=n_chunks, rnd=rnd, stats=stats, sample=sample, check=check,
-                             first=first, **settings)
+                             first=first, with_m=not check and len(row_inputs) == 1, **settings)
   row = pl.BlockSpec((None,), lambda i, c: (i,))
   cell = pl.BlockSpec((None, None), lambda i, c: (i, c))
   partials = pl.BlockSpec((None, n_chunks), lambda i, c: (i, 0))
@@ -713,16 +739,16 @@ def _sample_split(logits_BxV, seeds_B, *, chunk, n_chunks, cfg, settings, interp
   combines only after the last launch. Rows still rejected continue in ``_row_kernel`` from round
   R and the last rejected pivot."""
   b, _ = logits_BxV.shape
-  f32, i32 = jnp.float32, jnp.int32
+  i32 = jnp.int32
   call = functools.partial(_split_call, logits_BxV, seeds_B, chunk=chunk, n_chunks=n_chunks,
                            cfg=cfg, settings=settings, interpret=interpret)
   top_k, top_p = settings["top_k"], settings["top_p"]
-  ones, ninf = jnp.ones((b,), i32), jnp.full((b,), -jnp.inf, f32)
+  ones = jnp.ones((b,), i32)
   if settings["log_min_p"] is not None:  # min-p needs the row max before any draw
-    st = call(ones, ninf, jnp.zeros((b,), f32), stats=True)
-    parts = tuple(st) + tuple(call(ones, ninf, combine_stats(st[0], st[1])[0], sample=True))
+    st = call(stats=True)
+    parts = tuple(st) + tuple(call(combine_stats(st[0], st[1])[0], sample=True))
   else:
-    parts = tuple(call(ones, ninf, jnp.zeros((b,), f32), stats=True, sample=True))
+    parts = tuple(call(stats=True, sample=True))
   if top_k is None and top_p is None:  # every first draw is accepted
     m1, s1 = combine_stats(parts[2], parts[3])
     tok, _, xtok = combine_draws(*parts[4:])
@@ -744,9 +770,14 @@ def _sample_split(logits_BxV, seeds_B, *, chunk, n_chunks, cfg, settings, interp
 
 def _finish_split(logits_BxV, seeds_B, state, count_BxC, mass_BxC, s, m1, s1, n_split, *, cfg,
                   settings, interpret):
-  """After the Gumbel split launches: check the last candidate (XLA, on the last launch's [B, C]
-  partials), then ``_continue_rows``."""
+  """After the Gumbel split launches: check the last candidate and continue the rows it rejects,
+  in one launch (``_finish_call``), or with ``fused_finish=False`` in XLA on the last launch's
+  [B, C] partials, then ``_continue_rows``."""
   i32 = jnp.int32
+  if cfg.fused_finish:  # one candidate per round: [B] -> [B, 1] and [B, C] -> [B, C, 1]
+    return _finish_call(logits_BxV, seeds_B, (*state[:4], *(a[:, None] for a in state[4:])),
+                        count_BxC[..., None], mass_BxC[..., None], s, m1, s1, n_split, cfg=cfg,
+                        settings=settings, interpret=interpret)
   state = SplitState(state[0] != 0, *state[1:])
   state = advance(state, i32(n_split), count_BxC, mass_BxC, None, s, top_k=settings["top_k"],
                   top_p=settings["top_p"])
@@ -772,6 +803,68 @@ def _continue_rows(logits_BxV, seeds_B, state, pivot_B, m1, s1, n_split, *, cfg,
       cfg=cfg, settings=settings, interpret=interpret)
   return (jnp.where(state.done, state.result, row_tok), jnp.where(state.done, logp, row_logp),
           jnp.where(state.done, state.rounds, row_rounds + (split_count - n_split)))
+
+
+def _finish_kernel(x_ref, seed_ref, m1_ref, s1_ref, s_ref, *refs, n_chunks: int, n_split: int,
+                   candidates: int, cap_reached: bool, **settings):
+  """One program per row after the split path's last check launch: combines that launch's
+  [C, K] count / mass partials of the state's K candidates (``advance_candidates``: accept the
+  first passing one) and writes the row's token, model log-prob and rounds; a row still rejected
+  continues in ``_row_rounds`` from round ``n_split`` and the highest rejected candidate, in the
+  same program (unless ``max_rounds`` is reached: token -1). Replaces XLA's combine and the
+  leftover-row launch of ``_continue_rows`` with one launch that draws the same tokens."""
+  f32, i32 = jnp.float32, jnp.int32
+  *state_refs, count_ref, mass_ref, tok_ref, logp_ref, rounds_ref = refs
+  state = SplitState(*(r[...] for r in state_refs))
+  state = state._replace(done=state.done != 0)
+  count = _load_partials_ck(count_ref, n_chunks, candidates, 0)
+  mass = _load_partials_ck(mass_ref, n_chunks, candidates, 0.0)
+  state, _, pivot = advance_candidates(state, n_split - 1, count, mass, s_ref[...],
+                                       top_k=settings["top_k"], top_p=settings["top_p"])
+  m1, s1 = m1_ref[...], s1_ref[...]
+
+  @pl.when(state.done)
+  def _decided():
+    tok_ref[...] = state.result
+    logp_ref[...] = state.result_x - m1 - jnp.log(s1)
+    rounds_ref[...] = state.rounds
+
+  @pl.when(~state.done)
+  def _rejected():
+    if cap_reached:
+      tok_ref[...] = i32(-1)
+      logp_ref[...] = f32(jnp.nan)
+      rounds_ref[...] = i32(n_split * candidates)
+    else:
+      tok, logp, rounds = _row_rounds(x_ref, seed_ref[...], i32(n_split), pivot, **settings)
+      tok_ref[...], logp_ref[...] = tok, logp
+      rounds_ref[...] = rounds + i32(n_split * (candidates - 1))
+
+
+def _finish_call(logits_BxV, seeds_B, state, count_BxCxK, mass_BxCxK, s, m1, s1, n_split, *,
+                 cfg, settings, interpret):
+  """One launch of ``_finish_kernel`` (a program per row) -> (token_B, model_logp_B, rounds_B).
+  ``state``: the [B] fields as stored (done int32), its candidates [B, K]."""
+  b, v = logits_BxV.shape
+  _, n_chunks, k_count = count_BxCxK.shape
+  kernel = functools.partial(
+      _finish_kernel, n_chunks=n_chunks, n_split=n_split, candidates=k_count,
+      cap_reached=cfg.max_rounds is not None and n_split >= cfg.max_rounds, vocab=v,
+      block=cfg.block, max_rounds=cfg.max_rounds, **settings)
+  row = pl.BlockSpec((None,), lambda i: (i,))
+  per_k = pl.BlockSpec((None, k_count), lambda i: (i, 0))
+  parts = pl.BlockSpec((None, n_chunks, k_count), lambda i: (i, 0, 0))
+  compiler_params = None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps,
+                                                                 num_stages=cfg.num_stages)
+  return pl.pallas_call(
+      kernel, grid=(b,),
+      out_shape=(jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.float32),
+                 jax.ShapeDtypeStruct((b,), jnp.int32)),
+      in_specs=[pl.BlockSpec((None, v), lambda i: (i, 0))] + [row] * 8 + [per_k] * 3
+      + [parts] * 2,
+      out_specs=(row, row, row), compiler_params=compiler_params, interpret=interpret,
+      name="sample_split_finish")(logits_BxV, seeds_B, m1, s1, s, *state, count_BxCxK,
+                                  mass_BxCxK)
 
 
 def round_uniform(seed_u32, r_i32, level: int):
@@ -1018,8 +1111,8 @@ def _sample_split_cdf(logits_BxV, seeds_B, *, chunk, n_chunks, cfg, settings, in
   f32, i32 = jnp.float32, jnp.int32
   k_count = cfg.candidates
   kw = dict(chunk=chunk, n_chunks=n_chunks, cfg=cfg, settings=settings, interpret=interpret)
-  ones, ninf = jnp.ones((b,), i32), jnp.full((b,), -jnp.inf, f32)
-  st = tuple(_split_call(logits_BxV, seeds_B, ones, ninf, jnp.zeros((b,), f32), stats=True, **kw))
+  ones = jnp.ones((b,), i32)
+  st = tuple(_split_call(logits_BxV, seeds_B, stats=True, **kw))
   if settings["log_min_p"] is not None:  # the first round's set is the min-p floor's
     floor = _mass_call(logits_BxV, 0 * ones, jnp.full((b, k_count), -jnp.inf, f32),
                        combine_stats(st[0], st[1])[0], **kw)[1]
@@ -1034,6 +1127,9 @@ def _sample_split_cdf(logits_BxV, seeds_B, *, chunk, n_chunks, cfg, settings, in
     if r < n_split:
       state = _locate_call(logits_BxV, seeds_B, m, s, *state, count, mass, rnd=r, first=False,
                            **kw)
+  if cfg.fused_finish:
+    return _finish_call(logits_BxV, seeds_B, state, count, mass, s, m1, s1, n_split, cfg=cfg,
+                        settings=settings, interpret=interpret)
   state, _, pivot = advance_candidates(SplitState(state[0] != 0, *state[1:]), n_split - 1, count,
                                        mass, s, top_k=settings["top_k"], top_p=settings["top_p"])
   return _continue_rows(logits_BxV, seeds_B, state, pivot, m1, s1, n_split, cfg=cfg,
@@ -1053,8 +1149,9 @@ def sample_gpu(logits_BxV, seeds_B, *, temperature: float = 1.0, top_k: int | No
     temperature: > 0 (greedy is not a kernel case).
     top_k, top_p, min_p: as ``process_logits``; None (or k >= V, p = 1, min_p = 0) = not applied.
       top_k and top_p together raise ``KernelShapeError``.
-    config: ``GpuConfig``; None: ``default_config(B, top_k=..., top_p=...)`` (the split path,
-      fast_math, block 2048, no rounds cap; the cdf draw for top-k / top-p at B >= 64).
+    config: ``GpuConfig``; None: ``default_config(B, V, top_k=..., top_p=..., min_p=...)`` (the
+      split path, fast_math, block 2048, no rounds cap; the cdf draw from B x V >= 16 x 49,152
+      for top-k / top-p).
     interpret: Pallas interpret mode (CPU tests).
   Returns:
     token_B int32: the sampled token, or -1 where ``max_rounds`` rounds all rejected (or the row
@@ -1069,7 +1166,7 @@ def sample_gpu(logits_BxV, seeds_B, *, temperature: float = 1.0, top_k: int | No
     top_p = None
   if min_p is not None and min_p <= 0.0:
     min_p = None
-  cfg = config or default_config(b, top_k=top_k, top_p=top_p)
+  cfg = config or default_config(b, v, top_k=top_k, top_p=top_p, min_p=min_p)
   check_config(cfg)
   if top_k is not None and top_p is not None:
     raise KernelShapeError("top_k together with top_p is not a kernel case (the top-p mass is "

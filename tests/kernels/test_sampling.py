@@ -423,6 +423,35 @@ def test_split_path_keeps_the_rounds_cap():
     assert np.asarray(got[2]).max() <= cap and (np.asarray(got[0]) < 0).any()
 
 
+FINISH_CASES = [dict(top_k=2), dict(temperature=0.7, top_p=0.8), dict(top_p=0.5, min_p=0.05)]
+
+
+@pytest.mark.parametrize("settings", FINISH_CASES, ids=lambda d: "-".join(map(str, d.items())))
+@pytest.mark.parametrize("extra", [dict(), dict(split_rounds=1), dict(max_rounds=2),
+                                   dict(draw="cdf"), dict(draw="cdf", candidates=2,
+                                                          split_rounds=1),
+                                   dict(draw="cdf", max_rounds=1, split_rounds=1)],
+                         ids=lambda d: "-".join(map(str, d.items())) or "default")
+def test_fused_finish_draws_what_xla_and_the_row_kernel_draw(settings, extra):
+  """The finish launch (``fused_finish=True``, the default) decides the last candidates and
+  continues the rejected rows in one program per row; it returns exactly the tokens, rounds and
+  log-probs of XLA's decision followed by the leftover-row kernel (``fused_finish=False``),
+  including rows that reach the rounds cap (token -1) and K candidates per round. Flat rows
+  (x 0.3) and top-k 2 make most rows go past one round, so the continuation really runs."""
+  x = jnp.asarray(_random_rows(16, 300, seed=41)) * 0.3
+  seeds = jax.random.bits(jax.random.key(42), (16,), jnp.uint32)
+  cfg = GpuConfig(block=16, chunk=64, split=True, **extra)
+  got = [np.asarray(a) for a in sample_gpu(x, seeds, config=cfg, interpret=True, **settings)]
+  want = [np.asarray(a) for a in sample_gpu(
+      x, seeds, config=dataclasses.replace(cfg, fused_finish=False), interpret=True, **settings)]
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[2], want[2])
+  ok = want[0] >= 0
+  np.testing.assert_allclose(got[1][ok], want[1][ok], rtol=1e-6, atol=1e-6)
+  if "top_k" in settings and "max_rounds" not in extra:
+    assert want[2].max() > cfg.split_rounds * cfg.candidates  # the continuation ran
+
+
 def test_split_path_samples_the_exact_truncated_distribution():
   x = jnp.tile(jnp.asarray(ROW37, jnp.float32), (2048, 1))
   seeds = jax.random.bits(jax.random.key(25), (2048,), jnp.uint32)
@@ -553,29 +582,36 @@ def test_cdf_launches():
   names = [n for _, n in calls]
   assert names == ["sample_split_s", "sample_cdf_locate_first", "sample_cdf_mass",
                    "sample_cdf_locate", "sample_cdf_mass", "sample_cdf_locate",
-                   "sample_cdf_mass", "sample_top_k_top_p_min_p"]
+                   "sample_cdf_mass", "sample_split_finish"]
   index = [i for i, _ in calls]
-  assert index[:7] == list(range(index[0], index[0] + 7))
+  assert index == list(range(index[0], index[0] + 8))  # no XLA step between any two
   # 4 candidates per round, 2 rounds: two launches fewer
   f = functools.partial(sample_gpu, top_p=0.9, config=GpuConfig(draw="cdf", candidates=4,
                                                                   split_rounds=2))
   eqns = jax.make_jaxpr(f)(x, seeds).jaxpr.eqns[0].params["jaxpr"].jaxpr.eqns
   assert [e.params["name"] for e in eqns if e.primitive.name == "pallas_call"] == [
       "sample_split_s", "sample_cdf_locate_first", "sample_cdf_mass", "sample_cdf_locate",
-      "sample_cdf_mass", "sample_top_k_top_p_min_p"]
+      "sample_cdf_mass", "sample_split_finish"]
 
 
 def test_default_config_takes_the_cdf_draw_where_it_was_timed_faster():
   """``sample_gpu`` without a config: the cdf draw (one block per chunk, one candidate, 4 warps)
-  for top-k / top-p at B >= 64, the Gumbel ``GpuConfig()`` at small batches and for min-p alone
-  (where the H200 timed each faster); the settings are resolved after k >= V / p = 1 drop out."""
-  cdf = sgpu.default_config(64, top_p=0.9)
+  for top-k / top-p from B x V = 16 x 49,152 logits and for min-p alone from 64 x 151,936, the
+  Gumbel ``GpuConfig()`` below (where the H200 timed each faster); the settings are resolved
+  after k >= V / p = 1 drop out."""
+  v = 151936
+  cdf = sgpu.default_config(64, v, top_p=0.9)
   assert (cdf.draw, cdf.candidates, cdf.chunk, cdf.block, cdf.num_warps) == ("cdf", 1, 2048,
                                                                              2048, 4)
-  assert cdf.split and cdf.fast_math and cdf.max_rounds is None
-  assert sgpu.default_config(256, top_k=50) == cdf
-  for batch, rules in ((63, dict(top_p=0.9)), (1, dict(top_k=50)), (64, dict()), (256, dict())):
-    assert sgpu.default_config(batch, **rules) == GpuConfig(), (batch, rules)
+  assert cdf.split and cdf.fast_math and cdf.max_rounds is None and cdf.fused_finish
+  for batch, vocab, rules in ((256, v, dict(top_k=50)), (16, 49152, dict(top_p=0.9)),
+                              (16, v, dict(top_k=50)), (64, 32000, dict(top_p=0.9)),
+                              (64, v, dict(min_p=0.05))):
+    assert sgpu.default_config(batch, vocab, **rules) == cdf, (batch, vocab, rules)
+  for batch, vocab, rules in ((15, 49152, dict(top_p=0.9)), (16, 32000, dict(top_p=0.9)),
+                              (1, v, dict(top_k=50)), (64, v, dict()), (256, v, dict()),
+                              (16, v, dict(min_p=0.05))):
+    assert sgpu.default_config(batch, vocab, **rules) == GpuConfig(), (batch, vocab, rules)
   def launches(batch=64, **settings):
     f = functools.partial(sample_gpu, **settings)
     eqns = jax.make_jaxpr(f)(jax.ShapeDtypeStruct((batch, 151936), jnp.float32),
@@ -583,26 +619,29 @@ def test_default_config_takes_the_cdf_draw_where_it_was_timed_faster():
     return [e.params["name"] for e in eqns[0].params["jaxpr"].jaxpr.eqns
             if e.primitive.name == "pallas_call"]
   assert "sample_cdf_mass" in launches(top_p=0.9) and "sample_cdf_mass" in launches(top_k=50)
-  for batch, settings in ((64, dict(min_p=0.05)), (64, dict(top_p=1.0, min_p=0.05)),
-                          (63, dict(top_p=0.9))):  # p = 1 is not a top-p rule
+  assert "sample_cdf_mass" in launches(16, top_p=0.9)
+  for batch, settings in ((32, dict(min_p=0.05)), (32, dict(top_p=1.0, min_p=0.05)),
+                          (5, dict(top_p=0.9))):  # p = 1 is not a top-p rule
     assert not any("cdf" in n for n in launches(batch, **settings)), (batch, settings)
 
 
 def test_split_launches_follow_each_other_with_no_xla_step():
-  """Each split launch combines the previous launch's per-chunk partials itself: the launch 0 ..
-  R kernels are consecutive operations (on a GPU no XLA kernel between them); XLA combines once,
-  after the last, before the leftover rows' kernel."""
+  """Each split launch combines the previous launch's per-chunk partials itself, and the finish
+  launch the last one's: the launch 0 .. R kernels and the finish are consecutive operations (on
+  a GPU no XLA kernel between them; with min-p XLA takes the row max before the first draw)."""
   x = jax.ShapeDtypeStruct((64, 151936), jnp.float32)
   seeds = jax.ShapeDtypeStruct((64,), jnp.uint32)
   for settings, launches in ((dict(top_p=0.9), 4), (dict(top_k=50, min_p=0.05), 5)):
     f = functools.partial(sample_gpu, config=GpuConfig(split=True), **settings)
     eqns = jax.make_jaxpr(f)(x, seeds).jaxpr.eqns[0].params["jaxpr"].jaxpr.eqns
     kernels = [i for i, e in enumerate(eqns) if e.primitive.name == "pallas_call"]
-    assert len(kernels) == launches + 1  # and the leftover rows' kernel
+    assert len(kernels) == launches + 1  # and the finish launch
+    assert eqns[kernels[-1]].params["name"] == "sample_split_finish"
     if "min_p" in settings:  # min-p: the row max is combined (XLA) before the first draw
       kernels = kernels[1:]
-      launches -= 1
-    assert kernels[:launches] == list(range(kernels[0], kernels[0] + launches))
+    between = {eqns[i].primitive.name for i in range(kernels[0], kernels[-1])} - {"pallas_call"}
+    # [B] -> [B, 1] and [B, C] -> [B, C, 1] for the finish launch: bitcasts, no kernel on a GPU
+    assert between <= {"broadcast_in_dim", "reshape"}, between
 
 
 def test_chunks_per_row_aims_at_the_program_count():

@@ -59,6 +59,7 @@ def test_cdf_draw_compiles_and_streams_with_a_fraction_of_the_gumbel_work():
   cdf = compiled(functools.partial(sample_gpu, top_p=0.9, config=GpuConfig(draw="cdf")), *shapes)
   names = [r["kernel"] for r in cdf]
   assert names[:3] == ["sample_split_s", "sample_cdf_locate_first", "sample_cdf_mass"]
+  assert names[-1] == "sample_split_finish"  # decides and continues in one launch, no spills
   gumbel = compiled(functools.partial(sample_gpu, top_p=0.9, config=GpuConfig()), *shapes)
   assert gumbel[0]["kernel"] == "sample_split_sd"
   assert cdf[0]["loop_instructions"] < 0.4 * gumbel[0]["loop_instructions"]

@@ -1,24 +1,24 @@
 #!/bin/bash
-# One device call (~9.5 minutes, set TOTAL to the seconds the call may take) for a short lease,
-# in the order that settles most if the call is cut:
+# One device call (~8 minutes; TOTAL = the seconds the call may take) for a short lease, in the
+# order that settles most if the call is cut:
 #   1. issue 8's deciding points: benchmarks/sampling.py checks (split + fast_math, cdf draw, row
-#      kernel) and the table's first five points with every column (top-p at B = 64 / 1 / 256,
-#      top-k and min-p at B = 64, V = 152k), with the timing loop that no longer passes over the
-#      logits (fixed 2026-11-27). Met if the default kernel call at top-p, B = 64 is within 4x of
-#      one read of the logits and >= 10x faster than XLA's sort.
-#   2. issue 9's batch-1 decode A/B (benchmarks/gpu_decode_rows.sh, the SmolLM2-135M shape only):
-#      generate with its second row (the default since 2026-11-27) and without.
-#   3. with what time is left: if 1 met, the rest of the sampling table (--lean: loop, read, sort
-#      and the two split settings default_config picks between); otherwise a sweep of the kernel's
-#      launch settings at B = 64, V = 152k.
+#      kernel; since 2026-11-27 each path ends in the one-launch finish, so the checks cover it)
+#      and the table's first five points with every column (top-p at B = 64 / 1 / 256, top-k and
+#      min-p at B = 64, V = 152k), including the A/B of the finish (split_*_xla_finish: XLA's
+#      decision and the leftover-row launch, as before). Met if the default kernel call at top-p,
+#      B = 64 is within 4x of one read of the logits (gross: the timing loop's own cost, the
+#      "loop" column, is not subtracted) and >= 10x faster than XLA's sort.
+#   2. with what time is left: if 1 met, the rest of the sampling table (--lean: loop, read,
+#      sort and the two split settings default_config picks between), so that one run holds the
+#      whole table; otherwise a sweep of the kernel's launch settings at B = 64, V = 152k.
 # Every script writes its JSON after each row, so a cut run keeps what it measured.
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-TOTAL=${TOTAL:-570}
+TOTAL=${TOTAL:-500}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
-timeout "${SAMPLING_TIMEOUT:-230}" python3 benchmarks/sampling.py --rows 0:5 \
-  --check-configs split_fast split_cdf row --time-limit "${SAMPLING_LIMIT:-215}" --repeats 5 \
+timeout "${SAMPLING_TIMEOUT:-250}" python3 benchmarks/sampling.py --rows 0:5 \
+  --check-configs split_fast split_cdf row --time-limit "${SAMPLING_LIMIT:-235}" --repeats 5 \
   --out "$OUT/sampling.json" 2>&1 | tee "$OUT/sampling.log"
 met=$(python3 - "$OUT/sampling.json" <<'PY'
 import json, sys
@@ -34,18 +34,18 @@ except Exception as e:  # noqa: BLE001
 PY
 )
 echo "issue 8 targets met at B = 64, V = 152k: $met" | tee "$OUT/met.txt"
-SMALL=smollm2-135m LARGE= LIMIT=${ROWS_LIMIT:-20} OUT="$OUT/rows" bash benchmarks/gpu_decode_rows.sh
 left=$((TOTAL - SECONDS - 15))
-echo "seconds left for part 3: $left"
+echo "seconds left for part 2: $left"
+limit=$((left - 15)); sweep_s=$((left - 30))
 if [ "$left" -gt 40 ]; then
   if [ "${met%% *}" = yes ]; then
     timeout "$left" python3 benchmarks/sampling.py --no-check --lean --rows 5: \
-      --time-limit $((left - 15)) --repeats 5 --out "$OUT/sampling_rest.json" 2>&1 \
+      --time-limit $limit --repeats 5 --out "$OUT/sampling_rest.json" 2>&1 \
       | tee "$OUT/sampling_rest.log"
   else
     timeout "$left" python3 benchmarks/sampling.py --no-check --no-table --sweep \
       --sweep-programs 8192 2048 --sweep-blocks 1024 2048 --sweep-warps 4 2 \
-      --sweep-seconds $((left - 30)) --time-limit $((left - 15)) --repeats 5 \
+      --sweep-seconds $sweep_s --time-limit $limit --repeats 5 \
       --out "$OUT/sampling_sweep.json" 2>&1 | tee "$OUT/sampling_sweep.log"
   fi
 fi

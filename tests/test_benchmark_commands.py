@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # shell loop variables of the scripts, set to values the loops take
 LOOP_VALUES = {"model": "smollm2-135m", "top_p": "0.9", "LIMIT": "40", "name": "run",
                "OUT": "/tmp/out", "m": "16", "variants": "4:dot:prmt:nk 8:dot:shift:nk",
-               "LOG": "/tmp/out/log"}
+               "LOG": "/tmp/out/log", "left": "200", "limit": "185", "sweep_s": "170"}
 # run a benchmark script with argparse stopped after a successful parse (exit 0) or a failed one
 # (argparse's own exit 2 with its message)
 RUNNER = """
@@ -71,7 +71,7 @@ COMMANDS = _commands()
 def test_the_prepared_commands_are_found():
   sources = {source for source, _ in COMMANDS}
   assert {"gpu_qmm_layouts.sh", "gpu_qmm_profile.sh", "gpu_sampling_then_qmm.sh",
-          "README.md"} <= sources
+          "gpu_lease.sh", "README.md"} <= sources
   assert len(COMMANDS) >= 8
 
 

@@ -29,6 +29,10 @@ summarises the whole program: launches and bytes written by kind, and the larges
 source line. No cuDNN library is needed: the cuDNN version check answers 9.10 while lowering
 (``pretend_cudnn``) and XLA emits the cuDNN custom calls without building their graphs.
 
+``--sampler top_p top_k min_p`` compiles ``kernels.sampling.sample_gpu`` alone at each ``--batch``
+x ``--vocab`` (its default settings) twice, with the one-launch finish (``GpuConfig.fused_finish``)
+and with XLA's, and reports the launches of each.
+
 What it tells and what it does not: the per-step launch count and the kind of every launched
 operation (``common.loop_launch_list``) -- on 2026-11-27 this reproduced exactly the 749 launches
 per step that the H100 run of 2026-11-26 counted from its own compiled program (SmolLM2-135M
@@ -309,6 +313,26 @@ def decode_program(preset: str, batch: int, *, decode_attention: str, top_p: flo
   return hlo, rows
 
 
+SAMPLER_MODES = {"top_p": dict(top_p=0.9), "top_k": dict(top_k=50), "min_p": dict(min_p=0.05)}
+
+
+def sampler_program(batch: int, vocab: int, mode: str, *, sharding, fused_finish: bool = True,
+                    dtype: str = "float32") -> str:
+  """Optimised HLO of ``kernels.sampling.sample_gpu`` alone (``default_config(batch, vocab)``
+  for the rule ``mode`` of ``SAMPLER_MODES``, with ``fused_finish`` as given) on [batch, vocab]
+  logits, compiled for ``sharding``'s compile-only device."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from kernels.sampling.gpu import default_config, sample_gpu  # pylint: disable=import-outside-toplevel
+  rule = SAMPLER_MODES[mode]
+  cfg = dataclasses.replace(default_config(batch, vocab, **rule), fused_finish=fused_finish)
+  x = jax.ShapeDtypeStruct((batch, vocab), jnp.dtype(dtype), sharding=sharding)
+  seeds = jax.ShapeDtypeStruct((batch,), jnp.uint32, sharding=sharding)
+  f = jax.jit(lambda s, x: sample_gpu(x, s, config=cfg, **rule))
+  with backend_reads_gpu(sharding):
+    return f.trace(seeds, x).lower(lowering_platforms=("cuda",)).compile().as_text()
+
+
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -338,6 +362,12 @@ def parse_args(argv=None):
                       help="--train: vocabulary chunks of the loss (0: none, as train_step.py's "
                            "default; the configs use 8192)")
   parser.add_argument("--rows", type=int, default=4, help="--train: sequences per step")
+  parser.add_argument("--sampler", nargs="+", default=None, choices=list(SAMPLER_MODES),
+                      help="compile kernels.sampling.sample_gpu alone at each --batch x "
+                           "--vocab, its default settings, with the one-launch finish and "
+                           "with XLA's (GpuConfig.fused_finish), instead of generate")
+  parser.add_argument("--vocab", type=int, nargs="+", default=[151936],
+                      help="--sampler: vocabulary sizes")
   parser.add_argument("--gpu", default="h100", choices=sorted(GPUS))
   parser.add_argument("--dump-dir", default=None,
                       help="write each program's optimised HLO and its decode step's launch list")
@@ -354,6 +384,8 @@ def main(argv=None):
   sharding = compile_only_sharding(args.gpu)
   if args.train:
     return _main_train(args, sharding)
+  if args.sampler:
+    return _main_sampler(args, sharding)
   paddings = [True, False] if args.row_padding_both else [not args.no_row_padding]
   rows = []
   shapes = [(preset, fmt, attention, batch, pad) for preset in args.config
@@ -426,6 +458,30 @@ def _main_train(args, sharding):
         f.write(hlo)
   if args.out:
     _write(args.out, dict(tool="benchmarks/xla_gpu_offline.py --train", gpu=args.gpu,
+                          jax=jax.__version__, target_config=target_config(args.gpu), rows=rows,
+                          date=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+  return rows
+
+
+def _main_sampler(args, sharding):
+  import jax  # pylint: disable=import-outside-toplevel
+  from kernels.sampling.gpu import default_config  # pylint: disable=import-outside-toplevel
+  rows = []
+  for mode, batch, vocab in [(m, b, v) for m in args.sampler for b in args.batch
+                             for v in args.vocab]:
+    row = dict(mode=mode, batch=batch, vocab=vocab,
+               draw=default_config(batch, vocab, **SAMPLER_MODES[mode]).draw)
+    for fused in (True, False):
+      summary = program_summary(sampler_program(batch, vocab, mode, sharding=sharding,
+                                                fused_finish=fused))
+      row["launches_fused_finish" if fused else "launches_xla_finish"] = summary["launches"]
+      row["by_kind_fused_finish" if fused else "by_kind_xla_finish"] = summary["by_kind"]
+    rows.append(row)
+    common.log(f"sample_gpu {mode} B={batch} V={vocab} ({row['draw']} draw): "
+               f"{row['launches_fused_finish']} launches with the one-launch finish, "
+               f"{row['launches_xla_finish']} with XLA's")
+  if args.out:
+    _write(args.out, dict(tool="benchmarks/xla_gpu_offline.py --sampler", gpu=args.gpu,
                           jax=jax.__version__, target_config=target_config(args.gpu), rows=rows,
                           date=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
   return rows

@@ -135,3 +135,13 @@ def test_an_async_pair_is_one_launch_and_writes_its_done_output():
   assert offline._launches_and_bytes(start) == (2, 0)  # pylint: disable=protected-access
   assert offline._launches_and_bytes(done) == (0, 2 * 8 * 8 * 2)  # pylint: disable=protected-access
   assert offline._launches_and_bytes(plain) == (3, 3 * 16)  # pylint: disable=protected-access
+
+
+def test_sampler_mode_parses_and_times_the_sampling_benchmark_rules():
+  """``--sampler`` compiles ``sample_gpu`` for the rules ``benchmarks/sampling.py`` times (the
+  counts, 15 -> 8 launches at B = 64 with the one-launch finish, are in docs/benchmarks.md)."""
+  from benchmarks.sampling import MODES  # pylint: disable=import-outside-toplevel
+  args = offline.parse_args(["--sampler", "top_p", "min_p", "--batch", "1", "64", "--vocab",
+                             "32000", "151936"])
+  assert args.sampler == ["top_p", "min_p"] and args.vocab == [32000, 151936]
+  assert offline.SAMPLER_MODES == MODES

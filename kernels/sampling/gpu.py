@@ -149,8 +149,9 @@ class GpuConfig:
       program per row, ``_finish_kernel``) decides the last candidates and continues the rows
       still rejected. False: XLA decides them on the [B, C] partials (a reduction and a few
       elementwise kernels), then the leftover-row launch (``_continue_rows``), about four more
-      launches per call (compiled for an H100: 15 -> 8 launches at B = 64, top-p, with
-      the launch-0 constants below). The tokens are the same either way (tested). Not yet timed.
+      launches per call (compiled for an H100: 12 -> 8 launches at B = 64, top-p; 10 -> 5
+      at B = 1; ``benchmarks/xla_gpu_offline.py --sampler``). The tokens are the same either
+      way (tested). Not yet timed.
   """
   block: int = 2048
   split: bool = True

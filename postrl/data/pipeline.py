@@ -30,6 +30,7 @@ Another record type gets its own ``tokenize_*`` function of the same shape and r
 from __future__ import annotations
 
 import functools
+import numbers
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -177,10 +178,14 @@ def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
   return index, count
 
 
-def _check_example(example: Mapping[str, np.ndarray], *, seq_len: int) -> Mapping[str, np.ndarray]:
+def _check_example(example: Mapping[str, np.ndarray], *, seq_len: int,
+                   vocab_size: int | None = None) -> Mapping[str, np.ndarray]:
   """``example`` unchanged if it has 1-D ``tokens`` and ``loss_mask`` of one length in
-  [1, seq_len]; a ``DataError`` otherwise (packing put a longer mask's extra 1s on padding, and
-  a longer example failed deep inside grain or numpy)."""
+  [1, seq_len] and integer token ids in [0, vocab_size); a ``DataError`` otherwise (packing put a
+  longer mask's extra 1s on padding, a longer example failed deep inside grain or numpy, and an
+  id out of range is never caught later: under jit a negative id reads the embedding from its
+  end and an id >= the vocabulary gives NaN log-probs, and the int32 batch would wrap an id
+  >= 2**31)."""
   for key in ("tokens", "loss_mask"):
     if key not in example:
       raise DataError(f"batch_examples: an example is missing key {key!r} (has "
@@ -197,12 +202,23 @@ def _check_example(example: Mapping[str, np.ndarray], *, seq_len: int) -> Mappin
   if n > seq_len:
     raise DataError(f"batch_examples: an example has {n} tokens, longer than seq_len={seq_len} "
                     f"(truncate it first, e.g. tokenize_sft's max_len)")
+  tokens = np.asarray(example["tokens"])
+  if tokens.dtype.kind not in "iu":
+    raise DataError(f"batch_examples: an example has tokens of dtype {tokens.dtype}; token ids "
+                    f"must be integers")
+  limit = np.iinfo(np.int32).max + 1 if vocab_size is None else vocab_size
+  bad = np.flatnonzero((tokens < 0) | (tokens >= limit))
+  if bad.size:
+    i = int(bad[0])
+    raise DataError(f"batch_examples: an example has token id {int(tokens[i])} at position {i}, "
+                    f"outside the vocabulary [0, {limit})" + (
+                        "" if vocab_size is not None else " of int32 ids"))
   return example
 
 
 def batch_examples(examples, *, batch_size: int, seq_len: int, pack: bool, pad_id: int = 0,
                    seed: int = 0, num_packing_bins: int | None = None,
-                   drop_remainder: bool = False):
+                   drop_remainder: bool = False, vocab_size: int | None = None):
   """A ``grain.IterDataset`` of tokenized examples (dicts with int32[L] ``tokens`` and
   ``loss_mask``, L <= seq_len) -> one of [batch_size, seq_len] batches (keys in the module doc).
 
@@ -212,10 +228,16 @@ def batch_examples(examples, *, batch_size: int, seq_len: int, pack: bool, pad_i
   ``pack=False``: one example per row, right-padded with ``pad_id``.
   The last short batch is filled with empty rows unless ``drop_remainder``. An example whose
   ``tokens`` and ``loss_mask`` differ in length, or are empty or longer than ``seq_len``, is a
-  ``DataError``.
+  ``DataError``, and so is one with a token id that is not an integer in [0, ``vocab_size``)
+  (pass the model's ``config.vocab_size`` for pre-tokenized examples: their ids never went
+  through a tokenizer that ``postrl.models.check_fits`` checked; None checks [0, 2**31)).
   """
   import grain  # pylint: disable=import-outside-toplevel
-  examples = examples.map(functools.partial(_check_example, seq_len=seq_len))
+  if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(
+      vocab_size, numbers.Integral) or vocab_size < 1):
+    raise ValueError(f"batch_examples: vocab_size must be a positive integer, got {vocab_size!r}")
+  examples = examples.map(functools.partial(_check_example, seq_len=seq_len,
+                                            vocab_size=vocab_size))
   if pack:
     rows = grain.experimental.FirstFitPackIterDataset(
         examples, length_struct={"tokens": seq_len, "loss_mask": seq_len},

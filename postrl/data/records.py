@@ -12,7 +12,9 @@ One frozen dataclass per kind of post-training data; a JSONL line is ``record.to
 ``SCHEMAS`` maps a schema name to its class. ``read_jsonl`` validates every line and raises a
 ``DataError`` that names the file, the 1-based line and the field
 (``data/train.jsonl:17: field 'chosen': expected a string, got int``); unknown fields are errors
-too, so a typo (``"complet1on"``) never silently becomes an empty field.
+too, so a typo (``"complet1on"``) never silently becomes an empty field, and so is a key given
+twice in one object (``{"prompt": "a", "prompt": "b"}``, which ``json.loads`` would silently read
+as its last value).
 
 ``write_array_record`` stores the same JSON, one record per array_record entry, and
 ``ArrayRecordRecords`` reads it back as a random-access, grain-compatible source of records.
@@ -65,6 +67,23 @@ def _check_strs(value: Any, field: str) -> tuple[str, ...]:
   return tuple(_check_str(v, f"{field}[{i}]") for i, v in enumerate(value))
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+  """``json.loads``'s ``object_pairs_hook``: the object as a dict, or a ``ValueError`` naming a
+  key given twice (plain ``json.loads`` keeps the last value without a word)."""
+  out = {}
+  for key, value in pairs:
+    if key in out:
+      raise ValueError(f"duplicate key {key!r} (given twice in one JSON object: which value "
+                       f"is meant is ambiguous)")
+    out[key] = value
+  return out
+
+
+def _loads(text: str) -> Any:
+  """``json.loads`` refusing duplicate keys (a ``ValueError`` naming the key)."""
+  return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+
+
 def _check_object_keys(obj: Any, required: Sequence[str], optional: Sequence[str] = (),
                        where: str = "") -> None:
   """Raises if ``obj`` is not a dict, lacks a required key or has a key outside the schema."""
@@ -84,9 +103,14 @@ def _check_object_keys(obj: Any, required: Sequence[str], optional: Sequence[str
                      f"(expected {allowed})")
 
 
+# The roles a chat record may use: every template renders these, and the loss mask (the last
+# assistant turn) is defined in their terms.
+CHAT_ROLES = ("system", "user", "assistant")
+
+
 @dataclasses.dataclass(frozen=True)
 class Message:
-  """One chat turn: ``role`` ("system", "user", "assistant", ...) and ``content``."""
+  """One chat turn: ``role`` (one of ``CHAT_ROLES`` in an ``SFTRecord``) and ``content``."""
 
   role: str
   content: str
@@ -148,6 +172,16 @@ class SFTRecord(_Record):
 
   Exactly one form is given. In the chat form the last message has role "assistant" and is the
   completion; all earlier messages (system, user, earlier assistant turns) are the prompt.
+
+  Refused in the chat form, because the example would silently not be the conversation meant:
+  a role other than "system", "user" and "assistant" (ChatML renders "human" / "gpt" as literal
+  headers the model never sees at inference, and templates such as Qwen2's skip unknown roles
+  without a word); a "system" message that is not the first (templates that look for it at
+  ``messages[0]`` add their default system prompt in front of it, others refuse it mid-way);
+  and two consecutive messages with the same role (a reply split in two would be trained on its
+  second half only, with the first half as context; templates that assume user / assistant
+  alternation raise from inside Jinja). Empty contents are kept: an empty reply is a valid (if
+  rare) target, as an empty ``completion`` is.
   """
 
   prompt: str | None = None
@@ -162,6 +196,16 @@ class SFTRecord(_Record):
       msgs = _messages(self.messages)
       if not msgs:
         raise FieldError("messages", "expected at least one message")
+      for i, m in enumerate(msgs):
+        if m.role not in CHAT_ROLES:
+          raise FieldError(f"messages[{i}].role", f"unknown role {m.role!r} (expected one of "
+                           f"{', '.join(map(repr, CHAT_ROLES))})")
+        if m.role == "system" and i > 0:
+          raise FieldError(f"messages[{i}].role", "a 'system' message must be the first message")
+        if i > 0 and m.role == msgs[i - 1].role:
+          raise FieldError(f"messages[{i}].role", f"two consecutive {m.role!r} messages "
+                           f"(messages[{i - 1}] and messages[{i}]): user and assistant turns "
+                           f"must alternate (merge the two into one message)")
       if msgs[-1].role != "assistant":
         raise FieldError(f"messages[{len(msgs) - 1}].role",
                          f"the last message must be the assistant's, got {msgs[-1].role!r}")
@@ -312,7 +356,7 @@ def _read_json_lines(path: str | os.PathLike, parse, *,
         except UnicodeDecodeError as e:
           raise ValueError(f"invalid UTF-8 (byte {e.start + 1}: {e.reason})") from None
         try:
-          obj = json.loads(line)
+          obj = _loads(line)
         except json.JSONDecodeError as e:
           raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
         records.append(parse(obj))
@@ -438,7 +482,7 @@ class ArrayRecordRecords:
 
   def _parse(self, index: int, raw: bytes):
     try:
-      return parse_record(json.loads(raw.decode("utf-8")), self.schema)
+      return parse_record(_loads(raw.decode("utf-8")), self.schema)
     except (ValueError, UnicodeDecodeError) as e:
       raise DataError(f"{self._where(index)}: {e}") from None
 

@@ -35,7 +35,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from postrl.data.records import DataError
+from postrl.data.records import DataError, _no_duplicate_keys
 
 SPLITS = ("calibration", "evaluation")
 BUDGETS = {"evaluation": (64, 256), "calibration": (32, 256)}  # (num_windows, seq_len)
@@ -78,11 +78,13 @@ def _read_champ(path: str) -> tuple[tuple[str, str, str], ...]:
   """(id, category, text) of every problem (the file is 70 MB: read it once per process)."""
   try:
     with open(path, encoding="utf-8") as f:
-      data = json.load(f)
+      data = json.load(f, object_pairs_hook=_no_duplicate_keys)  # a repeated id: a lost problem
   except FileNotFoundError:
     raise DataError(f"{path}: no such file") from None
   except json.JSONDecodeError as e:
     raise DataError(f"{path}: not valid JSON ({e})") from None
+  except ValueError as e:  # a duplicate key
+    raise DataError(f"{path}: {e}") from None
   problems = data.get("problems") if isinstance(data, dict) else None
   if not isinstance(problems, dict) or not problems:
     raise DataError(f"{path}: expected an object with a non-empty 'problems' object")

@@ -368,10 +368,17 @@ def task_arithmetic(base: PyTree, models: Sequence[PyTree], *, lam: float | Sequ
 
 
 def trim_top_k(x, density: float):
-  """Keeps the ``round(density * size)`` entries of largest magnitude of one tensor, zeroes the
-  rest (TIES step 1, per tensor); entries tied with the smallest kept magnitude are kept too."""
+  """Keeps the ``max(1, round(density * size))`` entries of largest magnitude of one tensor,
+  zeroes the rest (TIES step 1, per tensor); entries tied with the smallest kept magnitude are
+  kept too. ``density=0`` zeroes everything.
+
+  At least one entry is kept for any ``density > 0``: with k = round(density * size) alone, every
+  tensor with fewer than about 1 / (2 density) entries (a 1- or 2-element bias or norm scale at
+  the paper's 0.2) lost its whole task vector, silently merging to the base value there, while
+  the paper's global ranking over the flattened model can keep a tiny tensor's large entries.
+  """
   n = x.size
-  k = int(round(density * n))
+  k = 0 if density <= 0 else max(1, int(round(density * n)))
   if k >= n:
     return x
   if k <= 0:
@@ -406,7 +413,8 @@ def ties(base: PyTree, models: Sequence[PyTree], *, density: float = 0.2, lam: f
          dare_p: float = 0.0, key=None) -> PyTree:
   """TIES-Merging (Yadav et al. 2023, "Resolving interference when merging models").
 
-      1. trim:   τ̂_t = keep the top ``density`` fraction of |τ_t| of each tensor, zero the rest
+      1. trim:   τ̂_t = keep the top ``density`` fraction of |τ_t| of each tensor (at least one
+                 entry when density > 0; ``trim_top_k``), zero the rest
       2. elect:  γ = sgn(Σ_t τ̂_t)
       3. merge:  τ_m = mean of the τ̂_t that agree in sign with γ (disjoint mean, per entry)
       θ = θ_0 + λ τ_m
@@ -422,7 +430,8 @@ def ties(base: PyTree, models: Sequence[PyTree], *, density: float = 0.2, lam: f
   Args:
     base: θ_0.
     models: T fine-tuned models of the same structure.
-    density: fraction of entries kept per tensor by the trim, in [0, 1].
+    density: fraction of entries kept per tensor by the trim, in [0, 1] (at least one entry per
+      tensor when > 0).
     lam: λ, the scaling of the merged task vector.
     dare_p: DARE drop probability (0: none).
     key: PRNG key for DARE.

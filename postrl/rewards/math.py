@@ -61,11 +61,20 @@ import re
 from fractions import Fraction
 from typing import Pattern
 
-_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?")
+# A comma run is one number only when it is valid thousands grouping as a whole (1 to 3 digits,
+# then groups of exactly 3, not glued to more digits or commas: the rule of ``_THOUSANDS``);
+# otherwise the commas separate numbers ("100,200,3000" is 100, 200 and 3000: its last number is
+# 3000, never a glued 1002003000 nor the "0" left over after "100,200,300").
+_NUMBER = re.compile(r"-?(?<![\d.])(?<!\d,)\d{1,3}(?:,\d{3})+(?!\d|,\d)(?:\.\d+)?"
+                     r"|-?\d+(?:\.\d+)?(?:/\d+)?")
 
 
 def extract_last_number(text: str) -> str | None:
-  """The last number in ``text`` ("1,234" -> "1234", "-5", "−5" -> "-5", "3/4", "2.50"), or None."""
+  """The last number in ``text`` ("1,234" -> "1234", "-5", "−5" -> "-5", "3/4", "2.50"), or None.
+
+  Commas are thousands separators only in valid grouping ("1,234,567", "-1,000", "1,234.5");
+  anywhere else they separate numbers, and the last one is taken: "100,200,3000" -> "3000",
+  "1,23" -> "23", "1,23,456" -> "456"."""
   matches = _NUMBER.findall(text.replace("\u2212", "-"))  # U+2212 MINUS SIGN
   if not matches:
     return None

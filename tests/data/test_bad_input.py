@@ -111,3 +111,46 @@ def test_batch_examples_checks_each_example(pack):
   for example, match in bad:
     with pytest.raises(DataError, match=r"batch_examples: an example .*" + match):
       list(batch_examples(_examples(ok, example), batch_size=2, seq_len=8, pack=pack))
+
+
+def test_duplicate_keys_name_the_record_and_key(tmp_path):
+  # json.loads keeps the last of a repeated key: these records were silently read with it
+  steps = tmp_path / "steps.jsonl"
+  steps.write_text(json.dumps(STEP) + "\n" + json.dumps(STEP)[:-1] + ', "labels": [0, 0]}\n')
+  with pytest.raises(DataError, match=rf"{steps}:2: duplicate key 'labels'"):
+    read_step_jsonl(steps)
+  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "train.array_record")
+  writer = ArrayRecordWriter(path, "group_size:1")
+  writer.write(b'{"prompt": "p", "completion": "c"}')
+  writer.write(b'{"prompt": "p", "completion": "c", "completion": "d"}')
+  writer.close()
+  records = ArrayRecordRecords(path, "sft")
+  assert records[0] == SFTRecord("p", "c")
+  with pytest.raises(DataError, match=rf"{path}: record 1: duplicate key 'completion'"):
+    records[1]  # pylint: disable=pointless-statement
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_batch_examples_checks_token_ids(pack):
+  # pre-tokenized ids never went through a tokenizer check_fits checked: under jit -1 read the
+  # embedding's last row, an id >= the vocabulary gave NaN, 2**32 + 5 became 5 in the int32 batch
+  ok = {"tokens": np.arange(1, 4, dtype=np.int32), "loss_mask": np.array([0, 1, 1], np.int32)}
+  mask = np.ones(3, np.int32)
+  bad = [({"tokens": np.array([1, -1, 2]), "loss_mask": mask}, None,
+          r"token id -1 at position 1, outside the vocabulary \[0, 2147483648\) of int32 ids"),
+         ({"tokens": np.array([1, 2, 2 ** 32 + 5]), "loss_mask": mask}, None,
+          r"token id 4294967301 at position 2"),
+         ({"tokens": np.array([1, 16, 2]), "loss_mask": mask}, 16,
+          r"token id 16 at position 1, outside the vocabulary \[0, 16\)(?! of)"),
+         ({"tokens": np.array([1.0, 2.5, 3.0]), "loss_mask": mask}, None,
+          r"tokens of dtype float64; token ids must be integers")]
+  for example, vocab_size, match in bad:
+    with pytest.raises(DataError, match=r"batch_examples: an example has " + match):
+      list(batch_examples(_examples(ok, example), batch_size=2, seq_len=8, pack=pack,
+                          vocab_size=vocab_size))
+  batch = next(iter(batch_examples(_examples(ok, dict(ok, tokens=np.array([0, 15, 3]))),
+                                   batch_size=2, seq_len=8, pack=pack, vocab_size=16)))
+  assert batch["tokens"].max() == 15
+  with pytest.raises(ValueError, match="vocab_size must be a positive integer, got 0"):
+    batch_examples(_examples(ok), batch_size=2, seq_len=8, pack=pack, vocab_size=0)

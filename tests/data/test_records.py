@@ -74,6 +74,29 @@ BAD_LINES = [
     ("sft", '{"prompt": "p", "completion": "c", '
             '"messages": [{"role": "assistant", "content": "x"}]}',
      "field 'messages': give either 'messages' or 'prompt' and 'completion', not both"),
+    # json.loads keeps the last of a repeated key: these were silently the prompt "b" / reply "y"
+    ("rl", '{"prompt": "a", "answer": "1", "prompt": "b"}',
+     "duplicate key 'prompt' (given twice in one JSON object"),
+    ("sft", '{"messages": [{"role": "user", "content": "hi"}, '
+            '{"role": "assistant", "content": "x", "content": "y"}]}', "duplicate key 'content'"),
+    # conversations that would not be the example meant: ChatML renders "human" as a literal
+    # header (Qwen2's template drops it), a late system prompt follows a template's default one,
+    # and a reply split in two is trained on its second half only
+    ("sft", '{"messages": [{"role": "human", "content": "hi"}, '
+            '{"role": "assistant", "content": "yo"}]}',
+     "field 'messages[0].role': unknown role 'human' (expected one of 'system', 'user', "
+     "'assistant')"),
+    ("sft", '{"messages": [{"role": "user", "content": "hi"}, '
+            '{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "yo"}]}',
+     "field 'messages[1].role': a 'system' message must be the first message"),
+    ("sft", '{"messages": [{"role": "user", "content": "hi"}, '
+            '{"role": "assistant", "content": "The answer"}, '
+            '{"role": "assistant", "content": " is 4."}]}',
+     "field 'messages[2].role': two consecutive 'assistant' messages (messages[1] and "
+     "messages[2]): user and assistant turns must alternate"),
+    ("sft", '{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, '
+            '{"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}',
+     "field 'messages[2].role': two consecutive 'user' messages"),
 ]
 
 
@@ -94,6 +117,15 @@ def test_skip_malformed_counts(tmp_path, schema, line, message):
   path = _write(tmp_path, [line, good, line, line, good])
   records, skipped = read_jsonl(path, schema, skip_malformed=True)
   assert records == [EXAMPLES[schema][1]] * 2 and skipped == 3
+
+
+def test_chat_records_that_stay_valid():
+  # a multi-turn conversation and empty contents (an empty reply, like an empty completion)
+  SFTRecord(messages=[Message("system", ""), Message("user", "a"), Message("assistant", "b"),
+                      Message("user", "c"), Message("assistant", "")])
+  SFTRecord(messages=[Message("assistant", "unconditional")])
+  with pytest.raises(ValueError, match=r"messages\[1\].role': unknown role 'Assistant'"):
+    SFTRecord(messages=[Message("user", "a"), Message("Assistant", "b")])  # built directly too
 
 
 def test_encoding_errors_name_the_line(tmp_path):

@@ -87,3 +87,10 @@ def test_too_small_corpus_is_a_clear_error(tok, tmp_path):
                                                    "_answer": "1"}}}))
   with pytest.raises(DataError, match=r"problem 'P_1': missing field 'solution'"):
     champ_documents("evaluation", path=str(bad))
+  # a problem id given twice: json.load kept the last, one problem silently lost
+  twice = tmp_path / "twice.json"
+  problem = json.dumps({"_text": "x", "category": "A", "_answer": "1",
+                        "solution": {"steps": [{"_text": "s"}]}})
+  twice.write_text(f'{{"problems": {{"P_1": {problem}, "P_1": {problem}}}}}')
+  with pytest.raises(DataError, match=rf"{twice}: duplicate key 'P_1'"):
+    champ_documents("evaluation", path=str(twice))

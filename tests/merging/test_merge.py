@@ -97,6 +97,21 @@ def test_trim_keeps_top_k_magnitudes_per_tensor():
   np.testing.assert_array_equal(trim_top_k(x, 0.0), jnp.zeros(4))
 
 
+def test_trim_keeps_at_least_one_entry_of_a_tiny_tensor():
+  # round(0.2 * 2) = 0 (and round(0.5 * 1) = 0): a bias lost its whole task vector, so TIES
+  # silently merged it to the base value
+  np.testing.assert_array_equal(trim_top_k(jnp.array([0.1, -5.0]), 0.2), [0.0, -5.0])
+  np.testing.assert_array_equal(trim_top_k(jnp.array([3.0]), 0.2), [3.0])
+  np.testing.assert_array_equal(trim_top_k(jnp.array([3.0]), 0.5), [3.0])
+  np.testing.assert_array_equal(trim_top_k(jnp.array([3.0]), 0.0), [0.0])
+  base = {"b": jnp.zeros(2), "w": jnp.zeros(10)}
+  models = [{"b": jnp.array([1.0, 0.5]), "w": jnp.arange(10.0)},
+            {"b": jnp.array([3.0, 0.0]), "w": jnp.arange(10.0)}]
+  merged = ties(base, models, density=0.2)
+  _close(merged["b"], jnp.array([2.0, 0.0]))  # the top entry of each, disjoint mean
+  _close(merged["w"], jnp.array([0.0] * 8 + [8.0, 9.0]))
+
+
 def test_ties_full_density_without_conflicts_equals_task_arithmetic_over_t():
   """density=1 and one sign per entry: the disjoint mean is the plain mean, so
   TIES(λ) = base + λ mean_t τ_t = task_arithmetic(λ / T)."""

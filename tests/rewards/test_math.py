@@ -255,6 +255,35 @@ def test_math_reward_methods():
   assert isinstance(math_reward("1", "1"), float)
 
 
+@pytest.mark.parametrize("text, expected", [
+    # a comma run that is not thousands grouping separates numbers: these read "0", "5", "23456"
+    ("100,200,3000", "3000"),
+    ("1,2345", "2345"),
+    ("1,23,456", "456"),
+    ("1,234,5678", "5678"),
+    ("1,23", "23"),
+    # valid grouping is one number, with a sign and decimals
+    ("1,234.5", "1234.5"),
+    ("-1,000", "-1000"),
+    ("\u22121,000", "-1000"),
+    ("it is 1,234,567.", "1234567"),
+    ("12,345", "12345"),
+])
+def test_extract_last_number_reads_commas_as_grouping_only_when_valid(text, expected):
+  assert extract_last_number(text) == expected
+  assert extract_answer(text, method="last_number") == expected
+
+
+def test_exact_match_and_rewards_follow_the_comma_reading():
+  assert exact_match("the counts are 100,200,3000", "3000")
+  assert not exact_match("the counts are 100,200,3000", "1002003000")
+  assert exact_match("so 1,23", "23") and exact_match("total: -1,000", "-1000")
+  assert exact_match("total: 1,234.5", "2469/2")
+  assert math_reward("the counts are 100,200,3000", "3000") == 1.0
+  with pytest.raises(ValueError, match="is not a number"):  # never a glued reference either
+    exact_match("1002003000", "100,200,3000")
+
+
 def test_extract_last_number_reads_unicode_minus():
   assert extract_last_number("so the result is \u22125") == "-5"
   assert exact_match("12 \u2212 30 = \u221218", "-18")

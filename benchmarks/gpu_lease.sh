@@ -5,7 +5,9 @@
 #      kernel; since 2026-11-27 each path ends in the one-launch finish, so the checks cover it)
 #      and the table's first five points with every column (top-p at B = 64 / 1 / 256, top-k and
 #      min-p at B = 64, V = 152k), including the A/B of the finish (split_*_xla_finish: XLA's
-#      decision and the leftover-row launch, as before). Met if the default kernel call at top-p,
+#      decision and the leftover-row launch, as before) and the in-launch combine
+#      (split_cdf_grid: GpuConfig.grid_combine, 5 launches instead of 8; its compiled check is
+#      the first run of its atomic arrival counters on a GPU). Met if the default kernel call at top-p,
 #      B = 64 is within 4x of one read of the logits (gross: the timing loop's own cost, the
 #      "loop" column, is not subtracted) and >= 10x faster than XLA's sort.
 #   2. with what time is left: if 1 met, the rest of the sampling table (--lean: loop, read,
@@ -18,7 +20,7 @@ cd "$(dirname "$0")/.."
 TOTAL=${TOTAL:-500}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
 timeout "${SAMPLING_TIMEOUT:-250}" python3 benchmarks/sampling.py --rows 0:5 \
-  --check-configs split_fast split_cdf row --time-limit "${SAMPLING_LIMIT:-235}" --repeats 5 \
+  --check-configs split_fast split_cdf split_cdf_grid row --time-limit "${SAMPLING_LIMIT:-235}" --repeats 5 \
   --out "$OUT/sampling.json" 2>&1 | tee "$OUT/sampling.log"
 met=$(python3 - "$OUT/sampling.json" <<'PY'
 import json, sys

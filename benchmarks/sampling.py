@@ -30,7 +30,8 @@ Phases:
    split_fast_xla_finish and split_cdf_xla_finish (the two with ``fused_finish=False``: XLA
    decides the last candidates, then the leftover-row launch, as before 2026-11-27), and kernel
    (``sample_gpu`` alone, default settings: ``kernels.sampling.default_config``); default_us is
-   the column of the setting ``default_config`` picks at that point; ratios over read, the sort
+   the column of the setting ``default_config`` picks at that point; split_cdf_grid (split_cdf
+   with ``grid_combine=True``: no locate / finish launches); ratios over read, the sort
    and the copy floor. Logits are ``--logit-scale`` x N(0, 1) per row (scale 4 over
    152k tokens: top-1 probability ~0.12, top-p 0.9 keeps ~750 tokens, top-50 holds ~65% of the
    mass).
@@ -102,7 +103,12 @@ CHECK_CONFIGS = {"row": _ROW, "split": dataclasses.replace(_SPLIT, block=256, ch
                  "split_fast": dataclasses.replace(_SPLIT, block=256, chunk=256, fast_math=True),
                  "split_cdf": dataclasses.replace(_SPLIT, **dict(CDF_COLUMN, block=256,
                                                                   chunk=256)),
-                 "split_cdf4": dataclasses.replace(_SPLIT, block=256, chunk=256, **CDF)}
+                 "split_cdf4": dataclasses.replace(_SPLIT, block=256, chunk=256, **CDF),
+                 # the in-launch combine (atomic arrival counters): its compiled check is the
+                 # first test of its memory ordering on a GPU
+                 "split_cdf_grid": dataclasses.replace(_SPLIT, **dict(CDF_COLUMN, block=256,
+                                                                       chunk=256),
+                                                       grid_combine=True)}
 # the table's kernel columns (``sample(impl="pallas", config=...)``): one program per row, the
 # split path, each exact and with fast_math, and the split path's inverse-CDF draw
 KERNEL_COLUMNS = {"pallas": _ROW, "split": _SPLIT,
@@ -114,7 +120,10 @@ KERNEL_COLUMNS = {"pallas": _ROW, "split": _SPLIT,
                   "split_fast_xla_finish": dataclasses.replace(_SPLIT, fast_math=True,
                                                                fused_finish=False),
                   "split_cdf_xla_finish": dataclasses.replace(_SPLIT, **CDF_COLUMN,
-                                                              fused_finish=False)}
+                                                              fused_finish=False),
+                  # the cdf column with each mass launch's last program per row combining
+                  # (GpuConfig.grid_combine: 5 launches instead of 8 at B = 64)
+                  "split_cdf_grid": dataclasses.replace(_SPLIT, **CDF_COLUMN, grid_combine=True)}
 L2_BYTES = 50 * 2**20
 TARGET_S = 3e-3
 INTERPRET = False  # --interpret: kernels in interpret mode (CPU smoke test)

@@ -152,6 +152,14 @@ class GpuConfig:
       launches per call (compiled for an H100: 12 -> 8 launches at B = 64, top-p; 10 -> 5
       at B = 1; ``benchmarks/xla_gpu_offline.py --sampler``). The tokens are the same either
       way (tested). Not yet timed.
+    grid_combine: "cdf" draw only, False (default). True: each mass launch also decides its
+      round in the same launch: the program of a row that finishes last (an atomic arrival
+      counter per row and round, zeroed by the first locate launch) reads the row's per-chunk
+      partials and runs the next locate (or the finish) itself, so a call at B = 64 launches 5
+      kernels instead of 8 (statistics, first locate, 3 x mass). Relies on the GPU's memory
+      ordering (a CTA barrier, an acquire-release atomic at GPU scope, loads past L1), which
+      interpret mode cannot test: it draws the same tokens there (tested), not yet run on a
+      GPU. Experimental until ``benchmarks/sampling.py``'s compiled check has passed on one.
   """
   block: int = 2048
   split: bool = True
@@ -165,6 +173,7 @@ class GpuConfig:
   draw: str = "gumbel"
   candidates: int = 1
   fused_finish: bool = True
+  grid_combine: bool = False
 
 
 DRAWS = ("gumbel", "cdf")
@@ -220,6 +229,8 @@ def check_config(cfg: GpuConfig):
     raise KernelShapeError(f"max_rounds={cfg.max_rounds}: needs at least one round (or None)")
   if cfg.draw not in DRAWS:
     raise KernelShapeError(f"draw={cfg.draw!r}: expected one of {DRAWS}")
+  if cfg.grid_combine and cfg.draw != "cdf":
+    raise KernelShapeError("grid_combine=True: the cdf draw's mass launches only (draw='cdf')")
   if cfg.candidates not in (1, 2, 4, 8) or (cfg.candidates > 1 and cfg.draw != "cdf"):
     raise KernelShapeError(f"candidates={cfg.candidates}: 1, 2, 4 or 8 candidates per round, "
                            "more than one with draw='cdf' only")
@@ -814,15 +825,24 @@ def _finish_kernel(x_ref, seed_ref, m1_ref, s1_ref, s_ref, *refs, n_chunks: int,
   continues in ``_row_rounds`` from round ``n_split`` and the highest rejected candidate, in the
   same program (unless ``max_rounds`` is reached: token -1). Replaces XLA's combine and the
   leftover-row launch of ``_continue_rows`` with one launch that draws the same tokens."""
-  f32, i32 = jnp.float32, jnp.int32
   *state_refs, count_ref, mass_ref, tok_ref, logp_ref, rounds_ref = refs
   state = SplitState(*(r[...] for r in state_refs))
-  state = state._replace(done=state.done != 0)
   count = _load_partials_ck(count_ref, n_chunks, candidates, 0)
   mass = _load_partials_ck(mass_ref, n_chunks, candidates, 0.0)
-  state, _, pivot = advance_candidates(state, n_split - 1, count, mass, s_ref[...],
+  _finish_row(x_ref, seed_ref[...], m1_ref[...], s1_ref[...], s_ref[...], state, count, mass,
+              tok_ref, logp_ref, rounds_ref, n_split=n_split, candidates=candidates,
+              cap_reached=cap_reached, **settings)
+
+
+def _finish_row(x_ref, seed, m1, s1, s, state: SplitState, count, mass, tok_ref, logp_ref,
+                rounds_ref, *, n_split: int, candidates: int, cap_reached: bool, **settings):
+  """``_finish_kernel``'s decision and continuation for one row inside a kernel (``state`` as
+  stored, done int32; ``count`` / ``mass`` the row's [pow2(C), K] partials); writes the row's
+  token, model log-prob and rounds."""
+  f32, i32 = jnp.float32, jnp.int32
+  state = state._replace(done=state.done != 0)
+  state, _, pivot = advance_candidates(state, n_split - 1, count, mass, s,
                                        top_k=settings["top_k"], top_p=settings["top_p"])
-  m1, s1 = m1_ref[...], s1_ref[...]
 
   @pl.when(state.done)
   def _decided():
@@ -837,7 +857,7 @@ def _finish_kernel(x_ref, seed_ref, m1_ref, s1_ref, s_ref, *refs, n_chunks: int,
       logp_ref[...] = f32(jnp.nan)
       rounds_ref[...] = i32(n_split * candidates)
     else:
-      tok, logp, rounds = _row_rounds(x_ref, seed_ref[...], i32(n_split), pivot, **settings)
+      tok, logp, rounds = _row_rounds(x_ref, seed, i32(n_split), pivot, **settings)
       tok_ref[...], logp_ref[...] = tok, logp
       rounds_ref[...] = rounds + i32(n_split * (candidates - 1))
 
@@ -939,18 +959,21 @@ def _mass_kernel(x_ref, done_ref, pivot_ref, m_ref, count_ref, mass_ref, *, voca
   mass_ref[...] = jnp.sum(mass, axis=1)
 
 
-def _load_partials_ck(ref, n_chunks: int, k_count: int, identity):
+def _load_partials_ck(ref, n_chunks: int, k_count: int, identity, volatile: bool = False):
   """One row's [C, K] per-chunk, per-candidate partials as a [pow2(C), K] tile padded with
-  ``identity``."""
+  ``identity``; ``volatile=True`` reads them as volatile loads, past the L1 cache (partials that
+  other programs of the same launch wrote: the multiprocessors' L1 caches are not coherent; the
+  load's cache modifiers do not lower in this JAX version)."""
   width = pl.next_power_of_2(n_chunks)
   row = lax.broadcasted_iota(jnp.int32, (width, k_count), 0)
   return plgpu.load(ref.at[pl.ds(0, width), :], mask=row < n_chunks,
-                    other=jnp.array(identity, ref.dtype))
+                    other=jnp.array(identity, ref.dtype), volatile=volatile)
 
 
 def _locate_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n_chunks: int,
                    temperature: float, top_k: int | None, top_p: float | None,
-                   log_min_p: float | None, math: str, rnd: int, first: bool, candidates: int):
+                   log_min_p: float | None, math: str, rnd: int, first: bool, candidates: int,
+                   zero_counters: bool = False):
   """One row's program of the "cdf" draw for round ``rnd``.
 
   Round 0 (``first``) combines the statistics launch's [C] partials into m, S, m1, S1 (written
@@ -970,10 +993,8 @@ def _locate_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n
   """
   f32, i32 = jnp.float32, jnp.int32
   ninf = f32(-jnp.inf)
-  width = pl.next_power_of_2(n_chunks)
-  clane = lax.broadcasted_iota(i32, (width,), 0)
-  klane = lax.broadcasted_iota(i32, (candidates,), 0)
   written = ()
+  counters_ref = None
   if first:
     parts = [_load_partials(r, n_chunks, ident) for r, ident in zip(refs[:4], (-jnp.inf, 0.0) * 2)]
     refs = refs[4:]
@@ -984,10 +1005,13 @@ def _locate_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n
       refs = refs[1:]
     else:
       w = jnp.where(parts[0] == -jnp.inf, f32(0.0), parts[1] * jnp.exp(parts[0] - m))
-    done, pivot = jnp.bool_(False), ninf
-    state = SplitState(done, i32(-1), ninf, i32(0), jnp.full((candidates,), -1, i32),
-                       jnp.full((candidates,), -jnp.inf, f32), jnp.full((candidates,), -jnp.inf,
-                                                                         f32))
+    pivot = ninf
+    state = SplitState(jnp.bool_(False), i32(-1), ninf, i32(0),
+                       jnp.full((candidates,), -1, i32), jnp.full((candidates,), -jnp.inf, f32),
+                       jnp.full((candidates,), -jnp.inf, f32))
+    if zero_counters:  # the row's arrival counters of the grid-combined mass launches
+      counters_ref = refs[-1]
+      refs = refs[:-1]
   else:
     m_ref, s_ref, *refs = refs
     state = SplitState(*(r[...] for r in refs[:7]))
@@ -998,6 +1022,28 @@ def _locate_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n
     m = m_ref[...]
     state, w, pivot = advance_candidates(state, rnd - 1, count, mass, s_ref[...], top_k=top_k,
                                          top_p=top_p)
+  state = _locate_row(x_ref, seed_ref[...], m, w, pivot, state, vocab=vocab, block=block,
+                      chunk=chunk, n_chunks=n_chunks, temperature=temperature,
+                      log_min_p=log_min_p, math=math, rnd=rnd, first=first,
+                      candidates=candidates)
+  values = written + tuple(state._replace(done=state.done.astype(i32)))
+  for ref, value in zip(refs, values):
+    ref[...] = value
+  if counters_ref is not None:
+    counters_ref[...] = jnp.zeros(counters_ref.shape, jnp.int32)
+
+
+def _locate_row(x_ref, seed, m, w, pivot, state: SplitState, *, vocab: int, block: int,
+                chunk: int, n_chunks: int, temperature: float, log_min_p: float | None,
+                math: str, rnd: int, first: bool, candidates: int) -> SplitState:
+  """The draw of ``_locate_kernel`` for one row inside a kernel: K candidates of round ``rnd``
+  from the per-chunk masses ``w`` of the round's set {z > pivot} (rows already done draw
+  nothing) -> the state with them as its candidates."""
+  f32, i32 = jnp.float32, jnp.int32
+  ninf = f32(-jnp.inf)
+  width = pl.next_power_of_2(n_chunks)
+  clane = lax.broadcasted_iota(i32, (width,), 0)
+  klane = lax.broadcasted_iota(i32, (candidates,), 0)
   cum = jnp.cumsum(w)
   last = jnp.max(jnp.where(w > 0, clane, -1))
   draw = (last >= 0) if first else ~state.done & (last >= 0)
@@ -1009,7 +1055,7 @@ def _locate_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n
   toks = jnp.full((candidates,), -1, i32)
   zs = xs = jnp.full((candidates,), -jnp.inf, f32)
   for k in range(candidates):
-    u_chunk, u_block, u_token = (round_uniform(seed_ref[...], i32(rnd), 3 * k + level)
+    u_chunk, u_block, u_token = (round_uniform(seed, i32(rnd), 3 * k + level)
                                  for level in range(3))
     cstar = jnp.min(jnp.where((cum >= u_chunk * jnp.sum(w)) & (w > 0), clane, width))
     cstar = jnp.where(cstar < width, cstar, last)  # rounding: t past the last cumulative sum
@@ -1042,9 +1088,7 @@ def _locate_kernel(x_ref, seed_ref, *refs, vocab: int, block: int, chunk: int, n
   keep = state.done
   state = state._replace(done=keep | empty, tok=jnp.where(keep, state.tok, toks),
                          ztok=jnp.where(keep, state.ztok, zs), xtok=jnp.where(keep, state.xtok, xs))
-  values = written + tuple(state._replace(done=state.done.astype(i32)))
-  for ref, value in zip(refs, values):
-    ref[...] = value
+  return state
 
 
 def _mass_call(logits_BxV, done_B, pivot_BxK, m_B, *, chunk, n_chunks, cfg, settings,
@@ -1069,8 +1113,112 @@ def _mass_call(logits_BxV, done_B, pivot_BxK, m_B, *, chunk, n_chunks, cfg, sett
       name="sample_cdf_mass")(logits_BxV, done_B, pivot_BxK, m_B)
 
 
+def _mass_combine_kernel(x_ref, seed_ref, counters_in_ref, m_ref, s_ref, m1_ref, s1_ref, *refs,
+                         vocab: int, block: int, chunk: int, n_chunks: int, temperature: float,
+                         top_k: int | None, top_p: float | None, log_min_p: float | None,
+                         math: str, rnd: int, n_split: int, candidates: int, cap_reached: bool,
+                         max_rounds: int | None, interpret: bool):
+  """One (row, chunk) program of the "cdf" draw's round-``rnd`` check with the combine in the
+  same launch (``GpuConfig(grid_combine=True)``): ``_mass_kernel``'s pass over the chunk for the
+  row's K candidates (the state the previous launch wrote), its [K] count and mass written into
+  the row's [C, K] partials, then an atomic increment of the row's arrival counter (round ``rnd``
+  of ``counters``, zeroed by the first locate launch). The program that arrives last (the
+  counter's old value is C - 1) has all C partials: it reads them past the L1 cache and does what
+  the next launch would do, on one program per row -- ``_locate_row`` (decide the candidates,
+  draw round ``rnd``'s) for ``rnd < n_split``, ``_finish_row`` for the last round. On a GPU a CTA
+  barrier orders the partial's stores before the increment (acquire-release, GPU scope: Triton's
+  default for atomics) and the increment before the last program's reads; interpret mode runs
+  the programs one after another, so the last in grid order is the last to arrive."""
+  f32, i32 = jnp.float32, jnp.int32
+  *state_refs, count_ref, mass_ref, counters_ref = refs[:10]
+  out_refs = refs[10:]
+  del counters_in_ref  # aliased with counters_ref
+  state = SplitState(*(r[...] for r in state_refs))
+  lane = lax.broadcasted_iota(i32, (block,), 0)
+  c = pl.program_id(1)
+  start = c * chunk
+  active, pivots, m = state.done == 0, state.ztok, m_ref[...]
+
+  def body(i, acc):
+    _, _, z = _load_block(x_ref, start + i * block, lane, vocab=vocab, temperature=temperature)
+    cand = _in_set(z[None, :], pivots[:, None], m, log_min_p)  # [K, block]
+    count = acc[0] + cand.astype(i32) if top_k is not None else acc[0]
+    return count, acc[1] + jnp.where(cand, _exp(z - m, math)[None, :], f32(0.0))
+
+  trips = jnp.where(active, i32(chunk // block), i32(0))
+  count, mass = lax.fori_loop(0, trips, body, (jnp.zeros((candidates, block), i32),
+                                               jnp.zeros((candidates, block), f32)))
+  count_ref[pl.ds(c, 1), :] = jnp.sum(count, axis=1)[None, :]
+  mass_ref[pl.ds(c, 1), :] = jnp.sum(mass, axis=1)[None, :]
+  if not interpret:
+    plgpu.debug_barrier()  # every thread's stores before the increment
+  stride = counters_ref.shape[0] // pl.num_programs(0)  # counters per row (a power of two)
+  old = plgpu.atomic_add(counters_ref, pl.program_id(0) * stride + (rnd - 1), i32(1))
+
+  @pl.when(old == n_chunks - 1)
+  def _combine():
+    if not interpret:
+      plgpu.debug_barrier()
+    count_ck = _load_partials_ck(count_ref, n_chunks, candidates, 0, volatile=True)
+    mass_ck = _load_partials_ck(mass_ref, n_chunks, candidates, 0.0, volatile=True)
+    settings = dict(vocab=vocab, block=block, temperature=temperature, top_k=top_k,
+                    top_p=top_p, log_min_p=log_min_p, math=math)
+    if rnd == n_split:
+      _finish_row(x_ref, seed_ref[...], m1_ref[...], s1_ref[...], s_ref[...], state, count_ck,
+                  mass_ck, *out_refs, n_split=n_split, candidates=candidates,
+                  cap_reached=cap_reached, max_rounds=max_rounds, **settings)
+    else:
+      st, w, pivot = advance_candidates(state._replace(done=state.done != 0), rnd - 1, count_ck,
+                                        mass_ck, s_ref[...], top_k=top_k, top_p=top_p)
+      st = _locate_row(x_ref, seed_ref[...], m, w, pivot, st, vocab=vocab, block=block,
+                       chunk=chunk, n_chunks=n_chunks, temperature=temperature,
+                       log_min_p=log_min_p, math=math, rnd=rnd, first=False,
+                       candidates=candidates)
+      for ref, value in zip(out_refs, st._replace(done=st.done.astype(i32))):
+        ref[...] = value
+
+
+def _mass_combine_call(logits_BxV, seeds_B, counters, m, s, m1, s1, state, *, rnd, n_split,
+                       chunk, n_chunks, cfg, settings, interpret):
+  """One launch of ``_mass_combine_kernel`` over the grid (B, C) -> (counters, the state for
+  round ``rnd``'s candidates) for ``rnd < n_split``, (counters, token_B, model_logp_B, rounds_B)
+  for the last round. The [B, C, K] partials are written too (scratch for the combine)."""
+  b, v = logits_BxV.shape
+  k_count = cfg.candidates
+  kernel = functools.partial(
+      _mass_combine_kernel, vocab=v, block=cfg.block, chunk=chunk, n_chunks=n_chunks, rnd=rnd,
+      n_split=n_split, candidates=k_count,
+      cap_reached=cfg.max_rounds is not None and n_split >= cfg.max_rounds,
+      max_rounds=cfg.max_rounds, interpret=interpret, **settings)
+  row = pl.BlockSpec((None,), lambda i, c: (i,))
+  per_k = pl.BlockSpec((None, k_count), lambda i, c: (i, 0))
+  parts = pl.BlockSpec((None, n_chunks, k_count), lambda i, c: (i, 0, 0))
+  every = pl.BlockSpec((counters.shape[0],), lambda i, c: (0,))
+  last = rnd == n_split
+  out_shape = [jax.ShapeDtypeStruct((b, n_chunks, k_count), jnp.int32),
+               jax.ShapeDtypeStruct((b, n_chunks, k_count), jnp.float32),
+               jax.ShapeDtypeStruct(counters.shape, jnp.int32)]
+  if last:
+    out_shape += [jax.ShapeDtypeStruct((b,), k) for k in (jnp.int32, jnp.float32, jnp.int32)]
+    out_specs = [parts, parts, every, row, row, row]
+  else:
+    out_shape += [jax.ShapeDtypeStruct((b,), k) for k in _STATE_DTYPES[:4]]
+    out_shape += [jax.ShapeDtypeStruct((b, k_count), k) for k in _STATE_DTYPES[4:]]
+    out_specs = [parts, parts, every] + [row] * 4 + [per_k] * 3
+  compiler_params = None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps,
+                                                                 num_stages=cfg.num_stages)
+  outs = pl.pallas_call(
+      kernel, grid=(b, n_chunks), out_shape=out_shape,
+      in_specs=[pl.BlockSpec((None, v), lambda i, c: (i, 0)), row, every, row, row, row, row]
+      + [row] * 4 + [per_k] * 3,
+      out_specs=out_specs, input_output_aliases={2: 2}, compiler_params=compiler_params,
+      interpret=interpret, name=f"sample_cdf_mass_combine{'_finish' * last}")(
+          logits_BxV, seeds_B, counters, m, s, m1, s1, *state)
+  return outs[2], tuple(outs[3:])
+
+
 def _locate_call(logits_BxV, seeds_B, *inputs, chunk, n_chunks, cfg, settings, rnd, first,
-                 interpret):
+                 interpret, counters_per_row: int = 0):
   """One launch of ``_locate_kernel`` (a program per row) -> round 0 (``first``; ``inputs`` = the
   statistics launch's four [B, C] partials, and with min-p the floor set's masses): m, S, m1, S1
   and the state; a later round (``inputs`` = m, S, the state, the check's [B, C, K] count and mass
@@ -1079,7 +1227,7 @@ def _locate_call(logits_BxV, seeds_B, *inputs, chunk, n_chunks, cfg, settings, r
   f32, k_count = jnp.float32, cfg.candidates
   kernel = functools.partial(_locate_kernel, vocab=v, block=cfg.block, chunk=chunk,
                              n_chunks=n_chunks, rnd=rnd, first=first, candidates=k_count,
-                             **settings)
+                             zero_counters=counters_per_row > 0, **settings)
   row = pl.BlockSpec((None,), lambda i: (i,))
   per_k = pl.BlockSpec((None, k_count), lambda i: (i, 0))
   specs = []
@@ -1092,12 +1240,18 @@ def _locate_call(logits_BxV, seeds_B, *inputs, chunk, n_chunks, cfg, settings, r
       specs.append(pl.BlockSpec((None, x.shape[1]), lambda i: (i, 0)))
   written = ((f32,) * 4 if first else ()) + _STATE_DTYPES
   shapes = [(b,)] * (len(written) - 3) + [(b, k_count)] * 3
+  out_shape = [jax.ShapeDtypeStruct(sh, k) for sh, k in zip(shapes, written)]
+  out_specs = [row] * (len(written) - 3) + [per_k] * 3
+  if counters_per_row:  # the arrival counters of the grid-combined launches (a power of two per
+    # row, Triton's block sizes), row-major, zeroed
+    out_shape.append(jax.ShapeDtypeStruct((b * counters_per_row,), jnp.int32))
+    out_specs.append(pl.BlockSpec((counters_per_row,), lambda i: (i,)))
   compiler_params = None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps,
                                                                  num_stages=cfg.num_stages)
   return pl.pallas_call(
-      kernel, grid=(b,), out_shape=[jax.ShapeDtypeStruct(sh, k) for sh, k in zip(shapes, written)],
+      kernel, grid=(b,), out_shape=out_shape,
       in_specs=[pl.BlockSpec((None, v), lambda i: (i, 0)), row] + specs,
-      out_specs=[row] * (len(written) - 3) + [per_k] * 3, compiler_params=compiler_params,
+      out_specs=out_specs, compiler_params=compiler_params,
       interpret=interpret, name=f"sample_cdf_locate{'_first' * first}")(logits_BxV, seeds_B,
                                                                          *inputs)
 
@@ -1118,11 +1272,21 @@ def _sample_split_cdf(logits_BxV, seeds_B, *, chunk, n_chunks, cfg, settings, in
     floor = _mass_call(logits_BxV, 0 * ones, jnp.full((b, k_count), -jnp.inf, f32),
                        combine_stats(st[0], st[1])[0], **kw)[1]
     st += (floor[..., 0],)
-  m, s, m1, s1, *state = _locate_call(logits_BxV, seeds_B, *st, rnd=0, first=True, **kw)
-  if settings["top_k"] is None and settings["top_p"] is None:  # every first draw is accepted
+  n_split = min(cfg.split_rounds, cfg.max_rounds or cfg.split_rounds)
+  decide = settings["top_k"] is not None or settings["top_p"] is not None
+  grid = cfg.grid_combine and decide
+  m, s, m1, s1, *state = _locate_call(logits_BxV, seeds_B, *st, rnd=0, first=True,
+                                      counters_per_row=pl.next_power_of_2(n_split) if grid
+                                      else 0, **kw)
+  if not decide:  # every first draw is accepted
     tok, xtok = state[4][:, 0], state[6][:, 0]
     return tok, xtok - m1 - jnp.log(s1), ones
-  n_split = min(cfg.split_rounds, cfg.max_rounds or cfg.split_rounds)
+  if grid:  # each mass launch's last program per row combines (no locate / finish launches)
+    *state, counters = state
+    for r in range(1, n_split + 1):
+      counters, state = _mass_combine_call(logits_BxV, seeds_B, counters, m, s, m1, s1, state,
+                                           rnd=r, n_split=n_split, **kw)
+    return state
   for r in range(1, n_split + 1):
     count, mass = _mass_call(logits_BxV, state[0], state[5], m, **kw)
     if r < n_split:

@@ -452,6 +452,46 @@ def test_fused_finish_draws_what_xla_and_the_row_kernel_draw(settings, extra):
     assert want[2].max() > cfg.split_rounds * cfg.candidates  # the continuation ran
 
 
+@pytest.mark.parametrize("settings", FINISH_CASES, ids=lambda d: "-".join(map(str, d.items())))
+@pytest.mark.parametrize("extra", [dict(), dict(candidates=2, split_rounds=1), dict(max_rounds=2),
+                                   dict(split_rounds=2)],
+                         ids=lambda d: "-".join(map(str, d.items())) or "default")
+def test_grid_combine_draws_what_the_separate_launches_draw(settings, extra):
+  """``grid_combine=True``: the last program of each row in a mass launch decides the round and
+  draws the next (or finishes) itself. In interpret mode (programs in grid order, the last in
+  order the last to arrive) it returns exactly the tokens, rounds and log-probs of the separate
+  locate / finish launches, with the rounds cap, K candidates and min-p."""
+  x = jnp.asarray(_random_rows(16, 300, seed=41)) * 0.3
+  seeds = jax.random.bits(jax.random.key(42), (16,), jnp.uint32)
+  cfg = GpuConfig(block=16, chunk=64, split=True, draw="cdf", **extra)
+  got = [np.asarray(a) for a in sample_gpu(
+      x, seeds, config=dataclasses.replace(cfg, grid_combine=True), interpret=True, **settings)]
+  want = [np.asarray(a) for a in sample_gpu(x, seeds, config=cfg, interpret=True, **settings)]
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[2], want[2])
+  ok = want[0] >= 0
+  np.testing.assert_allclose(got[1][ok], want[1][ok], rtol=1e-6, atol=1e-6)
+  if "top_k" in settings and "max_rounds" not in extra:
+    assert want[2].max() > cfg.split_rounds * cfg.candidates  # the continuation ran
+  if "max_rounds" in extra and "top_k" in settings:
+    assert (want[0] < 0).any()  # rows at the cap: token -1 from the combining program
+
+
+def test_grid_combine_launches():
+  """Statistics, the first locate (which zeroes the arrival counters), then one launch per round:
+  5 kernels at B = 64, V = 152k with three rounds (8 without); the Gumbel draw refuses it."""
+  x = jax.ShapeDtypeStruct((64, 151936), jnp.float32)
+  seeds = jax.ShapeDtypeStruct((64,), jnp.uint32)
+  f = functools.partial(sample_gpu, top_p=0.9, config=GpuConfig(
+      draw="cdf", chunk=2048, num_warps=4, grid_combine=True))
+  eqns = jax.make_jaxpr(f)(x, seeds).jaxpr.eqns[0].params["jaxpr"].jaxpr.eqns
+  assert [e.params["name"] for e in eqns if e.primitive.name == "pallas_call"] == [
+      "sample_split_s", "sample_cdf_locate_first", "sample_cdf_mass_combine",
+      "sample_cdf_mass_combine", "sample_cdf_mass_combine_finish"]
+  with pytest.raises(KernelShapeError, match="grid_combine"):
+    sgpu.check_config(GpuConfig(grid_combine=True))
+
+
 def test_split_path_samples_the_exact_truncated_distribution():
   x = jnp.tile(jnp.asarray(ROW37, jnp.float32), (2048, 1))
   seeds = jax.random.bits(jax.random.key(25), (2048,), jnp.uint32)

@@ -70,6 +70,27 @@ def test_cdf_draw_compiles_and_streams_with_a_fraction_of_the_gumbel_work():
                                                             split_rounds=2), **settings), *shapes)
 
 
+def test_grid_combine_compiles_with_the_ordering_it_relies_on(tmp_path):
+  """``GpuConfig(grid_combine=True)``'s mass launches compile without spills, and their SASS has
+  what the in-launch combine relies on: the atomic arrival count at GPU scope, a GPU-scope fence
+  before it (release: the partials' stores are visible first), the L1 invalidated after it
+  (acquire) and the partials read as strong (volatile) loads."""
+  shapes = (S((64, 151936), jnp.float32), S((64,), jnp.uint32))
+  f = functools.partial(sample_gpu, top_p=0.9, config=GpuConfig(draw="cdf", chunk=2048,
+                                                                 num_warps=4, grid_combine=True))
+  rows = [compile_report(*kernel, sass_dir=str(tmp_path)) for kernel in capture_kernels(f, *shapes)]
+  assert [r["kernel"] for r in rows][2:] == ["sample_cdf_mass_combine"] * 2 + [
+      "sample_cdf_mass_combine_finish"]
+  for row in rows:
+    assert "error" not in row and row["local_bytes"] == 0, row
+  for name in ("sample_cdf_mass_combine", "sample_cdf_mass_combine_finish"):
+    with open(tmp_path / f"{name}_4w.sass") as fh:
+      sass = fh.read()
+    for op in ("ATOMG.E.ADD.STRONG.GPU", "MEMBAR.ALL.GPU", "CCTL.IVALL", "LDG.E.STRONG.SYS",
+               "BAR.SYNC"):
+      assert op in sass, (name, op)
+
+
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 128)])
 def test_quantized_matmul_kernels_compile(bits, group):
   k, n = 4096, 4096

@@ -30,8 +30,8 @@ source line. No cuDNN library is needed: the cuDNN version check answers 9.10 wh
 (``pretend_cudnn``) and XLA emits the cuDNN custom calls without building their graphs.
 
 ``--sampler top_p top_k min_p`` compiles ``kernels.sampling.sample_gpu`` alone at each ``--batch``
-x ``--vocab`` (its default settings) twice, with the one-launch finish (``GpuConfig.fused_finish``)
-and with XLA's, and reports the launches of each.
+x ``--vocab`` (its default settings) with the one-launch finish (``GpuConfig.fused_finish``), with
+XLA's, and (cdf draw) with ``grid_combine``, and reports the launches of each.
 
 What it tells and what it does not: the per-step launch count and the kind of every launched
 operation (``common.loop_launch_list``) -- on 2026-11-27 this reproduced exactly the 749 launches
@@ -317,15 +317,16 @@ SAMPLER_MODES = {"top_p": dict(top_p=0.9), "top_k": dict(top_k=50), "min_p": dic
 
 
 def sampler_program(batch: int, vocab: int, mode: str, *, sharding, fused_finish: bool = True,
-                    dtype: str = "float32") -> str:
+                    grid_combine: bool = False, dtype: str = "float32") -> str:
   """Optimised HLO of ``kernels.sampling.sample_gpu`` alone (``default_config(batch, vocab)``
-  for the rule ``mode`` of ``SAMPLER_MODES``, with ``fused_finish`` as given) on [batch, vocab]
-  logits, compiled for ``sharding``'s compile-only device."""
+  for the rule ``mode`` of ``SAMPLER_MODES``, with ``fused_finish`` and ``grid_combine`` as
+  given) on [batch, vocab] logits, compiled for ``sharding``'s compile-only device."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from kernels.sampling.gpu import default_config, sample_gpu  # pylint: disable=import-outside-toplevel
   rule = SAMPLER_MODES[mode]
-  cfg = dataclasses.replace(default_config(batch, vocab, **rule), fused_finish=fused_finish)
+  cfg = dataclasses.replace(default_config(batch, vocab, **rule), fused_finish=fused_finish,
+                            grid_combine=grid_combine)
   x = jax.ShapeDtypeStruct((batch, vocab), jnp.dtype(dtype), sharding=sharding)
   seeds = jax.ShapeDtypeStruct((batch,), jnp.uint32, sharding=sharding)
   f = jax.jit(lambda s, x: sample_gpu(x, s, config=cfg, **rule))
@@ -476,10 +477,15 @@ def _main_sampler(args, sharding):
                                                 fused_finish=fused))
       row["launches_fused_finish" if fused else "launches_xla_finish"] = summary["launches"]
       row["by_kind_fused_finish" if fused else "by_kind_xla_finish"] = summary["by_kind"]
+    if row["draw"] == "cdf":  # GpuConfig.grid_combine: the mass launches combine themselves
+      row["launches_grid_combine"] = program_summary(sampler_program(
+          batch, vocab, mode, sharding=sharding, grid_combine=True))["launches"]
     rows.append(row)
     common.log(f"sample_gpu {mode} B={batch} V={vocab} ({row['draw']} draw): "
                f"{row['launches_fused_finish']} launches with the one-launch finish, "
-               f"{row['launches_xla_finish']} with XLA's")
+               f"{row['launches_xla_finish']} with XLA's"
+               + (f", {row['launches_grid_combine']} with grid_combine"
+                  if "launches_grid_combine" in row else ""))
   if args.out:
     _write(args.out, dict(tool="benchmarks/xla_gpu_offline.py --sampler", gpu=args.gpu,
                           jax=jax.__version__, target_config=target_config(args.gpu), rows=rows,

@@ -931,19 +931,28 @@ def advance_candidates(state: SplitState, first_round: int, count_xCxK, mass_xCx
   return state, w, pivot
 
 
-def _mass_kernel(x_ref, done_ref, pivot_ref, m_ref, count_ref, mass_ref, *, vocab: int,
-                 block: int, chunk: int, temperature: float, top_k: int | None,
-                 log_min_p: float | None, math: str):
+def _mass_kernel(x_ref, *refs, vocab: int, block: int, chunk: int, n_chunks: int,
+                 temperature: float, top_k: int | None, log_min_p: float | None, math: str,
+                 floor: bool):
   """One (row, chunk) program of the "cdf" draw: over the chunk, for each of the row's K pivots
   p_k (``pivot_ref``: [K]), #{v in R_k} (with top-k) and w_ck = sum_{v in R_k} exp(z_v - m),
   R_k = ``_in_set(z, p_k)``. With the pivots = the candidates' z this is their check (the count
   and mass above each) and, at once, the chunk's mass in the next round's set; with pivots -inf
   and min-p, the first round's masses. Rows marked done (the state's ``done``, read as written by
-  the locate launch) read nothing."""
+  the locate launch) read nothing. ``floor``: the min-p floor set's masses before the first
+  round (every row, one pivot -inf), the row max combined in each program from the statistics
+  launch's [C] partials (``refs`` = their max and sum partials), so no XLA step runs between."""
   f32, i32 = jnp.float32, jnp.int32
   lane = lax.broadcasted_iota(i32, (block,), 0)
   start = pl.program_id(1) * chunk
-  active, pivots, m = done_ref[...] == 0, pivot_ref[...], m_ref[...]
+  if floor:
+    m_parts_ref, s_parts_ref, count_ref, mass_ref = refs
+    m = combine_stats(_load_partials(m_parts_ref, n_chunks, -jnp.inf),
+                      _load_partials(s_parts_ref, n_chunks, 0.0))[0]
+    active, pivots = jnp.bool_(True), jnp.full((1,), -jnp.inf, f32)
+  else:
+    done_ref, pivot_ref, m_ref, count_ref, mass_ref = refs
+    active, pivots, m = done_ref[...] == 0, pivot_ref[...], m_ref[...]
   k_count = pivots.shape[0]
 
   def body(i, c):
@@ -1091,26 +1100,32 @@ def _locate_row(x_ref, seed, m, w, pivot, state: SplitState, *, vocab: int, bloc
   return state
 
 
-def _mass_call(logits_BxV, done_B, pivot_BxK, m_B, *, chunk, n_chunks, cfg, settings,
-               interpret):
-  """One launch of ``_mass_kernel`` over the grid (B, C) -> (count_BxCxK, mass_BxCxK)."""
+def _mass_call(logits_BxV, *inputs, chunk, n_chunks, cfg, settings, interpret,
+               floor: bool = False):
+  """One launch of ``_mass_kernel`` over the grid (B, C) -> (count_BxCxK, mass_BxCxK);
+  ``inputs`` = (done_B, pivot_BxK, m_B), or with ``floor`` the statistics launch's max and sum
+  partials [B, C] (K = 1)."""
   b, v = logits_BxV.shape
-  k_count = pivot_BxK.shape[1]
+  k_count = 1 if floor else inputs[1].shape[1]
   kernel = functools.partial(_mass_kernel, vocab=v, block=cfg.block, chunk=chunk,
-                             temperature=settings["temperature"], top_k=settings["top_k"],
-                             log_min_p=settings["log_min_p"], math=settings["math"])
+                             n_chunks=n_chunks, temperature=settings["temperature"],
+                             top_k=settings["top_k"], log_min_p=settings["log_min_p"],
+                             math=settings["math"], floor=floor)
   row = pl.BlockSpec((None,), lambda i, c: (i,))
   cell = pl.BlockSpec((None, None, k_count), lambda i, c: (i, c, 0))
+  if floor:
+    specs = [pl.BlockSpec((None, n_chunks), lambda i, c: (i, 0))] * 2
+  else:
+    specs = [row, pl.BlockSpec((None, k_count), lambda i, c: (i, 0)), row]
   compiler_params = None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps,
                                                                  num_stages=cfg.num_stages)
   return pl.pallas_call(
       kernel, grid=(b, n_chunks),
       out_shape=(jax.ShapeDtypeStruct((b, n_chunks, k_count), jnp.int32),
                  jax.ShapeDtypeStruct((b, n_chunks, k_count), jnp.float32)),
-      in_specs=[pl.BlockSpec((None, v), lambda i, c: (i, 0)), row,
-                pl.BlockSpec((None, k_count), lambda i, c: (i, 0)), row],
+      in_specs=[pl.BlockSpec((None, v), lambda i, c: (i, 0))] + specs,
       out_specs=(cell, cell), compiler_params=compiler_params, interpret=interpret,
-      name="sample_cdf_mass")(logits_BxV, done_B, pivot_BxK, m_B)
+      name=f"sample_cdf_mass{'_floor' * floor}")(logits_BxV, *inputs)
 
 
 def _mass_combine_kernel(x_ref, seed_ref, counters_in_ref, m_ref, s_ref, m1_ref, s1_ref, *refs,
@@ -1259,18 +1274,18 @@ def _locate_call(logits_BxV, seeds_B, *inputs, chunk, n_chunks, cfg, settings, r
 def _sample_split_cdf(logits_BxV, seeds_B, *, chunk, n_chunks, cfg, settings, interpret):
   """The split path with the "cdf" draw: a statistics launch over B x C programs, then per round
   a locate launch (a program per row: decide the previous round's K candidates, draw the next K)
-  and a mass launch over B x C (check the K candidates, the next round's per-chunk masses). XLA
-  combines only after the last mass launch; rows still rejected continue in ``_row_kernel`` from
-  the highest rejected candidate."""
+  and a mass launch over B x C (check the K candidates, the next round's per-chunk masses), then
+  the finish launch (``_finish_call``: the last candidates decided, rows still rejected continued
+  in ``_row_rounds`` from the highest rejected candidate); with ``grid_combine`` the mass
+  launches do the locate / finish work themselves. With min-p a floor mass launch (the first
+  round's set) runs before the first locate. No XLA step between the launches."""
   b, _ = logits_BxV.shape
-  f32, i32 = jnp.float32, jnp.int32
-  k_count = cfg.candidates
+  i32 = jnp.int32
   kw = dict(chunk=chunk, n_chunks=n_chunks, cfg=cfg, settings=settings, interpret=interpret)
   ones = jnp.ones((b,), i32)
   st = tuple(_split_call(logits_BxV, seeds_B, stats=True, **kw))
   if settings["log_min_p"] is not None:  # the first round's set is the min-p floor's
-    floor = _mass_call(logits_BxV, 0 * ones, jnp.full((b, k_count), -jnp.inf, f32),
-                       combine_stats(st[0], st[1])[0], **kw)[1]
+    floor = _mass_call(logits_BxV, st[0], st[1], floor=True, **kw)[1]
     st += (floor[..., 0],)
   n_split = min(cfg.split_rounds, cfg.max_rounds or cfg.split_rounds)
   decide = settings["top_k"] is not None or settings["top_p"] is not None
@@ -1298,7 +1313,7 @@ def _sample_split_cdf(logits_BxV, seeds_B, *, chunk, n_chunks, cfg, settings, in
   state, _, pivot = advance_candidates(SplitState(state[0] != 0, *state[1:]), n_split - 1, count,
                                        mass, s, top_k=settings["top_k"], top_p=settings["top_p"])
   return _continue_rows(logits_BxV, seeds_B, state, pivot, m1, s1, n_split, cfg=cfg,
-                        settings=settings, interpret=interpret, candidates=k_count)
+                        settings=settings, interpret=interpret, candidates=cfg.candidates)
 
 
 @functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p", "min_p", "config",

@@ -31,9 +31,11 @@ def _args(model_dir, workdir, *extra):
           "--config.mesh=(('data', -1), ('fsdp', 2), ('tensor', 2))", *extra]
 
 
-def _env():
+def _env(cache=True):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
+  if cache:  # as conftest: the runs of one test compile the same programs once
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/postrl-jax-tests"))
   return env
 
 
@@ -61,7 +63,8 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
   procs = [subprocess.Popen(
       _args(tiny_model_dir, tmp_path / "two", "--cpu_devices=4", *extra,
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
-      cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      # no compilation cache: process 0 alone would write it, and nothing here reads it back
+      cwd=ROOT, env=_env(cache=False), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
@@ -80,30 +83,32 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
 
 
 def test_sigterm_mid_run_then_rerun_resumes(tiny_model_dir, tmp_path):
-  full = subprocess.run(_args(tiny_model_dir, tmp_path / "full", "--cpu_devices=8",
-                              "--config.steps=40", "--config.checkpoint.every=100"),
+  # 12 steps: the signal lands after step 2's loss is written (step 3 running), so 8+ steps
+  # (~1 s each on the CI CPU) are left to resume and compare; no periodic checkpoint: the stop
+  # itself saves
+  steps = ("--config.steps=12", "--config.checkpoint.every=100")
+  full = subprocess.run(_args(tiny_model_dir, tmp_path / "full", "--cpu_devices=8", *steps),
                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert full.returncode == 0, full.stderr[-3000:]
+  assert sorted(_losses(tmp_path / "full")) == list(range(1, 13))
   workdir = tmp_path / "cut"
-  # 40 steps so the signal lands mid-run; no periodic checkpoint: the stop itself saves
-  proc = subprocess.Popen(_args(tiny_model_dir, workdir, "--cpu_devices=8", "--config.steps=40",
-                                "--config.checkpoint.every=100"),
+  proc = subprocess.Popen(_args(tiny_model_dir, workdir, "--cpu_devices=8", *steps),
                           cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
   deadline = time.time() + 300
   while time.time() < deadline and len(_losses(workdir) if (workdir / "metrics.jsonl").exists()
                                        else {}) < 2:
-    time.sleep(0.2)
+    time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
   assert "run the same command again to resume" in out
-  assert len(_losses(workdir)) < 40
-  again = subprocess.run(_args(tiny_model_dir, workdir, "--cpu_devices=8", "--config.steps=40",
-                               "--config.checkpoint.every=100"),
+  cut = _losses(workdir)
+  assert 2 <= len(cut) < 12
+  again = subprocess.run(_args(tiny_model_dir, workdir, "--cpu_devices=8", *steps),
                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert "resumed from" in again.stdout
+  assert f"resumed from {workdir / 'checkpoints'} step {len(cut)}" in again.stdout
   assert _losses(workdir) == _losses(tmp_path / "full")
 
 

@@ -443,10 +443,12 @@ def _env():
 
 
 def _launch(teacher_dir, workdir, *extra):
+  # 40 records = 5 rows of 8 at seq 64 (one record per row): the teacher top-k cache covers one
+  # epoch of them (5 teacher batches, not 25) and still holds every batch of a 4-step run
   args = [sys.executable, os.path.join(ROOT, "launch.py"), "--config", "configs/distill_arith.py",
           "--workdir", str(workdir), f"--config.teacher={teacher_dir}", "--cpu_devices=8",
           "--config.student.num_layers=1", "--config.steps=2", "--config.batch_size=8",
-          "--config.seq_len=64", "--config.data.num_train=200", "--config.eval.num_problems=0",
+          "--config.seq_len=64", "--config.data.num_train=40", "--config.eval.num_problems=0",
           "--config.optim.warmup_steps=1", "--config.optim.lr=1e-3", "--config.log_every=1",
           "--config.loss.max_new_tokens=4", "--config.loss.sample_batch_size=8",
           "--config.mesh=(('data', -1), ('fsdp', 2), ('tensor', 2))", *extra]

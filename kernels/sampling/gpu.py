@@ -159,7 +159,12 @@ class GpuConfig:
       kernels instead of 8 (statistics, first locate, 3 x mass). Relies on the GPU's memory
       ordering (a CTA barrier, an acquire-release atomic at GPU scope, loads past L1), which
       interpret mode cannot test: it draws the same tokens there (tested), not yet run on a
-      GPU. Experimental until ``benchmarks/sampling.py``'s compiled check has passed on one.
+      GPU. Experimental until ``benchmarks/sampling.py``'s compiled check (the distribution,
+      and the same tokens as the separate launches on the same seeds) has passed on one. Its
+      cost: the combine's code sits in every program of the mass launch, 79 registers per
+      thread (162 in the last round, which holds the row continuation) against 39 for
+      ``_mass_kernel`` at B = 64, V = 152k, 4 warps (sm_90, standalone Triton), so fewer
+      programs are resident per multiprocessor; only a GPU timing tells which way it goes.
   """
   block: int = 2048
   split: bool = True
@@ -198,8 +203,8 @@ def default_config(batch: int, vocab: int, *, top_k: int | None = None,
 
   The split path with the inverse-CDF draw, one block per chunk, one candidate per round, 4 warps
   (``CDF_MEASURED_FASTEST``) where the logits hold at least ``CDF_MIN_LOGITS`` entries with top-k
-  or top-p (B >= 16 at V = 49k - 152k, B >= 64 at V = 32k) or ``CDF_MIN_LOGITS_MIN_P`` with min-p
-  alone; ``GpuConfig()`` (the Gumbel draw) elsewhere, where the cdf draw's extra locate launch
+  or top-p (B >= 16 at V = 49k - 152k, B >= 25 at V = 32k: timed at B = 64 there, B = 25 - 63
+  untimed) or ``CDF_MIN_LOGITS_MIN_P`` with min-p alone; ``GpuConfig()`` (the Gumbel draw) elsewhere, where the cdf draw's extra locate launch
   costs more than its cheaper passes save. Measured on an H200 (2026-11-27, the table of
   docs/benchmarks.md): B = 64, V = 152k, top-p: 74 vs 126 us; B = 16, V = 152k: 41 vs 70 us;
   B = 1: 41 vs 38 us. Both draws are exact (the same distribution); the tokens for a seed differ.
@@ -231,6 +236,9 @@ def check_config(cfg: GpuConfig):
     raise KernelShapeError(f"draw={cfg.draw!r}: expected one of {DRAWS}")
   if cfg.grid_combine and cfg.draw != "cdf":
     raise KernelShapeError("grid_combine=True: the cdf draw's mass launches only (draw='cdf')")
+  if cfg.grid_combine and not cfg.fused_finish:
+    raise KernelShapeError("grid_combine=True finishes inside the last mass launch: "
+                           "fused_finish=False does not apply")
   if cfg.candidates not in (1, 2, 4, 8) or (cfg.candidates > 1 and cfg.draw != "cdf"):
     raise KernelShapeError(f"candidates={cfg.candidates}: 1, 2, 4 or 8 candidates per round, "
                            "more than one with draw='cdf' only")
@@ -706,6 +714,8 @@ def _split_call(logits_BxV, seeds_B, *row_inputs, chunk, n_chunks, cfg, settings
       [i32, f32] if check else [])
   if not check and len(row_inputs) > 1:
     raise ValueError("launch 0 takes at most the row max m (every row active, pivot -inf)")
+  if sample and not check and settings["log_min_p"] is not None and len(row_inputs) != 1:
+    raise ValueError("a min-p draw in launch 0 needs the row max m (its floor is m + log min_p)")
   kernel = functools.partial(_chunk_kernel, vocab=v, block=cfg.block, chunk=chunk,
                              n_chunks=n_chunks, rnd=rnd, stats=stats, sample=sample, check=check,
                              first=first, with_m=not check and len(row_inputs) == 1, **settings)

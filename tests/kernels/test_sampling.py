@@ -490,6 +490,8 @@ def test_grid_combine_launches():
       "sample_cdf_mass_combine", "sample_cdf_mass_combine_finish"]
   with pytest.raises(KernelShapeError, match="grid_combine"):
     sgpu.check_config(GpuConfig(grid_combine=True))
+  with pytest.raises(KernelShapeError, match="fused_finish=False"):
+    sgpu.check_config(GpuConfig(draw="cdf", grid_combine=True, fused_finish=False))
 
 
 def test_split_path_samples_the_exact_truncated_distribution():

@@ -8,13 +8,15 @@ import os
 import subprocess
 import sys
 
+from tests.jax_cache import JAX_CACHE_DIR
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = "benchmarks/decode_attention.py"
 
 
 def _run(args, **kw):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
-             JAX_COMPILATION_CACHE_DIR=os.path.expanduser("~/.cache/postrl-jax-tests"),
+             JAX_COMPILATION_CACHE_DIR=JAX_CACHE_DIR,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
   proc = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300, **kw)

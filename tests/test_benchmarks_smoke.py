@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from benchmarks import common
+from tests.jax_cache import JAX_CACHE_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _run(script, *args, timeout=300):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
              TRANSFORMERS_OFFLINE="1",
-             JAX_COMPILATION_CACHE_DIR=os.path.expanduser("~/.cache/postrl-jax-tests"),
+             JAX_COMPILATION_CACHE_DIR=JAX_CACHE_DIR,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
   proc = subprocess.run([sys.executable, os.path.join("benchmarks", script), *args], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=timeout)
@@ -329,7 +330,7 @@ def test_gpu_sh_runs_every_stage(tmp_path):
              GEN_ARGS="--config tiny --batch 2 --prompt-len 4 --new-tokens 4 --repeats 1 "
                       "--no-baseline --copy-mib 8",
              GRPO_ARGS="--tiny --no-trl --steps 1",
-             JAX_COMPILATION_CACHE_DIR=os.path.expanduser("~/.cache/postrl-jax-tests"))
+             JAX_COMPILATION_CACHE_DIR=JAX_CACHE_DIR)
   env.pop("STAGES", None)
   proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh")], env=env,
                         capture_output=True, text=True, timeout=420)
@@ -350,7 +351,7 @@ def test_gpu_sh_runs_every_stage(tmp_path):
 def test_gpu_sh_runs_only_the_chosen_stages(tmp_path):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", OUT=str(tmp_path), STAGES="grpo",
              PYTHON=sys.executable, GRPO_ARGS="--tiny --no-trl --steps 1",
-             JAX_COMPILATION_CACHE_DIR=os.path.expanduser("~/.cache/postrl-jax-tests"))
+             JAX_COMPILATION_CACHE_DIR=JAX_CACHE_DIR)
   env.pop("BUDGET", None)
   env.pop("GRPO_LIMIT", None)
   proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu.sh")], env=env,

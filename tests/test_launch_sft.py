@@ -18,6 +18,7 @@ from flax import nnx
 from postrl.metrics import read_metrics
 from postrl.models import Transformer, load_tokenizer, save_pretrained, save_tokenizer
 from tests.conftest import tiny_config  # noqa: F401  (tiny_model_dir fixture: conftest)
+from tests.jax_cache import JAX_CACHE_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +36,7 @@ def _env(cache=True):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   if cache:  # as conftest: the runs of one test compile the same programs once
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/postrl-jax-tests"))
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", JAX_CACHE_DIR)
   return env
 
 

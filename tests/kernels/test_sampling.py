@@ -423,6 +423,18 @@ def test_split_path_keeps_the_rounds_cap():
     assert np.asarray(got[2]).max() <= cap and (np.asarray(got[0]) < 0).any()
 
 
+def _assert_same_draws(got, want, cfg, settings, extra):
+  """Two launch layouts' (token, log-prob, rounds): the same tokens and rounds, the same log-probs
+  where a token was drawn; with top-k 2 (flat rows) and no cap, some row ran past the split
+  rounds, so the continuation was compared too."""
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[2], want[2])
+  ok = want[0] >= 0
+  np.testing.assert_allclose(got[1][ok], want[1][ok], rtol=1e-6, atol=1e-6)
+  if "top_k" in settings and "max_rounds" not in extra:
+    assert want[2].max() > cfg.split_rounds * cfg.candidates  # the continuation ran
+
+
 FINISH_CASES = [dict(top_k=2), dict(temperature=0.7, top_p=0.8), dict(top_p=0.5, min_p=0.05)]
 
 
@@ -444,12 +456,7 @@ def test_fused_finish_draws_what_xla_and_the_row_kernel_draw(settings, extra):
   got = [np.asarray(a) for a in sample_gpu(x, seeds, config=cfg, interpret=True, **settings)]
   want = [np.asarray(a) for a in sample_gpu(
       x, seeds, config=dataclasses.replace(cfg, fused_finish=False), interpret=True, **settings)]
-  np.testing.assert_array_equal(got[0], want[0])
-  np.testing.assert_array_equal(got[2], want[2])
-  ok = want[0] >= 0
-  np.testing.assert_allclose(got[1][ok], want[1][ok], rtol=1e-6, atol=1e-6)
-  if "top_k" in settings and "max_rounds" not in extra:
-    assert want[2].max() > cfg.split_rounds * cfg.candidates  # the continuation ran
+  _assert_same_draws(got, want, cfg, settings, extra)
 
 
 @pytest.mark.parametrize("settings", FINISH_CASES, ids=lambda d: "-".join(map(str, d.items())))
@@ -467,12 +474,7 @@ def test_grid_combine_draws_what_the_separate_launches_draw(settings, extra):
   got = [np.asarray(a) for a in sample_gpu(
       x, seeds, config=dataclasses.replace(cfg, grid_combine=True), interpret=True, **settings)]
   want = [np.asarray(a) for a in sample_gpu(x, seeds, config=cfg, interpret=True, **settings)]
-  np.testing.assert_array_equal(got[0], want[0])
-  np.testing.assert_array_equal(got[2], want[2])
-  ok = want[0] >= 0
-  np.testing.assert_allclose(got[1][ok], want[1][ok], rtol=1e-6, atol=1e-6)
-  if "top_k" in settings and "max_rounds" not in extra:
-    assert want[2].max() > cfg.split_rounds * cfg.candidates  # the continuation ran
+  _assert_same_draws(got, want, cfg, settings, extra)
   if "max_rounds" in extra and "top_k" in settings:
     assert (want[0] < 0).any()  # rows at the cap: token -1 from the combining program
 

@@ -24,6 +24,7 @@ from postrl.trainers import distill as D
 from postrl.trainers.loop import create_state
 from postrl.trainers.step import OptimizerConfig, make_optimizer, make_train_step
 from tests.conftest import tiny_config
+from tests.jax_cache import JAX_CACHE_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = tiny_config(num_hidden_layers=4, tie_word_embeddings=False)
@@ -438,7 +439,7 @@ def test_heldout_kl_is_zero_against_itself_and_matches_the_library(models, mesh)
 def _env():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/postrl-jax-tests"))
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", JAX_CACHE_DIR)
   return env
 
 

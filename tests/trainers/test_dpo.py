@@ -25,6 +25,7 @@ from postrl.trainers import dpo
 from postrl.trainers.step import loss_and_grads
 from tests.conftest import tiny_config
 from tests.data.conftest import FakeTokenizer
+from tests.jax_cache import JAX_CACHE_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LP = np.array([[-3.0, -5.0], [-4.0, -2.0]], np.float32)     # log π(chosen), log π(rejected)
@@ -194,7 +195,7 @@ def test_job_in_process_starts_at_the_reference_loss(tiny_model_dir, tmp_path):
 
 def _env():
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=os.path.expanduser("~/.cache/postrl-jax-tests"),
+             JAX_COMPILATION_CACHE_DIR=JAX_CACHE_DIR,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
   env.pop("XLA_FLAGS", None)
   return env

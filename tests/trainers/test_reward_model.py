@@ -24,6 +24,7 @@ from postrl.rewards import REWARDS, RewardModelScorer, combine_rewards, make_rew
 from postrl.trainers import reward_model as rmt
 from tests.conftest import tiny_config
 from tests.data.conftest import FakeTokenizer
+from tests.jax_cache import JAX_CACHE_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sig = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
@@ -95,7 +96,7 @@ def test_bad_config_is_a_config_error():
 
 def _env():
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=os.path.expanduser("~/.cache/postrl-jax-tests"),
+             JAX_COMPILATION_CACHE_DIR=JAX_CACHE_DIR,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
   env.pop("XLA_FLAGS", None)
   return env

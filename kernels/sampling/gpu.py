@@ -952,8 +952,7 @@ def _mass_kernel(x_ref, *refs, vocab: int, block: int, chunk: int, n_chunks: int
   the locate launch) read nothing. ``floor``: the min-p floor set's masses before the first
   round (every row, one pivot -inf), the row max combined in each program from the statistics
   launch's [C] partials (``refs`` = their max and sum partials), so no XLA step runs between."""
-  f32, i32 = jnp.float32, jnp.int32
-  lane = lax.broadcasted_iota(i32, (block,), 0)
+  f32 = jnp.float32
   start = pl.program_id(1) * chunk
   if floor:
     m_parts_ref, s_parts_ref, count_ref, mass_ref = refs
@@ -963,6 +962,18 @@ def _mass_kernel(x_ref, *refs, vocab: int, block: int, chunk: int, n_chunks: int
   else:
     done_ref, pivot_ref, m_ref, count_ref, mass_ref = refs
     active, pivots, m = done_ref[...] == 0, pivot_ref[...], m_ref[...]
+  count_ref[...], mass_ref[...] = _chunk_masses(
+      x_ref, start, active, pivots, m, vocab=vocab, block=block, chunk=chunk,
+      temperature=temperature, top_k=top_k, log_min_p=log_min_p, math=math)
+
+
+def _chunk_masses(x_ref, start, active, pivots, m, *, vocab: int, block: int, chunk: int,
+                  temperature: float, top_k: int | None, log_min_p: float | None, math: str):
+  """Over entries [start, start + chunk) of a row, for each of K pivots p_k: #{v in R_k} (0
+  without top-k) and sum_{v in R_k} exp(z_v - m), R_k = ``_in_set(z, p_k)`` -> ([K], [K]); an
+  inactive row reads nothing (zeros)."""
+  f32, i32 = jnp.float32, jnp.int32
+  lane = lax.broadcasted_iota(i32, (block,), 0)
   k_count = pivots.shape[0]
 
   def body(i, c):
@@ -974,8 +985,7 @@ def _mass_kernel(x_ref, *refs, vocab: int, block: int, chunk: int, n_chunks: int
   trips = jnp.where(active, i32(chunk // block), i32(0))
   count, mass = lax.fori_loop(0, trips, body, (jnp.zeros((k_count, block), i32),
                                                jnp.zeros((k_count, block), f32)))
-  count_ref[...] = jnp.sum(count, axis=1)
-  mass_ref[...] = jnp.sum(mass, axis=1)
+  return jnp.sum(count, axis=1), jnp.sum(mass, axis=1)
 
 
 def _load_partials_ck(ref, n_chunks: int, k_count: int, identity, volatile: bool = False):
@@ -1154,27 +1164,18 @@ def _mass_combine_kernel(x_ref, seed_ref, counters_in_ref, m_ref, s_ref, m1_ref,
   barrier orders the partial's stores before the increment (acquire-release, GPU scope: Triton's
   default for atomics) and the increment before the last program's reads; interpret mode runs
   the programs one after another, so the last in grid order is the last to arrive."""
-  f32, i32 = jnp.float32, jnp.int32
+  i32 = jnp.int32
   *state_refs, count_ref, mass_ref, counters_ref = refs[:10]
   out_refs = refs[10:]
   del counters_in_ref  # aliased with counters_ref
   state = SplitState(*(r[...] for r in state_refs))
-  lane = lax.broadcasted_iota(i32, (block,), 0)
   c = pl.program_id(1)
-  start = c * chunk
-  active, pivots, m = state.done == 0, state.ztok, m_ref[...]
-
-  def body(i, acc):
-    _, _, z = _load_block(x_ref, start + i * block, lane, vocab=vocab, temperature=temperature)
-    cand = _in_set(z[None, :], pivots[:, None], m, log_min_p)  # [K, block]
-    count = acc[0] + cand.astype(i32) if top_k is not None else acc[0]
-    return count, acc[1] + jnp.where(cand, _exp(z - m, math)[None, :], f32(0.0))
-
-  trips = jnp.where(active, i32(chunk // block), i32(0))
-  count, mass = lax.fori_loop(0, trips, body, (jnp.zeros((candidates, block), i32),
-                                               jnp.zeros((candidates, block), f32)))
-  count_ref[pl.ds(c, 1), :] = jnp.sum(count, axis=1)[None, :]
-  mass_ref[pl.ds(c, 1), :] = jnp.sum(mass, axis=1)[None, :]
+  m = m_ref[...]
+  count, mass = _chunk_masses(x_ref, c * chunk, state.done == 0, state.ztok, m, vocab=vocab,
+                              block=block, chunk=chunk, temperature=temperature, top_k=top_k,
+                              log_min_p=log_min_p, math=math)
+  count_ref[pl.ds(c, 1), :] = count[None, :]
+  mass_ref[pl.ds(c, 1), :] = mass[None, :]
   if not interpret:
     plgpu.debug_barrier()  # every thread's stores before the increment
   stride = counters_ref.shape[0] // pl.num_programs(0)  # counters per row (a power of two)

@@ -281,19 +281,21 @@ def train_program(preset: str, job: str, *, attention: str, rows: int, seq: int,
 
 def decode_program(preset: str, batch: int, *, decode_attention: str, top_p: float,
                    sampling_impl: str, prompt_len: int, new_tokens: int, sharding,
-                   pad_rows: bool = True, fmt: str = "bf16") -> str:
+                   pad_rows: bool = True, fmt: str = "bf16", decode_block: str = "auto") -> str:
   """Optimised HLO of ``generate``'s program for a one-GPU run of ``preset`` (bf16, random-weight
   shapes; ``fmt`` "int8" / "int4_g128": every block's Linear quantized, as
   ``benchmarks/decode.py``) at ``batch``, compiled for ``sharding``'s compile-only device;
   ``pad_rows=False`` decodes exactly ``batch`` rows (``generate`` decodes 2 for one prompt of a
-  float model: ``min_decode_rows``). Returns (HLO text, rows decoded)."""
+  float model: ``min_decode_rows``); ``decode_block``: ``ModelConfig.decode_block_impl``.
+  Returns (HLO text, rows decoded)."""
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from benchmarks import generate as gen_bench  # pylint: disable=import-outside-toplevel
   from postrl.models import Transformer  # pylint: disable=import-outside-toplevel
   from postrl.quant import quantize_model  # pylint: disable=import-outside-toplevel
   cfg = common.model_config(preset, param_dtype="bfloat16", dtype="bfloat16")
-  cfg = dataclasses.replace(cfg, decode_attention_impl=decode_attention)
+  cfg = dataclasses.replace(cfg, decode_attention_impl=decode_attention,
+                            decode_block_impl=decode_block)
 
   def build():
     model = Transformer(cfg, rngs=nnx.Rngs(0))
@@ -343,6 +345,10 @@ def parse_args(argv=None):
   parser.add_argument("--decode-attention", nargs="+", default=["auto"],
                       choices=["auto", "xla", "pallas"],
                       help="ModelConfig.decode_attention_impl ('auto' = the kernel, as on one GPU)")
+  parser.add_argument("--decode-block", nargs="+", default=["auto"],
+                      choices=["auto", "xla", "pallas"],
+                      help="ModelConfig.decode_block_impl ('pallas': kernels.decode_block's five "
+                           "fused launches per layer)")
   parser.add_argument("--sampling-impl", default="auto", choices=["auto", "xla", "pallas"])
   parser.add_argument("--formats", nargs="+", default=["bf16"], choices=list(FORMATS),
                       help="weights: bf16, or every block's Linear quantized (postrl.quant)")
@@ -389,39 +395,41 @@ def main(argv=None):
     return _main_sampler(args, sharding)
   paddings = [True, False] if args.row_padding_both else [not args.no_row_padding]
   rows = []
-  shapes = [(preset, fmt, attention, batch, pad) for preset in args.config
+  shapes = [(preset, fmt, attention, block, batch, pad) for preset in args.config
             for fmt in args.formats for attention in args.decode_attention
-            for batch in args.batch for pad in paddings]
-  for preset, fmt, attention, batch, pad in shapes:
+            for block in args.decode_block for batch in args.batch for pad in paddings]
+  for preset, fmt, attention, block, batch, pad in shapes:
     t0 = time.perf_counter()
     hlo, rows_decoded = decode_program(
         preset, batch, decode_attention=attention, top_p=args.top_p,
         sampling_impl=args.sampling_impl, prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens, sharding=sharding, pad_rows=pad, fmt=fmt)
+        new_tokens=args.new_tokens, sharding=sharding, pad_rows=pad, fmt=fmt,
+        decode_block=block)
     row = dict(config=preset, format=fmt, batch=batch, row_padding=pad, rows=rows_decoded,
-               decode_attention=attention, top_p=args.top_p,
+               decode_attention=attention, decode_block=block, top_p=args.top_p,
                sampling_impl=args.sampling_impl,
                compile_s=round(time.perf_counter() - t0, 1), **step_summary(hlo))
     rows.append(row)
     common.log(f"{preset} {fmt} batch {batch}{'' if pad else ' (no row padding)'} attention "
-               f"{attention}: {row['launches']} launches / "
+               f"{attention} layer {block}: {row['launches']} launches / "
                f"step, {row['bytes_written'] / 1e6:.1f} MB written / step "
                f"({row['in_place_updates']} in-place updates left out); largest: "
                + "; ".join(f"{x['shape']} x{x['launches']} ({x['source'][:60]})"
                            for x in row["largest"][:3]))
     if args.dump_dir:
       stem = (f"{preset}_{fmt}_b{batch}_{attention}" if fmt != "bf16" else
-              f"{preset}_b{batch}_{attention}") + ("" if pad else "_nopad")
+              f"{preset}_b{batch}_{attention}") + ("" if pad else "_nopad") + (
+                  "" if block == "auto" else f"_block-{block}")
       os.makedirs(args.dump_dir, exist_ok=True)
       with open(os.path.join(args.dump_dir, stem + ".hlo.txt"), "w") as f:
         f.write(hlo)
       with open(os.path.join(args.dump_dir, stem + ".fusions.txt"), "w") as f:
         f.write(common.format_launch_list(common.loop_launch_list(hlo), stem))
   common.log(f"{'config':>14} {'format':>10} {'batch':>6} {'rows':>5} {'attention':>10} "
-             f"{'launches':>9} {'MB written':>11}")
+             f"{'layer':>7} {'launches':>9} {'MB written':>11}")
   for r in rows:
     common.log(f"{r['config']:>14} {r['format']:>10} {r['batch']:>6} {r['rows']:>5} "
-               f"{r['decode_attention']:>10} {r['launches']:>9} "
+               f"{r['decode_attention']:>10} {r['decode_block']:>7} {r['launches']:>9} "
                f"{r['bytes_written'] / 1e6:>11.1f}")
   if args.out:
     result = dict(tool="benchmarks/xla_gpu_offline.py", gpu=args.gpu, jax=jax.__version__,

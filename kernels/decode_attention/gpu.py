@@ -72,13 +72,14 @@ def default_chunks(b: int, k: int, s: int, block_s: int) -> int:
 
 
 def _kernel(lengths_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_s: int, chunk: int,
-            scale: float):
+            scale: float, groups: int):
   f32 = jnp.float32
   length = lengths_ref[...]
   start = pl.program_id(2) * chunk
   end = jnp.minimum(start + chunk, length)
   steps = jnp.maximum(pl.cdiv(end - start, block_s), 0)
-  q = q_ref[...]  # [16, D] in the cache dtype
+  real = lax.broadcasted_iota(jnp.int32, (PAD_GROUPS,), 0) < groups  # rows past G: never written
+  q = plgpu.load(q_ref, mask=real[:, None], other=0.0)  # [16, D] in the cache dtype
   rows = lax.broadcasted_iota(jnp.int32, (block_s,), 0)
 
   def body(i, carry):
@@ -114,29 +115,32 @@ def combine_chunks(acc_BxKxCxGxD, m_BxKxCxG, l_BxKxCxG):
   return num / jnp.sum(w * l_BxKxCxG, axis=2)[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def decode_attention_gpu(q_BxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B, *,
-                         config: GpuConfig | None = None, interpret: bool = False):
-  """[B, H, D] attention of one query per row over the first ``lengths_B[b]`` >= 1 cache slots
-  (module doc); float32 statistics, the output in the cache dtype."""
+def decode_attention_partials(q_BxKxPxD, k_BxSxKxD, v_BxSxKxD, lengths_B, *, groups: int,
+                              config: GpuConfig | None = None, interpret: bool = False):
+  """The kernel alone: per chunk c of row b's valid slots and key/value head k, the unnormalised
+  (acc [B, K, C, 16, D], m [B, K, C, 16], l [B, K, C, 16]) of its ``PAD_GROUPS``-padded query
+  heads, float32. ``q_BxKxPxD`` holds the ``groups`` = H / K query heads of each key/value head in
+  its first rows of P = ``PAD_GROUPS`` (the rest are not read), in the cache dtype; only the first
+  ``groups`` rows of the outputs are meaningful. ``combine_chunks`` (XLA) or a fused consumer
+  (``kernels.decode_block``'s output projection) turns them into the attention output."""
   cfg = config or GpuConfig()
-  B, H, D = q_BxHxD.shape
-  _, S, K, _ = k_BxSxKxD.shape
-  check_shapes(H, K, D, cfg)
-  G = H // K
+  B, K, P, D = q_BxKxPxD.shape
+  S = k_BxSxKxD.shape[1]
+  check_shapes(groups * K, K, D, cfg)
+  if P != PAD_GROUPS:
+    raise KernelShapeError(f"q has {P} query rows per key/value head, expected {PAD_GROUPS}")
   chunks = cfg.chunks or default_chunks(B, K, S, cfg.block_s)
   chunk = -(-S // chunks)
   chunk = -(-chunk // cfg.block_s) * cfg.block_s  # whole blocks per chunk
   chunks = -(-S // chunk)
-  q = q_BxHxD.astype(k_BxSxKxD.dtype).reshape(B, K, G, D)
-  q = jnp.pad(q, ((0, 0), (0, 0), (0, PAD_GROUPS - G), (0, 0)))
-  kernel = functools.partial(_kernel, block_s=cfg.block_s, chunk=chunk, scale=1 / math.sqrt(D))
+  kernel = functools.partial(_kernel, block_s=cfg.block_s, chunk=chunk, scale=1 / math.sqrt(D),
+                             groups=groups)
   compiler_params = None
   if not interpret:
     compiler_params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
   f32 = jnp.float32
   cache_spec = pl.BlockSpec((None, S, None, D), lambda b, k, c: (b, 0, k, 0))
-  acc, m, l = pl.pallas_call(
+  return pl.pallas_call(
       kernel, grid=(B, K, chunks),
       in_specs=[pl.BlockSpec((None,), lambda b, k, c: (b,)),
                 pl.BlockSpec((None, None, PAD_GROUPS, D), lambda b, k, c: (b, k, 0, 0)),
@@ -148,6 +152,21 @@ def decode_attention_gpu(q_BxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B, *,
                  jax.ShapeDtypeStruct((B, K, chunks, PAD_GROUPS), f32),
                  jax.ShapeDtypeStruct((B, K, chunks, PAD_GROUPS), f32)],
       compiler_params=compiler_params, interpret=interpret, name="decode_attention")(
-          lengths_B.astype(jnp.int32), q, k_BxSxKxD, v_BxSxKxD)
+          lengths_B.astype(jnp.int32), q_BxKxPxD, k_BxSxKxD, v_BxSxKxD)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def decode_attention_gpu(q_BxHxD, k_BxSxKxD, v_BxSxKxD, lengths_B, *,
+                         config: GpuConfig | None = None, interpret: bool = False):
+  """[B, H, D] attention of one query per row over the first ``lengths_B[b]`` >= 1 cache slots
+  (module doc); float32 statistics, the output in the cache dtype."""
+  B, H, D = q_BxHxD.shape
+  K = k_BxSxKxD.shape[2]
+  check_shapes(H, K, D, config or GpuConfig())
+  G = H // K
+  q = q_BxHxD.astype(k_BxSxKxD.dtype).reshape(B, K, G, D)
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, PAD_GROUPS - G), (0, 0)))
+  acc, m, l = decode_attention_partials(q, k_BxSxKxD, v_BxSxKxD, lengths_B, groups=G,
+                                        config=config, interpret=interpret)
   out = combine_chunks(acc[:, :, :, :G], m[:, :, :, :G], l[:, :, :, :G])
   return out.reshape(B, H, D).astype(k_BxSxKxD.dtype)

@@ -27,10 +27,11 @@ SUPPORTED_ARCHITECTURES = {
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DECODE_ATTENTION_IMPLS = ("auto", "xla", "pallas")
+DECODE_BLOCK_IMPLS = ("auto", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
 # How the model computes, not what: the same function whichever value (tested), so a checkpoint
 # written under one resumes under another (``postrl.trainers.common.fingerprint`` leaves them out)
-EXECUTION_OPTIONS = ("attention_impl", "remat", "decode_attention_impl")
+EXECUTION_OPTIONS = ("attention_impl", "remat", "decode_attention_impl", "decode_block_impl")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -107,6 +108,14 @@ class ModelConfig:
   # path); "auto" (default), the kernel on one GPU (measured faster at every shape timed on an
   # H100) and XLA elsewhere. A runtime choice like dtype.
   decode_attention_impl: str = "auto"
+  # How a cached one-token step of 1 to 16 rows runs each decoder layer: "xla", the layer as
+  # written (~12 launches per layer at batch 1); "pallas", ``kernels.decode_block``'s five fused
+  # Triton launches (RMSNorm + q / k / v + RoPE + cache write; attention; merge + o + residual;
+  # RMSNorm + gate / up + SiLU; down + residual), for float (not quantized, no unmerged adapter)
+  # layers without prefix / prompt tuning (on a CPU in interpret mode, a test path); "auto"
+  # (default): XLA until a GPU run measures the kernels faster (``kernels.decode_block.
+  # GPU_MEASURED``). A runtime choice like dtype.
+  decode_block_impl: str = "auto"
 
   def __post_init__(self):
     # Types and ranges first: a bad value fails here, named, not as a shape error inside JAX.
@@ -182,6 +191,9 @@ class ModelConfig:
     if self.decode_attention_impl not in DECODE_ATTENTION_IMPLS:
       raise ConfigError(f"decode_attention_impl={self.decode_attention_impl!r}; expected one of "
                         f"{list(DECODE_ATTENTION_IMPLS)}")
+    if self.decode_block_impl not in DECODE_BLOCK_IMPLS:
+      raise ConfigError(f"decode_block_impl={self.decode_block_impl!r}; expected one of "
+                        f"{list(DECODE_BLOCK_IMPLS)}")
     if (self.attention_impl == "cudnn"
         and jnp.dtype(dtype_from_name(self.dtype)) not in (jnp.bfloat16, jnp.float16)):
       raise ConfigError(f"attention_impl='cudnn' needs dtype bfloat16 or float16 (cuDNN's flash "

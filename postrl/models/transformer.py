@@ -335,6 +335,37 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg=cfg)
     self.mlp = MLP(cfg, rngs=rngs)
 
+  def fused_decode_blocker(self) -> str | None:
+    """Why ``kernels.decode_block`` cannot run this block (None: it can): it takes float weights
+    without an unmerged LoRA / DoRA adapter and no prefix tuning."""
+    if getattr(self.self_attn, "prefix", None) is not None:
+      return "prefix tuning"
+    attn, mlp = self.self_attn, self.mlp
+    for name, lin in (("q_proj", attn.q_proj), ("k_proj", attn.k_proj), ("v_proj", attn.v_proj),
+                      ("o_proj", attn.o_proj), ("gate_proj", mlp.gate_proj),
+                      ("up_proj", mlp.up_proj), ("down_proj", mlp.down_proj)):
+      if lin.quantized:
+        return f"{name} is quantized"
+      adapter = getattr(lin, "lora", None)
+      if adapter is not None and not adapter.merged:
+        return f"{name} has an unmerged adapter"
+    return None
+
+  def decode_weights(self) -> dict:
+    """The block's arrays by ``kernels.decode_block.WEIGHT_NAMES`` (and biases where present)."""
+    attn, mlp = self.self_attn, self.mlp
+    out = dict(input_norm=self.input_layernorm.weight[...], q=attn.q_proj.kernel[...],
+               k=attn.k_proj.kernel[...], v=attn.v_proj.kernel[...], o=attn.o_proj.kernel[...],
+               post_norm=self.post_attention_layernorm.weight[...],
+               gate=mlp.gate_proj.kernel[...], up=mlp.up_proj.kernel[...],
+               down=mlp.down_proj.kernel[...])
+    for name, lin in (("q_bias", attn.q_proj), ("k_bias", attn.k_proj), ("v_bias", attn.v_proj),
+                      ("o_bias", attn.o_proj), ("gate_bias", mlp.gate_proj),
+                      ("up_bias", mlp.up_proj), ("down_bias", mlp.down_proj)):
+      if lin.bias is not None:
+        out[name] = lin.bias[...]
+    return out
+
   def __call__(self, x, positions, mask, inv_freq, kv=None, prefix_kv=None, rope_positions=None):
     attn, kv = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq, kv, prefix_kv,
                               rope_positions)
@@ -418,6 +449,8 @@ class Transformer(nnx.Module):
       mask = causal & (seg[:, :, None] == seg[:, None, :])
     inv_freq = rope_inv_freq(cfg)
     x = jnp.take(self.embed_tokens[...], tokens_BxT, axis=0).astype(dt)
+    if cache is not None and T == 1 and self._fused_decode(B):
+      return self._fused_decode_layers(x[:, 0], positions_BxT[:, 0], cache, inv_freq)
     # prompt tuning (postrl.peft): virtual tokens at positions 0..P-1 before every sequence
     prompt = getattr(self, "prompt", None)
     prompt_kv, rope_positions = None, None
@@ -437,6 +470,47 @@ class Transformer(nnx.Module):
     if cache is None:
       return x
     return x, KVCache(tuple(new_k), tuple(new_v))
+
+  def _fused_decode(self, batch: int) -> bool:
+    """Whether a cached one-token step of ``batch`` rows runs ``kernels.decode_block``
+    (``ModelConfig.decode_block_impl``): "xla" never; "auto" where ``choose_impl`` picks the
+    kernels and the model and shapes fit them; "pallas" always (what does not fit is then a
+    clear error)."""
+    cfg = self.config
+    impl = cfg.decode_block_impl
+    if impl == "xla":
+      return False
+    # pylint: disable=import-outside-toplevel
+    from kernels.decode_block import GpuConfig, KernelShapeError, check_shapes, choose_impl
+    if impl == "auto" and choose_impl(impl) != "pallas":
+      return False
+    blocker = ("prompt tuning" if getattr(self, "prompt", None) is not None else
+               next((b for b in (layer.fused_decode_blocker() for layer in self.layers) if b),
+                    None))
+    if blocker is None:
+      try:
+        check_shapes(batch, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                     cfg.num_key_value_heads, cfg.dim_per_head, GpuConfig())
+      except KernelShapeError as e:
+        blocker = str(e)
+    if blocker is not None and impl == "pallas":
+      raise ConfigError(f"decode_block_impl='pallas' cannot run this model's cached step: "
+                        f"{blocker}; use decode_block_impl='auto' or 'xla'")
+    return blocker is None
+
+  def _fused_decode_layers(self, x_BxD, positions_B, cache: KVCache, inv_freq):
+    """``hidden_states`` of one cached token per row through ``kernels.decode_block``."""
+    from kernels.decode_block import decode_layer  # pylint: disable=import-outside-toplevel
+    cfg = self.config
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      x_BxD, k, v = decode_layer(x_BxD, positions_B, inv_freq, layer.decode_weights(),
+                                 cache.k[i], cache.v[i], eps=cfg.rms_norm_eps,
+                                 dtype=dtype_from_name(cfg.dtype), impl="pallas",
+                                 interpret=jax.default_backend() == "cpu")
+      new_k.append(k)
+      new_v.append(v)
+    return self.norm(x_BxD[:, None]), KVCache(tuple(new_k), tuple(new_v))
 
   def virtual_kv(self, x_1xPxD, inv_freq):
     """Per-layer (k, v) [1, P, Hkv, Dh] of P input embeddings run alone through the blocks at

@@ -114,14 +114,18 @@ def model_kwargs(config) -> dict:
   default: cuDNN's fused flash attention for every full-sequence forward on one NVIDIA GPU in
   bf16 / f16, XLA's einsum elsewhere; "xla"; "cudnn", which needs a GPU), ``remat`` ("none" by default; "full" / "dots": recompute each block's activations
   in the backward pass) and ``decode_attention_impl`` ("auto" by default: the flash-decoding
-  kernel for rollouts' cached steps on one GPU, XLA elsewhere; "xla"; "pallas")."""
+  kernel for rollouts' cached steps on one GPU, XLA elsewhere; "xla"; "pallas") and
+  ``decode_block_impl`` ("auto" by default: XLA's decoder layer until the fused kernels are
+  measured faster on a GPU; "xla"; "pallas": ``kernels.decode_block`` for cached steps of 1-16
+  rows)."""
   attention_impl = config.get("attention_impl", "auto")
   if attention_impl == "cudnn" and jax.default_backend() != "gpu":  # fail before the model loads
     raise ConfigError(f"config.attention_impl='cudnn' needs an NVIDIA GPU; this run's JAX backend "
                       f"is {jax.default_backend()!r} (use 'xla')")
   return dict(param_dtype=config.param_dtype, dtype=config.dtype, attention_impl=attention_impl,
               remat=config.get("remat", "none"),
-              decode_attention_impl=config.get("decode_attention_impl", "auto"))
+              decode_attention_impl=config.get("decode_attention_impl", "auto"),
+              decode_block_impl=config.get("decode_block_impl", "auto"))
 
 
 def start(config, *, model: str | None = None) -> Run:
@@ -205,8 +209,8 @@ def fingerprint(config, model_cfg, *keys: str, sections=("data", "optim", "peft"
   """What a checkpoint must match to be resumed: the model, the config ``sections`` and ``keys``.
   ``steps`` may change (a run can be extended), as may logging and evaluation settings. (With
   PEFT, ``fit`` adds the frozen base's digest.) The model's execution options
-  (``postrl.models.config.EXECUTION_OPTIONS``: attention implementation, remat, decode attention)
-  compute the same function and are left out, so a run resumes after changing them (or on a
+  (``postrl.models.config.EXECUTION_OPTIONS``: attention implementation, remat, decode attention,
+  decode layer) compute the same function and are left out, so a run resumes after changing them (or on a
   machine where ``attention_impl="auto"`` resolves differently)."""
   out = dict(model=model_fingerprint(model_cfg), param_dtype=config.get("param_dtype"),
              seed=config.get("seed"))

@@ -1,0 +1,358 @@
+"""One decoder layer's cached one-token step in five Pallas (Triton backend) launches.
+
+At decode sizes (a few rows) XLA runs a Llama / Qwen2 block as ~12 launches (RMSNorm, the q / k / v
+GEMM, RoPE, the k and v cache writes, attention and its merge of chunks, the o GEMM, RMSNorm with
+the residual, the gate / up GEMM, SiLU x up, the down GEMM), and at the SmolLM2-135M shape each
+launch, not the bytes it moves, sets the step's time (docs/benchmarks.md, "Batch-1 decode"). Here
+the layer is the five dependent phases that need no barrier across the GPU:
+
+  1. ``_attn_in_kernel``  n = RMSNorm(x); q, k, v = n W_q, n W_k, n W_v (+ bias); RoPE on q and k;
+                          k and v written into the caches at each row's position (in place)
+  2. ``kernels.decode_attention``'s kernel: per-chunk (acc, m, l) of flash-decoding
+  3. ``_attn_out_kernel`` a = x + combine(acc, m, l) W_o (+ bias)   (the chunks merged in-kernel)
+  4. ``_mlp_in_kernel``   m = RMSNorm(a); act = silu(m W_gate) * (m W_up)
+  5. ``_mlp_out_kernel``  x' = a + act W_down (+ bias)
+
+Every kernel computes its RMSNorm itself (each program normalises all rows: D values per row, far
+cheaper than a launch) and pads the B <= 16 rows to 16, the tensor-core dot's smallest tile. Each
+program owns ``block_n`` output columns (kernel 1: ``head_block`` columns of each RoPE half of one
+head) and loops over the input in steps of ``block_k``. The casts follow the model
+(``postrl.models.transformer``): the norm and RoPE's angles in float32, each matmul accumulated in
+float32 and rounded to the compute dtype, the residual adds in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.decode_attention import gpu as attention_gpu
+
+ROWS = 16  # rows per program: the tensor-core dot's smallest tile; B <= ROWS
+f32 = jnp.float32
+
+
+class KernelShapeError(ValueError):
+  """The fused layer cannot take these shapes or settings (the model then runs XLA's layer)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuConfig:
+  """Launch settings of the four matmul kernels (the attention kernel has its own).
+
+  Attributes:
+    block_k: input features per loop step (divides the hidden size, the MLP width and H * Dh).
+    block_n: output columns per program of kernels 3-5 (a power of two >= 16).
+    head_block: columns per program in each RoPE half of a head (kernel 1; a power of two >= 16
+      dividing head_dim / 2).
+    num_warps, num_stages: Triton's warps per program and pipelining depth.
+    attention: ``kernels.decode_attention.GpuConfig`` of the attention kernel (None: default).
+  """
+  block_k: int = 64
+  block_n: int = 16
+  head_block: int = 16
+  num_warps: int = 4
+  num_stages: int = 3
+  attention: attention_gpu.GpuConfig | None = None
+
+
+def check_shapes(b: int, d: int, f: int, h: int, k: int, dh: int, cfg: GpuConfig):
+  """Raise ``KernelShapeError`` naming what the fused layer cannot take."""
+  def pow2(n):
+    return n >= 16 and not n & (n - 1)
+  if not 1 <= b <= ROWS:
+    raise KernelShapeError(f"{b} rows: the fused decode layer takes 1 to {ROWS}")
+  for name, value in (("block_k", cfg.block_k), ("block_n", cfg.block_n),
+                      ("head_block", cfg.head_block)):
+    if not pow2(value):
+      raise KernelShapeError(f"{name}={value}: needs a power of two >= 16")
+  for name, value in (("hidden size", d), ("MLP width", f), ("H * head_dim", h * dh)):
+    if value % cfg.block_k:
+      raise KernelShapeError(f"{name} {value} is not a multiple of block_k={cfg.block_k}")
+  for name, value in (("hidden size", d), ("MLP width", f)):
+    if value % cfg.block_n:
+      raise KernelShapeError(f"{name} {value} is not a multiple of block_n={cfg.block_n}")
+  if dh % 2 or (dh // 2) % cfg.head_block:
+    raise KernelShapeError(f"head_dim {dh}: half of it must be a multiple of "
+                           f"head_block={cfg.head_block}")
+  try:
+    attention_gpu.check_shapes(h, k, dh, cfg.attention or attention_gpu.GpuConfig())
+  except attention_gpu.KernelShapeError as e:
+    raise KernelShapeError(f"attention: {e}") from None
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def _rows(b: int):
+  rows = lax.broadcasted_iota(jnp.int32, (ROWS,), 0)
+  return rows, rows < b
+
+
+def _load_rows(ref, b: int, cols, other=0.0):
+  """[ROWS, n] from a [B, N] ref: rows past B read as ``other``."""
+  _, ok = _rows(b)
+  return plgpu.load(ref.at[pl.ds(0, ROWS), cols], mask=ok[:, None], other=other)
+
+
+def _store_rows(ref, b: int, cols, value):
+  _, ok = _rows(b)
+  plgpu.store(ref.at[pl.ds(0, ROWS), cols], value.astype(ref.dtype), mask=ok[:, None])
+
+
+def _inv_rms(x_ref, b: int, block_k: int, eps: float):
+  """[ROWS] float32 1 / sqrt(mean_j x_j^2 + eps) of each row of x [B, D]."""
+  d = x_ref.shape[1]
+
+  def body(i, ss):
+    x = _load_rows(x_ref, b, pl.ds(i * block_k, block_k)).astype(f32)
+    return ss + jnp.sum(x * x, axis=1)
+  ss = lax.fori_loop(0, d // block_k, body, jnp.zeros((ROWS,), f32))
+  return lax.rsqrt(ss / d + eps)
+
+
+def _normed_block(x_ref, w_ref, b: int, i, block_k: int, inv_rms, dtype):
+  """Columns [i block_k, (i + 1) block_k) of RMSNorm(x) [ROWS, block_k] as the model rounds it:
+  w_dtype * dtype(x / rms) (``postrl.models.transformer.RMSNorm``)."""
+  cols = pl.ds(i * block_k, block_k)
+  x = _load_rows(x_ref, b, cols).astype(f32)
+  w = w_ref[cols].astype(dtype)
+  return w[None, :] * (x * inv_rms[:, None]).astype(dtype)
+
+
+def _silu(x):
+  return x / (1.0 + jnp.exp(-x))
+
+
+# ----------------------------------------------------------------------------------- kernels
+
+
+def _attn_in_kernel(x_ref, pos_ref, freq_ref, norm_ref, wq_ref, wk_ref, wv_ref, *refs, heads: int,
+                    kv_heads: int, head_dim: int, head_block: int, block_k: int, eps: float,
+                    dtype, bias: bool):
+  """Program (p, c): head p of [q heads | k heads | v heads], columns c of each RoPE half."""
+  if bias:
+    bq_ref, bk_ref, bv_ref, _, _, q_ref, ck_ref, cv_ref = refs
+  else:
+    (_, _, q_ref, ck_ref, cv_ref), bq_ref, bk_ref, bv_ref = refs, None, None, None
+  b, d = x_ref.shape
+  half = head_dim // 2
+  p, col = pl.program_id(0), pl.program_id(1) * head_block
+  rows, ok = _rows(b)
+  inv_rms = _inv_rms(x_ref, b, block_k, eps)
+
+  def project(w_ref, b_ref, head):
+    """The two [ROWS, head_block] column blocks of n W (+ bias) that RoPE pairs, in dtype."""
+    base = head * head_dim + col
+
+    def body(i, carry):
+      lo, hi = carry
+      a = _normed_block(x_ref, norm_ref, b, i, block_k, inv_rms, dtype)
+      rows_k = pl.ds(i * block_k, block_k)
+      lo = lo + jnp.dot(a, w_ref[rows_k, pl.ds(base, head_block)].astype(dtype),
+                        preferred_element_type=f32)
+      hi = hi + jnp.dot(a, w_ref[rows_k, pl.ds(base + half, head_block)].astype(dtype),
+                        preferred_element_type=f32)
+      return lo, hi
+    zero = jnp.zeros((ROWS, head_block), f32)
+    lo, hi = lax.fori_loop(0, d // block_k, body, (zero, zero))
+    lo, hi = lo.astype(dtype), hi.astype(dtype)
+    if b_ref is not None:
+      lo = lo + b_ref[pl.ds(base, head_block)].astype(dtype)[None, :]
+      hi = hi + b_ref[pl.ds(base + half, head_block)].astype(dtype)[None, :]
+    return lo, hi
+
+  def rope(lo, hi):
+    """x' = x cos + rotate_half(x) sin on the pair (lo, hi) = (x_j, x_{j + Dh/2})."""
+    pos = plgpu.load(pos_ref.at[pl.ds(0, ROWS)], mask=ok, other=0).astype(f32)
+    angle = pos[:, None] * freq_ref[pl.ds(col, head_block)][None, :]
+    cos = jnp.cos(angle).astype(dtype).astype(f32)
+    sin = jnp.sin(angle).astype(dtype).astype(f32)
+    lo, hi = lo.astype(f32), hi.astype(f32)
+    return (lo * cos - hi * sin).astype(dtype), (hi * cos + lo * sin).astype(dtype)
+
+  def write_cache(cache_ref, head, lo, hi):
+    """cache[r, pos[r], head, columns] = row r of (lo, hi), for each real row r."""
+    for r in range(b):
+      pick = (rows == r)[:, None]
+      slot = pl.ds(pos_ref[r], 1)
+      for part, start in ((lo, col), (hi, col + half)):
+        row = jnp.sum(jnp.where(pick, part.astype(f32), 0.0), axis=0)
+        cache_ref[r, slot, head, pl.ds(start, head_block)] = row[None].astype(cache_ref.dtype)
+
+  @pl.when(p < heads)
+  def _():  # q in the attention kernel's layout [B, K, PAD_GROUPS, Dh]: head p = (p // G, p % G)
+    lo, hi = rope(*project(wq_ref, bq_ref, p))
+    groups = heads // kv_heads
+    kv, g = lax.div(p, jnp.int32(groups)), lax.rem(p, jnp.int32(groups))
+    for part, start in ((lo, col), (hi, col + half)):
+      plgpu.store(q_ref.at[pl.ds(0, ROWS), kv, g, pl.ds(start, head_block)],
+                  part.astype(q_ref.dtype), mask=ok[:, None])
+
+  @pl.when((p >= heads) & (p < heads + kv_heads))
+  def _():
+    head = p - heads
+    write_cache(ck_ref, head, *rope(*project(wk_ref, bk_ref, head)))
+
+  @pl.when(p >= heads + kv_heads)
+  def _():
+    head = p - heads - kv_heads
+    write_cache(cv_ref, head, *project(wv_ref, bv_ref, head))
+
+
+def _attn_out_kernel(x_ref, acc_ref, m_ref, l_ref, wo_ref, *refs, heads: int, kv_heads: int,
+                     head_dim: int, block_n: int, dtype, cache_dtype, bias: bool):
+  """Program j: columns [j block_n, (j + 1) block_n) of x + attn W_o (+ bias), the attention of
+  each head merged from its chunks first (``decode_attention.gpu.combine_chunks``)."""
+  bo_ref, out_ref = refs if bias else (None, refs[0])
+  b = x_ref.shape[0]
+  chunks = acc_ref.shape[2]
+  groups = heads // kv_heads
+  cols = pl.ds(pl.program_id(0) * block_n, block_n)
+  _, ok = _rows(b)
+
+  def head(h, acc_o):
+    k, g = lax.div(h, jnp.int32(groups)), lax.rem(h, jnp.int32(groups))
+    cs = [jnp.int32(c) for c in range(chunks)]  # array indices (a Python int is not one here)
+    ms = [plgpu.load(m_ref.at[pl.ds(0, ROWS), k, c, g], mask=ok, other=-jnp.inf) for c in cs]
+    top = functools.reduce(jnp.maximum, ms)
+    num = jnp.zeros((ROWS, head_dim), f32)
+    den = jnp.zeros((ROWS,), f32)
+    for c, m_c in zip(cs, ms):
+      w = jnp.where(m_c == -jnp.inf, 0.0, jnp.exp(m_c - top))  # empty chunks weigh 0
+      acc = plgpu.load(acc_ref.at[pl.ds(0, ROWS), k, c, g, :], mask=ok[:, None], other=0.0)
+      num = num + w[:, None] * acc
+      den = den + w * plgpu.load(l_ref.at[pl.ds(0, ROWS), k, c, g], mask=ok, other=0.0)
+    out = (num / jnp.where(ok, den, 1.0)[:, None]).astype(cache_dtype).astype(dtype)
+    w_o = wo_ref[pl.ds(h * head_dim, head_dim), cols].astype(dtype)
+    return acc_o + jnp.dot(out, w_o, preferred_element_type=f32)
+
+  o = lax.fori_loop(0, heads, head, jnp.zeros((ROWS, block_n), f32)).astype(dtype)
+  if bo_ref is not None:
+    o = o + bo_ref[cols].astype(dtype)[None, :]
+  _store_rows(out_ref, b, cols, _load_rows(x_ref, b, cols).astype(dtype) + o)
+
+
+def _mlp_in_kernel(x_ref, norm_ref, wg_ref, wu_ref, *refs, block_n: int, block_k: int,
+                   eps: float, dtype, bias: bool):
+  """Program j: columns [j block_n, (j + 1) block_n) of silu(m W_gate) * (m W_up), m = RMSNorm(x)."""
+  bg_ref, bu_ref, out_ref = refs if bias else (None, None, refs[0])
+  b, d = x_ref.shape
+  cols = pl.ds(pl.program_id(0) * block_n, block_n)
+  inv_rms = _inv_rms(x_ref, b, block_k, eps)
+
+  def body(i, carry):
+    g, u = carry
+    a = _normed_block(x_ref, norm_ref, b, i, block_k, inv_rms, dtype)
+    rows_k = pl.ds(i * block_k, block_k)
+    g = g + jnp.dot(a, wg_ref[rows_k, cols].astype(dtype), preferred_element_type=f32)
+    u = u + jnp.dot(a, wu_ref[rows_k, cols].astype(dtype), preferred_element_type=f32)
+    return g, u
+  zero = jnp.zeros((ROWS, block_n), f32)
+  g, u = lax.fori_loop(0, d // block_k, body, (zero, zero))
+  g, u = g.astype(dtype), u.astype(dtype)
+  if bg_ref is not None:
+    g = g + bg_ref[cols].astype(dtype)[None, :]
+    u = u + bu_ref[cols].astype(dtype)[None, :]
+  act = _silu(g.astype(f32)).astype(dtype).astype(f32) * u.astype(f32)
+  _store_rows(out_ref, b, cols, act.astype(dtype))
+
+
+def _mlp_out_kernel(x_ref, act_ref, wd_ref, *refs, block_n: int, block_k: int, dtype,
+                    bias: bool):
+  """Program j: columns [j block_n, (j + 1) block_n) of x + act W_down (+ bias)."""
+  bd_ref, out_ref = refs if bias else (None, refs[0])
+  b, f = act_ref.shape
+  cols = pl.ds(pl.program_id(0) * block_n, block_n)
+
+  def body(i, acc):
+    rows_k = pl.ds(i * block_k, block_k)
+    a = _load_rows(act_ref, b, rows_k).astype(dtype)
+    return acc + jnp.dot(a, wd_ref[rows_k, cols].astype(dtype), preferred_element_type=f32)
+  y = lax.fori_loop(0, f // block_k, body, jnp.zeros((ROWS, block_n), f32)).astype(dtype)
+  if bd_ref is not None:
+    y = y + bd_ref[cols].astype(dtype)[None, :]
+  _store_rows(out_ref, b, cols, _load_rows(x_ref, b, cols).astype(dtype) + y)
+
+
+# ----------------------------------------------------------------------------------- the layer
+
+
+def _call(kernel, grid, out_shape, args, cfg: GpuConfig, interpret: bool, name: str,
+          aliases=None):
+  params = None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps,
+                                                       num_stages=cfg.num_stages)
+  return pl.pallas_call(kernel, grid=grid, out_shape=out_shape,
+                        input_output_aliases=aliases or {}, compiler_params=params,
+                        interpret=interpret, name=name)(*args)
+
+
+def decode_layer_gpu(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, *,
+                     eps: float, dtype, config: GpuConfig | None = None,
+                     interpret: bool = False):
+  """One layer of one cached decode step (module doc) -> (x' [B, D], cache_k, cache_v).
+
+  ``weights``: ``input_norm`` [D], ``q`` [D, H Dh], ``k`` / ``v`` [D, K Dh], ``o`` [H Dh, D],
+  ``post_norm`` [D], ``gate`` / ``up`` [D, F], ``down`` [F, D], and optionally ``q_bias``,
+  ``k_bias``, ``v_bias`` (all three or none), ``o_bias``, ``gate_bias`` / ``up_bias`` /
+  ``down_bias`` (all three or none). Caches [B, S, K, Dh] are updated in place (aliased).
+  """
+  cfg = config or GpuConfig()
+  B, D = x_BxD.shape
+  S, K, Dh = cache_k.shape[1:]
+  H = weights["q"].shape[1] // Dh
+  F = weights["gate"].shape[1]
+  check_shapes(B, D, F, H, K, Dh, cfg)
+  dtype = jnp.dtype(dtype)
+  positions_B = positions_B.astype(jnp.int32)
+  sds = jax.ShapeDtypeStruct
+
+  qkv_bias = "q_bias" in weights
+  args = [x_BxD, positions_B, inv_freq.astype(f32), weights["input_norm"], weights["q"],
+          weights["k"], weights["v"]]
+  if qkv_bias:
+    args += [weights["q_bias"], weights["k_bias"], weights["v_bias"]]
+  args += [cache_k, cache_v]
+  n_in = len(args)
+  kernel = functools.partial(_attn_in_kernel, heads=H, kv_heads=K, head_dim=Dh,
+                             head_block=cfg.head_block, block_k=cfg.block_k, eps=eps,
+                             dtype=dtype, bias=qkv_bias)
+  q_shape = (B, K, attention_gpu.PAD_GROUPS, Dh)  # rows past H / K per kv head: not written
+  q, cache_k, cache_v = _call(
+      kernel, (H + 2 * K, Dh // 2 // cfg.head_block),
+      [sds(q_shape, cache_k.dtype), sds(cache_k.shape, cache_k.dtype),
+       sds(cache_v.shape, cache_v.dtype)],
+      args, cfg, interpret, "decode_layer_attn_in", aliases={n_in - 2: 1, n_in - 1: 2})
+
+  acc, m, l = attention_gpu.decode_attention_partials(q, cache_k, cache_v, positions_B + 1,
+                                                      groups=H // K, config=cfg.attention,
+                                                      interpret=interpret)
+
+  o_bias = "o_bias" in weights
+  kernel = functools.partial(_attn_out_kernel, heads=H, kv_heads=K, head_dim=Dh,
+                             block_n=cfg.block_n, dtype=dtype, cache_dtype=cache_k.dtype,
+                             bias=o_bias)
+  args = [x_BxD, acc, m, l, weights["o"]] + ([weights["o_bias"]] if o_bias else [])
+  a = _call(kernel, (D // cfg.block_n,), sds((B, D), dtype), args, cfg, interpret,
+            "decode_layer_attn_out")
+
+  mlp_bias = "gate_bias" in weights
+  kernel = functools.partial(_mlp_in_kernel, block_n=cfg.block_n, block_k=cfg.block_k, eps=eps,
+                             dtype=dtype, bias=mlp_bias)
+  args = [a, weights["post_norm"], weights["gate"], weights["up"]]
+  args += [weights["gate_bias"], weights["up_bias"]] if mlp_bias else []
+  act = _call(kernel, (F // cfg.block_n,), sds((B, F), dtype), args, cfg, interpret,
+              "decode_layer_mlp_in")
+
+  kernel = functools.partial(_mlp_out_kernel, block_n=cfg.block_n, block_k=cfg.block_k,
+                             dtype=dtype, bias=mlp_bias)
+  args = [a, act, weights["down"]] + ([weights["down_bias"]] if mlp_bias else [])
+  x = _call(kernel, (D // cfg.block_n,), sds((B, D), dtype), args, cfg, interpret,
+            "decode_layer_mlp_out")
+  return x, cache_k, cache_v

@@ -41,7 +41,7 @@ PRESETS = {
         bos_token_id=128000, eos_token_id=128001),
     "tiny": dict(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=10000.0,
         max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
         pad_token_id=0),
 }

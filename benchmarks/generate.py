@@ -130,12 +130,18 @@ def time_postrl(model, batch, prompt_len, new_tokens, repeats, top_p,
 
 def with_decode_attention(model, impl: str):
   """``model`` with ``ModelConfig.decode_attention_impl = impl`` (same parameters)."""
+  return with_execution(model, decode_attention_impl=impl)
+
+
+def with_execution(model, **options):
+  """``model`` with these ``ModelConfig`` execution options (``EXECUTION_OPTIONS``: e.g.
+  ``decode_block_impl``), the same parameters."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from postrl.models import Transformer  # pylint: disable=import-outside-toplevel
-  if model.config.decode_attention_impl == impl:
+  if all(getattr(model.config, k) == v for k, v in options.items()):
     return model
-  cfg = dataclasses.replace(model.config, decode_attention_impl=impl)
+  cfg = dataclasses.replace(model.config, **options)
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   return nnx.merge(nnx.graphdef(abstract), nnx.state(model))
 
@@ -380,6 +386,12 @@ def parse_args(argv=None):
                       help="attention over the KV cache per decode step (ModelConfig."
                            "decode_attention_impl): the first gives the row's postrl_* numbers; "
                            "each other adds postrl_attention_<impl>_* fields")
+  parser.add_argument("--decode-block", nargs="+", default=["auto"],
+                      choices=["auto", "xla", "pallas"],
+                      help="each decoder layer of a cached step (ModelConfig.decode_block_impl; "
+                           "'pallas': kernels.decode_block's five fused launches per layer): the "
+                           "first gives the row's postrl_* numbers; each other adds "
+                           "postrl_block_<impl>_* fields (and launches with --launches)")
   parser.add_argument("--sampling-impl", nargs="+", default=["auto"],
                       choices=["xla", "auto", "pallas"],
                       help="samplers to time: the first gives the row's postrl_* numbers (default "
@@ -457,7 +469,8 @@ def _run(args, budget, baseline):
     from postrl.models import load_pretrained  # pylint: disable=import-outside-toplevel
     model = load_pretrained(args.model, param_dtype=args.dtype, dtype=args.dtype)
     cfg = model.config
-  model = with_decode_attention(model, args.decode_attention[0])
+  model = with_execution(model, decode_attention_impl=args.decode_attention[0],
+                         decode_block_impl=args.decode_block[0])
   if args.no_row_padding:  # generate and decode_step_hlo both read the module's function
     import importlib  # pylint: disable=import-outside-toplevel
     gen_module = importlib.import_module("postrl.sampling.generate")
@@ -498,6 +511,7 @@ def _run(args, budget, baseline):
     row = dict(batch=batch, bandwidth_bound_tokens_per_s=round(bound, 1),
                bytes_per_decode_step=step_bytes, postrl_sampling_impl=main_impl,
                postrl_decode_attention=args.decode_attention[0],
+               postrl_decode_block=args.decode_block[0],
                postrl_sampler=resolved_sampler(cfg.vocab_size, batch, args.top_p, main_impl))
     common.log(f"batch {batch}: postrl (compiles first) ... ({budget.elapsed():.0f} s)")
     try:
@@ -559,6 +573,22 @@ def _run(args, budget, baseline):
         row[f"postrl_attention_{impl}_ms_per_step"] = round(1e3 * batch / other["tokens_per_s"], 3)
       except Exception as e:  # pylint: disable=broad-except
         row[f"postrl_attention_{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    for impl in args.decode_block[1:]:  # the same decode with another decoder-layer path
+      if impl == args.decode_block[0] or budget.over():
+        continue
+      common.log(f"batch {batch}: postrl, decode_block_impl={impl} ... ({budget.elapsed():.0f} s)")
+      try:
+        other_model = with_execution(model, decode_block_impl=impl)
+        other = time_postrl(other_model, batch, args.prompt_len, args.new_tokens, args.repeats,
+                            args.top_p, sampling_impl=main_impl)
+        row[f"postrl_block_{impl}_tokens_per_s"] = round(other["tokens_per_s"], 1)
+        row[f"postrl_block_{impl}_ms_per_step"] = round(1e3 * batch / other["tokens_per_s"], 3)
+        if args.launches:
+          row[f"postrl_block_{impl}_launches_per_step"] = decode_step_launches(
+              other_model, batch, args.prompt_len, args.new_tokens, args.top_p,
+              sampling_impl=main_impl)
+      except Exception as e:  # pylint: disable=broad-except
+        row[f"postrl_block_{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     if baseline is not None and not budget.over():
       common.log(f"batch {batch}: postrl {row.get('postrl_tokens_per_s')} tokens/s; transformers "
                  f"... ({budget.elapsed():.0f} s)")

@@ -51,7 +51,7 @@ def test_train_step_tiny(tmp_path):
   # 6 N + 12 L D T by hand: tiny is tied (the output projection is the embedding, counted once)
   cfg = _tiny_cfg()
   d, f, L, V, T = 64, 128, 2, 512, 64
-  per_layer = d * 16 * (4 + 2 * 2) + 4 * 16 * d + 3 * d * f + 2 * d
+  per_layer = d * 32 * (4 + 2 * 2) + 4 * 32 * d + 3 * d * f + 2 * d  # head_dim 32
   n = L * per_layer + V * d + d
   assert cfg.num_params() == n
   assert doc["flops_per_token"] == 6 * n + 12 * L * d * T
@@ -603,3 +603,18 @@ def test_qmm_profile_runs_every_variant_and_summarises_an_ncu_csv(tmp_path):
   proc = subprocess.run([sys.executable, "benchmarks/qmm_profile.py", "--summarise", str(raw)],
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and "no ncu CSV header" in proc.stderr
+
+
+def test_generate_times_and_counts_the_fused_decode_layer(tmp_path):
+  """--decode-block xla pallas: the row's numbers with XLA's layer, then the fused kernels
+  (interpret mode on CPU, where each kernel is a loop over its grid: the counts mean something on
+  a GPU only, ``xla_gpu_offline.py``) timed and launch-counted beside them."""
+  out = tmp_path / "generate.json"
+  _run("generate.py", "--config", "tiny", "--batch", "1", "--prompt-len", "4", "--new-tokens", "3",
+       "--repeats", "1", "--copy-mib", "8", "--no-baseline", "--launches", "--top-p", "1.0",
+       "--decode-block", "xla", "pallas", "--out", str(out))
+  (row,) = json.loads(out.read_text())["rows"]
+  assert row["postrl_decode_block"] == "xla" and "postrl_block_pallas_error" not in row, row
+  assert row["postrl_block_pallas_tokens_per_s"] > 0
+  xla, fused = row["postrl_launches_per_step"], row["postrl_block_pallas_launches_per_step"]
+  assert xla["launches"] > 0 and fused["launches"] > 0 and fused != xla

@@ -22,10 +22,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.decode_block.gpu import GpuConfig, KernelShapeError, check_shapes, decode_layer_gpu
+from kernels.decode_block.gpu import (GpuConfig, KernelShapeError, check_shapes, decode_layer_gpu,
+                                      default_config)
 from kernels.decode_block.reference import decode_layer_reference
 
-__all__ = ["decode_layer", "choose_impl", "check_shapes", "decode_layer_reference",
+__all__ = ["decode_layer", "choose_impl", "check_shapes", "default_config", "decode_layer_reference",
            "decode_layer_gpu", "GpuConfig", "KernelShapeError", "WEIGHT_NAMES", "BIAS_GROUPS"]
 
 IMPLS = ("auto", "xla", "pallas")
@@ -97,7 +98,7 @@ def decode_layer(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, 
     cache_k, cache_v: [B, S, K, Dh] caches; the token's key / value are written at its slot.
     eps: RMSNorm epsilon. dtype: the compute dtype (the model's ``dtype``).
     impl: "auto" | "xla" | "pallas". interpret: the kernels in Pallas interpret mode (CPU tests).
-    config: ``GpuConfig``.
+    config: ``GpuConfig`` (None: ``default_config`` of the shapes).
   Returns:
     (x' [B, D] in ``dtype``, cache_k, cache_v).
   """

@@ -62,6 +62,19 @@ class GpuConfig:
   attention: attention_gpu.GpuConfig | None = None
 
 
+def default_config(d: int, f: int, h: int, dh: int) -> GpuConfig:
+  """``GpuConfig`` with the largest ``block_k`` (<= 64, >= 16) dividing the hidden size, the MLP
+  width and H * Dh (16 when none does: ``check_shapes`` then names the misfit). Not tuned on a GPU
+  yet: 16 output columns per program spread the few-MB matrices of a small model over as many
+  programs as their widths allow (SmolLM2-135M: 36 for the hidden size, 96 for the MLP width)."""
+  import math  # pylint: disable=import-outside-toplevel
+  common = math.gcd(math.gcd(d, f), h * dh)
+  block_k = 64
+  while block_k > 16 and common % block_k:
+    block_k //= 2
+  return GpuConfig(block_k=block_k)
+
+
 def check_shapes(b: int, d: int, f: int, h: int, k: int, dh: int, cfg: GpuConfig):
   """Raise ``KernelShapeError`` naming what the fused layer cannot take."""
   def pow2(n):
@@ -303,11 +316,11 @@ def decode_layer_gpu(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache
   ``k_bias``, ``v_bias`` (all three or none), ``o_bias``, ``gate_bias`` / ``up_bias`` /
   ``down_bias`` (all three or none). Caches [B, S, K, Dh] are updated in place (aliased).
   """
-  cfg = config or GpuConfig()
   B, D = x_BxD.shape
   S, K, Dh = cache_k.shape[1:]
   H = weights["q"].shape[1] // Dh
   F = weights["gate"].shape[1]
+  cfg = config or default_config(D, F, H, Dh)
   check_shapes(B, D, F, H, K, Dh, cfg)
   dtype = jnp.dtype(dtype)
   positions_B = positions_B.astype(jnp.int32)

@@ -481,7 +481,7 @@ class Transformer(nnx.Module):
     if impl == "xla":
       return False
     # pylint: disable=import-outside-toplevel
-    from kernels.decode_block import GpuConfig, KernelShapeError, check_shapes, choose_impl
+    from kernels.decode_block import KernelShapeError, check_shapes, choose_impl, default_config
     if impl == "auto" and choose_impl(impl) != "pallas":
       return False
     blocker = ("prompt tuning" if getattr(self, "prompt", None) is not None else
@@ -489,8 +489,9 @@ class Transformer(nnx.Module):
                     None))
     if blocker is None:
       try:
-        check_shapes(batch, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
-                     cfg.num_key_value_heads, cfg.dim_per_head, GpuConfig())
+        d, f, h, dh = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                       cfg.dim_per_head)
+        check_shapes(batch, d, f, h, cfg.num_key_value_heads, dh, default_config(d, f, h, dh))
       except KernelShapeError as e:
         blocker = str(e)
     if blocker is not None and impl == "pallas":

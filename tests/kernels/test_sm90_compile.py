@@ -19,6 +19,7 @@ pytest.importorskip("triton", reason="the standalone Triton compiler is a test d
 from benchmarks.triton_offline import capture_kernels, compile_report  # noqa: E402
 from kernels.beam_step.gpu import beam_step_gpu  # noqa: E402
 from kernels.decode_attention import gpu as dgpu  # noqa: E402
+from kernels.decode_block import decode_layer_gpu  # noqa: E402
 from kernels.quantized_matmul import gpu as qgpu  # noqa: E402
 from kernels.sampling.gpu import GpuConfig, sample_gpu  # noqa: E402
 
@@ -179,3 +180,23 @@ def test_beam_step_and_decode_attention_compile():
     compiled(dgpu.decode_attention_gpu, S((b, h, 64), jnp.bfloat16),
              S((b, 4096, kv, 64), jnp.bfloat16), S((b, 4096, kv, 64), jnp.bfloat16),
              S((b,), jnp.int32))
+
+
+@pytest.mark.parametrize("d,f,h,kv,bias", [(576, 1536, 9, 3, False),   # SmolLM2-135M
+                                           (896, 4864, 14, 2, True)])  # Qwen2-0.5B (q/k/v biases)
+def test_fused_decode_layer_compiles(d, f, h, kv, bias):
+  """kernels.decode_block's four matmul kernels and the attention kernel, as the model calls them
+  for two rows: five kernels, no spills, the tensor-core dot in each matmul kernel's loop."""
+  bf = jnp.bfloat16
+  w = dict(input_norm=S((d,), bf), q=S((d, h * 64), bf), k=S((d, kv * 64), bf),
+           v=S((d, kv * 64), bf), o=S((h * 64, d), bf), post_norm=S((d,), bf),
+           gate=S((d, f), bf), up=S((d, f), bf), down=S((f, d), bf))
+  if bias:
+    w.update(q_bias=S((h * 64,), bf), k_bias=S((kv * 64,), bf), v_bias=S((kv * 64,), bf))
+  cache = S((2, 320, kv, 64), bf)
+  rows = compiled(lambda x, p, i, w, k, v: decode_layer_gpu(x, p, i, w, k, v, eps=1e-6, dtype=bf),
+                  S((2, d), bf), S((2,), jnp.int32), S((32,), jnp.float32), w, cache, cache)
+  assert [r["kernel"].split("_", 2)[-1] if "layer" in r["kernel"] else r["kernel"]
+          for r in rows] == ["attn_in", "decode_attention", "attn_out", "mlp_in", "mlp_out"]
+  for r in rows:
+    assert r["sass"].get("HMMA", 0) + r["sass"].get("HGMMA", 0) > 0, r

@@ -1,0 +1,203 @@
+"""kernels.decode_block: one decoder layer's cached step as five fused Triton kernels (interpret
+mode on CPU) against the model's own arithmetic, the cache slots it writes, the model's decode
+with it, and bad input."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kernels.decode_attention import GpuConfig as AttentionConfig
+from kernels.decode_block import (GpuConfig, KernelShapeError, check_shapes, choose_impl,
+                                  decode_layer, decode_layer_reference, default_config)
+from postrl import peft
+from postrl.models import ConfigError, Transformer
+from postrl.models.transformer import KVCache, rope_inv_freq
+from tests.conftest import tiny_config
+
+D, F, H, K, DH, S = 64, 128, 4, 2, 32, 40
+BIASES = ("q_bias", "k_bias", "v_bias", "o_bias", "gate_bias", "up_bias", "down_bias")
+
+
+def _weights(seed=0, biases=False, dtype=jnp.float32):
+  shapes = dict(input_norm=(D,), q=(D, H * DH), k=(D, K * DH), v=(D, K * DH), o=(H * DH, D),
+                post_norm=(D,), gate=(D, F), up=(D, F), down=(F, D))
+  if biases:
+    shapes.update(q_bias=(H * DH,), k_bias=(K * DH,), v_bias=(K * DH,), o_bias=(D,),
+                  gate_bias=(F,), up_bias=(F,), down_bias=(D,))
+  keys = jax.random.split(jax.random.key(seed), len(shapes))
+  out = {}
+  for key, (name, shape) in zip(keys, sorted(shapes.items())):
+    w = jax.random.normal(key, shape) * (0.3 if name.endswith("norm") else 0.1)
+    out[name] = (w + 1.0 if name.endswith("norm") else w).astype(dtype)
+  return out
+
+
+def _state(b, dtype=jnp.float32, seed=1):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(keys[0], (b, D)).astype(dtype)
+  ck = jax.random.normal(keys[1], (b, S, K, DH)).astype(dtype)
+  cv = jax.random.normal(keys[2], (b, S, K, DH)).astype(dtype)
+  return x, ck, cv
+
+
+INV_FREQ = 1.0 / (10000.0 ** (jnp.arange(0, DH, 2, dtype=jnp.float32) / DH))
+
+
+def _both(x, pos, w, ck, cv, dtype=jnp.float32, config=None):
+  kw = dict(eps=1e-5, dtype=dtype)
+  want = decode_layer(x, pos, INV_FREQ, w, ck, cv, impl="xla", **kw)
+  got = decode_layer(x, pos, INV_FREQ, w, ck, cv, impl="pallas", interpret=True, config=config,
+                     **kw)
+  return want, got
+
+
+@pytest.mark.parametrize("b,biases,chunks", [
+    (1, False, None),   # one row (padded to 16 in the kernels), default chunks
+    (3, True, 3),       # every bias; three chunks, some empty for the row at position 0
+    (16, False, 2),     # the most rows a program takes
+])
+def test_kernels_equal_the_model_arithmetic_in_float32(b, biases, chunks):
+  x, ck, cv = _state(b)
+  pos = jnp.array([0, 17, S - 1] * 6)[:b] if b > 1 else jnp.array([23])
+  config = dataclasses.replace(default_config(D, F, H, DH),
+                               attention=AttentionConfig(block_s=16, chunks=chunks))
+  want, got = _both(x, pos, _weights(biases=biases), ck, cv, config=config)
+  np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=2e-5, atol=2e-5)
+  for w_cache, g_cache in zip(want[1:], got[1:]):  # the new slot, and nothing else, written
+    np.testing.assert_allclose(np.asarray(g_cache), np.asarray(w_cache), rtol=2e-5, atol=2e-5)
+    changed = np.any(np.asarray(g_cache) != np.asarray(ck if g_cache is got[1] else cv), axis=(2, 3))
+    assert changed.sum(axis=1).tolist() == [1] * b
+    assert np.argmax(changed, axis=1).tolist() == np.asarray(pos).tolist()
+
+
+def test_bfloat16_within_rounding():
+  x, ck, cv = _state(4, jnp.bfloat16)
+  pos = jnp.array([3, 0, 39, 20])
+  want, got = _both(x, pos, _weights(dtype=jnp.bfloat16), ck, cv, dtype=jnp.bfloat16)
+  assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.bfloat16
+  for w, g in zip(want, got):
+    w, g = np.asarray(w, np.float32), np.asarray(g, np.float32)
+    assert np.max(np.abs(w - g)) <= 0.02 * np.max(np.abs(w)), np.max(np.abs(w - g))
+
+
+def test_reference_is_the_model_block():
+  """The reference (what the kernels are held to) is the model's Block at one cached token."""
+  cfg = tiny_config(head_dim=DH, intermediate_size=F, qkv_bias=True, o_bias=True, mlp_bias=True)
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  keys = iter(jax.random.split(jax.random.key(3), 100))
+  nnx.update(model, jax.tree.map(lambda p: p + 0.1 * jax.random.normal(next(keys), p.shape),
+                                 params))  # biases and norms away from 0 / 1
+  layer = model.layers[1]
+  x, ck, cv = _state(2)
+  pos = jnp.array([5, 31])
+  inv = rope_inv_freq(cfg)
+  mask = jnp.arange(S)[None, None, :] <= pos[:, None, None]
+  want, (wk, wv) = layer(x[:, None], pos[:, None], mask, inv, (ck, cv))
+  got, gk, gv = decode_layer_reference(x, pos, inv, layer.decode_weights(), ck, cv, eps=1e-5,
+                                       dtype=jnp.float32)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want[:, 0]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(gk), np.asarray(wk))
+  np.testing.assert_array_equal(np.asarray(gv), np.asarray(wv))
+
+
+def _models(**overrides):
+  cfg = tiny_config(head_dim=DH, intermediate_size=F, **overrides)
+  xla = Transformer(dataclasses.replace(cfg, decode_block_impl="xla"), rngs=nnx.Rngs(0))
+  fused = Transformer(dataclasses.replace(cfg, decode_block_impl="pallas"), rngs=nnx.Rngs(0))
+  return cfg, xla, fused
+
+
+def test_model_decode_with_the_kernels_equals_xla():
+  cfg, xla, fused = _models(qkv_bias=True)
+  tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, cfg.vocab_size)
+  cache = KVCache.zeros(cfg, 2, 16)
+  _, cache = xla.decode(tokens, jnp.broadcast_to(jnp.arange(6), (2, 6)), cache)
+  cache_x = cache_f = cache
+  tok = tokens[:, -1:]
+  for step in range(6, 9):  # three cached steps, each feeding its greedy token back
+    pos = jnp.full((2, 1), step)
+    lx, cache_x = xla.decode(tok, pos, cache_x)
+    lf, cache_f = fused.decode(tok, pos, cache_f)
+    np.testing.assert_allclose(np.asarray(lf), np.asarray(lx), rtol=1e-5, atol=1e-5)
+    tok = jnp.argmax(lx[:, -1], axis=-1)[:, None]
+  for a, b in zip(cache_f.k + cache_f.v, cache_x.k + cache_x.v):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_model_chooses_xla_unless_asked():
+  _, xla, fused = _models()
+  assert choose_impl("auto") == "xla"  # not timed on a GPU yet (GPU_MEASURED is False)
+  assert not xla._fused_decode(2)  # pylint: disable=protected-access
+  auto = Transformer(tiny_config(head_dim=DH, intermediate_size=F), rngs=nnx.Rngs(0))
+  assert not auto._fused_decode(2)  # pylint: disable=protected-access
+  assert fused._fused_decode(2)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda m: peft.apply_lora(m, rank=2, alpha=4.0, targets=r"self_attn\.(q|v)_proj"),
+     "unmerged adapter"),
+    (lambda m: None, "17 rows"),
+])
+def test_pallas_on_a_model_it_cannot_run_is_a_clear_error(change, message):
+  cfg, _, fused = _models()
+  change(fused)
+  rows = 17 if message == "17 rows" else 2
+  cache = KVCache.zeros(cfg, rows, 8)
+  with pytest.raises(ConfigError, match=message):
+    fused.decode(jnp.zeros((rows, 1), jnp.int32), jnp.zeros((rows, 1), jnp.int32), cache)
+
+
+def test_config_rejects_an_unknown_impl():
+  with pytest.raises(ConfigError, match="decode_block_impl"):
+    tiny_config(decode_block_impl="triton")
+
+
+def test_bad_input_is_named():
+  x, ck, cv = _state(2)
+  pos = jnp.array([1, 2])
+  w = _weights()
+  call = lambda **kw: decode_layer(**{**dict(x_BxD=x, positions_B=pos, inv_freq=INV_FREQ,  # noqa: E731
+                                              weights=w, cache_k=ck, cache_v=cv, eps=1e-5,
+                                              impl="pallas", interpret=True), **kw})
+  with pytest.raises(ValueError, match=r"lacks \['down'\]"):
+    call(weights={k: v for k, v in w.items() if k != "down"})
+  with pytest.raises(ValueError, match="unknown weights"):
+    call(weights={**w, "qbias": w["input_norm"]})
+  with pytest.raises(ValueError, match="go together"):
+    call(weights={**w, "q_bias": jnp.zeros(H * DH)})
+  with pytest.raises(ValueError, match=r"weights\['o'\] has shape"):
+    call(weights={**w, "o": w["o"][:, :32]})
+  with pytest.raises(ValueError, match="floating point"):
+    call(weights={**w, "gate": w["gate"].astype(jnp.int8)})
+  with pytest.raises(ValueError, match="positions_B must be integers"):
+    call(positions_B=pos.astype(jnp.float32))
+  with pytest.raises(ValueError, match="do not agree on B"):
+    call(positions_B=jnp.array([1, 2, 3]))
+  with pytest.raises(ValueError, match="config must be"):
+    call(config=AttentionConfig())
+  with pytest.raises(ValueError, match="need an NVIDIA GPU"):
+    call(interpret=False)
+  with pytest.raises(ValueError, match="impl must be one of"):
+    call(impl="triton")
+
+
+def test_shapes_the_kernels_cannot_take():
+  cfg = GpuConfig()
+  check_shapes(16, 576, 1536, 9, 3, 64, default_config(576, 1536, 9, 64))  # SmolLM2-135M
+  with pytest.raises(KernelShapeError, match="17 rows"):
+    check_shapes(17, D, F, H, K, DH, cfg)
+  with pytest.raises(KernelShapeError, match="MLP width 120"):
+    check_shapes(1, D, 120, H, K, DH, cfg)
+  with pytest.raises(KernelShapeError, match="head_dim 16"):
+    check_shapes(1, D, F, H, K, 16, cfg)
+  with pytest.raises(KernelShapeError, match="block_n=24"):
+    check_shapes(1, D, F, H, K, DH, GpuConfig(block_n=24))
+  with pytest.raises(KernelShapeError, match="attention"):
+    check_shapes(1, D, F, 34, 2, DH, cfg)  # 17 query heads per kv head
+  assert default_config(960, 2560, 15, 64).block_k == 64  # SmolLM2-360M
+  assert default_config(96, 160, 3, 32).block_k == 32

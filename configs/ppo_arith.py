@@ -26,6 +26,7 @@ def get_config():
   config.attention_impl = "auto"      # cuDNN flash attention on one GPU in bf16, else "xla"
   config.remat = "none"               # "full" / "dots": recompute block activations (memory)
   config.decode_attention_impl = "auto"  # flash-decoding kernel for cached steps on one GPU
+  config.decode_block_impl = "auto"      # fused decoder layer for cached steps ("pallas"; auto: XLA)
   config.seed = 0
   config.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
   config.steps = 20

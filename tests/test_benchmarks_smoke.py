@@ -618,3 +618,18 @@ def test_generate_times_and_counts_the_fused_decode_layer(tmp_path):
   assert row["postrl_block_pallas_tokens_per_s"] > 0
   xla, fused = row["postrl_launches_per_step"], row["postrl_block_pallas_launches_per_step"]
   assert xla["launches"] > 0 and fused["launches"] > 0 and fused != xla
+
+
+def test_decode_block_checks_then_times_both_layers(tmp_path):
+  """benchmarks/decode_block.py on CPU (interpret mode): the check passes, then both
+  implementations of a step's layers are timed and launch-counted beside the read floor."""
+  out = tmp_path / "decode_block.json"
+  _run("decode_block.py", "--interpret", "--config", "tiny", "--batch", "1", "--steps", "2",
+       "--repeats", "1", "--biases", "--out", str(out))
+  doc = json.loads(out.read_text())
+  assert doc["status"] == "complete"
+  assert [c["biases"] for c in doc["checks"]] == [False, True] and all(c["ok"] for c in doc["checks"])
+  assert all(e < 1e-5 for c in doc["checks"] for e in c["max_rel_err"].values())  # float32
+  (row,) = doc["rows"]
+  assert row["xla_us"] > 0 and row["pallas_us"] > 0 and row["floor_us"] > 0
+  assert row["xla_launches"] > 0 and row["pallas_launches"] > 0

@@ -330,5 +330,5 @@ def test_every_trainer_config_declares_the_runtime_options(path):
   """``--config.remat=full`` (and attention / decode-attention) must work on every job: a locked
   ConfigDict refuses an override of a key it does not declare."""
   config = _config(path)
-  for key in ("attention_impl", "remat", "decode_attention_impl"):
+  for key in ("attention_impl", "remat", "decode_attention_impl", "decode_block_impl"):
     assert _has_key(config, key), f"{os.path.relpath(path, ROOT)} does not declare config.{key}"

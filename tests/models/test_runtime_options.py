@@ -191,10 +191,12 @@ def test_job_config_options_reach_the_model_and_fail_early():
   config = ml_collections.ConfigDict(dict(param_dtype="float32", dtype="bfloat16", remat="dots"))
   assert model_kwargs(config) == dict(param_dtype="float32", dtype="bfloat16",
                                       attention_impl="auto", remat="dots",
-                                      decode_attention_impl="auto")
+                                      decode_attention_impl="auto", decode_block_impl="auto")
   config.decode_attention_impl = "pallas"
+  config.decode_block_impl = "pallas"
   assert model_kwargs(config)["decode_attention_impl"] == "pallas"
-  del config["decode_attention_impl"]
+  assert model_kwargs(config)["decode_block_impl"] == "pallas"
+  del config["decode_attention_impl"], config["decode_block_impl"]
   if jax.default_backend() != "gpu":
     config.attention_impl = "cudnn"
     with pytest.raises(ConfigError, match=r"config.attention_impl='cudnn' needs an NVIDIA GPU"):

@@ -137,7 +137,8 @@ def test_fingerprint_ignores_how_the_model_computes_but_not_what():
   config = ml_collections.ConfigDict(dict(param_dtype="float32", seed=0))
   base = fingerprint(config, tiny_config())
   assert "attention_impl" not in base["model"] and base["model"]["hidden_size"] == 64
-  for same in (dict(attention_impl="xla"), dict(remat="full"), dict(decode_attention_impl="xla")):
+  for same in (dict(attention_impl="xla"), dict(remat="full"), dict(decode_attention_impl="xla"),
+               dict(decode_block_impl="pallas")):
     assert fingerprint(config, tiny_config(**same)) == base, same
   for other in (dict(hidden_size=32, num_attention_heads=2), dict(dtype="bfloat16")):
     assert fingerprint(config, tiny_config(**other)) != base, other

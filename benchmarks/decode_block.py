@@ -1,0 +1,231 @@
+r"""The decoder layers of one cached decode step: XLA's layer (the model as written, ~12 launches
+per layer at batch 1) against ``kernels.decode_block``'s five fused Pallas (Triton) launches per
+layer, beside the time to read the step's weights and valid cache once, in one run.
+
+    timeout 300 python benchmarks/decode_block.py --config smollm2-135m llama-1b --batch 1 16 \
+        --time-limit 240 --out $OUT/decode_block.json                 # GPU, about 3-4 min
+    python benchmarks/decode_block.py --interpret --config tiny --batch 1 --steps 2 \
+        --out /tmp/decode_block.json                                  # CPU smoke test
+
+Phases:
+
+1. check (compiled kernels, before any timing): ``decode_layer(impl="pallas")`` against
+   ``impl="xla"`` (``decode_layer_reference``, the model's arithmetic) on random weights of each
+   --config's layer shape (normal, std 0.02; norms 1 + N(0, 0.1); every bias group where
+   --biases), B in --batch (a batch of 1 decodes as 2 rows, as ``generate`` does on one GPU) and
+   16, positions spread over the cache (0, ragged, the last slot). Pass: the layer output and both
+   caches within 2e-2 x max|reference| in bf16 (rounding: the kernels round where the model does,
+   but sum in another order); a wrong mask, RoPE pairing or cache slot errs by O(1).
+2. the copy bandwidth of the device (``quantized_matmul.copy_bandwidth``: read + write bytes).
+3. the table: per --config and --batch, ``layers_us``: all L layers of one decode step (L distinct
+   weight sets, as the model has: 212 MB for SmolLM2-135M, more than the 50-60 MB L2 cache), each
+   implementation inside one ``fori_loop`` of --steps decode steps in one jit (the carried x and
+   caches of step t feed step t + 1; positions advance from --prompt-len), median of --repeats
+   calls / steps. ``floor_us`` = (weights + the valid cache read per step) / copy bandwidth;
+   ``launches`` per step counted from each compiled program (``common.loop_launches``).
+
+Prints each row as it goes and rewrites the JSON after each (--out); no new point starts after
+--time-limit; a failure is recorded in its row (``<impl>_error``), never a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+from kernels.decode_block import decode_layer  # noqa: E402
+
+IMPLS = ("xla", "pallas")
+
+
+def layer_shapes(cfg, biases: bool = False) -> dict:
+  """name -> shape of one layer's ``decode_layer`` weights for ``cfg`` (a ``ModelConfig``)."""
+  d, f, h, k, dh = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                    cfg.num_key_value_heads, cfg.dim_per_head)
+  shapes = dict(input_norm=(d,), q=(d, h * dh), k=(d, k * dh), v=(d, k * dh), o=(h * dh, d),
+                post_norm=(d,), gate=(d, f), up=(d, f), down=(f, d))
+  if biases:
+    shapes.update(q_bias=(h * dh,), k_bias=(k * dh,), v_bias=(k * dh,), o_bias=(d,),
+                  gate_bias=(f,), up_bias=(f,), down_bias=(d,))
+  return shapes
+
+
+def random_layer(cfg, key, dtype, biases: bool = False) -> dict:
+  shapes = layer_shapes(cfg, biases)
+  keys = jax.random.split(key, len(shapes))
+  out = {}
+  for kk, (name, shape) in zip(keys, sorted(shapes.items())):
+    w = jax.random.normal(kk, shape, jnp.float32)
+    out[name] = (1.0 + 0.1 * w if name.endswith("norm") else 0.02 * w).astype(dtype)
+  return out
+
+
+def _inv_freq(cfg):
+  from postrl.models.transformer import rope_inv_freq  # pylint: disable=import-outside-toplevel
+  return rope_inv_freq(cfg)
+
+
+def check(cfg, batch: int, slots: int, dtype, interpret: bool, biases: bool, seed: int = 0):
+  """Max |pallas - xla| / max |xla| of the layer output and the two caches at one layer."""
+  rows = max(batch, 2) if batch == 1 and not interpret else batch
+  keys = jax.random.split(jax.random.key(seed), 4)
+  w = random_layer(cfg, keys[0], dtype, biases)
+  x = jax.random.normal(keys[1], (rows, cfg.hidden_size), jnp.float32).astype(dtype)
+  shape = (rows, slots, cfg.num_key_value_heads, cfg.dim_per_head)
+  ck = jax.random.normal(keys[2], shape, jnp.float32).astype(dtype)
+  cv = jax.random.normal(keys[3], shape, jnp.float32).astype(dtype)
+  pos = jnp.array([0, slots // 2 + 3, slots - 1, 7][:rows] + [slots // 3] * max(rows - 4, 0),
+                  jnp.int32)
+  outs = {impl: jax.jit(lambda x, p, ck, cv, impl=impl: decode_layer(
+      x, p, _inv_freq(cfg), w, ck, cv, eps=cfg.rms_norm_eps, dtype=dtype, impl=impl,
+      interpret=interpret))(x, pos, ck, cv) for impl in IMPLS}
+  err = {}
+  for name, i in (("x", 0), ("cache_k", 1), ("cache_v", 2)):
+    want = outs["xla"][i].astype(jnp.float32)
+    got = outs["pallas"][i].astype(jnp.float32)
+    err[name] = float(jnp.max(jnp.abs(got - want)) / jnp.maximum(jnp.max(jnp.abs(want)), 1e-30))
+  return dict(config_rows=rows, biases=biases, max_rel_err=err,
+              ok=all(e <= 2e-2 for e in err.values()))
+
+
+def step_program(cfg, rows: int, slots: int, dtype, impl: str, steps: int, prompt_len: int,
+                 interpret: bool, seed: int = 0):
+  """(jitted fn, args): ``steps`` decode steps of all layers, carried x and caches."""
+  layers = [random_layer(cfg, k, dtype) for k in jax.random.split(jax.random.key(seed),
+                                                                   cfg.num_hidden_layers)]
+  shape = (rows, slots, cfg.num_key_value_heads, cfg.dim_per_head)
+  caches = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in layers]
+  x = jax.random.normal(jax.random.key(seed + 1), (rows, cfg.hidden_size)).astype(dtype)
+  inv = _inv_freq(cfg)
+
+  def run(x, caches, layers):
+    def body(t, carry):
+      x, caches = carry
+      pos = jnp.full((rows,), prompt_len, jnp.int32) + t
+      new = []
+      for w, (ck, cv) in zip(layers, caches):
+        x, ck, cv = decode_layer(x, pos, inv, w, ck, cv, eps=cfg.rms_norm_eps, dtype=dtype,
+                                 impl=impl, interpret=interpret)
+        new.append((ck, cv))
+      return x, new
+    return jax.lax.fori_loop(0, steps, body, (x, caches))
+  return jax.jit(run, donate_argnums=(1,)), (x, caches, layers)
+
+
+def time_steps(fn, args, repeats: int, steps: int) -> tuple[float, float]:
+  """(median µs per step over ``repeats`` calls, first-call seconds)."""
+  x, caches, layers = args
+  t0 = time.perf_counter()
+  x, caches = jax.block_until_ready(fn(x, caches, layers))
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    x, caches = jax.block_until_ready(fn(x, caches, layers))
+    times.append(time.perf_counter() - t0)
+  return 1e6 * statistics.median(times) / steps, first
+
+
+def step_bytes(cfg, rows: int, valid_slots: int, dtype) -> int:
+  """Bytes one step must read: every layer's weights and the valid k / v cache slots."""
+  size = jnp.dtype(dtype).itemsize
+  per_layer = sum(int(jnp.prod(jnp.array(s))) for s in layer_shapes(cfg).values())
+  kv = 2 * rows * valid_slots * cfg.num_key_value_heads * cfg.dim_per_head
+  return cfg.num_hidden_layers * (per_layer + kv) * size
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", nargs="+", default=["smollm2-135m", "llama-1b"],
+                      choices=sorted(common.PRESETS))
+  parser.add_argument("--batch", nargs="+", type=int, default=[1, 16],
+                      help="prompts (1 decodes as 2 rows on a GPU, as generate does); at most 16")
+  parser.add_argument("--prompt-len", type=int, default=64)
+  parser.add_argument("--slots", type=int, default=320, help="cache slots (prompt + new tokens)")
+  parser.add_argument("--steps", type=int, default=64, help="decode steps per timed call")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--biases", action="store_true", help="also check every bias group")
+  parser.add_argument("--interpret", action="store_true",
+                      help="the kernels in Pallas interpret mode (CPU smoke test; float32)")
+  parser.add_argument("--time-limit", type=float, default=None)
+  parser.add_argument("--out", default="decode_block.json")
+  args = parser.parse_args(argv)
+  if any(not 1 <= b <= 16 for b in args.batch):
+    parser.error(f"--batch: the fused layer takes 1 to 16 prompts, got {args.batch}")
+  if args.prompt_len + args.steps * (args.repeats + 1) > args.slots:
+    args.slots = args.prompt_len + args.steps * (args.repeats + 1)  # positions never pass the cache
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  budget = common.Budget(args.time_limit)
+  dtype = jnp.float32 if args.interpret else jnp.bfloat16
+  env = common.environment()
+  results = common.Results(args.out, tool="benchmarks/decode_block.py", environment=env,
+                           settings=vars(args), checks=[], rows=[])
+  common.log(f"{env['device']}, jax {env['versions']['jax']}")
+  failed = False
+  for name in args.config:
+    cfg = common.model_config(name, param_dtype=jnp.dtype(dtype).name, dtype=jnp.dtype(dtype).name)
+    for batch in sorted(set(args.batch) | ({16} if not args.interpret else set())):
+      for biases in ((False, True) if args.biases else (False,)):
+        try:
+          row = dict(config=name, batch=batch, **check(cfg, batch, args.slots, dtype,
+                                                       args.interpret, biases))
+        except Exception as e:  # pylint: disable=broad-except
+          row = dict(config=name, batch=batch, biases=biases, ok=False,
+                     error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        failed |= not row["ok"]
+        results.append("checks", row)
+        common.log(f"check {name} batch {batch}{' biases' if biases else ''}: {row}")
+  if failed:
+    results.update(status="check failed: nothing timed")
+    common.log("check failed: nothing timed")
+    return results.doc
+  from benchmarks.quantized_matmul import copy_bandwidth  # pylint: disable=import-outside-toplevel
+  bandwidth = copy_bandwidth(n_bytes=2**30 if not args.interpret else 2**23)
+  results.update(copy_bandwidth_bytes_per_s=bandwidth)
+  common.log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
+  for name in args.config:
+    cfg = common.model_config(name, param_dtype=jnp.dtype(dtype).name, dtype=jnp.dtype(dtype).name)
+    for batch in args.batch:
+      if budget.over():
+        results.update(status="time limit")
+        return results.doc
+      rows = 2 if batch == 1 and not args.interpret else batch
+      valid = args.prompt_len + args.steps // 2  # the mean valid slots over a call's steps
+      floor = step_bytes(cfg, rows, valid, dtype) / bandwidth * 1e6
+      row = dict(config=name, batch=batch, rows=rows, floor_us=round(floor, 2),
+                 bytes_per_step=step_bytes(cfg, rows, valid, dtype))
+      for impl in IMPLS:
+        try:
+          fn, fargs = step_program(cfg, rows, args.slots, dtype, impl, args.steps,
+                                   args.prompt_len, args.interpret)
+          row[f"{impl}_launches"] = common.loop_launches(
+              fn.lower(*fargs).compile().as_text())["launches"]
+          us, first = time_steps(fn, fargs, args.repeats, args.steps)
+          row.update({f"{impl}_us": round(us, 2), f"{impl}_first_call_s": round(first, 2),
+                      f"{impl}_over_floor": round(us / floor, 2)})
+        except Exception as e:  # pylint: disable=broad-except
+          row[f"{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+      if "xla_us" in row and "pallas_us" in row:
+        row["xla_over_pallas"] = round(row["xla_us"] / row["pallas_us"], 3)
+      results.append("rows", row)
+      common.log(f"{name} batch {batch}: {row}")
+  results.update(status="complete")
+  return results.doc
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,60 @@
+#!/bin/bash
+# One device call for issue 9's batch-1 decode with the fused decoder layer (kernels.decode_block,
+# ModelConfig.decode_block_impl; about 8 minutes on an H100 / H200; results in $OUT):
+#   1. benchmarks/decode_block.py: the compiled kernels checked against the model's arithmetic
+#      (both presets, 2 and 16 rows, with and without biases), then all layers of a decode step,
+#      XLA's layer against the five fused launches, beside the read floor;
+#   2. benchmarks/generate.py at batch 1 and 16, --decode-block xla pallas (generate's defaults
+#      otherwise: the sampling and decode-attention kernels, two rows for one prompt), tokens/s,
+#      fraction of the bandwidth bound and launches per step of each.
+# Compiled without a GPU (benchmarks/xla_gpu_offline.py --decode-block xla pallas, 2026-11-27) one
+# SmolLM2-135M step at batch 1 launches 170 operations with the fused layer against 395, the
+# Llama-3.2-1B step 100 against 245. If the fused layer is faster at both shapes, set
+# kernels.decode_block.GPU_MEASURED = True (ModelConfig.decode_block_impl="auto" then takes it on
+# one GPU) and record the table in docs/benchmarks.md. LIMIT / GEN_LIMIT: seconds for step 1 / per
+# generate process; EXTRA_ARGS / GEN_EXTRA: more arguments (CPU dry run: SMALL=tiny LARGE=
+# EXTRA_ARGS="--interpret --steps 2 --repeats 1" GEN_EXTRA="--prompt-len 4 --new-tokens 4
+# --repeats 1 --copy-mib 8"). Files that come back: decode_block.json, two generate JSON, log.txt,
+# summary.txt.
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/postrl-jax-cache}"
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
+LIMIT=${LIMIT:-150}; GEN_LIMIT=${GEN_LIMIT:-100}
+MODELS="${SMALL:-smollm2-135m} ${LARGE-llama-1b}"
+# shellcheck disable=SC2086
+timeout $((LIMIT + 90)) python3 benchmarks/decode_block.py --config $MODELS --batch 1 16 \
+  --biases --time-limit "$LIMIT" ${EXTRA_ARGS:-} --out "$OUT/decode_block.json" 2>&1 \
+  | tee -a "$OUT/log.txt"
+for model in $MODELS; do
+  # shellcheck disable=SC2086
+  timeout $((GEN_LIMIT + 60)) python3 benchmarks/generate.py --config "$model" --batch 1 16 \
+    --new-tokens 256 --top-p 0.9 --no-baseline --launches --decode-block xla pallas \
+    --time-limit "$GEN_LIMIT" ${GEN_EXTRA:-} --out "$OUT/gen_block_${model}.json" 2>&1 \
+    | tee -a "$OUT/log.txt"
+done
+python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
+import glob, json, os, sys
+out = sys.argv[1]
+doc = json.load(open(os.path.join(out, "decode_block.json")))
+print("status:", doc.get("status"), "| checks ok:", all(c.get("ok") for c in doc.get("checks", [])))
+print(f"{'layers of one step':<22} {'xla us':>8} {'fused us':>9} {'xla/fused':>9} {'floor us':>9} "
+      f"{'launches':>12}")
+for r in doc.get("rows", []):
+  print(f"{r['config'] + ' b' + str(r['batch']):<22} {r.get('xla_us', '-')!s:>8} "
+        f"{r.get('pallas_us', '-')!s:>9} {r.get('xla_over_pallas', '-')!s:>9} "
+        f"{r.get('floor_us', '-')!s:>9} {str(r.get('xla_launches', '-')) + '/' + str(r.get('pallas_launches', '-')):>12}")
+print(f"{'generate':<22} {'xla ms/step':>11} {'fused ms/step':>13} {'of bound (xla)':>14} "
+      f"{'launches':>12}")
+for path in sorted(glob.glob(os.path.join(out, "gen_block_*.json"))):
+  for r in json.load(open(path)).get("rows", []):
+    launches = (r.get("postrl_launches_per_step") or {}).get("launches", "-")
+    fused = (r.get("postrl_block_pallas_launches_per_step") or {}).get("launches", "-")
+    print(f"{os.path.basename(path)[10:-5] + ' b' + str(r['batch']):<22} "
+          f"{r.get('postrl_ms_per_step', '-')!s:>11} {r.get('postrl_block_pallas_ms_per_step', '-')!s:>13} "
+          f"{r.get('fraction_of_bound', '-')!s:>14} {str(launches) + '/' + str(fused):>12}")
+    for key in ("postrl_error", "postrl_block_pallas_error"):
+      if r.get(key):
+        print(f"  {key}: {r[key]}")
+PY

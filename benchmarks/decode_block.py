@@ -23,6 +23,8 @@ Phases:
    caches of step t feed step t + 1; positions advance from --prompt-len), median of --repeats
    calls / steps. ``floor_us`` = (weights + the valid cache read per step) / copy bandwidth;
    ``launches`` per step counted from each compiled program (``common.loop_launches``).
+4. ``--sweep``: the fused layers at the first --config / --batch under each ``SWEEP`` launch
+   setting (K step, pipelining, warps, columns per program, heads per step), in the time left.
 
 Prints each row as it goes and rewrites the JSON after each (--out); no new point starts after
 --time-limit; a failure is recorded in its row (``<impl>_error``), never a crash.
@@ -98,7 +100,7 @@ def check(cfg, batch: int, slots: int, dtype, interpret: bool, biases: bool, see
 
 
 def step_program(cfg, rows: int, slots: int, dtype, impl: str, steps: int, prompt_len: int,
-                 interpret: bool, seed: int = 0):
+                 interpret: bool, seed: int = 0, config=None):
   """(jitted fn, args): ``steps`` decode steps of all layers, carried x and caches."""
   layers = [random_layer(cfg, k, dtype) for k in jax.random.split(jax.random.key(seed),
                                                                    cfg.num_hidden_layers)]
@@ -114,7 +116,7 @@ def step_program(cfg, rows: int, slots: int, dtype, impl: str, steps: int, promp
       new = []
       for w, (ck, cv) in zip(layers, caches):
         x, ck, cv = decode_layer(x, pos, inv, w, ck, cv, eps=cfg.rms_norm_eps, dtype=dtype,
-                                 impl=impl, interpret=interpret)
+                                 impl=impl, interpret=interpret, config=config)
         new.append((ck, cv))
       return x, new
     return jax.lax.fori_loop(0, steps, body, (x, caches))
@@ -157,6 +159,9 @@ def parse_args(argv=None):
   parser.add_argument("--biases", action="store_true", help="also check every bias group")
   parser.add_argument("--interpret", action="store_true",
                       help="the kernels in Pallas interpret mode (CPU smoke test; float32)")
+  parser.add_argument("--sweep", action="store_true",
+                      help="after the table: the fused layer's launch settings (SWEEP) at the "
+                           "first --config and --batch, in the time left")
   parser.add_argument("--time-limit", type=float, default=None)
   parser.add_argument("--out", default="decode_block.json")
   args = parser.parse_args(argv)
@@ -223,8 +228,43 @@ def main(argv=None):
         row["xla_over_pallas"] = round(row["xla_us"] / row["pallas_us"], 3)
       results.append("rows", row)
       common.log(f"{name} batch {batch}: {row}")
+  if args.sweep:
+    sweep(args, dtype, bandwidth, budget, results)
   results.update(status="complete")
   return results.doc
+
+
+# (name, GpuConfig fields) tried by --sweep; "default" is kernels.decode_block.default_config
+SWEEP = (("default", {}), ("block_k 64", dict(block_k=64)), ("block_k 128", dict(block_k=128)),
+         ("stages 2", dict(num_stages=2)), ("stages 3", dict(num_stages=3)),
+         ("warps 2", dict(num_warps=2)), ("warps 8", dict(num_warps=8)),
+         ("block_n 32", dict(block_n=32)), ("heads_per_step 1", dict(heads_per_step=1)))
+
+
+def sweep(args, dtype, bandwidth, budget, results):
+  """The fused layers of one step under each SWEEP setting (first --config / --batch)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from kernels.decode_block import default_config  # pylint: disable=import-outside-toplevel
+  name, batch = args.config[0], args.batch[0]
+  cfg = common.model_config(name, param_dtype=jnp.dtype(dtype).name, dtype=jnp.dtype(dtype).name)
+  rows = 2 if batch == 1 and not args.interpret else batch
+  base = default_config(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                        cfg.dim_per_head)
+  floor = step_bytes(cfg, rows, args.prompt_len + args.steps // 2, dtype) / bandwidth * 1e6
+  for label, fields in SWEEP:
+    if budget.over(20):
+      break
+    row = dict(config=name, batch=batch, setting=label, **fields)
+    try:
+      fn, fargs = step_program(cfg, rows, args.slots, dtype, "pallas", args.steps,
+                               args.prompt_len, args.interpret,
+                               config=dataclasses.replace(base, **fields))
+      us, _ = time_steps(fn, fargs, args.repeats, args.steps)
+      row.update(pallas_us=round(us, 2), over_floor=round(us / floor, 2))
+    except Exception as e:  # pylint: disable=broad-except
+      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    results.append("sweep", row)
+    common.log(f"sweep {name} batch {batch} {label}: {row}")
 
 
 if __name__ == "__main__":

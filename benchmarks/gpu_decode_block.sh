@@ -3,7 +3,8 @@
 # ModelConfig.decode_block_impl; about 8 minutes on an H100 / H200; results in $OUT):
 #   1. benchmarks/decode_block.py: the compiled kernels checked against the model's arithmetic
 #      (both presets, 2 and 16 rows, with and without biases), then all layers of a decode step,
-#      XLA's layer against the five fused launches, beside the read floor;
+#      XLA's layer against the five fused launches, beside the read floor, then (--sweep) the
+#      fused layer's launch settings at SmolLM2-135M, batch 1, in what is left of LIMIT;
 #   2. benchmarks/generate.py at batch 1 and 16, --decode-block xla pallas (generate's defaults
 #      otherwise: the sampling and decode-attention kernels, two rows for one prompt), tokens/s,
 #      fraction of the bandwidth bound and launches per step of each.
@@ -21,11 +22,11 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/postrl-jax-cache}"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
-LIMIT=${LIMIT:-150}; GEN_LIMIT=${GEN_LIMIT:-100}
+LIMIT=${LIMIT:-180}; GEN_LIMIT=${GEN_LIMIT:-90}  # at most ~9.5 min with the timeouts
 MODELS="${SMALL:-smollm2-135m} ${LARGE-llama-1b}"
 # shellcheck disable=SC2086
 timeout $((LIMIT + 90)) python3 benchmarks/decode_block.py --config $MODELS --batch 1 16 \
-  --biases --time-limit "$LIMIT" ${EXTRA_ARGS:-} --out "$OUT/decode_block.json" 2>&1 \
+  --biases --sweep --time-limit "$LIMIT" ${EXTRA_ARGS:-} --out "$OUT/decode_block.json" 2>&1 \
   | tee -a "$OUT/log.txt"
 for model in $MODELS; do
   # shellcheck disable=SC2086
@@ -45,6 +46,9 @@ for r in doc.get("rows", []):
   print(f"{r['config'] + ' b' + str(r['batch']):<22} {r.get('xla_us', '-')!s:>8} "
         f"{r.get('pallas_us', '-')!s:>9} {r.get('xla_over_pallas', '-')!s:>9} "
         f"{r.get('floor_us', '-')!s:>9} {str(r.get('xla_launches', '-')) + '/' + str(r.get('pallas_launches', '-')):>12}")
+for r in doc.get("sweep", []):
+  print(f"  sweep {r['setting']:<18} {r.get('pallas_us', r.get('error', '-'))!s:>9} us, "
+        f"{r.get('over_floor', '-')}x the floor")
 print(f"{'generate':<22} {'xla ms/step':>11} {'fused ms/step':>13} {'of bound (xla)':>14} "
       f"{'launches':>12}")
 for path in sorted(glob.glob(os.path.join(out, "gen_block_*.json"))):

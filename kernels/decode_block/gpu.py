@@ -47,32 +47,40 @@ class GpuConfig:
   """Launch settings of the four matmul kernels (the attention kernel has its own).
 
   Attributes:
-    block_k: input features per loop step (divides the hidden size, the MLP width and H * Dh).
+    block_k: input features per loop step (a power of two >= 16); a remainder of the input size
+      runs as power-of-two steps after the loop, so any multiple of 16 works. Large steps keep
+      many bytes in flight per program: at decode sizes a program's weight stream, not the
+      arithmetic, sets its time.
     block_n: output columns per program of kernels 3-5 (a power of two >= 16).
     head_block: columns per program in each RoPE half of a head (kernel 1; a power of two >= 16
       dividing head_dim / 2).
+    heads_per_step: query heads per loop step of the output projection (kernel 3; divides H;
+      None: the largest of 4, 3, 2, 1 that does).
     num_warps, num_stages: Triton's warps per program and pipelining depth.
     attention: ``kernels.decode_attention.GpuConfig`` of the attention kernel (None: default).
   """
-  block_k: int = 64
+  block_k: int = 256
   block_n: int = 16
   head_block: int = 16
+  heads_per_step: int | None = None
   num_warps: int = 4
-  num_stages: int = 3
+  num_stages: int = 4
   attention: attention_gpu.GpuConfig | None = None
 
 
 def default_config(d: int, f: int, h: int, dh: int) -> GpuConfig:
-  """``GpuConfig`` with the largest ``block_k`` (<= 64, >= 16) dividing the hidden size, the MLP
-  width and H * Dh (16 when none does: ``check_shapes`` then names the misfit). Not tuned on a GPU
-  yet: 16 output columns per program spread the few-MB matrices of a small model over as many
-  programs as their widths allow (SmolLM2-135M: 36 for the hidden size, 96 for the MLP width)."""
-  import math  # pylint: disable=import-outside-toplevel
-  common = math.gcd(math.gcd(d, f), h * dh)
-  block_k = 64
-  while block_k > 16 and common % block_k:
-    block_k //= 2
-  return GpuConfig(block_k=block_k)
+  """The default ``GpuConfig`` (the shapes are for a future tuned choice; not tuned on a GPU yet:
+  16 output columns per program spread the few-MB matrices of a small model over as many programs
+  as their widths allow, e.g. 36 and 96 programs for SmolLM2-135M's hidden size and MLP width, and
+  256-feature steps keep 8-16 KB of weights per load in flight)."""
+  del d, f, h, dh
+  return GpuConfig()
+
+
+def _heads_per_step(h: int, cfg: GpuConfig) -> int:
+  if cfg.heads_per_step is not None:
+    return cfg.heads_per_step
+  return next(n for n in (4, 3, 2, 1) if h % n == 0)
 
 
 def check_shapes(b: int, d: int, f: int, h: int, k: int, dh: int, cfg: GpuConfig):
@@ -85,12 +93,14 @@ def check_shapes(b: int, d: int, f: int, h: int, k: int, dh: int, cfg: GpuConfig
                       ("head_block", cfg.head_block)):
     if not pow2(value):
       raise KernelShapeError(f"{name}={value}: needs a power of two >= 16")
-  for name, value in (("hidden size", d), ("MLP width", f), ("H * head_dim", h * dh)):
-    if value % cfg.block_k:
-      raise KernelShapeError(f"{name} {value} is not a multiple of block_k={cfg.block_k}")
   for name, value in (("hidden size", d), ("MLP width", f)):
     if value % cfg.block_n:
       raise KernelShapeError(f"{name} {value} is not a multiple of block_n={cfg.block_n}")
+    if value % 16:
+      raise KernelShapeError(f"{name} {value} is not a multiple of 16 (the dot's smallest step)")
+  hps = _heads_per_step(h, cfg)
+  if hps < 1 or h % hps:
+    raise KernelShapeError(f"heads_per_step={hps} does not divide the {h} query heads")
   if dh % 2 or (dh // 2) % cfg.head_block:
     raise KernelShapeError(f"head_dim {dh}: half of it must be a multiple of "
                            f"head_block={cfg.head_block}")
@@ -119,21 +129,36 @@ def _store_rows(ref, b: int, cols, value):
   plgpu.store(ref.at[pl.ds(0, ROWS), cols], value.astype(ref.dtype), mask=ok[:, None])
 
 
+def _k_loop(k_len: int, block_k: int, step, carry, k0=0):
+  """carry = step(start, size, carry) over [k0, k0 + k_len): a loop of ``block_k`` steps, then
+  the remainder (a multiple of 16) as static power-of-two steps, so no load runs past the array."""
+  n = k_len // block_k
+  if n:
+    carry = lax.fori_loop(0, n, lambda i, c: step(k0 + i * block_k, block_k, c), carry)
+  start, rest, size = k0 + n * block_k, k_len - n * block_k, block_k // 2
+  while rest:
+    if rest >= size:
+      carry = step(start, size, carry)
+      start, rest = start + size, rest - size
+    size //= 2
+  return carry
+
+
 def _inv_rms(x_ref, b: int, block_k: int, eps: float):
   """[ROWS] float32 1 / sqrt(mean_j x_j^2 + eps) of each row of x [B, D]."""
   d = x_ref.shape[1]
 
-  def body(i, ss):
-    x = _load_rows(x_ref, b, pl.ds(i * block_k, block_k)).astype(f32)
+  def step(start, size, ss):
+    x = _load_rows(x_ref, b, pl.ds(start, size)).astype(f32)
     return ss + jnp.sum(x * x, axis=1)
-  ss = lax.fori_loop(0, d // block_k, body, jnp.zeros((ROWS,), f32))
+  ss = _k_loop(d, block_k, step, jnp.zeros((ROWS,), f32))
   return lax.rsqrt(ss / d + eps)
 
 
-def _normed_block(x_ref, w_ref, b: int, i, block_k: int, inv_rms, dtype):
-  """Columns [i block_k, (i + 1) block_k) of RMSNorm(x) [ROWS, block_k] as the model rounds it:
+def _normed_block(x_ref, w_ref, b: int, start, size: int, inv_rms, dtype):
+  """Columns [start, start + size) of RMSNorm(x) [ROWS, size] as the model rounds it:
   w_dtype * dtype(x / rms) (``postrl.models.transformer.RMSNorm``)."""
-  cols = pl.ds(i * block_k, block_k)
+  cols = pl.ds(start, size)
   x = _load_rows(x_ref, b, cols).astype(f32)
   w = w_ref[cols].astype(dtype)
   return w[None, :] * (x * inv_rms[:, None]).astype(dtype)
@@ -164,17 +189,17 @@ def _attn_in_kernel(x_ref, pos_ref, freq_ref, norm_ref, wq_ref, wk_ref, wv_ref, 
     """The two [ROWS, head_block] column blocks of n W (+ bias) that RoPE pairs, in dtype."""
     base = head * head_dim + col
 
-    def body(i, carry):
+    def step(start, size, carry):
       lo, hi = carry
-      a = _normed_block(x_ref, norm_ref, b, i, block_k, inv_rms, dtype)
-      rows_k = pl.ds(i * block_k, block_k)
+      a = _normed_block(x_ref, norm_ref, b, start, size, inv_rms, dtype)
+      rows_k = pl.ds(start, size)
       lo = lo + jnp.dot(a, w_ref[rows_k, pl.ds(base, head_block)].astype(dtype),
                         preferred_element_type=f32)
       hi = hi + jnp.dot(a, w_ref[rows_k, pl.ds(base + half, head_block)].astype(dtype),
                         preferred_element_type=f32)
       return lo, hi
     zero = jnp.zeros((ROWS, head_block), f32)
-    lo, hi = lax.fori_loop(0, d // block_k, body, (zero, zero))
+    lo, hi = _k_loop(d, block_k, step, (zero, zero))
     lo, hi = lo.astype(dtype), hi.astype(dtype)
     if b_ref is not None:
       lo = lo + b_ref[pl.ds(base, head_block)].astype(dtype)[None, :]
@@ -220,7 +245,8 @@ def _attn_in_kernel(x_ref, pos_ref, freq_ref, norm_ref, wq_ref, wk_ref, wv_ref, 
 
 
 def _attn_out_kernel(x_ref, acc_ref, m_ref, l_ref, wo_ref, *refs, heads: int, kv_heads: int,
-                     head_dim: int, block_n: int, dtype, cache_dtype, bias: bool):
+                     head_dim: int, block_n: int, heads_per_step: int, dtype, cache_dtype,
+                     bias: bool):
   """Program j: columns [j block_n, (j + 1) block_n) of x + attn W_o (+ bias), the attention of
   each head merged from its chunks first (``decode_attention.gpu.combine_chunks``)."""
   bo_ref, out_ref = refs if bias else (None, refs[0])
@@ -246,7 +272,12 @@ def _attn_out_kernel(x_ref, acc_ref, m_ref, l_ref, wo_ref, *refs, heads: int, kv
     w_o = wo_ref[pl.ds(h * head_dim, head_dim), cols].astype(dtype)
     return acc_o + jnp.dot(out, w_o, preferred_element_type=f32)
 
-  o = lax.fori_loop(0, heads, head, jnp.zeros((ROWS, block_n), f32)).astype(dtype)
+  def heads_step(i, acc_o):  # heads_per_step heads unrolled: their loads issue together
+    for j in range(heads_per_step):
+      acc_o = head(i * heads_per_step + j, acc_o)
+    return acc_o
+  o = lax.fori_loop(0, heads // heads_per_step, heads_step,
+                    jnp.zeros((ROWS, block_n), f32)).astype(dtype)
   if bo_ref is not None:
     o = o + bo_ref[cols].astype(dtype)[None, :]
   _store_rows(out_ref, b, cols, _load_rows(x_ref, b, cols).astype(dtype) + o)
@@ -260,15 +291,15 @@ def _mlp_in_kernel(x_ref, norm_ref, wg_ref, wu_ref, *refs, block_n: int, block_k
   cols = pl.ds(pl.program_id(0) * block_n, block_n)
   inv_rms = _inv_rms(x_ref, b, block_k, eps)
 
-  def body(i, carry):
+  def step(start, size, carry):
     g, u = carry
-    a = _normed_block(x_ref, norm_ref, b, i, block_k, inv_rms, dtype)
-    rows_k = pl.ds(i * block_k, block_k)
+    a = _normed_block(x_ref, norm_ref, b, start, size, inv_rms, dtype)
+    rows_k = pl.ds(start, size)
     g = g + jnp.dot(a, wg_ref[rows_k, cols].astype(dtype), preferred_element_type=f32)
     u = u + jnp.dot(a, wu_ref[rows_k, cols].astype(dtype), preferred_element_type=f32)
     return g, u
   zero = jnp.zeros((ROWS, block_n), f32)
-  g, u = lax.fori_loop(0, d // block_k, body, (zero, zero))
+  g, u = _k_loop(d, block_k, step, (zero, zero))
   g, u = g.astype(dtype), u.astype(dtype)
   if bg_ref is not None:
     g = g + bg_ref[cols].astype(dtype)[None, :]
@@ -284,11 +315,11 @@ def _mlp_out_kernel(x_ref, act_ref, wd_ref, *refs, block_n: int, block_k: int, d
   b, f = act_ref.shape
   cols = pl.ds(pl.program_id(0) * block_n, block_n)
 
-  def body(i, acc):
-    rows_k = pl.ds(i * block_k, block_k)
+  def step(start, size, acc):
+    rows_k = pl.ds(start, size)
     a = _load_rows(act_ref, b, rows_k).astype(dtype)
     return acc + jnp.dot(a, wd_ref[rows_k, cols].astype(dtype), preferred_element_type=f32)
-  y = lax.fori_loop(0, f // block_k, body, jnp.zeros((ROWS, block_n), f32)).astype(dtype)
+  y = _k_loop(f, block_k, step, jnp.zeros((ROWS, block_n), f32)).astype(dtype)
   if bd_ref is not None:
     y = y + bd_ref[cols].astype(dtype)[None, :]
   _store_rows(out_ref, b, cols, _load_rows(x_ref, b, cols).astype(dtype) + y)
@@ -349,8 +380,8 @@ def decode_layer_gpu(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache
 
   o_bias = "o_bias" in weights
   kernel = functools.partial(_attn_out_kernel, heads=H, kv_heads=K, head_dim=Dh,
-                             block_n=cfg.block_n, dtype=dtype, cache_dtype=cache_k.dtype,
-                             bias=o_bias)
+                             block_n=cfg.block_n, heads_per_step=_heads_per_step(H, cfg),
+                             dtype=dtype, cache_dtype=cache_k.dtype, bias=o_bias)
   args = [x_BxD, acc, m, l, weights["o"]] + ([weights["o_bias"]] if o_bias else [])
   a = _call(kernel, (D // cfg.block_n,), sds((B, D), dtype), args, cfg, interpret,
             "decode_layer_attn_out")

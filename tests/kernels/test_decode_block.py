@@ -55,15 +55,16 @@ def _both(x, pos, w, ck, cv, dtype=jnp.float32, config=None):
   return want, got
 
 
-@pytest.mark.parametrize("b,biases,chunks", [
-    (1, False, None),   # one row (padded to 16 in the kernels), default chunks
-    (3, True, 3),       # every bias; three chunks, some empty for the row at position 0
-    (16, False, 2),     # the most rows a program takes
+@pytest.mark.parametrize("b,biases,chunks,block_k,heads_per_step", [
+    (1, False, None, 256, None),  # one row (padded to 16), default chunks; D = 64: the tail steps
+    (3, True, 3, 32, 1),          # every bias; 3 chunks, empty ones at position 0; K loops of 32
+    (16, False, 2, 16, 2),        # the most rows a program takes; 16-wide K steps
 ])
-def test_kernels_equal_the_model_arithmetic_in_float32(b, biases, chunks):
+def test_kernels_equal_the_model_arithmetic_in_float32(b, biases, chunks, block_k, heads_per_step):
   x, ck, cv = _state(b)
   pos = jnp.array([0, 17, S - 1] * 6)[:b] if b > 1 else jnp.array([23])
-  config = dataclasses.replace(default_config(D, F, H, DH),
+  config = dataclasses.replace(default_config(D, F, H, DH), block_k=block_k,
+                               heads_per_step=heads_per_step,
                                attention=AttentionConfig(block_s=16, chunks=chunks))
   want, got = _both(x, pos, _weights(biases=biases), ck, cv, config=config)
   np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=2e-5, atol=2e-5)
@@ -199,5 +200,22 @@ def test_shapes_the_kernels_cannot_take():
     check_shapes(1, D, F, H, K, DH, GpuConfig(block_n=24))
   with pytest.raises(KernelShapeError, match="attention"):
     check_shapes(1, D, F, 34, 2, DH, cfg)  # 17 query heads per kv head
-  assert default_config(960, 2560, 15, 64).block_k == 64  # SmolLM2-360M
-  assert default_config(96, 160, 3, 32).block_k == 32
+  with pytest.raises(KernelShapeError, match="heads_per_step=3"):
+    check_shapes(1, D, F, H, K, DH, GpuConfig(heads_per_step=3))
+  check_shapes(1, 960, 2560, 15, 5, 64, default_config(960, 2560, 15, 64))  # SmolLM2-360M
+
+
+def test_k_loop_covers_any_multiple_of_16_once():
+  """The K loop's steps tile [0, K) exactly: block_k steps, then power-of-two remainders."""
+  from kernels.decode_block.gpu import _k_loop  # pylint: disable=import-outside-toplevel
+  sizes = []
+
+  def step(start, size, covered):
+    sizes.append(size)
+    hit = jax.lax.dynamic_slice(covered, (start,), (size,)) + 1
+    return jax.lax.dynamic_update_slice(covered, hit, (start,))
+  for k, bk in ((576, 256), (960, 256), (64, 256), (2048, 64), (16, 16), (208, 32)):
+    sizes.clear()
+    covered = _k_loop(k, bk, step, jnp.zeros(k, jnp.int32))
+    assert np.all(np.asarray(covered) == 1), (k, bk)
+    assert set(sizes) <= {16, 32, 64, 128, 256} and max(sizes) == min(bk, max(sizes))

@@ -531,9 +531,11 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
     prompt_BxP, lengths_B = place_inputs(None, rows, prompt_BxP, lengths_B)
   devices = {d for x in jax.tree.leaves(params) if isinstance(x, jax.Array)
              for d in x.sharding.device_set}
-  if config.decode_attention_impl == "pallas" and (mesh is not None or len(devices) > 1):
-    raise ValueError("decode_attention_impl='pallas': the decode-attention kernel runs on one "
-                     f"device; the parameters span {len(devices)} (use 'xla')")
+  for option, what in (("decode_attention_impl", "the decode-attention kernel"),
+                       ("decode_block_impl", "the fused decoder layer")):
+    if getattr(config, option) == "pallas" and (mesh is not None or len(devices) > 1):
+      raise ValueError(f"{option}='pallas': {what} runs on one device; the parameters span "
+                       f"{len(devices)} (use 'xla')")
   platform = next(iter(devices)).platform if devices else jax.default_backend()
   rows_decoded = min_decode_rows(int(prompt_BxP.shape[0]), platform,
                                  len(devices) or 1,  # host arrays: jit runs on one device

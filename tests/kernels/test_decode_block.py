@@ -219,3 +219,28 @@ def test_k_loop_covers_any_multiple_of_16_once():
     covered = _k_loop(k, bk, step, jnp.zeros(k, jnp.int32))
     assert np.all(np.asarray(covered) == 1), (k, bk)
     assert set(sizes) <= {16, 32, 64, 128, 256} and max(sizes) == min(bk, max(sizes))
+
+
+def test_generate_with_the_kernels_gives_the_same_tokens():
+  """generate with decode_block_impl='pallas' (interpret mode on CPU) against 'xla': the same
+  greedy tokens and log-probs up to float rounding, prompts of different lengths."""
+  from postrl.sampling import generate, pad_prompts  # pylint: disable=import-outside-toplevel
+  _, xla, fused = _models(qkv_bias=True)
+  tokens, lengths = pad_prompts([[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]])
+  kw = dict(max_new_tokens=5, temperature=0.0, eos_ids=())
+  want, got = generate(xla, tokens, lengths, **kw), generate(fused, tokens, lengths, **kw)
+  np.testing.assert_array_equal(np.asarray(got.tokens_BxN), np.asarray(want.tokens_BxN))
+  np.testing.assert_allclose(np.asarray(got.model_logps_BxN), np.asarray(want.model_logps_BxN),
+                             atol=1e-4)
+
+
+def test_generate_refuses_the_kernels_on_several_devices():
+  from postrl.sampling import generate, pad_prompts  # pylint: disable=import-outside-toplevel
+  _, _, fused = _models()
+  graphdef, params = nnx.split(fused)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("x",))
+  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  tokens, lengths = pad_prompts([[5, 6, 7]])
+  with pytest.raises(ValueError, match="decode_block_impl='pallas': the fused decoder layer runs "
+                                       "on one device; the parameters span 2"):
+    generate((graphdef, params), tokens, lengths, max_new_tokens=2, temperature=0.0)

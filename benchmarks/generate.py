@@ -128,11 +128,6 @@ def time_postrl(model, batch, prompt_len, new_tokens, repeats, top_p,
               seconds=times)
 
 
-def with_decode_attention(model, impl: str):
-  """``model`` with ``ModelConfig.decode_attention_impl = impl`` (same parameters)."""
-  return with_execution(model, decode_attention_impl=impl)
-
-
 def with_execution(model, **options):
   """``model`` with these ``ModelConfig`` execution options (``EXECUTION_OPTIONS``: e.g.
   ``decode_block_impl``), the same parameters."""
@@ -144,6 +139,22 @@ def with_execution(model, **options):
   cfg = dataclasses.replace(model.config, **options)
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   return nnx.merge(nnx.graphdef(abstract), nnx.state(model))
+
+
+def time_variant(row: dict, prefix: str, model, args, batch: int, sampling_impl: str,
+                 launches: bool):
+  """``row[prefix + "_tokens_per_s" / "_ms_per_step" (/ "_launches_per_step")]`` of ``model``'s
+  decode, or ``row[prefix + "_error"]``: one variant beside the row's main numbers."""
+  try:
+    other = time_postrl(model, batch, args.prompt_len, args.new_tokens, args.repeats, args.top_p,
+                        sampling_impl=sampling_impl)
+    row[f"{prefix}_tokens_per_s"] = round(other["tokens_per_s"], 1)
+    row[f"{prefix}_ms_per_step"] = round(1e3 * batch / other["tokens_per_s"], 3)
+    if launches:
+      row[f"{prefix}_launches_per_step"] = decode_step_launches(
+          model, batch, args.prompt_len, args.new_tokens, args.top_p, sampling_impl=sampling_impl)
+  except Exception as e:  # pylint: disable=broad-except
+    row[f"{prefix}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
 
 
 def resolved_sampler(vocab: int, batch: int, top_p: float, impl: str) -> str:
@@ -547,48 +558,20 @@ def _run(args, budget, baseline):
                      f"{row['postrl_hlo_files']['fusions']}")
         except OSError as e:
           row["postrl_hlo_error"] = f"{type(e).__name__}: {e}"
-    for impl in args.sampling_impl[1:]:  # the same decode with another sampler (e.g. the kernel)
-      if impl == main_impl or budget.over():
-        continue
-      common.log(f"batch {batch}: postrl, sampling_impl={impl} ... ({budget.elapsed():.0f} s)")
-      try:
-        other = time_postrl(model, batch, args.prompt_len, args.new_tokens, args.repeats,
-                            args.top_p, sampling_impl=impl)
-        row[f"postrl_{impl}_tokens_per_s"] = round(other["tokens_per_s"], 1)
-        row[f"postrl_{impl}_ms_per_step"] = round(1e3 * batch / other["tokens_per_s"], 3)
-        if args.launches:
-          row[f"postrl_{impl}_launches_per_step"] = decode_step_launches(
-              model, batch, args.prompt_len, args.new_tokens, args.top_p, sampling_impl=impl)
-      except Exception as e:  # pylint: disable=broad-except
-        row[f"postrl_{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-    for impl in args.decode_attention[1:]:  # the same decode with another attention over the cache
-      if impl == args.decode_attention[0] or budget.over():
-        continue
-      common.log(f"batch {batch}: postrl, decode_attention_impl={impl} ... "
-                 f"({budget.elapsed():.0f} s)")
-      try:
-        other = time_postrl(with_decode_attention(model, impl), batch, args.prompt_len,
-                            args.new_tokens, args.repeats, args.top_p, sampling_impl=main_impl)
-        row[f"postrl_attention_{impl}_tokens_per_s"] = round(other["tokens_per_s"], 1)
-        row[f"postrl_attention_{impl}_ms_per_step"] = round(1e3 * batch / other["tokens_per_s"], 3)
-      except Exception as e:  # pylint: disable=broad-except
-        row[f"postrl_attention_{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-    for impl in args.decode_block[1:]:  # the same decode with another decoder-layer path
-      if impl == args.decode_block[0] or budget.over():
-        continue
-      common.log(f"batch {batch}: postrl, decode_block_impl={impl} ... ({budget.elapsed():.0f} s)")
-      try:
-        other_model = with_execution(model, decode_block_impl=impl)
-        other = time_postrl(other_model, batch, args.prompt_len, args.new_tokens, args.repeats,
-                            args.top_p, sampling_impl=main_impl)
-        row[f"postrl_block_{impl}_tokens_per_s"] = round(other["tokens_per_s"], 1)
-        row[f"postrl_block_{impl}_ms_per_step"] = round(1e3 * batch / other["tokens_per_s"], 3)
-        if args.launches:
-          row[f"postrl_block_{impl}_launches_per_step"] = decode_step_launches(
-              other_model, batch, args.prompt_len, args.new_tokens, args.top_p,
-              sampling_impl=main_impl)
-      except Exception as e:  # pylint: disable=broad-except
-        row[f"postrl_block_{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    # the same decode with another sampler, attention over the cache, or decoder-layer path
+    variants = [(f"postrl_{impl}", f"sampling_impl={impl}", model, impl, args.launches)
+                for impl in args.sampling_impl[1:] if impl != main_impl]
+    variants += [(f"postrl_attention_{impl}", f"decode_attention_impl={impl}",
+                  with_execution(model, decode_attention_impl=impl), main_impl, False)
+                 for impl in args.decode_attention[1:] if impl != args.decode_attention[0]]
+    variants += [(f"postrl_block_{impl}", f"decode_block_impl={impl}",
+                  with_execution(model, decode_block_impl=impl), main_impl, args.launches)
+                 for impl in args.decode_block[1:] if impl != args.decode_block[0]]
+    for prefix, label, other_model, sampler, launches in variants:
+      if budget.over():
+        break
+      common.log(f"batch {batch}: postrl, {label} ... ({budget.elapsed():.0f} s)")
+      time_variant(row, prefix, other_model, args, batch, sampler, launches)
     if baseline is not None and not budget.over():
       common.log(f"batch {batch}: postrl {row.get('postrl_tokens_per_s')} tokens/s; transformers "
                  f"... ({budget.elapsed():.0f} s)")

@@ -216,13 +216,19 @@ def _attn_in_kernel(x_ref, pos_ref, freq_ref, norm_ref, wq_ref, wk_ref, wv_ref, 
     return (lo * cos - hi * sin).astype(dtype), (hi * cos + lo * sin).astype(dtype)
 
   def write_cache(cache_ref, head, lo, hi):
-    """cache[r, pos[r], head, columns] = row r of (lo, hi), for each real row r."""
+    """cache[r, pos[r], head, columns] = row r of (lo, hi), for each real row r whose position is
+    a slot of the cache (others are dropped, as the model's ``write_slots`` drops them)."""
+    slots = cache_ref.shape[1]
     for r in range(b):
       pick = (rows == r)[:, None]
-      slot = pl.ds(pos_ref[r], 1)
-      for part, start in ((lo, col), (hi, col + half)):
-        row = jnp.sum(jnp.where(pick, part.astype(f32), 0.0), axis=0)
-        cache_ref[r, slot, head, pl.ds(start, head_block)] = row[None].astype(cache_ref.dtype)
+      pos_r = pos_ref[r]
+
+      @pl.when((pos_r >= 0) & (pos_r < slots))
+      def _():
+        for part, start in ((lo, col), (hi, col + half)):
+          row = jnp.sum(jnp.where(pick, part.astype(f32), 0.0), axis=0)
+          cache_ref[r, pl.ds(pos_r, 1), head, pl.ds(start, head_block)] = (
+              row[None].astype(cache_ref.dtype))
 
   @pl.when(p < heads)
   def _():  # q in the attention kernel's layout [B, K, PAD_GROUPS, Dh]: head p = (p // G, p % G)
@@ -374,7 +380,10 @@ def decode_layer_gpu(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache
        sds(cache_v.shape, cache_v.dtype)],
       args, cfg, interpret, "decode_layer_attn_in", aliases={n_in - 2: 1, n_in - 1: 2})
 
-  acc, m, l = attention_gpu.decode_attention_partials(q, cache_k, cache_v, positions_B + 1,
+  # slots 0 .. position are attended; a position past the cache attends all of it (as the
+  # model's mask slot <= position does), and the kernel never reads past the cache
+  lengths = jnp.clip(positions_B + 1, 1, S)
+  acc, m, l = attention_gpu.decode_attention_partials(q, cache_k, cache_v, lengths,
                                                       groups=H // K, config=cfg.attention,
                                                       interpret=interpret)
 

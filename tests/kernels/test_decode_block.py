@@ -244,3 +244,14 @@ def test_generate_refuses_the_kernels_on_several_devices():
   with pytest.raises(ValueError, match="decode_block_impl='pallas': the fused decoder layer runs "
                                        "on one device; the parameters span 2"):
     generate((graphdef, params), tokens, lengths, max_new_tokens=2, temperature=0.0)
+
+
+def test_a_position_past_the_cache_writes_nothing():
+  """The model's write drops a slot past the cache (``write_slots``, mode="drop") and its mask
+  then attends every slot; the kernels do the same and never write past the cache."""
+  x, ck, cv = _state(2)
+  pos = jnp.array([S + 3, 4])
+  want, got = _both(x, pos, _weights(), ck, cv)
+  for w, g in zip(want, got):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
+  np.testing.assert_array_equal(np.asarray(got[1][0]), np.asarray(ck[0]))  # row 0: untouched

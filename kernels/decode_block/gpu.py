@@ -35,6 +35,9 @@ from jax.experimental.pallas import triton as plgpu
 from kernels.decode_attention import gpu as attention_gpu
 
 ROWS = 16  # rows per program: the tensor-core dot's smallest tile; B <= ROWS
+# attention chunks per (row, kv head) at most, by default: each of the D / block_n programs of the
+# output projection merges all of them again (L2 reads grow with B x chunks)
+MAX_CHUNKS = 8
 f32 = jnp.float32
 
 
@@ -254,7 +257,8 @@ def _attn_out_kernel(x_ref, acc_ref, m_ref, l_ref, wo_ref, *refs, heads: int, kv
                      head_dim: int, block_n: int, heads_per_step: int, dtype, cache_dtype,
                      bias: bool):
   """Program j: columns [j block_n, (j + 1) block_n) of x + attn W_o (+ bias), the attention of
-  each head merged from its chunks first (``decode_attention.gpu.combine_chunks``)."""
+  each head merged from its chunks first (``decode_attention.gpu.combine_chunks``, as a running
+  merge over the chunks: a loop, so the code does not grow with the cache)."""
   bo_ref, out_ref = refs if bias else (None, refs[0])
   b = x_ref.shape[0]
   chunks = acc_ref.shape[2]
@@ -264,16 +268,19 @@ def _attn_out_kernel(x_ref, acc_ref, m_ref, l_ref, wo_ref, *refs, heads: int, kv
 
   def head(h, acc_o):
     k, g = lax.div(h, jnp.int32(groups)), lax.rem(h, jnp.int32(groups))
-    cs = [jnp.int32(c) for c in range(chunks)]  # array indices (a Python int is not one here)
-    ms = [plgpu.load(m_ref.at[pl.ds(0, ROWS), k, c, g], mask=ok, other=-jnp.inf) for c in cs]
-    top = functools.reduce(jnp.maximum, ms)
-    num = jnp.zeros((ROWS, head_dim), f32)
-    den = jnp.zeros((ROWS,), f32)
-    for c, m_c in zip(cs, ms):
-      w = jnp.where(m_c == -jnp.inf, 0.0, jnp.exp(m_c - top))  # empty chunks weigh 0
+
+    def chunk(c, carry):  # running merge: sum_c e^{m_c - M} acc_c, sum_c e^{m_c - M} l_c
+      top, num, den = carry
+      m_c = plgpu.load(m_ref.at[pl.ds(0, ROWS), k, c, g], mask=ok, other=-jnp.inf)
+      new_top = jnp.maximum(top, m_c)
+      rescale = jnp.where(new_top == -jnp.inf, 0.0, jnp.exp(top - new_top))
+      w = jnp.where(m_c == -jnp.inf, 0.0, jnp.exp(m_c - new_top))  # empty chunks weigh 0
       acc = plgpu.load(acc_ref.at[pl.ds(0, ROWS), k, c, g, :], mask=ok[:, None], other=0.0)
-      num = num + w[:, None] * acc
-      den = den + w * plgpu.load(l_ref.at[pl.ds(0, ROWS), k, c, g], mask=ok, other=0.0)
+      l_c = plgpu.load(l_ref.at[pl.ds(0, ROWS), k, c, g], mask=ok, other=0.0)
+      return new_top, num * rescale[:, None] + w[:, None] * acc, den * rescale + w * l_c
+    _, num, den = lax.fori_loop(0, chunks, chunk, (jnp.full((ROWS,), -jnp.inf, f32),
+                                                  jnp.zeros((ROWS, head_dim), f32),
+                                                  jnp.zeros((ROWS,), f32)))
     out = (num / jnp.where(ok, den, 1.0)[:, None]).astype(cache_dtype).astype(dtype)
     w_o = wo_ref[pl.ds(h * head_dim, head_dim), cols].astype(dtype)
     return acc_o + jnp.dot(out, w_o, preferred_element_type=f32)
@@ -360,7 +367,13 @@ def decode_layer_gpu(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache
   cfg = config or default_config(D, F, H, Dh)
   check_shapes(B, D, F, H, K, Dh, cfg)
   dtype = jnp.dtype(dtype)
+  x_BxD = x_BxD.astype(dtype)  # the residual stream in the compute dtype, as the model's
   positions_B = positions_B.astype(jnp.int32)
+  if cfg.attention is None or cfg.attention.chunks is None:
+    # every output-projection program merges every chunk again: cap them (long caches)
+    att = cfg.attention or attention_gpu.GpuConfig()
+    chunks = min(attention_gpu.default_chunks(B, K, S, att.block_s), MAX_CHUNKS)
+    cfg = dataclasses.replace(cfg, attention=dataclasses.replace(att, chunks=chunks))
   sds = jax.ShapeDtypeStruct
 
   qkv_bias = "q_bias" in weights
@@ -381,7 +394,8 @@ def decode_layer_gpu(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache
       args, cfg, interpret, "decode_layer_attn_in", aliases={n_in - 2: 1, n_in - 1: 2})
 
   # slots 0 .. position are attended; a position past the cache attends all of it (as the
-  # model's mask slot <= position does), and the kernel never reads past the cache
+  # model's mask slot <= position does), and the kernel never reads past the cache. (A negative
+  # position, which no caller makes, attends slot 0 here and no slot in the model.)
   lengths = jnp.clip(positions_B + 1, 1, S)
   acc, m, l = attention_gpu.decode_attention_partials(q, cache_k, cache_v, lengths,
                                                       groups=H // K, config=cfg.attention,

@@ -112,7 +112,8 @@ class ModelConfig:
   # written (~12 launches per layer at batch 1); "pallas", ``kernels.decode_block``'s five fused
   # Triton launches (RMSNorm + q / k / v + RoPE + cache write; attention; merge + o + residual;
   # RMSNorm + gate / up + SiLU; down + residual), for float (not quantized, no unmerged adapter)
-  # layers without prefix / prompt tuning (on a CPU in interpret mode, a test path); "auto"
+  # layers without prefix / prompt tuning (on a CPU in interpret mode, a test path; its
+  # attention is always the flash-decoding kernel, whatever decode_attention_impl says); "auto"
   # (default): XLA until a GPU run measures the kernels faster (``kernels.decode_block.
   # GPU_MEASURED``). A runtime choice like dtype.
   decode_block_impl: str = "auto"

@@ -200,3 +200,26 @@ def test_fused_decode_layer_compiles(d, f, h, kv, bias):
           for r in rows] == ["attn_in", "decode_attention", "attn_out", "mlp_in", "mlp_out"]
   for r in rows:
     assert r["sass"].get("HMMA", 0) + r["sass"].get("HGMMA", 0) > 0, r
+
+
+def test_fused_output_projection_does_not_grow_with_the_chunks():
+  """The output-projection kernel merges the attention chunks in a loop: 64 chunks of a 16k-slot
+  cache compile to the registers of a few (a Python-unrolled merge took minutes and hit 255)."""
+  from kernels.decode_attention import GpuConfig as AttentionConfig  # pylint: disable=import-outside-toplevel
+  from kernels.decode_block import GpuConfig as BlockConfig  # pylint: disable=import-outside-toplevel
+  bf, d, f, h, kv = jnp.bfloat16, 576, 1536, 9, 3
+  w = dict(input_norm=S((d,), bf), q=S((d, h * 64), bf), k=S((d, kv * 64), bf),
+           v=S((d, kv * 64), bf), o=S((h * 64, d), bf), post_norm=S((d,), bf),
+           gate=S((d, f), bf), up=S((d, f), bf), down=S((f, d), bf))
+  cache = S((1, 16384, kv, 64), bf)
+  regs = {}
+  for chunks in (2, 64):
+    cfg = BlockConfig(attention=AttentionConfig(chunks=chunks))
+    kernels = capture_kernels(
+        lambda x, p, i, w, k, v, cfg=cfg: decode_layer_gpu(x, p, i, w, k, v, eps=1e-6, dtype=bf,
+                                                           config=cfg),
+        S((1, d), bf), S((1,), jnp.int32), S((32,), jnp.float32), w, cache, cache)
+    (row,) = [compile_report(*k) for k in kernels if "attn_out" in k[0]]
+    assert "error" not in row and row["local_bytes"] == 0, row
+    regs[chunks] = row["registers"]
+  assert regs[64] <= regs[2] + 16, regs

@@ -1,4 +1,5 @@
-"""Test set-up: 8 fake CPU devices, no hub access, a persistent compilation cache."""
+"""Test set-up: 8 fake CPU devices, no hub access; a persistent compilation cache for the
+subprocesses a test starts only (``tests/jax_cache.py`` says why)."""
 
 import os
 
@@ -15,11 +16,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
-
-from tests.jax_cache import JAX_CACHE_DIR  # noqa: E402  pylint: disable=wrong-import-position
-
-jax.config.update("jax_compilation_cache_dir", JAX_CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 from postrl.models import ModelConfig  # pylint: disable=wrong-import-position
 

@@ -1,12 +1,19 @@
-"""The tests' persistent compilation cache: one folder per pytest-xdist worker.
+"""The tests' persistent compilation cache, for the subprocesses a test starts (``launch.py`` runs,
+benchmark scripts): a fresh folder per test run and pytest-xdist worker.
 
-JAX writes a cache entry in place (``LRUCache.put``: ``write_bytes``, no lock while eviction is
-off, as here), so a process reading an entry that another is still writing can load a truncated
-executable; with one folder per worker only that worker, and the subprocesses it waits for,
-write and read each entry. Subprocesses of a test get ``JAX_CACHE_DIR`` through
-``JAX_COMPILATION_CACHE_DIR``."""
+The pytest processes themselves do not use it (``tests/conftest.py``). Two clean-clone runs on
+the 2-core machine (2026-11-27) lost a worker to a segmentation fault inside XLA, each in a test
+that loads a program an earlier test of the same worker had written to the cache, and each passed
+when run alone with the same cache; JAX's own tracker has reports of deserialised CPU executables
+crashing (e.g. jax-ml/jax#38445 for rejected entries; a deep recursion in LLVM ORC while loading
+an entry with thousands of kernels, reported elsewhere). Subprocesses of one test still share
+one folder: a resumed run loads what the first run compiled (the SIGTERM and resume tests), and
+the folder is new for every test run, so no entry from another code version or an interrupted
+run is ever read. Subprocesses get it through ``JAX_COMPILATION_CACHE_DIR``."""
 
 import os
+import tempfile
 
-JAX_CACHE_DIR = os.path.join(os.path.expanduser("~/.cache/postrl-jax-tests"),
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID", f"pid{os.getpid()}")
+JAX_CACHE_DIR = os.path.join(tempfile.gettempdir(), "postrl-jax-tests", _RUN,
                              os.environ.get("PYTEST_XDIST_WORKER", "main"))

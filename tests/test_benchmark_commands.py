@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # shell loop variables of the scripts, set to values the loops take
 LOOP_VALUES = {"model": "smollm2-135m", "top_p": "0.9", "LIMIT": "40", "name": "run",
                "OUT": "/tmp/out", "m": "16", "variants": "4:dot:prmt:nk 8:dot:shift:nk",
-               "LOG": "/tmp/out/log", "left": "200", "limit": "185", "sweep_s": "170"}
+               "LOG": "/tmp/out/log", "left": "200", "limit": "185", "sweep_s": "170",
+               "MODELS": "smollm2-135m llama-1b", "GEN_LIMIT": "90"}
 # run a benchmark script with argparse stopped after a successful parse (exit 0) or a failed one
 # (argparse's own exit 2 with its message)
 RUNNER = """

@@ -13,20 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.decode_attention.reference import decode_attention_reference
-from postrl.models.transformer import apply_rope, write_slots
-
-
-def rms_norm(x, w, eps: float, dtype):
-  """w * x / sqrt(mean(x^2) + eps), normalised in float32 (``transformer.RMSNorm``)."""
-  x32 = x.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return w.astype(dtype) * y.astype(dtype)
-
-
-def linear(x, w, b, dtype):
-  """x W (+ b) in ``dtype`` (``transformer.Linear`` for a float kernel)."""
-  y = jnp.dot(x.astype(dtype), w.astype(dtype))
-  return y if b is None else y + b.astype(dtype)
+from postrl.models.transformer import apply_rope, dense, rms_norm, write_slots
 
 
 def decode_layer_reference(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, *,
@@ -39,14 +26,14 @@ def decode_layer_reference(x_BxD, positions_B, inv_freq, weights: dict, cache_k,
   x = x_BxD.astype(dtype)
   n = rms_norm(x, weights["input_norm"], eps, dtype)
   pos_Bx1 = positions_B[:, None]
-  q = linear(n, weights["q"], weights.get("q_bias"), dtype).reshape(B, 1, H, Dh)
-  k = linear(n, weights["k"], weights.get("k_bias"), dtype).reshape(B, 1, K, Dh)
-  v = linear(n, weights["v"], weights.get("v_bias"), dtype).reshape(B, 1, K, Dh)
+  q = dense(n, weights["q"], weights.get("q_bias"), dtype).reshape(B, 1, H, Dh)
+  k = dense(n, weights["k"], weights.get("k_bias"), dtype).reshape(B, 1, K, Dh)
+  v = dense(n, weights["v"], weights.get("v_bias"), dtype).reshape(B, 1, K, Dh)
   q, k = apply_rope(q, pos_Bx1, inv_freq), apply_rope(k, pos_Bx1, inv_freq)
   cache_k, cache_v = write_slots(cache_k, pos_Bx1, k), write_slots(cache_v, pos_Bx1, v)
   attn = decode_attention_reference(q[:, 0], cache_k, cache_v, positions_B + 1).astype(dtype)
-  a = x + linear(attn.reshape(B, H * Dh), weights["o"], weights.get("o_bias"), dtype)
+  a = x + dense(attn.reshape(B, H * Dh), weights["o"], weights.get("o_bias"), dtype)
   m = rms_norm(a, weights["post_norm"], eps, dtype)
-  act = (jax.nn.silu(linear(m, weights["gate"], weights.get("gate_bias"), dtype))
-         * linear(m, weights["up"], weights.get("up_bias"), dtype))
-  return a + linear(act, weights["down"], weights.get("down_bias"), dtype), cache_k, cache_v
+  act = (jax.nn.silu(dense(m, weights["gate"], weights.get("gate_bias"), dtype))
+         * dense(m, weights["up"], weights.get("up_bias"), dtype))
+  return a + dense(act, weights["down"], weights.get("down_bias"), dtype), cache_k, cache_v

@@ -138,11 +138,16 @@ class Linear(nnx.Module):
       return adapter(self, x)
     if self.quantized:
       y = self.kernel.dot(x)
-    else:
-      y = jnp.dot(x, self.kernel[...].astype(self.dtype))
-    if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
-    return y
+      return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+    return dense(x, self.kernel[...], None if self.bias is None else self.bias[...], self.dtype)
+
+
+def dense(x, w, b, dtype):
+  """x W (+ b) in ``dtype``: the float ``Linear`` (its rounding points: the product rounded to
+  ``dtype``, then the bias added in ``dtype``), a pure function that ``kernels.decode_block``'s
+  reference shares."""
+  y = jnp.dot(x.astype(dtype), w.astype(dtype))
+  return y if b is None else y + b.astype(dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -154,9 +159,15 @@ class RMSNorm(nnx.Module):
     self.dtype = dtype_from_name(cfg.dtype)
 
   def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.weight[...].astype(self.dtype) * y.astype(self.dtype)
+    return rms_norm(x, self.weight[...], self.eps, self.dtype)
+
+
+def rms_norm(x, w, eps: float, dtype):
+  """w * x / sqrt(mean(x^2) + eps), normalised in float32 and rounded to ``dtype`` before the
+  product with w (Zhang & Sennrich 2019): ``RMSNorm``, as a pure function."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return w.astype(dtype) * y.astype(dtype)
 
 
 class Attention(nnx.Module):

@@ -17,8 +17,11 @@ Phases: --check (kernel vs reference on small odd shapes, real compilation, for 
 "dot_t" / "fma", with each unpack and code layout, at every shape for the --variants-m rows,
 beside bf16: which kernel wins where; --variant-set layouts: only the dot kernel with the codes as
 stored and transposed, and the default fma kernel), the table (the
-default kernel and the XLA baselines; --skip-table leaves it out) and --sweep (alternative tilings
-at one shape, for the "dot" kernel and, at M <= 8, the "fma" kernel). Prints each row as it goes;
+default kernel and the XLA baselines; --skip-table leaves it out), --sweep (alternative tilings
+at one shape, for the "dot" kernel and, at M <= 8, the "fma" kernel) and --mosaic (the Mosaic GPU
+swap-AB kernel, ``kernels.quantized_matmul.mosaic``: checked against the reference on small shapes
+with every format, then timed at --mosaic-m over the shapes beside bf16 and the default Triton
+kernel, then a tiling sweep at one shape; runs before the table). Prints each row as it goes;
 writes JSON after each.
 """
 
@@ -46,6 +49,7 @@ from kernels.quantized_matmul import (GpuConfig, quantized_matmul_gpu,  # noqa: 
                                       quantized_matmul_reference)
 from kernels.quantized_matmul.reference import dequantize as reference_dequantize  # noqa: E402
 from kernels.quantized_matmul import gpu as qgpu  # noqa: E402
+from kernels.quantized_matmul import mosaic as qmosaic  # noqa: E402
 
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 512, 2048)
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192))
@@ -466,6 +470,148 @@ def run_sweep(results, out, repeats, deadline, sweep_ms=(1, 16, 64, 128, 512), l
       dump(results, out)
 
 
+MOSAIC_FORMATS = ((8, None, False), (8, None, True), (8, 64, False), (4, 32, False),
+                  (4, 64, True), (4, 128, False), (4, None, False))
+
+
+def run_mosaic_check(results, out, ms=(1, 3, 16, 33), formats=MOSAIC_FORMATS,
+                     dtypes=(jnp.bfloat16, jnp.float16)):
+  """The Mosaic kernel vs the reference at small shapes, compiled for the GPU (interpret mode with
+  --interpret), every format of ``formats`` in each of ``dtypes``, at its default tiling and with
+  a K split and a 64-column tile (K = 1024, N = 256)."""
+  rows = []
+  k, n = 1024, 256
+  for m in ms:
+    for bits, group, zeros in formats:
+      for dt in dtypes:
+        ka, kb, kc, kd = jax.random.split(jax.random.key(m * 100 + bits + (group or 0)), 4)
+        x = jax.random.normal(ka, (m, k), jnp.float32).astype(dt)
+        g = 1 if group is None else k // group
+        if bits == 8:
+          q = jax.random.randint(kb, (k, n), -128, 128, jnp.int32).astype(jnp.int8)
+        else:
+          q = jax.random.randint(kb, (k // 2, n), 0, 256, jnp.int32).astype(jnp.uint8)
+        s = jax.random.uniform(kc, (g, n), jnp.float32, 0.5, 1.5)
+        z = jnp.round(jax.random.uniform(kd, (g, n), jnp.float32, -3, 3)) if zeros else None
+        ref = quantized_matmul_reference(x.astype(jnp.float32), q, s, bits=bits, group_size=group,
+                                         zeros_GxN=z)
+        w_nk = qmosaic.repack_nk(q, bits=bits, k=k)
+        base = qmosaic.default_config(m, k, n, bits=bits, group_size=group)
+        for cfg in (base, dataclasses.replace(base, block_n=64, split_k=2, stages=2)):
+          try:
+            y = qmosaic.quantized_matmul_mosaic(x, w_nk, s, z, bits=bits, group_size=group,
+                                                config=cfg, interpret=INTERPRET)
+            err = rel_err(y.astype(jnp.float32), ref)
+          except Exception as e:  # noqa: BLE001 - report and continue
+            err = f"{type(e).__name__}: {str(e)[:300]}"
+          rows.append(dict(m=m, bits=bits, group=group, zeros=zeros, dtype=jnp.dtype(dt).name,
+                           cfg=dataclasses.asdict(cfg), rel_err=err))
+  bad = [r for r in rows if not isinstance(r["rel_err"], float) or not r["rel_err"] < 1e-2]
+  print(f"mosaic check: {len(rows)} cases, {len(bad)} failing", flush=True)
+  for r in bad[:12]:
+    print("  FAIL", r, flush=True)
+  results["mosaic_check"] = rows
+  dump(results, out)
+  return not bad
+
+
+def mosaic_sweep_configs(m, k, n, *, bits, group):
+  """The default Mosaic tiling and its neighbours: 64 / 256 columns per program, half / double
+  the K split, 2 / 6 / 8 stages, a 128-row K step for int4."""
+  base = qmosaic.default_config(m, k, n, bits=bits, group_size=group)
+  out = [base]
+  for bn in (64, 256):
+    out.append(dataclasses.replace(base, block_n=bn))
+  for sk in (max(1, base.split_k // 2), base.split_k * 2):
+    out.append(dataclasses.replace(base, split_k=sk))
+  for st in (2, 6, 8):
+    out.append(dataclasses.replace(base, stages=st))
+  if bits == 4:
+    out.append(dataclasses.replace(base, block_k=128))
+  seen, unique = set(), []
+  for cfg in out:
+    try:
+      qmosaic.check_shape(m, k, n, bits=bits, group_size=group, cfg=cfg)
+    except qgpu.KernelShapeError:
+      continue
+    if cfg not in seen:
+      seen.add(cfg)
+      unique.append(cfg)
+  return unique
+
+
+def run_mosaic(results, out, ms, shapes, repeats, deadline, copy_bw, sweep_shape=None,
+               sweep_m=(16,)):
+  """The Mosaic kernel at its default tiling beside bf16 ``jnp.dot`` and the default Triton
+  kernel, int8 per channel and int4 group 128, every shape and row count in ``ms`` (codes
+  repacked once, outside the timed loop); then every ``mosaic_sweep_configs`` tiling at
+  ``sweep_shape`` for the rows ``sweep_m``. One line per entry: time, speed-up over bf16, share
+  of the copy bandwidth, error against the XLA path."""
+  rows = results.setdefault("mosaic", [])
+  plan = [(m, k, n, False) for m in ms for k, n in shapes]
+  if sweep_shape is not None:
+    plan += [(m, *sweep_shape, True) for m in sweep_m]
+  for m, k, n, sweeping in plan:
+    if time.time() > deadline:
+      print("time limit reached: mosaic stops here", flush=True)
+      return
+    bytes_bf16, bytes8, bytes4 = 2 * k * n, k * n + 4 * n, k * n // 2 + 4 * n * (k // 128)
+    # interpret mode (CPU smoke test): Mosaic GPU's interpreter takes ~10 ms per call, so two
+    # buffers, one pass
+    r = 2 if INTERPRET else max(n_buffers(bytes_bf16), n_buffers(bytes4))
+    bufs = [make_weights(k, n, jax.random.key(300 + i)) for i in range(r)]
+    x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+    io = 2 * m * k + 2 * m * n
+    t, _ = time_many(lambda x, *ws: [jnp.dot(x, w) for w in ws], (x, *[b[0] for b in bufs]),
+                     repeats, 1 if INTERPRET else loop_reps(m, k, n, bytes_bf16, r))
+    bf16_us = 1e6 * t / r
+    print(f"mosaic K={k} N={n} M={m}{' sweep' if sweeping else ''}: bf16 {bf16_us:.1f} us "
+          f"({100 * (bytes_bf16 + io) / (t / r) / copy_bw:.0f}% of copy)", flush=True)
+    for bits, group, nbytes, xla_fn in ((8, None, bytes8, xla_int8), (4, 128, bytes4, xla_int4)):
+      ws = [b[1] if bits == 8 else b[2] for b in bufs]
+      ref = xla_fn(x.astype(jnp.float32), *ws[0])
+      flat = [a for qs in ws for a in qs]
+      flat_nk = [jax.block_until_ready(qmosaic.repack_nk(a, bits=bits, k=k)) if i % 2 == 0
+                 else a for i, a in enumerate(flat)]
+      entries = []
+      if not sweeping:
+        entries.append(("triton", qgpu.default_config(m, k, n, bits=bits, group_size=group)))
+        entries.append(("mosaic", qmosaic.default_config(m, k, n, bits=bits, group_size=group)))
+      else:
+        entries += [("mosaic", c) for c in mosaic_sweep_configs(m, k, n, bits=bits, group=group)]
+      for name, cfg in entries:
+        if time.time() > deadline:
+          print("time limit reached: mosaic stops here", flush=True)
+          return
+        row = dict(k=k, n=n, m=m, bits=bits, group=group, kernel=name, sweep=sweeping,
+                   cfg=dataclasses.asdict(cfg), bf16_us=bf16_us)
+
+        def run(x, *a, cfg=cfg, bits=bits, group=group, name=name):
+          f = qmosaic.quantized_matmul_mosaic if name == "mosaic" else quantized_matmul_gpu
+          return [f(x, a[i], a[i + 1], bits=bits, group_size=group, config=cfg,
+                    interpret=INTERPRET) for i in range(0, len(a), 2)]
+        args = flat_nk if name == "mosaic" else flat
+        try:
+          y = jax.jit(run)(x, *args[:2])[0]
+          row["err"] = rel_err(y.astype(jnp.float32), ref)
+          t, c = time_many(run, (x, *args), repeats,
+                           1 if INTERPRET else loop_reps(m, k, n, nbytes, r))
+          row["us"], row["compile_s"] = 1e6 * t / r, c
+          row["vs_bf16"] = bf16_us / row["us"]
+          row["bw"] = (nbytes + io) / (t / r) / copy_bw
+          shown = (f"{row['us']:8.1f} us {row['vs_bf16']:5.2f}x bf16 {100 * row['bw']:4.0f}% "
+                   f"of copy, err {row['err']:.1e}")
+        except Exception as e:  # noqa: BLE001 - report and continue
+          row["error"] = shown = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        tiling = (f"bn {cfg.block_n} bk {cfg.block_k} split {cfg.split_k} st {cfg.stages}"
+                  if name == "mosaic" else f"{cfg.kernel} split {cfg.split_k}")
+        print(f"mosaic K={k} N={n} M={m} int{bits} {name:6s} {tiling}: {shown}", flush=True)
+      dump(results, out)
+      del flat_nk
+    del bufs
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--m", type=int, nargs="+", default=list(MS))
@@ -495,6 +641,15 @@ def main():
                  help="all: every kernel / unpack / layout variant; layouts: the dot kernel with "
                  "the codes as stored and transposed (int4: shift and prmt unpack), fma at M <= 8")
   p.add_argument("--variants-seconds", type=float, default=150, help="time given to --variants")
+  p.add_argument("--mosaic", action="store_true", help="check and time the Mosaic GPU kernel "
+                 "(before the table)")
+  p.add_argument("--mosaic-m", type=int, nargs="+", default=[1, 4, 16, 64])
+  p.add_argument("--mosaic-check-m", type=int, nargs="+", default=[1, 3, 16, 33],
+                 help="rows of the Mosaic kernel's check (every format, bf16 and f16)")
+  p.add_argument("--mosaic-sweep-shape", default="4096x14336",
+                 help="K x N of the Mosaic tiling sweep ('none': no sweep)")
+  p.add_argument("--mosaic-sweep-m", type=int, nargs="+", default=[1, 16])
+  p.add_argument("--mosaic-seconds", type=float, default=240, help="time given to --mosaic")
   p.add_argument("--skip-table", action="store_true")
   p.add_argument("--materialise-from", type=int, default=MATERIALISE_MIN_M, metavar="M",
                  help="rows from which the table also times the dequantise-once path")
@@ -520,6 +675,16 @@ def main():
   print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write); bf16 8192^3 matmul "
         f"{results['matmul_tflops']:.0f} TFLOP/s", flush=True)
   dump(results, args.out)
+  if args.mosaic:
+    if args.interpret:  # Mosaic GPU's interpret mode takes seconds per case: two formats, bf16
+      run_mosaic_check(results, args.out, (1,), ((8, None, True), (4, 64, True)), (jnp.bfloat16,))
+    else:
+      run_mosaic_check(results, args.out, tuple(args.mosaic_check_m))
+    sweep = (None if args.mosaic_sweep_shape == "none" else
+             tuple(int(v) for v in args.mosaic_sweep_shape.split("x")))
+    run_mosaic(results, args.out, args.mosaic_m, shapes, args.repeats,
+               min(deadline, time.time() + args.mosaic_seconds), copy_bw, sweep,
+               args.mosaic_sweep_m)
   if args.variants:
     run_variants(results, args.out, args.variants_m, shapes, args.repeats,
                  min(deadline, time.time() + args.variants_seconds), copy_bw, args.variant_set)

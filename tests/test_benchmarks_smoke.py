@@ -493,6 +493,28 @@ def test_quantized_matmul_benchmark_interpret(tmp_path):
     assert row[f"mat_{name}_us"] > 0 and row[f"err_mat_{name}"] < 1e-2
 
 
+def test_quantized_matmul_benchmark_checks_and_times_the_mosaic_kernel(tmp_path):
+  """--mosaic: the Mosaic GPU kernel checked against the reference, timed beside bf16 and the
+  default Triton kernel, then its tiling sweep at one shape (interpret mode); no table."""
+  out = tmp_path / "qmm_mosaic.json"
+  _run("quantized_matmul.py", "--interpret", "--mosaic", "--mosaic-m", "1", "--mosaic-sweep-shape",
+       "256x128", "--mosaic-sweep-m", "3", "--skip-table", "--no-check", "--shapes", "256x128",
+       "--repeats", "1", "--out", str(out))
+  result = json.loads(out.read_text())
+  assert "table" not in result
+  assert {(c["bits"], c["group"], c["zeros"]) for c in result["mosaic_check"]} == {
+      (8, None, True), (4, 64, True)}
+  assert all(c["rel_err"] < 1e-2 for c in result["mosaic_check"]), result["mosaic_check"]
+  rows = result["mosaic"]
+  assert {(r["bits"], r["kernel"]) for r in rows if not r["sweep"]} == {
+      (b, k) for b in (8, 4) for k in ("triton", "mosaic")}
+  swept = [r for r in rows if r["sweep"]]
+  assert {r["m"] for r in swept} == {3} and {r["kernel"] for r in swept} == {"mosaic"}
+  assert len({(r["bits"], tuple(sorted(r["cfg"].items()))) for r in swept}) == len(swept) > 4
+  for r in rows:
+    assert "error" not in r and r["us"] > 0 and r["err"] < 1e-2 and r["bf16_us"] > 0, r
+
+
 def test_quantized_matmul_benchmark_times_every_kernel_variant(tmp_path):
   """--variants: the three kernels and both unpacks, beside bf16, with their errors; no table.
   --check-kernels fma --check-unpacks magic: the odd-shape check of the GEMV kernel with the

@@ -13,6 +13,10 @@ interpret)``. Implementations (same signature, same result up to float rounding)
 * ``gpu.quantized_matmul_gpu``: Pallas on the Triton backend, dequantisation fused in the K loop,
   K split across programs at decode shapes.
 * ``tpu.quantized_matmul_tpu``: Pallas Mosaic, weight tiles dequantised in VMEM.
+* ``mosaic.quantized_matmul_mosaic``: Pallas Mosaic GPU for Hopper at decode shapes (M <= 64),
+  TMA-pipelined codes repacked once to [N, K] (``mosaic.repack_nk``), ``wgmma`` with the
+  dequantised weights as the register operand. Not yet run on a GPU, so not behind ``impl``:
+  ``benchmarks/quantized_matmul.py --mosaic`` checks and times it.
 
 ``impl="auto"`` picks the kernel on a single-device GPU for the shapes where it was measured
 faster than XLA (``benchmarks/quantized_matmul.py``, ``docs/benchmarks.md``) and XLA elsewhere:
@@ -34,12 +38,13 @@ import numpy as np
 
 from kernels.quantized_matmul.gpu import (GpuConfig, KernelShapeError, default_config,
                                           quantized_matmul_gpu)
+from kernels.quantized_matmul.mosaic import MosaicConfig, quantized_matmul_mosaic, repack_nk
 from kernels.quantized_matmul.reference import dequantize, quantized_matmul_reference
 from kernels.quantized_matmul.tpu import TpuConfig, quantized_matmul_tpu
 from kernels.quantized_matmul.xla import quantized_matmul_xla
 
 __all__ = ["quantized_matmul", "quantized_matmul_reference", "quantized_matmul_xla",
-           "quantized_matmul_gpu",
+           "quantized_matmul_gpu", "quantized_matmul_mosaic", "MosaicConfig", "repack_nk",
            "quantized_matmul_tpu", "GpuConfig", "TpuConfig", "KernelShapeError", "dequantize",
            "choose_impl"]
 

@@ -1,0 +1,304 @@
+"""Hopper (sm_90) weight-only quantized matmul in Pallas Mosaic GPU: TMA-streamed codes,
+dequantised in registers, ``wgmma`` with the weights as the register operand ("swap AB").
+
+At decode shapes (M <= 64 rows of x) the weight stream sets the time. This kernel computes the
+transposed product, one program per ``block_n`` output columns and K split::
+
+    y^T[n, m] = sum_k Ŵ^T[n, k] x^T[k, m]          (A = Ŵ^T tile [block_n, block_k], registers;
+                                                    B = x tile [Mp, block_k] in shared memory,
+                                                    read transposed; Mp = M padded to 8 / 16 / ...)
+
+so the converted operand is the one ``wgmma`` takes from registers (its left operand must have 64
+rows: the output columns fill them, not the few rows of x), the way small-M mixed-input GEMMs
+(e.g. Machete / Marlin for W4A16) are arranged. Each step the TMA engine copies one
+[block_n, block_k] tile of codes and the matching [Mp, block_k] tile of x into shared memory,
+``max_concurrent_steps`` deep (``plgpu.emit_pipeline``), so the weights arrive with no thread
+issuing loads; the codes are read into registers, converted to x's dtype and multiplied into the
+float32 accumulator [block_n, Mp]. The weights are read once, as codes, and never written back
+dequantised.
+
+    per channel (group_size None):  A = dtype(q);  the scale (and zero point) is applied to the
+        float32 result outside the kernel: y = s (acc - z sum_k x)   (exact, as the Triton kernel)
+    grouped:  A[:, group j] = s_j (q - z_j)   in x's dtype ("native") or float32 rounded once
+
+The codes come transposed once, K contiguous (``repack_nk``: int8 [N, K], or int4 [N, K] as
+``jnp.int4``, two codes per byte), a load-time layout as mixed-input GEMM libraries use.
+Results per K split ([split_k, N, Mp] float32) are summed, scaled and transposed back by XLA in
+one small fusion.
+
+Status: compiled (Mosaic GPU's Python lowering, layout inference included) for an H100 without a
+GPU; the numerics are tested in Mosaic GPU's interpret mode on the CPU, where the ``wgmma`` with a
+register operand is replaced by the same product as a ``jnp`` dot (the interpreter implements
+``wgmma`` for shared-memory operands only). Not yet run or timed on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels.quantized_matmul.gpu import KernelShapeError
+from postrl.quant import formats
+
+_WGMMA_ROWS = 64  # rows of a wgmma's register operand per warpgroup
+_ROW_BYTES = 128  # a 128-byte row of a tile: the widest shared-memory swizzle
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+  """Tiling of the Mosaic GPU kernel.
+
+  Attributes:
+    block_n: output columns per program (a multiple of 64: the wgmma register operand's rows).
+    block_k: rows of K per pipeline step (None: 128 bytes of codes per row, 128 for int8 and 256
+      for int4; grouped, a multiple of the group size).
+    split_k: K splits run by separate programs (fills the GPU when N / block_n is small); their
+      float32 partial sums are added by XLA.
+    stages: pipeline depth (``max_concurrent_steps``): tiles in flight per program.
+    math: grouped dequantisation in "native" (x's dtype, the default: fewer instructions per
+      weight) or "f32" (rounded once, as the reference); see ``_dequantize_tile``.
+  """
+  block_n: int = 128
+  block_k: int | None = None
+  split_k: int = 1
+  stages: int = 4
+  math: str = "native"
+
+
+MATHS = ("native", "f32")
+NUM_SMS = 132  # H100 SXM; H200 also has 132
+
+
+SMEM_BYTES = 227 * 1024  # shared memory one program may use on sm_90
+
+
+def smem_bytes(cfg: MosaicConfig, mp: int, *, bits: int, group_size: int | None,
+               has_zeros: bool = False) -> int:
+  """Shared memory of one program: ``stages`` x (x tile + code tile + scale / zero tiles) plus
+  the float32 output tile."""
+  per_step = mp * cfg.block_k * 2 + cfg.block_n * cfg.block_k * bits // 8
+  if group_size is not None:
+    per_step += (1 + has_zeros) * (cfg.block_k // group_size) * cfg.block_n * 4
+  return cfg.stages * per_step + cfg.block_n * mp * 4
+
+
+def default_config(m: int, k: int, n: int, *, bits: int,
+                   group_size: int | None) -> MosaicConfig:
+  """block_n 128, 128-byte code rows, 4 stages (fewer when they would not fit in shared
+  memory), K split until about two programs per SM. A guess: the GPU sweep in
+  ``benchmarks/quantized_matmul.py --mosaic`` is to pick these."""
+  block_n = 128 if n % 128 == 0 else 64
+  block_k = 256 if bits == 4 else 128
+  if group_size is not None and block_k % group_size:  # a group longer than 128 bytes of codes
+    block_k = group_size
+  stages = 4
+  while stages > 2 and smem_bytes(MosaicConfig(block_n, block_k, 1, stages), rows_padded(m),
+                                  bits=bits, group_size=group_size,
+                                  has_zeros=True) > SMEM_BYTES:
+    stages -= 1
+  steps = k // block_k if k % block_k == 0 else 0
+  split_k = 1
+  while (n // block_n) * split_k * 2 <= 2 * NUM_SMS and steps % (split_k * 2) == 0 and (
+      steps // (split_k * 2) >= 4):
+    split_k *= 2
+  return MosaicConfig(block_n=block_n, block_k=block_k, split_k=split_k, stages=stages)
+
+
+def rows_padded(m: int) -> int:
+  """x's rows padded for the wgmma's N dimension: a multiple of 8 (the instruction's step)."""
+  return max(8, -(-m // 8) * 8)
+
+
+MAX_ROWS = 64  # beyond this the weight stream no longer sets the time: the tiled kernels do
+
+
+def repack_nk(w_q, *, bits: int, k: int):
+  """Stored codes -> the kernel's layout, once (at load time): int8 [K, N] -> int8 [N, K];
+  packed int4 uint8 [ceil(K/2), N] (``formats.pack_int4``) -> ``jnp.int4`` [N, K]."""
+  if bits == 8:
+    return jnp.asarray(w_q, jnp.int8).T
+  return formats.unpack_int4(w_q, k).T.astype(jnp.int4)
+
+
+def check_shape(m: int, k: int, n: int, *, bits: int, group_size: int | None, cfg: MosaicConfig):
+  """Raise ``KernelShapeError`` naming the dimension this tiling cannot cover."""
+  if bits not in (4, 8):
+    raise KernelShapeError(f"bits={bits}: the Mosaic kernel takes int8 or int4 codes")
+  if m > MAX_ROWS:
+    raise KernelShapeError(f"M={m} rows: the Mosaic decode kernel takes up to {MAX_ROWS}")
+  if cfg.block_n < _WGMMA_ROWS or cfg.block_n % _WGMMA_ROWS:
+    raise KernelShapeError(f"block_n={cfg.block_n}: a multiple of {_WGMMA_ROWS} (the wgmma "
+                           f"register operand's rows)")
+  block_k = cfg.block_k
+  if block_k is None or block_k < 64 or block_k & (block_k - 1):
+    raise KernelShapeError(f"block_k={block_k}: a power of two >= 64")
+  if group_size is not None:
+    if group_size < 16 or group_size & (group_size - 1) or block_k % group_size:
+      raise KernelShapeError(f"group_size={group_size}: a power of two >= 16 dividing "
+                             f"block_k={block_k}")
+  if not isinstance(cfg.split_k, (int, np.integer)) or cfg.split_k < 1 or isinstance(
+      cfg.split_k, bool):
+    raise KernelShapeError(f"split_k={cfg.split_k!r}: an int >= 1")
+  if cfg.stages < 1:
+    raise KernelShapeError(f"stages={cfg.stages}: at least 1")
+  if cfg.math not in MATHS:
+    raise KernelShapeError(f"math={cfg.math!r}: one of {MATHS}")
+  if n % cfg.block_n:
+    raise KernelShapeError(f"N={n} is not a multiple of block_n={cfg.block_n}")
+  if k % (block_k * cfg.split_k):
+    raise KernelShapeError(f"K={k} is not a multiple of block_k={block_k} x "
+                           f"split_k={cfg.split_k}")
+  need = smem_bytes(cfg, rows_padded(m), bits=bits, group_size=group_size, has_zeros=True)
+  if need > SMEM_BYTES:
+    raise KernelShapeError(f"{need} bytes of shared memory per program (stages={cfg.stages}, "
+                           f"block_n={cfg.block_n}, block_k={block_k}, {rows_padded(m)} rows) "
+                           f"> {SMEM_BYTES}: fewer stages or a smaller tile")
+
+
+def _swizzled(block_cols: int, bits: int):
+  """Tiling + swizzle transforms of a shared-memory tile whose rows hold ``block_cols`` values
+  of ``bits`` bits (128-byte swizzle for 128-byte rows)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  swizzle = plgpu.find_swizzle(block_cols * bits)
+  return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
+
+
+def _dequantize_tile(codes, s_ref, z_ref, *, dtype, group_size: int | None, math: str):
+  """Codes [bn, bk] (registers) -> the wgmma operand in ``dtype``. Per channel: the codes
+  (exact integers). Grouped: per group j of the step, s_j (q - z_j) with s_ref / z_ref the
+  step's [bk / g, bn] shared-memory tiles (rows = groups, columns = this program's output
+  columns; row j read as a [bn] vector). ``math`` "f32": in float32, rounded to ``dtype`` once
+  (the reference's rounding); "native": in ``dtype`` (codes and zero points exact there; the
+  scale and the product each rounded: within a unit in the last place of the reference's
+  weight, at about a third of the instructions)."""
+  if group_size is None:
+    return codes.astype(dtype)
+  ctype = jnp.float32 if math == "f32" else dtype
+  q = codes.astype(ctype)
+  pieces = []
+  for j in range(q.shape[1] // group_size):
+    piece = q[:, j * group_size:(j + 1) * group_size] if q.shape[1] > group_size else q
+    if z_ref is not None:
+      piece = piece - z_ref[j].astype(ctype)[:, None]
+    pieces.append(piece * s_ref[j].astype(ctype)[:, None])
+  w = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
+  return w.astype(dtype)
+
+
+def _kernel_body(x_gmem, w_gmem, *refs, block_n: int, block_k: int, steps: int, stages: int,
+                 group_size: int | None, has_zeros: bool, bits: int, math: str, interpret: bool):
+  """One program: output columns [i bn, (i + 1) bn) over K split s (grid ("n", "s"))."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  grouped = group_size is not None
+  if grouped:
+    s_gmem, *refs = refs
+    z_gmem, *refs = refs if has_zeros else (None, *refs)
+  o_gmem, o_smem = refs
+  mp = x_gmem.shape[0]
+  dtype = x_gmem.dtype
+  i = lax.axis_index("n")
+  split = lax.axis_index("s")
+  cols = pl.ds(i * block_n, block_n)
+  k_split = steps * block_k
+  x_split = x_gmem.at[:, pl.ds(split * k_split, k_split)]
+  w_split = w_gmem.at[cols, pl.ds(split * k_split, k_split)]
+  groups_per_step = block_k // group_size if grouped else 0
+
+  in_specs = [plgpu.BlockSpec((mp, block_k), lambda j: (0, j), transforms=_swizzled(block_k, 16)),
+              plgpu.BlockSpec((block_n, block_k), lambda j: (0, j),
+                              transforms=_swizzled(block_k, bits))]
+  operands = [x_split, w_split]
+  if grouped:
+    g_split = k_split // group_size
+    for ref in (s_gmem, z_gmem) if has_zeros else (s_gmem,):
+      in_specs.append(plgpu.BlockSpec((groups_per_step, block_n), lambda j: (j, 0)))
+      operands.append(ref.at[pl.ds(split * g_split, g_split), cols])
+
+  def run(acc_ref):
+    def step(_, x_smem, w_smem, *sz_smem):
+      s_ref = sz_smem[0] if grouped else None
+      z_ref = sz_smem[1] if has_zeros and grouped else None
+      a = _dequantize_tile(w_smem[...], s_ref, z_ref, dtype=dtype, group_size=group_size,
+                           math=math)
+      if interpret:  # the interpreter's wgmma takes shared-memory operands only: the same product
+        acc_ref[...] += lax.dot_general(a, x_smem[...], (((1,), (1,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
+      else:
+        plgpu.wgmma(acc_ref, a, x_smem.T)
+        plgpu.wgmma_wait(0)
+
+    plgpu.emit_pipeline(step, grid=(steps,), in_specs=in_specs,
+                        max_concurrent_steps=stages)(*operands)
+    return acc_ref[...]
+
+  if interpret:
+    def run_zeroed(acc_ref):
+      acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+      return run(acc_ref)
+    acc = pl.run_scoped(run_zeroed, plgpu.SMEM((block_n, mp), jnp.float32))
+  else:
+    acc = pl.run_scoped(run, plgpu.ACC((block_n, mp), jnp.float32))
+  o_smem[...] = acc
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[split, cols])
+  plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "config", "interpret"))
+def quantized_matmul_mosaic(x_MxK, w_nk, scales_GxN, zeros_GxN=None, *, bits: int,
+                            group_size: int | None, config: MosaicConfig | None = None,
+                            interpret: bool = False):
+  """y = x Ŵ through the Mosaic GPU kernel; x [M, K] bf16 / f16 (M <= 64), ``w_nk`` the codes
+  from ``repack_nk`` (int8 or ``jnp.int4`` [N, K]), scales / zeros float32 [G, N] as stored.
+  Returns [M, N] in x's dtype. ``interpret``: Mosaic GPU's interpret mode (CPU tests).
+  Raises ``KernelShapeError`` for what the tiling cannot cover."""
+  m, k = x_MxK.shape
+  n = w_nk.shape[0]
+  want = jnp.dtype(jnp.int4 if bits == 4 else jnp.int8)
+  if w_nk.dtype != want or w_nk.shape != (n, k):
+    raise KernelShapeError(f"the Mosaic kernel takes repack_nk's codes, {want} [N, K={k}]; got "
+                           f"{w_nk.dtype} {tuple(w_nk.shape)}")
+  if jnp.dtype(x_MxK.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise KernelShapeError(f"the Mosaic kernel takes bf16 / f16 activations, got {x_MxK.dtype}")
+  cfg = config or default_config(m, k, n, bits=bits, group_size=group_size)
+  check_shape(m, k, n, bits=bits, group_size=group_size, cfg=cfg)
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  mp = rows_padded(m)
+  x = jnp.pad(x_MxK, ((0, mp - m), (0, 0))) if mp != m else x_MxK
+  steps = k // (cfg.block_k * cfg.split_k)
+  grouped = group_size is not None
+  has_zeros = zeros_GxN is not None
+  args = [x, w_nk]
+  if grouped:
+    args.append(scales_GxN.astype(jnp.float32))
+    if has_zeros:
+      args.append(zeros_GxN.astype(jnp.float32))
+  body = functools.partial(_kernel_body, block_n=cfg.block_n, block_k=cfg.block_k, steps=steps,
+                           stages=cfg.stages, group_size=group_size, has_zeros=has_zeros,
+                           bits=bits, math=cfg.math, interpret=interpret)
+  if interpret:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=import-outside-toplevel
+    interpret_params = InterpretGPUParams()
+  else:
+    interpret_params = None
+  partials = plgpu.kernel(
+      body, out_type=jax.ShapeDtypeStruct((cfg.split_k, n, mp), jnp.float32),
+      grid=(n // cfg.block_n, cfg.split_k), grid_names=("n", "s"),
+      scratch_types=[plgpu.SMEM((cfg.block_n, mp), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=interpret_params,
+  )(*args)
+  y_T = jnp.sum(partials, axis=0)[:, :m]  # [N, M]
+  if not grouped:
+    s = scales_GxN.astype(jnp.float32)[0][:, None]
+    if has_zeros:
+      x_sum = jnp.sum(x_MxK.astype(jnp.float32), axis=1)[None, :]
+      y_T = y_T - zeros_GxN.astype(jnp.float32)[0][:, None] * x_sum
+    y_T = y_T * s
+  return y_T.T.astype(x_MxK.dtype)

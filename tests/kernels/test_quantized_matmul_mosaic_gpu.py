@@ -1,0 +1,184 @@
+"""kernels.quantized_matmul.mosaic: the Hopper (Mosaic GPU) swap-AB kernel in Mosaic GPU's
+interpret mode on CPU against the exact product and the reference, its tiling checks, the load-time
+repack, and its lowering for sm_90 (Mosaic GPU's Python lowering and layout inference)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.quantized_matmul import KernelShapeError, quantized_matmul_reference
+from kernels.quantized_matmul import mosaic
+from postrl.quant import formats
+
+
+def _quantize(k, n, bits, group, symmetric, seed=0):
+  w = jax.random.normal(jax.random.key(seed), (k, n), jnp.float32)
+  spec = formats.QuantSpec(bits=bits, group_size=group, symmetric=symmetric)
+  s, z = formats.quant_params(w, spec)
+  q = formats.quantize_codes(w, s, z, spec)
+  return (formats.pack_int4(q) if bits == 4 else q), s, z, formats.dequantize_codes(q, s, z, spec)
+
+
+def _x(m, k, dtype=jnp.bfloat16, seed=1):
+  return jax.random.normal(jax.random.key(seed), (m, k), jnp.float32).astype(dtype)
+
+
+def _rel_err(y, x, w_hat):
+  exact = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(w_hat, np.float64)
+  y = np.asarray(y.astype(jnp.float32), np.float64)
+  assert np.all(np.isfinite(y))
+  return np.linalg.norm(y - exact) / np.linalg.norm(exact)
+
+
+def _run(x, q, s, z, *, bits, group, cfg=None):
+  w_nk = mosaic.repack_nk(q, bits=bits, k=x.shape[1])
+  return mosaic.quantized_matmul_mosaic(x, w_nk, s, z, bits=bits, group_size=group, config=cfg,
+                                        interpret=True)
+
+
+# (bits, group, symmetric, m, config overrides): every format, row counts that pad to 8 / 16 / 40,
+# a K split, 64-column tiles, a pipeline deeper than the K loop, float32 dequantisation
+CASES = [
+    (8, None, True, 1, {}),
+    (8, None, False, 3, dict(split_k=2)),
+    (4, None, True, 9, dict(block_n=64)),
+    (4, None, False, 1, dict(stages=8)),
+    (8, 32, True, 16, dict(block_n=64, split_k=2)),
+    (8, 128, False, 5, {}),
+    (4, 32, True, 33, {}),
+    (4, 64, False, 2, dict(split_k=2, stages=2)),
+    (4, 128, True, 4, dict(math="f32")),
+    (4, 64, False, 7, dict(math="f32", block_n=64)),
+]
+
+
+@pytest.mark.parametrize("bits,group,symmetric,m,over", CASES)
+def test_mosaic_kernel_matches_exact_product(bits, group, symmetric, m, over):
+  k, n = 512, 256
+  q, s, z, w_hat = _quantize(k, n, bits, group, symmetric)
+  x = _x(m, k)
+  cfg = dataclasses.replace(mosaic.default_config(m, k, n, bits=bits, group_size=group), **over)
+  y = _run(x, q, s, z, bits=bits, group=group, cfg=cfg)
+  assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+  # bf16 output rounding is ~2e-3 relative (plus the per-weight rounding of the grouped operand);
+  # a scale on the wrong group or column, a zero point with the wrong sign, a swapped nibble or
+  # a dropped K split gives O(0.1-1)
+  assert _rel_err(y, x, w_hat) < 6e-3
+  # and it is the reference's product (the XLA path it would replace)
+  ref = quantized_matmul_reference(x, q, s, bits=bits, group_size=group, zeros_GxN=z)
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32),
+                             rtol=3e-2, atol=3e-2 * float(jnp.max(jnp.abs(ref.astype(jnp.float32)))))
+
+
+def test_mosaic_f32_dequantisation_rounds_as_the_reference():
+  """math="f32" rounds s (q - z) to bf16 once, as the reference does: the results agree to the
+  summation order (here: every entry within one bf16 unit of the output)."""
+  k, n, m = 512, 128, 3
+  q, s, z, _ = _quantize(k, n, 4, 64, False)
+  x = _x(m, k)
+  cfg = dataclasses.replace(mosaic.default_config(m, k, n, bits=4, group_size=64), math="f32",
+                            block_n=64)
+  y = np.asarray(_run(x, q, s, z, bits=4, group=64, cfg=cfg), np.float32)
+  ref = np.asarray(quantized_matmul_reference(x, q, s, bits=4, group_size=64, zeros_GxN=z),
+                   np.float32)
+  ulp = np.abs(ref) * 2.0**-7 + 1e-6
+  assert np.all(np.abs(y - ref) <= ulp)
+
+
+def test_mosaic_kernel_f16_and_per_row_independence():
+  """f16 activations; each output row depends on its own x row only (padding rows of x are
+  zero and never leak into a real row): changing row 2 of x changes row 2 of y alone."""
+  k, n, m = 256, 128, 5
+  q, s, z, w_hat = _quantize(k, n, 8, None, True)
+  x = _x(m, k, jnp.float16)
+  y = _run(x, q, s, z, bits=8, group=None)
+  assert y.dtype == jnp.float16 and _rel_err(y, x, w_hat) < 3e-3
+  y2 = _run(x.at[2].multiply(-2.0), q, s, z, bits=8, group=None)
+  changed = np.any(np.asarray(y2) != np.asarray(y), axis=1)
+  assert changed.tolist() == [False, False, True, False, False]
+
+
+def test_repack_nk_is_the_transposed_codes():
+  k, n = 64, 32
+  q4, *_ = _quantize(k, n, 4, 32, True)
+  codes = formats.unpack_int4(q4, k)
+  w4 = mosaic.repack_nk(q4, bits=4, k=k)
+  assert w4.dtype == jnp.int4 and w4.shape == (n, k)
+  np.testing.assert_array_equal(np.asarray(w4.astype(jnp.int8)), np.asarray(codes).T)
+  q8, *_ = _quantize(k, n, 8, None, True)
+  w8 = mosaic.repack_nk(q8, bits=8, k=k)
+  assert w8.dtype == jnp.int8 and w8.shape == (n, k)
+  np.testing.assert_array_equal(np.asarray(w8), np.asarray(q8).T)
+
+
+def test_default_config_fills_the_gpu_and_fits_shared_memory():
+  # decode shape 4096 x 4096, int4: 32 column tiles of 128, K split until about two per SM
+  cfg = mosaic.default_config(1, 4096, 4096, bits=4, group_size=128)
+  assert (cfg.block_n, cfg.block_k) == (128, 256)
+  assert 64 < (4096 // cfg.block_n) * cfg.split_k <= 2 * mosaic.NUM_SMS
+  mosaic.check_shape(1, 4096, 4096, bits=4, group_size=128, cfg=cfg)
+  # 64 rows: four stages would not fit in shared memory, so fewer
+  cfg64 = mosaic.default_config(64, 4096, 4096, bits=4, group_size=128)
+  assert cfg64.stages < 4
+  assert mosaic.smem_bytes(cfg64, 64, bits=4, group_size=128, has_zeros=True) <= mosaic.SMEM_BYTES
+  # a group longer than the 128-byte step: the step grows to the group
+  assert mosaic.default_config(1, 4096, 4096, bits=8, group_size=512).block_k == 512
+
+
+@pytest.mark.parametrize("m,k,n,bits,group,cfg,match", [
+    (65, 512, 256, 8, None, mosaic.MosaicConfig(block_k=128), "M=65"),
+    (1, 512, 96, 8, None, mosaic.MosaicConfig(block_n=64, block_k=128), "N=96"),
+    (1, 512, 256, 8, None, mosaic.MosaicConfig(block_n=96, block_k=128), "block_n=96"),
+    (1, 384, 256, 8, None, mosaic.MosaicConfig(block_k=256), "K=384"),
+    (1, 512, 256, 8, None, mosaic.MosaicConfig(block_k=128, split_k=8), "split_k=8"),
+    (1, 512, 256, 4, 48, mosaic.MosaicConfig(block_k=256), "group_size=48"),
+    (1, 512, 256, 4, None, mosaic.MosaicConfig(block_k=None), "block_k=None"),
+    (1, 512, 256, 4, None, mosaic.MosaicConfig(block_k=256, math="f64"), "math='f64'"),
+    (64, 4096, 256, 8, None, mosaic.MosaicConfig(block_n=256, block_k=512, stages=8),
+     "shared memory"),
+])
+def test_check_shape_names_what_does_not_fit(m, k, n, bits, group, cfg, match):
+  with pytest.raises(KernelShapeError, match=match):
+    mosaic.check_shape(m, k, n, bits=bits, group_size=group, cfg=cfg)
+
+
+def test_mosaic_kernel_refuses_codes_not_repacked_and_f32_activations():
+  k, n = 256, 128
+  q, s, _, _ = _quantize(k, n, 4, 64, True)
+  with pytest.raises(KernelShapeError, match="repack_nk"):  # the stored packed uint8 codes
+    mosaic.quantized_matmul_mosaic(_x(1, k), q, s, bits=4, group_size=64, interpret=True)
+  w_nk = mosaic.repack_nk(q, bits=4, k=k)
+  with pytest.raises(KernelShapeError, match="bf16 / f16"):
+    mosaic.quantized_matmul_mosaic(_x(1, k, jnp.float32), w_nk, s, bits=4, group_size=64,
+                                   interpret=True)
+
+
+def _lower_for_sm90(m, k, n, bits, group, zeros):
+  wdt = jnp.int4 if bits == 4 else jnp.int8
+  g = 1 if group is None else k // group
+  args = [jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), wdt),
+          jax.ShapeDtypeStruct((g, n), jnp.float32)]
+  if zeros:
+    args.append(jax.ShapeDtypeStruct((g, n), jnp.float32))
+  f = jax.jit(lambda *a: mosaic.quantized_matmul_mosaic(*a, bits=bits, group_size=group))
+  return f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("bits,zeros", [(8, False), (4, True)])
+def test_per_channel_kernel_lowers_for_sm90(bits, zeros):
+  """Mosaic GPU's lowering (TMA pipeline, layout inference, wgmma with the register operand) runs
+  without a GPU: a layout it cannot infer or a tile it cannot copy fails here, not on the GPU."""
+  text = _lower_for_sm90(16, 4096, 4096, bits, None, zeros)
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.skipif(tuple(int(v) for v in jax.__version__.split(".")[:2]) < (0, 11),
+                    reason="the grouped kernel's register slices need Mosaic GPU's layout "
+                    "inference of jax >= 0.11 (the GPU machine's; it lowers there offline)")
+@pytest.mark.parametrize("group,zeros", [(32, True), (128, False)])
+def test_grouped_kernel_lowers_for_sm90(group, zeros):
+  text = _lower_for_sm90(16, 4096, 4096, 4, group, zeros)
+  assert "mosaic_gpu" in text

@@ -72,6 +72,7 @@ class MosaicConfig:
 
 
 MATHS = ("native", "f32")
+_JAX_VERSION = tuple(int(v) for v in jax.__version__.split(".")[:2])
 NUM_SMS = 132  # H100 SXM; H200 also has 132
 
 
@@ -268,6 +269,10 @@ def quantized_matmul_mosaic(x_MxK, w_nk, scales_GxN, zeros_GxN=None, *, bits: in
     raise KernelShapeError(f"the Mosaic kernel takes bf16 / f16 activations, got {x_MxK.dtype}")
   cfg = config or default_config(m, k, n, bits=bits, group_size=group_size)
   check_shape(m, k, n, bits=bits, group_size=group_size, cfg=cfg)
+  if group_size is not None and not interpret and _JAX_VERSION < (0, 11):
+    raise KernelShapeError(f"group_size={group_size}: the grouped kernel's register slices need "
+                           f"Mosaic GPU's layout inference of jax >= 0.11 (this is "
+                           f"{jax.__version__}); per-channel codes or the Triton kernel work here")
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
   mp = rows_padded(m)
   x = jnp.pad(x_MxK, ((0, mp - m), (0, 0))) if mp != m else x_MxK

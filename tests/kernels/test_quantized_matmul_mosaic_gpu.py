@@ -175,10 +175,22 @@ def test_per_channel_kernel_lowers_for_sm90(bits, zeros):
   assert "mosaic_gpu" in text
 
 
-@pytest.mark.skipif(tuple(int(v) for v in jax.__version__.split(".")[:2]) < (0, 11),
+@pytest.mark.skipif(mosaic._JAX_VERSION < (0, 11),
                     reason="the grouped kernel's register slices need Mosaic GPU's layout "
                     "inference of jax >= 0.11 (the GPU machine's; it lowers there offline)")
 @pytest.mark.parametrize("group,zeros", [(32, True), (128, False)])
 def test_grouped_kernel_lowers_for_sm90(group, zeros):
   text = _lower_for_sm90(16, 4096, 4096, 4, group, zeros)
   assert "mosaic_gpu" in text
+
+
+@pytest.mark.skipif(mosaic._JAX_VERSION >= (0, 11), reason="the guard is for jax < 0.11")
+def test_grouped_kernel_refuses_an_older_mosaic_gpu_by_name():
+  """On jax < 0.11 the grouped kernel would fail inside Mosaic GPU's layout inference; it says
+  which version it needs instead (interpret mode, which has no layout inference, still runs)."""
+  q, s, _, _ = _quantize(512, 256, 4, 64, True)
+  w_nk = mosaic.repack_nk(q, bits=4, k=512)
+  args = (jax.ShapeDtypeStruct((1, 512), jnp.bfloat16), w_nk, s)
+  f = jax.jit(lambda *a: mosaic.quantized_matmul_mosaic(*a, bits=4, group_size=64))
+  with pytest.raises(KernelShapeError, match="jax >= 0.11"):
+    f.trace(*args).lower(lowering_platforms=("cuda",))

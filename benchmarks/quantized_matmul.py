@@ -475,15 +475,19 @@ MOSAIC_FORMATS = ((8, None, False), (8, None, True), (8, 64, False), (4, 32, Fal
 
 
 def run_mosaic_check(results, out, ms=(1, 3, 16, 33), formats=MOSAIC_FORMATS,
-                     dtypes=(jnp.bfloat16, jnp.float16)):
+                     dtypes=(jnp.bfloat16, jnp.float16), deadline=None):
   """The Mosaic kernel vs the reference at small shapes, compiled for the GPU (interpret mode with
-  --interpret), every format of ``formats`` in each of ``dtypes``, at its default tiling and with
-  a K split and a 64-column tile (K = 1024, N = 256)."""
+  --interpret), every format of ``formats`` in each of ``dtypes`` (K = 1024, N = 256), at its
+  default tiling and at a second one that changes every option: 64-column tiles, a K split,
+  2 stages, one wgmma per 128 columns, float32 dequantisation, the upcast load."""
   rows = []
   k, n = 1024, 256
   for m in ms:
     for bits, group, zeros in formats:
       for dt in dtypes:
+        if deadline is not None and time.time() > deadline:
+          print("time limit reached: mosaic check stops here", flush=True)
+          break
         ka, kb, kc, kd = jax.random.split(jax.random.key(m * 100 + bits + (group or 0)), 4)
         x = jax.random.normal(ka, (m, k), jnp.float32).astype(dt)
         g = 1 if group is None else k // group
@@ -497,7 +501,9 @@ def run_mosaic_check(results, out, ms=(1, 3, 16, 33), formats=MOSAIC_FORMATS,
                                          zeros_GxN=z)
         w_nk = qmosaic.repack_nk(q, bits=bits, k=k)
         base = qmosaic.default_config(m, k, n, bits=bits, group_size=group)
-        for cfg in (base, dataclasses.replace(base, block_n=64, split_k=2, stages=2)):
+        other = dataclasses.replace(base, block_n=64, split_k=2, stages=2, chunk=128,
+                                    math="f32", load="upcast")
+        for cfg in (base, other):
           try:
             y = qmosaic.quantized_matmul_mosaic(x, w_nk, s, z, bits=bits, group_size=group,
                                                 config=cfg, interpret=INTERPRET)
@@ -517,7 +523,8 @@ def run_mosaic_check(results, out, ms=(1, 3, 16, 33), formats=MOSAIC_FORMATS,
 
 def mosaic_sweep_configs(m, k, n, *, bits, group):
   """The default Mosaic tiling and its neighbours: 64 / 256 columns per program, half / double
-  the K split, 2 / 6 / 8 stages, a 128-row K step for int4."""
+  the K split, 2 / 6 / 8 stages, one wgmma per 128 columns, the upcast load, a 128-row int4 step
+  (those over the register or shared-memory budget are left out)."""
   base = qmosaic.default_config(m, k, n, bits=bits, group_size=group)
   out = [base]
   for bn in (64, 256):
@@ -526,6 +533,8 @@ def mosaic_sweep_configs(m, k, n, *, bits, group):
     out.append(dataclasses.replace(base, split_k=sk))
   for st in (2, 6, 8):
     out.append(dataclasses.replace(base, stages=st))
+  out.append(dataclasses.replace(base, chunk=128))
+  out.append(dataclasses.replace(base, load="upcast"))
   if bits == 4:
     out.append(dataclasses.replace(base, block_k=128))
   seen, unique = set(), []
@@ -604,8 +613,9 @@ def run_mosaic(results, out, ms, shapes, repeats, deadline, copy_bw, sweep_shape
         except Exception as e:  # noqa: BLE001 - report and continue
           row["error"] = shown = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
-        tiling = (f"bn {cfg.block_n} bk {cfg.block_k} split {cfg.split_k} st {cfg.stages}"
-                  if name == "mosaic" else f"{cfg.kernel} split {cfg.split_k}")
+        tiling = (f"bn {cfg.block_n} bk {cfg.block_k} split {cfg.split_k} st {cfg.stages} "
+                  f"chunk {cfg.chunk} {cfg.load}" if name == "mosaic" else
+                  f"{cfg.kernel} split {cfg.split_k}")
         print(f"mosaic K={k} N={n} M={m} int{bits} {name:6s} {tiling}: {shown}", flush=True)
       dump(results, out)
       del flat_nk
@@ -676,15 +686,15 @@ def main():
         f"{results['matmul_tflops']:.0f} TFLOP/s", flush=True)
   dump(results, args.out)
   if args.mosaic:
+    mosaic_deadline = min(deadline, time.time() + args.mosaic_seconds)
     if args.interpret:  # Mosaic GPU's interpret mode takes seconds per case: two formats, bf16
       run_mosaic_check(results, args.out, (1,), ((8, None, True), (4, 64, True)), (jnp.bfloat16,))
     else:
-      run_mosaic_check(results, args.out, tuple(args.mosaic_check_m))
+      run_mosaic_check(results, args.out, tuple(args.mosaic_check_m), deadline=mosaic_deadline)
     sweep = (None if args.mosaic_sweep_shape == "none" else
              tuple(int(v) for v in args.mosaic_sweep_shape.split("x")))
-    run_mosaic(results, args.out, args.mosaic_m, shapes, args.repeats,
-               min(deadline, time.time() + args.mosaic_seconds), copy_bw, sweep,
-               args.mosaic_sweep_m)
+    run_mosaic(results, args.out, args.mosaic_m, shapes, args.repeats, mosaic_deadline, copy_bw,
+               sweep, args.mosaic_sweep_m)
   if args.variants:
     run_variants(results, args.out, args.variants_m, shapes, args.repeats,
                  min(deadline, time.time() + args.variants_seconds), copy_bw, args.variant_set)

@@ -13,9 +13,13 @@ rows: the output columns fill them, not the few rows of x), the way small-M mixe
 (e.g. Machete / Marlin for W4A16) are arranged. Each step the TMA engine copies one
 [block_n, block_k] tile of codes and the matching [Mp, block_k] tile of x into shared memory,
 ``max_concurrent_steps`` deep (``plgpu.emit_pipeline``), so the weights arrive with no thread
-issuing loads; the codes are read into registers, converted to x's dtype and multiplied into the
-float32 accumulator [block_n, Mp]. The weights are read once, as codes, and never written back
-dequantised.
+issuing loads; the codes are read into registers and, ``chunk`` columns of K at a time,
+converted to x's dtype and multiplied into the float32 accumulator [block_n, Mp] by an
+asynchronous ``wgmma`` (at most two chunks' operands live in registers: ``wgmma`` holds its
+register operand until it completes). The weights are read once, as codes, and never written
+back dequantised. Conversions avoid the integer-to-float instruction (``I2F``, 16 per clock per
+SM, slower than the weight stream): int4 / int8 -> bf16 take Mosaic GPU's PRMT / LOP3 paths,
+-> f16 the exponent trick (``_codes_to``).
 
     per channel (group_size None):  A = dtype(q);  the scale (and zero point) is applied to the
         float32 result outside the kernel: y = s (acc - z sum_k x)   (exact, as the Triton kernel)
@@ -47,7 +51,7 @@ from kernels.quantized_matmul.gpu import KernelShapeError
 from postrl.quant import formats
 
 _WGMMA_ROWS = 64  # rows of a wgmma's register operand per warpgroup
-_ROW_BYTES = 128  # a 128-byte row of a tile: the widest shared-memory swizzle
+_ALIGN = 1024  # Pallas Mosaic GPU rounds every shared-memory buffer up to this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,58 +61,57 @@ class MosaicConfig:
   Attributes:
     block_n: output columns per program (a multiple of 64: the wgmma register operand's rows).
     block_k: rows of K per pipeline step (None: 128 bytes of codes per row, 128 for int8 and 256
-      for int4; grouped, a multiple of the group size).
+      for int4). A group shorter than the step is a slice of it; a longer one spans steps.
     split_k: K splits run by separate programs (fills the GPU when N / block_n is small); their
       float32 partial sums are added by XLA.
     stages: pipeline depth (``max_concurrent_steps``): tiles in flight per program.
+    chunk: columns of K per ``wgmma`` inside a step (64: one 128-byte swizzle atom of bf16 x).
     math: grouped dequantisation in "native" (x's dtype, the default: fewer instructions per
-      weight) or "f32" (rounded once, as the reference); see ``_dequantize_tile``.
+      weight) or "f32" (rounded once, as the reference); see ``_dequantize``.
+    load: how the codes go from shared memory to registers. "plain": Mosaic GPU's inferred
+      wgmma layout (1-2 byte loads per thread); "upcast": 32-bit loads in the wider
+      ``WGMMA_UPCAST_4X`` (int4) / ``_2X`` (int8) layout, then a register relayout.
   """
   block_n: int = 128
   block_k: int | None = None
   split_k: int = 1
   stages: int = 4
+  chunk: int = 64
   math: str = "native"
+  load: str = "plain"
 
 
 MATHS = ("native", "f32")
+LOADS = ("plain", "upcast")
 _JAX_VERSION = tuple(int(v) for v in jax.__version__.split(".")[:2])
 NUM_SMS = 132  # H100 SXM; H200 also has 132
-
-
 SMEM_BYTES = 227 * 1024  # shared memory one program may use on sm_90
+REGISTERS = 168  # per-thread budget of the estimate below (of 255): codes, operands, accumulator
+MAX_ROWS = 64  # beyond this the weight stream no longer sets the time: the tiled kernels do
+
+
+def _aligned(nbytes: int) -> int:
+  return -(-nbytes // _ALIGN) * _ALIGN
 
 
 def smem_bytes(cfg: MosaicConfig, mp: int, *, bits: int, group_size: int | None,
                has_zeros: bool = False) -> int:
   """Shared memory of one program: ``stages`` x (x tile + code tile + scale / zero tiles) plus
-  the float32 output tile."""
-  per_step = mp * cfg.block_k * 2 + cfg.block_n * cfg.block_k * bits // 8
+  the float32 output tile, each buffer rounded up to 1 KiB as Pallas allocates them."""
+  per_step = _aligned(mp * cfg.block_k * 2) + _aligned(cfg.block_n * cfg.block_k * bits // 8)
   if group_size is not None:
-    per_step += (1 + has_zeros) * (cfg.block_k // group_size) * cfg.block_n * 4
-  return cfg.stages * per_step + cfg.block_n * mp * 4
+    rows = max(1, cfg.block_k // group_size)
+    per_step += (1 + has_zeros) * _aligned(rows * cfg.block_n * 4)
+  return cfg.stages * per_step + _aligned(cfg.block_n * mp * 4)
 
 
-def default_config(m: int, k: int, n: int, *, bits: int,
-                   group_size: int | None) -> MosaicConfig:
-  """block_n 128, 128-byte code rows, 4 stages (fewer when they would not fit in shared
-  memory), K split until about two programs per SM. A guess: the GPU sweep in
-  ``benchmarks/quantized_matmul.py --mosaic`` is to pick these."""
-  block_n = 128 if n % 128 == 0 else 64
-  block_k = 256 if bits == 4 else 128
-  if group_size is not None and block_k % group_size:  # a group longer than 128 bytes of codes
-    block_k = group_size
-  stages = 4
-  while stages > 2 and smem_bytes(MosaicConfig(block_n, block_k, 1, stages), rows_padded(m),
-                                  bits=bits, group_size=group_size,
-                                  has_zeros=True) > SMEM_BYTES:
-    stages -= 1
-  steps = k // block_k if k % block_k == 0 else 0
-  split_k = 1
-  while (n // block_n) * split_k * 2 <= 2 * NUM_SMS and steps % (split_k * 2) == 0 and (
-      steps // (split_k * 2) >= 4):
-    split_k *= 2
-  return MosaicConfig(block_n=block_n, block_k=block_k, split_k=split_k, stages=stages)
+def registers_estimate(cfg: MosaicConfig, mp: int, *, bits: int) -> int:
+  """32-bit registers per thread (one warpgroup, 128 threads) held across a step: the step's
+  codes, two chunks of the 16-bit wgmma operand (one in flight, one being converted) and the
+  float32 accumulator [block_n, mp]."""
+  codes = cfg.block_n * cfg.block_k * bits // 8 // 128 // 4
+  operands = 2 * cfg.block_n * cfg.chunk * 2 // 128 // 4
+  return codes + operands + cfg.block_n * mp // 128
 
 
 def rows_padded(m: int) -> int:
@@ -116,7 +119,26 @@ def rows_padded(m: int) -> int:
   return max(8, -(-m // 8) * 8)
 
 
-MAX_ROWS = 64  # beyond this the weight stream no longer sets the time: the tiled kernels do
+def default_config(m: int, k: int, n: int, *, bits: int,
+                   group_size: int | None) -> MosaicConfig:
+  """block_n 128, 128-byte code rows, 4 stages (fewer when they would not fit in shared
+  memory), K split until the programs reach about two per SM (one per SM fits in shared memory
+  from about 24 rows). A guess: the GPU sweep in ``benchmarks/quantized_matmul.py --mosaic`` is
+  to pick these."""
+  block_n = 128 if n % 128 == 0 else 64
+  block_k = 256 if bits == 4 else 128
+  stages = 4
+  while stages > 2 and smem_bytes(MosaicConfig(block_n, block_k, 1, stages), rows_padded(m),
+                                  bits=bits, group_size=group_size,
+                                  has_zeros=True) > SMEM_BYTES:
+    stages -= 1
+  steps = k // block_k if k % block_k == 0 else 0
+  split_k = 1
+  while ((n // block_n) * split_k * 2 <= 2 * NUM_SMS and steps % (split_k * 2) == 0
+         and steps // (split_k * 2) >= 4
+         and (group_size is None or (k // (split_k * 2)) % group_size == 0)):
+    split_k *= 2
+  return MosaicConfig(block_n=block_n, block_k=block_k, split_k=split_k, stages=stages)
 
 
 def repack_nk(w_q, *, bits: int, k: int):
@@ -125,6 +147,10 @@ def repack_nk(w_q, *, bits: int, k: int):
   if bits == 8:
     return jnp.asarray(w_q, jnp.int8).T
   return formats.unpack_int4(w_q, k).T.astype(jnp.int4)
+
+
+def _is_pow2(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 and not v & (v - 1)
 
 
 def check_shape(m: int, k: int, n: int, *, bits: int, group_size: int | None, cfg: MosaicConfig):
@@ -137,29 +163,41 @@ def check_shape(m: int, k: int, n: int, *, bits: int, group_size: int | None, cf
     raise KernelShapeError(f"block_n={cfg.block_n}: a multiple of {_WGMMA_ROWS} (the wgmma "
                            f"register operand's rows)")
   block_k = cfg.block_k
-  if block_k is None or block_k < 64 or block_k & (block_k - 1):
+  if not _is_pow2(block_k) or block_k < 64:
     raise KernelShapeError(f"block_k={block_k}: a power of two >= 64")
-  if group_size is not None:
-    if group_size < 16 or group_size & (group_size - 1) or block_k % group_size:
-      raise KernelShapeError(f"group_size={group_size}: a power of two >= 16 dividing "
-                             f"block_k={block_k}")
-  if not isinstance(cfg.split_k, (int, np.integer)) or cfg.split_k < 1 or isinstance(
-      cfg.split_k, bool):
-    raise KernelShapeError(f"split_k={cfg.split_k!r}: an int >= 1")
-  if cfg.stages < 1:
+  if not _is_pow2(cfg.chunk) or cfg.chunk < 64 or block_k % cfg.chunk:
+    raise KernelShapeError(f"chunk={cfg.chunk}: a power of two >= 64 dividing "
+                           f"block_k={block_k} (64 bf16 values are one swizzle atom of x)")
+  if group_size is not None and (not _is_pow2(group_size) or group_size < 16):
+    raise KernelShapeError(f"group_size={group_size}: a power of two >= 16")
+  if not _is_pow2(cfg.split_k):
+    raise KernelShapeError(f"split_k={cfg.split_k!r}: a power of two >= 1")
+  if not isinstance(cfg.stages, (int, np.integer)) or cfg.stages < 1:
     raise KernelShapeError(f"stages={cfg.stages}: at least 1")
   if cfg.math not in MATHS:
     raise KernelShapeError(f"math={cfg.math!r}: one of {MATHS}")
+  if cfg.load not in LOADS:
+    raise KernelShapeError(f"load={cfg.load!r}: one of {LOADS}")
   if n % cfg.block_n:
     raise KernelShapeError(f"N={n} is not a multiple of block_n={cfg.block_n}")
   if k % (block_k * cfg.split_k):
     raise KernelShapeError(f"K={k} is not a multiple of block_k={block_k} x "
                            f"split_k={cfg.split_k}")
-  need = smem_bytes(cfg, rows_padded(m), bits=bits, group_size=group_size, has_zeros=True)
+  if group_size is not None and (k // cfg.split_k) % group_size:
+    raise KernelShapeError(f"K={k} / split_k={cfg.split_k} is not a multiple of "
+                           f"group_size={group_size} (a K split must hold whole groups)")
+  mp = rows_padded(m)
+  need = smem_bytes(cfg, mp, bits=bits, group_size=group_size, has_zeros=True)
   if need > SMEM_BYTES:
     raise KernelShapeError(f"{need} bytes of shared memory per program (stages={cfg.stages}, "
-                           f"block_n={cfg.block_n}, block_k={block_k}, {rows_padded(m)} rows) "
+                           f"block_n={cfg.block_n}, block_k={block_k}, {mp} rows) "
                            f"> {SMEM_BYTES}: fewer stages or a smaller tile")
+  regs = registers_estimate(cfg, mp, bits=bits)
+  if regs > REGISTERS:
+    raise KernelShapeError(f"about {regs} registers per thread for codes, operands and the "
+                           f"accumulator (block_n={cfg.block_n}, block_k={block_k}, "
+                           f"chunk={cfg.chunk}, {mp} rows) > {REGISTERS}: it would spill; a "
+                           f"smaller block_n or chunk")
 
 
 def _swizzled(block_cols: int, bits: int):
@@ -170,30 +208,55 @@ def _swizzled(block_cols: int, bits: int):
   return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
-def _dequantize_tile(codes, s_ref, z_ref, *, dtype, group_size: int | None, math: str):
-  """Codes [bn, bk] (registers) -> the wgmma operand in ``dtype``. Per channel: the codes
-  (exact integers). Grouped: per group j of the step, s_j (q - z_j) with s_ref / z_ref the
-  step's [bk / g, bn] shared-memory tiles (rows = groups, columns = this program's output
-  columns; row j read as a [bn] vector). ``math`` "f32": in float32, rounded to ``dtype`` once
-  (the reference's rounding); "native": in ``dtype`` (codes and zero points exact there; the
-  scale and the product each rounded: within a unit in the last place of the reference's
-  weight, at about a third of the instructions)."""
+def _codes_to(codes, dtype):
+  """Integer codes (int4 / int8, |q| <= 128) -> ``dtype``, exactly, without ``I2F``: bf16 by
+  Mosaic GPU's PRMT / LOP3 conversions; f16 by the exponent trick, the 16-bit pattern
+  0x6480 + q is the half 1152 + q (1024 <= 1152 + q < 2048, where the unit in the last place is
+  1), minus 1152; float32 through bf16 (exact for |q| <= 256)."""
+  if jnp.dtype(dtype) == jnp.dtype(jnp.float16):
+    biased = codes.astype(jnp.int8).astype(jnp.int16) + jnp.int16(0x6480)
+    return lax.bitcast_convert_type(biased, jnp.float16) - jnp.float16(1152)
+  if jnp.dtype(dtype) == jnp.dtype(jnp.float32):
+    return codes.astype(jnp.bfloat16).astype(jnp.float32)
+  return codes.astype(dtype)
+
+
+def _dequantize(codes, s_ref, z_ref, *, k0: int, dtype, group_size: int | None, math: str):
+  """One chunk of codes [bn, c] (registers; columns k0 .. k0 + c of the step) -> the wgmma
+  operand in ``dtype``. Per channel: the codes (exact integers). Grouped: s_g (q - z_g) per
+  group g, with s_ref / z_ref the step's scale / zero-point tiles [rows, bn] (row g = the g-th
+  group of the step; one row when a group spans steps), each row read as a [bn] vector. ``math``
+  "f32": in float32, rounded to ``dtype`` once (the reference's rounding); "native": in
+  ``dtype`` (codes and integer zero points exact there; the scale and the product each rounded:
+  within a unit in the last place of the reference's weight, at about a third of the
+  instructions)."""
   if group_size is None:
-    return codes.astype(dtype)
+    return _codes_to(codes, dtype)
   ctype = jnp.float32 if math == "f32" else dtype
-  q = codes.astype(ctype)
+  q = _codes_to(codes, ctype)
+  width = q.shape[1]
   pieces = []
-  for j in range(q.shape[1] // group_size):
-    piece = q[:, j * group_size:(j + 1) * group_size] if q.shape[1] > group_size else q
+  for start in range(0, width, min(group_size, width)):
+    row = (k0 + start) // group_size if s_ref.shape[0] > 1 else 0
+    piece = q[:, start:start + group_size] if group_size < width else q
     if z_ref is not None:
-      piece = piece - z_ref[j].astype(ctype)[:, None]
-    pieces.append(piece * s_ref[j].astype(ctype)[:, None])
+      piece = piece - z_ref[row].astype(ctype)[:, None]
+    pieces.append(piece * s_ref[row].astype(ctype)[:, None])
   w = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
   return w.astype(dtype)
 
 
-def _kernel_body(x_gmem, w_gmem, *refs, block_n: int, block_k: int, steps: int, stages: int,
-                 group_size: int | None, has_zeros: bool, bits: int, math: str, interpret: bool):
+def _load_codes(w_smem, *, bits: int, load: str, interpret: bool):
+  """The step's codes [bn, bk] from shared memory into registers (``MosaicConfig.load``)."""
+  if load == "plain" or interpret:  # the interpreter has no register layouts
+    return w_smem[...]
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  wide = plgpu.Layout.WGMMA_UPCAST_4X if bits == 4 else plgpu.Layout.WGMMA_UPCAST_2X
+  return plgpu.layout_cast(plgpu.load(w_smem, (), layout=wide), plgpu.Layout.WGMMA)
+
+
+def _kernel_body(x_gmem, w_gmem, *refs, cfg: MosaicConfig, steps: int, group_size: int | None,
+                 has_zeros: bool, bits: int, interpret: bool):
   """One program: output columns [i bn, (i + 1) bn) over K split s (grid ("n", "s"))."""
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
   grouped = group_size is not None
@@ -201,6 +264,7 @@ def _kernel_body(x_gmem, w_gmem, *refs, block_n: int, block_k: int, steps: int, 
     s_gmem, *refs = refs
     z_gmem, *refs = refs if has_zeros else (None, *refs)
   o_gmem, o_smem = refs
+  block_n, block_k, chunk = cfg.block_n, cfg.block_k, cfg.chunk
   mp = x_gmem.shape[0]
   dtype = x_gmem.dtype
   i = lax.axis_index("n")
@@ -209,7 +273,6 @@ def _kernel_body(x_gmem, w_gmem, *refs, block_n: int, block_k: int, steps: int, 
   k_split = steps * block_k
   x_split = x_gmem.at[:, pl.ds(split * k_split, k_split)]
   w_split = w_gmem.at[cols, pl.ds(split * k_split, k_split)]
-  groups_per_step = block_k // group_size if grouped else 0
 
   in_specs = [plgpu.BlockSpec((mp, block_k), lambda j: (0, j), transforms=_swizzled(block_k, 16)),
               plgpu.BlockSpec((block_n, block_k), lambda j: (0, j),
@@ -217,25 +280,34 @@ def _kernel_body(x_gmem, w_gmem, *refs, block_n: int, block_k: int, steps: int, 
   operands = [x_split, w_split]
   if grouped:
     g_split = k_split // group_size
+    if group_size <= block_k:  # the step holds block_k / g whole groups
+      spec = plgpu.BlockSpec((block_k // group_size, block_n), lambda j: (j, 0))
+    else:  # a group spans g / block_k steps: their one scale row
+      spec = plgpu.BlockSpec((1, block_n), lambda j: (j // (group_size // block_k), 0))
     for ref in (s_gmem, z_gmem) if has_zeros else (s_gmem,):
-      in_specs.append(plgpu.BlockSpec((groups_per_step, block_n), lambda j: (j, 0)))
+      in_specs.append(spec)
       operands.append(ref.at[pl.ds(split * g_split, g_split), cols])
 
   def run(acc_ref):
     def step(_, x_smem, w_smem, *sz_smem):
       s_ref = sz_smem[0] if grouped else None
       z_ref = sz_smem[1] if has_zeros and grouped else None
-      a = _dequantize_tile(w_smem[...], s_ref, z_ref, dtype=dtype, group_size=group_size,
-                           math=math)
-      if interpret:  # the interpreter's wgmma takes shared-memory operands only: the same product
-        acc_ref[...] += lax.dot_general(a, x_smem[...], (((1,), (1,)), ((), ())),
-                                        preferred_element_type=jnp.float32)
-      else:
-        plgpu.wgmma(acc_ref, a, x_smem.T)
-        plgpu.wgmma_wait(0)
+      codes = _load_codes(w_smem, bits=bits, load=cfg.load, interpret=interpret)
+      for k0 in range(0, block_k, chunk):
+        a = _dequantize(codes[:, k0:k0 + chunk] if chunk < block_k else codes, s_ref, z_ref,
+                        k0=k0, dtype=dtype, group_size=group_size, math=cfg.math)
+        x_chunk = x_smem.at[:, pl.ds(k0, chunk)] if chunk < block_k else x_smem
+        if interpret:  # the interpreter's wgmma takes shared-memory operands only: same product
+          acc_ref[...] += lax.dot_general(a, x_chunk[...], (((1,), (1,)), ((), ())),
+                                          preferred_element_type=jnp.float32)
+        else:  # asynchronous: convert the next chunk while this one multiplies
+          plgpu.wgmma(acc_ref, a, x_chunk.T)
+          plgpu.wgmma_wait(1)
+      if not interpret:
+        plgpu.wgmma_wait(0)  # before the pipeline reuses this step's shared memory
 
     plgpu.emit_pipeline(step, grid=(steps,), in_specs=in_specs,
-                        max_concurrent_steps=stages)(*operands)
+                        max_concurrent_steps=cfg.stages)(*operands)
     return acc_ref[...]
 
   if interpret:
@@ -284,9 +356,8 @@ def quantized_matmul_mosaic(x_MxK, w_nk, scales_GxN, zeros_GxN=None, *, bits: in
     args.append(scales_GxN.astype(jnp.float32))
     if has_zeros:
       args.append(zeros_GxN.astype(jnp.float32))
-  body = functools.partial(_kernel_body, block_n=cfg.block_n, block_k=cfg.block_k, steps=steps,
-                           stages=cfg.stages, group_size=group_size, has_zeros=has_zeros,
-                           bits=bits, math=cfg.math, interpret=interpret)
+  body = functools.partial(_kernel_body, cfg=cfg, steps=steps, group_size=group_size,
+                           has_zeros=has_zeros, bits=bits, interpret=interpret)
   if interpret:
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=import-outside-toplevel
     interpret_params = InterpretGPUParams()

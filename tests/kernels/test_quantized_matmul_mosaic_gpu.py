@@ -39,30 +39,34 @@ def _run(x, q, s, z, *, bits, group, cfg=None):
                                         interpret=True)
 
 
-# (bits, group, symmetric, m, config overrides): every format, row counts that pad to 8 / 16 / 40,
-# a K split, 64-column tiles, a pipeline deeper than the K loop, float32 dequantisation
+# (bits, group, symmetric, m, dtype, config overrides): every format, row counts that pad to
+# 8 / 16 / 40, a K split, 64-column tiles, a pipeline deeper than the K loop, one wgmma per step
+# (chunk = block_k) and two, groups shorter than a chunk, as long as one, longer than a step,
+# float32 dequantisation, f16 activations (the exponent-trick conversion), the upcast load
 CASES = [
-    (8, None, True, 1, {}),
-    (8, None, False, 3, dict(split_k=2)),
-    (4, None, True, 9, dict(block_n=64)),
-    (4, None, False, 1, dict(stages=8)),
-    (8, 32, True, 16, dict(block_n=64, split_k=2)),
-    (8, 128, False, 5, {}),
-    (4, 32, True, 33, {}),
-    (4, 64, False, 2, dict(split_k=2, stages=2)),
-    (4, 128, True, 4, dict(math="f32")),
-    (4, 64, False, 7, dict(math="f32", block_n=64)),
+    (8, None, True, 1, jnp.bfloat16, {}),
+    (8, None, False, 3, jnp.float16, dict(split_k=2)),
+    (4, None, True, 9, jnp.bfloat16, dict(block_n=64)),
+    (4, None, False, 1, jnp.float16, dict(stages=8)),
+    (8, 32, True, 16, jnp.bfloat16, dict(block_n=64, split_k=2, chunk=128)),
+    (8, 128, False, 5, jnp.float16, {}),
+    (8, 256, True, 2, jnp.bfloat16, {}),
+    (4, 32, True, 33, jnp.bfloat16, {}),
+    (4, 64, False, 2, jnp.float16, dict(split_k=2, stages=2)),
+    (4, 128, True, 4, jnp.bfloat16, dict(math="f32", chunk=128)),
+    (4, 64, False, 7, jnp.float16, dict(math="f32", block_n=64, load="upcast")),
+    (4, 512, False, 8, jnp.bfloat16, {}),
 ]
 
 
-@pytest.mark.parametrize("bits,group,symmetric,m,over", CASES)
-def test_mosaic_kernel_matches_exact_product(bits, group, symmetric, m, over):
+@pytest.mark.parametrize("bits,group,symmetric,m,dtype,over", CASES)
+def test_mosaic_kernel_matches_exact_product(bits, group, symmetric, m, dtype, over):
   k, n = 512, 256
   q, s, z, w_hat = _quantize(k, n, bits, group, symmetric)
-  x = _x(m, k)
+  x = _x(m, k, dtype)
   cfg = dataclasses.replace(mosaic.default_config(m, k, n, bits=bits, group_size=group), **over)
   y = _run(x, q, s, z, bits=bits, group=group, cfg=cfg)
-  assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+  assert y.shape == (m, n) and y.dtype == dtype
   # bf16 output rounding is ~2e-3 relative (plus the per-weight rounding of the grouped operand);
   # a scale on the wrong group or column, a zero point with the wrong sign, a swapped nibble or
   # a dropped K split gives O(0.1-1)
@@ -71,6 +75,18 @@ def test_mosaic_kernel_matches_exact_product(bits, group, symmetric, m, over):
   ref = quantized_matmul_reference(x, q, s, bits=bits, group_size=group, zeros_GxN=z)
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32),
                              rtol=3e-2, atol=3e-2 * float(jnp.max(jnp.abs(ref.astype(jnp.float32)))))
+
+
+def test_codes_convert_exactly_without_an_integer_to_float_instruction():
+  """The f16 exponent trick and the bf16 / f32 conversions give every int8 code exactly."""
+  codes = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8).reshape(16, 16)
+  for dtype in (jnp.float16, jnp.bfloat16, jnp.float32):
+    got = mosaic._codes_to(codes, dtype)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.arange(-128, 128).reshape(16, 16))
+  nibbles = jnp.arange(-8, 8, dtype=jnp.int32).astype(jnp.int4).reshape(2, 8)
+  np.testing.assert_array_equal(np.asarray(mosaic._codes_to(nibbles, jnp.float16), np.float32),
+                                np.arange(-8, 8).reshape(2, 8))
 
 
 def test_mosaic_f32_dequantisation_rounds_as_the_reference():
@@ -124,8 +140,9 @@ def test_default_config_fills_the_gpu_and_fits_shared_memory():
   cfg64 = mosaic.default_config(64, 4096, 4096, bits=4, group_size=128)
   assert cfg64.stages < 4
   assert mosaic.smem_bytes(cfg64, 64, bits=4, group_size=128, has_zeros=True) <= mosaic.SMEM_BYTES
-  # a group longer than the 128-byte step: the step grows to the group
-  assert mosaic.default_config(1, 4096, 4096, bits=8, group_size=512).block_k == 512
+  # a group longer than the 128-byte step spans steps; K splits hold whole groups
+  long = mosaic.default_config(1, 4096, 4096, bits=8, group_size=1024)
+  assert long.block_k == 128 and (4096 // long.split_k) % 1024 == 0
 
 
 @pytest.mark.parametrize("m,k,n,bits,group,cfg,match", [
@@ -135,10 +152,15 @@ def test_default_config_fills_the_gpu_and_fits_shared_memory():
     (1, 384, 256, 8, None, mosaic.MosaicConfig(block_k=256), "K=384"),
     (1, 512, 256, 8, None, mosaic.MosaicConfig(block_k=128, split_k=8), "split_k=8"),
     (1, 512, 256, 4, 48, mosaic.MosaicConfig(block_k=256), "group_size=48"),
+    (1, 512, 256, 4, 8, mosaic.MosaicConfig(block_k=256), "group_size=8"),
     (1, 512, 256, 4, None, mosaic.MosaicConfig(block_k=None), "block_k=None"),
     (1, 512, 256, 4, None, mosaic.MosaicConfig(block_k=256, math="f64"), "math='f64'"),
     (64, 4096, 256, 8, None, mosaic.MosaicConfig(block_n=256, block_k=512, stages=8),
      "shared memory"),
+    (16, 4096, 256, 4, None, mosaic.MosaicConfig(block_n=256, block_k=256), "registers"),
+    (1, 512, 256, 8, None, mosaic.MosaicConfig(block_k=128, chunk=32), "chunk=32"),
+    (1, 512, 256, 8, None, mosaic.MosaicConfig(block_k=128, load="tma"), "load='tma'"),
+    (1, 4096, 256, 4, 1024, mosaic.MosaicConfig(block_k=256, split_k=8), "whole groups"),
 ])
 def test_check_shape_names_what_does_not_fit(m, k, n, bits, group, cfg, match):
   with pytest.raises(KernelShapeError, match=match):
@@ -156,22 +178,26 @@ def test_mosaic_kernel_refuses_codes_not_repacked_and_f32_activations():
                                    interpret=True)
 
 
-def _lower_for_sm90(m, k, n, bits, group, zeros):
+def _lower_for_sm90(m, k, n, bits, group, zeros, dtype=jnp.bfloat16, load="plain"):
   wdt = jnp.int4 if bits == 4 else jnp.int8
   g = 1 if group is None else k // group
-  args = [jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), wdt),
+  args = [jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((n, k), wdt),
           jax.ShapeDtypeStruct((g, n), jnp.float32)]
   if zeros:
     args.append(jax.ShapeDtypeStruct((g, n), jnp.float32))
-  f = jax.jit(lambda *a: mosaic.quantized_matmul_mosaic(*a, bits=bits, group_size=group))
+  cfg = dataclasses.replace(mosaic.default_config(m, k, n, bits=bits, group_size=group), load=load)
+  f = jax.jit(lambda *a: mosaic.quantized_matmul_mosaic(*a, bits=bits, group_size=group,
+                                                        config=cfg))
   return f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("bits,zeros", [(8, False), (4, True)])
-def test_per_channel_kernel_lowers_for_sm90(bits, zeros):
+@pytest.mark.parametrize("bits,zeros,dtype,load", [(8, False, jnp.bfloat16, "plain"),
+                                                   (4, True, jnp.float16, "plain"),
+                                                   (4, False, jnp.bfloat16, "upcast")])
+def test_per_channel_kernel_lowers_for_sm90(bits, zeros, dtype, load):
   """Mosaic GPU's lowering (TMA pipeline, layout inference, wgmma with the register operand) runs
   without a GPU: a layout it cannot infer or a tile it cannot copy fails here, not on the GPU."""
-  text = _lower_for_sm90(16, 4096, 4096, bits, None, zeros)
+  text = _lower_for_sm90(16, 4096, 4096, bits, None, zeros, dtype=dtype, load=load)
   assert "mosaic_gpu" in text
 
 

@@ -164,6 +164,35 @@ def materialised(bits, group):
   return f
 
 
+def report_check(results, out, key, rows, tol=1e-2):
+  """Print how many check ``rows`` fail (an error, or a relative error >= ``tol``) and the first
+  20, store the rows under ``results[key]`` and write the JSON. True when none fails."""
+  bad = [r for r in rows if not isinstance(r["rel_err"], float) or not r["rel_err"] < tol]
+  print(f"{key.replace('_', ' ')}: {len(rows)} cases, {len(bad)} failing", flush=True)
+  for r in bad[:20]:
+    print("  FAIL", r, flush=True)
+  results[key] = rows
+  dump(results, out)
+  return not bad
+
+
+def check_case(m, k, n, bits, group, zeros, dtype):
+  """Random operands of one check case (x in ``dtype``, codes as stored, scales in [0.5, 1.5],
+  integer zero points in [-3, 3] or None) and the float32 reference product."""
+  ka, kb, kc, kd = jax.random.split(jax.random.key(m * 100 + bits + (group or 0)), 4)
+  x = jax.random.normal(ka, (m, k), jnp.float32).astype(dtype)
+  g = 1 if group is None else k // group
+  if bits == 8:
+    q = jax.random.randint(kb, (k, n), -128, 128, jnp.int32).astype(jnp.int8)
+  else:
+    q = jax.random.randint(kb, (k // 2, n), 0, 256, jnp.int32).astype(jnp.uint8)
+  s = jax.random.uniform(kc, (g, n), jnp.float32, 0.5, 1.5)
+  z = jnp.round(jax.random.uniform(kd, (g, n), jnp.float32, -3, 3)) if zeros else None
+  ref = quantized_matmul_reference(x.astype(jnp.float32), q, s, bits=bits, group_size=group,
+                                   zeros_GxN=z)
+  return x, q, s, z, ref
+
+
 def run_check(results, out, kernels=("dot",), unpacks=("shift",), layouts=("kn",),
               ms=(1, 3, 16, 17, 128)):
   """Kernel vs reference at small odd shapes, compiled for the GPU (not interpret mode): the
@@ -177,18 +206,7 @@ def run_check(results, out, kernels=("dot",), unpacks=("shift",), layouts=("kn",
     for bits, group, zeros in formats:
       for dt in (jnp.bfloat16, jnp.float16):
         k, n = 512, 256
-        key = jax.random.key(m * 100 + bits + (group or 0))
-        ka, kb, kc, kd = jax.random.split(key, 4)
-        x = jax.random.normal(ka, (m, k), jnp.float32).astype(dt)
-        g = 1 if group is None else k // group
-        if bits == 8:
-          q = jax.random.randint(kb, (k, n), -128, 128, jnp.int32).astype(jnp.int8)
-        else:
-          q = jax.random.randint(kb, (k // 2, n), 0, 256, jnp.int32).astype(jnp.uint8)
-        s = jax.random.uniform(kc, (g, n), jnp.float32, 0.5, 1.5)
-        z = jnp.round(jax.random.uniform(kd, (g, n), jnp.float32, -3, 3)) if zeros else None
-        ref = quantized_matmul_reference(x.astype(jnp.float32), q, s, bits=bits, group_size=group,
-                                         zeros_GxN=z)
+        x, q, s, z, ref = check_case(m, k, n, bits, group, zeros, dt)
         for kernel, unpack, layout in itertools.product(kernels, unpacks, layouts):
           if kernel == "fma" and (m > qgpu.FMA_MAX_ROWS or layout == "nk"):
             continue
@@ -205,13 +223,7 @@ def run_check(results, out, kernels=("dot",), unpacks=("shift",), layouts=("kn",
             err = f"{type(e).__name__}: {str(e)[:200]}"
           rows.append(dict(m=m, bits=bits, group=group, zeros=zeros, dtype=jnp.dtype(dt).name,
                            kernel=kernel, unpack=unpack, w_layout=layout, rel_err=err))
-  bad = [r for r in rows if not isinstance(r["rel_err"], float) or not r["rel_err"] < 1e-2]
-  print(f"check: {len(rows)} cases, {len(bad)} failing", flush=True)
-  for r in bad[:20]:
-    print("  FAIL", r, flush=True)
-  results["check"] = rows
-  dump(results, out)
-  return not bad
+  return report_check(results, out, "check", rows)
 
 
 def dump(results, out):
@@ -339,6 +351,21 @@ def kernel_variants(m, k, n, *, bits, group, variant_set="all"):
   return out
 
 
+def time_entry(row, fn, x, args, ref, *, repeats, reps, buffers, nbytes, copy_bw):
+  """Check ``fn(x, *args) -> [y per weight buffer]`` against ``ref`` on the first buffer, time it
+  (``time_many``) and fill ``row``: err, us per matmul, compile_s, vs_bf16 (over
+  ``row["bf16_us"]``), bw (``nbytes`` per matmul over the copy bandwidth). Returns the line to
+  print."""
+  y = jax.jit(fn)(x, *args[:2])[0]
+  row["err"] = rel_err(y.astype(jnp.float32), ref)
+  t, c = time_many(fn, (x, *args), repeats, reps)
+  row["us"], row["compile_s"] = 1e6 * t / buffers, c
+  row["vs_bf16"] = row["bf16_us"] / row["us"]
+  row["bw"] = nbytes / (t / buffers) / copy_bw
+  return (f"{row['us']:8.1f} us {row['vs_bf16']:5.2f}x bf16 {100 * row['bw']:4.0f}% of copy, "
+          f"err {row['err']:.1e}")
+
+
 def run_variants(results, out, ms, shapes, repeats, deadline, copy_bw, variant_set="all"):
   """Every kernel variant at every shape for the rows ``ms``, with bf16 ``jnp.dot`` timed in the
   same loop: one line per (shape, M, format, variant) with time, speed-up over bf16, share of the
@@ -381,14 +408,9 @@ def run_variants(results, out, ms, shapes, repeats, deadline, copy_bw, variant_s
                 flat_nk = [jax.block_until_ready(jnp.asarray(a.T)) if i % 2 == 0 else a
                            for i, a in enumerate(flat)]
               args = flat_nk
-            y = jax.jit(pallas)(x, *args[:2])[0]
-            row["err"] = rel_err(y.astype(jnp.float32), ref)
-            t, c = time_many(pallas, (x, *args), repeats, loop_reps(m, k, n, nbytes, r))
-            row["us"], row["compile_s"] = 1e6 * t / r, c
-            row["vs_bf16"] = bf16_us / row["us"]
-            row["bw"] = (nbytes + io) / (t / r) / copy_bw
-            shown = (f"{row['us']:8.1f} us {row['vs_bf16']:5.2f}x bf16 {100 * row['bw']:4.0f}% "
-                     f"of copy, err {row['err']:.1e}")
+            shown = time_entry(row, pallas, x, args, ref, repeats=repeats,
+                               reps=loop_reps(m, k, n, nbytes, r), buffers=r,
+                               nbytes=nbytes + io, copy_bw=copy_bw)
           except Exception as e:  # noqa: BLE001 - report and continue
             row["error"] = shown = f"{type(e).__name__}: {str(e)[:200]}"
           rows.append(row)
@@ -488,17 +510,7 @@ def run_mosaic_check(results, out, ms=(1, 3, 16, 33), formats=MOSAIC_FORMATS,
         if deadline is not None and time.time() > deadline:
           print("time limit reached: mosaic check stops here", flush=True)
           break
-        ka, kb, kc, kd = jax.random.split(jax.random.key(m * 100 + bits + (group or 0)), 4)
-        x = jax.random.normal(ka, (m, k), jnp.float32).astype(dt)
-        g = 1 if group is None else k // group
-        if bits == 8:
-          q = jax.random.randint(kb, (k, n), -128, 128, jnp.int32).astype(jnp.int8)
-        else:
-          q = jax.random.randint(kb, (k // 2, n), 0, 256, jnp.int32).astype(jnp.uint8)
-        s = jax.random.uniform(kc, (g, n), jnp.float32, 0.5, 1.5)
-        z = jnp.round(jax.random.uniform(kd, (g, n), jnp.float32, -3, 3)) if zeros else None
-        ref = quantized_matmul_reference(x.astype(jnp.float32), q, s, bits=bits, group_size=group,
-                                         zeros_GxN=z)
+        x, q, s, z, ref = check_case(m, k, n, bits, group, zeros, dt)
         w_nk = qmosaic.repack_nk(q, bits=bits, k=k)
         base = qmosaic.default_config(m, k, n, bits=bits, group_size=group)
         other = dataclasses.replace(base, block_n=64, split_k=2, stages=2, chunk=128,
@@ -512,13 +524,7 @@ def run_mosaic_check(results, out, ms=(1, 3, 16, 33), formats=MOSAIC_FORMATS,
             err = f"{type(e).__name__}: {str(e)[:300]}"
           rows.append(dict(m=m, bits=bits, group=group, zeros=zeros, dtype=jnp.dtype(dt).name,
                            cfg=dataclasses.asdict(cfg), rel_err=err))
-  bad = [r for r in rows if not isinstance(r["rel_err"], float) or not r["rel_err"] < 1e-2]
-  print(f"mosaic check: {len(rows)} cases, {len(bad)} failing", flush=True)
-  for r in bad[:12]:
-    print("  FAIL", r, flush=True)
-  results["mosaic_check"] = rows
-  dump(results, out)
-  return not bad
+  return report_check(results, out, "mosaic_check", rows)
 
 
 def mosaic_sweep_configs(m, k, n, *, bits, group):
@@ -601,15 +607,9 @@ def run_mosaic(results, out, ms, shapes, repeats, deadline, copy_bw, sweep_shape
                     interpret=INTERPRET) for i in range(0, len(a), 2)]
         args = flat_nk if name == "mosaic" else flat
         try:
-          y = jax.jit(run)(x, *args[:2])[0]
-          row["err"] = rel_err(y.astype(jnp.float32), ref)
-          t, c = time_many(run, (x, *args), repeats,
-                           1 if INTERPRET else loop_reps(m, k, n, nbytes, r))
-          row["us"], row["compile_s"] = 1e6 * t / r, c
-          row["vs_bf16"] = bf16_us / row["us"]
-          row["bw"] = (nbytes + io) / (t / r) / copy_bw
-          shown = (f"{row['us']:8.1f} us {row['vs_bf16']:5.2f}x bf16 {100 * row['bw']:4.0f}% "
-                   f"of copy, err {row['err']:.1e}")
+          shown = time_entry(row, run, x, args, ref, repeats=repeats,
+                             reps=1 if INTERPRET else loop_reps(m, k, n, nbytes, r), buffers=r,
+                             nbytes=nbytes + io, copy_bw=copy_bw)
         except Exception as e:  # noqa: BLE001 - report and continue
           row["error"] = shown = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)

@@ -12,25 +12,7 @@ import pytest
 from kernels.quantized_matmul import KernelShapeError, quantized_matmul_reference
 from kernels.quantized_matmul import mosaic
 from postrl.quant import formats
-
-
-def _quantize(k, n, bits, group, symmetric, seed=0):
-  w = jax.random.normal(jax.random.key(seed), (k, n), jnp.float32)
-  spec = formats.QuantSpec(bits=bits, group_size=group, symmetric=symmetric)
-  s, z = formats.quant_params(w, spec)
-  q = formats.quantize_codes(w, s, z, spec)
-  return (formats.pack_int4(q) if bits == 4 else q), s, z, formats.dequantize_codes(q, s, z, spec)
-
-
-def _x(m, k, dtype=jnp.bfloat16, seed=1):
-  return jax.random.normal(jax.random.key(seed), (m, k), jnp.float32).astype(dtype)
-
-
-def _rel_err(y, x, w_hat):
-  exact = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(w_hat, np.float64)
-  y = np.asarray(y.astype(jnp.float32), np.float64)
-  assert np.all(np.isfinite(y))
-  return np.linalg.norm(y - exact) / np.linalg.norm(exact)
+from tests.kernels.test_quantized_matmul import _quantize, _rel_err, _x
 
 
 def _run(x, q, s, z, *, bits, group, cfg=None):

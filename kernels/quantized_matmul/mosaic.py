@@ -48,7 +48,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels.quantized_matmul.gpu import KernelShapeError
-from postrl.quant import formats
 
 _WGMMA_ROWS = 64  # rows of a wgmma's register operand per warpgroup
 _ALIGN = 1024  # Pallas Mosaic GPU rounds every shared-memory buffer up to this
@@ -143,10 +142,15 @@ def default_config(m: int, k: int, n: int, *, bits: int,
 
 def repack_nk(w_q, *, bits: int, k: int):
   """Stored codes -> the kernel's layout, once (at load time): int8 [K, N] -> int8 [N, K];
-  packed int4 uint8 [ceil(K/2), N] (``formats.pack_int4``) -> ``jnp.int4`` [N, K]."""
+  packed int4 uint8 [ceil(K/2), N] (``formats.pack_int4``: byte i of a column holds rows 2i and
+  2i + 1, low nibble first) -> ``jnp.int4`` [N, K]. For int4 that is only a transpose of the
+  bytes: ``jnp.int4`` keeps element 2i in the low nibble of byte i, so the result's bytes are
+  the Triton kernel's ``w_layout="nk"`` codes (``w_q.T``) too."""
   if bits == 8:
     return jnp.asarray(w_q, jnp.int8).T
-  return formats.unpack_int4(w_q, k).T.astype(jnp.int4)
+  packed_NxKh = jnp.asarray(w_q, jnp.uint8).T
+  n = packed_NxKh.shape[0]
+  return lax.bitcast_convert_type(packed_NxKh, jnp.int4).reshape(n, -1)[:, :k]
 
 
 def _is_pow2(v) -> bool:

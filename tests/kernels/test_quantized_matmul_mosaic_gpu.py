@@ -106,6 +106,15 @@ def test_repack_nk_is_the_transposed_codes():
   w4 = mosaic.repack_nk(q4, bits=4, k=k)
   assert w4.dtype == jnp.int4 and w4.shape == (n, k)
   np.testing.assert_array_equal(np.asarray(w4.astype(jnp.int8)), np.asarray(codes).T)
+  # its bytes are the stored bytes transposed: the Triton kernel's w_layout="nk" codes
+  as_bytes = jax.lax.bitcast_convert_type(w4.reshape(n, k // 2, 2), jnp.uint8)
+  np.testing.assert_array_equal(np.asarray(as_bytes), np.asarray(q4).T)
+  # odd K: the last byte's unused high nibble is dropped
+  q_odd, *_ = _quantize(k - 1, n, 4, None, True)
+  w_odd = mosaic.repack_nk(q_odd, bits=4, k=k - 1)
+  assert w_odd.shape == (n, k - 1)
+  np.testing.assert_array_equal(np.asarray(w_odd.astype(jnp.int8)),
+                                np.asarray(formats.unpack_int4(q_odd, k - 1)).T)
   q8, *_ = _quantize(k, n, 8, None, True)
   w8 = mosaic.repack_nk(q8, bits=8, k=k)
   assert w8.dtype == jnp.int8 and w8.shape == (n, k)

@@ -33,6 +33,14 @@ source line. No cuDNN library is needed: the cuDNN version check answers 9.10 wh
 x ``--vocab`` (its default settings) with the one-launch finish (``GpuConfig.fused_finish``), with
 XLA's, and (cdf draw) with ``grid_combine``, and reports the launches of each.
 
+``--mosaic-qmm`` compiles ``kernels.quantized_matmul.mosaic`` (the Mosaic GPU quantized matmul)
+at each ``--qmm-m`` on ``--qmm-shape`` for int8 per channel and int4 group 128, at its default
+tiling and each ``MOSAIC_VARIANTS`` change, and reports what ptxas reports for the kernel
+(registers per thread, spill bytes) with the shared memory it reserves and the instruction mix
+of its K loop in PTX. Mosaic GPU's whole compiler runs in a deviceless compile (its Python
+lowering, its MLIR passes to PTX, ptxas); ``MOSAIC_GPU_DUMP_PTX`` / ``MOSAIC_GPU_DUMP_PTXAS`` /
+``MOSAIC_GPU_DUMP_TO`` make it write them, one set of files per kernel.
+
 What it tells and what it does not: the per-step launch count and the kind of every launched
 operation (``common.loop_launch_list``) -- on 2026-11-27 this reproduced exactly the 749 launches
 per step that the H100 run of 2026-11-26 counted from its own compiled program (SmolLM2-135M
@@ -375,6 +383,14 @@ def parse_args(argv=None):
                            "with XLA's (GpuConfig.fused_finish), instead of generate")
   parser.add_argument("--vocab", type=int, nargs="+", default=[151936],
                       help="--sampler: vocabulary sizes")
+  parser.add_argument("--mosaic-qmm", action="store_true",
+                      help="compile the Mosaic GPU quantized matmul's variants and report ptxas's "
+                           "registers / spills (module docstring), instead of generate")
+  parser.add_argument("--qmm-m", type=int, nargs="+", default=[1, 16, 64],
+                      help="--mosaic-qmm: rows of x")
+  parser.add_argument("--qmm-shape", default="4096x14336", help="--mosaic-qmm: K x N")
+  parser.add_argument("--qmm-variants", nargs="+", default=list(MOSAIC_VARIANTS),
+                      choices=list(MOSAIC_VARIANTS), help="--mosaic-qmm: tilings to compile")
   parser.add_argument("--gpu", default="h100", choices=sorted(GPUS))
   parser.add_argument("--dump-dir", default=None,
                       help="write each program's optimised HLO and its decode step's launch list")
@@ -393,6 +409,8 @@ def main(argv=None):
     return _main_train(args, sharding)
   if args.sampler:
     return _main_sampler(args, sharding)
+  if args.mosaic_qmm:
+    return _main_mosaic_qmm(args, sharding)
   paddings = [True, False] if args.row_padding_both else [not args.no_row_padding]
   rows = []
   shapes = [(preset, fmt, attention, block, batch, pad) for preset in args.config
@@ -497,6 +515,140 @@ def _main_sampler(args, sharding):
   if args.out:
     _write(args.out, dict(tool="benchmarks/xla_gpu_offline.py --sampler", gpu=args.gpu,
                           jax=jax.__version__, target_config=target_config(args.gpu), rows=rows,
+                          date=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+  return rows
+
+
+# --mosaic-qmm: changes to the default MosaicConfig (name -> (fields, x dtype)); "flip_load" swaps
+# the plain and upcast loads of the codes
+MOSAIC_VARIANTS = {
+    "default": ({}, "bfloat16"), "flip_load": ({}, "bfloat16"), "chunk128": (dict(chunk=128),
+                                                                             "bfloat16"),
+    "one_wgmma": (dict(chunk=None), "bfloat16"), "block_n64": (dict(block_n=64), "bfloat16"),
+    "block_n256": (dict(block_n=256), "bfloat16"), "block_k128": (dict(block_k=128), "bfloat16"),
+    "math_f32": (dict(math="f32"), "bfloat16"), "f16": ({}, "float16"),
+}
+
+
+def ptxas_summary(text: str) -> dict:
+  """Registers per thread and spill bytes from ptxas's ``-v`` report of one kernel."""
+  regs = re.search(r"Used (\d+) registers", text)
+  spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+  return dict(registers=int(regs.group(1)) if regs else None,
+              spill_stores=int(spill.group(1)) if spill else None,
+              spill_loads=int(spill.group(2)) if spill else None)
+
+
+def ptx_loop_mix(ptx: str, top: int = 12) -> dict:
+  """Instruction count of the first loop of a PTX kernel (from its label ``$L__BB0_1`` to the
+  branch back to it), by opcode (the text before the first '.'), most frequent first."""
+  if "$L__BB0_1:" not in ptx:
+    return dict(lines=0, ops={})
+  body = ptx[ptx.index("$L__BB0_1:") + len("$L__BB0_1:"):]
+  back = re.search(r"bra(\.uni)?\s+\$L__BB0_1;", body)
+  body = body[:back.start()] if back else body
+  ops = {}
+  for line in body.splitlines():
+    words = line.strip().replace("@", "@ ").split()
+    if words[:1] == ["@"]:
+      words = words[2:]  # a predicate guard: @%p1 op ...
+    if not words or words[0].startswith(("//", ".", "$", "{", "}")):
+      continue
+    op = words[0].split(".")[0]
+    ops[op] = ops.get(op, 0) + 1
+  ordered = dict(sorted(ops.items(), key=lambda kv: -kv[1])[:top])
+  return dict(lines=sum(ops.values()), ops=ordered)
+
+
+def mosaic_qmm_kernel_report(m: int, k: int, n: int, *, bits: int, group_size, variant: str,
+                             sharding, dump_dir: str) -> dict:
+  """Compile ``quantized_matmul_mosaic`` for ``sharding``'s device with ``variant``'s tiling
+  (without ``check_shape``'s budget, so a tiling that spills compiles and says so) and return
+  its config, ptxas's registers / spills, the kernel's shared memory and its K loop's PTX mix."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from kernels.quantized_matmul import mosaic  # pylint: disable=import-outside-toplevel
+  fields, dtype = MOSAIC_VARIANTS[variant]
+  base = mosaic.default_config(m, k, n, bits=bits, group_size=group_size)
+  fields = dict(fields)
+  if variant == "flip_load":
+    fields["load"] = "plain" if base.load == "upcast" else "upcast"
+  if fields.get("chunk", 0) is None:
+    fields["chunk"] = base.block_k
+  cfg = dataclasses.replace(base, **fields)
+  groups = 1 if group_size is None else k // group_size
+  args = [jax.ShapeDtypeStruct((m, k), jnp.dtype(dtype), sharding=sharding),
+          jax.ShapeDtypeStruct((n, k), jnp.int4 if bits == 4 else jnp.int8, sharding=sharding),
+          jax.ShapeDtypeStruct((groups, n), jnp.float32, sharding=sharding)]
+  row = dict(m=m, k=k, n=n, bits=bits, group=group_size, variant=variant, dtype=dtype,
+             cfg=dataclasses.asdict(cfg))
+  os.makedirs(dump_dir, exist_ok=True)
+  for name in os.listdir(dump_dir):
+    os.remove(os.path.join(dump_dir, name))
+  env = dict(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=dump_dir)
+  saved = {key: os.environ.get(key) for key in env}
+  os.environ.update(env)
+  checked = mosaic.check_shape
+  mosaic.check_shape = lambda *a, **kw: None
+  try:
+    f = jax.jit(lambda *a: mosaic.quantized_matmul_mosaic(*a, bits=bits, group_size=group_size,
+                                                          config=cfg))
+    with backend_reads_gpu(sharding):
+      f.trace(*args).lower(lowering_platforms=("cuda",)).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return row
+  finally:
+    mosaic.check_shape = checked
+    for key, value in saved.items():
+      if value is None:
+        os.environ.pop(key, None)
+      else:
+        os.environ[key] = value
+  files = sorted(os.listdir(dump_dir))
+  for name in files:
+    path = os.path.join(dump_dir, name)
+    if name.endswith(".ptxas"):
+      with open(path) as fh:
+        row.update(ptxas_summary(fh.read()))
+    elif name.endswith(".ptx"):
+      with open(path) as fh:
+        row["loop"] = ptx_loop_mix(fh.read())
+    elif name.endswith("resources.txt"):
+      with open(path) as fh:
+        found = re.search(r"smem_scratch_bytes=(\d+)", fh.read())
+      row["smem_bytes"] = int(found.group(1)) if found else None
+  if "registers" not in row:
+    row["error"] = f"no ptxas report among the dumped files {files}"
+  return row
+
+
+def _main_mosaic_qmm(args, sharding):
+  import jax  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+  k, n = (int(v) for v in args.qmm_shape.split("x"))
+  rows = []
+  with tempfile.TemporaryDirectory() as dump_dir:
+    for m, (bits, group), variant in [(m, f, v) for m in args.qmm_m
+                                      for f in ((8, None), (4, 128))
+                                      for v in args.qmm_variants]:
+      row = mosaic_qmm_kernel_report(m, k, n, bits=bits, group_size=group, variant=variant,
+                                     sharding=sharding, dump_dir=dump_dir)
+      rows.append(row)
+      cfg = row["cfg"]
+      tiling = (f"bn {cfg['block_n']} bk {cfg['block_k']} chunk {cfg['chunk']} {cfg['load']} "
+                f"{cfg['math']} {row['dtype']}")
+      if "error" in row:
+        common.log(f"mosaic qmm M={m} int{bits} {variant} ({tiling}): {row['error']}")
+        continue
+      loop = row.get("loop", {})
+      common.log(f"mosaic qmm M={m} int{bits} {variant:10s} ({tiling}): {row['registers']} "
+                 f"registers, spills {row['spill_stores']} / {row['spill_loads']} B, smem "
+                 f"{row.get('smem_bytes')} B, K loop {loop.get('lines')} PTX instructions "
+                 + ", ".join(f"{op} {c}" for op, c in list(loop.get("ops", {}).items())[:6]))
+  if args.out:
+    _write(args.out, dict(tool="benchmarks/xla_gpu_offline.py --mosaic-qmm", gpu=args.gpu,
+                          jax=jax.__version__, shape=[k, n], rows=rows,
                           date=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
   return rows
 

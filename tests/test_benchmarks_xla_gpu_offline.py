@@ -145,3 +145,54 @@ def test_sampler_mode_parses_and_times_the_sampling_benchmark_rules():
                              "32000", "151936"])
   assert args.sampler == ["top_p", "min_p"] and args.vocab == [32000, 151936]
   assert offline.SAMPLER_MODES == MODES
+
+
+_PTXAS = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'anonymous_mosaic_gpu_kernel' for 'sm_90a'
+ptxas info    : Function properties for anonymous_mosaic_gpu_kernel
+    0 bytes stack frame, 216 bytes spill stores, 224 bytes spill loads
+ptxas info    : Used 255 registers, used 2 barriers, 1 bytes smem
+"""
+
+_PTX = """.visible .entry k(
+)
+{
+\tmov.b32 \t%r1, 0;
+$L__BB0_1:
+\t.loc\t1 256 11
+\tld.shared.b16 \t%rs1, [%rd33];
+\tld.shared.b16 \t%rs2, [%rd33+1024];
+\t// begin inline asm
+\t{
+\t.reg .b32 s<3>;
+\tprmt.b32 s0, %r69, 0x43, 16704;
+\tsub.bf16x2 %r101, s1, s2;
+\t}
+\t// end inline asm
+\t@%p13 cp.async.bulk.tensor.3d.shared::cluster.global [%r9], [%rd9], [%r3];
+\tsetp.ne.b32 \t%p12, %r628, 32768;
+\t@%p12 bra \t$L__BB0_1;
+\tret;
+}
+"""
+
+
+def test_ptxas_summary_and_the_k_loop_mix():
+  """The --mosaic-qmm report's parsers: ptxas's registers and spills, and the opcodes of a PTX
+  kernel's first loop (guards, inline-asm braces and directives skipped; nothing after the
+  branch back)."""
+  assert offline.ptxas_summary(_PTXAS) == dict(registers=255, spill_stores=216, spill_loads=224)
+  assert offline.ptxas_summary("nothing") == dict(registers=None, spill_stores=None,
+                                                  spill_loads=None)
+  mix = offline.ptx_loop_mix(_PTX)
+  assert mix["ops"] == {"ld": 2, "prmt": 1, "sub": 1, "cp": 1, "setp": 1}
+  assert mix["lines"] == 6
+  assert offline.ptx_loop_mix("no loop") == dict(lines=0, ops={})
+
+
+def test_mosaic_qmm_variants_parse():
+  args = offline.parse_args(["--mosaic-qmm", "--qmm-m", "1", "16", "--qmm-variants", "default",
+                             "flip_load"])
+  assert args.mosaic_qmm and args.qmm_m == [1, 16] and args.qmm_variants == ["default",
+                                                                               "flip_load"]
+  assert set(offline.MOSAIC_VARIANTS) >= {"default", "flip_load", "one_wgmma", "f16"}

@@ -85,7 +85,6 @@ LOADS = ("plain", "upcast")
 _JAX_VERSION = tuple(int(v) for v in jax.__version__.split(".")[:2])
 NUM_SMS = 132  # H100 SXM; H200 also has 132
 SMEM_BYTES = 227 * 1024  # shared memory one program may use on sm_90
-REGISTERS = 168  # per-thread budget of the estimate below (of 255): codes, operands, accumulator
 MAX_ROWS = 64  # beyond this the weight stream no longer sets the time: the tiled kernels do
 
 
@@ -104,15 +103,6 @@ def smem_bytes(cfg: MosaicConfig, mp: int, *, bits: int, group_size: int | None,
   return cfg.stages * per_step + _aligned(cfg.block_n * mp * 4)
 
 
-def registers_estimate(cfg: MosaicConfig, mp: int, *, bits: int) -> int:
-  """32-bit registers per thread (one warpgroup, 128 threads) held across a step: the step's
-  codes, two chunks of the 16-bit wgmma operand (one in flight, one being converted) and the
-  float32 accumulator [block_n, mp]."""
-  codes = cfg.block_n * cfg.block_k * bits // 8 // 128 // 4
-  operands = 2 * cfg.block_n * cfg.chunk * 2 // 128 // 4
-  return codes + operands + cfg.block_n * mp // 128
-
-
 def rows_padded(m: int) -> int:
   """x's rows padded for the wgmma's N dimension: a multiple of 8 (the instruction's step)."""
   return max(8, -(-m // 8) * 8)
@@ -122,8 +112,9 @@ def default_config(m: int, k: int, n: int, *, bits: int,
                    group_size: int | None) -> MosaicConfig:
   """block_n 128, 128-byte code rows, 4 stages (fewer when they would not fit in shared
   memory), K split until the programs reach about two per SM (one per SM fits in shared memory
-  from about 24 rows). A guess: the GPU sweep in ``benchmarks/quantized_matmul.py --mosaic`` is
-  to pick these."""
+  from about 24 rows), the upcast load for int4. Chosen from the compiled kernels' registers and
+  instruction counts (ptxas without a GPU: no spills at M <= 64; 256 columns spill for int4);
+  the GPU sweep in ``benchmarks/quantized_matmul.py --mosaic`` is to confirm them by time."""
   block_n = 128 if n % 128 == 0 else 64
   block_k = 256 if bits == 4 else 128
   stages = 4
@@ -137,7 +128,12 @@ def default_config(m: int, k: int, n: int, *, bits: int,
          and steps // (split_k * 2) >= 4
          and (group_size is None or (k // (split_k * 2)) % group_size == 0)):
     split_k *= 2
-  return MosaicConfig(block_n=block_n, block_k=block_k, split_k=split_k, stages=stages)
+  # int4: the upcast load (32-bit shared-memory loads + shuffles instead of one byte per load)
+  # compiles to 128 registers instead of 198 and 999 PTX instructions per step instead of 1095
+  # (M = 16, ``benchmarks/xla_gpu_offline.py --mosaic-qmm``); for int8 the two are within 6%
+  load = "upcast" if bits == 4 else "plain"
+  return MosaicConfig(block_n=block_n, block_k=block_k, split_k=split_k, stages=stages,
+                      load=load)
 
 
 def repack_nk(w_q, *, bits: int, k: int):
@@ -196,12 +192,6 @@ def check_shape(m: int, k: int, n: int, *, bits: int, group_size: int | None, cf
     raise KernelShapeError(f"{need} bytes of shared memory per program (stages={cfg.stages}, "
                            f"block_n={cfg.block_n}, block_k={block_k}, {mp} rows) "
                            f"> {SMEM_BYTES}: fewer stages or a smaller tile")
-  regs = registers_estimate(cfg, mp, bits=bits)
-  if regs > REGISTERS:
-    raise KernelShapeError(f"about {regs} registers per thread for codes, operands and the "
-                           f"accumulator (block_n={cfg.block_n}, block_k={block_k}, "
-                           f"chunk={cfg.chunk}, {mp} rows) > {REGISTERS}: it would spill; a "
-                           f"smaller block_n or chunk")
 
 
 def _swizzled(block_cols: int, bits: int):

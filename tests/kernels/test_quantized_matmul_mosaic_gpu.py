@@ -148,7 +148,6 @@ def test_default_config_fills_the_gpu_and_fits_shared_memory():
     (1, 512, 256, 4, None, mosaic.MosaicConfig(block_k=256, math="f64"), "math='f64'"),
     (64, 4096, 256, 8, None, mosaic.MosaicConfig(block_n=256, block_k=512, stages=8),
      "shared memory"),
-    (16, 4096, 256, 4, None, mosaic.MosaicConfig(block_n=256, block_k=256), "registers"),
     (1, 512, 256, 8, None, mosaic.MosaicConfig(block_k=128, chunk=32), "chunk=32"),
     (1, 512, 256, 8, None, mosaic.MosaicConfig(block_k=128, load="tma"), "load='tma'"),
     (1, 4096, 256, 4, 1024, mosaic.MosaicConfig(block_k=256, split_k=8), "whole groups"),

@@ -6,14 +6,15 @@
 #   1. Check against the reference, compiled for the GPU: every format (int8 / int4, per channel /
 #      group 32 / 64 / 128, zero points), bf16 and f16, M = 1 and 17, at the default tiling and
 #      at one that changes every option (64-column tiles, a K split, 2 stages, one wgmma per 128
-#      columns, float32 dequantisation, the upcast load): 56 cases. Mosaic GPU's C++ lowering (to
-#      PTX) runs here for the first time: the offline checks covered its Python lowering only.
+#      columns, float32 dequantisation, the other load of the codes): 56 cases. The first run of
+#      the kernels: a deviceless compile (benchmarks/xla_gpu_offline.py --mosaic-qmm) already took
+#      them through Mosaic GPU's whole compiler and ptxas (no spills for the defaults).
 #   2. M = 1, 4, 16, 64 on the four shapes: bf16 jnp.dot, the default Triton kernel and the Mosaic
 #      kernel, int8 per channel and int4 group 128, in the same loop (speed-up over bf16, share
 #      of the copy bandwidth).
 #   3. A tiling sweep of the Mosaic kernel at 4096 x 14336, M = 1 and 16 (64 / 256 columns per
-#      program, K split halved / doubled, 2 / 6 / 8 stages, one wgmma per 128 columns, the upcast
-#      load, a 128-row int4 step).
+#      program, K split halved / doubled, 2 / 6 / 8 stages, one wgmma per 128 columns, the other
+#      load of the codes, a 128-row int4 step).
 # ptxas reports every Mosaic kernel's registers, spills and wgmma serialisation warnings (C7515)
 # into a dump folder outside $OUT (one file per kernel); their lines are collected into
 # $OUT/mosaic_ptxas.txt.

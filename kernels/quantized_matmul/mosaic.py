@@ -30,10 +30,11 @@ The codes come transposed once, K contiguous (``repack_nk``: int8 [N, K], or int
 Results per K split ([split_k, N, Mp] float32) are summed, scaled and transposed back by XLA in
 one small fusion.
 
-Status: compiled (Mosaic GPU's Python lowering, layout inference included) for an H100 without a
-GPU; the numerics are tested in Mosaic GPU's interpret mode on the CPU, where the ``wgmma`` with a
-register operand is replaced by the same product as a ``jnp`` dot (the interpreter implements
-``wgmma`` for shared-memory operands only). Not yet run or timed on a GPU.
+Status: compiled for an H100 without a GPU, through Mosaic GPU's whole compiler and ptxas
+(``benchmarks/xla_gpu_offline.py --mosaic-qmm``: no register spills for the defaults up to
+M = 64); the numerics are tested in Mosaic GPU's interpret mode on the CPU, where the ``wgmma``
+with a register operand is replaced by the same product as a ``jnp`` dot (the interpreter
+implements ``wgmma`` for shared-memory operands only). Not yet run or timed on a GPU.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class MosaicConfig:
   Attributes:
     block_n: output columns per program (a multiple of 64: the wgmma register operand's rows).
     block_k: rows of K per pipeline step (None: 128 bytes of codes per row, 128 for int8 and 256
-      for int4). A group shorter than the step is a slice of it; a longer one spans steps.
+      for int4, filled in by ``quantized_matmul_mosaic``). A group shorter than the step is a
+      slice of it; a longer one spans steps.
     split_k: K splits run by separate programs (fills the GPU when N / block_n is small); their
       float32 partial sums are added by XLA.
     stages: pipeline depth (``max_concurrent_steps``): tiles in flight per program.
@@ -334,6 +336,8 @@ def quantized_matmul_mosaic(x_MxK, w_nk, scales_GxN, zeros_GxN=None, *, bits: in
   if jnp.dtype(x_MxK.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     raise KernelShapeError(f"the Mosaic kernel takes bf16 / f16 activations, got {x_MxK.dtype}")
   cfg = config or default_config(m, k, n, bits=bits, group_size=group_size)
+  if cfg.block_k is None:  # 128-byte rows of codes
+    cfg = dataclasses.replace(cfg, block_k=256 if bits == 4 else 128)
   check_shape(m, k, n, bits=bits, group_size=group_size, cfg=cfg)
   if group_size is not None and not interpret and _JAX_VERSION < (0, 11):
     raise KernelShapeError(f"group_size={group_size}: the grouped kernel's register slices need "

@@ -86,6 +86,18 @@ def test_mosaic_f32_dequantisation_rounds_as_the_reference():
   assert np.all(np.abs(y - ref) <= ulp)
 
 
+def test_a_config_without_block_k_takes_128_byte_rows():
+  """MosaicConfig() leaves block_k to the kernel: 256 int4 / 128 int8 rows of K per step (a K of
+  384 is not a multiple of 256, so int4 refuses it by name and int8 runs)."""
+  q4, s4, _, _ = _quantize(384, 128, 4, None, True)
+  with pytest.raises(KernelShapeError, match="block_k=256"):
+    _run(_x(1, 384), q4, s4, None, bits=4, group=None, cfg=mosaic.MosaicConfig())
+  q8, s8, _, w_hat = _quantize(384, 128, 8, None, True)
+  x = _x(1, 384)
+  assert _rel_err(_run(x, q8, s8, None, bits=8, group=None, cfg=mosaic.MosaicConfig()), x,
+                  w_hat) < 4e-3
+
+
 def test_mosaic_kernel_f16_and_per_row_independence():
   """f16 activations; each output row depends on its own x row only (padding rows of x are
   zero and never leak into a real row): changing row 2 of x changes row 2 of y alone."""

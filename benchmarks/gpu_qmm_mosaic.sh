@@ -10,8 +10,9 @@
 #      the kernels: a deviceless compile (benchmarks/xla_gpu_offline.py --mosaic-qmm) already took
 #      them through Mosaic GPU's whole compiler and ptxas (no spills for the defaults).
 #   2. M = 1, 4, 16, 64 on the four shapes: bf16 jnp.dot, the default Triton kernel and the Mosaic
-#      kernel, int8 per channel and int4 group 128, in the same loop (speed-up over bf16, share
-#      of the copy bandwidth).
+#      kernel (at M <= 16 also the Triton dot kernel on the same repacked codes, w_layout="nk"),
+#      int8 per channel and int4 group 128, in the same loop (speed-up over bf16, share of the
+#      copy bandwidth).
 #   3. A tiling sweep of the Mosaic kernel at 4096 x 14336, M = 1 and 16 (64 / 256 columns per
 #      program, K split halved / doubled, 2 / 6 / 8 stages, one wgmma per 128 columns, the other
 #      load of the codes, a 128-row int4 step).

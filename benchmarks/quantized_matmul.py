@@ -560,8 +560,9 @@ def mosaic_sweep_configs(m, k, n, *, bits, group):
 def run_mosaic(results, out, ms, shapes, repeats, deadline, copy_bw, sweep_shape=None,
                sweep_m=(16,)):
   """The Mosaic kernel at its default tiling beside bf16 ``jnp.dot`` and the default Triton
-  kernel, int8 per channel and int4 group 128, every shape and row count in ``ms`` (codes
-  repacked once, outside the timed loop); then every ``mosaic_sweep_configs`` tiling at
+  kernel (at M <= 16 also the Triton dot kernel on the same repacked codes, ``w_layout="nk"``),
+  int8 per channel and int4 group 128, every shape and row count in ``ms`` (codes repacked
+  once, outside the timed loop); then every ``mosaic_sweep_configs`` tiling at
   ``sweep_shape`` for the rows ``sweep_m``. One line per entry: time, speed-up over bf16, share
   of the copy bandwidth, error against the XLA path."""
   rows = results.setdefault("mosaic", [])
@@ -592,8 +593,11 @@ def run_mosaic(results, out, ms, shapes, repeats, deadline, copy_bw, sweep_shape
                  else a for i, a in enumerate(flat)]
       entries = []
       if not sweeping:
-        entries.append(("triton", qgpu.default_config(m, k, n, bits=bits, group_size=group)))
+        triton = qgpu.default_config(m, k, n, bits=bits, group_size=group)
+        entries.append(("triton", triton))
         entries.append(("mosaic", qmosaic.default_config(m, k, n, bits=bits, group_size=group)))
+        if m <= 16 and triton.kernel == "dot":  # the Triton dot kernel on the same repacked codes
+          entries.append(("triton_nk", dataclasses.replace(triton, w_layout="nk")))
       else:
         entries += [("mosaic", c) for c in mosaic_sweep_configs(m, k, n, bits=bits, group=group)]
       for name, cfg in entries:
@@ -607,7 +611,10 @@ def run_mosaic(results, out, ms, shapes, repeats, deadline, copy_bw, sweep_shape
           f = qmosaic.quantized_matmul_mosaic if name == "mosaic" else quantized_matmul_gpu
           return [f(x, a[i], a[i + 1], bits=bits, group_size=group, config=cfg,
                     interpret=INTERPRET) for i in range(0, len(a), 2)]
-        args = flat_nk if name == "mosaic" else flat
+        # repack_nk's bytes are the Triton kernel's w_layout="nk" codes: int4 as uint8 [N, K / 2]
+        args = (flat_nk if name == "mosaic" else flat if name == "triton" else
+                [jax.lax.bitcast_convert_type(a.reshape(a.shape[0], -1, 2), jnp.uint8)
+                 if a.dtype == jnp.int4 else a for a in flat_nk])
         try:
           shown = time_entry(row, run, x, args, ref, repeats=repeats,
                              reps=1 if INTERPRET else loop_reps(m, k, n, nbytes, r), buffers=r,
@@ -617,9 +624,9 @@ def run_mosaic(results, out, ms, shapes, repeats, deadline, copy_bw, sweep_shape
         rows.append(row)
         tiling = (f"bn {cfg.block_n} bk {cfg.block_k} split {cfg.split_k} st {cfg.stages} "
                   f"chunk {cfg.chunk} {cfg.load}" if name == "mosaic" else
-                  f"{cfg.kernel} split {cfg.split_k}")
-        print(f"mosaic K={k} N={n} M={m} int{bits} {name:6s} {tiling}: {shown}", flush=True)
-      dump(results, out)
+                  f"{cfg.kernel} {cfg.w_layout} split {cfg.split_k}")
+        print(f"mosaic K={k} N={n} M={m} int{bits} {name:9s} {tiling}: {shown}", flush=True)
+        dump(results, out)
       del flat_nk
     del bufs
 

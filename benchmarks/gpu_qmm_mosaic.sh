@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device call (~7 minutes) for issue 7's decode shapes: the Mosaic GPU kernel
+# One device call (~8 minutes) for issue 7's decode shapes: the Mosaic GPU kernel
 # (kernels/quantized_matmul/mosaic.py, prepared on 2026-11-27 without a GPU: TMA-pipelined codes,
 # dequantised in registers, wgmma with the weights as the register operand), run on a GPU for the
 # first time.
@@ -26,10 +26,10 @@ export MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/mgpu_dump
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv
-timeout "${QMM_TIMEOUT:-450}" python3 benchmarks/quantized_matmul.py --mosaic \
+timeout "${QMM_TIMEOUT:-480}" python3 benchmarks/quantized_matmul.py --mosaic \
   --mosaic-check-m 1 17 --mosaic-m 1 4 16 64 --mosaic-sweep-m 1 16 \
-  --mosaic-sweep-shape 4096x14336 --mosaic-seconds "${MOSAIC_SECONDS:-330}" --no-check \
-  --skip-table --time-limit "${QMM_LIMIT:-420}" \
+  --mosaic-sweep-shape 4096x14336 --mosaic-seconds "${MOSAIC_SECONDS:-380}" --no-check \
+  --skip-table --time-limit "${QMM_LIMIT:-450}" \
   --out "$OUT/quantized_matmul_mosaic.json" 2>&1 | tee "$OUT/qmm_mosaic.log"
 grep -h -i -E "registers|spill|C7515|serializ|smem" -r /tmp/mgpu_dump "$OUT/qmm_mosaic.log" \
   2>/dev/null | sort | uniq -c | sort -rn | head -200 > "$OUT/mosaic_ptxas.txt"

@@ -164,6 +164,11 @@ def materialised(bits, group):
   return f
 
 
+# (bits, group_size, zero points) of the odd-shape checks: int8 / int4, per channel and grouped
+CHECK_FORMATS = ((8, None, False), (8, None, True), (8, 32, False), (4, 32, False), (4, 64, True),
+                 (4, 128, False), (4, None, False))
+
+
 def report_check(results, out, key, rows, tol=1e-2):
   """Print how many check ``rows`` fail (an error, or a relative error >= ``tol``) and the first
   20, store the rows under ``results[key]`` and write the JSON. True when none fails."""
@@ -200,10 +205,8 @@ def run_check(results, out, kernels=("dot",), unpacks=("shift",), layouts=("kn",
   and code layout that applies (``prmt``: int4 dot kernels; ``nk``: dot kernels, codes
   transposed before the call)."""
   rows = []
-  formats = [(8, None, False), (8, None, True), (8, 32, False), (4, 32, False), (4, 64, True),
-             (4, 128, False), (4, None, False)]
   for m in ms:
-    for bits, group, zeros in formats:
+    for bits, group, zeros in CHECK_FORMATS:
       for dt in (jnp.bfloat16, jnp.float16):
         k, n = 512, 256
         x, q, s, z, ref = check_case(m, k, n, bits, group, zeros, dt)
@@ -492,11 +495,7 @@ def run_sweep(results, out, repeats, deadline, sweep_ms=(1, 16, 64, 128, 512), l
       dump(results, out)
 
 
-MOSAIC_FORMATS = ((8, None, False), (8, None, True), (8, 64, False), (4, 32, False),
-                  (4, 64, True), (4, 128, False), (4, None, False))
-
-
-def run_mosaic_check(results, out, ms=(1, 3, 16, 33), formats=MOSAIC_FORMATS,
+def run_mosaic_check(results, out, ms=(1, 3, 16, 33), formats=CHECK_FORMATS,
                      dtypes=(jnp.bfloat16, jnp.float16), deadline=None):
   """The Mosaic kernel vs the reference at small shapes, compiled for the GPU (interpret mode with
   --interpret), every format of ``formats`` in each of ``dtypes`` (K = 1024, N = 256), at its
@@ -532,7 +531,8 @@ def mosaic_sweep_configs(m, k, n, *, bits, group):
   """The default Mosaic tiling and its neighbours: 64 / 256 columns per program, half / double
   the K split, 2 / 6 / 8 stages, one wgmma per 128 columns, the other load of the codes, a
   128-row int4 step (those over the shared-memory budget are left out; int4 with 256 columns
-  spills registers, compiled without a GPU, and is timed to show what that costs)."""
+  sits at the 255-register limit, compiled without a GPU, and is timed to show what that
+  costs)."""
   base = qmosaic.default_config(m, k, n, bits=bits, group_size=group)
   out = [base]
   for bn in (64, 256):
@@ -611,10 +611,9 @@ def run_mosaic(results, out, ms, shapes, repeats, deadline, copy_bw, sweep_shape
           f = qmosaic.quantized_matmul_mosaic if name == "mosaic" else quantized_matmul_gpu
           return [f(x, a[i], a[i + 1], bits=bits, group_size=group, config=cfg,
                     interpret=INTERPRET) for i in range(0, len(a), 2)]
-        # repack_nk's bytes are the Triton kernel's w_layout="nk" codes: int4 as uint8 [N, K / 2]
+        # the Triton kernel's w_layout="nk": the stored codes transposed (repack_nk's bytes)
         args = (flat_nk if name == "mosaic" else flat if name == "triton" else
-                [jax.lax.bitcast_convert_type(a.reshape(a.shape[0], -1, 2), jnp.uint8)
-                 if a.dtype == jnp.int4 else a for a in flat_nk])
+                [a.T if i % 2 == 0 else a for i, a in enumerate(flat)])
         try:
           shown = time_entry(row, run, x, args, ref, repeats=repeats,
                              reps=1 if INTERPRET else loop_reps(m, k, n, nbytes, r), buffers=r,

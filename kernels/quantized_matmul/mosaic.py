@@ -48,7 +48,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.quantized_matmul.gpu import KernelShapeError
+from kernels.quantized_matmul.gpu import NUM_SMS, KernelShapeError
 
 _WGMMA_ROWS = 64  # rows of a wgmma's register operand per warpgroup
 _ALIGN = 1024  # Pallas Mosaic GPU rounds every shared-memory buffer up to this
@@ -85,7 +85,6 @@ class MosaicConfig:
 MATHS = ("native", "f32")
 LOADS = ("plain", "upcast")
 _JAX_VERSION = tuple(int(v) for v in jax.__version__.split(".")[:2])
-NUM_SMS = 132  # H100 SXM; H200 also has 132
 SMEM_BYTES = 227 * 1024  # shared memory one program may use on sm_90
 MAX_ROWS = 64  # beyond this the weight stream no longer sets the time: the tiled kernels do
 
@@ -115,7 +114,8 @@ def default_config(m: int, k: int, n: int, *, bits: int,
   """block_n 128, 128-byte code rows, 4 stages (fewer when they would not fit in shared
   memory), K split until the programs reach about two per SM (one per SM fits in shared memory
   from about 24 rows), the upcast load for int4. Chosen from the compiled kernels' registers and
-  instruction counts (ptxas without a GPU: no spills at M <= 64; 256 columns spill for int4);
+  instruction counts (ptxas without a GPU: no spills at M <= 64; 256 columns of int4 reach 255 registers, and
+  spill with the plain load);
   the GPU sweep in ``benchmarks/quantized_matmul.py --mosaic`` is to confirm them by time."""
   block_n = 128 if n % 128 == 0 else 64
   block_k = 256 if bits == 4 else 128
@@ -323,9 +323,11 @@ def _kernel_body(x_gmem, w_gmem, *refs, cfg: MosaicConfig, steps: int, group_siz
 def quantized_matmul_mosaic(x_MxK, w_nk, scales_GxN, zeros_GxN=None, *, bits: int,
                             group_size: int | None, config: MosaicConfig | None = None,
                             interpret: bool = False):
-  """y = x Ŵ through the Mosaic GPU kernel; x [M, K] bf16 / f16 (M <= 64), ``w_nk`` the codes
-  from ``repack_nk`` (int8 or ``jnp.int4`` [N, K]), scales / zeros float32 [G, N] as stored.
-  Returns [M, N] in x's dtype. ``interpret``: Mosaic GPU's interpret mode (CPU tests).
+  """y = x Ŵ through the Mosaic GPU kernel, Ŵ[k, n] = s[g(k), n] (q[k, n] - z[g(k), n]),
+  g(k) = k // group_size (weight-only W8A16 / W4A16 as in LLM.int8() and GPTQ; the same
+  definition as ``quantized_matmul_reference``). x [M, K] bf16 / f16 (M <= 64), ``w_nk`` the
+  codes from ``repack_nk`` (int8 or ``jnp.int4`` [N, K]), scales / zeros float32 [G, N] as
+  stored. Returns [M, N] in x's dtype. ``interpret``: Mosaic GPU's interpret mode (CPU tests).
   Raises ``KernelShapeError`` for what the tiling cannot cover."""
   m, k = x_MxK.shape
   n = w_nk.shape[0]

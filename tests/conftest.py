@@ -14,6 +14,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import gc  # pylint: disable=wrong-import-position
+
 import jax  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
@@ -44,6 +46,22 @@ def tiny_model_dir(tmp_path_factory):
   save_pretrained(Transformer(cfg, rngs=nnx.Rngs(0)), str(path))
   save_tokenizer(tok, str(path))
   return str(path)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Frees every compiled program after each test module.
+
+  XLA:CPU maps each compiled program's machine code into the process with several ``mmap``s,
+  and JAX's caches keep every program alive. One pytest-xdist worker runs ~1,000 tests. Without
+  this it reached 45,000 memory maps by the middle of a run (2026-11-28, ``/proc/PID/maps``),
+  and Linux refuses a process more than ``vm.max_map_count`` (65,530 by default). A refused map
+  surfaces as an abort or a segmentation fault inside XLA's compiler. Clean-clone CI runs lost a
+  worker that way late in a run, in a different untouched test each time, and pytest-xdist's
+  ``--dist loadfile`` scheduler can then hang until the CI's time limit."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,11 @@ crashing (e.g. jax-ml/jax#38445 for rejected entries; a deep recursion in LLVM O
 an entry with thousands of kernels, reported elsewhere). Subprocesses of one test still share
 one folder: a resumed run loads what the first run compiled (the SIGTERM and resume tests), and
 the folder is new for every test run, so no entry from another code version or an interrupted
-run is ever read. Subprocesses get it through ``JAX_COMPILATION_CACHE_DIR``."""
+run is ever read. Subprocesses get it through ``JAX_COMPILATION_CACHE_DIR``.
+
+A likelier cause of those crashes was found on 2026-11-28: a worker that keeps every compiled
+program reaches ~60,000 memory maps by the end of a run, near Linux's 65,530 per process.
+``tests/conftest.py`` now frees the programs after each test module."""
 
 import os
 import tempfile

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+from benchmarks import triage_summary
 from tests.jax_cache import JAX_CACHE_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,6 +66,19 @@ def test_sampling_benchmark_interpret(tmp_path):
   assert split["config"]["split"] and split["config"]["block"] == 512 and split["chunks"] == 3
   assert split_fm["config"] == dict(split["config"], fast_math=True)
   assert all(s["us"] > 0 for s in doc["sweep"])
+  # gpu_triage.sh's verdict reads these fields: the interpret row, relabelled as the B = 64 point
+  # with times on either side of the issue's two targets (<= 4x the read floor, >= 10x the sort)
+  (point,) = doc["table"]
+  assert triage_summary.sampling_verdict(doc).startswith("issue 8: no timed top-p row at B = 64")
+  floor = point["copy_bound_us"]
+  for over_floor, sort_over, met in ((3.9, 11, True), (4.1, 11, False), (3.9, 9, False)):
+    relabelled = dict(doc, table=[dict(point, batch=64, default_us=over_floor * floor,
+                                       sort_us=sort_over * over_floor * floor)])
+    verdict = triage_summary.sampling_verdict(relabelled)
+    assert verdict.endswith("MET" if met else "not met"), verdict
+  assert triage_summary.sampling_verdict(
+      dict(doc, check_passed=False, table=[dict(point, batch=64)])).startswith(
+          "issue 8: check not passed")
 
 
 def test_a_kernel_that_fails_still_leaves_the_xla_table(tmp_path):

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from benchmarks import common
+from benchmarks import common, triage_summary
 from tests.jax_cache import JAX_CACHE_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -514,6 +514,12 @@ def test_quantized_matmul_benchmark_checks_and_times_the_mosaic_kernel(tmp_path)
   assert len({(r["bits"], tuple(sorted(r["cfg"].items()))) for r in swept}) == len(swept) > 4
   for r in rows:
     assert "error" not in r and r["us"] > 0 and r["err"] < 1e-2 and r["bf16_us"] > 0, r
+  # gpu_triage.sh's summary reads this JSON: the check's count, then one line per timed point
+  lines = triage_summary.mosaic_verdict(result).splitlines()
+  assert lines[0] == f"issue 7: Mosaic check: {len(result['mosaic_check'])} cases, 0 failing"
+  assert [line.split(" (bf16")[0] for line in lines[1:]] == [
+      "issue 7: 256 x 128 M = 1 int4", "issue 7: 256 x 128 M = 1 int8"]
+  assert "triton_nk" in lines[2] and "mosaic" in lines[1]
 
 
 def test_quantized_matmul_benchmark_times_every_kernel_variant(tmp_path):
@@ -656,3 +662,5 @@ def test_decode_block_checks_then_times_both_layers(tmp_path):
   (row,) = doc["rows"]
   assert row["xla_us"] > 0 and row["pallas_us"] > 0 and row["floor_us"] > 0
   assert row["xla_launches"] > 0 and row["pallas_launches"] > 0
+  verdict = triage_summary.decode_block_verdict(doc)  # what gpu_triage.sh prints
+  assert verdict.startswith("issue 9: tiny batch 1: XLA layers") and "x: fused" in verdict

@@ -1,0 +1,55 @@
+"""benchmarks/triage_summary.py, the verdicts of gpu_triage.sh, on hand-made JSON at either side of
+each issue's targets (the benchmark smoke tests feed it the scripts' real JSON)."""
+
+import json
+
+from benchmarks import triage_summary
+
+
+def _mosaic_doc(bits, vs_bf16, bw, *, check_err=1e-3):
+  row = dict(k=4096, n=4096, m=16, bits=bits, group=128 if bits == 4 else None, sweep=False,
+             bf16_us=16.0)
+  return {"mosaic_check": [dict(bits=bits, group=None, dtype="bfloat16", rel_err=check_err)],
+          "mosaic": [dict(row, kernel="triton", us=14.0, vs_bf16=16.0 / 14.0, bw=0.4),
+                     dict(row, kernel="mosaic", us=16.0 / vs_bf16, vs_bf16=vs_bf16, bw=bw)]}
+
+
+def test_mosaic_verdict_applies_the_issue_targets_per_bit_width():
+  for bits, vs_bf16, bw, met in ((4, 3.1, 0.85, True), (4, 2.9, 0.85, False), (4, 3.1, 0.75, False),
+                                 (8, 1.8, 0.8, True), (8, 1.7, 0.9, False)):
+    lines = triage_summary.mosaic_verdict(_mosaic_doc(bits, vs_bf16, bw)).splitlines()
+    assert lines[0] == "issue 7: Mosaic check: 1 cases, 0 failing"
+    assert ("MET by mosaic" in lines[1]) == met, lines[1]
+    assert lines[1].endswith("fastest " + ("mosaic" if vs_bf16 > 16.0 / 14.0 else "triton"))
+
+
+def test_mosaic_verdict_counts_failing_checks_and_errors():
+  doc = _mosaic_doc(4, 3.5, 0.9, check_err="ValueError: layout")
+  doc["mosaic"][1] = {k: v for k, v in doc["mosaic"][1].items() if k not in ("us", "vs_bf16", "bw")}
+  doc["mosaic"][1]["error"] = "RuntimeError: ptxas"
+  lines = triage_summary.mosaic_verdict(doc).splitlines()
+  assert lines[0].startswith("issue 7: Mosaic check: 1 cases, 1 failing (first: int4")
+  assert "mosaic RuntimeError: ptxas" in lines[1] and "not met" in lines[1]
+
+
+def test_decode_block_verdict_needs_a_passing_check():
+  row = dict(config="smollm2-135m", batch=1, floor_us=80.0, xla_us=900.0, pallas_us=450.0,
+             xla_over_floor=11.25, pallas_over_floor=5.63, xla_over_pallas=2.0)
+  ok = triage_summary.decode_block_verdict({"checks": [{"ok": True}], "rows": [row]})
+  assert "fused FASTER" in ok and "2.0x" in ok
+  slower = triage_summary.decode_block_verdict(
+      {"checks": [{"ok": True}], "rows": [dict(row, xla_over_pallas=0.9)]})
+  assert "fused not faster" in slower
+  failed = triage_summary.decode_block_verdict(
+      {"checks": [{"ok": True}, {"ok": False, "error": "KernelShapeError: smem"}], "rows": [row]})
+  assert failed.startswith("issue 9: fused layer check failed") and "1 of 2 failing" in failed
+
+
+def test_summarise_names_missing_and_unreadable_files(tmp_path):
+  (tmp_path / "decode_block.json").write_text("{not json")
+  with open(tmp_path / "quantized_matmul_mosaic.json", "w") as f:
+    json.dump(_mosaic_doc(8, 2.0, 0.9), f)
+  lines = triage_summary.summarise(str(tmp_path)).splitlines()
+  assert lines[0].startswith("sampling.json missing")
+  assert lines[1].startswith("decode_block.json unreadable (JSONDecodeError")
+  assert "MET by mosaic" in lines[3]

@@ -48,20 +48,47 @@ def tiny_model_dir(tmp_path_factory):
   return str(path)
 
 
-@pytest.fixture(autouse=True, scope="module")
+# A worker frees JAX's compiled programs when its memory maps pass this many (see below).
+MAX_MEMORY_MAPS = 20_000
+
+
+def memory_maps() -> int:
+  """Memory maps of this process (lines of ``/proc/self/maps``; 0 where there is no such file)."""
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      return sum(1 for _ in f)
+  except OSError:
+    return 0
+
+
 def _release_compiled_programs():
-  """Frees every compiled program after each test module.
+  jax.clear_caches()
+  gc.collect()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_after_each_module():
+  """Frees every compiled program after each test module, and after any test that leaves the
+  worker with more than ``MAX_MEMORY_MAPS`` memory maps (``_release_when_maps_pile_up``).
 
   XLA:CPU maps each compiled program's machine code into the process with several ``mmap``s,
   and JAX's caches keep every program alive. One pytest-xdist worker runs ~1,000 tests. Without
-  this it reached 45,000 memory maps by the middle of a run (2026-11-28, ``/proc/PID/maps``),
-  and Linux refuses a process more than ``vm.max_map_count`` (65,530 by default). A refused map
-  surfaces as an abort or a segmentation fault inside XLA's compiler. Clean-clone CI runs lost a
-  worker that way late in a run, in a different untouched test each time, and pytest-xdist's
-  ``--dist loadfile`` scheduler can then hang until the CI's time limit."""
+  this a worker reached 60,185 memory maps near the end of a clean-clone run (2026-11-28,
+  ``/proc/PID/maps`` sampled every 20 s), and Linux refuses a process more than
+  ``vm.max_map_count`` (65,530 by default). A refused map surfaces as an abort or a segmentation
+  fault inside XLA. Clean-clone CI runs lost a worker that way, late in a run, in a different
+  untouched test each time, and pytest-xdist's ``--dist loadfile`` scheduler can then hang until
+  the CI's time limit. Freeing after each module alone kept a run at 34,448 at most (one module
+  compiles that much); the per-test check bounds it near ``MAX_MEMORY_MAPS``."""
   yield
-  jax.clear_caches()
-  gc.collect()
+  _release_compiled_programs()
+
+
+@pytest.fixture(autouse=True)
+def _release_when_maps_pile_up():
+  yield
+  if memory_maps() > MAX_MEMORY_MAPS:
+    _release_compiled_programs()
 
 
 @pytest.fixture(scope="session")

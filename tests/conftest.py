@@ -73,13 +73,14 @@ def _release_after_each_module():
 
   XLA:CPU maps each compiled program's machine code into the process with several ``mmap``s,
   and JAX's caches keep every program alive. One pytest-xdist worker runs ~1,000 tests. Without
-  this a worker reached 60,185 memory maps near the end of a clean-clone run (2026-11-28,
-  ``/proc/PID/maps`` sampled every 20 s), and Linux refuses a process more than
-  ``vm.max_map_count`` (65,530 by default). A refused map surfaces as an abort or a segmentation
-  fault inside XLA. Clean-clone CI runs lost a worker that way, late in a run, in a different
-  untouched test each time, and pytest-xdist's ``--dist loadfile`` scheduler can then hang until
-  the CI's time limit. Freeing after each module alone kept a run at 34,448 at most (one module
-  compiles that much); the per-test check bounds it near ``MAX_MEMORY_MAPS``."""
+  this a worker reached 60,185 memory maps near the end of a full run on two workers
+  (2026-11-28, ``/proc/PID/maps`` sampled every 20 s), 92% of the 65,530 Linux allows a process
+  by default (``vm.max_map_count``); past it every ``mmap`` fails. CI runs lost a worker to an
+  abort or a segmentation fault inside XLA, late in a run, in a different untouched test each
+  time, which is what a refused map would do (not reproduced here), and pytest-xdist's
+  ``--dist loadfile`` scheduler can then hang until the CI's time limit. Freeing after each
+  module alone kept a run at 34,448 at most (one module compiles that much); the per-test check
+  bounds it near ``MAX_MEMORY_MAPS``."""
   yield
   _release_compiled_programs()
 

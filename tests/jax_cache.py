@@ -13,7 +13,8 @@ run is ever read. Subprocesses get it through ``JAX_COMPILATION_CACHE_DIR``.
 
 A likelier cause of those crashes was found on 2026-11-28: a worker that keeps every compiled
 program reaches ~60,000 memory maps by the end of a run, near Linux's 65,530 per process.
-``tests/conftest.py`` now frees the programs after each test module."""
+``tests/conftest.py`` now frees the programs after each test module and whenever a worker's maps
+pass 20,000."""
 
 import os
 import tempfile

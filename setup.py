@@ -32,6 +32,7 @@ EXTRAS_REQUIRE = {
     "test": [
         "pytest==9.0.3",
         "pytest-xdist==3.8.0",  # the README's test command runs the suite on 2 worker processes
+        "pytest-timeout==2.4.0",  # pytest.ini: a hung test ends with its stacks, not CI's time limit
         "absl-py==2.5.1",
         "torch==2.13.0",
         "transformers==5.24.0",

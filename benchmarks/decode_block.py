@@ -1,6 +1,8 @@
 r"""The decoder layers of one cached decode step: XLA's layer (the model as written, ~12 launches
 per layer at batch 1) against ``kernels.decode_block``'s five fused Pallas (Triton) launches per
-layer, beside the time to read the step's weights and valid cache once, in one run.
+layer and against each half of the layer fused alone (``impl="pallas_attention"``: launches 1-3
+then XLA's MLP; ``"pallas_mlp"``: XLA's attention then launches 4-5), beside the time to read the
+step's weights and valid cache once, in one run.
 
     timeout 300 python benchmarks/decode_block.py --config smollm2-135m llama-1b --batch 1 16 \
         --time-limit 240 --out $OUT/decode_block.json                 # GPU, about 3-4 min
@@ -9,7 +11,7 @@ layer, beside the time to read the step's weights and valid cache once, in one r
 
 Phases:
 
-1. check (compiled kernels, before any timing): ``decode_layer(impl="pallas")`` against
+1. check (compiled kernels, before any timing): ``decode_layer`` with each kernel --impls against
    ``impl="xla"`` (``decode_layer_reference``, the model's arithmetic) on random weights of each
    --config's layer shape (normal, std 0.02; norms 1 + N(0, 0.1); every bias group where
    --biases), B in --batch (a batch of 1 decodes as 2 rows, as ``generate`` does on one GPU) and
@@ -17,12 +19,13 @@ Phases:
    caches within 2e-2 x max|reference| in bf16 (rounding: the kernels round where the model does,
    but sum in another order); a wrong mask, RoPE pairing or cache slot errs by O(1).
 2. the copy bandwidth of the device (``quantized_matmul.copy_bandwidth``: read + write bytes).
-3. the table: per --config and --batch, ``layers_us``: all L layers of one decode step (L distinct
+3. the table: per --config and --batch, ``<impl>_us``: all L layers of one decode step (L distinct
    weight sets, as the model has: 212 MB for SmolLM2-135M, more than the 50-60 MB L2 cache), each
    implementation inside one ``fori_loop`` of --steps decode steps in one jit (the carried x and
    caches of step t feed step t + 1; positions advance from --prompt-len), median of --repeats
    calls / steps. ``floor_us`` = (weights + the valid cache read per step) / copy bandwidth;
-   ``launches`` per step counted from each compiled program (``common.loop_launches``).
+   ``launches`` per step counted from each compiled program (``common.loop_launches``);
+   ``xla_over_<impl>``: XLA's time over each kernel implementation's (> 1: the kernels win).
 4. ``--sweep``: the fused layers at the first --config / --batch under each ``SWEEP`` launch
    setting (K step, pipelining, warps, columns per program, heads per step), in the time left.
 
@@ -46,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from kernels.decode_block import decode_layer  # noqa: E402
 
-IMPLS = ("xla", "pallas")
+IMPLS = ("xla", "pallas", "pallas_attention", "pallas_mlp")  # KERNEL_IMPLS of decode_block
 
 
 def layer_shapes(cfg, biases: bool = False) -> dict:
@@ -76,8 +79,10 @@ def _inv_freq(cfg):
   return rope_inv_freq(cfg)
 
 
-def check(cfg, batch: int, slots: int, dtype, interpret: bool, biases: bool, seed: int = 0):
-  """Max |pallas - xla| / max |xla| of the layer output and the two caches at one layer."""
+def check(cfg, batch: int, slots: int, dtype, interpret: bool, biases: bool, seed: int = 0,
+          impls=IMPLS[1:]):
+  """Per kernel impl of ``impls``: max |impl - xla| / max |xla| of the layer output and the two
+  caches at one layer (``max_rel_err[impl]``); ok when every one is within 2e-2."""
   rows = max(batch, 2) if batch == 1 and not interpret else batch
   keys = jax.random.split(jax.random.key(seed), 4)
   w = random_layer(cfg, keys[0], dtype, biases)
@@ -89,14 +94,17 @@ def check(cfg, batch: int, slots: int, dtype, interpret: bool, biases: bool, see
                   jnp.int32)
   outs = {impl: jax.jit(lambda x, p, ck, cv, impl=impl: decode_layer(
       x, p, _inv_freq(cfg), w, ck, cv, eps=cfg.rms_norm_eps, dtype=dtype, impl=impl,
-      interpret=interpret))(x, pos, ck, cv) for impl in IMPLS}
+      interpret=interpret))(x, pos, ck, cv) for impl in ("xla", *impls)}
   err = {}
-  for name, i in (("x", 0), ("cache_k", 1), ("cache_v", 2)):
-    want = outs["xla"][i].astype(jnp.float32)
-    got = outs["pallas"][i].astype(jnp.float32)
-    err[name] = float(jnp.max(jnp.abs(got - want)) / jnp.maximum(jnp.max(jnp.abs(want)), 1e-30))
+  for impl in impls:
+    err[impl] = {}
+    for name, i in (("x", 0), ("cache_k", 1), ("cache_v", 2)):
+      want = outs["xla"][i].astype(jnp.float32)
+      got = outs[impl][i].astype(jnp.float32)
+      err[impl][name] = float(jnp.max(jnp.abs(got - want))
+                              / jnp.maximum(jnp.max(jnp.abs(want)), 1e-30))
   return dict(config_rows=rows, biases=biases, max_rel_err=err,
-              ok=all(e <= 2e-2 for e in err.values()))
+              ok=all(e <= 2e-2 for by_name in err.values() for e in by_name.values()))
 
 
 def step_program(cfg, rows: int, slots: int, dtype, impl: str, steps: int, prompt_len: int,
@@ -157,6 +165,8 @@ def parse_args(argv=None):
   parser.add_argument("--steps", type=int, default=64, help="decode steps per timed call")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--biases", action="store_true", help="also check every bias group")
+  parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS),
+                      help="implementations to check and time (xla, the baseline, always runs)")
   parser.add_argument("--interpret", action="store_true",
                       help="the kernels in Pallas interpret mode (CPU smoke test; float32)")
   parser.add_argument("--sweep", action="store_true",
@@ -181,13 +191,15 @@ def main(argv=None):
                            settings=vars(args), checks=[], rows=[])
   common.log(f"{env['device']}, jax {env['versions']['jax']}")
   failed = False
+  kernel_impls = [impl for impl in args.impls if impl != "xla"]
   for name in args.config:
     cfg = common.model_config(name, param_dtype=jnp.dtype(dtype).name, dtype=jnp.dtype(dtype).name)
     for batch in sorted(set(args.batch) | ({16} if not args.interpret else set())):
       for biases in ((False, True) if args.biases else (False,)):
         try:
           row = dict(config=name, batch=batch, **check(cfg, batch, args.slots, dtype,
-                                                       args.interpret, biases))
+                                                       args.interpret, biases,
+                                                       impls=kernel_impls))
         except Exception as e:  # pylint: disable=broad-except
           row = dict(config=name, batch=batch, biases=biases, ok=False,
                      error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
@@ -213,7 +225,7 @@ def main(argv=None):
       floor = step_bytes(cfg, rows, valid, dtype) / bandwidth * 1e6
       row = dict(config=name, batch=batch, rows=rows, floor_us=round(floor, 2),
                  bytes_per_step=step_bytes(cfg, rows, valid, dtype))
-      for impl in IMPLS:
+      for impl in ["xla"] + kernel_impls:
         try:
           fn, fargs = step_program(cfg, rows, args.slots, dtype, impl, args.steps,
                                    args.prompt_len, args.interpret)
@@ -224,8 +236,9 @@ def main(argv=None):
                       f"{impl}_over_floor": round(us / floor, 2)})
         except Exception as e:  # pylint: disable=broad-except
           row[f"{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-      if "xla_us" in row and "pallas_us" in row:
-        row["xla_over_pallas"] = round(row["xla_us"] / row["pallas_us"], 3)
+      for impl in kernel_impls:  # the speed-up of each kernel implementation over XLA's layer
+        if "xla_us" in row and f"{impl}_us" in row:
+          row[f"xla_over_{impl}"] = round(row["xla_us"] / row[f"{impl}_us"], 3)
       results.append("rows", row)
       common.log(f"{name} batch {batch}: {row}")
   if args.sweep:

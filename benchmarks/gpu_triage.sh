@@ -6,10 +6,12 @@
 #   1. issue 8 (~2.5 min): benchmarks/sampling.py, the default kernel's compiled check (split grid,
 #      cdf draw, one-launch finish) and top-p at B = 64, V = 152k with every column. Met if the
 #      default call is within 4x of one read of the logits and >= 10x faster than XLA's sort.
-#   2. issue 9 (~2.5 min): benchmarks/decode_block.py, the fused decoder layer's compiled check
-#      and all layers of a SmolLM2-135M decode step at batch 1, XLA's layer against the five
-#      fused launches, beside the read floor (decides kernels.decode_block.GPU_MEASURED).
-#   3. issue 7 (~3.5 min): benchmarks/quantized_matmul.py --mosaic, the Mosaic GPU kernel's first
+#   2. issue 9 (~3 min): benchmarks/decode_block.py, the fused decoder layer's compiled check and
+#      all layers of a SmolLM2-135M decode step at batch 1: XLA's layer, the five fused launches
+#      and the attention half fused alone (pallas_attention: 259 launches per step against 395
+#      and 170, compiled without a GPU), beside the read floor (decides
+#      kernels.decode_block.GPU_MEASURED and GPU_IMPL).
+#   3. issue 7 (~3.3 min): benchmarks/quantized_matmul.py --mosaic, the Mosaic GPU kernel's first
 #      run: its check at M = 17 over every format, then M = 1 and 16 at 4096 x 4096 and
 #      8192 x 8192 beside bf16, the default Triton kernel and the Triton kernel on the repacked
 #      codes (int8 per channel, int4 group 128).
@@ -24,15 +26,16 @@ cd "$(dirname "$0")/.."
 LOG="$OUT/triage.log"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv \
   2>&1 | tee -a "$LOG"
-timeout "${SAMPLING_TIMEOUT:-160}" python3 benchmarks/sampling.py --rows 0:1 \
-  --check-configs split_cdf --time-limit "${SAMPLING_LIMIT:-140}" --repeats 5 \
+timeout "${SAMPLING_TIMEOUT:-150}" python3 benchmarks/sampling.py --rows 0:1 \
+  --check-configs split_cdf --time-limit "${SAMPLING_LIMIT:-130}" --repeats 5 \
   --out "$OUT/sampling.json" 2>&1 | tee -a "$LOG"
-timeout "${BLOCK_TIMEOUT:-160}" python3 benchmarks/decode_block.py --config smollm2-135m \
-  --batch 1 --time-limit "${BLOCK_LIMIT:-120}" --out "$OUT/decode_block.json" 2>&1 | tee -a "$LOG"
-timeout "${QMM_TIMEOUT:-215}" python3 benchmarks/quantized_matmul.py --mosaic \
+timeout "${BLOCK_TIMEOUT:-190}" python3 benchmarks/decode_block.py --config smollm2-135m \
+  --batch 1 --impls xla pallas pallas_attention --time-limit "${BLOCK_LIMIT:-150}" \
+  --out "$OUT/decode_block.json" 2>&1 | tee -a "$LOG"
+timeout "${QMM_TIMEOUT:-200}" python3 benchmarks/quantized_matmul.py --mosaic \
   --mosaic-check-m 17 --mosaic-m 1 16 --mosaic-sweep-shape none \
-  --shapes 4096x4096,8192x8192 --mosaic-seconds "${MOSAIC_SECONDS:-185}" --no-check \
-  --skip-table --time-limit "${QMM_LIMIT:-195}" \
+  --shapes 4096x4096,8192x8192 --mosaic-seconds "${MOSAIC_SECONDS:-170}" --no-check \
+  --skip-table --time-limit "${QMM_LIMIT:-180}" \
   --out "$OUT/quantized_matmul_mosaic.json" 2>&1 | tee -a "$LOG"
 grep -h -i -E "registers|spill|C7515|serializ" -r /tmp/mgpu_dump 2>/dev/null | sort | uniq -c \
   | sort -rn | head -100 > "$OUT/mosaic_ptxas.txt"

@@ -354,9 +354,9 @@ def parse_args(argv=None):
                       choices=["auto", "xla", "pallas"],
                       help="ModelConfig.decode_attention_impl ('auto' = the kernel, as on one GPU)")
   parser.add_argument("--decode-block", nargs="+", default=["auto"],
-                      choices=["auto", "xla", "pallas"],
+                      choices=["auto", "xla", "pallas", "pallas_attention", "pallas_mlp"],
                       help="ModelConfig.decode_block_impl ('pallas': kernels.decode_block's five "
-                           "fused launches per layer)")
+                           "fused launches per layer; 'pallas_attention' / 'pallas_mlp': one half)")
   parser.add_argument("--sampling-impl", default="auto", choices=["auto", "xla", "pallas"])
   parser.add_argument("--formats", nargs="+", default=["bf16"], choices=list(FORMATS),
                       help="weights: bf16, or every block's Linear quantized (postrl.quant)")
@@ -444,10 +444,10 @@ def main(argv=None):
       with open(os.path.join(args.dump_dir, stem + ".fusions.txt"), "w") as f:
         f.write(common.format_launch_list(common.loop_launch_list(hlo), stem))
   common.log(f"{'config':>14} {'format':>10} {'batch':>6} {'rows':>5} {'attention':>10} "
-             f"{'layer':>7} {'launches':>9} {'MB written':>11}")
+             f"{'layer':>16} {'launches':>9} {'MB written':>11}")
   for r in rows:
     common.log(f"{r['config']:>14} {r['format']:>10} {r['batch']:>6} {r['rows']:>5} "
-               f"{r['decode_attention']:>10} {r['decode_block']:>7} {r['launches']:>9} "
+               f"{r['decode_attention']:>10} {r['decode_block']:>16} {r['launches']:>9} "
                f"{r['bytes_written'] / 1e6:>11.1f}")
   if args.out:
     result = dict(tool="benchmarks/xla_gpu_offline.py", gpu=args.gpu, jax=jax.__version__,

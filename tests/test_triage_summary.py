@@ -32,17 +32,23 @@ def test_mosaic_verdict_counts_failing_checks_and_errors():
   assert "mosaic RuntimeError: ptxas" in lines[1] and "not met" in lines[1]
 
 
-def test_decode_block_verdict_needs_a_passing_check():
-  row = dict(config="smollm2-135m", batch=1, floor_us=80.0, xla_us=900.0, pallas_us=450.0,
-             xla_over_floor=11.25, pallas_over_floor=5.63, xla_over_pallas=2.0)
+def test_decode_block_verdict_names_the_fastest_kernel_implementation():
+  row = dict(config="smollm2-135m", batch=1, floor_us=80.0, xla_us=900.0, xla_over_floor=11.25,
+             pallas_us=450.0, pallas_over_floor=5.63, xla_over_pallas=2.0,
+             pallas_attention_us=600.0, pallas_attention_over_floor=7.5,
+             xla_over_pallas_attention=1.5)
   ok = triage_summary.decode_block_verdict({"checks": [{"ok": True}], "rows": [row]})
-  assert "fused FASTER" in ok and "2.0x" in ok
-  slower = triage_summary.decode_block_verdict(
-      {"checks": [{"ok": True}], "rows": [dict(row, xla_over_pallas=0.9)]})
-  assert "fused not faster" in slower
+  assert ok.endswith(": pallas FASTER (2.0x) (read floor 80.0 us)"), ok
+  assert "pallas_attention 600.0 us (7.5x the floor, 1.5x)" in ok
+  slower = triage_summary.decode_block_verdict({"checks": [{"ok": True}], "rows": [dict(
+      row, xla_over_pallas=0.9, xla_over_pallas_attention=0.8)]})
+  assert "no kernel faster" in slower
   failed = triage_summary.decode_block_verdict(
       {"checks": [{"ok": True}, {"ok": False, "error": "KernelShapeError: smem"}], "rows": [row]})
   assert failed.startswith("issue 9: fused layer check failed") and "1 of 2 failing" in failed
+  untimed = triage_summary.decode_block_verdict({"checks": [{"ok": True}], "rows": [dict(
+      config="smollm2-135m", batch=1, xla_us=900.0, pallas_error="RuntimeError: ptxas")]})
+  assert "not timed both ways" in untimed and "ptxas" in untimed
 
 
 def test_summarise_names_missing_and_unreadable_files(tmp_path):
@@ -53,3 +59,8 @@ def test_summarise_names_missing_and_unreadable_files(tmp_path):
   assert lines[0].startswith("sampling.json missing")
   assert lines[1].startswith("decode_block.json unreadable (JSONDecodeError")
   assert "MET by mosaic" in lines[3]
+
+
+def test_the_kernel_implementations_named_are_decode_blocks():
+  from kernels.decode_block import KERNEL_IMPLS  # pylint: disable=import-outside-toplevel
+  assert triage_summary.DECODE_BLOCK_KERNEL_IMPLS == KERNEL_IMPLS

@@ -10,11 +10,18 @@ interpret, config) -> (x', cache_k, cache_v)``. Implementations (the same functi
 * ``reference.decode_layer_reference``: the model's own jnp arithmetic (``impl="xla"``).
 * ``gpu.decode_layer_gpu``: Pallas on the Triton backend, five launches per layer instead of XLA's
   ~12 at batch 1 (``impl="pallas"``), for 1 to 16 rows and float weights.
+* one half fused, the other XLA's: ``impl="pallas_attention"`` (the kernels' launches 1-3,
+  ``gpu.attention_half_gpu``, then ``reference.mlp_half_reference``: ~7 launches per layer) and
+  ``impl="pallas_mlp"`` (``reference.attention_half_reference``, then the kernels' launches 4-5,
+  ``gpu.mlp_half_gpu``: ~10). The fused MLP streams three quarters of a small model's weights
+  through 16-column programs, XLA through tuned GEMMs; a GPU run that times all four tells
+  which half the kernels win (``benchmarks/decode_block.py``).
 
 Why: at batch 1 the SmolLM2-135M decode step is bound by its number of launches (399 per step,
 ~2.7 us each on an H200: 6.9% of the bandwidth bound; docs/benchmarks.md). Not yet timed on a GPU,
 so ``impl="auto"`` (``ModelConfig.decode_block_impl``'s default) keeps XLA's layer everywhere until
-a GPU run shows the kernels faster (``GPU_MEASURED``).
+a GPU run shows the kernels faster (``GPU_MEASURED``; ``GPU_IMPL`` is then the fastest of the three
+kernel implementations).
 """
 
 from __future__ import annotations
@@ -22,31 +29,37 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.decode_block.gpu import (GpuConfig, KernelShapeError, check_shapes, decode_layer_gpu,
-                                      default_config)
-from kernels.decode_block.reference import decode_layer_reference
+from kernels.decode_block.gpu import (GpuConfig, KernelShapeError, attention_half_gpu, check_shapes,
+                                      decode_layer_gpu, default_config, mlp_half_gpu)
+from kernels.decode_block.reference import (attention_half_reference, decode_layer_reference,
+                                            mlp_half_reference)
 
 __all__ = ["decode_layer", "choose_impl", "check_shapes", "default_config", "decode_layer_reference",
-           "decode_layer_gpu", "GpuConfig", "KernelShapeError", "WEIGHT_NAMES", "BIAS_GROUPS"]
+           "decode_layer_gpu", "attention_half_gpu", "mlp_half_gpu", "attention_half_reference",
+           "mlp_half_reference", "GpuConfig", "KernelShapeError", "WEIGHT_NAMES", "BIAS_GROUPS"]
 
-IMPLS = ("auto", "xla", "pallas")
+# the implementations that run kernels: the whole layer, or its attention / MLP half
+KERNEL_IMPLS = ("pallas", "pallas_attention", "pallas_mlp")
+IMPLS = ("auto", "xla") + KERNEL_IMPLS
 # Not timed on a GPU yet (compiled for sm_90 and launch-counted without one): "auto" keeps XLA.
 GPU_MEASURED = False
+# what "auto" takes on one GPU once GPU_MEASURED: the fastest of KERNEL_IMPLS in that run
+GPU_IMPL = "pallas"
 WEIGHT_NAMES = ("input_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down")
 # optional biases, each group all present or all absent
 BIAS_GROUPS = (("q_bias", "k_bias", "v_bias"), ("o_bias",), ("gate_bias", "up_bias", "down_bias"))
 
 
 def choose_impl(impl: str = "auto", platform: str | None = None) -> str:
-  """Resolve ``impl`` to "xla" or "pallas" ("auto": the kernels on one GPU once ``GPU_MEASURED``;
-  XLA until then and on CPUs, TPUs and several devices)."""
+  """Resolve ``impl`` to "xla" or one of ``KERNEL_IMPLS`` ("auto": ``GPU_IMPL`` on one GPU once
+  ``GPU_MEASURED``; XLA until then and on CPUs, TPUs and several devices)."""
   if impl not in IMPLS:
     raise ValueError(f"decode_layer: impl must be one of {IMPLS}, got {impl!r}")
   if impl != "auto":
     return impl
   platform = platform or jax.default_backend()
   if GPU_MEASURED and platform in ("gpu", "cuda") and jax.device_count() == 1:
-    return "pallas"
+    return GPU_IMPL
   return "xla"
 
 
@@ -97,7 +110,8 @@ def decode_layer(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, 
       optional ``BIAS_GROUPS``.
     cache_k, cache_v: [B, S, K, Dh] caches; the token's key / value are written at its slot.
     eps: RMSNorm epsilon. dtype: the compute dtype (the model's ``dtype``).
-    impl: "auto" | "xla" | "pallas". interpret: the kernels in Pallas interpret mode (CPU tests).
+    impl: "auto" | "xla" | "pallas" | "pallas_attention" | "pallas_mlp" (module doc).
+      interpret: the kernels in Pallas interpret mode (CPU tests).
     config: ``GpuConfig`` (None: ``default_config`` of the shapes).
   Returns:
     (x' [B, D] in ``dtype``, cache_k, cache_v).
@@ -126,7 +140,17 @@ def decode_layer(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, 
     return decode_layer_reference(x_BxD, positions_B, inv_freq, weights, cache_k, cache_v,
                                   eps=eps, dtype=dtype)
   if not interpret and jax.default_backend() not in ("gpu", "cuda"):
-    raise ValueError(f"decode_layer: impl='pallas' runs Triton kernels, which need an NVIDIA GPU "
-                     f"(backend is {jax.default_backend()!r}); use interpret=True on a CPU")
-  return decode_layer_gpu(x_BxD, positions_B, inv_freq, weights, cache_k, cache_v, eps=eps,
-                          dtype=dtype, config=config, interpret=interpret)
+    raise ValueError(f"decode_layer: impl={chosen!r} runs Triton kernels, which need an NVIDIA "
+                     f"GPU (backend is {jax.default_backend()!r}); use interpret=True on a CPU")
+  if chosen == "pallas":
+    return decode_layer_gpu(x_BxD, positions_B, inv_freq, weights, cache_k, cache_v, eps=eps,
+                            dtype=dtype, config=config, interpret=interpret)
+  if chosen == "pallas_attention":
+    a, cache_k, cache_v = attention_half_gpu(x_BxD, positions_B, inv_freq, weights, cache_k,
+                                             cache_v, eps=eps, dtype=dtype, config=config,
+                                             interpret=interpret)
+    return mlp_half_reference(a, weights, eps=eps, dtype=dtype), cache_k, cache_v
+  a, cache_k, cache_v = attention_half_reference(x_BxD, positions_B, inv_freq, weights, cache_k,
+                                                 cache_v, eps=eps, dtype=dtype)
+  return (mlp_half_gpu(a, weights, eps=eps, dtype=dtype, config=config, interpret=interpret),
+          cache_k, cache_v)

@@ -86,8 +86,8 @@ def _heads_per_step(h: int, cfg: GpuConfig) -> int:
   return next(n for n in (4, 3, 2, 1) if h % n == 0)
 
 
-def check_shapes(b: int, d: int, f: int, h: int, k: int, dh: int, cfg: GpuConfig):
-  """Raise ``KernelShapeError`` naming what the fused layer cannot take."""
+def check_mlp_shapes(b: int, d: int, f: int, cfg: GpuConfig):
+  """Raise ``KernelShapeError`` naming what the fused MLP half (launches 4-5) cannot take."""
   def pow2(n):
     return n >= 16 and not n & (n - 1)
   if not 1 <= b <= ROWS:
@@ -101,6 +101,11 @@ def check_shapes(b: int, d: int, f: int, h: int, k: int, dh: int, cfg: GpuConfig
       raise KernelShapeError(f"{name} {value} is not a multiple of block_n={cfg.block_n}")
     if value % 16:
       raise KernelShapeError(f"{name} {value} is not a multiple of 16 (the dot's smallest step)")
+
+
+def check_shapes(b: int, d: int, f: int, h: int, k: int, dh: int, cfg: GpuConfig):
+  """Raise ``KernelShapeError`` naming what the fused layer cannot take."""
+  check_mlp_shapes(b, d, f, cfg)
   hps = _heads_per_step(h, cfg)
   if hps < 1 or h % hps:
     raise KernelShapeError(f"heads_per_step={hps} does not divide the {h} query heads")
@@ -350,30 +355,32 @@ def _call(kernel, grid, out_shape, args, cfg: GpuConfig, interpret: bool, name: 
                         interpret=interpret, name=name)(*args)
 
 
-def decode_layer_gpu(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, *,
-                     eps: float, dtype, config: GpuConfig | None = None,
-                     interpret: bool = False):
-  """One layer of one cached decode step (module doc) -> (x' [B, D], cache_k, cache_v).
-
-  ``weights``: ``input_norm`` [D], ``q`` [D, H Dh], ``k`` / ``v`` [D, K Dh], ``o`` [H Dh, D],
-  ``post_norm`` [D], ``gate`` / ``up`` [D, F], ``down`` [F, D], and optionally ``q_bias``,
-  ``k_bias``, ``v_bias`` (all three or none), ``o_bias``, ``gate_bias`` / ``up_bias`` /
-  ``down_bias`` (all three or none). Caches [B, S, K, Dh] are updated in place (aliased).
-  """
-  B, D = x_BxD.shape
-  S, K, Dh = cache_k.shape[1:]
-  H = weights["q"].shape[1] // Dh
-  F = weights["gate"].shape[1]
+def _layer_config(B: int, D: int, F: int, H: int, K: int, S: int, Dh: int,
+                  config: GpuConfig | None) -> GpuConfig:
+  """``config`` (None: ``default_config``) checked for these shapes, with the attention kernel's
+  chunks set (capped at ``MAX_CHUNKS``: every output-projection program merges every chunk)."""
   cfg = config or default_config(D, F, H, Dh)
   check_shapes(B, D, F, H, K, Dh, cfg)
-  dtype = jnp.dtype(dtype)
-  x_BxD = x_BxD.astype(dtype)  # the residual stream in the compute dtype, as the model's
-  positions_B = positions_B.astype(jnp.int32)
   if cfg.attention is None or cfg.attention.chunks is None:
-    # every output-projection program merges every chunk again: cap them (long caches)
     att = cfg.attention or attention_gpu.GpuConfig()
     chunks = min(attention_gpu.default_chunks(B, K, S, att.block_s), MAX_CHUNKS)
     cfg = dataclasses.replace(cfg, attention=dataclasses.replace(att, chunks=chunks))
+  return cfg
+
+
+def attention_half_gpu(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, *,
+                       eps: float, dtype, config: GpuConfig | None = None,
+                       interpret: bool = False):
+  """Launches 1-3 of the layer (module doc) -> (a [B, D], cache_k, cache_v), a = x + Attn(...) W_o:
+  RMSNorm + q / k / v + RoPE + the cache writes; the attention kernel; the merge of its chunks +
+  the o projection + the residual add. Caches [B, S, K, Dh] are updated in place (aliased)."""
+  B, D = x_BxD.shape
+  S, K, Dh = cache_k.shape[1:]
+  H = weights["q"].shape[1] // Dh
+  cfg = _layer_config(B, D, weights["gate"].shape[1], H, K, S, Dh, config)
+  dtype = jnp.dtype(dtype)
+  x_BxD = x_BxD.astype(dtype)  # the residual stream in the compute dtype, as the model's
+  positions_B = positions_B.astype(jnp.int32)
   sds = jax.ShapeDtypeStruct
 
   qkv_bias = "q_bias" in weights
@@ -408,7 +415,20 @@ def decode_layer_gpu(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache
   args = [x_BxD, acc, m, l, weights["o"]] + ([weights["o_bias"]] if o_bias else [])
   a = _call(kernel, (D // cfg.block_n,), sds((B, D), dtype), args, cfg, interpret,
             "decode_layer_attn_out")
+  return a, cache_k, cache_v
 
+
+def mlp_half_gpu(a_BxD, weights: dict, *, eps: float, dtype, config: GpuConfig | None = None,
+                 interpret: bool = False):
+  """Launches 4-5 of the layer (module doc) -> x' [B, D] = a + W_down (silu(m W_gate) * m W_up),
+  m = RMSNorm(a): RMSNorm + gate / up + SiLU x up; the down projection + the residual add."""
+  B, D = a_BxD.shape
+  F = weights["gate"].shape[1]
+  cfg = config or default_config(D, F, 0, 0)
+  check_mlp_shapes(B, D, F, cfg)
+  dtype = jnp.dtype(dtype)
+  a = a_BxD.astype(dtype)
+  sds = jax.ShapeDtypeStruct
   mlp_bias = "gate_bias" in weights
   kernel = functools.partial(_mlp_in_kernel, block_n=cfg.block_n, block_k=cfg.block_k, eps=eps,
                              dtype=dtype, bias=mlp_bias)
@@ -420,6 +440,23 @@ def decode_layer_gpu(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache
   kernel = functools.partial(_mlp_out_kernel, block_n=cfg.block_n, block_k=cfg.block_k,
                              dtype=dtype, bias=mlp_bias)
   args = [a, act, weights["down"]] + ([weights["down_bias"]] if mlp_bias else [])
-  x = _call(kernel, (D // cfg.block_n,), sds((B, D), dtype), args, cfg, interpret,
-            "decode_layer_mlp_out")
+  return _call(kernel, (D // cfg.block_n,), sds((B, D), dtype), args, cfg, interpret,
+               "decode_layer_mlp_out")
+
+
+def decode_layer_gpu(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, *,
+                     eps: float, dtype, config: GpuConfig | None = None,
+                     interpret: bool = False):
+  """One layer of one cached decode step (module doc) -> (x' [B, D], cache_k, cache_v): the
+  attention half (``attention_half_gpu``), then the MLP half (``mlp_half_gpu``).
+
+  ``weights``: ``input_norm`` [D], ``q`` [D, H Dh], ``k`` / ``v`` [D, K Dh], ``o`` [H Dh, D],
+  ``post_norm`` [D], ``gate`` / ``up`` [D, F], ``down`` [F, D], and optionally ``q_bias``,
+  ``k_bias``, ``v_bias`` (all three or none), ``o_bias``, ``gate_bias`` / ``up_bias`` /
+  ``down_bias`` (all three or none). Caches [B, S, K, Dh] are updated in place (aliased).
+  """
+  a, cache_k, cache_v = attention_half_gpu(x_BxD, positions_B, inv_freq, weights, cache_k,
+                                           cache_v, eps=eps, dtype=dtype, config=config,
+                                           interpret=interpret)
+  x = mlp_half_gpu(a, weights, eps=eps, dtype=dtype, config=config, interpret=interpret)
   return x, cache_k, cache_v

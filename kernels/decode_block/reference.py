@@ -16,10 +16,10 @@ from kernels.decode_attention.reference import decode_attention_reference
 from postrl.models.transformer import apply_rope, dense, rms_norm, write_slots
 
 
-def decode_layer_reference(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, *,
-                           eps: float, dtype, config=None, interpret: bool = False):
-  """(x' [B, D], cache_k, cache_v) of one layer at one cached step (module doc)."""
-  del config, interpret  # the kernels' settings; the reference has none
+def attention_half_reference(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, *,
+                             eps: float, dtype):
+  """(a [B, D], cache_k, cache_v): the residual stream after the attention half of the layer,
+  a = x + Attn(RoPE(n W_q), cache + RoPE(n W_k), cache + n W_v) W_o, n = RMSNorm(x)."""
   B, _ = x_BxD.shape
   K, Dh = cache_k.shape[2:]
   H = weights["q"].shape[1] // Dh
@@ -33,7 +33,23 @@ def decode_layer_reference(x_BxD, positions_B, inv_freq, weights: dict, cache_k,
   cache_k, cache_v = write_slots(cache_k, pos_Bx1, k), write_slots(cache_v, pos_Bx1, v)
   attn = decode_attention_reference(q[:, 0], cache_k, cache_v, positions_B + 1).astype(dtype)
   a = x + dense(attn.reshape(B, H * Dh), weights["o"], weights.get("o_bias"), dtype)
+  return a, cache_k, cache_v
+
+
+def mlp_half_reference(a_BxD, weights: dict, *, eps: float, dtype):
+  """x' [B, D] = a + W_down (silu(m W_gate) * m W_up), m = RMSNorm(a): the MLP half."""
+  a = a_BxD.astype(dtype)
   m = rms_norm(a, weights["post_norm"], eps, dtype)
   act = (jax.nn.silu(dense(m, weights["gate"], weights.get("gate_bias"), dtype))
          * dense(m, weights["up"], weights.get("up_bias"), dtype))
-  return a + dense(act, weights["down"], weights.get("down_bias"), dtype), cache_k, cache_v
+  return a + dense(act, weights["down"], weights.get("down_bias"), dtype)
+
+
+def decode_layer_reference(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, *,
+                           eps: float, dtype, config=None, interpret: bool = False):
+  """(x' [B, D], cache_k, cache_v) of one layer at one cached step (module doc): the attention
+  half, then the MLP half."""
+  del config, interpret  # the kernels' settings; the reference has none
+  a, cache_k, cache_v = attention_half_reference(x_BxD, positions_B, inv_freq, weights, cache_k,
+                                                 cache_v, eps=eps, dtype=dtype)
+  return mlp_half_reference(a, weights, eps=eps, dtype=dtype), cache_k, cache_v

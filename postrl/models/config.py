@@ -27,7 +27,7 @@ SUPPORTED_ARCHITECTURES = {
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DECODE_ATTENTION_IMPLS = ("auto", "xla", "pallas")
-DECODE_BLOCK_IMPLS = ("auto", "xla", "pallas")
+DECODE_BLOCK_IMPLS = ("auto", "xla", "pallas", "pallas_attention", "pallas_mlp")
 REMAT_POLICIES = ("none", "full", "dots")
 # How the model computes, not what: the same function whichever value (tested), so a checkpoint
 # written under one resumes under another (``postrl.trainers.common.fingerprint`` leaves them out)
@@ -113,9 +113,10 @@ class ModelConfig:
   # Triton launches (RMSNorm + q / k / v + RoPE + cache write; attention; merge + o + residual;
   # RMSNorm + gate / up + SiLU; down + residual), for float (not quantized, no unmerged adapter)
   # layers without prefix / prompt tuning (on a CPU in interpret mode, a test path; its
-  # attention is always the flash-decoding kernel, whatever decode_attention_impl says); "auto"
-  # (default): XLA until a GPU run measures the kernels faster (``kernels.decode_block.
-  # GPU_MEASURED``). A runtime choice like dtype.
+  # attention is always the flash-decoding kernel, whatever decode_attention_impl says);
+  # "pallas_attention" / "pallas_mlp": that half of the layer fused (launches 1-3 / 4-5), the
+  # other half XLA's; "auto" (default): XLA until a GPU run measures the kernels faster
+  # (``kernels.decode_block.GPU_MEASURED``, ``GPU_IMPL``). A runtime choice like dtype.
   decode_block_impl: str = "auto"
 
   def __post_init__(self):

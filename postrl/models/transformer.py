@@ -485,15 +485,15 @@ class Transformer(nnx.Module):
   def _fused_decode(self, batch: int) -> bool:
     """Whether a cached one-token step of ``batch`` rows runs ``kernels.decode_block``
     (``ModelConfig.decode_block_impl``): "xla" never; "auto" where ``choose_impl`` picks the
-    kernels and the model and shapes fit them; "pallas" always (what does not fit is then a
-    clear error)."""
+    kernels and the model and shapes fit them; "pallas" / "pallas_attention" / "pallas_mlp"
+    always (what does not fit is then a clear error)."""
     cfg = self.config
     impl = cfg.decode_block_impl
     if impl == "xla":
       return False
     # pylint: disable=import-outside-toplevel
     from kernels.decode_block import KernelShapeError, check_shapes, choose_impl, default_config
-    if impl == "auto" and choose_impl(impl) != "pallas":
+    if impl == "auto" and choose_impl(impl) == "xla":
       return False
     blocker = ("prompt tuning" if getattr(self, "prompt", None) is not None else
                next((b for b in (layer.fused_decode_blocker() for layer in self.layers) if b),
@@ -505,20 +505,22 @@ class Transformer(nnx.Module):
         check_shapes(batch, d, f, h, cfg.num_key_value_heads, dh, default_config(d, f, h, dh))
       except KernelShapeError as e:
         blocker = str(e)
-    if blocker is not None and impl == "pallas":
-      raise ConfigError(f"decode_block_impl='pallas' cannot run this model's cached step: "
+    if blocker is not None and impl != "auto":
+      raise ConfigError(f"decode_block_impl={impl!r} cannot run this model's cached step: "
                         f"{blocker}; use decode_block_impl='auto' or 'xla'")
     return blocker is None
 
   def _fused_decode_layers(self, x_BxD, positions_B, cache: KVCache, inv_freq):
     """``hidden_states`` of one cached token per row through ``kernels.decode_block``."""
-    from kernels.decode_block import decode_layer  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from kernels.decode_block import choose_impl, decode_layer
     cfg = self.config
+    impl = choose_impl(cfg.decode_block_impl)  # one of the kernel impls (``_fused_decode``)
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       x_BxD, k, v = decode_layer(x_BxD, positions_B, inv_freq, layer.decode_weights(),
                                  cache.k[i], cache.v[i], eps=cfg.rms_norm_eps,
-                                 dtype=dtype_from_name(cfg.dtype), impl="pallas",
+                                 dtype=dtype_from_name(cfg.dtype), impl=impl,
                                  interpret=jax.default_backend() == "cpu")
       new_k.append(k)
       new_v.append(v)

@@ -533,8 +533,9 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
              for d in x.sharding.device_set}
   for option, what in (("decode_attention_impl", "the decode-attention kernel"),
                        ("decode_block_impl", "the fused decoder layer")):
-    if getattr(config, option) == "pallas" and (mesh is not None or len(devices) > 1):
-      raise ValueError(f"{option}='pallas': {what} runs on one device; the parameters span "
+    chosen = getattr(config, option)
+    if chosen.startswith("pallas") and (mesh is not None or len(devices) > 1):
+      raise ValueError(f"{option}={chosen!r}: {what} runs on one device; the parameters span "
                        f"{len(devices)} (use 'xla')")
   platform = next(iter(devices)).platform if devices else jax.default_backend()
   rows_decoded = min_decode_rows(int(prompt_BxP.shape[0]), platform,

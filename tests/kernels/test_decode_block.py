@@ -11,8 +11,10 @@ import pytest
 from flax import nnx
 
 from kernels.decode_attention import GpuConfig as AttentionConfig
-from kernels.decode_block import (GpuConfig, KernelShapeError, check_shapes, choose_impl,
-                                  decode_layer, decode_layer_reference, default_config)
+from kernels.decode_block import (GpuConfig, KernelShapeError, attention_half_gpu,
+                                  attention_half_reference, check_shapes, choose_impl,
+                                  decode_layer, decode_layer_reference, default_config,
+                                  mlp_half_gpu, mlp_half_reference)
 from postrl import peft
 from postrl.models import ConfigError, Transformer
 from postrl.models.transformer import KVCache, rope_inv_freq
@@ -75,6 +77,41 @@ def test_kernels_equal_the_model_arithmetic_in_float32(b, biases, chunks, block_
     assert np.argmax(changed, axis=1).tolist() == np.asarray(pos).tolist()
 
 
+@pytest.mark.parametrize("impl", ["pallas_attention", "pallas_mlp"])
+def test_one_half_fused_equals_the_model_arithmetic(impl):
+  """Each half of the layer through its kernels, the other through XLA: the same layer and the
+  same cache writes (every bias, 3 rows, 2 attention chunks)."""
+  x, ck, cv = _state(3)
+  pos = jnp.array([0, 17, S - 1])
+  w = _weights(biases=True)
+  config = dataclasses.replace(default_config(D, F, H, DH), block_k=32,
+                               attention=AttentionConfig(block_s=16, chunks=2))
+  kw = dict(eps=1e-5, dtype=jnp.float32)
+  want = decode_layer(x, pos, INV_FREQ, w, ck, cv, impl="xla", **kw)
+  got = decode_layer(x, pos, INV_FREQ, w, ck, cv, impl=impl, interpret=True, config=config, **kw)
+  for g, wnt in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(wnt), rtol=2e-5, atol=2e-5)
+
+
+def test_the_halves_compose_to_the_layer():
+  """attention_half_* then mlp_half_* is the layer, in the reference and in the kernels."""
+  x, ck, cv = _state(2)
+  pos = jnp.array([4, 30])
+  w = _weights(seed=2)
+  kw = dict(eps=1e-5, dtype=jnp.float32)
+  a, rk, rv = attention_half_reference(x, pos, INV_FREQ, w, ck, cv, **kw)
+  layer = decode_layer_reference(x, pos, INV_FREQ, w, ck, cv, **kw)
+  np.testing.assert_array_equal(np.asarray(mlp_half_reference(a, w, **kw)), np.asarray(layer[0]))
+  np.testing.assert_array_equal(np.asarray(rk), np.asarray(layer[1]))
+  ga, gk, _ = attention_half_gpu(x, pos, INV_FREQ, w, ck, cv, interpret=True, **kw)
+  np.testing.assert_allclose(np.asarray(ga), np.asarray(a), rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(gk), np.asarray(rk), rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(mlp_half_gpu(a, w, interpret=True, **kw)),
+                             np.asarray(layer[0]), rtol=2e-5, atol=2e-5)
+  # the residual: a half that dropped it would be off by x (or a) itself
+  assert float(jnp.max(jnp.abs(a - x))) < 0.5 * float(jnp.max(jnp.abs(x)))
+
+
 def test_bfloat16_within_rounding():
   x, ck, cv = _state(4, jnp.bfloat16)
   pos = jnp.array([3, 0, 39, 20])
@@ -106,15 +143,16 @@ def test_reference_is_the_model_block():
   np.testing.assert_array_equal(np.asarray(gv), np.asarray(wv))
 
 
-def _models(**overrides):
+def _models(impl="pallas", **overrides):
   cfg = tiny_config(head_dim=DH, intermediate_size=F, **overrides)
   xla = Transformer(dataclasses.replace(cfg, decode_block_impl="xla"), rngs=nnx.Rngs(0))
-  fused = Transformer(dataclasses.replace(cfg, decode_block_impl="pallas"), rngs=nnx.Rngs(0))
+  fused = Transformer(dataclasses.replace(cfg, decode_block_impl=impl), rngs=nnx.Rngs(0))
   return cfg, xla, fused
 
 
-def test_model_decode_with_the_kernels_equals_xla():
-  cfg, xla, fused = _models(qkv_bias=True)
+@pytest.mark.parametrize("impl", ["pallas", "pallas_attention"])
+def test_model_decode_with_the_kernels_equals_xla(impl):
+  cfg, xla, fused = _models(impl, qkv_bias=True)
   tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, cfg.vocab_size)
   cache = KVCache.zeros(cfg, 2, 16)
   _, cache = xla.decode(tokens, jnp.broadcast_to(jnp.arange(6), (2, 6)), cache)
@@ -139,17 +177,18 @@ def test_model_chooses_xla_unless_asked():
   assert fused._fused_decode(2)  # pylint: disable=protected-access
 
 
-@pytest.mark.parametrize("change,message", [
+@pytest.mark.parametrize("change,message,impl", [
     (lambda m: peft.apply_lora(m, rank=2, alpha=4.0, targets=r"self_attn\.(q|v)_proj"),
-     "unmerged adapter"),
-    (lambda m: None, "17 rows"),
+     "unmerged adapter", "pallas"),
+    (lambda m: None, "17 rows", "pallas"),
+    (lambda m: None, "17 rows", "pallas_mlp"),
 ])
-def test_pallas_on_a_model_it_cannot_run_is_a_clear_error(change, message):
-  cfg, _, fused = _models()
+def test_pallas_on_a_model_it_cannot_run_is_a_clear_error(change, message, impl):
+  cfg, _, fused = _models(impl)
   change(fused)
   rows = 17 if message == "17 rows" else 2
   cache = KVCache.zeros(cfg, rows, 8)
-  with pytest.raises(ConfigError, match=message):
+  with pytest.raises(ConfigError, match=f"decode_block_impl='{impl}' cannot run.*{message}"):
     fused.decode(jnp.zeros((rows, 1), jnp.int32), jnp.zeros((rows, 1), jnp.int32), cache)
 
 

@@ -3,16 +3,17 @@
 # ModelConfig.decode_block_impl; about 8 minutes on an H100 / H200; results in $OUT):
 #   1. benchmarks/decode_block.py: the compiled kernels checked against the model's arithmetic
 #      (both presets, 2 and 16 rows, with and without biases), then all layers of a decode step,
-#      XLA's layer against the five fused launches and against each half of the layer fused alone
-#      (pallas_attention, pallas_mlp), beside the read floor, then (--sweep) the fused layer's
+#      XLA's layer against the five fused launches and against the attention half fused alone
+#      (pallas_attention; the fused layer's time minus it is the fused MLP's against XLA's),
+#      beside the read floor, then (--sweep) the fused layer's
 #      launch settings at SmolLM2-135M, batch 1, in what is left of LIMIT;
 #   2. benchmarks/generate.py at batch 1 and 16, --decode-block xla pallas pallas_attention
 #      (generate's defaults otherwise: the sampling and decode-attention kernels, two rows for one
 #      prompt), tokens/s, fraction of the bandwidth bound and launches per step of each.
-# Compiled without a GPU (benchmarks/xla_gpu_offline.py --decode-block xla pallas, 2026-11-27) one
+# Compiled without a GPU (benchmarks/xla_gpu_offline.py --decode-block, 2026-11-27 / 28) one
 # SmolLM2-135M step at batch 1 launches 170 operations with the fused layer against 395 (259 with
-# the attention half fused, 441 with the MLP half), the Llama-3.2-1B step 100 against 245 (148,
-# 245). If a kernel implementation is faster at both shapes, set
+# the attention half fused, 351 with the MLP half), the Llama-3.2-1B step 100 against 245 (148,
+# 197). If a kernel implementation is faster at both shapes, set
 # kernels.decode_block.GPU_MEASURED = True and GPU_IMPL to the fastest
 # (ModelConfig.decode_block_impl="auto" then takes it on one GPU) and record the table in
 # docs/benchmarks.md. LIMIT / GEN_LIMIT: seconds for step 1 / per
@@ -29,7 +30,7 @@ LIMIT=${LIMIT:-180}; GEN_LIMIT=${GEN_LIMIT:-90}  # at most ~9.5 min with the tim
 MODELS="${SMALL:-smollm2-135m} ${LARGE-llama-1b}"
 # shellcheck disable=SC2086
 timeout $((LIMIT + 90)) python3 benchmarks/decode_block.py --config $MODELS --batch 1 16 \
-  --biases --sweep --time-limit "$LIMIT" ${EXTRA_ARGS:-} --out "$OUT/decode_block.json" 2>&1 \
+  --impls xla pallas pallas_attention --biases --sweep --time-limit "$LIMIT" ${EXTRA_ARGS:-} --out "$OUT/decode_block.json" 2>&1 \
   | tee -a "$OUT/log.txt"
 for model in $MODELS; do
   # shellcheck disable=SC2086

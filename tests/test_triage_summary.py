@@ -6,9 +6,9 @@ import json
 from benchmarks import triage_summary
 
 
-def _mosaic_doc(bits, vs_bf16, bw, *, check_err=1e-3):
+def _mosaic_doc(bits, vs_bf16, bw, *, check_err=1e-3, err=1e-3):
   row = dict(k=4096, n=4096, m=16, bits=bits, group=128 if bits == 4 else None, sweep=False,
-             bf16_us=16.0)
+             bf16_us=16.0, err=err)
   return {"mosaic_check": [dict(bits=bits, group=None, dtype="bfloat16", rel_err=check_err)],
           "mosaic": [dict(row, kernel="triton", us=14.0, vs_bf16=16.0 / 14.0, bw=0.4),
                      dict(row, kernel="mosaic", us=16.0 / vs_bf16, vs_bf16=vs_bf16, bw=bw)]}
@@ -21,6 +21,11 @@ def test_mosaic_verdict_applies_the_issue_targets_per_bit_width():
     assert lines[0] == "issue 7: Mosaic check: 1 cases, 0 failing"
     assert ("MET by mosaic" in lines[1]) == met, lines[1]
     assert lines[1].endswith("fastest " + ("mosaic" if vs_bf16 > 16.0 / 14.0 else "triton"))
+
+
+def test_mosaic_verdict_is_not_met_by_a_wrong_output():
+  lines = triage_summary.mosaic_verdict(_mosaic_doc(4, 3.5, 0.9, err=0.5)).splitlines()
+  assert "ERR 5.0e-01" in lines[1] and "not met" in lines[1]
 
 
 def test_mosaic_verdict_counts_failing_checks_and_errors():
@@ -49,6 +54,9 @@ def test_decode_block_verdict_names_the_fastest_kernel_implementation():
   untimed = triage_summary.decode_block_verdict({"checks": [{"ok": True}], "rows": [dict(
       config="smollm2-135m", batch=1, xla_us=900.0, pallas_error="RuntimeError: ptxas")]})
   assert "not timed both ways" in untimed and "ptxas" in untimed
+  partial = triage_summary.decode_block_verdict({"checks": [{"ok": True}], "rows": [dict(
+      row, pallas_attention_error="skipped: time limit")]})
+  assert "pallas_attention skipped: time limit" in partial and "pallas FASTER" in partial
 
 
 def test_summarise_names_missing_and_unreadable_files(tmp_path):

@@ -11,9 +11,9 @@ interpret, config) -> (x', cache_k, cache_v)``. Implementations (the same functi
 * ``gpu.decode_layer_gpu``: Pallas on the Triton backend, five launches per layer instead of XLA's
   ~12 at batch 1 (``impl="pallas"``), for 1 to 16 rows and float weights.
 * one half fused, the other XLA's: ``impl="pallas_attention"`` (the kernels' launches 1-3,
-  ``gpu.attention_half_gpu``, then ``reference.mlp_half_reference``: ~7 launches per layer) and
-  ``impl="pallas_mlp"`` (``reference.attention_half_reference``, then the kernels' launches 4-5,
-  ``gpu.mlp_half_gpu``: ~10). The fused MLP streams three quarters of a small model's weights
+  ``gpu.attention_half_gpu``, then ``reference.mlp_half_reference``) and ``impl="pallas_mlp"``
+  (``reference.attention_half_reference``, its attention by ``attention_impl``, then the
+  kernels' launches 4-5, ``gpu.mlp_half_gpu``). The fused MLP streams three quarters of a small model's weights
   through 16-column programs, XLA through tuned GEMMs; a GPU run that times all four tells
   which half the kernels win (``benchmarks/decode_block.py``).
 
@@ -94,7 +94,7 @@ def _check_weights(weights: dict, D: int, H: int, K: int, Dh: int):
 
 def decode_layer(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, *, eps: float,
                  dtype=jnp.bfloat16, impl: str = "auto", interpret: bool = False,
-                 config: GpuConfig | None = None):
+                 config: GpuConfig | None = None, attention_impl: str = "xla"):
   """One decoder layer at one cached decode step:
 
       a = x + Attn(RoPE(n W_q), cache + RoPE(n W_k), cache + n W_v) W_o,   n = RMSNorm(x)
@@ -113,6 +113,11 @@ def decode_layer(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, 
     impl: "auto" | "xla" | "pallas" | "pallas_attention" | "pallas_mlp" (module doc).
       interpret: the kernels in Pallas interpret mode (CPU tests).
     config: ``GpuConfig`` (None: ``default_config`` of the shapes).
+    attention_impl: how an attention half that XLA runs (``impl`` "xla" or "pallas_mlp")
+      computes attention: "xla", the exact masked reference (default); "auto" / "pallas",
+      ``kernels.decode_attention`` as the model's cached step does
+      (``ModelConfig.decode_attention_impl``; the kernel on one GPU). The fused attention half
+      always runs the kernel.
   Returns:
     (x' [B, D] in ``dtype``, cache_k, cache_v).
   """
@@ -138,7 +143,8 @@ def decode_layer(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, 
   chosen = choose_impl(impl, platform="cpu" if interpret and impl == "auto" else None)
   if chosen == "xla":
     return decode_layer_reference(x_BxD, positions_B, inv_freq, weights, cache_k, cache_v,
-                                  eps=eps, dtype=dtype)
+                                  eps=eps, dtype=dtype, attention_impl=attention_impl,
+                                  interpret=interpret)
   if not interpret and jax.default_backend() not in ("gpu", "cuda"):
     raise ValueError(f"decode_layer: impl={chosen!r} runs Triton kernels, which need an NVIDIA "
                      f"GPU (backend is {jax.default_backend()!r}); use interpret=True on a CPU")
@@ -151,6 +157,8 @@ def decode_layer(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, 
                                              interpret=interpret)
     return mlp_half_reference(a, weights, eps=eps, dtype=dtype), cache_k, cache_v
   a, cache_k, cache_v = attention_half_reference(x_BxD, positions_B, inv_freq, weights, cache_k,
-                                                 cache_v, eps=eps, dtype=dtype)
+                                                 cache_v, eps=eps, dtype=dtype,
+                                                 attention_impl=attention_impl,
+                                                 interpret=interpret)
   return (mlp_half_gpu(a, weights, eps=eps, dtype=dtype, config=config, interpret=interpret),
           cache_k, cache_v)

@@ -12,14 +12,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.decode_attention import decode_attention
 from kernels.decode_attention.reference import decode_attention_reference
 from postrl.models.transformer import apply_rope, dense, rms_norm, write_slots
 
 
 def attention_half_reference(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, *,
-                             eps: float, dtype):
+                             eps: float, dtype, attention_impl: str = "xla",
+                             interpret: bool = False):
   """(a [B, D], cache_k, cache_v): the residual stream after the attention half of the layer,
-  a = x + Attn(RoPE(n W_q), cache + RoPE(n W_k), cache + n W_v) W_o, n = RMSNorm(x)."""
+  a = x + Attn(RoPE(n W_q), cache + RoPE(n W_k), cache + n W_v) W_o, n = RMSNorm(x).
+
+  ``attention_impl``: "xla", the masked attention of ``decode_attention_reference`` (the exact
+  reference); "auto" / "pallas", ``kernels.decode_attention`` as the model's cached step runs it
+  (``ModelConfig.decode_attention_impl``: the flash-decoding kernel on one GPU)."""
   B, _ = x_BxD.shape
   K, Dh = cache_k.shape[2:]
   H = weights["q"].shape[1] // Dh
@@ -31,7 +37,12 @@ def attention_half_reference(x_BxD, positions_B, inv_freq, weights: dict, cache_
   v = dense(n, weights["v"], weights.get("v_bias"), dtype).reshape(B, 1, K, Dh)
   q, k = apply_rope(q, pos_Bx1, inv_freq), apply_rope(k, pos_Bx1, inv_freq)
   cache_k, cache_v = write_slots(cache_k, pos_Bx1, k), write_slots(cache_v, pos_Bx1, v)
-  attn = decode_attention_reference(q[:, 0], cache_k, cache_v, positions_B + 1).astype(dtype)
+  if attention_impl == "xla":
+    attn = decode_attention_reference(q[:, 0], cache_k, cache_v, positions_B + 1)
+  else:
+    attn = decode_attention(q[:, 0], cache_k, cache_v, positions_B + 1, impl=attention_impl,
+                            interpret=interpret)
+  attn = attn.astype(dtype)
   a = x + dense(attn.reshape(B, H * Dh), weights["o"], weights.get("o_bias"), dtype)
   return a, cache_k, cache_v
 
@@ -46,10 +57,14 @@ def mlp_half_reference(a_BxD, weights: dict, *, eps: float, dtype):
 
 
 def decode_layer_reference(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, *,
-                           eps: float, dtype, config=None, interpret: bool = False):
+                           eps: float, dtype, config=None, interpret: bool = False,
+                           attention_impl: str = "xla"):
   """(x' [B, D], cache_k, cache_v) of one layer at one cached step (module doc): the attention
-  half, then the MLP half."""
-  del config, interpret  # the kernels' settings; the reference has none
+  half (its attention by ``attention_impl``, see ``attention_half_reference``), then the MLP
+  half."""
+  del config  # the fused kernels' settings; the reference has none
   a, cache_k, cache_v = attention_half_reference(x_BxD, positions_B, inv_freq, weights, cache_k,
-                                                 cache_v, eps=eps, dtype=dtype)
+                                                 cache_v, eps=eps, dtype=dtype,
+                                                 attention_impl=attention_impl,
+                                                 interpret=interpret)
   return mlp_half_reference(a, weights, eps=eps, dtype=dtype), cache_k, cache_v

@@ -510,6 +510,14 @@ class Transformer(nnx.Module):
                         f"{blocker}; use decode_block_impl='auto' or 'xla'")
     return blocker is None
 
+  def _xla_attention_impl(self) -> str:
+    """How a cached step's attention runs where XLA runs the attention half (``decode_layer``'s
+    ``attention_impl``): as ``Attention`` would, by ``decode_attention_impl``."""
+    cfg = self.config
+    use_kernel = _decode_kernel(cfg.decode_attention_impl, cfg.num_attention_heads,
+                                cfg.num_key_value_heads, cfg.dim_per_head)
+    return "pallas" if use_kernel else "xla"
+
   def _fused_decode_layers(self, x_BxD, positions_B, cache: KVCache, inv_freq):
     """``hidden_states`` of one cached token per row through ``kernels.decode_block``."""
     # pylint: disable-next=import-outside-toplevel
@@ -521,7 +529,8 @@ class Transformer(nnx.Module):
       x_BxD, k, v = decode_layer(x_BxD, positions_B, inv_freq, layer.decode_weights(),
                                  cache.k[i], cache.v[i], eps=cfg.rms_norm_eps,
                                  dtype=dtype_from_name(cfg.dtype), impl=impl,
-                                 interpret=jax.default_backend() == "cpu")
+                                 interpret=jax.default_backend() == "cpu",
+                                 attention_impl=self._xla_attention_impl())
       new_k.append(k)
       new_v.append(v)
     return self.norm(x_BxD[:, None]), KVCache(tuple(new_k), tuple(new_v))

@@ -91,6 +91,11 @@ def test_one_half_fused_equals_the_model_arithmetic(impl):
   got = decode_layer(x, pos, INV_FREQ, w, ck, cv, impl=impl, interpret=True, config=config, **kw)
   for g, wnt in zip(got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(wnt), rtol=2e-5, atol=2e-5)
+  if impl == "pallas_mlp":  # its XLA half with the decode-attention kernel, as the model runs it
+    got = decode_layer(x, pos, INV_FREQ, w, ck, cv, impl=impl, interpret=True, config=config,
+                       attention_impl="pallas", **kw)
+    for g, wnt in zip(got, want):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(wnt), rtol=2e-5, atol=2e-5)
 
 
 def test_the_halves_compose_to_the_layer():
@@ -150,9 +155,13 @@ def _models(impl="pallas", **overrides):
   return cfg, xla, fused
 
 
-@pytest.mark.parametrize("impl", ["pallas", "pallas_attention"])
-def test_model_decode_with_the_kernels_equals_xla(impl):
-  cfg, xla, fused = _models(impl, qkv_bias=True)
+@pytest.mark.parametrize("impl,attention", [("pallas", "auto"), ("pallas_attention", "auto"),
+                                            # XLA's attention half through the attention kernel,
+                                            # as Attention runs it with this setting
+                                            ("pallas_mlp", "pallas")])
+def test_model_decode_with_the_kernels_equals_xla(impl, attention):
+  cfg, xla, fused = _models(impl, qkv_bias=True, decode_attention_impl=attention)
+  assert fused._xla_attention_impl() == ("pallas" if attention == "pallas" else "xla")  # pylint: disable=protected-access
   tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, cfg.vocab_size)
   cache = KVCache.zeros(cfg, 2, 16)
   _, cache = xla.decode(tokens, jnp.broadcast_to(jnp.arange(6), (2, 6)), cache)

@@ -26,8 +26,8 @@ Phases:
    calls / steps; where XLA runs the attention half ("xla", "pallas_mlp"), its attention is
    ``kernels.decode_attention`` with impl "auto" (``ATTENTION``: the flash-decoding kernel on one
    GPU, as ``generate`` runs XLA's layer). ``floor_us`` = (weights + the valid cache read per
-   step) / copy bandwidth;
-   ``launches`` per step counted from each compiled program (``common.loop_launches``);
+   step) / copy bandwidth; ``launches`` per step counted from each compiled program
+   (``common.loop_launches``);
    ``xla_over_<impl>``: XLA's time over each kernel implementation's (> 1: the kernels win).
 4. ``--sweep``: the fused layers at the first --config / --batch under each ``SWEEP`` launch
    setting (K step, pipelining, warps, columns per program, heads per step), in the time left.

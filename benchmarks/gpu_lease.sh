@@ -22,17 +22,12 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --f
 timeout "${SAMPLING_TIMEOUT:-305}" python3 benchmarks/sampling.py --rows 0:5 \
   --check-configs split_fast split_cdf split_cdf_grid row --time-limit "${SAMPLING_LIMIT:-290}" --repeats 5 \
   --out "$OUT/sampling.json" 2>&1 | tee "$OUT/sampling.log"
-met=$(python3 - "$OUT/sampling.json" <<'PY'
-import json, sys
-try:
-  doc = json.load(open(sys.argv[1]))
-  row = next(r for r in doc.get("table", []) if (r["mode"], r["batch"]) == ("top_p", 64))
-  t = row["default_us"]  # gross: the loop's own cost (loop_us) is not subtracted
-  ok = doc.get("check_passed") and t <= 4 * row["copy_bound_us"] and row["sort_us"] >= 10 * t
-  print(f"{'yes' if ok else 'no'} (default {t:.1f} us, read floor {row['copy_bound_us']:.1f} us, "
-        f"sort {row['sort_us']:.1f} us, loop {row.get('loop_us', float('nan')):.1f} us)")
-except Exception as e:  # noqa: BLE001
-  print(f"no ({type(e).__name__}: {e})")
+met=$(python3 - "$OUT" <<'PY'
+import sys
+from benchmarks.triage_summary import load_json, sampling_verdict  # the targets of gpu_triage.sh
+doc, problem = load_json(sys.argv[1], "sampling.json")
+verdict = problem if doc is None else sampling_verdict(doc)
+print(f"{'yes' if verdict.endswith(': MET') else 'no'} ({verdict})")
 PY
 )
 echo "issue 8 targets met at B = 64, V = 152k: $met" | tee "$OUT/met.txt"

@@ -31,7 +31,8 @@ QMM_BW_TARGET = 0.8
 DECODE_BLOCK_KERNEL_IMPLS = ("pallas", "pallas_attention", "pallas_mlp")
 
 
-def _load(out_dir: str, name: str):
+def load_json(out_dir: str, name: str):
+  """(document, None) of ``out_dir/name``, or (None, a line saying it is missing or unreadable)."""
   path = os.path.join(out_dir, name)
   if not os.path.exists(path):
     return None, f"{name} missing (the part did not start, or was cut before its first row)"
@@ -134,7 +135,7 @@ def summarise(out_dir: str) -> str:
   for name, verdict in (("sampling.json", sampling_verdict),
                         ("decode_block.json", decode_block_verdict),
                         ("quantized_matmul_mosaic.json", mosaic_verdict)):
-    doc, problem = _load(out_dir, name)
+    doc, problem = load_json(out_dir, name)
     lines.append(problem if doc is None else verdict(doc))
   return "\n".join(lines)
 

@@ -13,9 +13,9 @@ interpret, config) -> (x', cache_k, cache_v)``. Implementations (the same functi
 * one half fused, the other XLA's: ``impl="pallas_attention"`` (the kernels' launches 1-3,
   ``gpu.attention_half_gpu``, then ``reference.mlp_half_reference``) and ``impl="pallas_mlp"``
   (``reference.attention_half_reference``, its attention by ``attention_impl``, then the
-  kernels' launches 4-5, ``gpu.mlp_half_gpu``). The fused MLP streams three quarters of a small model's weights
-  through 16-column programs, XLA through tuned GEMMs; a GPU run that times all four tells
-  which half the kernels win (``benchmarks/decode_block.py``).
+  kernels' launches 4-5, ``gpu.mlp_half_gpu``). The fused MLP streams three quarters of a small
+  model's weights through 16-column programs, XLA through tuned GEMMs; a GPU run that times them
+  beside XLA's layer tells which half the kernels win (``benchmarks/decode_block.py``).
 
 Why: at batch 1 the SmolLM2-135M decode step is bound by its number of launches (399 per step,
 ~2.7 us each on an H200: 6.9% of the bandwidth bound; docs/benchmarks.md). Not yet timed on a GPU,

@@ -115,7 +115,8 @@ class ModelConfig:
   # layers without prefix / prompt tuning (on a CPU in interpret mode, a test path; its
   # attention is always the flash-decoding kernel, whatever decode_attention_impl says);
   # "pallas_attention" / "pallas_mlp": that half of the layer fused (launches 1-3 / 4-5), the
-  # other half XLA's; "auto" (default): XLA until a GPU run measures the kernels faster
+  # other half XLA's (pallas_mlp's attention then follows decode_attention_impl); "auto"
+  # (default): XLA until a GPU run measures the kernels faster
   # (``kernels.decode_block.GPU_MEASURED``, ``GPU_IMPL``). A runtime choice like dtype.
   decode_block_impl: str = "auto"
 

@@ -524,13 +524,14 @@ class Transformer(nnx.Module):
     from kernels.decode_block import choose_impl, decode_layer
     cfg = self.config
     impl = choose_impl(cfg.decode_block_impl)  # one of the kernel impls (``_fused_decode``)
+    attention_impl = self._xla_attention_impl()
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       x_BxD, k, v = decode_layer(x_BxD, positions_B, inv_freq, layer.decode_weights(),
                                  cache.k[i], cache.v[i], eps=cfg.rms_norm_eps,
                                  dtype=dtype_from_name(cfg.dtype), impl=impl,
                                  interpret=jax.default_backend() == "cpu",
-                                 attention_impl=self._xla_attention_impl())
+                                 attention_impl=attention_impl)
       new_k.append(k)
       new_v.append(v)
     return self.norm(x_BxD[:, None]), KVCache(tuple(new_k), tuple(new_v))

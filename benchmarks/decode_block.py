@@ -1,8 +1,9 @@
 r"""The decoder layers of one cached decode step: XLA's layer (the model as written, ~12 launches
 per layer at batch 1) against ``kernels.decode_block``'s five fused Pallas (Triton) launches per
-layer and against each half of the layer fused alone (``impl="pallas_attention"``: launches 1-3
-then XLA's MLP; ``"pallas_mlp"``: XLA's attention then launches 4-5), beside the time to read the
-step's weights and valid cache once, in one run.
+layer, against each half of the layer fused alone (``impl="pallas_attention"``: launches 1-3
+then XLA's MLP; ``"pallas_mlp"``: XLA's attention then launches 4-5) and against the five phases in
+one persistent launch per layer (``"pallas_persistent"``: barriers across the GPU between them),
+beside the time to read the step's weights and valid cache once, in one run.
 
     timeout 300 python benchmarks/decode_block.py --config smollm2-135m llama-1b --batch 1 16 \
         --time-limit 240 --out $OUT/decode_block.json                 # GPU, about 3-4 min
@@ -17,7 +18,8 @@ Phases:
    --biases), B in --batch (a batch of 1 decodes as 2 rows, as ``generate`` does on one GPU) and
    16, positions spread over the cache (0, ragged, the last slot). Pass: the layer output and both
    caches within 2e-2 x max|reference| in bf16 (rounding: the kernels round where the model does,
-   but sum in another order); a wrong mask, RoPE pairing or cache slot errs by O(1).
+   but sum in another order); a wrong mask, RoPE pairing or cache slot errs by O(1). The
+   persistent layer also needs no barrier wait to have timed out (``barrier_timeouts``).
 2. the copy bandwidth of the device (``quantized_matmul.copy_bandwidth``: read + write bytes).
 3. the table: per --config and --batch, ``<impl>_us``: all L layers of one decode step (L distinct
    weight sets, as the model has: 212 MB for SmolLM2-135M, more than the 50-60 MB L2 cache), each
@@ -50,9 +52,9 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from kernels.decode_block import decode_layer  # noqa: E402
+from kernels.decode_block import barrier_timeouts, decode_layers  # noqa: E402
 
-IMPLS = ("xla", "pallas", "pallas_attention", "pallas_mlp")  # KERNEL_IMPLS of decode_block
+IMPLS = ("xla", "pallas", "pallas_attention", "pallas_mlp", "pallas_persistent")  # decode_block's
 # the attention of the halves XLA runs ("xla" and "pallas_mlp"), as the model's cached step runs
 # it by default: kernels.decode_attention's flash-decoding kernel on one GPU, XLA on a CPU
 ATTENTION = "auto"
@@ -99,11 +101,14 @@ def check(cfg, batch: int, slots: int, dtype, interpret: bool, biases: bool, see
   pos = jnp.array([0, slots // 2 + 3, slots - 1, 7][:rows] + [slots // 3] * max(rows - 4, 0),
                   jnp.int32)
   # the reference with the exact masked attention; pallas_mlp's XLA half as timed (ATTENTION)
-  outs = {impl: jax.jit(lambda x, p, ck, cv, impl=impl: decode_layer(
-      x, p, _inv_freq(cfg), w, ck, cv, eps=cfg.rms_norm_eps, dtype=dtype, impl=impl,
-      interpret=interpret, attention_impl="xla" if impl == "xla" else ATTENTION))(x, pos, ck, cv)
+  def layer(x, p, ck, cv, impl):
+    x, (ck,), (cv,), sync = decode_layers(
+        x, p, _inv_freq(cfg), [w], [ck], [cv], eps=cfg.rms_norm_eps, dtype=dtype, impl=impl,
+        interpret=interpret, attention_impl="xla" if impl == "xla" else ATTENTION)
+    return x, ck, cv, jnp.int32(0) if sync is None else barrier_timeouts(sync)
+  outs = {impl: jax.jit(layer, static_argnums=4)(x, pos, ck, cv, impl)
           for impl in ("xla", *impls)}
-  err = {}
+  err, timeouts = {}, {}
   for impl in impls:
     err[impl] = {}
     for name, i in (("x", 0), ("cache_k", 1), ("cache_v", 2)):
@@ -111,8 +116,10 @@ def check(cfg, batch: int, slots: int, dtype, interpret: bool, biases: bool, see
       got = outs[impl][i].astype(jnp.float32)
       err[impl][name] = float(jnp.max(jnp.abs(got - want))
                               / jnp.maximum(jnp.max(jnp.abs(want)), 1e-30))
-  return dict(config_rows=rows, biases=biases, max_rel_err=err,
-              ok=all(e <= 2e-2 for by_name in err.values() for e in by_name.values()))
+    timeouts[impl] = int(outs[impl][3])  # the persistent layer's barrier waits that gave up
+  return dict(config_rows=rows, biases=biases, max_rel_err=err, barrier_timeouts=timeouts,
+              ok=all(e <= 2e-2 for by_name in err.values() for e in by_name.values())
+              and not any(timeouts.values()))
 
 
 def step_program(cfg, rows: int, slots: int, dtype, impl: str, steps: int, prompt_len: int,
@@ -127,31 +134,34 @@ def step_program(cfg, rows: int, slots: int, dtype, impl: str, steps: int, promp
 
   def run(x, caches, layers):
     def body(t, carry):
-      x, caches = carry
+      x, caches, timeouts = carry
       pos = jnp.full((rows,), prompt_len, jnp.int32) + t
-      new = []
-      for w, (ck, cv) in zip(layers, caches):
-        x, ck, cv = decode_layer(x, pos, inv, w, ck, cv, eps=cfg.rms_norm_eps, dtype=dtype,
-                                 impl=impl, interpret=interpret, config=config,
-                                 attention_impl=ATTENTION)
-        new.append((ck, cv))
-      return x, new
-    return jax.lax.fori_loop(0, steps, body, (x, caches))
+      # as the model's step: one barrier state per step for the persistent layer
+      x, ks, vs, sync = decode_layers(x, pos, inv, layers, [k for k, _ in caches],
+                                      [v for _, v in caches], eps=cfg.rms_norm_eps, dtype=dtype,
+                                      impl=impl, interpret=interpret, config=config,
+                                      attention_impl=ATTENTION)
+      if sync is not None:
+        timeouts = timeouts + barrier_timeouts(sync)
+      return x, list(zip(ks, vs)), timeouts
+    return jax.lax.fori_loop(0, steps, body, (x, caches, jnp.int32(0)))
   return jax.jit(run, donate_argnums=(1,)), (x, caches, layers)
 
 
-def time_steps(fn, args, repeats: int, steps: int) -> tuple[float, float]:
-  """(median µs per step over ``repeats`` calls, first-call seconds)."""
+def time_steps(fn, args, repeats: int, steps: int) -> tuple[float, float, int]:
+  """(median µs per step over ``repeats`` calls, first-call seconds, barrier waits that gave up
+  over all calls: 0 unless the persistent layer's programs were not all resident)."""
   x, caches, layers = args
   t0 = time.perf_counter()
-  x, caches = jax.block_until_ready(fn(x, caches, layers))
+  x, caches, timeouts = jax.block_until_ready(fn(x, caches, layers))
   first = time.perf_counter() - t0
-  times = []
+  times, total = [], int(timeouts)
   for _ in range(repeats):
     t0 = time.perf_counter()
-    x, caches = jax.block_until_ready(fn(x, caches, layers))
+    x, caches, timeouts = jax.block_until_ready(fn(x, caches, layers))
     times.append(time.perf_counter() - t0)
-  return 1e6 * statistics.median(times) / steps, first
+    total += int(timeouts)
+  return 1e6 * statistics.median(times) / steps, first, total
 
 
 def step_bytes(cfg, rows: int, valid_slots: int, dtype) -> int:
@@ -243,9 +253,12 @@ def main(argv=None):
                                    args.prompt_len, args.interpret)
           row[f"{impl}_launches"] = common.loop_launches(
               fn.lower(*fargs).compile().as_text())["launches"]
-          us, first = time_steps(fn, fargs, args.repeats, args.steps)
+          us, first, timeouts = time_steps(fn, fargs, args.repeats, args.steps)
           row.update({f"{impl}_us": round(us, 2), f"{impl}_first_call_s": round(first, 2),
                       f"{impl}_over_floor": round(us / floor, 2)})
+          if timeouts:  # a wrong result: the time does not count
+            row[f"{impl}_error"] = f"{timeouts} barrier waits timed out (programs not resident)"
+            del row[f"{impl}_us"]
         except Exception as e:  # pylint: disable=broad-except
           row[f"{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
       for impl in kernel_impls:  # the speed-up of each kernel implementation over XLA's layer
@@ -284,7 +297,7 @@ def sweep(args, dtype, bandwidth, budget, results):
       fn, fargs = step_program(cfg, rows, args.slots, dtype, "pallas", args.steps,
                                args.prompt_len, args.interpret,
                                config=dataclasses.replace(base, **fields))
-      us, _ = time_steps(fn, fargs, args.repeats, args.steps)
+      us, _, _ = time_steps(fn, fargs, args.repeats, args.steps)
       row.update(pallas_us=round(us, 2), over_floor=round(us / floor, 2))
     except Exception as e:  # pylint: disable=broad-except
       row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"

@@ -398,10 +398,12 @@ def parse_args(argv=None):
                            "decode_attention_impl): the first gives the row's postrl_* numbers; "
                            "each other adds postrl_attention_<impl>_* fields")
   parser.add_argument("--decode-block", nargs="+", default=["auto"],
-                      choices=["auto", "xla", "pallas", "pallas_attention", "pallas_mlp"],
+                      choices=["auto", "xla", "pallas", "pallas_attention", "pallas_mlp",
+                               "pallas_persistent"],
                       help="each decoder layer of a cached step (ModelConfig.decode_block_impl; "
                            "'pallas': kernels.decode_block's five fused launches per layer, "
-                           "'pallas_attention' / 'pallas_mlp': one half fused): the "
+                           "'pallas_attention' / 'pallas_mlp': one half fused, "
+                           "'pallas_persistent': one launch per layer): the "
                            "first gives the row's postrl_* numbers; each other adds "
                            "postrl_block_<impl>_* fields (and launches with --launches)")
   parser.add_argument("--sampling-impl", nargs="+", default=["auto"],

@@ -28,7 +28,7 @@ import os
 QMM_TARGET = {8: 1.8, 4: 3.0}
 QMM_BW_TARGET = 0.8
 # kernels.decode_block.KERNEL_IMPLS (not imported: this script reads JSON only)
-DECODE_BLOCK_KERNEL_IMPLS = ("pallas", "pallas_attention", "pallas_mlp")
+DECODE_BLOCK_KERNEL_IMPLS = ("pallas", "pallas_attention", "pallas_mlp", "pallas_persistent")
 
 
 def load_json(out_dir: str, name: str):

@@ -354,9 +354,11 @@ def parse_args(argv=None):
                       choices=["auto", "xla", "pallas"],
                       help="ModelConfig.decode_attention_impl ('auto' = the kernel, as on one GPU)")
   parser.add_argument("--decode-block", nargs="+", default=["auto"],
-                      choices=["auto", "xla", "pallas", "pallas_attention", "pallas_mlp"],
+                      choices=["auto", "xla", "pallas", "pallas_attention", "pallas_mlp",
+                               "pallas_persistent"],
                       help="ModelConfig.decode_block_impl ('pallas': kernels.decode_block's five "
-                           "fused launches per layer; 'pallas_attention' / 'pallas_mlp': one half)")
+                           "fused launches per layer; 'pallas_attention' / 'pallas_mlp': one half; "
+                           "'pallas_persistent': one launch per layer)")
   parser.add_argument("--sampling-impl", default="auto", choices=["auto", "xla", "pallas"])
   parser.add_argument("--formats", nargs="+", default=["bf16"], choices=list(FORMATS),
                       help="weights: bf16, or every block's Linear quantized (postrl.quant)")

@@ -658,13 +658,14 @@ def test_decode_block_checks_then_times_both_layers(tmp_path):
   doc = json.loads(out.read_text())
   assert doc["status"] == "complete"
   assert [c["biases"] for c in doc["checks"]] == [False, True] and all(c["ok"] for c in doc["checks"])
-  kernel_impls = ("pallas", "pallas_attention", "pallas_mlp")
+  kernel_impls = ("pallas", "pallas_attention", "pallas_mlp", "pallas_persistent")
   for c in doc["checks"]:  # every kernel implementation against XLA's layer, in float32
     assert sorted(c["max_rel_err"]) == sorted(kernel_impls)
+    assert set(c["barrier_timeouts"].values()) == {0}
     assert all(e < 1e-5 for by_name in c["max_rel_err"].values() for e in by_name.values())
   (row,) = doc["rows"]
   assert row["xla_us"] > 0 and row["floor_us"] > 0 and row["xla_launches"] > 0
   for impl in kernel_impls:  # (interpret mode: the counts are XLA:CPU's, not the GPU's)
     assert row[f"{impl}_us"] > 0 and row[f"xla_over_{impl}"] > 0 and row[f"{impl}_launches"] > 0
   verdict = triage_summary.decode_block_verdict(doc)  # what gpu_triage.sh prints
-  assert verdict.startswith("issue 9: tiny batch 1: XLA layers") and "pallas_mlp" in verdict
+  assert verdict.startswith("issue 9: tiny batch 1: XLA layers") and "pallas_persistent" in verdict

@@ -71,23 +71,40 @@ def default_chunks(b: int, k: int, s: int, block_s: int) -> int:
   return max(1, min(-(-2 * NUM_SMS // (b * k)), s // (2 * block_s)))
 
 
-def _kernel(lengths_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_s: int, chunk: int,
-            scale: float, groups: int):
+def chunk_layout(b: int, k: int, s: int, cfg: GpuConfig) -> tuple[int, int]:
+  """(slots per chunk, chunks): ``cfg.chunks`` (None: ``default_chunks``) chunks of whole
+  ``block_s`` blocks covering the S slots (fewer chunks where whole blocks cover S sooner)."""
+  chunks = cfg.chunks or default_chunks(b, k, s, cfg.block_s)
+  chunk = -(-s // chunks)
+  chunk = -(-chunk // cfg.block_s) * cfg.block_s  # whole blocks per chunk
+  return chunk, -(-s // chunk)
+
+
+def attend_chunk(length, chunk_index, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *,
+                 block_s: int, chunk: int, scale: float, groups: int, lead=(), trail=(),
+                 volatile: bool = False):
+  """The unnormalised (acc [16, D], m [16], l [16]) of chunk ``chunk_index`` of one (row, key /
+  value head): its valid slots [c n, (c + 1) n) cut at ``length`` (module doc). ``q_ref`` [16, D]
+  and the three outputs are that pair's views; the caches are read as ``k_ref[(*lead, slots,
+  *trail)]`` (``lead=(), trail=(slice(None),)`` for [S, D] views, ``(b,), (k, slice(None))`` for
+  whole [B, S, K, D] caches: Pallas Triton takes one indexer per ref). ``volatile``: q and the
+  caches read past L1 (data other programs of the same launch wrote: the persistent layer)."""
   f32 = jnp.float32
-  length = lengths_ref[...]
-  start = pl.program_id(2) * chunk
+  start = chunk_index * chunk
   end = jnp.minimum(start + chunk, length)
   steps = jnp.maximum(pl.cdiv(end - start, block_s), 0)
   real = lax.broadcasted_iota(jnp.int32, (PAD_GROUPS,), 0) < groups  # rows past G: never written
-  q = plgpu.load(q_ref, mask=real[:, None], other=0.0)  # [16, D] in the cache dtype
+  q = plgpu.load(q_ref, mask=real[:, None], other=0.0, volatile=volatile)  # [16, D], cache dtype
   rows = lax.broadcasted_iota(jnp.int32, (block_s,), 0)
+  trail = trail or (slice(None),)
 
   def body(i, carry):
     m, l, acc = carry
     s0 = start + i * block_s
     valid = s0 + rows < end
-    k = plgpu.load(k_ref.at[pl.ds(s0, block_s), :], mask=valid[:, None], other=0.0)
-    v = plgpu.load(v_ref.at[pl.ds(s0, block_s), :], mask=valid[:, None], other=0.0)
+    at = (*lead, pl.ds(s0, block_s), *trail)
+    k = plgpu.load(k_ref.at[at], mask=valid[:, None], other=0.0, volatile=volatile)
+    v = plgpu.load(v_ref.at[at], mask=valid[:, None], other=0.0, volatile=volatile)
     s = jnp.dot(q, k.T, preferred_element_type=f32) * f32(scale)  # [16, block_s]
     s = jnp.where(valid[None, :], s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -103,6 +120,12 @@ def _kernel(lengths_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_s:
   acc_ref[...] = acc
   m_ref[...] = m
   l_ref[...] = l
+
+
+def _kernel(lengths_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, **settings):
+  """Program (b, k, c) of the grid (module doc): ``attend_chunk`` on its blocks."""
+  attend_chunk(lengths_ref[...], pl.program_id(2), q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref,
+               **settings)
 
 
 def combine_chunks(acc_BxKxCxGxD, m_BxKxCxG, l_BxKxCxG):
@@ -129,10 +152,7 @@ def decode_attention_partials(q_BxKxPxD, k_BxSxKxD, v_BxSxKxD, lengths_B, *, gro
   check_shapes(groups * K, K, D, cfg)
   if P != PAD_GROUPS:
     raise KernelShapeError(f"q has {P} query rows per key/value head, expected {PAD_GROUPS}")
-  chunks = cfg.chunks or default_chunks(B, K, S, cfg.block_s)
-  chunk = -(-S // chunks)
-  chunk = -(-chunk // cfg.block_s) * cfg.block_s  # whole blocks per chunk
-  chunks = -(-S // chunk)
+  chunk, chunks = chunk_layout(B, K, S, cfg)
   kernel = functools.partial(_kernel, block_s=cfg.block_s, chunk=chunk, scale=1 / math.sqrt(D),
                              groups=groups)
   compiler_params = None

@@ -16,6 +16,10 @@ interpret, config) -> (x', cache_k, cache_v)``. Implementations (the same functi
   kernels' launches 4-5, ``gpu.mlp_half_gpu``). The fused MLP streams three quarters of a small
   model's weights through 16-column programs, XLA through tuned GEMMs; a GPU run that times them
   beside XLA's layer tells which half the kernels win (``benchmarks/decode_block.py``).
+* ``persistent.decode_layer_persistent``: the same five phases in ONE launch (``impl=
+  "pallas_persistent"``): resident programs wait for each other at a barrier across the grid
+  (an atomic counter) between the phases, so a layer costs one launch and four barriers.
+  ``decode_layers`` runs a step's layers and passes the barrier state from one to the next.
 
 Why: at batch 1 the SmolLM2-135M decode step is bound by its number of launches (399 per step,
 ~2.7 us each on an H200: 6.9% of the bandwidth bound; docs/benchmarks.md). Not yet timed on a GPU,
@@ -31,15 +35,19 @@ import jax.numpy as jnp
 
 from kernels.decode_block.gpu import (GpuConfig, KernelShapeError, attention_half_gpu, check_shapes,
                                       decode_layer_gpu, default_config, mlp_half_gpu)
+from kernels.decode_block.persistent import (barrier_timeouts, decode_layer_persistent,
+                                             new_sync)
 from kernels.decode_block.reference import (attention_half_reference, decode_layer_reference,
                                             mlp_half_reference)
 
-__all__ = ["decode_layer", "choose_impl", "check_shapes", "default_config", "decode_layer_reference",
+__all__ = ["decode_layer", "decode_layers", "decode_layer_persistent", "barrier_timeouts",
+           "new_sync", "choose_impl", "check_shapes", "default_config", "decode_layer_reference",
            "decode_layer_gpu", "attention_half_gpu", "mlp_half_gpu", "attention_half_reference",
            "mlp_half_reference", "GpuConfig", "KernelShapeError", "WEIGHT_NAMES", "BIAS_GROUPS"]
 
-# the implementations that run kernels: the whole layer, or its attention / MLP half
-KERNEL_IMPLS = ("pallas", "pallas_attention", "pallas_mlp")
+# the implementations that run kernels: the whole layer (five launches, or one persistent launch),
+# or its attention / MLP half
+KERNEL_IMPLS = ("pallas", "pallas_attention", "pallas_mlp", "pallas_persistent")
 IMPLS = ("auto", "xla") + KERNEL_IMPLS
 # Not timed on a GPU yet (compiled for sm_90 and launch-counted without one): "auto" keeps XLA.
 GPU_MEASURED = False
@@ -92,35 +100,8 @@ def _check_weights(weights: dict, D: int, H: int, K: int, Dh: int):
                        "(quantized layers run XLA's layer)")
 
 
-def decode_layer(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, *, eps: float,
-                 dtype=jnp.bfloat16, impl: str = "auto", interpret: bool = False,
-                 config: GpuConfig | None = None, attention_impl: str = "xla"):
-  """One decoder layer at one cached decode step:
-
-      a = x + Attn(RoPE(n W_q), cache + RoPE(n W_k), cache + n W_v) W_o,   n = RMSNorm(x)
-      x' = a + W_down (silu(m W_gate) * m W_up),                           m = RMSNorm(a)
-
-  (Touvron et al. 2023; the model's ``Block``; flash-decoding attention, Dao et al. 2023.)
-
-  Args:
-    x_BxD: the residual stream of each row's one new token.
-    positions_B: int position (= cache slot) of that token; slots 0 .. position are attended.
-    inv_freq: [Dh / 2] RoPE inverse frequencies (``transformer.rope_inv_freq``).
-    weights: ``WEIGHT_NAMES`` ([in, out] matrices as the model stores them, norm weights) and
-      optional ``BIAS_GROUPS``.
-    cache_k, cache_v: [B, S, K, Dh] caches; the token's key / value are written at its slot.
-    eps: RMSNorm epsilon. dtype: the compute dtype (the model's ``dtype``).
-    impl: "auto" | "xla" | "pallas" | "pallas_attention" | "pallas_mlp" (module doc).
-      interpret: the kernels in Pallas interpret mode (CPU tests).
-    config: ``GpuConfig`` (None: ``default_config`` of the shapes).
-    attention_impl: how an attention half that XLA runs (``impl`` "xla" or "pallas_mlp")
-      computes attention: "xla", the exact masked reference (default); "auto" / "pallas",
-      ``kernels.decode_attention`` as the model's cached step does
-      (``ModelConfig.decode_attention_impl``; the kernel on one GPU). The fused attention half
-      always runs the kernel.
-  Returns:
-    (x' [B, D] in ``dtype``, cache_k, cache_v).
-  """
+def _check_inputs(x_BxD, positions_B, weights, cache_k, cache_v, config):
+  """Raise ValueError naming what ``decode_layer`` cannot take (before any kernel is traced)."""
   for name, a, nd in (("x_BxD", x_BxD, 2), ("positions_B", positions_B, 1),
                       ("cache_k", cache_k, 4), ("cache_v", cache_v, 4)):
     if getattr(a, "ndim", None) != nd:
@@ -140,14 +121,55 @@ def decode_layer(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, 
   if config is not None and not isinstance(config, GpuConfig):
     raise ValueError(f"decode_layer: config must be a kernels.decode_block.GpuConfig, got "
                      f"{config!r}")
+
+
+def _kernel_backend(chosen: str, interpret: bool):
+  if not interpret and jax.default_backend() not in ("gpu", "cuda"):
+    raise ValueError(f"decode_layer: impl={chosen!r} runs Triton kernels, which need an NVIDIA "
+                     f"GPU (backend is {jax.default_backend()!r}); use interpret=True on a CPU")
+
+
+def decode_layer(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, *, eps: float,
+                 dtype=jnp.bfloat16, impl: str = "auto", interpret: bool = False,
+                 config: GpuConfig | None = None, attention_impl: str = "xla"):
+  """One decoder layer at one cached decode step:
+
+      a = x + Attn(RoPE(n W_q), cache + RoPE(n W_k), cache + n W_v) W_o,   n = RMSNorm(x)
+      x' = a + W_down (silu(m W_gate) * m W_up),                           m = RMSNorm(a)
+
+  (Touvron et al. 2023; the model's ``Block``; flash-decoding attention, Dao et al. 2023.)
+
+  Args:
+    x_BxD: the residual stream of each row's one new token.
+    positions_B: int position (= cache slot) of that token; slots 0 .. position are attended.
+    inv_freq: [Dh / 2] RoPE inverse frequencies (``transformer.rope_inv_freq``).
+    weights: ``WEIGHT_NAMES`` ([in, out] matrices as the model stores them, norm weights) and
+      optional ``BIAS_GROUPS``.
+    cache_k, cache_v: [B, S, K, Dh] caches; the token's key / value are written at its slot.
+    eps: RMSNorm epsilon. dtype: the compute dtype (the model's ``dtype``).
+    impl: "auto" | "xla" | "pallas" | "pallas_attention" | "pallas_mlp" | "pallas_persistent"
+      (module doc; the persistent layer here starts from a zeroed barrier state: one small memset
+      per call, which ``decode_layers`` saves).
+      interpret: the kernels in Pallas interpret mode (CPU tests).
+    config: ``GpuConfig`` (None: ``default_config`` of the shapes).
+    attention_impl: how an attention half that XLA runs (``impl`` "xla" or "pallas_mlp")
+      computes attention: "xla", the exact masked reference (default); "auto" / "pallas",
+      ``kernels.decode_attention`` as the model's cached step does
+      (``ModelConfig.decode_attention_impl``; the kernel on one GPU). The fused attention half
+      always runs the kernel.
+  Returns:
+    (x' [B, D] in ``dtype``, cache_k, cache_v).
+  """
+  _check_inputs(x_BxD, positions_B, weights, cache_k, cache_v, config)
   chosen = choose_impl(impl, platform="cpu" if interpret and impl == "auto" else None)
   if chosen == "xla":
     return decode_layer_reference(x_BxD, positions_B, inv_freq, weights, cache_k, cache_v,
                                   eps=eps, dtype=dtype, attention_impl=attention_impl,
                                   interpret=interpret)
-  if not interpret and jax.default_backend() not in ("gpu", "cuda"):
-    raise ValueError(f"decode_layer: impl={chosen!r} runs Triton kernels, which need an NVIDIA "
-                     f"GPU (backend is {jax.default_backend()!r}); use interpret=True on a CPU")
+  _kernel_backend(chosen, interpret)
+  if chosen == "pallas_persistent":
+    return decode_layer_persistent(x_BxD, positions_B, inv_freq, weights, cache_k, cache_v,
+                                   eps=eps, dtype=dtype, config=config, interpret=interpret)[:3]
   if chosen == "pallas":
     return decode_layer_gpu(x_BxD, positions_B, inv_freq, weights, cache_k, cache_v, eps=eps,
                             dtype=dtype, config=config, interpret=interpret)
@@ -162,3 +184,34 @@ def decode_layer(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, 
                                                  interpret=interpret)
   return (mlp_half_gpu(a, weights, eps=eps, dtype=dtype, config=config, interpret=interpret),
           cache_k, cache_v)
+
+
+def decode_layers(x_BxD, positions_B, inv_freq, layers, caches_k, caches_v, *, eps: float,
+                  dtype=jnp.bfloat16, impl: str = "auto", interpret: bool = False,
+                  config: GpuConfig | None = None, attention_impl: str = "xla", sync=None):
+  """All layers of one cached decode step: ``decode_layer`` on each (``layers``: a weights dict
+  per layer, ``caches_k`` / ``caches_v``: a [B, S, K, Dh] cache per layer) -> (x' [B, D], caches_k,
+  caches_v, sync). With ``impl="pallas_persistent"`` the barrier state (``sync``, None: a zeroed
+  one, ``new_sync()``) goes from each layer's launch to the next, and the one returned says
+  whether a barrier gave up (``barrier_timeouts(sync)``: 0 when the result is right); other
+  implementations return ``sync`` as given."""
+  if not len(layers) == len(caches_k) == len(caches_v):
+    raise ValueError(f"decode_layers: {len(layers)} layers, {len(caches_k)} k caches and "
+                     f"{len(caches_v)} v caches")
+  chosen = choose_impl(impl, platform="cpu" if interpret and impl == "auto" else None)
+  new_k, new_v = [], []
+  for w, ck, cv in zip(layers, caches_k, caches_v):
+    if chosen == "pallas_persistent":
+      sync = new_sync() if sync is None else sync
+      _check_inputs(x_BxD, positions_B, w, ck, cv, config)  # as decode_layer checks
+      _kernel_backend(chosen, interpret)
+      x_BxD, ck, cv, sync = decode_layer_persistent(x_BxD, positions_B, inv_freq, w, ck, cv,
+                                                    eps=eps, dtype=dtype, config=config,
+                                                    interpret=interpret, sync=sync)
+    else:
+      x_BxD, ck, cv = decode_layer(x_BxD, positions_B, inv_freq, w, ck, cv, eps=eps, dtype=dtype,
+                                   impl=chosen, interpret=interpret, config=config,
+                                   attention_impl=attention_impl)
+    new_k.append(ck)
+    new_v.append(cv)
+  return x_BxD, new_k, new_v, sync

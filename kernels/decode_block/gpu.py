@@ -61,6 +61,10 @@ class GpuConfig:
       None: the largest of 4, 3, 2, 1 that does).
     num_warps, num_stages: Triton's warps per program and pipelining depth.
     attention: ``kernels.decode_attention.GpuConfig`` of the attention kernel (None: default).
+    programs: the persistent layer's (``persistent.py``) resident programs; None: the most tasks
+      of any phase, at most one per multiprocessor (1 in interpret mode).
+    max_polls: the persistent layer's reads of the barrier counter before a wait gives up and
+      counts a timeout (each read is an atomic round trip to L2, ~1 us: about a second in all).
   """
   block_k: int = 256
   block_n: int = 16
@@ -69,6 +73,8 @@ class GpuConfig:
   num_warps: int = 4
   num_stages: int = 4
   attention: attention_gpu.GpuConfig | None = None
+  programs: int | None = None
+  max_polls: int = 1 << 20
 
 
 def default_config(d: int, f: int, h: int, dh: int) -> GpuConfig:
@@ -106,6 +112,10 @@ def check_mlp_shapes(b: int, d: int, f: int, cfg: GpuConfig):
 def check_shapes(b: int, d: int, f: int, h: int, k: int, dh: int, cfg: GpuConfig):
   """Raise ``KernelShapeError`` naming what the fused layer cannot take."""
   check_mlp_shapes(b, d, f, cfg)
+  if cfg.programs is not None and cfg.programs < 1:
+    raise KernelShapeError(f"programs={cfg.programs}: needs at least 1")
+  if cfg.max_polls < 1:
+    raise KernelShapeError(f"max_polls={cfg.max_polls}: needs at least 1")
   hps = _heads_per_step(h, cfg)
   if hps < 1 or h % hps:
     raise KernelShapeError(f"heads_per_step={hps} does not divide the {h} query heads")
@@ -126,10 +136,12 @@ def _rows(b: int):
   return rows, rows < b
 
 
-def _load_rows(ref, b: int, cols, other=0.0):
-  """[ROWS, n] from a [B, N] ref: rows past B read as ``other``."""
+def _load_rows(ref, b: int, cols, other=0.0, volatile: bool = False):
+  """[ROWS, n] from a [B, N] ref: rows past B read as ``other`` (``volatile``: past L1, for data
+  other programs of the same launch wrote)."""
   _, ok = _rows(b)
-  return plgpu.load(ref.at[pl.ds(0, ROWS), cols], mask=ok[:, None], other=other)
+  return plgpu.load(ref.at[pl.ds(0, ROWS), cols], mask=ok[:, None], other=other,
+                    volatile=volatile)
 
 
 def _store_rows(ref, b: int, cols, value):
@@ -152,22 +164,22 @@ def _k_loop(k_len: int, block_k: int, step, carry, k0=0):
   return carry
 
 
-def _inv_rms(x_ref, b: int, block_k: int, eps: float):
+def _inv_rms(x_ref, b: int, block_k: int, eps: float, volatile: bool = False):
   """[ROWS] float32 1 / sqrt(mean_j x_j^2 + eps) of each row of x [B, D]."""
   d = x_ref.shape[1]
 
   def step(start, size, ss):
-    x = _load_rows(x_ref, b, pl.ds(start, size)).astype(f32)
+    x = _load_rows(x_ref, b, pl.ds(start, size), volatile=volatile).astype(f32)
     return ss + jnp.sum(x * x, axis=1)
   ss = _k_loop(d, block_k, step, jnp.zeros((ROWS,), f32))
   return lax.rsqrt(ss / d + eps)
 
 
-def _normed_block(x_ref, w_ref, b: int, start, size: int, inv_rms, dtype):
+def _normed_block(x_ref, w_ref, b: int, start, size: int, inv_rms, dtype, volatile: bool = False):
   """Columns [start, start + size) of RMSNorm(x) [ROWS, size] as the model rounds it:
   w_dtype * dtype(x / rms) (``postrl.models.transformer.RMSNorm``)."""
   cols = pl.ds(start, size)
-  x = _load_rows(x_ref, b, cols).astype(f32)
+  x = _load_rows(x_ref, b, cols, volatile=volatile).astype(f32)
   w = w_ref[cols].astype(dtype)
   return w[None, :] * (x * inv_rms[:, None]).astype(dtype)
 
@@ -181,15 +193,17 @@ def _silu(x):
 
 def _attn_in_kernel(x_ref, pos_ref, freq_ref, norm_ref, wq_ref, wk_ref, wv_ref, *refs, heads: int,
                     kv_heads: int, head_dim: int, head_block: int, block_k: int, eps: float,
-                    dtype, bias: bool):
-  """Program (p, c): head p of [q heads | k heads | v heads], columns c of each RoPE half."""
+                    dtype, bias: bool, program=None):
+  """Program (p, c): head p of [q heads | k heads | v heads], columns c of each RoPE half
+  (``program``: (p, c) given, as the persistent layer's tasks do; None: the grid's ids)."""
   if bias:
     bq_ref, bk_ref, bv_ref, _, _, q_ref, ck_ref, cv_ref = refs
   else:
     (_, _, q_ref, ck_ref, cv_ref), bq_ref, bk_ref, bv_ref = refs, None, None, None
   b, d = x_ref.shape
   half = head_dim // 2
-  p, col = pl.program_id(0), pl.program_id(1) * head_block
+  p, c = program if program is not None else (pl.program_id(0), pl.program_id(1))
+  col = c * head_block
   rows, ok = _rows(b)
   inv_rms = _inv_rms(x_ref, b, block_k, eps)
 
@@ -260,15 +274,16 @@ def _attn_in_kernel(x_ref, pos_ref, freq_ref, norm_ref, wq_ref, wk_ref, wv_ref, 
 
 def _attn_out_kernel(x_ref, acc_ref, m_ref, l_ref, wo_ref, *refs, heads: int, kv_heads: int,
                      head_dim: int, block_n: int, heads_per_step: int, dtype, cache_dtype,
-                     bias: bool):
+                     bias: bool, program=None, volatile: bool = False):
   """Program j: columns [j block_n, (j + 1) block_n) of x + attn W_o (+ bias), the attention of
   each head merged from its chunks first (``decode_attention.gpu.combine_chunks``, as a running
-  merge over the chunks: a loop, so the code does not grow with the cache)."""
+  merge over the chunks: a loop, so the code does not grow with the cache). ``program``: j given
+  (None: the grid's id); ``volatile``: the partials read past L1 (the persistent layer)."""
   bo_ref, out_ref = refs if bias else (None, refs[0])
   b = x_ref.shape[0]
   chunks = acc_ref.shape[2]
   groups = heads // kv_heads
-  cols = pl.ds(pl.program_id(0) * block_n, block_n)
+  cols = pl.ds((pl.program_id(0) if program is None else program) * block_n, block_n)
   _, ok = _rows(b)
 
   def head(h, acc_o):
@@ -276,12 +291,14 @@ def _attn_out_kernel(x_ref, acc_ref, m_ref, l_ref, wo_ref, *refs, heads: int, kv
 
     def chunk(c, carry):  # running merge: sum_c e^{m_c - M} acc_c, sum_c e^{m_c - M} l_c
       top, num, den = carry
-      m_c = plgpu.load(m_ref.at[pl.ds(0, ROWS), k, c, g], mask=ok, other=-jnp.inf)
+      m_c = plgpu.load(m_ref.at[pl.ds(0, ROWS), k, c, g], mask=ok, other=-jnp.inf,
+                       volatile=volatile)
       new_top = jnp.maximum(top, m_c)
       rescale = jnp.where(new_top == -jnp.inf, 0.0, jnp.exp(top - new_top))
       w = jnp.where(m_c == -jnp.inf, 0.0, jnp.exp(m_c - new_top))  # empty chunks weigh 0
-      acc = plgpu.load(acc_ref.at[pl.ds(0, ROWS), k, c, g, :], mask=ok[:, None], other=0.0)
-      l_c = plgpu.load(l_ref.at[pl.ds(0, ROWS), k, c, g], mask=ok, other=0.0)
+      acc = plgpu.load(acc_ref.at[pl.ds(0, ROWS), k, c, g, :], mask=ok[:, None], other=0.0,
+                       volatile=volatile)
+      l_c = plgpu.load(l_ref.at[pl.ds(0, ROWS), k, c, g], mask=ok, other=0.0, volatile=volatile)
       return new_top, num * rescale[:, None] + w[:, None] * acc, den * rescale + w * l_c
     _, num, den = lax.fori_loop(0, chunks, chunk, (jnp.full((ROWS,), -jnp.inf, f32),
                                                   jnp.zeros((ROWS, head_dim), f32),
@@ -302,16 +319,17 @@ def _attn_out_kernel(x_ref, acc_ref, m_ref, l_ref, wo_ref, *refs, heads: int, kv
 
 
 def _mlp_in_kernel(x_ref, norm_ref, wg_ref, wu_ref, *refs, block_n: int, block_k: int,
-                   eps: float, dtype, bias: bool):
-  """Program j: columns [j block_n, (j + 1) block_n) of silu(m W_gate) * (m W_up), m = RMSNorm(x)."""
+                   eps: float, dtype, bias: bool, program=None, volatile: bool = False):
+  """Program j: columns [j block_n, (j + 1) block_n) of silu(m W_gate) * (m W_up), m = RMSNorm(x)
+  (``program``: j given, None: the grid's id; ``volatile``: x read past L1)."""
   bg_ref, bu_ref, out_ref = refs if bias else (None, None, refs[0])
   b, d = x_ref.shape
-  cols = pl.ds(pl.program_id(0) * block_n, block_n)
-  inv_rms = _inv_rms(x_ref, b, block_k, eps)
+  cols = pl.ds((pl.program_id(0) if program is None else program) * block_n, block_n)
+  inv_rms = _inv_rms(x_ref, b, block_k, eps, volatile)
 
   def step(start, size, carry):
     g, u = carry
-    a = _normed_block(x_ref, norm_ref, b, start, size, inv_rms, dtype)
+    a = _normed_block(x_ref, norm_ref, b, start, size, inv_rms, dtype, volatile)
     rows_k = pl.ds(start, size)
     g = g + jnp.dot(a, wg_ref[rows_k, cols].astype(dtype), preferred_element_type=f32)
     u = u + jnp.dot(a, wu_ref[rows_k, cols].astype(dtype), preferred_element_type=f32)
@@ -327,20 +345,21 @@ def _mlp_in_kernel(x_ref, norm_ref, wg_ref, wu_ref, *refs, block_n: int, block_k
 
 
 def _mlp_out_kernel(x_ref, act_ref, wd_ref, *refs, block_n: int, block_k: int, dtype,
-                    bias: bool):
-  """Program j: columns [j block_n, (j + 1) block_n) of x + act W_down (+ bias)."""
+                    bias: bool, program=None, volatile: bool = False):
+  """Program j: columns [j block_n, (j + 1) block_n) of x + act W_down (+ bias) (``program``: j
+  given, None: the grid's id; ``volatile``: x and act read past L1)."""
   bd_ref, out_ref = refs if bias else (None, refs[0])
   b, f = act_ref.shape
-  cols = pl.ds(pl.program_id(0) * block_n, block_n)
+  cols = pl.ds((pl.program_id(0) if program is None else program) * block_n, block_n)
 
   def step(start, size, acc):
     rows_k = pl.ds(start, size)
-    a = _load_rows(act_ref, b, rows_k).astype(dtype)
+    a = _load_rows(act_ref, b, rows_k, volatile=volatile).astype(dtype)
     return acc + jnp.dot(a, wd_ref[rows_k, cols].astype(dtype), preferred_element_type=f32)
   y = _k_loop(f, block_k, step, jnp.zeros((ROWS, block_n), f32)).astype(dtype)
   if bd_ref is not None:
     y = y + bd_ref[cols].astype(dtype)[None, :]
-  _store_rows(out_ref, b, cols, _load_rows(x_ref, b, cols).astype(dtype) + y)
+  _store_rows(out_ref, b, cols, _load_rows(x_ref, b, cols, volatile=volatile).astype(dtype) + y)
 
 
 # ----------------------------------------------------------------------------------- the layer

@@ -27,7 +27,8 @@ SUPPORTED_ARCHITECTURES = {
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DECODE_ATTENTION_IMPLS = ("auto", "xla", "pallas")
-DECODE_BLOCK_IMPLS = ("auto", "xla", "pallas", "pallas_attention", "pallas_mlp")
+DECODE_BLOCK_IMPLS = ("auto", "xla", "pallas", "pallas_attention", "pallas_mlp",
+                      "pallas_persistent")
 REMAT_POLICIES = ("none", "full", "dots")
 # How the model computes, not what: the same function whichever value (tested), so a checkpoint
 # written under one resumes under another (``postrl.trainers.common.fingerprint`` leaves them out)
@@ -115,7 +116,9 @@ class ModelConfig:
   # layers without prefix / prompt tuning (on a CPU in interpret mode, a test path; its
   # attention is always the flash-decoding kernel, whatever decode_attention_impl says);
   # "pallas_attention" / "pallas_mlp": that half of the layer fused (launches 1-3 / 4-5), the
-  # other half XLA's (pallas_mlp's attention then follows decode_attention_impl); "auto"
+  # other half XLA's (pallas_mlp's attention then follows decode_attention_impl);
+  # "pallas_persistent": the same five phases in one launch per layer, resident programs waiting
+  # at a barrier across the GPU between phases (not yet run on a GPU); "auto"
   # (default): XLA until a GPU run measures the kernels faster
   # (``kernels.decode_block.GPU_MEASURED``, ``GPU_IMPL``). A runtime choice like dtype.
   decode_block_impl: str = "auto"

@@ -485,7 +485,7 @@ class Transformer(nnx.Module):
   def _fused_decode(self, batch: int) -> bool:
     """Whether a cached one-token step of ``batch`` rows runs ``kernels.decode_block``
     (``ModelConfig.decode_block_impl``): "xla" never; "auto" where ``choose_impl`` picks the
-    kernels and the model and shapes fit them; "pallas" / "pallas_attention" / "pallas_mlp"
+    kernels and the model and shapes fit them; any of ``kernels.decode_block.KERNEL_IMPLS``
     always (what does not fit is then a clear error)."""
     cfg = self.config
     impl = cfg.decode_block_impl
@@ -521,19 +521,13 @@ class Transformer(nnx.Module):
   def _fused_decode_layers(self, x_BxD, positions_B, cache: KVCache, inv_freq):
     """``hidden_states`` of one cached token per row through ``kernels.decode_block``."""
     # pylint: disable-next=import-outside-toplevel
-    from kernels.decode_block import choose_impl, decode_layer
+    from kernels.decode_block import choose_impl, decode_layers
     cfg = self.config
     impl = choose_impl(cfg.decode_block_impl)  # one of the kernel impls (``_fused_decode``)
-    attention_impl = self._xla_attention_impl()
-    new_k, new_v = [], []
-    for i, layer in enumerate(self.layers):
-      x_BxD, k, v = decode_layer(x_BxD, positions_B, inv_freq, layer.decode_weights(),
-                                 cache.k[i], cache.v[i], eps=cfg.rms_norm_eps,
-                                 dtype=dtype_from_name(cfg.dtype), impl=impl,
-                                 interpret=jax.default_backend() == "cpu",
-                                 attention_impl=attention_impl)
-      new_k.append(k)
-      new_v.append(v)
+    x_BxD, new_k, new_v, _ = decode_layers(
+        x_BxD, positions_B, inv_freq, [layer.decode_weights() for layer in self.layers],
+        cache.k, cache.v, eps=cfg.rms_norm_eps, dtype=dtype_from_name(cfg.dtype), impl=impl,
+        interpret=jax.default_backend() == "cpu", attention_impl=self._xla_attention_impl())
     return self.norm(x_BxD[:, None]), KVCache(tuple(new_k), tuple(new_v))
 
   def virtual_kv(self, x_1xPxD, inv_freq):

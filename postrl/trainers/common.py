@@ -117,7 +117,8 @@ def model_kwargs(config) -> dict:
   kernel for rollouts' cached steps on one GPU, XLA elsewhere; "xla"; "pallas") and
   ``decode_block_impl`` ("auto" by default: XLA's decoder layer until the fused kernels are
   measured faster on a GPU; "xla"; "pallas": ``kernels.decode_block`` for cached steps of 1-16
-  rows; "pallas_attention" / "pallas_mlp": one half of its layer fused)."""
+  rows; "pallas_attention" / "pallas_mlp": one half of its layer fused; "pallas_persistent": the
+  fused layer in one launch with barriers across the GPU)."""
   attention_impl = config.get("attention_impl", "auto")
   if attention_impl == "cudnn" and jax.default_backend() != "gpu":  # fail before the model loads
     raise ConfigError(f"config.attention_impl='cudnn' needs an NVIDIA GPU; this run's JAX backend "

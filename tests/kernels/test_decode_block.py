@@ -49,26 +49,29 @@ def _state(b, dtype=jnp.float32, seed=1):
 INV_FREQ = 1.0 / (10000.0 ** (jnp.arange(0, DH, 2, dtype=jnp.float32) / DH))
 
 
-def _both(x, pos, w, ck, cv, dtype=jnp.float32, config=None):
+def _both(x, pos, w, ck, cv, dtype=jnp.float32, config=None, impl="pallas"):
   kw = dict(eps=1e-5, dtype=dtype)
   want = decode_layer(x, pos, INV_FREQ, w, ck, cv, impl="xla", **kw)
-  got = decode_layer(x, pos, INV_FREQ, w, ck, cv, impl="pallas", interpret=True, config=config,
-                     **kw)
+  got = decode_layer(x, pos, INV_FREQ, w, ck, cv, impl=impl, interpret=True, config=config, **kw)
   return want, got
 
 
+@pytest.mark.parametrize("impl", ["pallas", "pallas_persistent"])
 @pytest.mark.parametrize("b,biases,chunks,block_k,heads_per_step", [
     (1, False, None, 256, None),  # one row (padded to 16), default chunks; D = 64: the tail steps
     (3, True, 3, 32, 1),          # every bias; 3 chunks, empty ones at position 0; K loops of 32
     (16, False, 2, 16, 2),        # the most rows a program takes; 16-wide K steps
 ])
-def test_kernels_equal_the_model_arithmetic_in_float32(b, biases, chunks, block_k, heads_per_step):
+def test_kernels_equal_the_model_arithmetic_in_float32(b, biases, chunks, block_k, heads_per_step,
+                                                       impl):
+  """The five launches, and the same five phases as one persistent launch (interpret mode: one
+  program running every task of each phase in turn)."""
   x, ck, cv = _state(b)
   pos = jnp.array([0, 17, S - 1] * 6)[:b] if b > 1 else jnp.array([23])
   config = dataclasses.replace(default_config(D, F, H, DH), block_k=block_k,
                                heads_per_step=heads_per_step,
                                attention=AttentionConfig(block_s=16, chunks=chunks))
-  want, got = _both(x, pos, _weights(biases=biases), ck, cv, config=config)
+  want, got = _both(x, pos, _weights(biases=biases), ck, cv, config=config, impl=impl)
   np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=2e-5, atol=2e-5)
   for w_cache, g_cache in zip(want[1:], got[1:]):  # the new slot, and nothing else, written
     np.testing.assert_allclose(np.asarray(g_cache), np.asarray(w_cache), rtol=2e-5, atol=2e-5)
@@ -158,7 +161,8 @@ def _models(impl="pallas", **overrides):
 @pytest.mark.parametrize("impl,attention", [("pallas", "auto"), ("pallas_attention", "auto"),
                                             # XLA's attention half through the attention kernel,
                                             # as Attention runs it with this setting
-                                            ("pallas_mlp", "pallas")])
+                                            ("pallas_mlp", "pallas"),
+                                            ("pallas_persistent", "auto")])
 def test_model_decode_with_the_kernels_equals_xla(impl, attention):
   cfg, xla, fused = _models(impl, qkv_bias=True, decode_attention_impl=attention)
   assert fused._xla_attention_impl() == ("pallas" if attention == "pallas" else "xla")  # pylint: disable=protected-access
@@ -175,6 +179,62 @@ def test_model_decode_with_the_kernels_equals_xla(impl, attention):
     tok = jnp.argmax(lx[:, -1], axis=-1)[:, None]
   for a, b in zip(cache_f.k + cache_f.v, cache_x.k + cache_x.v):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_persistent_layers_share_one_barrier_state():
+  """``decode_layers`` with the persistent layer: three layers equal XLA's, and the one barrier
+  state went through all of them (4 barriers x 1 program each, none timed out)."""
+  from kernels.decode_block import barrier_timeouts, decode_layers  # pylint: disable=import-outside-toplevel
+  x, ck, cv = _state(2)
+  pos = jnp.array([3, S - 1])
+  layers = [_weights(seed=s) for s in range(3)]
+  kw = dict(eps=1e-5, dtype=jnp.float32)
+  want = decode_layers(x, pos, INV_FREQ, layers, [ck] * 3, [cv] * 3, impl="xla", **kw)
+  assert want[3] is None  # other implementations pass the state through
+  got = decode_layers(x, pos, INV_FREQ, layers, [ck] * 3, [cv] * 3, impl="pallas_persistent",
+                      interpret=True, **kw)
+  np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=2e-5, atol=2e-5)
+  for g, w in zip(got[1] + got[2], want[1] + want[2]):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
+  assert got[3].tolist() == [3 * 4, 0] and int(barrier_timeouts(got[3])) == 0
+  # a state that has counted before (a later layer's launch) gives the same layer
+  again = decode_layers(x, pos, INV_FREQ, layers[:1], [ck], [cv], impl="pallas_persistent",
+                        interpret=True, sync=jnp.array([8, 0], jnp.int32), **kw)
+  first = decode_layers(x, pos, INV_FREQ, layers[:1], [ck], [cv], impl="xla", **kw)
+  np.testing.assert_allclose(np.asarray(again[0]), np.asarray(first[0]), rtol=2e-5, atol=2e-5)
+  assert again[3].tolist() == [12, 0]
+  with pytest.raises(ValueError, match="3 layers, 2 k caches"):
+    decode_layers(x, pos, INV_FREQ, layers, [ck] * 2, [cv] * 3, impl="xla", **kw)
+
+
+def test_a_barrier_that_never_fills_times_out_instead_of_hanging():
+  """Two programs in interpret mode run one after the other, so the first waits at a barrier the
+  second never reaches before it ends: each wait gives up after ``max_polls`` reads and counts a
+  timeout, and the call returns (on a GPU: programs not all resident)."""
+  from kernels.decode_block import barrier_timeouts, decode_layer_persistent  # pylint: disable=import-outside-toplevel
+  x, ck, cv = _state(1)
+  config = dataclasses.replace(default_config(D, F, H, DH), programs=2, max_polls=3)
+  *_, sync = decode_layer_persistent(x, jnp.array([5]), INV_FREQ, _weights(), ck, cv, eps=1e-5,
+                                     dtype=jnp.float32, config=config, interpret=True)
+  assert int(barrier_timeouts(sync)) > 0
+  with pytest.raises(ValueError, match=r"sync must be int32 \[2\]"):
+    decode_layer_persistent(x, jnp.array([5]), INV_FREQ, _weights(), ck, cv, eps=1e-5,
+                            dtype=jnp.float32, interpret=True, sync=jnp.zeros((3,), jnp.int32))
+
+
+@pytest.mark.parametrize("programs,n", [(1, 7), (3, 7), (4, 4), (5, 2), (2, 9)])
+def test_every_task_runs_once_over_the_programs(programs, n):
+  """The persistent layer's split of a phase's n tasks over P programs (t = i, i + P, ...)."""
+  from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
+  from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
+  from kernels.decode_block.persistent import _for_tasks  # pylint: disable=import-outside-toplevel
+
+  def kernel(_, o_ref):
+    _for_tasks(n, programs, lambda t: plgpu.atomic_add(o_ref, t, jnp.int32(1)))
+  counts = pl.pallas_call(kernel, grid=(programs,), interpret=True, input_output_aliases={0: 0},
+                          out_shape=jax.ShapeDtypeStruct((16,), jnp.int32))(
+                              jnp.zeros((16,), jnp.int32))
+  assert np.asarray(counts).tolist() == [1] * n + [0] * (16 - n)
 
 
 def test_model_chooses_xla_unless_asked():
@@ -250,6 +310,10 @@ def test_shapes_the_kernels_cannot_take():
     check_shapes(1, D, F, 34, 2, DH, cfg)  # 17 query heads per kv head
   with pytest.raises(KernelShapeError, match="heads_per_step=3"):
     check_shapes(1, D, F, H, K, DH, GpuConfig(heads_per_step=3))
+  with pytest.raises(KernelShapeError, match="programs=0"):
+    check_shapes(1, D, F, H, K, DH, GpuConfig(programs=0))
+  with pytest.raises(KernelShapeError, match="max_polls=0"):
+    check_shapes(1, D, F, H, K, DH, GpuConfig(max_polls=0))
   check_shapes(1, 960, 2560, 15, 5, 64, default_config(960, 2560, 15, 64))  # SmolLM2-360M
 
 

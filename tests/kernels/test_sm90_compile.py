@@ -202,6 +202,36 @@ def test_fused_decode_layer_compiles(d, f, h, kv, bias):
     assert r["sass"].get("HMMA", 0) + r["sass"].get("HGMMA", 0) > 0, r
 
 
+@pytest.mark.parametrize("d,f,h,kv,bias", [(576, 1536, 9, 3, False),     # SmolLM2-135M
+                                           (2048, 8192, 32, 8, False)])  # Llama-3.2-1B
+def test_persistent_layer_compiles_with_the_ordering_its_barriers_rely_on(tmp_path, d, f, h, kv,
+                                                                          bias):
+  """The persistent layer (``kernels/decode_block/persistent.py``): one kernel, no spills, the
+  tensor-core dot, and in its SASS what the barrier across the grid relies on: the atomic add at
+  GPU scope (arrival, then the polling reads), a GPU-scope fence before it (release), the L1
+  invalidated after it (acquire), CTA barriers, and strong (volatile) loads of what other programs
+  wrote."""
+  from kernels.decode_block import decode_layer_persistent  # pylint: disable=import-outside-toplevel
+  bf = jnp.bfloat16
+  w = dict(input_norm=S((d,), bf), q=S((d, h * 64), bf), k=S((d, kv * 64), bf),
+           v=S((d, kv * 64), bf), o=S((h * 64, d), bf), post_norm=S((d,), bf),
+           gate=S((d, f), bf), up=S((d, f), bf), down=S((f, d), bf))
+  cache = S((2, 320, kv, 64), bf)
+  kernels = capture_kernels(
+      lambda x, p, i, w, k, v: decode_layer_persistent(x, p, i, w, k, v, eps=1e-6, dtype=bf),
+      S((2, d), bf), S((2,), jnp.int32), S((32,), jnp.float32), w, cache, cache)
+  (row,) = [compile_report(*k, sass_dir=str(tmp_path)) for k in kernels]
+  assert row["kernel"] == "decode_layer_persistent", row
+  assert "error" not in row and row["local_bytes"] == 0 and row["registers"] <= 255, row
+  assert row["sass"].get("HMMA", 0) + row["sass"].get("HGMMA", 0) > 0, row
+  with open(tmp_path / "decode_layer_persistent_4w.sass") as fh:
+    sass = fh.read()
+  for op in ("ATOMG.E.ADD.STRONG.GPU", "MEMBAR.ALL.GPU", "CCTL.IVALL", "LDG.E.STRONG.SYS",
+             "BAR.SYNC"):
+    assert op in sass, op
+  assert sass.count("ATOMG.E.ADD.STRONG.GPU") >= 8  # 4 barriers: an arrival and a poll each
+
+
 def test_fused_output_projection_does_not_grow_with_the_chunks():
   """The output-projection kernel merges the attention chunks in a loop: 64 chunks of a 16k-slot
   cache compile to the registers of a few (a Python-unrolled merge took minutes and hit 255)."""

@@ -1,0 +1,264 @@
+"""One decoder layer's cached one-token step as ONE persistent Pallas (Triton) launch.
+
+``gpu.py`` runs the layer as five launches because each phase needs the whole output of the one
+before it, and a new launch is what guarantees that. Here P resident programs (at most one per
+multiprocessor) run all five phases in one launch and wait for each other at a barrier across the
+grid between them:
+
+    phase 1  RMSNorm + q / k / v + RoPE + cache writes   (H + 2K) x Dh / (2 head_block) tasks
+    barrier
+    phase 2  flash-decoding attention of each chunk      B x K x C tasks
+    barrier
+    phase 3  merge of the chunks + W_o + residual         D / block_n tasks
+    barrier
+    phase 4  RMSNorm + gate / up + SiLU x up              F / block_n tasks
+    barrier
+    phase 5  W_down + residual                            D / block_n tasks
+
+Each phase is the same task body as the five-launch layer (``gpu._attn_in_kernel``,
+``decode_attention.gpu.attend_chunk``, ``gpu._attn_out_kernel``, ``gpu._mlp_in_kernel``,
+``gpu._mlp_out_kernel``, given their task's ids instead of the grid's); program ``i`` takes tasks
+i, i + P, i + 2P, ... The intermediate results (q, the attention chunks' partials, a, the MLP
+activation) go through global memory (outputs of the call, not read by the caller), and every read
+of something another program wrote in this launch is a volatile load (past L1).
+
+Why: at batch 1 the SmolLM2-135M step is bound by its launches (~2.7 us each on an H200,
+docs/benchmarks.md); a barrier costs a round trip to L2 (an atomic add, then polling), so a layer
+becomes one launch + four barriers instead of five launches (~12 with XLA's layer). Not yet run on
+a GPU: opt-in (``impl="pallas_persistent"``).
+
+The barrier (``grid_barrier``): a CTA barrier (every thread's stores issued), an atomic add of 1 to
+``sync[0]`` (acquire-release at GPU scope, Triton's default: this program's stores are visible
+before its arrival is), then polling ``sync[0]`` by atomic reads (acquire) until it reaches the
+barrier's target, then a CTA barrier. ``sync[0]`` only grows: each launch adds 4 P, so a launch
+finds its base as ``sync[0]`` read at entry rounded down to a multiple of P (no program can have
+passed the first barrier before every program read it), and one zeroed ``sync`` serves every
+layer of a step (``decode_layers_persistent`` threads it) with no reset between launches.
+
+Safety: every program must be resident at once, or the barrier never fills. P is at most the
+device's multiprocessor count and each program needs far less than a multiprocessor, so a launch
+that starts on an idle GPU has all of them resident. Should one wait anyway (another stream
+holding the SMs), a program that polls ``max_polls`` times gives up, counts a timeout in
+``sync[1]`` and goes on: the call ends with a wrong result and ``barrier_timeouts(sync) > 0``
+rather than hanging the GPU. Interpret mode runs the programs one after another, so it runs one
+program (P = 1), which passes every barrier at once: it tests the phases, their task split and the
+barrier arithmetic, not the GPU's memory ordering (the compiled check in
+``benchmarks/decode_block.py`` does that, on a GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.decode_attention import gpu as attention_gpu
+from kernels.decode_block import gpu
+
+BARRIERS = 4  # per layer: between the five phases
+SYNC_WORDS = 2  # sync[0]: arrivals (only grows), sync[1]: barrier waits that timed out
+i32 = jnp.int32
+
+
+def new_sync():
+  """A zeroed barrier state for one step's layers (``decode_layer_persistent``'s ``sync``)."""
+  return jnp.zeros((SYNC_WORDS,), i32)
+
+
+def barrier_timeouts(sync):
+  """How many barrier waits gave up (``GpuConfig.max_polls``): 0 unless the programs were not all
+  resident at once, in which case the layers' outputs are wrong."""
+  return sync[1]
+
+
+def device_multiprocessors() -> int:
+  """Streaming multiprocessors of the default device (``decode_attention.gpu.NUM_SMS``, the
+  H100 / H200's 132, when the backend does not say: a CPU, or an offline compile)."""
+  try:
+    count = getattr(jax.devices()[0], "core_count", None)
+  except RuntimeError:
+    count = None
+  return int(count) if count else attention_gpu.NUM_SMS
+
+
+def phase_tasks(B: int, D: int, F: int, H: int, K: int, Dh: int, chunks: int,
+                cfg: gpu.GpuConfig) -> tuple[int, ...]:
+  """Tasks of the five phases (module doc), in order."""
+  return ((H + 2 * K) * (Dh // 2 // cfg.head_block), B * K * chunks, D // cfg.block_n,
+          F // cfg.block_n, D // cfg.block_n)
+
+
+def num_programs(tasks: tuple[int, ...], cfg: gpu.GpuConfig, interpret: bool) -> int:
+  """P: ``cfg.programs`` if set; else 1 in interpret mode (programs run one after another) and on
+  a GPU the most tasks of any phase, at most one program per multiprocessor."""
+  if cfg.programs is not None:
+    return cfg.programs
+  return 1 if interpret else min(max(tasks), device_multiprocessors())
+
+
+def grid_barrier(sync_ref, target, *, max_polls: int, interpret: bool):
+  """Wait until ``sync[0]`` reaches ``target`` after adding this program's arrival (module doc);
+  after ``max_polls`` reads, count a timeout in ``sync[1]`` and go on."""
+  if not interpret:
+    plgpu.debug_barrier()  # every thread's stores issued before the arrival
+  seen = plgpu.atomic_add(sync_ref, i32(0), i32(1)) + 1
+
+  def waiting(carry):
+    seen, polls, _ = carry
+    return (seen < target) & (polls < max_polls)
+
+  def poll(carry):  # an atomic read (add 0): acquire, at GPU scope
+    _, polls, zero = carry  # zero in the carry: a constant captured here breaks interpret mode
+    return plgpu.atomic_add(sync_ref, zero, zero), polls + 1, zero
+
+  seen, _, _ = lax.while_loop(waiting, poll, (seen, i32(0), i32(0)))
+
+  @pl.when(seen < target)
+  def _():
+    plgpu.atomic_add(sync_ref, i32(1), i32(1))
+
+  if not interpret:
+    plgpu.debug_barrier()  # no thread reads before the wait ended
+
+
+def _for_tasks(n: int, programs: int, task):
+  """Run ``task(t)`` for this program's tasks t = i, i + P, ... < n (i = its id, P programs)."""
+  pid = pl.program_id(0)
+
+  def one(r):
+    t = pid + r * programs
+
+    @pl.when(t < n)
+    def _():
+      task(t)
+
+  rounds = -(-n // programs)
+  if rounds == 1:
+    one(0)
+  else:
+    def body(r, carry):
+      one(r)
+      return carry
+    lax.fori_loop(0, rounds, body, i32(0))
+
+
+def _layer_kernel(*refs, names: tuple[str, ...], heads: int, kv_heads: int, head_dim: int,
+                  chunk: int, chunks: int, eps: float, dtype, cfg: gpu.GpuConfig, programs: int,
+                  tasks: tuple[int, ...], interpret: bool):
+  r = dict(zip(names, refs))
+  qkv_bias, o_bias, mlp_bias = "q_bias" in r, "o_bias" in r, "gate_bias" in r
+  sync = r["sync_out"]
+  # this launch's base: sync[0] at entry rounded down to a multiple of P (module doc)
+  entry = plgpu.load(r["sync"].at[pl.ds(0, 1)], volatile=True)[0]
+  base = entry - lax.rem(entry, i32(programs))
+  barrier = functools.partial(grid_barrier, sync, max_polls=cfg.max_polls, interpret=interpret)
+  B = r["x"].shape[0]
+  S = r["cache_k_out"].shape[1]
+  half_blocks = head_dim // 2 // cfg.head_block
+
+  # phase 1: RMSNorm + q / k / v + RoPE + the cache writes
+  attn_in = functools.partial(
+      gpu._attn_in_kernel, heads=heads, kv_heads=kv_heads, head_dim=head_dim,  # pylint: disable=protected-access
+      head_block=cfg.head_block, block_k=cfg.block_k, eps=eps, dtype=dtype, bias=qkv_bias)
+  biases = [r["q_bias"], r["k_bias"], r["v_bias"]] if qkv_bias else []
+  _for_tasks(tasks[0], programs, lambda t: attn_in(
+      r["x"], r["positions"], r["inv_freq"], r["input_norm"], r["q"], r["k"], r["v"], *biases,
+      None, None, r["q_buf"], r["cache_k_out"], r["cache_v_out"],
+      program=(lax.div(t, i32(half_blocks)), lax.rem(t, i32(half_blocks)))))
+  barrier(base + programs)
+
+  # phase 2: the attention of each (row, kv head, chunk)
+  att = cfg.attention
+  def attend(t):
+    b, rest = lax.div(t, i32(kv_heads * chunks)), lax.rem(t, i32(kv_heads * chunks))
+    kv, c = lax.div(rest, i32(chunks)), lax.rem(rest, i32(chunks))
+    length = jnp.clip(r["positions"][b] + 1, 1, S)
+    attention_gpu.attend_chunk(
+        length, c, r["q_buf"].at[b, kv], r["cache_k_out"], r["cache_v_out"],
+        r["acc"].at[b, kv, c], r["m"].at[b, kv, c], r["l"].at[b, kv, c], block_s=att.block_s,
+        chunk=chunk, scale=1 / math.sqrt(head_dim), groups=heads // kv_heads, lead=(b,),
+        trail=(kv, slice(None)), volatile=True)
+  _for_tasks(tasks[1], programs, attend)
+  barrier(base + 2 * programs)
+
+  # phase 3: the chunks merged + W_o + the residual
+  attn_out = functools.partial(
+      gpu._attn_out_kernel, heads=heads, kv_heads=kv_heads, head_dim=head_dim,  # pylint: disable=protected-access
+      block_n=cfg.block_n, heads_per_step=gpu._heads_per_step(heads, cfg), dtype=dtype,  # pylint: disable=protected-access
+      cache_dtype=r["cache_k_out"].dtype, bias=o_bias, volatile=True)
+  o_refs = [r["o_bias"]] if o_bias else []
+  _for_tasks(tasks[2], programs, lambda j: attn_out(
+      r["x"], r["acc"], r["m"], r["l"], r["o"], *o_refs, r["a"], program=j))
+  barrier(base + 3 * programs)
+
+  # phase 4: RMSNorm + gate / up + SiLU x up
+  mlp_in = functools.partial(gpu._mlp_in_kernel, block_n=cfg.block_n, block_k=cfg.block_k,  # pylint: disable=protected-access
+                             eps=eps, dtype=dtype, bias=mlp_bias, volatile=True)
+  gu_refs = [r["gate_bias"], r["up_bias"]] if mlp_bias else []
+  _for_tasks(tasks[3], programs, lambda j: mlp_in(
+      r["a"], r["post_norm"], r["gate"], r["up"], *gu_refs, r["act"], program=j))
+  barrier(base + 4 * programs)
+
+  # phase 5: W_down + the residual
+  mlp_out = functools.partial(gpu._mlp_out_kernel, block_n=cfg.block_n, block_k=cfg.block_k,  # pylint: disable=protected-access
+                              dtype=dtype, bias=mlp_bias, volatile=True)
+  d_refs = [r["down_bias"]] if mlp_bias else []
+  _for_tasks(tasks[4], programs, lambda j: mlp_out(
+      r["a"], r["act"], r["down"], *d_refs, r["out"], program=j))
+
+
+def decode_layer_persistent(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, *,
+                            eps: float, dtype, config: gpu.GpuConfig | None = None,
+                            interpret: bool = False, sync=None):
+  """One layer of one cached decode step in one launch (module doc) -> (x' [B, D], cache_k,
+  cache_v, sync). Same arguments and result as ``gpu.decode_layer_gpu`` (caches [B, S, K, Dh]
+  updated in place), plus ``sync``: the barrier state [``SYNC_WORDS``] int32, zeroed
+  (``new_sync()``, the default) and then passed from layer to layer of a step (the same P in
+  all); ``barrier_timeouts(sync)`` says whether a barrier gave up."""
+  B, D = x_BxD.shape
+  S, K, Dh = cache_k.shape[1:]
+  H = weights["q"].shape[1] // Dh
+  F = weights["gate"].shape[1]
+  cfg = gpu._layer_config(B, D, F, H, K, S, Dh, config)  # pylint: disable=protected-access
+  chunk, chunks = attention_gpu.chunk_layout(B, K, S, cfg.attention)
+  tasks = phase_tasks(B, D, F, H, K, Dh, chunks, cfg)
+  programs = num_programs(tasks, cfg, interpret)
+  dtype = jnp.dtype(dtype)
+  sync = new_sync() if sync is None else sync
+  if getattr(sync, "shape", None) != (SYNC_WORDS,) or sync.dtype != i32:
+    raise ValueError(f"decode_layer_persistent: sync must be int32 [{SYNC_WORDS}] (new_sync()), "
+                     f"got {getattr(sync, 'dtype', None)} {getattr(sync, 'shape', None)}")
+
+  inputs = {"x": x_BxD.astype(dtype), "positions": positions_B.astype(i32),
+            "inv_freq": inv_freq.astype(jnp.float32)}
+  for name in ("input_norm", "q", "k", "v", "q_bias", "k_bias", "v_bias", "o", "o_bias",
+               "post_norm", "gate", "up", "gate_bias", "up_bias", "down", "down_bias"):
+    if name in weights:
+      inputs[name] = weights[name]
+  inputs.update(cache_k=cache_k, cache_v=cache_v, sync=sync)
+  f32, sds = jnp.float32, jax.ShapeDtypeStruct
+  P = attention_gpu.PAD_GROUPS
+  outputs = {"out": sds((B, D), dtype), "a": sds((B, D), dtype), "act": sds((B, F), dtype),
+             "q_buf": sds((B, K, P, Dh), cache_k.dtype),
+             "acc": sds((B, K, chunks, P, Dh), f32), "m": sds((B, K, chunks, P), f32),
+             "l": sds((B, K, chunks, P), f32), "cache_k_out": sds(cache_k.shape, cache_k.dtype),
+             "cache_v_out": sds(cache_v.shape, cache_v.dtype), "sync_out": sds(sync.shape, i32)}
+  in_names, out_names = list(inputs), list(outputs)
+  aliases = {in_names.index(n): out_names.index(n + "_out")
+             for n in ("cache_k", "cache_v", "sync")}
+  kernel = functools.partial(
+      _layer_kernel, names=tuple(in_names + out_names), heads=H, kv_heads=K, head_dim=Dh,
+      chunk=chunk, chunks=chunks, eps=eps, dtype=dtype, cfg=cfg, programs=programs, tasks=tasks,
+      interpret=interpret)
+  params = None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps,
+                                                       num_stages=cfg.num_stages)
+  result = pl.pallas_call(kernel, grid=(programs,), out_shape=list(outputs.values()),
+                          input_output_aliases=aliases, compiler_params=params,
+                          interpret=interpret, name="decode_layer_persistent")(*inputs.values())
+  result = dict(zip(out_names, result))
+  return result["out"], result["cache_k_out"], result["cache_v_out"], result["sync_out"]

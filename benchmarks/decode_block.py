@@ -30,12 +30,19 @@ Phases:
    GPU, as ``generate`` runs XLA's layer). ``floor_us`` = (weights + the valid cache read per
    step) / copy bandwidth; ``launches`` per step counted from each compiled program
    (``common.loop_launches``);
-   ``xla_over_<impl>``: XLA's time over each kernel implementation's (> 1: the kernels win).
-4. ``--sweep``: the fused layers at the first --config / --batch under each ``SWEEP`` launch
-   setting (K step, pipelining, warps, columns per program, heads per step), in the time left.
+   ``xla_over_<impl>``: XLA's time over each kernel implementation's (> 1: the kernels win);
+   ``pallas_persistent_trace``: one step of the persistent layers with GPU timestamps per program
+   (``trace_step``): each phase's critical path, each barrier's latency, the launch and the gap
+   between launches, in µs (interpret mode: counter values, not times).
+4. ``--sweep``: the fused layers (five launches, and the persistent launch where timed) at the
+   first --config / --batch under each ``SWEEP`` launch setting (K step, pipelining, warps,
+   columns per program, heads per step; the persistent layer's program count), in the time left.
 
-Prints each row as it goes and rewrites the JSON after each (--out); no new point starts after
---time-limit; a failure is recorded in its row (``<impl>_error``), never a crash.
+An implementation whose check fails anywhere is named in ``check_failed`` and not timed (the
+others are). ``LAST_IMPLS`` (the persistent layer) are checked and timed after every other row is
+written: a crash in their first GPU run keeps the rest. Prints each row as it goes and rewrites
+the JSON after each (--out); no new point starts after --time-limit; a failure is recorded in its
+row (``<impl>_error``), never a crash.
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ from benchmarks import common  # noqa: E402
 from kernels.decode_block import barrier_timeouts, decode_layers  # noqa: E402
 
 IMPLS = ("xla", "pallas", "pallas_attention", "pallas_mlp", "pallas_persistent")  # decode_block's
+# checked and timed after the others' rows are written: a crash in its first GPU run keeps them
+LAST_IMPLS = ("pallas_persistent",)
 # the attention of the halves XLA runs ("xla" and "pallas_mlp"), as the model's cached step runs
 # it by default: kernels.decode_attention's flash-decoding kernel on one GPU, XLA on a CPU
 ATTENTION = "auto"
@@ -90,7 +99,9 @@ def _inv_freq(cfg):
 def check(cfg, batch: int, slots: int, dtype, interpret: bool, biases: bool, seed: int = 0,
           impls=IMPLS[1:]):
   """Per kernel impl of ``impls``: max |impl - xla| / max |xla| of the layer output and the two
-  caches at one layer (``max_rel_err[impl]``); ok when every one is within 2e-2."""
+  caches at one layer (``max_rel_err[impl]``), the persistent layer's barrier waits that gave up
+  (``barrier_timeouts[impl]``); ``ok_by_impl[impl]`` when every error is within 2e-2 and no wait
+  gave up."""
   rows = max(batch, 2) if batch == 1 and not interpret else batch
   keys = jax.random.split(jax.random.key(seed), 4)
   w = random_layer(cfg, keys[0], dtype, biases)
@@ -100,26 +111,26 @@ def check(cfg, batch: int, slots: int, dtype, interpret: bool, biases: bool, see
   cv = jax.random.normal(keys[3], shape, jnp.float32).astype(dtype)
   pos = jnp.array([0, slots // 2 + 3, slots - 1, 7][:rows] + [slots // 3] * max(rows - 4, 0),
                   jnp.int32)
+
   # the reference with the exact masked attention; pallas_mlp's XLA half as timed (ATTENTION)
   def layer(x, p, ck, cv, impl):
     x, (ck,), (cv,), sync = decode_layers(
         x, p, _inv_freq(cfg), [w], [ck], [cv], eps=cfg.rms_norm_eps, dtype=dtype, impl=impl,
         interpret=interpret, attention_impl="xla" if impl == "xla" else ATTENTION)
     return x, ck, cv, jnp.int32(0) if sync is None else barrier_timeouts(sync)
-  outs = {impl: jax.jit(layer, static_argnums=4)(x, pos, ck, cv, impl)
-          for impl in ("xla", *impls)}
-  err, timeouts = {}, {}
+  want = jax.jit(layer, static_argnums=4)(x, pos, ck, cv, "xla")
+  err, timeouts, ok = {}, {}, {}
   for impl in impls:
+    got = jax.jit(layer, static_argnums=4)(x, pos, ck, cv, impl)
     err[impl] = {}
     for name, i in (("x", 0), ("cache_k", 1), ("cache_v", 2)):
-      want = outs["xla"][i].astype(jnp.float32)
-      got = outs[impl][i].astype(jnp.float32)
-      err[impl][name] = float(jnp.max(jnp.abs(got - want))
-                              / jnp.maximum(jnp.max(jnp.abs(want)), 1e-30))
-    timeouts[impl] = int(outs[impl][3])  # the persistent layer's barrier waits that gave up
+      ref = want[i].astype(jnp.float32)
+      err[impl][name] = float(jnp.max(jnp.abs(got[i].astype(jnp.float32) - ref))
+                              / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30))
+    timeouts[impl] = int(got[3])  # the persistent layer's barrier waits that gave up
+    ok[impl] = all(e <= 2e-2 for e in err[impl].values()) and not timeouts[impl]
   return dict(config_rows=rows, biases=biases, max_rel_err=err, barrier_timeouts=timeouts,
-              ok=all(e <= 2e-2 for by_name in err.values() for e in by_name.values())
-              and not any(timeouts.values()))
+              ok_by_impl=ok, ok=all(ok.values()))
 
 
 def step_program(cfg, rows: int, slots: int, dtype, impl: str, steps: int, prompt_len: int,
@@ -146,6 +157,40 @@ def step_program(cfg, rows: int, slots: int, dtype, impl: str, steps: int, promp
       return x, list(zip(ks, vs)), timeouts
     return jax.lax.fori_loop(0, steps, body, (x, caches, jnp.int32(0)))
   return jax.jit(run, donate_argnums=(1,)), (x, caches, layers)
+
+
+def trace_step(cfg, rows: int, slots: int, dtype, prompt_len: int, interpret: bool,
+               seed: int = 0, repeats: int = 3) -> dict:
+  """Where the persistent layer's time goes: one decode step of all layers with
+  ``GpuConfig(trace=True)`` (each program's timestamps at entry, at each barrier and at exit),
+  run ``repeats`` times; ``persistent.summarise_trace`` of the last (warm) run, plus the barrier
+  waits that gave up."""
+  from kernels.decode_block import persistent  # pylint: disable=import-outside-toplevel
+  from kernels.decode_block.gpu import default_config  # pylint: disable=import-outside-toplevel
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  config = dataclasses.replace(
+      default_config(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                     cfg.dim_per_head), trace=True)
+  layers = [random_layer(cfg, k, dtype) for k in jax.random.split(jax.random.key(seed),
+                                                                   cfg.num_hidden_layers)]
+  shape = (rows, slots, cfg.num_key_value_heads, cfg.dim_per_head)
+  x = jax.random.normal(jax.random.key(seed + 1), (rows, cfg.hidden_size)).astype(dtype)
+  pos = jnp.full((rows,), prompt_len, jnp.int32)
+
+  @jax.jit
+  def step(x, layers):
+    sync, traces = persistent.new_sync(), []
+    for w in layers:
+      zeros = jnp.zeros(shape, dtype)
+      x, _, _, sync, trace = persistent.decode_layer_persistent(
+          x, pos, _inv_freq(cfg), w, zeros, zeros, eps=cfg.rms_norm_eps, dtype=dtype,
+          config=config, interpret=interpret, sync=sync)
+      traces.append(trace)
+    return jnp.stack(traces), barrier_timeouts(sync)
+  for _ in range(repeats):
+    traces, timeouts = jax.block_until_ready(step(x, layers))
+  summary = persistent.summarise_trace(traces)
+  return dict(summary, programs=int(traces.shape[1]), barrier_timeouts=int(timeouts))
 
 
 def time_steps(fn, args, repeats: int, steps: int) -> tuple[float, float, int]:
@@ -207,49 +252,92 @@ def main(argv=None):
   dtype = jnp.float32 if args.interpret else jnp.bfloat16
   env = common.environment()
   results = common.Results(args.out, tool="benchmarks/decode_block.py", environment=env,
-                           settings=vars(args), checks=[], rows=[])
+                           settings=vars(args), checks=[], rows=[], check_failed=[])
   common.log(f"{env['device']}, jax {env['versions']['jax']}")
-  failed = False
   kernel_impls = [impl for impl in args.impls if impl != "xla"]
+  # LAST_IMPLS are checked and timed after every other implementation's rows are written, so a
+  # crash there (the persistent layer's first run on a GPU) loses nothing else
+  stages = [[i for i in kernel_impls if i not in LAST_IMPLS],
+            [i for i in kernel_impls if i in LAST_IMPLS]]
+  checks, rows, bandwidth = {}, {}, None
+  for stage, impls in enumerate(stages):
+    if stage and not impls:
+      break
+    passed = run_checks(args, dtype, impls, checks, results)
+    if stage == 0:
+      from benchmarks.quantized_matmul import copy_bandwidth  # pylint: disable=import-outside-toplevel
+      bandwidth = copy_bandwidth(n_bytes=2**30 if not args.interpret else 2**23)
+      results.update(copy_bandwidth_bytes_per_s=bandwidth)
+      common.log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
+    if not time_table(args, dtype, ["xla"] * (stage == 0) + passed, rows, bandwidth, budget,
+                      results):
+      results.update(status="time limit")
+      return results.doc
+  swept = [i for i in ("pallas", "pallas_persistent")
+           if i in kernel_impls and i not in results.doc["check_failed"]]
+  if args.sweep and swept:
+    sweep(args, dtype, bandwidth, budget, results, swept)
+  results.update(status="complete")
+  return results.doc
+
+
+def run_checks(args, dtype, impls, checks: dict, results) -> list[str]:
+  """``check`` of ``impls`` at every --config / --batch (and 16) / bias setting, merged into the
+  check rows (``checks``: by point); returns the impls that passed everywhere (the others are
+  named in the JSON's ``check_failed`` and not timed)."""
+  failed = set()
   for name in args.config:
     cfg = common.model_config(name, param_dtype=jnp.dtype(dtype).name, dtype=jnp.dtype(dtype).name)
     for batch in sorted(set(args.batch) | ({16} if not args.interpret else set())):
       for biases in ((False, True) if args.biases else (False,)):
         try:
-          row = dict(config=name, batch=batch, **check(cfg, batch, args.slots, dtype,
-                                                       args.interpret, biases,
-                                                       impls=kernel_impls))
+          got = check(cfg, batch, args.slots, dtype, args.interpret, biases, impls=impls)
         except Exception as e:  # pylint: disable=broad-except
-          row = dict(config=name, batch=batch, biases=biases, ok=False,
-                     error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-        failed |= not row["ok"]
-        results.append("checks", row)
-        common.log(f"check {name} batch {batch}{' biases' if biases else ''}: {row}")
+          err = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+          got = dict(biases=biases, ok_by_impl=dict.fromkeys(impls, False),
+                     error={impl: err for impl in impls})
+        row = checks.get((name, batch, biases))
+        if row is None:
+          row = checks[name, batch, biases] = dict(config=name, batch=batch, biases=biases)
+          results.append("checks", row)
+        for key, value in got.items():
+          if isinstance(value, dict):
+            row.setdefault(key, {}).update(value)
+          else:
+            row[key] = value
+        row["ok"] = all(row["ok_by_impl"].values())
+        failed |= {impl for impl, ok in got["ok_by_impl"].items() if not ok}
+        results.update(check_failed=sorted(set(results.doc["check_failed"]) | failed))
+        common.log(f"check {name} batch {batch}{' biases' if biases else ''} {impls}: {got}")
   if failed:
-    results.update(status="check failed: nothing timed")
-    common.log("check failed: nothing timed")
-    return results.doc
-  from benchmarks.quantized_matmul import copy_bandwidth  # pylint: disable=import-outside-toplevel
-  bandwidth = copy_bandwidth(n_bytes=2**30 if not args.interpret else 2**23)
-  results.update(copy_bandwidth_bytes_per_s=bandwidth)
-  common.log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
+    common.log(f"check failed, not timed: {sorted(failed)}")
+  return [impl for impl in impls if impl not in failed]
+
+
+def time_table(args, dtype, impls, rows: dict, bandwidth, budget, results) -> bool:
+  """All layers of one step with each of ``impls`` at every --config / --batch, into the table's
+  rows (``rows``: by point; a later stage adds its columns to the same rows). False when the time
+  limit stopped it before a row."""
   for name in args.config:
     cfg = common.model_config(name, param_dtype=jnp.dtype(dtype).name, dtype=jnp.dtype(dtype).name)
     for batch in args.batch:
       if budget.over():
-        results.update(status="time limit")
-        return results.doc
-      rows = 2 if batch == 1 and not args.interpret else batch
+        return False
+      n_rows = 2 if batch == 1 and not args.interpret else batch
       valid = args.prompt_len + args.steps // 2  # the mean valid slots over a call's steps
-      floor = step_bytes(cfg, rows, valid, dtype) / bandwidth * 1e6
-      row = dict(config=name, batch=batch, rows=rows, floor_us=round(floor, 2),
-                 bytes_per_step=step_bytes(cfg, rows, valid, dtype))
-      for impl in ["xla"] + kernel_impls:
+      floor = step_bytes(cfg, n_rows, valid, dtype) / bandwidth * 1e6
+      row = rows.get((name, batch))
+      if row is None:
+        row = rows[name, batch] = dict(config=name, batch=batch, rows=n_rows,
+                                       floor_us=round(floor, 2),
+                                       bytes_per_step=step_bytes(cfg, n_rows, valid, dtype))
+        results.append("rows", row)
+      for impl in impls:
         if impl != "xla" and budget.over():  # a row keeps what it timed
           row[f"{impl}_error"] = "skipped: time limit"
           continue
         try:
-          fn, fargs = step_program(cfg, rows, args.slots, dtype, impl, args.steps,
+          fn, fargs = step_program(cfg, n_rows, args.slots, dtype, impl, args.steps,
                                    args.prompt_len, args.interpret)
           row[f"{impl}_launches"] = common.loop_launches(
               fn.lower(*fargs).compile().as_text())["launches"]
@@ -261,26 +349,35 @@ def main(argv=None):
             del row[f"{impl}_us"]
         except Exception as e:  # pylint: disable=broad-except
           row[f"{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-      for impl in kernel_impls:  # the speed-up of each kernel implementation over XLA's layer
-        if "xla_us" in row and f"{impl}_us" in row:
+        if impl != "xla" and "xla_us" in row and f"{impl}_us" in row:
           row[f"xla_over_{impl}"] = round(row["xla_us"] / row[f"{impl}_us"], 3)
-      results.append("rows", row)
+        results.update()
+        if impl == "pallas_persistent" and f"{impl}_us" in row and not budget.over():
+          try:  # each phase's and each barrier's time inside the launches (GPU timestamps)
+            row[f"{impl}_trace"] = {k: round(v, 3) if isinstance(v, float) else v
+                                    for k, v in trace_step(cfg, n_rows, args.slots, dtype,
+                                                           args.prompt_len,
+                                                           args.interpret).items()}
+          except Exception as e:  # pylint: disable=broad-except
+            row[f"{impl}_trace_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+          results.update()
       common.log(f"{name} batch {batch}: {row}")
-  if args.sweep:
-    sweep(args, dtype, bandwidth, budget, results)
-  results.update(status="complete")
-  return results.doc
+  return True
 
 
 # (name, GpuConfig fields) tried by --sweep; "default" is kernels.decode_block.default_config
 SWEEP = (("default", {}), ("block_k 64", dict(block_k=64)), ("block_k 128", dict(block_k=128)),
          ("stages 2", dict(num_stages=2)), ("stages 3", dict(num_stages=3)),
          ("warps 2", dict(num_warps=2)), ("warps 8", dict(num_warps=8)),
-         ("block_n 32", dict(block_n=32)), ("heads_per_step 1", dict(heads_per_step=1)))
+         ("block_n 32", dict(block_n=32)), ("heads_per_step 1", dict(heads_per_step=1)),
+         # the persistent layer only: fewer resident programs (each then takes more tasks)
+         ("programs 64", dict(programs=64)), ("programs 32", dict(programs=32)))
 
 
-def sweep(args, dtype, bandwidth, budget, results):
-  """The fused layers of one step under each SWEEP setting (first --config / --batch)."""
+def sweep(args, dtype, bandwidth, budget, results, impls=("pallas",)):
+  """The fused layers of one step under each SWEEP setting (first --config / --batch), for each
+  of ``impls`` (the five launches, the persistent launch; ``programs`` settings: the persistent
+  one only)."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   from kernels.decode_block import default_config  # pylint: disable=import-outside-toplevel
   name, batch = args.config[0], args.batch[0]
@@ -290,19 +387,25 @@ def sweep(args, dtype, bandwidth, budget, results):
                         cfg.dim_per_head)
   floor = step_bytes(cfg, rows, args.prompt_len + args.steps // 2, dtype) / bandwidth * 1e6
   for label, fields in SWEEP:
-    if budget.over(20):
-      break
-    row = dict(config=name, batch=batch, setting=label, **fields)
-    try:
-      fn, fargs = step_program(cfg, rows, args.slots, dtype, "pallas", args.steps,
-                               args.prompt_len, args.interpret,
-                               config=dataclasses.replace(base, **fields))
-      us, _, _ = time_steps(fn, fargs, args.repeats, args.steps)
-      row.update(pallas_us=round(us, 2), over_floor=round(us / floor, 2))
-    except Exception as e:  # pylint: disable=broad-except
-      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-    results.append("sweep", row)
-    common.log(f"sweep {name} batch {batch} {label}: {row}")
+    for impl in impls:
+      if "programs" in fields and impl != "pallas_persistent":
+        continue
+      if budget.over(20):
+        return
+      row = dict(config=name, batch=batch, impl=impl, setting=label, **fields)
+      try:
+        fn, fargs = step_program(cfg, rows, args.slots, dtype, impl, args.steps,
+                                 args.prompt_len, args.interpret,
+                                 config=dataclasses.replace(base, **fields))
+        us, _, timeouts = time_steps(fn, fargs, args.repeats, args.steps)
+        if timeouts:
+          row["error"] = f"{timeouts} barrier waits timed out"
+        else:
+          row.update(us=round(us, 2), over_floor=round(us / floor, 2))
+      except Exception as e:  # pylint: disable=broad-except
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+      results.append("sweep", row)
+      common.log(f"sweep {name} batch {batch} {impl} {label}: {row}")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@
 #      default call is within 4x of one read of the logits and >= 10x faster than XLA's sort.
 #   2. issue 9 (~3 min): benchmarks/decode_block.py, the fused decoder layer's compiled check and
 #      all layers of a SmolLM2-135M decode step at batch 1: XLA's layer, the five fused launches
-#      and the attention half fused alone (pallas_attention: 259 launches per step against 395
-#      and 170, compiled without a GPU), beside the read floor (decides
-#      kernels.decode_block.GPU_MEASURED and GPU_IMPL).
+#      (170 launches per step against 395, compiled without a GPU) and, checked and timed last
+#      (its first GPU run: a crash there keeps the rest), the same five phases as one persistent
+#      launch per layer with barriers across the grid (pallas_persistent), beside the read floor
+#      (decides kernels.decode_block.GPU_MEASURED and GPU_IMPL).
 #   3. issue 7 (~3.3 min): benchmarks/quantized_matmul.py --mosaic, the Mosaic GPU kernel's first
 #      run: its check at M = 17 over every format, then M = 1 and 16 at 4096 x 4096 and
 #      8192 x 8192 beside bf16, the default Triton kernel and the Triton kernel on the repacked
@@ -31,7 +32,7 @@ timeout "${SAMPLING_TIMEOUT:-150}" python3 benchmarks/sampling.py --rows 0:1 --l
   --check-configs split_cdf --time-limit "${SAMPLING_LIMIT:-130}" --repeats 5 \
   --out "$OUT/sampling.json" 2>&1 | tee -a "$LOG"
 timeout "${BLOCK_TIMEOUT:-190}" python3 benchmarks/decode_block.py --config smollm2-135m \
-  --batch 1 --impls xla pallas pallas_attention --time-limit "${BLOCK_LIMIT:-150}" \
+  --batch 1 --impls xla pallas pallas_persistent --time-limit "${BLOCK_LIMIT:-150}" \
   --out "$OUT/decode_block.json" 2>&1 | tee -a "$LOG"
 timeout "${QMM_TIMEOUT:-200}" python3 benchmarks/quantized_matmul.py --mosaic \
   --mosaic-check-m 17 --mosaic-m 1 16 --mosaic-sweep-shape none \

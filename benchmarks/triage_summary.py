@@ -65,11 +65,16 @@ def decode_block_verdict(doc) -> str:
   """Issue 9 from ``decode_block.py``'s JSON: each kernel implementation (the whole layer fused,
   or one half) against XLA's layer, and the fastest."""
   checks = doc.get("checks", [])
-  if not checks or not all(c.get("ok") for c in checks):
-    bad = [c for c in checks if not c.get("ok")]
+  failed = doc.get("check_failed", [])
+  bad = [c for c in checks if not c.get("ok")]
+  if not checks or (bad and not failed):  # no check, or one that failed before naming an impl
     return (f"issue 9: fused layer check failed or missing ({len(bad)} of {len(checks)} failing"
             f"{': ' + str(bad[0].get('error', bad[0]))[:200] if bad else ''}): no verdict")
   lines = []
+  if failed:  # those are not timed; the others are judged below
+    first = str(bad[0].get("error") or bad[0].get("max_rel_err") or bad[0])[:200] if bad else ""
+    lines.append(f"issue 9: check FAILED for {', '.join(failed)} (not timed; {len(bad)} of "
+                 f"{len(checks)} check points failing{': ' + first if first else ''})")
   for r in doc.get("rows", []):
     timed = [(impl, r[f"xla_over_{impl}"]) for impl in DECODE_BLOCK_KERNEL_IMPLS
              if f"xla_over_{impl}" in r]
@@ -86,7 +91,9 @@ def decode_block_verdict(doc) -> str:
                  f"({r.get('xla_over_floor')}x the floor); " + "; ".join(parts)
                  + (f": {best} FASTER ({speedup}x)" if speedup > 1 else ": no kernel faster")
                  + f" (read floor {r['floor_us']} us)")
-  return "\n".join(lines) or "issue 9: checks passed, no timed row (cut by the time limit?)"
+  if not doc.get("rows"):
+    lines.append("issue 9: no timed row (cut by the time limit?)")
+  return "\n".join(lines)
 
 
 def mosaic_verdict(doc) -> str:

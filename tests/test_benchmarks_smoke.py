@@ -667,5 +667,30 @@ def test_decode_block_checks_then_times_both_layers(tmp_path):
   assert row["xla_us"] > 0 and row["floor_us"] > 0 and row["xla_launches"] > 0
   for impl in kernel_impls:  # (interpret mode: the counts are XLA:CPU's, not the GPU's)
     assert row[f"{impl}_us"] > 0 and row[f"xla_over_{impl}"] > 0 and row[f"{impl}_launches"] > 0
+  trace = row["pallas_persistent_trace"]  # interpret mode: one program, counter values
+  assert trace["programs"] == 1 and trace["barrier_timeouts"] == 0 and "phase_5_us" in trace
   verdict = triage_summary.decode_block_verdict(doc)  # what gpu_triage.sh prints
   assert verdict.startswith("issue 9: tiny batch 1: XLA layers") and "pallas_persistent" in verdict
+
+
+def test_decode_block_times_the_others_when_one_check_fails(tmp_path, monkeypatch):
+  """An implementation whose check fails (here the persistent layer, made wrong by 1) is named in
+  ``check_failed`` and not timed; XLA's layer and the five launches are still checked and timed,
+  and the triage verdict says both."""
+  from benchmarks import decode_block as bench  # pylint: disable=import-outside-toplevel
+  real = bench.decode_layers
+
+  def broken(*args, impl, **kwargs):
+    x, ks, vs, sync = real(*args, impl=impl, **kwargs)
+    return (x + 1.0 if impl == "pallas_persistent" else x), ks, vs, sync
+  monkeypatch.setattr(bench, "decode_layers", broken)
+  doc = bench.main(["--interpret", "--config", "tiny", "--batch", "1", "--steps", "2",
+                    "--repeats", "1", "--impls", "xla", "pallas", "pallas_persistent",
+                    "--out", str(tmp_path / "decode_block.json")])
+  assert doc["status"] == "complete" and doc["check_failed"] == ["pallas_persistent"]
+  (check,) = doc["checks"]
+  assert check["ok_by_impl"] == {"pallas": True, "pallas_persistent": False}
+  (row,) = doc["rows"]
+  assert row["xla_us"] > 0 and row["pallas_us"] > 0 and "pallas_persistent_us" not in row
+  verdict = triage_summary.decode_block_verdict(doc)
+  assert "check FAILED for pallas_persistent" in verdict and "pallas " in verdict.splitlines()[1]

@@ -57,6 +57,19 @@ def test_decode_block_verdict_names_the_fastest_kernel_implementation():
   partial = triage_summary.decode_block_verdict({"checks": [{"ok": True}], "rows": [dict(
       row, pallas_attention_error="skipped: time limit")]})
   assert "pallas_attention skipped: time limit" in partial and "pallas FASTER" in partial
+  # the persistent layer's check failed (a barrier timed out): named, the others still judged
+  persistent = triage_summary.decode_block_verdict({
+      "check_failed": ["pallas_persistent"],
+      "checks": [{"ok": False, "ok_by_impl": {"pallas": True, "pallas_persistent": False},
+                  "barrier_timeouts": {"pallas_persistent": 4}}],
+      "rows": [row]})
+  lines = persistent.splitlines()
+  assert lines[0].startswith("issue 9: check FAILED for pallas_persistent (not timed; 1 of 1")
+  assert lines[1].endswith(": pallas FASTER (2.0x) (read floor 80.0 us)"), lines
+  faster = triage_summary.decode_block_verdict({"checks": [{"ok": True}], "rows": [dict(
+      row, pallas_persistent_us=300.0, pallas_persistent_over_floor=3.75,
+      xla_over_pallas_persistent=3.0)]})
+  assert faster.endswith(": pallas_persistent FASTER (3.0x) (read floor 80.0 us)"), faster
 
 
 def test_summarise_names_missing_and_unreadable_files(tmp_path):

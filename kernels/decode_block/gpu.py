@@ -65,6 +65,9 @@ class GpuConfig:
       of any phase, at most one per multiprocessor (1 in interpret mode).
     max_polls: the persistent layer's reads of the barrier counter before a wait gives up and
       counts a timeout (each read is an atomic round trip to L2, ~1 us: about a second in all).
+    trace: the persistent layer also returns each program's timestamps (``persistent.TRACE``:
+      entry, arrival at and departure from each barrier, exit; the GPU's ``%globaltimer`` in ns,
+      low 32 bits), for ``persistent.summarise_trace``: where a launch's time goes.
   """
   block_k: int = 256
   block_n: int = 16
@@ -75,6 +78,7 @@ class GpuConfig:
   attention: attention_gpu.GpuConfig | None = None
   programs: int | None = None
   max_polls: int = 1 << 20
+  trace: bool = False
 
 
 def default_config(d: int, f: int, h: int, dh: int) -> GpuConfig:

@@ -62,6 +62,9 @@ from kernels.decode_block import gpu
 
 BARRIERS = 4  # per layer: between the five phases
 SYNC_WORDS = 2  # sync[0]: arrivals (only grows), sync[1]: barrier waits that timed out
+# the timestamps of one program with GpuConfig(trace=True), in this order
+TRACE = ("entry",) + tuple(f"{e}_{k}" for k in range(1, BARRIERS + 1)
+                           for e in ("arrive", "leave")) + ("exit",)
 i32 = jnp.int32
 
 
@@ -101,12 +104,29 @@ def num_programs(tasks: tuple[int, ...], cfg: gpu.GpuConfig, interpret: bool) ->
   return 1 if interpret else min(max(tasks), device_multiprocessors())
 
 
-def grid_barrier(sync_ref, target, *, max_polls: int, interpret: bool):
+def _now(after, interpret: bool):
+  """[1]: the GPU's ``%globaltimer`` (ns, low 32 bits) read after ``after`` (an int32 this program
+  just got from an atomic: the read waits for it); interpret mode: ``after`` itself. (A [1] block:
+  Triton's inline assembly gives a tensor, which a scalar store does not take.)"""
+  after = jnp.full((1,), after, i32)
+  if interpret:
+    return after
+  [t] = plgpu.elementwise_inline_asm("mov.u32 $0, %globaltimer_lo;", args=[after],
+                                     constraints="=r,r", pack=1,
+                                     result_shape_dtypes=[jax.ShapeDtypeStruct((1,), i32)])
+  return t
+
+
+def grid_barrier(sync_ref, target, *, max_polls: int, interpret: bool, trace=None):
   """Wait until ``sync[0]`` reaches ``target`` after adding this program's arrival (module doc);
-  after ``max_polls`` reads, count a timeout in ``sync[1]`` and go on."""
+  after ``max_polls`` reads, count a timeout in ``sync[1]`` and go on. ``trace``: a function
+  (name, after) that records a timestamp ("arrive" once the arrival is counted, "leave" once the
+  wait ended)."""
   if not interpret:
     plgpu.debug_barrier()  # every thread's stores issued before the arrival
   seen = plgpu.atomic_add(sync_ref, i32(0), i32(1)) + 1
+  if trace is not None:
+    trace("arrive", seen)
 
   def waiting(carry):
     seen, polls, _ = carry
@@ -117,6 +137,8 @@ def grid_barrier(sync_ref, target, *, max_polls: int, interpret: bool):
     return plgpu.atomic_add(sync_ref, zero, zero), polls + 1, zero
 
   seen, _, _ = lax.while_loop(waiting, poll, (seen, i32(0), i32(0)))
+  if trace is not None:
+    trace("leave", seen)
 
   @pl.when(seen < target)
   def _():
@@ -154,9 +176,21 @@ def _layer_kernel(*refs, names: tuple[str, ...], heads: int, kv_heads: int, head
   qkv_bias, o_bias, mlp_bias = "q_bias" in r, "o_bias" in r, "gate_bias" in r
   sync = r["sync_out"]
   # this launch's base: sync[0] at entry rounded down to a multiple of P (module doc)
-  entry = plgpu.load(r["sync"].at[pl.ds(0, 1)], volatile=True)[0]
+  entry = plgpu.load(r["sync"].at[i32(0)], volatile=True)
   base = entry - lax.rem(entry, i32(programs))
-  barrier = functools.partial(grid_barrier, sync, max_polls=cfg.max_polls, interpret=interpret)
+  record = None
+  if cfg.trace:  # each timestamp stored at once: the store keeps it in place (module doc)
+    pid, count = pl.program_id(0), [0]
+
+    def record(name, after):
+      slot = TRACE.index(name) if name in ("entry", "exit") else TRACE.index(
+          f"{name}_{count[0] // 2 + 1}")
+      if name not in ("entry", "exit"):
+        count[0] += 1
+      r["trace"][pid, pl.ds(slot, 1)] = _now(after, interpret)
+    record("entry", entry)
+  barrier = functools.partial(grid_barrier, sync, max_polls=cfg.max_polls, interpret=interpret,
+                              trace=record)
   B = r["x"].shape[0]
   S = r["cache_k_out"].shape[1]
   half_blocks = head_dim // 2 // cfg.head_block
@@ -210,6 +244,10 @@ def _layer_kernel(*refs, names: tuple[str, ...], heads: int, kv_heads: int, head
   d_refs = [r["down_bias"]] if mlp_bias else []
   _for_tasks(tasks[4], programs, lambda j: mlp_out(
       r["a"], r["act"], r["down"], *d_refs, r["out"], program=j))
+  if record is not None:  # after this program's last stores (an atomic read: fenced behind them)
+    if not interpret:
+      plgpu.debug_barrier()
+    record("exit", plgpu.atomic_add(sync, i32(0), i32(0)))
 
 
 def decode_layer_persistent(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, *,
@@ -248,6 +286,8 @@ def decode_layer_persistent(x_BxD, positions_B, inv_freq, weights: dict, cache_k
              "acc": sds((B, K, chunks, P, Dh), f32), "m": sds((B, K, chunks, P), f32),
              "l": sds((B, K, chunks, P), f32), "cache_k_out": sds(cache_k.shape, cache_k.dtype),
              "cache_v_out": sds(cache_v.shape, cache_v.dtype), "sync_out": sds(sync.shape, i32)}
+  if cfg.trace:
+    outputs["trace"] = sds((programs, len(TRACE)), i32)
   in_names, out_names = list(inputs), list(outputs)
   aliases = {in_names.index(n): out_names.index(n + "_out")
              for n in ("cache_k", "cache_v", "sync")}
@@ -261,4 +301,42 @@ def decode_layer_persistent(x_BxD, positions_B, inv_freq, weights: dict, cache_k
                           input_output_aliases=aliases, compiler_params=params,
                           interpret=interpret, name="decode_layer_persistent")(*inputs.values())
   result = dict(zip(out_names, result))
-  return result["out"], result["cache_k_out"], result["cache_v_out"], result["sync_out"]
+  out = result["out"], result["cache_k_out"], result["cache_v_out"], result["sync_out"]
+  return out + (result["trace"],) if cfg.trace else out
+
+
+def summarise_trace(traces) -> dict:
+  """Where a persistent launch's time goes, from ``GpuConfig(trace=True)`` timestamps ``traces``
+  [L, P, len(TRACE)] (one launch per layer, in order; ns, low 32 bits, so differences are taken
+  modulo 2^32). Medians over the launches, in µs:
+
+    phase_k: from the last program to leave barrier k - 1 (the launch's first entry for k = 1)
+      to the last to arrive at barrier k (the last program's exit for k = 5): the phase's
+      critical path;
+    barrier_k: from the last arrival at barrier k to the first program leaving it (the barrier's
+      own latency); wait_k: the median program's time between its arrival and its leaving;
+    launch: the first entry to the last exit; gap: the last exit of launch l to the first entry
+    of launch l + 1 (the launch overhead between layers).
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  t = np.asarray(traces, np.int64) & 0xFFFFFFFF
+  t = t - t[:, :, :1].min(axis=1, keepdims=True)  # relative to each launch's first entry
+  t %= 1 << 32
+  col = {name: t[:, :, i] for i, name in enumerate(TRACE)}
+  ends = [col["entry"].min(axis=1)] + [col[f"leave_{k}"].max(axis=1)
+                                       for k in range(1, BARRIERS + 1)]
+  stops = [col[f"arrive_{k}"].max(axis=1) for k in range(1, BARRIERS + 1)]
+  stops.append(col["exit"].max(axis=1))
+  out = {}
+  for k in range(BARRIERS + 1):
+    out[f"phase_{k + 1}_us"] = float(np.median(stops[k] - ends[k])) / 1e3
+  for k in range(1, BARRIERS + 1):
+    out[f"barrier_{k}_us"] = float(np.median(col[f"leave_{k}"].min(axis=1)
+                                             - col[f"arrive_{k}"].max(axis=1))) / 1e3
+    out[f"wait_{k}_us"] = float(np.median(col[f"leave_{k}"] - col[f"arrive_{k}"])) / 1e3
+  out["launch_us"] = float(np.median(col["exit"].max(axis=1) - col["entry"].min(axis=1))) / 1e3
+  if len(t) > 1:
+    raw = np.asarray(traces, np.int64) & 0xFFFFFFFF
+    gaps = (raw[1:, :, 0].min(axis=1) - raw[:-1, :, -1].max(axis=1)) % (1 << 32)
+    out["gap_us"] = float(np.median(gaps)) / 1e3
+  return out

@@ -367,3 +367,28 @@ def test_a_position_past_the_cache_writes_nothing():
   for w, g in zip(want, got):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
   np.testing.assert_array_equal(np.asarray(got[1][0]), np.asarray(ck[0]))  # row 0: untouched
+
+
+def test_persistent_trace_records_each_program_at_each_barrier():
+  """``GpuConfig(trace=True)``: one row of timestamps per program, in ``TRACE`` order (interpret
+  mode records the barrier counter instead of the GPU's clock: entry 0, arrival k and leaving k
+  at k, exit 4), and ``summarise_trace`` turns [L, P, 10] timestamps into phase and barrier
+  times."""
+  from kernels.decode_block import decode_layer_persistent  # pylint: disable=import-outside-toplevel
+  from kernels.decode_block.persistent import TRACE, summarise_trace  # pylint: disable=import-outside-toplevel
+  x, ck, cv = _state(2)
+  config = dataclasses.replace(default_config(D, F, H, DH), trace=True)
+  out = decode_layer_persistent(x, jnp.array([3, 9]), INV_FREQ, _weights(), ck, cv, eps=1e-5,
+                                dtype=jnp.float32, config=config, interpret=True)
+  assert len(out) == 5 and out[4].shape == (1, len(TRACE))
+  assert out[4][0].tolist() == [0, 1, 1, 2, 2, 3, 3, 4, 4, 4]
+  # two launches of two programs, in ns: entry, (arrive, leave) x 4, exit
+  one = [[0, 1000, 1500, 3000, 3400, 4000, 4300, 6000, 6500, 8000],
+         [200, 1200, 1600, 2500, 3300, 4100, 4400, 5000, 6400, 7000]]
+  later = [[[t + 10000 for t in p] for p in one]]
+  s = summarise_trace(np.array([one] + later))
+  assert s["phase_1_us"] == 1.2 and s["barrier_1_us"] == 0.3  # last arrival 1200, first leave 1500
+  assert s["phase_2_us"] == 3.0 - 1.6 and s["phase_5_us"] == 8.0 - 6.5
+  assert s["launch_us"] == 8.0 and s["gap_us"] == 2.0  # 10000 - 8000
+  wrapped = summarise_trace((np.array([one]) + (1 << 32) - 3000) % (1 << 32))  # the clock wraps
+  assert wrapped["phase_1_us"] == 1.2 and wrapped["launch_us"] == 8.0

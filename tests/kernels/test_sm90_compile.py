@@ -230,6 +230,19 @@ def test_persistent_layer_compiles_with_the_ordering_its_barriers_rely_on(tmp_pa
              "BAR.SYNC"):
     assert op in sass, op
   assert sass.count("ATOMG.E.ADD.STRONG.GPU") >= 8  # 4 barriers: an arrival and a poll each
+  assert "GLOBALTIMER" not in sass
+  # GpuConfig(trace=True): ten clock reads (entry, arrival and leaving at 4 barriers, exit)
+  from kernels.decode_block import GpuConfig as BlockConfig  # pylint: disable=import-outside-toplevel
+  kernels = capture_kernels(
+      lambda x, p, i, w, k, v: decode_layer_persistent(x, p, i, w, k, v, eps=1e-6, dtype=bf,
+                                                       config=BlockConfig(trace=True)),
+      S((2, d), bf), S((2,), jnp.int32), S((32,), jnp.float32), w, cache, cache)
+  traced = tmp_path / "traced"
+  traced.mkdir()
+  (row,) = [compile_report(*k, sass_dir=str(traced)) for k in kernels]
+  assert "error" not in row and row["local_bytes"] == 0, row
+  with open(traced / "decode_layer_persistent_4w.sass") as fh:
+    assert fh.read().count("SR_GLOBALTIMERLO") == 10
 
 
 def test_fused_output_projection_does_not_grow_with_the_chunks():

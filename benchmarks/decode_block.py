@@ -64,6 +64,7 @@ from kernels.decode_block import barrier_timeouts, decode_layers  # noqa: E402
 IMPLS = ("xla", "pallas", "pallas_attention", "pallas_mlp", "pallas_persistent")  # decode_block's
 # checked and timed after the others' rows are written: a crash in its first GPU run keeps them
 LAST_IMPLS = ("pallas_persistent",)
+REPEAT_LAUNCHES = 16  # the persistent layer's check also runs this many layers in a row
 # the attention of the halves XLA runs ("xla" and "pallas_mlp"), as the model's cached step runs
 # it by default: kernels.decode_attention's flash-decoding kernel on one GPU, XLA on a CPU
 ATTENTION = "auto"
@@ -97,11 +98,14 @@ def _inv_freq(cfg):
 
 
 def check(cfg, batch: int, slots: int, dtype, interpret: bool, biases: bool, seed: int = 0,
-          impls=IMPLS[1:]):
+          impls=IMPLS[1:], config=None):
   """Per kernel impl of ``impls``: max |impl - xla| / max |xla| of the layer output and the two
-  caches at one layer (``max_rel_err[impl]``), the persistent layer's barrier waits that gave up
+  caches at one layer (``max_rel_err[impl]``; for the persistent layer also ``x_after_layers``:
+  the output after ``REPEAT_LAUNCHES`` launches in a row, one barrier state through all, which a
+  race that strikes now and then would move), the persistent layer's barrier waits that gave up
   (``barrier_timeouts[impl]``); ``ok_by_impl[impl]`` when every error is within 2e-2 and no wait
-  gave up."""
+  gave up; an exception fails its impl alone (``error[impl]``). ``config``: the kernels'
+  ``GpuConfig`` (None: the default)."""
   rows = max(batch, 2) if batch == 1 and not interpret else batch
   keys = jax.random.split(jax.random.key(seed), 4)
   w = random_layer(cfg, keys[0], dtype, biases)
@@ -113,24 +117,37 @@ def check(cfg, batch: int, slots: int, dtype, interpret: bool, biases: bool, see
                   jnp.int32)
 
   # the reference with the exact masked attention; pallas_mlp's XLA half as timed (ATTENTION)
-  def layer(x, p, ck, cv, impl):
-    x, (ck,), (cv,), sync = decode_layers(
-        x, p, _inv_freq(cfg), [w], [ck], [cv], eps=cfg.rms_norm_eps, dtype=dtype, impl=impl,
-        interpret=interpret, attention_impl="xla" if impl == "xla" else ATTENTION)
-    return x, ck, cv, jnp.int32(0) if sync is None else barrier_timeouts(sync)
-  want = jax.jit(layer, static_argnums=4)(x, pos, ck, cv, "xla")
-  err, timeouts, ok = {}, {}, {}
+  def layers(x, p, ck, cv, impl, n):
+    x, ks, vs, sync = decode_layers(
+        x, p, _inv_freq(cfg), [w] * n, [ck] * n, [cv] * n, eps=cfg.rms_norm_eps, dtype=dtype,
+        impl=impl, interpret=interpret, config=None if impl == "xla" else config,
+        attention_impl="xla" if impl == "xla" else ATTENTION)
+    return x, ks[0], vs[0], jnp.int32(0) if sync is None else barrier_timeouts(sync)
+  run = jax.jit(layers, static_argnums=(4, 5))
+
+  def rel(got, ref):
+    ref = ref.astype(jnp.float32)
+    return float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref))
+                 / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30))
+  want = run(x, pos, ck, cv, "xla", 1)
+  err, timeouts, ok, errors = {}, {}, {}, {}
   for impl in impls:
-    got = jax.jit(layer, static_argnums=4)(x, pos, ck, cv, impl)
-    err[impl] = {}
-    for name, i in (("x", 0), ("cache_k", 1), ("cache_v", 2)):
-      ref = want[i].astype(jnp.float32)
-      err[impl][name] = float(jnp.max(jnp.abs(got[i].astype(jnp.float32) - ref))
-                              / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30))
-    timeouts[impl] = int(got[3])  # the persistent layer's barrier waits that gave up
-    ok[impl] = all(e <= 2e-2 for e in err[impl].values()) and not timeouts[impl]
-  return dict(config_rows=rows, biases=biases, max_rel_err=err, barrier_timeouts=timeouts,
-              ok_by_impl=ok, ok=all(ok.values()))
+    try:
+      got = run(x, pos, ck, cv, impl, 1)
+      err[impl] = {name: rel(got[i], want[i]) for name, i in (("x", 0), ("cache_k", 1),
+                                                              ("cache_v", 2))}
+      timeouts[impl] = int(got[3])  # the persistent layer's barrier waits that gave up
+      if impl in LAST_IMPLS:  # launches in a row: a race that strikes now and then
+        again = run(x, pos, ck, cv, impl, REPEAT_LAUNCHES)
+        err[impl]["x_after_layers"] = rel(again[0], run(x, pos, ck, cv, "xla", REPEAT_LAUNCHES)[0])
+        timeouts[impl] += int(again[3])
+      ok[impl] = all(e <= 2e-2 for e in err[impl].values()) and not timeouts[impl]
+    except Exception as e:  # pylint: disable=broad-except
+      errors[impl] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+      ok[impl] = False
+  out = dict(config_rows=rows, biases=biases, max_rel_err=err, barrier_timeouts=timeouts,
+             ok_by_impl=ok, ok=all(ok.values()))
+  return dict(out, error=errors) if errors else out
 
 
 def step_program(cfg, rows: int, slots: int, dtype, impl: str, steps: int, prompt_len: int,
@@ -177,18 +194,19 @@ def trace_step(cfg, rows: int, slots: int, dtype, prompt_len: int, interpret: bo
   x = jax.random.normal(jax.random.key(seed + 1), (rows, cfg.hidden_size)).astype(dtype)
   pos = jnp.full((rows,), prompt_len, jnp.int32)
 
-  @jax.jit
-  def step(x, layers):
-    sync, traces = persistent.new_sync(), []
-    for w in layers:
-      zeros = jnp.zeros(shape, dtype)
-      x, _, _, sync, trace = persistent.decode_layer_persistent(
-          x, pos, _inv_freq(cfg), w, zeros, zeros, eps=cfg.rms_norm_eps, dtype=dtype,
+  def step(x, layers, caches):  # the caches donated, as the timed program's: updated in place
+    sync, traces, new = persistent.new_sync(), [], []
+    for w, (ck, cv) in zip(layers, caches):
+      x, ck, cv, sync, trace = persistent.decode_layer_persistent(
+          x, pos, _inv_freq(cfg), w, ck, cv, eps=cfg.rms_norm_eps, dtype=dtype,
           config=config, interpret=interpret, sync=sync)
       traces.append(trace)
-    return jnp.stack(traces), barrier_timeouts(sync)
+      new.append((ck, cv))
+    return jnp.stack(traces), barrier_timeouts(sync), new
+  step = jax.jit(step, donate_argnums=(2,))
+  caches = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in layers]
   for _ in range(repeats):
-    traces, timeouts = jax.block_until_ready(step(x, layers))
+    traces, timeouts, caches = jax.block_until_ready(step(x, layers, caches))
   summary = persistent.summarise_trace(traces)
   return dict(summary, programs=int(traces.shape[1]), barrier_timeouts=int(timeouts))
 
@@ -273,8 +291,9 @@ def main(argv=None):
                       results):
       results.update(status="time limit")
       return results.doc
-  swept = [i for i in ("pallas", "pallas_persistent")
-           if i in kernel_impls and i not in results.doc["check_failed"]]
+  swept = [i for i in ("pallas", "pallas_persistent")  # not one whose table row failed
+           if i in kernel_impls and i not in results.doc["check_failed"]
+           and not any(r.get(f"{i}_error") for r in results.doc["rows"])]
   if args.sweep and swept:
     sweep(args, dtype, bandwidth, budget, results, swept)
   results.update(status="complete")
@@ -370,14 +389,18 @@ SWEEP = (("default", {}), ("block_k 64", dict(block_k=64)), ("block_k 128", dict
          ("stages 2", dict(num_stages=2)), ("stages 3", dict(num_stages=3)),
          ("warps 2", dict(num_warps=2)), ("warps 8", dict(num_warps=8)),
          ("block_n 32", dict(block_n=32)), ("heads_per_step 1", dict(heads_per_step=1)),
-         # the persistent layer only: fewer resident programs (each then takes more tasks)
-         ("programs 64", dict(programs=64)), ("programs 32", dict(programs=32)))
+         # the persistent layer only: fewer resident programs (each then takes more tasks), the
+         # barrier's polls as volatile loads and one atomic read at the end
+         ("programs 64", dict(programs=64)), ("programs 32", dict(programs=32)),
+         ("poll load", dict(poll="load")))
+PERSISTENT_ONLY = ("programs", "poll")
 
 
 def sweep(args, dtype, bandwidth, budget, results, impls=("pallas",)):
   """The fused layers of one step under each SWEEP setting (first --config / --batch), for each
-  of ``impls`` (the five launches, the persistent launch; ``programs`` settings: the persistent
-  one only)."""
+  of ``impls`` in turn (the five launches first, then the persistent launch, so that a crash in
+  the latter keeps the former's rows; ``PERSISTENT_ONLY`` settings: the persistent one only).
+  Each setting is checked (``check``, one layer) before it is timed."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   from kernels.decode_block import default_config  # pylint: disable=import-outside-toplevel
   name, batch = args.config[0], args.batch[0]
@@ -386,17 +409,24 @@ def sweep(args, dtype, bandwidth, budget, results, impls=("pallas",)):
   base = default_config(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
                         cfg.dim_per_head)
   floor = step_bytes(cfg, rows, args.prompt_len + args.steps // 2, dtype) / bandwidth * 1e6
-  for label, fields in SWEEP:
-    for impl in impls:
-      if "programs" in fields and impl != "pallas_persistent":
+  for impl in impls:
+    for label, fields in SWEEP:
+      if impl != "pallas_persistent" and any(f in fields for f in PERSISTENT_ONLY):
         continue
       if budget.over(20):
         return
       row = dict(config=name, batch=batch, impl=impl, setting=label, **fields)
+      config = dataclasses.replace(base, **fields)
       try:
+        checked = check(cfg, batch, args.slots, dtype, args.interpret, False, impls=[impl],
+                        config=config)
+        if not checked["ok"]:
+          row["error"] = f"check failed: {checked.get('error') or checked['max_rel_err']}"[:300]
+          results.append("sweep", row)
+          common.log(f"sweep {name} batch {batch} {impl} {label}: {row}")
+          continue
         fn, fargs = step_program(cfg, rows, args.slots, dtype, impl, args.steps,
-                                 args.prompt_len, args.interpret,
-                                 config=dataclasses.replace(base, **fields))
+                                 args.prompt_len, args.interpret, config=config)
         us, _, timeouts = time_steps(fn, fargs, args.repeats, args.steps)
         if timeouts:
           row["error"] = f"{timeouts} barrier waits timed out"

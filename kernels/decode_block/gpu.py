@@ -65,6 +65,8 @@ class GpuConfig:
       of any phase, at most one per multiprocessor (1 in interpret mode).
     max_polls: the persistent layer's reads of the barrier counter before a wait gives up and
       counts a timeout (each read is an atomic round trip to L2, ~1 us: about a second in all).
+    poll: how the persistent layer's barrier waits read the counter: "atomic" (atomic adds of 0,
+      each an acquire) or "load" (volatile loads, then one atomic read: lighter polls).
     trace: the persistent layer also returns each program's timestamps (``persistent.TRACE``:
       entry, arrival at and departure from each barrier, exit; the GPU's ``%globaltimer`` in ns,
       low 32 bits), for ``persistent.summarise_trace``: where a launch's time goes.
@@ -78,6 +80,7 @@ class GpuConfig:
   attention: attention_gpu.GpuConfig | None = None
   programs: int | None = None
   max_polls: int = 1 << 20
+  poll: str = "atomic"
   trace: bool = False
 
 
@@ -120,6 +123,8 @@ def check_shapes(b: int, d: int, f: int, h: int, k: int, dh: int, cfg: GpuConfig
     raise KernelShapeError(f"programs={cfg.programs}: needs at least 1")
   if cfg.max_polls < 1:
     raise KernelShapeError(f"max_polls={cfg.max_polls}: needs at least 1")
+  if cfg.poll not in ("atomic", "load"):
+    raise KernelShapeError(f"poll={cfg.poll!r}: 'atomic' or 'load'")
   hps = _heads_per_step(h, cfg)
   if hps < 1 or h % hps:
     raise KernelShapeError(f"heads_per_step={hps} does not divide the {h} query heads")

@@ -19,31 +19,35 @@ Each phase is the same task body as the five-launch layer (``gpu._attn_in_kernel
 ``decode_attention.gpu.attend_chunk``, ``gpu._attn_out_kernel``, ``gpu._mlp_in_kernel``,
 ``gpu._mlp_out_kernel``, given their task's ids instead of the grid's); program ``i`` takes tasks
 i, i + P, i + 2P, ... The intermediate results (q, the attention chunks' partials, a, the MLP
-activation) go through global memory (outputs of the call, not read by the caller), and every read
-of something another program wrote in this launch is a volatile load (past L1).
+activation) go through global memory (outputs of the call, not read by the caller).
 
 Why: at batch 1 the SmolLM2-135M step is bound by its launches (~2.7 us each on an H200,
 docs/benchmarks.md); a barrier costs a round trip to L2 (an atomic add, then polling), so a layer
 becomes one launch + four barriers instead of five launches (~12 with XLA's layer). Not yet run on
 a GPU: opt-in (``impl="pallas_persistent"``).
 
-The barrier (``grid_barrier``): a CTA barrier (every thread's stores issued), an atomic add of 1 to
-``sync[0]`` (acquire-release at GPU scope, Triton's default: this program's stores are visible
-before its arrival is), then polling ``sync[0]`` by atomic reads (acquire) until it reaches the
-barrier's target, then a CTA barrier. ``sync[0]`` only grows: each launch adds 4 P, so a launch
-finds its base as ``sync[0]`` read at entry rounded down to a multiple of P (no program can have
-passed the first barrier before every program read it), and one zeroed ``sync`` serves every
-layer of a step (``decode_layers_persistent`` threads it) with no reset between launches.
+The barrier (``grid_barrier``), the pattern of CUDA cooperative groups' grid sync: a CTA barrier
+(every thread's stores issued), one thread's atomic add of 1 to ``sync[ARRIVALS]`` (acquire-release
+at GPU scope, Triton's default: a fence before it, so the CTA's stores are visible before its
+arrival is), polling until the counter reaches the barrier's target (k P at barrier k), the last
+read an atomic one (acquire: the L1 invalidated after it), then a CTA barrier. What a program then
+reads of another's writes is correct because of that acquire and the CTA barrier after it: the
+reads outside the K loops are volatile loads, but Triton's pipeliner turns the loop loads into
+``cp.async`` copies (from L2, or through the just-invalidated L1), which have no volatile form.
+Each program counts itself out at its end (``sync[EXITS]``); the last one out subtracts 4P and P
+from the two counters, so every launch starts from 0 and the same ``sync`` serves every layer of a
+step (``decode_layers`` passes it on), with any P.
 
 Safety: every program must be resident at once, or the barrier never fills. P is at most the
-device's multiprocessor count and each program needs far less than a multiprocessor, so a launch
-that starts on an idle GPU has all of them resident. Should one wait anyway (another stream
-holding the SMs), a program that polls ``max_polls`` times gives up, counts a timeout in
-``sync[1]`` and goes on: the call ends with a wrong result and ``barrier_timeouts(sync) > 0``
-rather than hanging the GPU. Interpret mode runs the programs one after another, so it runs one
-program (P = 1), which passes every barrier at once: it tests the phases, their task split and the
-barrier arithmetic, not the GPU's memory ordering (the compiled check in
-``benchmarks/decode_block.py`` does that, on a GPU).
+device's multiprocessor count and each program needs far less than a multiprocessor (83 KB of
+shared memory and 168 registers per thread at the SmolLM2-135M shape), so a launch that starts on
+an idle GPU has all of them resident. Should one wait anyway (another stream holding the SMs), a
+wait gives up after ``max_polls`` reads, counts a timeout in ``sync[TIMEOUTS]`` and goes on; every
+later wait on the same ``sync`` then ends at once, and each program writes NaN into its columns of
+x', so the step fails visibly (and ``barrier_timeouts(sync) > 0``) instead of hanging the GPU.
+Interpret mode runs the programs one after another, so it runs one program (P = 1), which passes
+every barrier at once: it tests the phases, their task split and the barrier arithmetic, not the
+GPU's memory ordering (the compiled check in ``benchmarks/decode_block.py`` does that, on a GPU).
 """
 
 from __future__ import annotations
@@ -61,7 +65,10 @@ from kernels.decode_attention import gpu as attention_gpu
 from kernels.decode_block import gpu
 
 BARRIERS = 4  # per layer: between the five phases
-SYNC_WORDS = 2  # sync[0]: arrivals (only grows), sync[1]: barrier waits that timed out
+# the barrier state: arrivals in this launch (targets P, 2P, 3P, 4P), barrier waits that ended
+# before their target (all launches on this state), programs done (the last resets both counters)
+ARRIVALS, TIMEOUTS, EXITS = 0, 1, 2
+SYNC_WORDS = 3
 # the timestamps of one program with GpuConfig(trace=True), in this order
 TRACE = ("entry",) + tuple(f"{e}_{k}" for k in range(1, BARRIERS + 1)
                            for e in ("arrive", "leave")) + ("exit",)
@@ -76,7 +83,7 @@ def new_sync():
 def barrier_timeouts(sync):
   """How many barrier waits gave up (``GpuConfig.max_polls``): 0 unless the programs were not all
   resident at once, in which case the layers' outputs are wrong."""
-  return sync[1]
+  return sync[TIMEOUTS]
 
 
 def device_multiprocessors() -> int:
@@ -117,40 +124,68 @@ def _now(after, interpret: bool):
   return t
 
 
-def grid_barrier(sync_ref, target, *, max_polls: int, interpret: bool, trace=None):
-  """Wait until ``sync[0]`` reaches ``target`` after adding this program's arrival (module doc);
-  after ``max_polls`` reads, count a timeout in ``sync[1]`` and go on. ``trace``: a function
-  (name, after) that records a timestamp ("arrive" once the arrival is counted, "leave" once the
-  wait ended)."""
+def grid_barrier(sync_ref, target: int, *, max_polls: int, poll: str, interpret: bool,
+                 trace=None):
+  """Add this program's arrival to ``sync[ARRIVALS]`` and wait until it reaches ``target``
+  (module doc). The wait reads the counter by atomic adds of 0 (``poll="atomic"``: each read
+  an acquire) or by volatile loads and one atomic read at the end (``poll="load"``: lighter
+  polls, one more round trip). It ends early once any wait of the launches on this ``sync`` has
+  failed (``sync[TIMEOUTS] > 0``), and after ``max_polls`` reads; a wait that ends below the
+  target counts in ``sync[TIMEOUTS]``. ``trace``: a function (name, after) that records a
+  timestamp ("arrive" once the arrival is counted, "leave" once the wait ended)."""
   if not interpret:
     plgpu.debug_barrier()  # every thread's stores issued before the arrival
-  seen = plgpu.atomic_add(sync_ref, i32(0), i32(1)) + 1
+  seen = plgpu.atomic_add(sync_ref, i32(ARRIVALS), i32(1)) + 1
   if trace is not None:
     trace("arrive", seen)
 
   def waiting(carry):
-    seen, polls, _ = carry
-    return (seen < target) & (polls < max_polls)
+    seen, failed, polls, _ = carry
+    return (seen < target) & (failed == 0) & (polls < max_polls)
 
-  def poll(carry):  # an atomic read (add 0): acquire, at GPU scope
-    _, polls, zero = carry  # zero in the carry: a constant captured here breaks interpret mode
-    return plgpu.atomic_add(sync_ref, zero, zero), polls + 1, zero
+  def read(carry):  # the indices ride in the carry: constants captured here break interpret mode
+    _, _, polls, index = carry
+    if poll == "atomic":  # an atomic read (add 0): acquire, at GPU scope
+      seen = plgpu.atomic_add(sync_ref, index[0], index[2])
+    else:
+      seen = plgpu.load(sync_ref.at[index[0]], volatile=True)
+    return seen, plgpu.load(sync_ref.at[index[1]], volatile=True), polls + 1, index
 
-  seen, _, _ = lax.while_loop(waiting, poll, (seen, i32(0), i32(0)))
+  index = (i32(ARRIVALS), i32(TIMEOUTS), i32(0))
+  failed = plgpu.load(sync_ref.at[index[1]], volatile=True)
+  seen, _, _, _ = lax.while_loop(waiting, read, (seen, failed, i32(0), index))
+  if poll == "load":  # the acquire: an atomic read once the loads saw the target
+    seen = plgpu.atomic_add(sync_ref, i32(ARRIVALS), i32(0))
   if trace is not None:
     trace("leave", seen)
 
   @pl.when(seen < target)
   def _():
-    plgpu.atomic_add(sync_ref, i32(1), i32(1))
+    plgpu.atomic_add(sync_ref, i32(TIMEOUTS), i32(1))
 
   if not interpret:
     plgpu.debug_barrier()  # no thread reads before the wait ended
 
 
-def _for_tasks(n: int, programs: int, task):
-  """Run ``task(t)`` for this program's tasks t = i, i + P, ... < n (i = its id, P programs)."""
-  pid = pl.program_id(0)
+def _exit(sync_ref, programs: int, interpret: bool):
+  """Count this program out (``sync[EXITS]``); the last one out resets the arrival and exit
+  counters to 0 for the next launch on this ``sync`` (every program has left every barrier by
+  then, and the next launch starts after this one ends). Returns the atomic's old value."""
+  if not interpret:
+    plgpu.debug_barrier()
+  old = plgpu.atomic_add(sync_ref, i32(EXITS), i32(1))
+
+  @pl.when(old == programs - 1)
+  def _():  # both counters are exactly 4P and P now: subtract them
+    plgpu.atomic_add(sync_ref, i32(ARRIVALS), i32(-BARRIERS * programs))
+    plgpu.atomic_add(sync_ref, i32(EXITS), i32(-programs))
+  return old
+
+
+def _for_tasks(n: int, programs: int, task, pid=None):
+  """Run ``task(t)`` for this program's tasks t = i, i + P, ... < n (i = ``pid``, None: its id;
+  P programs). (Interpret mode takes the program id at the kernel's top level only.)"""
+  pid = pl.program_id(0) if pid is None else pid
 
   def one(r):
     t = pid + r * programs
@@ -175,12 +210,10 @@ def _layer_kernel(*refs, names: tuple[str, ...], heads: int, kv_heads: int, head
   r = dict(zip(names, refs))
   qkv_bias, o_bias, mlp_bias = "q_bias" in r, "o_bias" in r, "gate_bias" in r
   sync = r["sync_out"]
-  # this launch's base: sync[0] at entry rounded down to a multiple of P (module doc)
-  entry = plgpu.load(r["sync"].at[i32(0)], volatile=True)
-  base = entry - lax.rem(entry, i32(programs))
+  pid = pl.program_id(0)
   record = None
   if cfg.trace:  # each timestamp stored at once: the store keeps it in place (module doc)
-    pid, count = pl.program_id(0), [0]
+    count = [0]
 
     def record(name, after):
       slot = TRACE.index(name) if name in ("entry", "exit") else TRACE.index(
@@ -188,9 +221,9 @@ def _layer_kernel(*refs, names: tuple[str, ...], heads: int, kv_heads: int, head
       if name not in ("entry", "exit"):
         count[0] += 1
       r["trace"][pid, pl.ds(slot, 1)] = _now(after, interpret)
-    record("entry", entry)
-  barrier = functools.partial(grid_barrier, sync, max_polls=cfg.max_polls, interpret=interpret,
-                              trace=record)
+    record("entry", plgpu.load(r["sync"].at[i32(ARRIVALS)], volatile=True))
+  barrier = functools.partial(grid_barrier, sync, max_polls=cfg.max_polls, poll=cfg.poll,
+                              interpret=interpret, trace=record)
   B = r["x"].shape[0]
   S = r["cache_k_out"].shape[1]
   half_blocks = head_dim // 2 // cfg.head_block
@@ -204,7 +237,7 @@ def _layer_kernel(*refs, names: tuple[str, ...], heads: int, kv_heads: int, head
       r["x"], r["positions"], r["inv_freq"], r["input_norm"], r["q"], r["k"], r["v"], *biases,
       None, None, r["q_buf"], r["cache_k_out"], r["cache_v_out"],
       program=(lax.div(t, i32(half_blocks)), lax.rem(t, i32(half_blocks)))))
-  barrier(base + programs)
+  barrier(programs)
 
   # phase 2: the attention of each (row, kv head, chunk)
   att = cfg.attention
@@ -218,7 +251,7 @@ def _layer_kernel(*refs, names: tuple[str, ...], heads: int, kv_heads: int, head
         chunk=chunk, scale=1 / math.sqrt(head_dim), groups=heads // kv_heads, lead=(b,),
         trail=(kv, slice(None)), volatile=True)
   _for_tasks(tasks[1], programs, attend)
-  barrier(base + 2 * programs)
+  barrier(2 * programs)
 
   # phase 3: the chunks merged + W_o + the residual
   attn_out = functools.partial(
@@ -228,7 +261,7 @@ def _layer_kernel(*refs, names: tuple[str, ...], heads: int, kv_heads: int, head
   o_refs = [r["o_bias"]] if o_bias else []
   _for_tasks(tasks[2], programs, lambda j: attn_out(
       r["x"], r["acc"], r["m"], r["l"], r["o"], *o_refs, r["a"], program=j))
-  barrier(base + 3 * programs)
+  barrier(3 * programs)
 
   # phase 4: RMSNorm + gate / up + SiLU x up
   mlp_in = functools.partial(gpu._mlp_in_kernel, block_n=cfg.block_n, block_k=cfg.block_k,  # pylint: disable=protected-access
@@ -236,7 +269,7 @@ def _layer_kernel(*refs, names: tuple[str, ...], heads: int, kv_heads: int, head
   gu_refs = [r["gate_bias"], r["up_bias"]] if mlp_bias else []
   _for_tasks(tasks[3], programs, lambda j: mlp_in(
       r["a"], r["post_norm"], r["gate"], r["up"], *gu_refs, r["act"], program=j))
-  barrier(base + 4 * programs)
+  barrier(4 * programs)
 
   # phase 5: W_down + the residual
   mlp_out = functools.partial(gpu._mlp_out_kernel, block_n=cfg.block_n, block_k=cfg.block_k,  # pylint: disable=protected-access
@@ -244,20 +277,30 @@ def _layer_kernel(*refs, names: tuple[str, ...], heads: int, kv_heads: int, head
   d_refs = [r["down_bias"]] if mlp_bias else []
   _for_tasks(tasks[4], programs, lambda j: mlp_out(
       r["a"], r["act"], r["down"], *d_refs, r["out"], program=j))
-  if record is not None:  # after this program's last stores (an atomic read: fenced behind them)
-    if not interpret:
-      plgpu.debug_barrier()
-    record("exit", plgpu.atomic_add(sync, i32(0), i32(0)))
+
+  # a wait that failed anywhere on this state: this program's columns of x' become NaN, so the
+  # wrong result cannot pass for a right one (the rows and the caches are not repaired)
+  @pl.when(plgpu.load(sync.at[i32(TIMEOUTS)], volatile=True) > 0)
+  def _():
+    def poison(j):
+      cols = pl.ds(j * cfg.block_n, cfg.block_n)
+      gpu._store_rows(r["out"], B, cols, jnp.full((gpu.ROWS, cfg.block_n), jnp.nan, jnp.float32))  # pylint: disable=protected-access
+    _for_tasks(tasks[4], programs, poison, pid)
+
+  old = _exit(sync, programs, interpret)
+  if record is not None:  # after this program's last stores (the exit atomic is fenced)
+    record("exit", old)
 
 
 def decode_layer_persistent(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, *,
                             eps: float, dtype, config: gpu.GpuConfig | None = None,
                             interpret: bool = False, sync=None):
   """One layer of one cached decode step in one launch (module doc) -> (x' [B, D], cache_k,
-  cache_v, sync). Same arguments and result as ``gpu.decode_layer_gpu`` (caches [B, S, K, Dh]
-  updated in place), plus ``sync``: the barrier state [``SYNC_WORDS``] int32, zeroed
-  (``new_sync()``, the default) and then passed from layer to layer of a step (the same P in
-  all); ``barrier_timeouts(sync)`` says whether a barrier gave up."""
+  cache_v, sync[, trace]). Same arguments and result as ``gpu.decode_layer_gpu`` (caches
+  [B, S, K, Dh] updated in place), plus ``sync``: the barrier state [``SYNC_WORDS``] int32,
+  ``new_sync()`` (the default) or the one a previous launch returned (its counters are back at 0);
+  ``barrier_timeouts(sync)`` says whether a barrier gave up. ``config.trace``: also [P,
+  len(TRACE)] timestamps (``summarise_trace``)."""
   B, D = x_BxD.shape
   S, K, Dh = cache_k.shape[1:]
   H = weights["q"].shape[1] // Dh
@@ -307,21 +350,26 @@ def decode_layer_persistent(x_BxD, positions_B, inv_freq, weights: dict, cache_k
 
 def summarise_trace(traces) -> dict:
   """Where a persistent launch's time goes, from ``GpuConfig(trace=True)`` timestamps ``traces``
-  [L, P, len(TRACE)] (one launch per layer, in order; ns, low 32 bits, so differences are taken
-  modulo 2^32). Medians over the launches, in µs:
+  [L, P, len(TRACE)] (one launch per layer, in order; ns, the low 32 bits of the GPU's clock,
+  taken as signed differences from each launch's first program's entry, so a wrap of the clock
+  inside a launch does not matter). Medians over the launches, in µs:
 
     phase_k: from the last program to leave barrier k - 1 (the launch's first entry for k = 1)
       to the last to arrive at barrier k (the last program's exit for k = 5): the phase's
       critical path;
-    barrier_k: from the last arrival at barrier k to the first program leaving it (the barrier's
-      own latency); wait_k: the median program's time between its arrival and its leaving;
+    barrier_k: from the last arrival at barrier k to the last program leaving it (so the phases
+      and barriers add up to the launch); wait_k: the median program's wait there;
     launch: the first entry to the last exit; gap: the last exit of launch l to the first entry
-    of launch l + 1 (the launch overhead between layers).
+      of launch l + 1 (the time between layers' launches);
+    resolution_ns: the smallest nonzero step between a launch's sorted timestamps (the clock's
+      update granularity, or less: the times above are no finer than it).
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
-  t = np.asarray(traces, np.int64) & 0xFFFFFFFF
-  t = t - t[:, :, :1].min(axis=1, keepdims=True)  # relative to each launch's first entry
-  t %= 1 << 32
+
+  def signed(d):  # differences of 32-bit clocks as signed 32-bit numbers
+    return ((d + (1 << 31)) % (1 << 32)) - (1 << 31)
+  raw = np.asarray(traces, np.int64) & 0xFFFFFFFF
+  t = signed(raw - raw[:, :1, :1])  # [L, P, T], relative to program 0's entry of each launch
   col = {name: t[:, :, i] for i, name in enumerate(TRACE)}
   ends = [col["entry"].min(axis=1)] + [col[f"leave_{k}"].max(axis=1)
                                        for k in range(1, BARRIERS + 1)]
@@ -331,12 +379,13 @@ def summarise_trace(traces) -> dict:
   for k in range(BARRIERS + 1):
     out[f"phase_{k + 1}_us"] = float(np.median(stops[k] - ends[k])) / 1e3
   for k in range(1, BARRIERS + 1):
-    out[f"barrier_{k}_us"] = float(np.median(col[f"leave_{k}"].min(axis=1)
-                                             - col[f"arrive_{k}"].max(axis=1))) / 1e3
+    out[f"barrier_{k}_us"] = float(np.median(ends[k] - stops[k - 1])) / 1e3
     out[f"wait_{k}_us"] = float(np.median(col[f"leave_{k}"] - col[f"arrive_{k}"])) / 1e3
-  out["launch_us"] = float(np.median(col["exit"].max(axis=1) - col["entry"].min(axis=1))) / 1e3
+  out["launch_us"] = float(np.median(stops[-1] - ends[0])) / 1e3
   if len(t) > 1:
-    raw = np.asarray(traces, np.int64) & 0xFFFFFFFF
-    gaps = (raw[1:, :, 0].min(axis=1) - raw[:-1, :, -1].max(axis=1)) % (1 << 32)
-    out["gap_us"] = float(np.median(gaps)) / 1e3
+    first_entry = raw[1:, 0, 0] + signed(raw[1:, :, 0] - raw[1:, :1, 0]).min(axis=1)
+    last_exit = raw[:-1, 0, 0] + signed(raw[:-1, :, -1] - raw[:-1, :1, 0]).max(axis=1)
+    out["gap_us"] = float(np.median(signed(first_entry - last_exit))) / 1e3
+  steps = np.diff(np.sort(t.reshape(len(t), -1), axis=1), axis=1)
+  out["resolution_ns"] = int(steps[steps > 0].min()) if (steps > 0).any() else 0
   return out

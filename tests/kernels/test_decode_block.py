@@ -120,11 +120,25 @@ def test_the_halves_compose_to_the_layer():
   assert float(jnp.max(jnp.abs(a - x))) < 0.5 * float(jnp.max(jnp.abs(x)))
 
 
-def test_bfloat16_within_rounding():
+@pytest.mark.parametrize("impl", ["pallas", "pallas_persistent"])
+def test_bfloat16_within_rounding(impl):
   x, ck, cv = _state(4, jnp.bfloat16)
   pos = jnp.array([3, 0, 39, 20])
-  want, got = _both(x, pos, _weights(dtype=jnp.bfloat16), ck, cv, dtype=jnp.bfloat16)
+  want, got = _both(x, pos, _weights(dtype=jnp.bfloat16), ck, cv, dtype=jnp.bfloat16, impl=impl)
   assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.bfloat16
+  for w, g in zip(want, got):
+    w, g = np.asarray(w, np.float32), np.asarray(g, np.float32)
+    assert np.max(np.abs(w - g)) <= 0.02 * np.max(np.abs(w)), np.max(np.abs(w - g))
+
+
+@pytest.mark.parametrize("impl", ["pallas", "pallas_persistent"])
+def test_bfloat16_caches_under_float32_compute(impl):
+  """Caches in another dtype than the compute (k / v rounded to bf16 when written, q to the
+  cache dtype for the attention kernel, its output back to float32): as the model's layer."""
+  x, ck, cv = _state(3)
+  ck, cv = ck.astype(jnp.bfloat16), cv.astype(jnp.bfloat16)
+  want, got = _both(x, jnp.array([2, 30, 11]), _weights(biases=True), ck, cv, impl=impl)
+  assert got[0].dtype == jnp.float32 and got[1].dtype == jnp.bfloat16
   for w, g in zip(want, got):
     w, g = np.asarray(w, np.float32), np.asarray(g, np.float32)
     assert np.max(np.abs(w - g)) <= 0.02 * np.max(np.abs(w)), np.max(np.abs(w - g))
@@ -196,30 +210,33 @@ def test_persistent_layers_share_one_barrier_state():
   np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=2e-5, atol=2e-5)
   for g, w in zip(got[1] + got[2], want[1] + want[2]):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
-  assert got[3].tolist() == [3 * 4, 0] and int(barrier_timeouts(got[3])) == 0
-  # a state that has counted before (a later layer's launch) gives the same layer
-  again = decode_layers(x, pos, INV_FREQ, layers[:1], [ck], [cv], impl="pallas_persistent",
-                        interpret=True, sync=jnp.array([8, 0], jnp.int32), **kw)
-  first = decode_layers(x, pos, INV_FREQ, layers[:1], [ck], [cv], impl="xla", **kw)
-  np.testing.assert_allclose(np.asarray(again[0]), np.asarray(first[0]), rtol=2e-5, atol=2e-5)
-  assert again[3].tolist() == [12, 0]
+  # each launch's last program out set the counters back to 0; no wait timed out
+  assert got[3].tolist() == [0, 0, 0] and int(barrier_timeouts(got[3])) == 0
+  again = decode_layers(x, pos, INV_FREQ, layers, [ck] * 3, [cv] * 3, impl="pallas_persistent",
+                        interpret=True, sync=got[3], **kw)  # the state a step returned
+  np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(got[0]))
   with pytest.raises(ValueError, match="3 layers, 2 k caches"):
     decode_layers(x, pos, INV_FREQ, layers, [ck] * 2, [cv] * 3, impl="xla", **kw)
 
 
 def test_a_barrier_that_never_fills_times_out_instead_of_hanging():
   """Two programs in interpret mode run one after the other, so the first waits at a barrier the
-  second never reaches before it ends: each wait gives up after ``max_polls`` reads and counts a
-  timeout, and the call returns (on a GPU: programs not all resident)."""
+  second never reaches before it ends (on a GPU: programs not all resident). Its first wait gives
+  up after ``max_polls`` reads, its three later waits end at once (a wait has failed), each
+  counts a timeout; the second program passes its barriers; both write NaN into their columns of
+  x'; the last one out sets the counters back to 0: the call returns, visibly wrong."""
   from kernels.decode_block import barrier_timeouts, decode_layer_persistent  # pylint: disable=import-outside-toplevel
   x, ck, cv = _state(1)
-  config = dataclasses.replace(default_config(D, F, H, DH), programs=2, max_polls=3)
-  *_, sync = decode_layer_persistent(x, jnp.array([5]), INV_FREQ, _weights(), ck, cv, eps=1e-5,
-                                     dtype=jnp.float32, config=config, interpret=True)
-  assert int(barrier_timeouts(sync)) > 0
-  with pytest.raises(ValueError, match=r"sync must be int32 \[2\]"):
+  for poll in ("atomic", "load"):
+    config = dataclasses.replace(default_config(D, F, H, DH), programs=2, max_polls=3, poll=poll)
+    out, _, _, sync = decode_layer_persistent(x, jnp.array([5]), INV_FREQ, _weights(), ck, cv,
+                                              eps=1e-5, dtype=jnp.float32, config=config,
+                                              interpret=True)
+    assert sync.tolist() == [0, 4, 0] and int(barrier_timeouts(sync)) == 4, poll
+    assert bool(jnp.all(jnp.isnan(out))), poll
+  with pytest.raises(ValueError, match=r"sync must be int32 \[3\]"):
     decode_layer_persistent(x, jnp.array([5]), INV_FREQ, _weights(), ck, cv, eps=1e-5,
-                            dtype=jnp.float32, interpret=True, sync=jnp.zeros((3,), jnp.int32))
+                            dtype=jnp.float32, interpret=True, sync=jnp.zeros((2,), jnp.int32))
 
 
 @pytest.mark.parametrize("programs,n", [(1, 7), (3, 7), (4, 4), (5, 2), (2, 9)])
@@ -314,6 +331,8 @@ def test_shapes_the_kernels_cannot_take():
     check_shapes(1, D, F, H, K, DH, GpuConfig(programs=0))
   with pytest.raises(KernelShapeError, match="max_polls=0"):
     check_shapes(1, D, F, H, K, DH, GpuConfig(max_polls=0))
+  with pytest.raises(KernelShapeError, match="poll='spin'"):
+    check_shapes(1, D, F, H, K, DH, GpuConfig(poll="spin"))
   check_shapes(1, 960, 2560, 15, 5, 64, default_config(960, 2560, 15, 64))  # SmolLM2-360M
 
 
@@ -358,12 +377,13 @@ def test_generate_refuses_the_kernels_on_several_devices():
     generate((graphdef, params), tokens, lengths, max_new_tokens=2, temperature=0.0)
 
 
-def test_a_position_past_the_cache_writes_nothing():
+@pytest.mark.parametrize("impl", ["pallas", "pallas_persistent"])
+def test_a_position_past_the_cache_writes_nothing(impl):
   """The model's write drops a slot past the cache (``write_slots``, mode="drop") and its mask
   then attends every slot; the kernels do the same and never write past the cache."""
   x, ck, cv = _state(2)
   pos = jnp.array([S + 3, 4])
-  want, got = _both(x, pos, _weights(), ck, cv)
+  want, got = _both(x, pos, _weights(), ck, cv, impl=impl)
   for w, g in zip(want, got):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
   np.testing.assert_array_equal(np.asarray(got[1][0]), np.asarray(ck[0]))  # row 0: untouched
@@ -371,9 +391,9 @@ def test_a_position_past_the_cache_writes_nothing():
 
 def test_persistent_trace_records_each_program_at_each_barrier():
   """``GpuConfig(trace=True)``: one row of timestamps per program, in ``TRACE`` order (interpret
-  mode records the barrier counter instead of the GPU's clock: entry 0, arrival k and leaving k
-  at k, exit 4), and ``summarise_trace`` turns [L, P, 10] timestamps into phase and barrier
-  times."""
+  mode records the counters instead of the GPU's clock: entry 0, arrival k and leaving k at k,
+  exit the exit counter's old value 0), and ``summarise_trace`` turns [L, P, 10] timestamps into
+  phase and barrier times."""
   from kernels.decode_block import decode_layer_persistent  # pylint: disable=import-outside-toplevel
   from kernels.decode_block.persistent import TRACE, summarise_trace  # pylint: disable=import-outside-toplevel
   x, ck, cv = _state(2)
@@ -381,14 +401,19 @@ def test_persistent_trace_records_each_program_at_each_barrier():
   out = decode_layer_persistent(x, jnp.array([3, 9]), INV_FREQ, _weights(), ck, cv, eps=1e-5,
                                 dtype=jnp.float32, config=config, interpret=True)
   assert len(out) == 5 and out[4].shape == (1, len(TRACE))
-  assert out[4][0].tolist() == [0, 1, 1, 2, 2, 3, 3, 4, 4, 4]
+  assert out[4][0].tolist() == [0, 1, 1, 2, 2, 3, 3, 4, 4, 0]
   # two launches of two programs, in ns: entry, (arrive, leave) x 4, exit
   one = [[0, 1000, 1500, 3000, 3400, 4000, 4300, 6000, 6500, 8000],
          [200, 1200, 1600, 2500, 3300, 4100, 4400, 5000, 6400, 7000]]
   later = [[[t + 10000 for t in p] for p in one]]
   s = summarise_trace(np.array([one] + later))
-  assert s["phase_1_us"] == 1.2 and s["barrier_1_us"] == 0.3  # last arrival 1200, first leave 1500
+  assert s["phase_1_us"] == 1.2 and s["barrier_1_us"] == 0.4  # last arrival 1200, last leave 1600
   assert s["phase_2_us"] == 3.0 - 1.6 and s["phase_5_us"] == 8.0 - 6.5
   assert s["launch_us"] == 8.0 and s["gap_us"] == 2.0  # 10000 - 8000
-  wrapped = summarise_trace((np.array([one]) + (1 << 32) - 3000) % (1 << 32))  # the clock wraps
-  assert wrapped["phase_1_us"] == 1.2 and wrapped["launch_us"] == 8.0
+  parts = sum(s[f"phase_{k}_us"] for k in range(1, 6)) + sum(s[f"barrier_{k}_us"] for k in range(1, 5))
+  assert abs(parts - s["launch_us"]) < 1e-9  # the phases and barriers cover the launch
+  assert s["resolution_ns"] == 100 and s["wait_1_us"] == (0.5 + 0.4) / 2
+  for shift in (100, 7100, 9100):  # the clock wraps between entries, inside a launch, at exits
+    wrapped = summarise_trace((np.array([one] + later) + (1 << 32) - shift) % (1 << 32))
+    assert {k: wrapped[k] for k in ("phase_1_us", "launch_us", "gap_us", "barrier_4_us")} == {
+        k: s[k] for k in ("phase_1_us", "launch_us", "gap_us", "barrier_4_us")}, shift

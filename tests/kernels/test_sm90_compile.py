@@ -229,20 +229,25 @@ def test_persistent_layer_compiles_with_the_ordering_its_barriers_rely_on(tmp_pa
   for op in ("ATOMG.E.ADD.STRONG.GPU", "MEMBAR.ALL.GPU", "CCTL.IVALL", "LDG.E.STRONG.SYS",
              "BAR.SYNC"):
     assert op in sass, op
-  assert sass.count("ATOMG.E.ADD.STRONG.GPU") >= 8  # 4 barriers: an arrival and a poll each
+  # 4 barriers: an arrival and a poll each (and a timeout count), then the exit count (and the
+  # last program's two resets)
+  assert sass.count("ATOMG.E.ADD.STRONG.GPU") >= 9
   assert "GLOBALTIMER" not in sass
-  # GpuConfig(trace=True): ten clock reads (entry, arrival and leaving at 4 barriers, exit)
   from kernels.decode_block import GpuConfig as BlockConfig  # pylint: disable=import-outside-toplevel
-  kernels = capture_kernels(
-      lambda x, p, i, w, k, v: decode_layer_persistent(x, p, i, w, k, v, eps=1e-6, dtype=bf,
-                                                       config=BlockConfig(trace=True)),
-      S((2, d), bf), S((2,), jnp.int32), S((32,), jnp.float32), w, cache, cache)
-  traced = tmp_path / "traced"
-  traced.mkdir()
-  (row,) = [compile_report(*k, sass_dir=str(traced)) for k in kernels]
-  assert "error" not in row and row["local_bytes"] == 0, row
-  with open(traced / "decode_layer_persistent_4w.sass") as fh:
-    assert fh.read().count("SR_GLOBALTIMERLO") == 10
+  for name, config in (("traced", BlockConfig(trace=True)), ("load", BlockConfig(poll="load"))):
+    kernels = capture_kernels(
+        lambda x, p, i, w, k, v, config=config: decode_layer_persistent(
+            x, p, i, w, k, v, eps=1e-6, dtype=bf, config=config),
+        S((2, d), bf), S((2,), jnp.int32), S((32,), jnp.float32), w, cache, cache)
+    (tmp_path / name).mkdir()
+    (row,) = [compile_report(*k, sass_dir=str(tmp_path / name)) for k in kernels]
+    assert "error" not in row and row["local_bytes"] == 0, (name, row)
+    with open(tmp_path / name / "decode_layer_persistent_4w.sass") as fh:
+      sass = fh.read()
+    if name == "traced":  # ten clock reads: entry, arrival and leaving at 4 barriers, exit
+      assert sass.count("SR_GLOBALTIMERLO") == 10
+    else:  # polls by volatile loads, each wait ended by one atomic read (acquire)
+      assert "LDG.E.STRONG.SYS" in sass and sass.count("CCTL.IVALL") >= 8
 
 
 def test_fused_output_projection_does_not_grow_with_the_chunks():

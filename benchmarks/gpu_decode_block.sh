@@ -57,6 +57,9 @@ for r in doc.get("rows", []):
   print(f"{r['config'] + ' b' + str(r['batch']):<22} {r.get('floor_us', '-')!s:>9} "
         f"{r.get('xla_us', '-')!s:>8} " + " ".join(cells))
   print("  launches: " + ", ".join(f"{i} {r.get(i + '_launches', '-')}" for i in ("xla",) + impls))
+  if r.get("pallas_persistent_trace") or r.get("pallas_persistent_trace_error"):
+    from benchmarks.triage_summary import persistent_trace_line
+    print("  " + persistent_trace_line(r))
 for r in doc.get("sweep", []):
   print(f"  sweep {r.get('impl', 'pallas'):<17} {r['setting']:<18} "
         f"{r.get('us', r.get('error', '-'))!s:>9} us, {r.get('over_floor', '-')}x the floor")

@@ -91,9 +91,24 @@ def decode_block_verdict(doc) -> str:
                  f"({r.get('xla_over_floor')}x the floor); " + "; ".join(parts)
                  + (f": {best} FASTER ({speedup}x)" if speedup > 1 else ": no kernel faster")
                  + f" (read floor {r['floor_us']} us)")
+    if r.get("pallas_persistent_trace") or r.get("pallas_persistent_trace_error"):
+      lines.append("  " + persistent_trace_line(r))
   if not doc.get("rows"):
     lines.append("issue 9: no timed row (cut by the time limit?)")
   return "\n".join(lines)
+
+
+def persistent_trace_line(row) -> str:
+  """One line of where the persistent layer's launch time goes (``decode_block.py``'s trace)."""
+  t = row.get("pallas_persistent_trace")
+  if not t:
+    return f"persistent trace failed: {str(row.get('pallas_persistent_trace_error'))[:200]}"
+  def us(prefix, n):
+    return "/".join(f"{t.get(f'{prefix}_{k}_us', float('nan')):.2f}" for k in range(1, n + 1))
+  return (f"persistent trace (median layer, us): phases {us('phase', 5)}, barriers "
+          f"{us('barrier', 4)}, launch {t.get('launch_us', float('nan')):.2f}, gap between "
+          f"layers {t.get('gap_us', float('nan')):.2f}; P = {t.get('programs')}, clock "
+          f"resolution {t.get('resolution_ns')} ns, timeouts {t.get('barrier_timeouts')}")
 
 
 def mosaic_verdict(doc) -> str:

@@ -70,6 +70,15 @@ def test_decode_block_verdict_names_the_fastest_kernel_implementation():
       row, pallas_persistent_us=300.0, pallas_persistent_over_floor=3.75,
       xla_over_pallas_persistent=3.0)]})
   assert faster.endswith(": pallas_persistent FASTER (3.0x) (read floor 80.0 us)"), faster
+  trace = dict(phase_1_us=1.5, phase_2_us=0.8, phase_3_us=1.1, phase_4_us=1.6, phase_5_us=2.0,
+               barrier_1_us=0.9, barrier_2_us=0.9, barrier_3_us=1.0, barrier_4_us=0.8,
+               launch_us=10.6, gap_us=2.5, programs=96, resolution_ns=32, barrier_timeouts=0)
+  traced = triage_summary.decode_block_verdict({"checks": [{"ok": True}], "rows": [dict(
+      row, pallas_persistent_us=300.0, xla_over_pallas_persistent=3.0,
+      pallas_persistent_trace=trace)]}).splitlines()
+  assert traced[1] == ("  persistent trace (median layer, us): phases 1.50/0.80/1.10/1.60/2.00, "
+                       "barriers 0.90/0.90/1.00/0.80, launch 10.60, gap between layers 2.50; "
+                       "P = 96, clock resolution 32 ns, timeouts 0")
 
 
 def test_summarise_names_missing_and_unreadable_files(tmp_path):

@@ -247,6 +247,9 @@ def parse_args(argv=None):
   parser.add_argument("--steps", type=int, default=64, help="decode steps per timed call")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--biases", action="store_true", help="also check every bias group")
+  parser.add_argument("--quick-check", action="store_true",
+                      help="check at the timed --batch only (by default also at 16 rows, the "
+                           "most the fused layer takes)")
   parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS),
                       help="implementations to check and time (xla, the baseline, always runs)")
   parser.add_argument("--interpret", action="store_true",
@@ -307,7 +310,8 @@ def run_checks(args, dtype, impls, checks: dict, results) -> list[str]:
   failed = set()
   for name in args.config:
     cfg = common.model_config(name, param_dtype=jnp.dtype(dtype).name, dtype=jnp.dtype(dtype).name)
-    for batch in sorted(set(args.batch) | ({16} if not args.interpret else set())):
+    extra = set() if args.interpret or args.quick_check else {16}
+    for batch in sorted(set(args.batch) | extra):
       for biases in ((False, True) if args.biases else (False,)):
         try:
           got = check(cfg, batch, args.slots, dtype, args.interpret, biases, impls=impls)

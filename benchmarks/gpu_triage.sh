@@ -7,8 +7,9 @@
 #      cdf draw, one-launch finish) and top-p at B = 64, V = 152k with the columns the verdict
 #      reads (--lean: the timing loop, one read, XLA's sort, the two split settings). Met if the
 #      default call is within 4x of one read of the logits and >= 10x faster than XLA's sort.
-#   2. issue 9 (~3 min): benchmarks/decode_block.py, the fused decoder layer's compiled check and
-#      all layers of a SmolLM2-135M decode step at batch 1: XLA's layer, the five fused launches
+#   2. issue 9 (~3.4 min): benchmarks/decode_block.py, the fused decoder layer's compiled check (at
+#      the timed batch only, --quick-check) and all layers of a SmolLM2-135M decode step at batch
+#      1: XLA's layer, the five fused launches
 #      (170 launches per step against 395, compiled without a GPU) and, checked and timed last
 #      (its first GPU run: a crash there keeps the rest), the same five phases as one persistent
 #      launch per layer with barriers across the grid (pallas_persistent), beside the read floor
@@ -31,8 +32,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --f
 timeout "${SAMPLING_TIMEOUT:-150}" python3 benchmarks/sampling.py --rows 0:1 --lean \
   --check-configs split_cdf --time-limit "${SAMPLING_LIMIT:-130}" --repeats 5 \
   --out "$OUT/sampling.json" 2>&1 | tee -a "$LOG"
-timeout "${BLOCK_TIMEOUT:-190}" python3 benchmarks/decode_block.py --config smollm2-135m \
-  --batch 1 --impls xla pallas pallas_persistent --time-limit "${BLOCK_LIMIT:-150}" \
+timeout "${BLOCK_TIMEOUT:-205}" python3 benchmarks/decode_block.py --config smollm2-135m \
+  --batch 1 --quick-check --impls xla pallas pallas_persistent --time-limit "${BLOCK_LIMIT:-170}" \
   --out "$OUT/decode_block.json" 2>&1 | tee -a "$LOG"
 timeout "${QMM_TIMEOUT:-200}" python3 benchmarks/quantized_matmul.py --mosaic \
   --mosaic-check-m 17 --mosaic-m 1 16 --mosaic-sweep-shape none \

@@ -36,7 +36,8 @@ Phases:
    between launches, in µs (interpret mode: counter values, not times).
 4. ``--sweep``: the fused layers (five launches, and the persistent launch where timed) at the
    first --config / --batch under each ``SWEEP`` launch setting (K step, pipelining, warps,
-   columns per program, heads per step; the persistent layer's program count), in the time left.
+   columns per program, heads per step; the persistent layer's program count, barrier polls and
+   early weight loads), each setting checked first, in the time left.
 
 An implementation whose check fails anywhere is named in ``check_failed`` and not timed (the
 others are). ``LAST_IMPLS`` (the persistent layer) are checked and timed after every other row is
@@ -396,8 +397,10 @@ SWEEP = (("default", {}), ("block_k 64", dict(block_k=64)), ("block_k 128", dict
          # the persistent layer only: fewer resident programs (each then takes more tasks), the
          # barrier's polls as volatile loads and one atomic read at the end
          ("programs 64", dict(programs=64)), ("programs 32", dict(programs=32)),
-         ("poll load", dict(poll="load")))
-PERSISTENT_ONLY = ("programs", "poll")
+         ("poll load", dict(poll="load")),
+         # ... and the first MLP weights loaded before the barrier wait
+         ("prefetch", dict(prefetch=True)), ("prefetch poll load", dict(prefetch=True, poll="load")))
+PERSISTENT_ONLY = ("programs", "poll", "prefetch")
 
 
 def sweep(args, dtype, bandwidth, budget, results, impls=("pallas",)):

@@ -67,6 +67,9 @@ class GpuConfig:
       counts a timeout (each read is an atomic round trip to L2, ~1 us: about a second in all).
     poll: how the persistent layer's barrier waits read the counter: "atomic" (atomic adds of 0,
       each an acquire) or "load" (volatile loads, then one atomic read: lighter polls).
+    prefetch: the persistent layer loads the first K step's weights of a program's first MLP
+      task (gate / up, down) before the barrier it waits at: they do not depend on it, so their
+      latency overlaps the wait.
     trace: the persistent layer also returns each program's timestamps (``persistent.TRACE``:
       entry, arrival at and departure from each barrier, exit; the GPU's ``%globaltimer`` in ns,
       low 32 bits), for ``persistent.summarise_trace``: where a launch's time goes.
@@ -81,6 +84,7 @@ class GpuConfig:
   programs: int | None = None
   max_polls: int = 1 << 20
   poll: str = "atomic"
+  prefetch: bool = False
   trace: bool = False
 
 
@@ -158,10 +162,15 @@ def _store_rows(ref, b: int, cols, value):
   plgpu.store(ref.at[pl.ds(0, ROWS), cols], value.astype(ref.dtype), mask=ok[:, None])
 
 
-def _k_loop(k_len: int, block_k: int, step, carry, k0=0):
+def _k_loop(k_len: int, block_k: int, step, carry, k0=0, first=None):
   """carry = step(start, size, carry) over [k0, k0 + k_len): a loop of ``block_k`` steps, then
-  the remainder (a multiple of 16) as static power-of-two steps, so no load runs past the array."""
+  the remainder (a multiple of 16) as static power-of-two steps, so no load runs past the array.
+  ``first``: the weights of the first ``block_k`` step, loaded already (``step(start, size,
+  carry, first)`` then runs that step on them; k_len >= block_k)."""
   n = k_len // block_k
+  if first is not None:
+    carry = step(k0, block_k, carry, first)
+    k0, k_len, n = k0 + block_k, k_len - block_k, n - 1
   if n:
     carry = lax.fori_loop(0, n, lambda i, c: step(k0 + i * block_k, block_k, c), carry)
   start, rest, size = k0 + n * block_k, k_len - n * block_k, block_k // 2
@@ -327,24 +336,43 @@ def _attn_out_kernel(x_ref, acc_ref, m_ref, l_ref, wo_ref, *refs, heads: int, kv
   _store_rows(out_ref, b, cols, _load_rows(x_ref, b, cols).astype(dtype) + o)
 
 
+def mlp_in_first_weights(wg_ref, wu_ref, j, block_n: int, block_k: int):
+  """The gate / up weights of program j's first K step (``_mlp_in_kernel(first=...)``), or None
+  where the input is shorter than one step."""
+  if wg_ref.shape[0] < block_k:
+    return None
+  cols = pl.ds(j * block_n, block_n)
+  return wg_ref[pl.ds(0, block_k), cols], wu_ref[pl.ds(0, block_k), cols]
+
+
+def mlp_out_first_weights(wd_ref, j, block_n: int, block_k: int):
+  """The down weights of program j's first K step (``_mlp_out_kernel(first=...)``), or None."""
+  if wd_ref.shape[0] < block_k:
+    return None
+  return wd_ref[pl.ds(0, block_k), pl.ds(j * block_n, block_n)]
+
+
 def _mlp_in_kernel(x_ref, norm_ref, wg_ref, wu_ref, *refs, block_n: int, block_k: int,
-                   eps: float, dtype, bias: bool, program=None, volatile: bool = False):
+                   eps: float, dtype, bias: bool, program=None, volatile: bool = False,
+                   first=None):
   """Program j: columns [j block_n, (j + 1) block_n) of silu(m W_gate) * (m W_up), m = RMSNorm(x)
-  (``program``: j given, None: the grid's id; ``volatile``: x read past L1)."""
+  (``program``: j given, None: the grid's id; ``volatile``: x read past L1; ``first``: the first
+  K step's weights, loaded before (``mlp_in_first_weights``))."""
   bg_ref, bu_ref, out_ref = refs if bias else (None, None, refs[0])
   b, d = x_ref.shape
   cols = pl.ds((pl.program_id(0) if program is None else program) * block_n, block_n)
   inv_rms = _inv_rms(x_ref, b, block_k, eps, volatile)
 
-  def step(start, size, carry):
+  def step(start, size, carry, w=None):
     g, u = carry
     a = _normed_block(x_ref, norm_ref, b, start, size, inv_rms, dtype, volatile)
     rows_k = pl.ds(start, size)
-    g = g + jnp.dot(a, wg_ref[rows_k, cols].astype(dtype), preferred_element_type=f32)
-    u = u + jnp.dot(a, wu_ref[rows_k, cols].astype(dtype), preferred_element_type=f32)
+    wg, wu = w if w is not None else (wg_ref[rows_k, cols], wu_ref[rows_k, cols])
+    g = g + jnp.dot(a, wg.astype(dtype), preferred_element_type=f32)
+    u = u + jnp.dot(a, wu.astype(dtype), preferred_element_type=f32)
     return g, u
   zero = jnp.zeros((ROWS, block_n), f32)
-  g, u = _k_loop(d, block_k, step, (zero, zero))
+  g, u = _k_loop(d, block_k, step, (zero, zero), first=first)
   g, u = g.astype(dtype), u.astype(dtype)
   if bg_ref is not None:
     g = g + bg_ref[cols].astype(dtype)[None, :]
@@ -354,18 +382,20 @@ def _mlp_in_kernel(x_ref, norm_ref, wg_ref, wu_ref, *refs, block_n: int, block_k
 
 
 def _mlp_out_kernel(x_ref, act_ref, wd_ref, *refs, block_n: int, block_k: int, dtype,
-                    bias: bool, program=None, volatile: bool = False):
+                    bias: bool, program=None, volatile: bool = False, first=None):
   """Program j: columns [j block_n, (j + 1) block_n) of x + act W_down (+ bias) (``program``: j
-  given, None: the grid's id; ``volatile``: x and act read past L1)."""
+  given, None: the grid's id; ``volatile``: x and act read past L1; ``first``: the first K step's
+  weights, loaded before (``mlp_out_first_weights``))."""
   bd_ref, out_ref = refs if bias else (None, refs[0])
   b, f = act_ref.shape
   cols = pl.ds((pl.program_id(0) if program is None else program) * block_n, block_n)
 
-  def step(start, size, acc):
+  def step(start, size, acc, w=None):
     rows_k = pl.ds(start, size)
     a = _load_rows(act_ref, b, rows_k, volatile=volatile).astype(dtype)
-    return acc + jnp.dot(a, wd_ref[rows_k, cols].astype(dtype), preferred_element_type=f32)
-  y = _k_loop(f, block_k, step, jnp.zeros((ROWS, block_n), f32)).astype(dtype)
+    w = wd_ref[rows_k, cols] if w is None else w
+    return acc + jnp.dot(a, w.astype(dtype), preferred_element_type=f32)
+  y = _k_loop(f, block_k, step, jnp.zeros((ROWS, block_n), f32), first=first).astype(dtype)
   if bd_ref is not None:
     y = y + bd_ref[cols].astype(dtype)[None, :]
   _store_rows(out_ref, b, cols, _load_rows(x_ref, b, cols, volatile=volatile).astype(dtype) + y)

@@ -182,26 +182,31 @@ def _exit(sync_ref, programs: int, interpret: bool):
   return old
 
 
-def _for_tasks(n: int, programs: int, task, pid=None):
+def _for_tasks(n: int, programs: int, task, pid=None, first=None):
   """Run ``task(t)`` for this program's tasks t = i, i + P, ... < n (i = ``pid``, None: its id;
-  P programs). (Interpret mode takes the program id at the kernel's top level only.)"""
+  P programs). (Interpret mode takes the program id at the kernel's top level only.) ``first``:
+  given to the first task as ``task(t, first)`` (weights loaded before a barrier)."""
   pid = pl.program_id(0) if pid is None else pid
 
-  def one(r):
+  def one(r, given=None):
     t = pid + r * programs
 
     @pl.when(t < n)
     def _():
-      task(t)
+      if given is None:
+        task(t)
+      else:
+        task(t, given)
 
+  one(0, first)
   rounds = -(-n // programs)
-  if rounds == 1:
-    one(0)
-  else:
+  if rounds == 2:
+    one(1)
+  elif rounds > 2:
     def body(r, carry):
       one(r)
       return carry
-    lax.fori_loop(0, rounds, body, i32(0))
+    lax.fori_loop(1, rounds, body, i32(0))
 
 
 def _layer_kernel(*refs, names: tuple[str, ...], heads: int, kv_heads: int, head_dim: int,
@@ -261,22 +266,31 @@ def _layer_kernel(*refs, names: tuple[str, ...], heads: int, kv_heads: int, head
   o_refs = [r["o_bias"]] if o_bias else []
   _for_tasks(tasks[2], programs, lambda j: attn_out(
       r["x"], r["acc"], r["m"], r["l"], r["o"], *o_refs, r["a"], program=j))
+  # GpuConfig.prefetch: a program's first MLP task's first weights, loaded before it waits (a
+  # program past the tasks loads the last task's: harmless, unused)
+  first_task = jnp.minimum(pid, i32(tasks[3] - 1))
+  first4 = gpu.mlp_in_first_weights(r["gate"], r["up"], first_task, cfg.block_n, cfg.block_k) \
+      if cfg.prefetch else None
   barrier(3 * programs)
 
   # phase 4: RMSNorm + gate / up + SiLU x up
   mlp_in = functools.partial(gpu._mlp_in_kernel, block_n=cfg.block_n, block_k=cfg.block_k,  # pylint: disable=protected-access
                              eps=eps, dtype=dtype, bias=mlp_bias, volatile=True)
   gu_refs = [r["gate_bias"], r["up_bias"]] if mlp_bias else []
-  _for_tasks(tasks[3], programs, lambda j: mlp_in(
-      r["a"], r["post_norm"], r["gate"], r["up"], *gu_refs, r["act"], program=j))
+  _for_tasks(tasks[3], programs, lambda j, first=None: mlp_in(
+      r["a"], r["post_norm"], r["gate"], r["up"], *gu_refs, r["act"], program=j, first=first),
+             pid, first4)
+  first_task = jnp.minimum(pid, i32(tasks[4] - 1))
+  first5 = gpu.mlp_out_first_weights(r["down"], first_task, cfg.block_n, cfg.block_k) \
+      if cfg.prefetch else None
   barrier(4 * programs)
 
   # phase 5: W_down + the residual
   mlp_out = functools.partial(gpu._mlp_out_kernel, block_n=cfg.block_n, block_k=cfg.block_k,  # pylint: disable=protected-access
                               dtype=dtype, bias=mlp_bias, volatile=True)
   d_refs = [r["down_bias"]] if mlp_bias else []
-  _for_tasks(tasks[4], programs, lambda j: mlp_out(
-      r["a"], r["act"], r["down"], *d_refs, r["out"], program=j))
+  _for_tasks(tasks[4], programs, lambda j, first=None: mlp_out(
+      r["a"], r["act"], r["down"], *d_refs, r["out"], program=j, first=first), pid, first5)
 
   # a wait that failed anywhere on this state: this program's columns of x' become NaN, so the
   # wrong result cannot pass for a right one (the rows and the caches are not repaired)

@@ -417,3 +417,31 @@ def test_persistent_trace_records_each_program_at_each_barrier():
     wrapped = summarise_trace((np.array([one] + later) + (1 << 32) - shift) % (1 << 32))
     assert {k: wrapped[k] for k in ("phase_1_us", "launch_us", "gap_us", "barrier_4_us")} == {
         k: s[k] for k in ("phase_1_us", "launch_us", "gap_us", "barrier_4_us")}, shift
+
+
+@pytest.mark.parametrize("block_k", [32, 256])
+def test_persistent_prefetch_equals_the_model_arithmetic(block_k):
+  """``GpuConfig(prefetch=True)``: each program's first gate / up and down weights loaded before
+  the barrier it waits at, then used as the first K step (block_k 32: 64 and 128 inputs, two and
+  four steps; block_k 256: inputs shorter than one step, nothing loaded early)."""
+  x, ck, cv = _state(3)
+  config = dataclasses.replace(default_config(D, F, H, DH), block_k=block_k, prefetch=True,
+                               attention=AttentionConfig(block_s=16, chunks=2))
+  want, got = _both(x, jnp.array([0, 17, S - 1]), _weights(biases=True), ck, cv, config=config,
+                    impl="pallas_persistent")
+  for w, g in zip(want, got):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
+
+
+def test_persistent_prefetch_uses_the_weights_loaded_early(monkeypatch):
+  """The early loads are what the first K step multiplies: zeroing them changes the layer."""
+  from kernels.decode_block import gpu as block_gpu  # pylint: disable=import-outside-toplevel
+  x, ck, cv = _state(2)
+  config = dataclasses.replace(default_config(D, F, H, DH), block_k=32, prefetch=True)
+  pos = jnp.array([4, 9])
+  want, _ = _both(x, pos, _weights(), ck, cv, config=config, impl="pallas_persistent")
+  real = block_gpu.mlp_out_first_weights
+  monkeypatch.setattr(block_gpu, "mlp_out_first_weights",
+                      lambda *a, **k: jnp.zeros_like(real(*a, **k)))
+  _, got = _both(x, pos, _weights(), ck, cv, config=config, impl="pallas_persistent")
+  assert float(jnp.max(jnp.abs(got[0] - want[0]))) > 1e-3

@@ -234,7 +234,8 @@ def test_persistent_layer_compiles_with_the_ordering_its_barriers_rely_on(tmp_pa
   assert sass.count("ATOMG.E.ADD.STRONG.GPU") >= 9
   assert "GLOBALTIMER" not in sass
   from kernels.decode_block import GpuConfig as BlockConfig  # pylint: disable=import-outside-toplevel
-  for name, config in (("traced", BlockConfig(trace=True)), ("load", BlockConfig(poll="load"))):
+  for name, config in (("traced", BlockConfig(trace=True)), ("load", BlockConfig(poll="load")),
+                       ("prefetch", BlockConfig(prefetch=True))):
     kernels = capture_kernels(
         lambda x, p, i, w, k, v, config=config: decode_layer_persistent(
             x, p, i, w, k, v, eps=1e-6, dtype=bf, config=config),
@@ -246,7 +247,7 @@ def test_persistent_layer_compiles_with_the_ordering_its_barriers_rely_on(tmp_pa
       sass = fh.read()
     if name == "traced":  # ten clock reads: entry, arrival and leaving at 4 barriers, exit
       assert sass.count("SR_GLOBALTIMERLO") == 10
-    else:  # polls by volatile loads, each wait ended by one atomic read (acquire)
+    elif name == "load":  # polls by volatile loads, each wait ended by one atomic read (acquire)
       assert "LDG.E.STRONG.SYS" in sass and sass.count("CCTL.IVALL") >= 8
 
 

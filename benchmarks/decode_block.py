@@ -151,14 +151,20 @@ def check(cfg, batch: int, slots: int, dtype, interpret: bool, biases: bool, see
   return dict(out, error=errors) if errors else out
 
 
-def step_program(cfg, rows: int, slots: int, dtype, impl: str, steps: int, prompt_len: int,
-                 interpret: bool, seed: int = 0, config=None):
-  """(jitted fn, args): ``steps`` decode steps of all layers, carried x and caches."""
+def step_inputs(cfg, rows: int, slots: int, dtype, seed: int = 0):
+  """(x [rows, D], [(cache_k, cache_v)] zeroed, [weights]) of a step: one weight set per layer."""
   layers = [random_layer(cfg, k, dtype) for k in jax.random.split(jax.random.key(seed),
                                                                    cfg.num_hidden_layers)]
   shape = (rows, slots, cfg.num_key_value_heads, cfg.dim_per_head)
   caches = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in layers]
   x = jax.random.normal(jax.random.key(seed + 1), (rows, cfg.hidden_size)).astype(dtype)
+  return x, caches, layers
+
+
+def step_program(cfg, rows: int, slots: int, dtype, impl: str, steps: int, prompt_len: int,
+                 interpret: bool, seed: int = 0, config=None):
+  """(jitted fn, args): ``steps`` decode steps of all layers, carried x and caches."""
+  x, caches, layers = step_inputs(cfg, rows, slots, dtype, seed)
   inv = _inv_freq(cfg)
 
   def run(x, caches, layers):
@@ -189,10 +195,7 @@ def trace_step(cfg, rows: int, slots: int, dtype, prompt_len: int, interpret: bo
   config = dataclasses.replace(
       default_config(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
                      cfg.dim_per_head), trace=True)
-  layers = [random_layer(cfg, k, dtype) for k in jax.random.split(jax.random.key(seed),
-                                                                   cfg.num_hidden_layers)]
-  shape = (rows, slots, cfg.num_key_value_heads, cfg.dim_per_head)
-  x = jax.random.normal(jax.random.key(seed + 1), (rows, cfg.hidden_size)).astype(dtype)
+  x, caches, layers = step_inputs(cfg, rows, slots, dtype, seed)
   pos = jnp.full((rows,), prompt_len, jnp.int32)
 
   def step(x, layers, caches):  # the caches donated, as the timed program's: updated in place
@@ -205,7 +208,6 @@ def trace_step(cfg, rows: int, slots: int, dtype, prompt_len: int, interpret: bo
       new.append((ck, cv))
     return jnp.stack(traces), barrier_timeouts(sync), new
   step = jax.jit(step, donate_argnums=(2,))
-  caches = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in layers]
   for _ in range(repeats):
     traces, timeouts, caches = jax.block_until_ready(step(x, layers, caches))
   summary = persistent.summarise_trace(traces)

@@ -123,12 +123,6 @@ def _check_inputs(x_BxD, positions_B, weights, cache_k, cache_v, config):
                      f"{config!r}")
 
 
-def _kernel_backend(chosen: str, interpret: bool):
-  if not interpret and jax.default_backend() not in ("gpu", "cuda"):
-    raise ValueError(f"decode_layer: impl={chosen!r} runs Triton kernels, which need an NVIDIA "
-                     f"GPU (backend is {jax.default_backend()!r}); use interpret=True on a CPU")
-
-
 def decode_layer(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, *, eps: float,
                  dtype=jnp.bfloat16, impl: str = "auto", interpret: bool = False,
                  config: GpuConfig | None = None, attention_impl: str = "xla"):
@@ -160,30 +154,41 @@ def decode_layer(x_BxD, positions_B, inv_freq, weights: dict, cache_k, cache_v, 
   Returns:
     (x' [B, D] in ``dtype``, cache_k, cache_v).
   """
+  return _layer(x_BxD, positions_B, inv_freq, weights, cache_k, cache_v, eps=eps, dtype=dtype,
+                impl=impl, interpret=interpret, config=config, attention_impl=attention_impl)[:3]
+
+
+def _layer(x_BxD, positions_B, inv_freq, weights, cache_k, cache_v, *, eps, dtype, impl,
+           interpret, config, attention_impl, sync=None):
+  """``decode_layer`` -> (x', cache_k, cache_v, sync): the persistent layer takes ``sync`` (None:
+  ``new_sync()``) and returns its own; the others pass it through."""
   _check_inputs(x_BxD, positions_B, weights, cache_k, cache_v, config)
   chosen = choose_impl(impl, platform="cpu" if interpret and impl == "auto" else None)
   if chosen == "xla":
     return decode_layer_reference(x_BxD, positions_B, inv_freq, weights, cache_k, cache_v,
                                   eps=eps, dtype=dtype, attention_impl=attention_impl,
-                                  interpret=interpret)
-  _kernel_backend(chosen, interpret)
+                                  interpret=interpret) + (sync,)
+  if not interpret and jax.default_backend() not in ("gpu", "cuda"):
+    raise ValueError(f"decode_layer: impl={chosen!r} runs Triton kernels, which need an NVIDIA "
+                     f"GPU (backend is {jax.default_backend()!r}); use interpret=True on a CPU")
   if chosen == "pallas_persistent":
     return decode_layer_persistent(x_BxD, positions_B, inv_freq, weights, cache_k, cache_v,
-                                   eps=eps, dtype=dtype, config=config, interpret=interpret)[:3]
+                                   eps=eps, dtype=dtype, config=config, interpret=interpret,
+                                   sync=sync)[:4]  # (a trace, with config.trace, is dropped)
   if chosen == "pallas":
     return decode_layer_gpu(x_BxD, positions_B, inv_freq, weights, cache_k, cache_v, eps=eps,
-                            dtype=dtype, config=config, interpret=interpret)
+                            dtype=dtype, config=config, interpret=interpret) + (sync,)
   if chosen == "pallas_attention":
     a, cache_k, cache_v = attention_half_gpu(x_BxD, positions_B, inv_freq, weights, cache_k,
                                              cache_v, eps=eps, dtype=dtype, config=config,
                                              interpret=interpret)
-    return mlp_half_reference(a, weights, eps=eps, dtype=dtype), cache_k, cache_v
+    return mlp_half_reference(a, weights, eps=eps, dtype=dtype), cache_k, cache_v, sync
   a, cache_k, cache_v = attention_half_reference(x_BxD, positions_B, inv_freq, weights, cache_k,
                                                  cache_v, eps=eps, dtype=dtype,
                                                  attention_impl=attention_impl,
                                                  interpret=interpret)
   return (mlp_half_gpu(a, weights, eps=eps, dtype=dtype, config=config, interpret=interpret),
-          cache_k, cache_v)
+          cache_k, cache_v, sync)
 
 
 def decode_layers(x_BxD, positions_B, inv_freq, layers, caches_k, caches_v, *, eps: float,
@@ -198,20 +203,11 @@ def decode_layers(x_BxD, positions_B, inv_freq, layers, caches_k, caches_v, *, e
   if not len(layers) == len(caches_k) == len(caches_v):
     raise ValueError(f"decode_layers: {len(layers)} layers, {len(caches_k)} k caches and "
                      f"{len(caches_v)} v caches")
-  chosen = choose_impl(impl, platform="cpu" if interpret and impl == "auto" else None)
   new_k, new_v = [], []
   for w, ck, cv in zip(layers, caches_k, caches_v):
-    if chosen == "pallas_persistent":
-      sync = new_sync() if sync is None else sync
-      _check_inputs(x_BxD, positions_B, w, ck, cv, config)  # as decode_layer checks
-      _kernel_backend(chosen, interpret)
-      x_BxD, ck, cv, sync = decode_layer_persistent(x_BxD, positions_B, inv_freq, w, ck, cv,
-                                                    eps=eps, dtype=dtype, config=config,
-                                                    interpret=interpret, sync=sync)
-    else:
-      x_BxD, ck, cv = decode_layer(x_BxD, positions_B, inv_freq, w, ck, cv, eps=eps, dtype=dtype,
-                                   impl=chosen, interpret=interpret, config=config,
-                                   attention_impl=attention_impl)
+    x_BxD, ck, cv, sync = _layer(x_BxD, positions_B, inv_freq, w, ck, cv, eps=eps, dtype=dtype,
+                                 impl=impl, interpret=interpret, config=config,
+                                 attention_impl=attention_impl, sync=sync)
     new_k.append(ck)
     new_v.append(cv)
   return x_BxD, new_k, new_v, sync

@@ -218,17 +218,14 @@ def _layer_kernel(*refs, names: tuple[str, ...], heads: int, kv_heads: int, head
   pid = pl.program_id(0)
   record = None
   if cfg.trace:  # each timestamp stored at once: the store keeps it in place (module doc)
-    count = [0]
-
     def record(name, after):
-      slot = TRACE.index(name) if name in ("entry", "exit") else TRACE.index(
-          f"{name}_{count[0] // 2 + 1}")
-      if name not in ("entry", "exit"):
-        count[0] += 1
-      r["trace"][pid, pl.ds(slot, 1)] = _now(after, interpret)
+      r["trace"][pid, pl.ds(TRACE.index(name), 1)] = _now(after, interpret)
     record("entry", plgpu.load(r["sync"].at[i32(ARRIVALS)], volatile=True))
-  barrier = functools.partial(grid_barrier, sync, max_polls=cfg.max_polls, poll=cfg.poll,
-                              interpret=interpret, trace=record)
+
+  def barrier(k):  # barrier k of 4: its target is k P
+    trace = None if record is None else (lambda event, after: record(f"{event}_{k}", after))
+    grid_barrier(sync, k * programs, max_polls=cfg.max_polls, poll=cfg.poll,
+                 interpret=interpret, trace=trace)
   B = r["x"].shape[0]
   S = r["cache_k_out"].shape[1]
   half_blocks = head_dim // 2 // cfg.head_block
@@ -242,7 +239,7 @@ def _layer_kernel(*refs, names: tuple[str, ...], heads: int, kv_heads: int, head
       r["x"], r["positions"], r["inv_freq"], r["input_norm"], r["q"], r["k"], r["v"], *biases,
       None, None, r["q_buf"], r["cache_k_out"], r["cache_v_out"],
       program=(lax.div(t, i32(half_blocks)), lax.rem(t, i32(half_blocks)))))
-  barrier(programs)
+  barrier(1)
 
   # phase 2: the attention of each (row, kv head, chunk)
   att = cfg.attention
@@ -256,7 +253,7 @@ def _layer_kernel(*refs, names: tuple[str, ...], heads: int, kv_heads: int, head
         chunk=chunk, scale=1 / math.sqrt(head_dim), groups=heads // kv_heads, lead=(b,),
         trail=(kv, slice(None)), volatile=True)
   _for_tasks(tasks[1], programs, attend)
-  barrier(2 * programs)
+  barrier(2)
 
   # phase 3: the chunks merged + W_o + the residual
   attn_out = functools.partial(
@@ -271,7 +268,7 @@ def _layer_kernel(*refs, names: tuple[str, ...], heads: int, kv_heads: int, head
   first_task = jnp.minimum(pid, i32(tasks[3] - 1))
   first4 = gpu.mlp_in_first_weights(r["gate"], r["up"], first_task, cfg.block_n, cfg.block_k) \
       if cfg.prefetch else None
-  barrier(3 * programs)
+  barrier(3)
 
   # phase 4: RMSNorm + gate / up + SiLU x up
   mlp_in = functools.partial(gpu._mlp_in_kernel, block_n=cfg.block_n, block_k=cfg.block_k,  # pylint: disable=protected-access
@@ -283,7 +280,7 @@ def _layer_kernel(*refs, names: tuple[str, ...], heads: int, kv_heads: int, head
   first_task = jnp.minimum(pid, i32(tasks[4] - 1))
   first5 = gpu.mlp_out_first_weights(r["down"], first_task, cfg.block_n, cfg.block_k) \
       if cfg.prefetch else None
-  barrier(4 * programs)
+  barrier(4)
 
   # phase 5: W_down + the residual
   mlp_out = functools.partial(gpu._mlp_out_kernel, block_n=cfg.block_n, block_k=cfg.block_k,  # pylint: disable=protected-access

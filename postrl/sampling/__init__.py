@@ -1,5 +1,6 @@
 """Generation and decoding search."""
 
+from postrl.sampling.continuous import ContinuousOutput, generate_continuous
 from postrl.sampling.generate import (GenerateOutput, generate, generate_text, pad_prompts,
                                       process_logits, sample_token)
 from postrl.sampling.search import (BeamOutput, CalibrationPoint, Candidate,

@@ -411,7 +411,7 @@ def _int_array(name: str, x, what: str) -> np.ndarray:
   return a.astype(np.int64)
 
 
-def _check_prompts(prompt_BxP, lengths_B, vocab_size: int):
+def _check_prompts(prompt_BxP, lengths_B, vocab_size: int, fn: str = "generate"):
   """The prompts and lengths as host int32 arrays, checked: [B, P] and [B] with B >= 1, lengths
   in [1, P], every real token (position < length) in [0, V). The padding is set to token 0: its
   keys and values are written to the cache (then overwritten or masked), so an id outside the
@@ -424,7 +424,7 @@ def _check_prompts(prompt_BxP, lengths_B, vocab_size: int):
                      f"{lengths.shape}")
   B, P = prompt.shape
   if B == 0:
-    raise ValueError("generate: prompt_BxP has no rows (B = 0): give at least one prompt")
+    raise ValueError(f"{fn}: prompt_BxP has no rows (B = 0): give at least one prompt")
   if lengths.min() < 1 or lengths.max() > P:
     raise ValueError(f"prompt lengths must be in [1, {P}], got {lengths}")
   real = np.arange(P)[None, :] < lengths[:, None]
@@ -475,6 +475,39 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
   Returns:
     ``GenerateOutput`` with [B, N] tokens and log-probs and [B] lengths.
   """
+  call = _prepare_decode("generate", model, prompt_BxP, lengths_B, key=key,
+                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, min_p=min_p, eos_ids=eos_ids, pad_id=pad_id,
+                         sampling_impl=sampling_impl, split_rows=split_rows,
+                         gather_weights=gather_weights)
+  rows, B, P = call.rows, call.prompt.shape[0], call.prompt.shape[1]
+  return _generate(call.graphdef, call.params, call.prompt, call.lengths, call.key,
+                   **call.settings, interpret=bool(interpret), rows=rows,
+                   min_rows=call.rows_decoded,
+                   cache_sharding=None if rows is None else cache_sharding_for(
+                       rows, call.config, B, P + call.settings["max_new_tokens"]))
+
+
+class _DecodeCall(NamedTuple):
+  """A decode program's checked inputs (``_prepare_decode``)."""
+  graphdef: object
+  params: object
+  config: object
+  prompt: object  # [B, P] int32, placed
+  lengths: object  # [B] int32, placed
+  key: object
+  rows: object  # the rows' NamedSharding or None (``row_sharding``)
+  rows_decoded: int  # rows per decode step (``min_decode_rows``)
+  settings: dict  # the static sampling arguments of the jitted program
+
+
+def _prepare_decode(fn: str, model, prompt_BxP, lengths_B, *, key, max_new_tokens, temperature,
+                    top_k, top_p, min_p, eos_ids, pad_id, sampling_impl, split_rows,
+                    gather_weights, rows_per_step: int | None = None) -> _DecodeCall:
+  """Checks ``generate``'s arguments (errors prefixed by ``fn``) and places its inputs: the
+  weights gathered over the batch axes, the prompts split over the rows or replicated over a
+  mesh that spans processes, the sampling implementation chosen for ``rows_per_step`` rows per
+  decode step (default: the B prompts)."""
   if isinstance(model, tuple):
     graphdef, params = model
     config = nnx.merge(graphdef, params).config
@@ -483,23 +516,24 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
     config = model.config
   if sampling_impl not in ("xla", "auto", "pallas"):
     raise ValueError(f"sampling_impl must be 'xla', 'auto' or 'pallas', got {sampling_impl!r}")
-  check_sampling("generate", temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+  check_sampling(fn, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
   temperature = float(temperature)
   top_k = None if top_k is None else operator.index(top_k)
   top_p = None if top_p is None else float(top_p)
   min_p = None if min_p is None else float(min_p)
   if _integer(max_new_tokens) is None or max_new_tokens < 1:
-    raise ValueError(f"generate: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    raise ValueError(f"{fn}: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
   max_new_tokens = operator.index(max_new_tokens)
   if temperature > 0 and key is None:
-    raise ValueError("sampling with temperature > 0 needs a PRNG key (key=jax.random.key(0))")
+    raise ValueError(f"{fn}: sampling with temperature > 0 needs a PRNG key "
+                     "(key=jax.random.key(0))")
   if key is None:
     key = jax.random.key(0)
   elif temperature > 0:
-    check_key("generate", key)
-  prompt_np, lengths_np = _check_prompts(prompt_BxP, lengths_B, config.vocab_size)
+    check_key(fn, key)
+  prompt_np, lengths_np = _check_prompts(prompt_BxP, lengths_B, config.vocab_size, fn)
   if _integer(pad_id) is None or not -2**31 <= pad_id < 2**31:
-    raise ValueError(f"generate: pad_id must be an int32 integer, got {pad_id!r}")
+    raise ValueError(f"{fn}: pad_id must be an int32 integer, got {pad_id!r}")
   eos = config.eos_token_ids if eos_ids is None else eos_ids
   if _integer(eos) is not None:  # one id
     eos = (eos,)
@@ -508,13 +542,13 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
   eos = tuple(eos)
   if not all(_integer(e) is not None and 0 <= e < config.vocab_size for e in eos):
     what = "the model config's eos_token_id" if eos_ids is None else "eos_ids"
-    raise ValueError(f"generate: {what} must be token ids in [0, {config.vocab_size}) (the model's "
+    raise ValueError(f"{fn}: {what} must be token ids in [0, {config.vocab_size}) (the model's "
                      f"vocabulary; an id outside it never ends a row), got {eos}")
   eos = tuple(operator.index(e) for e in eos)
   positions = int(lengths_np.max()) + max_new_tokens
   if positions > config.max_position_embeddings:
     warnings.warn(
-        f"generate: the longest prompt ({int(lengths_np.max())} tokens) plus max_new_tokens="
+        f"{fn}: the longest prompt ({int(lengths_np.max())} tokens) plus max_new_tokens="
         f"{max_new_tokens} needs {positions} positions, more than the model's "
         f"max_position_embeddings={config.max_position_embeddings} it was trained on: tokens "
         "past them are unreliable", stacklevel=2)
@@ -538,7 +572,8 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
       raise ValueError(f"{option}={chosen!r}: {what} runs on one device; the parameters span "
                        f"{len(devices)} (use 'xla')")
   platform = next(iter(devices)).platform if devices else jax.default_backend()
-  rows_decoded = min_decode_rows(int(prompt_BxP.shape[0]), platform,
+  rows_decoded = min_decode_rows(int(prompt_BxP.shape[0]) if rows_per_step is None
+                                 else rows_per_step, platform,
                                  len(devices) or 1,  # host arrays: jit runs on one device
                                  has_small_float_matmuls(params))
   impl = "xla"
@@ -550,14 +585,11 @@ def generate(model, prompt_BxP, lengths_B, *, key=None, max_new_tokens: int = 64
     if impl != "xla" and (mesh is not None or len(devices) > 1):
       raise ValueError(f"sampling_impl={sampling_impl!r}: the sampling kernel runs on one device; "
                        f"the parameters span {len(devices)} (use 'xla' or 'auto')")
-  return _generate(graphdef, params, prompt_BxP, lengths_B, key, max_new_tokens=int(max_new_tokens),
-                   temperature=float(temperature), top_k=top_k, top_p=top_p, min_p=min_p,
-                   eos_ids=eos, pad_id=int(pad_id), sampling_impl=impl,
-                   interpret=bool(interpret), rows=rows, min_rows=rows_decoded,
-                   bits_per_pass=default_bits_per_pass(rows_decoded, platform),
-                   cache_sharding=None if rows is None else cache_sharding_for(
-                       rows, config, prompt_BxP.shape[0],
-                       prompt_BxP.shape[1] + int(max_new_tokens)))
+  settings = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=top_k,
+                  top_p=top_p, min_p=min_p, eos_ids=eos, pad_id=int(pad_id), sampling_impl=impl,
+                  bits_per_pass=default_bits_per_pass(rows_decoded, platform))
+  return _DecodeCall(graphdef, params, config, prompt_BxP, lengths_B, key, rows, rows_decoded,
+                     settings)
 
 
 def _multi_process_mesh(params):

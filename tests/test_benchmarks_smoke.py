@@ -694,3 +694,22 @@ def test_decode_block_times_the_others_when_one_check_fails(tmp_path, monkeypatc
   assert row["xla_us"] > 0 and row["pallas_us"] > 0 and "pallas_persistent_us" not in row
   verdict = triage_summary.decode_block_verdict(doc)
   assert "check FAILED for pallas_persistent" in verdict and "pallas " in verdict.splitlines()[1]
+
+
+def test_continuous_tiny(tiny_model_dir, tmp_path):
+  """Fixed batches vs continuous batching on a tiny saved model: greedy, so both modes must give
+  the same tokens (the script fails otherwise), every row and speed-up in the JSON."""
+  out = tmp_path / "continuous.json"
+  stdout = _run("continuous.py", "--model", tiny_model_dir, "--prompts", "5", "--slots", "2", "4",
+                "--new-tokens", "4", "--repeats", "1", "--temperature", "0", "--one-batch",
+                "--out", str(out))
+  doc = json.loads(out.read_text())
+  assert "check_failed" not in doc and "continuous batching is" in stdout
+  assert [(r["mode"], r["slots"]) for r in doc["rows"]] == [
+      ("batches", 2), ("continuous", 2), ("batches", 4), ("continuous", 4), ("one_batch", 5)]
+  for r in doc["rows"]:
+    assert r["generated_tokens"] == 5 * 4 and r["seconds"] > 0  # no EOS from random weights
+  # B = 2: batches of 2, 2, 1 prompts take 3 x 4 steps; 2 slots refilled one at a time take 12
+  assert doc["rows"][0]["decode_steps"] == 12
+  assert [s["slots"] for s in doc["speedups"]] == [2, 4]
+  assert doc["environment"]["backend"] == "cpu" and doc["prompts"] == 5

@@ -259,7 +259,8 @@ class GRPORollouts:
                  max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                  top_p=self.cfg.get("top_p"), eos_ids=self.eos, pad_id=self.pad,
                  batch_size=self.cfg.get("batch_size") or None,
-                 sampling_impl=self.cfg.get("sampling_impl") or "auto")
+                 sampling_impl=self.cfg.get("sampling_impl") or "auto",
+                 continuous=bool(self.cfg.get("continuous")))
     texts = [self.run.tokenizer.decode(out["completions"][b, :out["lengths"][b]])
              for b in range(len(ids))]
     probs = [self.problems[i] for i in idx for _ in range(G)]

@@ -229,7 +229,8 @@ class PPORollouts:
                  prompt_len=self.prompt_len, max_new_tokens=self.cfg.max_new_tokens,
                  temperature=self.cfg.temperature, top_p=self.cfg.get("top_p"),
                  eos_ids=self.eos, pad_id=self.pad, batch_size=self.cfg.get("batch_size") or None,
-                 sampling_impl=self.cfg.get("sampling_impl") or "auto")
+                 sampling_impl=self.cfg.get("sampling_impl") or "auto",
+                 continuous=bool(self.cfg.get("continuous")))
     gen_seconds = time.perf_counter() - t0
     texts = [self.run.tokenizer.decode(out["completions"][b, :out["lengths"][b]])
              for b in range(len(ids))]

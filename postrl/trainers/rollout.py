@@ -40,6 +40,7 @@ import numpy as np
 from postrl import sharding as shd
 from postrl.logprobs import token_logps
 from postrl.rewards import combine_rewards
+from postrl.sampling.continuous import generate_continuous
 from postrl.sampling.generate import generate, to_host
 from postrl.trainers.loop import NonFiniteError
 
@@ -148,13 +149,27 @@ def load_reward_model_reward(rm_cfg):
 
 def sample(graphdef, params, prompt_ids: Sequence[Sequence[int]], *, key, prompt_len: int,
            max_new_tokens: int, temperature: float, top_p: float | None, eos_ids, pad_id: int,
-           batch_size: int | None = None, sampling_impl: str = "auto") -> dict[str, np.ndarray]:
+           batch_size: int | None = None, sampling_impl: str = "auto",
+           continuous: bool = False) -> dict[str, np.ndarray]:
   """Samples one completion per prompt (prompts padded to ``prompt_len``: one compilation) in
   batches of ``batch_size`` rows -> host arrays ``completions``, ``lengths``, ``finished``,
   ``sampler_logps`` (plain-model log-probs of the sampled tokens). ``sampling_impl``: as
-  ``generate``'s ("xla", or the sampling kernel with "auto" / "pallas")."""
+  ``generate``'s ("xla", or the sampling kernel with "auto" / "pallas"). ``continuous``: one
+  ``generate_continuous`` call with ``batch_size`` slots instead, a row that ends (EOS) handing
+  its slot to the next prompt at once (``rollout.continuous`` in the GRPO / PPO configs)."""
   n = len(prompt_ids)
   batch_size = batch_size or n
+  if continuous:
+    tokens = np.full((n, prompt_len), pad_id, np.int32)
+    for i, ids in enumerate(prompt_ids):
+      tokens[i, :len(ids)] = ids
+    lengths = np.array([len(ids) for ids in prompt_ids], np.int32)
+    res = generate_continuous((graphdef, params), tokens, lengths, slots=min(batch_size, n),
+                              key=key, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, eos_ids=eos_ids, pad_id=pad_id,
+                              sampling_impl=sampling_impl)
+    return dict(completions=to_host(res.tokens_BxN), lengths=to_host(res.lengths_B),
+                finished=to_host(res.finished_B), sampler_logps=to_host(res.model_logps_BxN))
   out = {k: [] for k in ("completions", "lengths", "finished", "sampler_logps")}
   for start in range(0, n, batch_size):
     chunk = list(prompt_ids[start:start + batch_size])

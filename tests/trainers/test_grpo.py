@@ -50,12 +50,15 @@ def test_trim_rows_keeps_bucketed_width():
   assert trim_rows(rows, prompt_len=4, bucket=16)["tokens"].shape == (1, 12)  # capped at T
 
 
-def test_sampler_and_trainer_logps_agree():
+@pytest.mark.parametrize("continuous", [False, True])
+def test_sampler_and_trainer_logps_agree(continuous):
   cfg = tiny_config()
   graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
   ids = [[1, 5, 6, 7], [1, 8, 9], [1, 3, 4, 5, 6, 7]]
   out = sample(graphdef, params, ids, key=jax.random.key(0), prompt_len=16, max_new_tokens=8,
-               temperature=1.0, top_p=None, eos_ids=(2,), pad_id=0, batch_size=2)
+               temperature=1.0, top_p=None, eos_ids=(2,), pad_id=0, batch_size=2,
+               continuous=continuous)
+  assert {k: v.shape[0] for k, v in out.items()} == dict.fromkeys(out, 3)
   rows = assemble_rows(ids, out["completions"], out["lengths"], out["sampler_logps"],
                        prompt_len=16, pad_id=0)
   lp = token_logps(model_apply_fn(graphdef), params, rows["tokens"], rows["loss_mask"],
@@ -234,6 +237,16 @@ def test_grpo_job_sharded_with_all_paths_then_resumes(tiny_model_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "resumed from" in proc.stdout and json.loads(
       (tmp_path / "results.json").read_text())["steps"] == 4
+
+
+def test_grpo_job_with_continuous_batching_on_a_mesh(tiny_model_dir, tmp_path):
+  """8 rows through 3 decode slots (generate_continuous) with the weights split over fsdp and
+  tensor axes: the rollout's log-probs are still those the trainer recomputes."""
+  proc = _launch(tiny_model_dir, tmp_path, "--config.steps=1", "--config.rollout.continuous=True",
+                 "--config.rollout.batch_size=3", "--config.eval.before=False")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  first = [m for m in read_metrics(tmp_path / "metrics.jsonl") if "loss" in m][0]
+  assert first["rollout/logp_mismatch"] < 1e-4
 
 
 def test_grpo_job_bad_config_is_one_line(tiny_model_dir, tmp_path):

@@ -102,6 +102,30 @@ def test_model_logps_equal_the_training_path(model, prompts, eos):
     assert bool(out.finished_B[q]) == (int(out.tokens_BxN[q, n - 1]) == eos)
 
 
+def test_the_sampling_kernel_keeps_the_log_prob_contract(model, prompts, eos):
+  """The sort-free kernel (interpret mode) draws each step's batch: model log-probs equal the
+  training path's, tokens lie in the top-p set, the sampling log-prob is NaN (not computed)."""
+  tokens, lengths = pad_prompts(prompts[:4])
+  out = generate_continuous(model, tokens, lengths, slots=2, prefill_rows=1, max_new_tokens=4,
+                            temperature=0.7, top_p=0.9, eos_ids=(eos,), key=jax.random.key(2),
+                            sampling_impl="pallas", interpret=True)
+  full = [p + np.asarray(out.tokens_BxN[q, :int(out.lengths_B[q])]).tolist()
+          for q, p in enumerate(prompts[:4])]
+  ft, _ = pad_prompts(full)
+  graphdef, params = nnx.split(model)
+  recomputed = token_logps(model_apply_fn(graphdef), params, jnp.asarray(ft))
+  for q, p in enumerate(prompts[:4]):
+    n = int(out.lengths_B[q])
+    np.testing.assert_allclose(out.model_logps_BxN[q, :n], recomputed[q, len(p):len(p) + n],
+                               rtol=1e-5, atol=1e-5)
+    assert np.all(np.isnan(np.asarray(out.logps_BxN[q, :n])))
+  with pytest.raises(ValueError, match="one device; the parameters span 2"):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("x",))
+    placed = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    generate_continuous((graphdef, placed), tokens, lengths, slots=2, key=jax.random.key(0),
+                        max_new_tokens=2, top_p=0.9, sampling_impl="pallas", interpret=True)
+
+
 def test_a_refilled_slot_never_reads_what_a_longer_prompt_left(model):
   """A long prompt that stops at once leaves keys / values far past the short prompt that takes
   its slot next; the short prompt's tokens must equal those it gets alone."""

@@ -53,7 +53,8 @@ def get_config():
   config.rollout = ml_collections.ConfigDict(dict(
       prompts=8, group_size=8, max_new_tokens=32, temperature=1.0, top_p=placeholder(float),
       batch_size=64,           # rows per generate call (decode slots with continuous=True)
-      continuous=False,        # one generate_continuous call: an ended row's slot takes the next
+      continuous=False,        # one generate_continuous call (more rows than slots): an ended
+                               # row's slot takes the next prompt (slots not split over the mesh)
       sampling_impl="auto",    # auto | xla | pallas: generate's sampler (auto: XLA on CPU)
       minibatches=1, epochs=1,  # optimizer steps per rollout = minibatches x epochs
       logprob_rows=0,          # rows per old/ref log-prob call (0: all at once)

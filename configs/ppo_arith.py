@@ -47,7 +47,7 @@ def get_config():
   config.rollout = ml_collections.ConfigDict(dict(
       prompts=16, group_size=4, max_new_tokens=32, temperature=1.0, top_p=placeholder(float),
       batch_size=64, minibatches=2, epochs=1, length_bucket=16,
-      continuous=False,  # generate_continuous with batch_size slots instead of fixed batches
+      continuous=False,  # generate_continuous with batch_size slots (more rows than slots)
       sampling_impl="auto"))  # auto | xla | pallas: generate's sampler (auto: XLA on CPU)
   config.loss = ml_collections.ConfigDict(dict(
       clip_eps_low=0.2, clip_eps_high=0.2, vf_coef=0.1, vf_clip=0.2, kl_coef=0.0,

@@ -19,7 +19,9 @@ A refilled slot needs no cache clearing: its cache mask is slot <= position, and
 slot p (prefill or decode) before it attends at position p, so what an earlier prompt left at
 slots past the new position is never read. Costs: B slots per decode step whatever their
 occupancy, plus an [R, P] prefill per refill (R = ``prefill_rows``: small R refills sooner, large R
-prefills fewer times). ``decode_steps`` and ``prefills`` in the output say what a call spent.
+prefills fewer times; one refill per iteration, so after many rows end together the slots fill
+again over several steps). ``decode_steps`` and ``prefills`` in the output say what a call
+spent.
 
 Randomness is per prompt and step: prompt q's t-th token is drawn with
 ``fold_in(fold_in(key, q), t)``, so with the XLA sampler the tokens do not depend on B, R or the
@@ -112,8 +114,7 @@ def _generate_continuous(graphdef, params, prompt_QxP, lengths_Q, key, *, slots,
     q_safe = jnp.minimum(q_R, Q - 1)
     cache, new_logits = _prefill(model, cache, prompt_QxP[q_safe], lengths_Q[q_safe], slots_R)
     logits = logits.at[slots_R].set(new_logits, mode="drop")
-    slot_q = slot_q.at[slots_R].set(q_R, mode="drop")
-    slot_t = slot_t.at[slots_R].set(0, mode="drop")
+    slot_q = slot_q.at[slots_R].set(q_R, mode="drop")  # slot_t of a free slot is already 0
     return (it, cache, logits, slot_q, slot_t, next_q + count, out, gen_len, finished,
             prefills + 1)
 
@@ -166,8 +167,8 @@ def generate_continuous(model, prompt_QxP, lengths_Q, *, slots: int, prefill_row
     model, prompt_QxP, lengths_Q, key, max_new_tokens, temperature, top_k, top_p, min_p, eos_ids,
       pad_id, sampling_impl, interpret, gather_weights: as ``generate``'s (Q prompts in any
       number; ``sampling_impl`` chooses for ``slots`` rows per step).
-    slots: B >= 1, rows decoded per step (the KV cache holds B x (P + N) positions). One slot on
-      one GPU is decoded as two (``min_decode_rows``).
+    slots: B >= 1, rows decoded per step (the KV cache holds B x (P + N) positions); at most Q
+      are used. One slot on one GPU is decoded as two (``min_decode_rows``): two prompts at once.
     prefill_rows: R in [1, B], prompts prefilled per refill, and the free slots a refill waits
       for while the queue holds at least R prompts (default max(1, B // 4)).
   Returns:
@@ -186,8 +187,10 @@ def generate_continuous(model, prompt_QxP, lengths_Q, *, slots: int, prefill_row
                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                          top_p=top_p, min_p=min_p, eos_ids=eos_ids, pad_id=pad_id,
                          sampling_impl=sampling_impl, split_rows=False,
-                         gather_weights=gather_weights, rows_per_step=int(slots))
+                         gather_weights=gather_weights,
+                         rows_per_step=min(int(slots), max(1, len(prompt_QxP))))
+  B = max(min(int(slots), int(call.lengths.shape[0])), call.rows_decoded)  # no slot left idle
   return _generate_continuous(call.graphdef, call.params, call.prompt, call.lengths, call.key,
-                              slots=max(int(slots), call.rows_decoded),
-                              prefill_rows=int(prefill_rows), interpret=bool(interpret),
+                              slots=B, prefill_rows=min(int(prefill_rows), B),
+                              interpret=bool(interpret),
                               **call.settings)

@@ -551,7 +551,7 @@ def _prepare_decode(fn: str, model, prompt_BxP, lengths_B, *, key, max_new_token
         f"{fn}: the longest prompt ({int(lengths_np.max())} tokens) plus max_new_tokens="
         f"{max_new_tokens} needs {positions} positions, more than the model's "
         f"max_position_embeddings={config.max_position_embeddings} it was trained on: tokens "
-        "past them are unreliable", stacklevel=2)
+        "past them are unreliable", stacklevel=3)  # the caller of generate
   prompt_BxP, lengths_B = prompt_np, lengths_np
   mesh = _multi_process_mesh(params)
   rows = row_sharding(params, prompt_BxP.shape[0]) if split_rows else None

@@ -156,7 +156,8 @@ def sample(graphdef, params, prompt_ids: Sequence[Sequence[int]], *, key, prompt
   ``sampler_logps`` (plain-model log-probs of the sampled tokens). ``sampling_impl``: as
   ``generate``'s ("xla", or the sampling kernel with "auto" / "pallas"). ``continuous``: one
   ``generate_continuous`` call with ``batch_size`` slots instead, a row that ends (EOS) handing
-  its slot to the next prompt at once (``rollout.continuous`` in the GRPO / PPO configs)."""
+  its slot to a queued prompt (``rollout.continuous`` in the GRPO / PPO configs): a gain only
+  when there are more prompts than slots; the slots are not split over the mesh's batch axes."""
   n = len(prompt_ids)
   batch_size = batch_size or n
   if continuous:

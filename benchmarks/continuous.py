@@ -15,7 +15,8 @@ Three ways to run the Q prompts, each for every B in ``--slots``:
 
 - ``batches``: ``generate`` on consecutive batches of B prompts (what ``postrl.trainers.rollout``
   does with ``rollout.batch_size = B``); each batch decodes until its longest row ends;
-- ``continuous``: ``generate_continuous`` with B slots (``--prefill-rows``, default B / 4);
+- ``continuous``: ``generate_continuous`` with B slots, once per R in ``--prefill-rows``
+  (prompts per refill; default B / 4);
 - ``one_batch``: ``generate`` on all Q prompts at once (B = Q: the memory a rollout of Q rows
   needs; the longest row of all sets the steps).
 
@@ -93,7 +94,8 @@ def run(args) -> dict:
       return outs
     return call
 
-  def summarise(mode, B, seconds, tokens_QxN, lengths_Q, steps, rows_per_step, prefills=None):
+  def summarise(mode, B, seconds, tokens_QxN, lengths_Q, steps, rows_per_step, prefills=None,
+                prefill_rows=None):
     generated = int(np.sum(lengths_Q))
     row = dict(mode=mode, slots=B, seconds=round(seconds, 4), generated_tokens=generated,
                tokens_per_s=round(generated / seconds, 2), decode_steps=int(steps),
@@ -101,7 +103,7 @@ def run(args) -> dict:
                mean_length=round(float(np.mean(lengths_Q)), 2),
                max_length=int(np.max(lengths_Q)), ended_by_eos=int(np.sum(lengths_Q < N)))
     if prefills is not None:
-      row["prefills"] = int(prefills)
+      row.update(prefills=int(prefills), prefill_rows=prefill_rows)
     results.append("rows", row)
     common.log(f"{mode:>10} B={B:<4} {seconds:8.2f} s {row['tokens_per_s']:9.1f} tok/s  "
                f"{generated:6d} tokens, {steps:5d} steps, occupancy {row['occupancy']:.2f}, "
@@ -118,23 +120,27 @@ def run(args) -> dict:
     lens = np.concatenate([np.asarray(o[1]) for o in outs])
     steps = sum(int(np.max(np.asarray(o[2]))) for o in outs)  # each batch until its longest row
     by_mode[("batches", B)] = summarise("batches", B, seconds, toks, lens, steps, B)
-    prefill_rows = args.prefill_rows or max(1, B // 4)
-    seconds, out = _timed(lambda B=B, r=prefill_rows: generate_continuous(
-        model, tokens, lengths, slots=B, prefill_rows=r, **sampling), args.repeats)
-    by_mode[("continuous", B)] = summarise(
-        "continuous", B, seconds, out.tokens_BxN, out.lengths_B, int(out.decode_steps), B,
-        int(out.prefills))
-    if args.temperature == 0:  # greedy: the same tokens either way
-      if not (np.array_equal(toks, np.asarray(out.tokens_BxN))
-              and np.array_equal(lens, np.asarray(out.lengths_B))):
-        results.update(check_failed=f"greedy tokens differ at B = {B}")
-        common.log(f"CHECK FAILED: greedy tokens of the two modes differ at B = {B}")
-    fixed, cont = by_mode[("batches", B)], by_mode[("continuous", B)]
-    speedup = cont["tokens_per_s"] / fixed["tokens_per_s"]  # the two draw different rollouts
-    results.append("speedups", dict(slots=B, tokens_per_s_ratio=round(speedup, 3),
-                                    seconds_ratio=round(fixed["seconds"] / cont["seconds"], 3)))
-    common.log(f"{'':>10} B={B:<4} continuous batching is {speedup:.2f}x fixed batches "
-               f"(tokens/s)")
+    for prefill_rows in args.prefill_rows or [max(1, B // 4)]:
+      if budget.over():
+        common.log(f"time limit: B = {B}, R = {prefill_rows} and later skipped")
+        break
+      seconds, out = _timed(lambda B=B, r=prefill_rows: generate_continuous(
+          model, tokens, lengths, slots=B, prefill_rows=r, **sampling), args.repeats)
+      cont = summarise("continuous", B, seconds, out.tokens_BxN, out.lengths_B,
+                       int(out.decode_steps), B, int(out.prefills), prefill_rows)
+      if args.temperature == 0:  # greedy: the same tokens either way
+        if not (np.array_equal(toks, np.asarray(out.tokens_BxN))
+                and np.array_equal(lens, np.asarray(out.lengths_B))):
+          results.update(check_failed=f"greedy tokens differ at B = {B}, R = {prefill_rows}")
+          common.log(f"CHECK FAILED: greedy tokens of the two modes differ at B = {B}, "
+                     f"R = {prefill_rows}")
+      fixed = by_mode[("batches", B)]
+      speedup = cont["tokens_per_s"] / fixed["tokens_per_s"]  # the two draw different rollouts
+      results.append("speedups", dict(slots=B, prefill_rows=prefill_rows,
+                                      tokens_per_s_ratio=round(speedup, 3),
+                                      seconds_ratio=round(fixed["seconds"] / cont["seconds"], 3)))
+      common.log(f"{'':>10} B={B:<4} R={prefill_rows:<3} continuous batching is {speedup:.2f}x "
+                 f"fixed batches (tokens/s)")
   if args.one_batch and not budget.over():
     seconds, out = _timed(lambda: generate(model, tokens, lengths, **sampling), args.repeats)
     summarise("one_batch", Q, seconds, out.tokens_BxN, out.lengths_B,
@@ -151,7 +157,8 @@ def main(argv=None) -> int:
                       help="default: bfloat16 on an accelerator, float32 on CPU")
   parser.add_argument("--prompts", type=int, default=64, help="Q")
   parser.add_argument("--slots", type=int, nargs="+", default=[16], help="B (rows per step)")
-  parser.add_argument("--prefill-rows", type=int, default=None, help="R (default B / 4)")
+  parser.add_argument("--prefill-rows", type=int, nargs="+", default=None,
+                      help="R, one continuous row each (default B / 4)")
   parser.add_argument("--new-tokens", type=int, default=128)
   parser.add_argument("--temperature", type=float, default=1.0)
   parser.add_argument("--digits", type=int, default=1)

@@ -96,19 +96,25 @@ def test_copies_of_one_prompt_draw_their_own_samples(model, impl):
   assert all(len(set(r)) > 1 for r in toks.tolist())
 
 
-def test_model_logps_equal_the_training_path(model, prompts, eos):
-  tokens, lengths = pad_prompts(prompts)
-  out = generate_continuous(model, tokens, lengths, slots=3, prefill_rows=2, max_new_tokens=N,
-                            temperature=0.8, eos_ids=(eos,), key=jax.random.key(1))
+def _assert_model_logps_are_the_training_paths(model, prompts, out):
+  """Each prompt's sampled tokens, recomputed by ``token_logps``, give ``model_logps_BxN``."""
   full = [p + np.asarray(out.tokens_BxN[q, :int(out.lengths_B[q])]).tolist()
           for q, p in enumerate(prompts)]
-  ft, _ = pad_prompts(full)
   graphdef, params = nnx.split(model)
-  recomputed = token_logps(model_apply_fn(graphdef), params, jnp.asarray(ft))
+  recomputed = token_logps(model_apply_fn(graphdef), params, jnp.asarray(pad_prompts(full)[0]))
   for q, p in enumerate(prompts):
     n = int(out.lengths_B[q])
     np.testing.assert_allclose(out.model_logps_BxN[q, :n], recomputed[q, len(p):len(p) + n],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_model_logps_equal_the_training_path(model, prompts, eos):
+  tokens, lengths = pad_prompts(prompts)
+  out = generate_continuous(model, tokens, lengths, slots=3, prefill_rows=2, max_new_tokens=N,
+                            temperature=0.8, eos_ids=(eos,), key=jax.random.key(1))
+  _assert_model_logps_are_the_training_paths(model, prompts, out)
+  for q in range(len(prompts)):
+    n = int(out.lengths_B[q])
     assert np.all(np.asarray(out.tokens_BxN[q, n:]) == 0)
     assert np.all(np.asarray(out.model_logps_BxN[q, n:]) == 0.0)
     assert bool(out.finished_B[q]) == (int(out.tokens_BxN[q, n - 1]) == eos)
@@ -116,24 +122,19 @@ def test_model_logps_equal_the_training_path(model, prompts, eos):
 
 def test_the_sampling_kernel_keeps_the_log_prob_contract(model, prompts, eos):
   """The sort-free kernel (interpret mode) draws each step's batch: model log-probs equal the
-  training path's, tokens lie in the top-p set, the sampling log-prob is NaN (not computed)."""
+  training path's, the sampling log-prob is NaN under top-p (not computed); parameters on two
+  devices are refused."""
   tokens, lengths = pad_prompts(prompts[:4])
   out = generate_continuous(model, tokens, lengths, slots=2, prefill_rows=1, max_new_tokens=4,
                             temperature=0.7, top_p=0.9, eos_ids=(eos,), key=jax.random.key(2),
                             sampling_impl="pallas", interpret=True)
-  full = [p + np.asarray(out.tokens_BxN[q, :int(out.lengths_B[q])]).tolist()
-          for q, p in enumerate(prompts[:4])]
-  ft, _ = pad_prompts(full)
+  _assert_model_logps_are_the_training_paths(model, prompts[:4], out)
+  for q in range(4):
+    assert np.all(np.isnan(np.asarray(out.logps_BxN[q, :int(out.lengths_B[q])])))
   graphdef, params = nnx.split(model)
-  recomputed = token_logps(model_apply_fn(graphdef), params, jnp.asarray(ft))
-  for q, p in enumerate(prompts[:4]):
-    n = int(out.lengths_B[q])
-    np.testing.assert_allclose(out.model_logps_BxN[q, :n], recomputed[q, len(p):len(p) + n],
-                               rtol=1e-5, atol=1e-5)
-    assert np.all(np.isnan(np.asarray(out.logps_BxN[q, :n])))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("x",))
+  placed = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   with pytest.raises(ValueError, match="one device; the parameters span 2"):
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("x",))
-    placed = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     generate_continuous((graphdef, placed), tokens, lengths, slots=2, key=jax.random.key(0),
                         max_new_tokens=2, top_p=0.9, sampling_impl="pallas", interpret=True)
 

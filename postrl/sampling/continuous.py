@@ -58,6 +58,21 @@ class ContinuousOutput(NamedTuple):
   prefills: jax.Array  # prefill programs run, the first [B, P] one included
 
 
+class _Slots(NamedTuple):
+  """The decode loop's state: B slots, each busy with prompt ``slot_q`` (Q = free) at its token
+  ``slot_t``, and the Q prompts' outputs."""
+  it: jax.Array  # loop iterations = decode steps
+  cache: KVCache  # [B, P + N] per layer
+  logits: jax.Array  # [B, V] each slot's next-token logits
+  slot_q: jax.Array  # [B]
+  slot_t: jax.Array  # [B]
+  next_q: jax.Array  # the queue's head
+  out: tuple  # tokens, sampling log-probs, model log-probs, each [Q, N]
+  gen_len: jax.Array  # [Q]
+  finished: jax.Array  # [Q]
+  prefills: jax.Array
+
+
 def _prefill(model, cache: KVCache, tokens_RxP, lengths_R, slots_R):
   """Prefills R prompts into cache rows ``slots_R`` (slots [0, P)); a slot id >= B drops its row.
   Returns (cache, last-position logits [R, V] float32)."""
@@ -101,61 +116,59 @@ def _generate_continuous(graphdef, params, prompt_QxP, lengths_Q, key, *, slots,
   out = (jnp.full((Q, N), pad_id, jnp.int32), jnp.zeros((Q, N), jnp.float32),
          jnp.zeros((Q, N), jnp.float32))
 
-  def refill(state):
+  def refill(st: _Slots) -> _Slots:
     """Prefills the next min(R, free, queued) prompts into the first free slots."""
-    it, cache, logits, slot_q, slot_t, next_q, out, gen_len, finished, prefills = state
-    free = slot_q >= Q
-    count = jnp.minimum(jnp.minimum(jnp.sum(free), Q - next_q), R)
+    free = st.slot_q >= Q
+    count = jnp.minimum(jnp.minimum(jnp.sum(free), Q - st.next_q), R)
     k = jnp.arange(R)
     take = k < count
     free_first = jnp.argsort(~free, stable=True)[:R]  # free slots, lowest index first
     slots_R = jnp.where(take, free_first, B)
-    q_R = jnp.where(take, next_q + k, Q)
+    q_R = jnp.where(take, st.next_q + k, Q)
     q_safe = jnp.minimum(q_R, Q - 1)
-    cache, new_logits = _prefill(model, cache, prompt_QxP[q_safe], lengths_Q[q_safe], slots_R)
-    logits = logits.at[slots_R].set(new_logits, mode="drop")
-    slot_q = slot_q.at[slots_R].set(q_R, mode="drop")  # slot_t of a free slot is already 0
-    return (it, cache, logits, slot_q, slot_t, next_q + count, out, gen_len, finished,
-            prefills + 1)
+    cache, new_logits = _prefill(model, st.cache, prompt_QxP[q_safe], lengths_Q[q_safe], slots_R)
+    return st._replace(  # slot_t of a free slot is already 0
+        cache=cache, logits=st.logits.at[slots_R].set(new_logits, mode="drop"),
+        slot_q=st.slot_q.at[slots_R].set(q_R, mode="drop"), next_q=st.next_q + count,
+        prefills=st.prefills + 1)
 
-  def body(state):
-    it, cache, logits, slot_q, slot_t, next_q, out, gen_len, finished, prefills = state
-    busy = slot_q < Q
-    q_safe = jnp.minimum(slot_q, Q - 1)
+  def body(st: _Slots) -> _Slots:
+    busy = st.slot_q < Q
+    q_safe = jnp.minimum(st.slot_q, Q - 1)
     keys = jax.vmap(lambda q, t: jax.random.fold_in(jax.random.fold_in(key, q), t))(q_safe,
-                                                                                    slot_t)
-    token, logp, model_logp = sample(keys, logits, it)
+                                                                                    st.slot_t)
+    token, logp, model_logp = sample(keys, st.logits, st.it)
     token = jnp.where(busy, token, pad_id)
-    out = (out[0].at[slot_q, slot_t].set(token, mode="drop"),
-           out[1].at[slot_q, slot_t].set(logp, mode="drop"),
-           out[2].at[slot_q, slot_t].set(model_logp, mode="drop"))
-    gen_len = gen_len.at[slot_q].add(1, mode="drop")
+    at = lambda x: x.at[st.slot_q, st.slot_t]  # noqa: E731  # a free slot's row Q is dropped
+    out = (at(st.out[0]).set(token, mode="drop"), at(st.out[1]).set(logp, mode="drop"),
+           at(st.out[2]).set(model_logp, mode="drop"))
     hit_eos = busy & jnp.isin(token, eos)
-    finished = finished.at[slot_q].set(hit_eos, mode="drop")
-    positions = lengths_Q[q_safe] + slot_t  # slot == position, as in ``generate``
-    logits, cache = model.decode(token[:, None], positions[:, None], cache)
-    logits = logits[:, 0]
-    done = hit_eos | (slot_t + 1 >= N)
-    slot_q = jnp.where(busy & done, Q, slot_q)
-    slot_t = jnp.where(busy & ~done, slot_t + 1, 0)
-    state = (it + 1, cache, logits, slot_q, slot_t, next_q, out, gen_len, finished, prefills)
-    queued = Q - next_q
-    wanted = (queued > 0) & (jnp.sum(slot_q >= Q) >= jnp.minimum(R, queued))
-    return jax.lax.cond(wanted, refill, lambda s: s, state)
+    positions = lengths_Q[q_safe] + st.slot_t  # slot == position, as in ``generate``
+    logits, cache = model.decode(token[:, None], positions[:, None], st.cache)
+    done = hit_eos | (st.slot_t + 1 >= N)
+    st = st._replace(
+        it=st.it + 1, cache=cache, logits=logits[:, 0], out=out,
+        slot_q=jnp.where(busy & done, Q, st.slot_q),
+        slot_t=jnp.where(busy & ~done, st.slot_t + 1, 0),
+        gen_len=st.gen_len.at[st.slot_q].add(1, mode="drop"),
+        finished=st.finished.at[st.slot_q].set(hit_eos, mode="drop"))
+    queued = Q - st.next_q
+    wanted = (queued > 0) & (jnp.sum(st.slot_q >= Q) >= jnp.minimum(R, queued))
+    return jax.lax.cond(wanted, refill, lambda s: s, st)
 
-  def cond(state):
-    slot_q, next_q = state[3], state[5]
-    return (next_q < Q) | jnp.any(slot_q < Q)
+  def cond(st: _Slots):
+    return (st.next_q < Q) | jnp.any(st.slot_q < Q)
 
-  state = (jnp.int32(0), cache, logits, slot_q, jnp.zeros((B,), jnp.int32),
-           jnp.int32(min(B, Q)), out, jnp.zeros((Q,), jnp.int32), jnp.zeros((Q,), bool),
-           jnp.int32(1))
-  it, _, _, _, _, _, out, gen_len, finished, prefills = jax.lax.while_loop(cond, body, state)
-  return ContinuousOutput(out[0], gen_len, out[1], out[2], finished, it, prefills)
+  st = jax.lax.while_loop(cond, body, _Slots(
+      it=jnp.int32(0), cache=cache, logits=logits, slot_q=slot_q, slot_t=jnp.zeros((B,), jnp.int32),
+      next_q=jnp.int32(min(B, Q)), out=out, gen_len=jnp.zeros((Q,), jnp.int32),
+      finished=jnp.zeros((Q,), bool), prefills=jnp.int32(1)))
+  return ContinuousOutput(st.out[0], st.gen_len, st.out[1], st.out[2], st.finished, st.it,
+                          st.prefills)
 
 
-def generate_continuous(model, prompt_QxP, lengths_Q, *, slots: int, prefill_rows: int | None = None,
-                        key=None, max_new_tokens: int = 64, temperature: float = 1.0,
+def generate_continuous(model, prompt_QxP, lengths_Q, *, slots: int,
+                        prefill_rows: int | None = None, key=None, max_new_tokens: int = 64, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None,
                         min_p: float | None = None, eos_ids: Sequence[int] | None = None,
                         pad_id: int = 0, sampling_impl: str = "auto", interpret: bool = False,

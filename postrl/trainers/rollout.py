@@ -160,34 +160,31 @@ def sample(graphdef, params, prompt_ids: Sequence[Sequence[int]], *, key, prompt
   when there are more prompts than slots; the slots are not split over the mesh's batch axes."""
   n = len(prompt_ids)
   batch_size = batch_size or n
-  if continuous:
-    tokens = np.full((n, prompt_len), pad_id, np.int32)
-    for i, ids in enumerate(prompt_ids):
+  settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                  eos_ids=eos_ids, pad_id=pad_id, sampling_impl=sampling_impl)
+
+  def padded(rows):  # right-padded to prompt_len: one compiled shape
+    tokens = np.full((len(rows), prompt_len), pad_id, np.int32)
+    for i, ids in enumerate(rows):
       tokens[i, :len(ids)] = ids
-    lengths = np.array([len(ids) for ids in prompt_ids], np.int32)
-    res = generate_continuous((graphdef, params), tokens, lengths, slots=min(batch_size, n),
-                              key=key, max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_p=top_p, eos_ids=eos_ids, pad_id=pad_id,
-                              sampling_impl=sampling_impl)
-    return dict(completions=to_host(res.tokens_BxN), lengths=to_host(res.lengths_B),
-                finished=to_host(res.finished_B), sampler_logps=to_host(res.model_logps_BxN))
-  out = {k: [] for k in ("completions", "lengths", "finished", "sampler_logps")}
+    return tokens, np.array([len(ids) for ids in rows], np.int32)
+
+  def on_host(res, real):
+    return dict(completions=to_host(res.tokens_BxN)[:real], lengths=to_host(res.lengths_B)[:real],
+                finished=to_host(res.finished_B)[:real],
+                sampler_logps=to_host(res.model_logps_BxN)[:real])
+
+  if continuous:
+    return on_host(generate_continuous((graphdef, params), *padded(prompt_ids),
+                                       slots=min(batch_size, n), key=key, **settings), n)
+  parts = []
   for start in range(0, n, batch_size):
     chunk = list(prompt_ids[start:start + batch_size])
     real = len(chunk)
     chunk += [chunk[-1]] * (batch_size - real)  # fixed shape for the last batch
-    tokens = np.full((batch_size, prompt_len), pad_id, np.int32)
-    for i, ids in enumerate(chunk):
-      tokens[i, :len(ids)] = ids
-    lengths = np.array([len(ids) for ids in chunk], np.int32)
-    res = generate((graphdef, params), tokens, lengths, key=jax.random.fold_in(key, start),
-                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                   eos_ids=eos_ids, pad_id=pad_id, sampling_impl=sampling_impl)
-    out["completions"].append(to_host(res.tokens_BxN)[:real])
-    out["lengths"].append(to_host(res.lengths_B)[:real])
-    out["finished"].append(to_host(res.finished_B)[:real])
-    out["sampler_logps"].append(to_host(res.model_logps_BxN)[:real])
-  return {k: np.concatenate(v) for k, v in out.items()}
+    parts.append(on_host(generate((graphdef, params), *padded(chunk),
+                                  key=jax.random.fold_in(key, start), **settings), real))
+  return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
 
 
 def logps_fn(apply_fn, *, mesh, vocab_chunk: int | None = None, chunk: int | None = None,
